@@ -1,0 +1,184 @@
+// Builds the native llama.cpp library (and, for benchmarks, llama-server) from
+// the pinned source package, and the single-file executables.
+//
+//   bun run build.ts native [--cuda] [--portable] [--with-llama-server] [--jobs N]
+//
+// The source is the git bundle that the npm package node-llama-cpp ships;
+// nothing of llama.cpp is committed. A build is skipped when its stamp (pin,
+// shim, CMake wrapper, options) is unchanged.
+import { spawnSync } from "node:child_process";
+import { createHash } from "node:crypto";
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { cpus } from "node:os";
+import { join } from "node:path";
+
+const ROOT = import.meta.dir;
+const VENDOR = join(ROOT, "vendor", "llama.cpp");
+const CACHE = join(VENDOR, ".cache");
+const SRC = join(VENDOR, "src");
+
+interface Pin {
+  package: string;
+  version: string;
+  integrity: string;
+  bundle: string;
+  commit: string;
+}
+
+/** Options of a native build. */
+export interface NativeOptions {
+  variant: "cpu" | "cuda" | "metal";
+  portable: boolean;
+  withLlamaServer: boolean;
+  jobs: number;
+}
+
+function log(msg: string): void {
+  process.stderr.write(`[build] ${msg}\n`);
+}
+
+function fail(msg: string): never {
+  process.stderr.write(`build: ${msg}\n`);
+  process.exit(1);
+}
+
+function run(cmd: string, args: string[], cwd = ROOT, quiet = false): void {
+  const r = spawnSync(cmd, args, { cwd, stdio: quiet ? ["ignore", "ignore", "inherit"] : "inherit" });
+  if (r.error) fail(`${cmd} could not be started: ${r.error.message}`);
+  if (r.status !== 0) fail(`${cmd} ${args.join(" ")} exited with ${r.status}`);
+}
+
+function readPin(): Pin {
+  return JSON.parse(readFileSync(join(VENDOR, "pin.json"), "utf8")) as Pin;
+}
+
+// Fetch the pinned package tarball from the npm registry and check its integrity.
+function fetchTarball(pin: Pin): string {
+  mkdirSync(CACHE, { recursive: true });
+  const tgz = join(CACHE, `${pin.package}-${pin.version}.tgz`);
+  if (!existsSync(tgz)) {
+    log(`fetching ${pin.package}@${pin.version} from the npm registry`);
+    run("npm", ["pack", `${pin.package}@${pin.version}`, "--pack-destination", CACHE, "--silent"], ROOT, true);
+  }
+  const [algo, expected] = pin.integrity.split("-", 2) as [string, string];
+  const actual = createHash(algo).update(readFileSync(tgz)).digest("base64");
+  if (actual !== expected) {
+    rmSync(tgz, { force: true });
+    fail(`${tgz} does not match the pinned integrity (got ${algo}-${actual}); it was removed, run again`);
+  }
+  return tgz;
+}
+
+function gitHead(dir: string): string | null {
+  const r = spawnSync("git", ["-C", dir, "rev-parse", "HEAD"], { encoding: "utf8" });
+  return r.status === 0 ? r.stdout.trim() : null;
+}
+
+/** Make vendor/llama.cpp/src hold the pinned commit (clone the bundle when needed). */
+export function ensureSource(): void {
+  const pin = readPin();
+  if (existsSync(join(SRC, ".git")) && gitHead(SRC) === pin.commit) return;
+  const tgz = fetchTarball(pin);
+  log("unpacking the llama.cpp source bundle");
+  const unpack = join(CACHE, "unpack");
+  rmSync(unpack, { recursive: true, force: true });
+  mkdirSync(unpack, { recursive: true });
+  run("tar", ["xzf", tgz, "-C", unpack, pin.bundle]);
+  rmSync(SRC, { recursive: true, force: true });
+  run("git", ["clone", "--quiet", "--no-checkout", join(unpack, pin.bundle), SRC]);
+  run("git", ["-c", "advice.detachedHead=false", "-C", SRC, "checkout", "--quiet", pin.commit]);
+  rmSync(unpack, { recursive: true, force: true });
+  if (gitHead(SRC) !== pin.commit) fail(`the bundle does not contain commit ${pin.commit}`);
+}
+
+function stampOf(o: NativeOptions): string {
+  const h = createHash("sha256");
+  for (const f of ["pin.json", "CMakeLists.txt", join("shim", "mesh_shim.c")]) h.update(readFileSync(join(VENDOR, f)));
+  h.update(JSON.stringify({ variant: o.variant, portable: o.portable }));
+  return h.digest("hex");
+}
+
+/** Build the native library variant (and llama-server when asked); returns the build directory. */
+export function buildNative(o: NativeOptions): string {
+  ensureSource();
+  const dir = join(VENDOR, "build", o.variant);
+  const stampFile = join(dir, "mesh-build.stamp");
+  const stamp = stampOf(o);
+  const serverBin = join(dir, "bin", "llama-server");
+  const needServer = o.withLlamaServer && !existsSync(serverBin);
+  if (existsSync(stampFile) && readFileSync(stampFile, "utf8") === stamp && !needServer) {
+    log(`native ${o.variant} library is up to date (${dir})`);
+    return dir;
+  }
+  const flags = [
+    "-S",
+    VENDOR,
+    "-B",
+    dir,
+    "-DCMAKE_BUILD_TYPE=Release",
+    `-DGGML_NATIVE=${o.portable ? "OFF" : "ON"}`,
+    // Always configured, built only on request: asking for it later recompiles nothing else.
+    "-DMESH_WITH_LLAMA_SERVER=ON",
+    `-DGGML_CUDA=${o.variant === "cuda" ? "ON" : "OFF"}`,
+    `-DGGML_METAL=${o.variant === "metal" ? "ON" : "OFF"}`,
+  ];
+  if (o.variant === "metal") flags.push("-DGGML_METAL_EMBED_LIBRARY=ON");
+  if (o.portable && process.arch === "x64") {
+    // Release builds must run on any x86-64 CPU of the last decade: AVX2/FMA/F16C
+    // would exclude some, so the portable baseline stops at SSE4.2.
+    flags.push("-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_FMA=OFF", "-DGGML_F16C=OFF", "-DGGML_AVX512=OFF", "-DGGML_BMI2=OFF");
+  }
+  log(`configuring ${o.variant}${o.portable ? " (portable)" : ""} in ${dir}`);
+  run("cmake", flags, ROOT, true);
+  const targets = ["meshllama", ...(o.withLlamaServer ? ["llama-server"] : [])];
+  log(`compiling ${targets.join(" + ")} with ${o.jobs} jobs (a CPU build takes about 2 minutes on 2 cores)`);
+  run("cmake", ["--build", dir, "--config", "Release", "-j", String(o.jobs), "--target", ...targets]);
+  writeFileSync(stampFile, stamp);
+  log(`built ${join(dir, "libmeshllama")}`);
+  return dir;
+}
+
+function parseArgs(argv: string[]): { command: string; native: NativeOptions } {
+  let command = "native";
+  const native: NativeOptions = {
+    variant: process.platform === "darwin" ? "metal" : "cpu",
+    portable: false,
+    withLlamaServer: false,
+    jobs: cpus().length,
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i] as string;
+    if (a === "--cuda") native.variant = "cuda";
+    else if (a === "--portable") native.portable = true;
+    else if (a === "--with-llama-server") native.withLlamaServer = true;
+    else if (a === "--jobs") {
+      const n = Number(argv[++i]);
+      if (!Number.isInteger(n) || n < 1) fail("--jobs takes a positive whole number");
+      native.jobs = n;
+    } else if (a === "native" || a === "source") command = a;
+    else if (a === "--help" || a === "-h") command = "help";
+    else fail(`unknown argument '${a}' (try --help)`);
+  }
+  return { command, native };
+}
+
+if (import.meta.main) {
+  const { command, native } = parseArgs(process.argv.slice(2));
+  if (command === "help") {
+    process.stdout.write(
+      [
+        "usage: bun run build.ts [native|source] [options]",
+        "",
+        "  source               fetch and verify the pinned llama.cpp source only",
+        "  native               build the native library (default)",
+        "",
+        "  --cuda               build the CUDA variant (needs the CUDA toolkit)",
+        "  --portable           no host-specific CPU instructions (release builds)",
+        "  --with-llama-server  also build llama-server, for side-by-side benchmarks",
+        "  --jobs N             parallel compile jobs (default: all cores)",
+        "",
+      ].join("\n"),
+    );
+  } else if (command === "source") ensureSource();
+  else buildNative(native);
+}

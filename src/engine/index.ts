@@ -1,0 +1,341 @@
+// Main-thread face of the engine: an async API over one engine Worker per
+// model. Nothing here calls llama.cpp; the Worker does, so the event loop
+// never waits on a decode.
+import { cpus } from "node:os";
+import { EngineError } from "./errors";
+import { findNativeLib } from "./library";
+import {
+  CONTROL_ABORT,
+  CONTROL_FLAGS_OFFSET,
+  DEFAULT_SAMPLING,
+  type EngineStats,
+  type FinishReason,
+  type FromWorker,
+  type GenerateRequest,
+  type LoadOptions,
+  type ModelInfo,
+  type SamplingOptions,
+  type TokenEvent,
+  type ToWorker,
+} from "./protocol";
+
+export type { EngineErrorCode } from "./errors";
+export { EngineError } from "./errors";
+export type { EngineStats, FinishReason, LoadOptions, ModelInfo, SamplingOptions } from "./protocol";
+
+/** Options for Engine.load; everything but modelPath has a default. */
+export interface EngineOptions extends Partial<LoadOptions> {
+  modelPath: string;
+  /** Path of the native library; found automatically when omitted. */
+  libPath?: string;
+  /** Most requests in flight (running + waiting) at once; more are refused with engine_busy. */
+  maxInFlight?: number;
+  /** llama.cpp log level passed through to stderr: 0 none, 3 warnings, 4 errors (default). */
+  logLevel?: number;
+  /** Called with load progress in [0, 1]. */
+  onProgress?: (fraction: number) => void;
+}
+
+/** What a caller passes to generate(). */
+export interface GenerateOptions {
+  prompt: string | number[];
+  maxTokens?: number;
+  sampling?: Partial<SamplingOptions>;
+  stop?: string[];
+  ignoreEos?: boolean;
+  signal?: AbortSignal;
+}
+
+/** Events of one generation, in order: start, text*, done. Errors are thrown from the iterator. */
+export type GenerationEvent =
+  | { kind: "start"; promptTokens: number; cachedTokens: number; slot: number }
+  | { kind: "text"; text: string; tokens: number[] }
+  | { kind: "done"; finishReason: FinishReason; promptTokens: number; cachedTokens: number; completionTokens: number };
+
+/** A running generation: iterate it for events, or cancel it. */
+export class Generation implements AsyncIterable<GenerationEvent> {
+  private readonly queue: Array<GenerationEvent | EngineError> = [];
+  private wake: (() => void) | null = null;
+  private ended = false;
+
+  constructor(
+    readonly id: number,
+    private readonly onCancel: () => void,
+  ) {}
+
+  /** Deliver a worker event (engine internal). */
+  push(e: GenerationEvent | EngineError): void {
+    if (this.ended) return;
+    this.queue.push(e);
+    if (e instanceof EngineError || e.kind === "done") this.ended = true;
+    this.wake?.();
+  }
+
+  /** Stop generating; the iterator ends with finishReason "cancelled". */
+  cancel(): void {
+    if (!this.ended) this.onCancel();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<GenerationEvent> {
+    let finished = false;
+    try {
+      for (;;) {
+        while (this.queue.length === 0) await new Promise<void>((r) => (this.wake = r));
+        this.wake = null;
+        const e = this.queue.shift() as GenerationEvent | EngineError;
+        if (e instanceof EngineError) {
+          finished = true;
+          throw e;
+        }
+        yield e;
+        if (e.kind === "done") {
+          finished = true;
+          return;
+        }
+      }
+    } finally {
+      // A consumer that stops early (break, throw, disconnect) cancels the work.
+      if (!finished) this.cancel();
+    }
+  }
+}
+
+type WithoutRid<T> = T extends unknown ? Omit<T, "rid"> : never;
+
+// Concurrent dlopen from freshly started Workers has crashed Bun: start them one at a time.
+let startLock: Promise<unknown> = Promise.resolve();
+
+/** One loaded model in its own Worker. */
+export class Engine {
+  private nextId = 1;
+  private nextRid = 1;
+  private readonly replies = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
+  private readonly gens = new Map<number, { gen: Generation; flag: number }>();
+  private readonly freeFlags: number[];
+  private readonly control: Int32Array;
+  private closed = false;
+  private closing: Promise<void> | null = null;
+  private onClosed: (() => void) | null = null;
+
+  private constructor(
+    private readonly worker: Worker,
+    readonly info: ModelInfo,
+    controlBuf: SharedArrayBuffer,
+    maxInFlight: number,
+  ) {
+    this.control = new Int32Array(controlBuf);
+    this.freeFlags = Array.from({ length: maxInFlight }, (_, i) => maxInFlight - 1 - i);
+    worker.onmessage = (e: MessageEvent<FromWorker>) => this.onMessage(e.data);
+    worker.onerror = (e) => this.fail(new EngineError("engine_closed", `engine worker failed: ${e.message}`));
+  }
+
+  /** Start a Worker and load a model in it; rejects with an EngineError on failure. */
+  static load(opts: EngineOptions): Promise<Engine> {
+    const run = startLock.then(() => Engine.start(opts));
+    startLock = run.catch(() => undefined);
+    return run;
+  }
+
+  private static async start(opts: EngineOptions): Promise<Engine> {
+    const libPath = opts.libPath ?? findNativeLib();
+    if (!libPath) {
+      throw new EngineError("model_load_failed", "the native llama.cpp library is not built: run 'bun run build.ts native' first");
+    }
+    const threads = opts.threads ?? Math.max(1, cpus().length);
+    const nParallel = opts.nParallel ?? 4;
+    const options: LoadOptions = {
+      modelPath: opts.modelPath,
+      nCtx: opts.nCtx ?? 4096 * nParallel,
+      nBatch: opts.nBatch ?? 2048,
+      nUbatch: opts.nUbatch ?? 512,
+      nParallel,
+      threads,
+      threadsBatch: opts.threadsBatch ?? threads,
+      nGpuLayers: opts.nGpuLayers ?? -1,
+      flashAttn: opts.flashAttn ?? -1,
+      useMmap: opts.useMmap ?? true,
+    };
+    const maxInFlight = opts.maxInFlight ?? 1024;
+    const progress = new SharedArrayBuffer(4);
+    const control = new SharedArrayBuffer(4 * (CONTROL_FLAGS_OFFSET + maxInFlight));
+    const worker = new Worker(new URL("./worker.ts", import.meta.url).href);
+    const progressView = new Float32Array(progress);
+    let last = -1;
+    const timer = opts.onProgress
+      ? setInterval(() => {
+          const p = progressView[0] as number;
+          if (p !== last) {
+            last = p;
+            opts.onProgress?.(p);
+          }
+        }, 100)
+      : null;
+    try {
+      const info = await new Promise<ModelInfo>((resolve, reject) => {
+        worker.onmessage = (e: MessageEvent<FromWorker>) => {
+          const m = e.data;
+          if (m.type === "loaded") resolve(m.info);
+          else if (m.type === "load_failed") reject(EngineError.from(m.error));
+        };
+        worker.onerror = (e) => reject(new EngineError("model_load_failed", `engine worker failed: ${e.message}`));
+        const msg: ToWorker = { type: "load", libPath, options, progress, control, logLevel: opts.logLevel ?? 4 };
+        worker.postMessage(msg);
+      });
+      if (last !== 1) opts.onProgress?.(1);
+      return new Engine(worker, info, control, maxInFlight);
+    } catch (e) {
+      worker.terminate();
+      throw e;
+    } finally {
+      if (timer) clearInterval(timer);
+    }
+  }
+
+  /** Text to token ids (special tokens in the text are parsed when parseSpecial). */
+  tokenize(text: string, opts: { addSpecial?: boolean; parseSpecial?: boolean } = {}): Promise<number[]> {
+    return this.call({ type: "tokenize", text, addSpecial: opts.addSpecial ?? true, parseSpecial: opts.parseSpecial ?? true }) as Promise<
+      number[]
+    >;
+  }
+
+  /** Token ids to text. */
+  detokenize(tokens: number[]): Promise<string> {
+    return this.call({ type: "detokenize", tokens }) as Promise<string>;
+  }
+
+  /** Current load: slots, queue, KV cells. */
+  stats(): Promise<EngineStats> {
+    return this.call({ type: "stats" }) as Promise<EngineStats>;
+  }
+
+  /** Start generating; iterate the result for events. Throws engine_busy when too many are in flight. */
+  generate(opts: GenerateOptions): Generation {
+    if (this.closed) throw new EngineError("engine_closed", "the engine is closed");
+    const flag = this.freeFlags.pop();
+    if (flag === undefined) throw new EngineError("engine_busy", "too many requests in flight on this engine");
+    const id = this.nextId++;
+    Atomics.store(this.control, CONTROL_FLAGS_OFFSET + flag, 0);
+    const gen = new Generation(id, () => this.cancel(id));
+    this.gens.set(id, { gen, flag });
+    const request: GenerateRequest = {
+      prompt: opts.prompt,
+      maxTokens: Math.max(1, Math.floor(opts.maxTokens ?? this.info.nCtxSeq)),
+      sampling: { ...DEFAULT_SAMPLING, ...opts.sampling },
+      stop: (opts.stop ?? []).filter((s) => s.length > 0),
+      ignoreEos: opts.ignoreEos ?? false,
+    };
+    this.post({ type: "generate", id, flag, request });
+    if (opts.signal) {
+      if (opts.signal.aborted) this.cancel(id);
+      else opts.signal.addEventListener("abort", () => this.cancel(id), { once: true });
+    }
+    return gen;
+  }
+
+  /** Cancel a generation by id; its slot is freed within one step. */
+  cancel(id: number): void {
+    const g = this.gens.get(id);
+    if (!g) return;
+    Atomics.store(this.control, CONTROL_FLAGS_OFFSET + g.flag, 1);
+    this.post({ type: "cancel", id });
+  }
+
+  /** Number of generations not yet finished. */
+  get inFlight(): number {
+    return this.gens.size;
+  }
+
+  /** Cancel everything, free the model and stop the Worker. */
+  close(): Promise<void> {
+    if (this.closing) return this.closing;
+    this.closing = new Promise<void>((resolve) => {
+      this.onClosed = resolve;
+      Atomics.store(this.control, CONTROL_ABORT, 1);
+      this.post({ type: "shutdown" });
+      // A Worker stuck in native code still ends: terminate after a grace period.
+      setTimeout(() => resolve(), 10_000).unref();
+    }).then(() => {
+      this.closed = true;
+      this.worker.terminate();
+      this.fail(new EngineError("engine_closed", "the engine is closed"));
+    });
+    return this.closing;
+  }
+
+  private post(m: ToWorker): void {
+    if (!this.closed) this.worker.postMessage(m);
+  }
+
+  private call(m: WithoutRid<Extract<ToWorker, { rid: number }>>): Promise<unknown> {
+    if (this.closed || this.closing) return Promise.reject(new EngineError("engine_closed", "the engine is closed"));
+    const rid = this.nextRid++;
+    return new Promise((resolve, reject) => {
+      this.replies.set(rid, { resolve, reject });
+      this.post({ ...m, rid } as ToWorker);
+    });
+  }
+
+  private onMessage(m: FromWorker): void {
+    switch (m.type) {
+      case "step":
+        for (const e of m.events) this.deliver(e);
+        return;
+      case "reply":
+      case "reply_error": {
+        const r = this.replies.get(m.rid);
+        if (!r) return;
+        this.replies.delete(m.rid);
+        if (m.type === "reply") r.resolve(m.value);
+        else r.reject(EngineError.from(m.error));
+        return;
+      }
+      case "closed":
+        this.onClosed?.();
+        return;
+    }
+  }
+
+  private deliver(e: TokenEvent): void {
+    const g = this.gens.get(e.id);
+    if (!g) return;
+    if (e.kind === "error") {
+      this.release(e.id);
+      g.gen.push(EngineError.from(e.error));
+      return;
+    }
+    const { id: _, ...event } = e;
+    if (e.kind === "done") this.release(e.id);
+    g.gen.push(event as GenerationEvent);
+  }
+
+  private release(id: number): void {
+    const g = this.gens.get(id);
+    if (!g) return;
+    this.gens.delete(id);
+    this.freeFlags.push(g.flag);
+  }
+
+  private fail(err: EngineError): void {
+    for (const [id, g] of this.gens) {
+      this.release(id);
+      g.gen.push(err);
+    }
+    for (const r of this.replies.values()) r.reject(err);
+    this.replies.clear();
+  }
+}
+
+/** Collect a whole generation: its text, tokens and final counts. */
+export async function collect(
+  gen: Generation,
+): Promise<{ text: string; tokens: number[]; done: Extract<GenerationEvent, { kind: "done" }> }> {
+  let text = "";
+  const tokens: number[] = [];
+  for await (const e of gen) {
+    if (e.kind === "text") {
+      text += e.text;
+      tokens.push(...e.tokens);
+    } else if (e.kind === "done") return { text, tokens, done: e };
+  }
+  throw new EngineError("engine_closed", "generation ended without a result");
+}

@@ -1,0 +1,34 @@
+import { existsSync } from "node:fs";
+import { join, resolve } from "node:path";
+
+/** File name of the native library on this platform. */
+export function nativeLibName(): string {
+  return process.platform === "darwin" ? "libmeshllama.dylib" : process.platform === "win32" ? "meshllama.dll" : "libmeshllama.so";
+}
+
+/** The repository root (where vendor/ lives) when running from source. */
+export const REPO_ROOT = resolve(import.meta.dir, "..", "..");
+
+/** Where build.ts puts each native variant. */
+export function nativeBuildDir(variant: string): string {
+  return join(REPO_ROOT, "vendor", "llama.cpp", "build", variant);
+}
+
+let embedded: string | null = null;
+
+/** Register the path of a native library bundled into a compiled executable (set by the entry point). */
+export function setEmbeddedNativeLib(path: string): void {
+  embedded = path;
+}
+
+/** Find the native library: MESH_NATIVE_LIB, the one embedded in the executable, else a local build. */
+export function findNativeLib(): string | null {
+  const env = process.env.MESH_NATIVE_LIB;
+  if (env) return existsSync(env) ? env : null;
+  if (embedded) return embedded;
+  for (const variant of ["cpu", "cuda", "metal"]) {
+    const p = join(nativeBuildDir(variant), nativeLibName());
+    if (existsSync(p)) return p;
+  }
+  return null;
+}

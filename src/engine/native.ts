@@ -1,0 +1,53 @@
+// dlopen of our C shim. Import this ONLY from the engine Worker: every call
+// here can block for as long as a decode takes.
+import { dlopen, FFIType } from "bun:ffi";
+
+const { ptr, i32, u64, cstring, void: v } = FFIType;
+
+const symbols = {
+  mesh_shim_version: { args: [], returns: i32 },
+  mesh_init: { args: [i32], returns: v },
+  mesh_last_error: { args: [ptr, i32], returns: i32 },
+  mesh_model_load: { args: [ptr, i32, i32, ptr], returns: ptr },
+  mesh_model_free: { args: [ptr], returns: v },
+  mesh_model_info: { args: [ptr, ptr], returns: v },
+  mesh_model_sizes: { args: [ptr, ptr], returns: v },
+  mesh_model_meta: { args: [ptr, ptr, ptr, i32], returns: i32 },
+  mesh_model_chat_template: { args: [ptr, ptr, i32], returns: i32 },
+  mesh_token_is_eog: { args: [ptr, i32], returns: i32 },
+  mesh_tokenize: { args: [ptr, ptr, i32, ptr, i32, i32, i32], returns: i32 },
+  mesh_token_to_piece: { args: [ptr, i32, ptr, i32, i32], returns: i32 },
+  mesh_detokenize: { args: [ptr, ptr, i32, ptr, i32], returns: i32 },
+  mesh_context_new: { args: [ptr, ptr, ptr], returns: ptr },
+  mesh_context_free: { args: [ptr], returns: v },
+  mesh_context_info: { args: [ptr, ptr], returns: v },
+  mesh_decode: { args: [ptr, ptr, ptr, ptr, ptr, i32], returns: i32 },
+  mesh_seq_rm: { args: [ptr, i32, i32, i32], returns: i32 },
+  mesh_seq_cp: { args: [ptr, i32, i32, i32, i32], returns: v },
+  mesh_seq_pos_max: { args: [ptr, i32], returns: i32 },
+  mesh_memory_clear: { args: [ptr], returns: v },
+  mesh_state_seq_size: { args: [ptr, i32], returns: u64 },
+  mesh_state_seq_get: { args: [ptr, ptr, u64, i32], returns: u64 },
+  mesh_state_seq_set: { args: [ptr, ptr, u64, i32], returns: u64 },
+  mesh_sampler_new: { args: [ptr, ptr, ptr], returns: ptr },
+  mesh_sampler_free: { args: [ptr], returns: v },
+  mesh_sampler_accept: { args: [ptr, ptr, i32], returns: v },
+  mesh_sample_many: { args: [ptr, ptr, ptr, ptr, i32], returns: v },
+  mesh_system_info: { args: [], returns: cstring },
+} as const;
+
+/** The shim ABI version this TypeScript expects. */
+export const SHIM_VERSION = 1;
+
+/** The loaded shim's callable symbols. */
+export type Native = ReturnType<typeof dlopen<typeof symbols>>["symbols"];
+
+/** Open the native library at path and check its ABI version. */
+export function openNative(path: string): Native {
+  const lib = dlopen(path, symbols);
+  const version = lib.symbols.mesh_shim_version();
+  if (version !== SHIM_VERSION) {
+    throw new Error(`native library ${path} has shim version ${version}, expected ${SHIM_VERSION}; rebuild with 'bun run build.ts native'`);
+  }
+  return lib.symbols;
+}

@@ -1,0 +1,128 @@
+// Messages between the main thread and the engine Worker. Plain data only.
+import type { EngineErrorValue } from "./errors";
+
+/** How to load a model and size its context. */
+export interface LoadOptions {
+  modelPath: string;
+  /** Total KV cells shared by all slots (unified pool). */
+  nCtx: number;
+  nBatch: number;
+  nUbatch: number;
+  /** Parallel sequences (slots). */
+  nParallel: number;
+  threads: number;
+  threadsBatch: number;
+  nGpuLayers: number;
+  /** -1 auto, 0 off, 1 on. */
+  flashAttn: -1 | 0 | 1;
+  useMmap: boolean;
+}
+
+/** Sampling settings; undefined fields take the defaults in DEFAULT_SAMPLING. */
+export interface SamplingOptions {
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+  seed: number;
+  repeatPenalty: number;
+  frequencyPenalty: number;
+  presencePenalty: number;
+  penaltyLastN: number;
+}
+
+/** Defaults close to llama-server's, so the same request behaves alike on both. */
+export const DEFAULT_SAMPLING: SamplingOptions = {
+  temperature: 0.8,
+  topK: 40,
+  topP: 0.95,
+  minP: 0.05,
+  seed: 0xffffffff,
+  repeatPenalty: 1,
+  frequencyPenalty: 0,
+  presencePenalty: 0,
+  penaltyLastN: 64,
+};
+
+/** One generation request as the worker sees it. */
+export interface GenerateRequest {
+  /** Text (tokenized with special tokens parsed) or token ids. */
+  prompt: string | number[];
+  maxTokens: number;
+  sampling: SamplingOptions;
+  stop: string[];
+  ignoreEos: boolean;
+}
+
+/** Facts about the loaded model and context. */
+export interface ModelInfo {
+  path: string;
+  nVocab: number;
+  bos: number;
+  eos: number;
+  addBos: boolean;
+  nCtxTrain: number;
+  nEmbd: number;
+  nLayer: number;
+  nHead: number;
+  nHeadKv: number;
+  nParams: number;
+  sizeBytes: number;
+  nCtx: number;
+  nCtxSeq: number;
+  nParallel: number;
+  nBatch: number;
+  name: string;
+  architecture: string;
+  chatTemplate: string | null;
+  randomWeights: boolean;
+  systemInfo: string;
+}
+
+/** Engine load at a moment. */
+export interface EngineStats {
+  slotsTotal: number;
+  slotsBusy: number;
+  waiting: number;
+  /** KV cells held (running + idle resident), counted per slot history. */
+  kvCellsUsed: number;
+  kvCellsRunning: number;
+  kvCellsTotal: number;
+  decodeSteps: number;
+  decodeFailures: number;
+  /** Prompt tokens actually decoded (cached ones are not). */
+  prefillTokens: number;
+  promptTokens: number;
+  cachedTokens: number;
+  generatedTokens: number;
+}
+
+export type FinishReason = "stop" | "length" | "cancelled";
+
+/** Per-request events, grouped per step into one message. */
+export type TokenEvent =
+  | { id: number; kind: "start"; promptTokens: number; cachedTokens: number; slot: number }
+  | { id: number; kind: "text"; text: string; tokens: number[] }
+  | { id: number; kind: "done"; finishReason: FinishReason; promptTokens: number; cachedTokens: number; completionTokens: number }
+  | { id: number; kind: "error"; error: EngineErrorValue };
+
+export type ToWorker =
+  | { type: "load"; libPath: string; options: LoadOptions; progress: SharedArrayBuffer; control: SharedArrayBuffer; logLevel: number }
+  | { type: "tokenize"; rid: number; text: string; addSpecial: boolean; parseSpecial: boolean }
+  | { type: "detokenize"; rid: number; tokens: number[] }
+  | { type: "generate"; id: number; flag: number; request: GenerateRequest }
+  | { type: "cancel"; id: number }
+  | { type: "stats"; rid: number }
+  | { type: "shutdown" };
+
+export type FromWorker =
+  | { type: "loaded"; info: ModelInfo }
+  | { type: "load_failed"; error: EngineErrorValue }
+  | { type: "reply"; rid: number; value: unknown }
+  | { type: "reply_error"; rid: number; error: EngineErrorValue }
+  | { type: "step"; events: TokenEvent[] }
+  | { type: "closed" };
+
+/** Layout of the control SharedArrayBuffer: [0] abort-decode flag, then one cancel flag per in-flight request. */
+export const CONTROL_ABORT = 0;
+export const CONTROL_FLAGS_OFFSET = 1;

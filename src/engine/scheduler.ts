@@ -1,0 +1,417 @@
+// Continuous batching over llama.cpp sequences. Runs inside the engine Worker
+// only: every method may call into llama.cpp and block for a decode step.
+import type { Pointer } from "bun:ffi";
+import type { EngineErrorValue } from "./errors";
+import type { Native } from "./native";
+import type { EngineStats, FinishReason, GenerateRequest, TokenEvent } from "./protocol";
+import { StopMatcher, Utf8Stream } from "./text";
+
+/** A request that has been accepted by the scheduler. */
+interface Active {
+  id: number;
+  flag: number;
+  req: GenerateRequest;
+  prompt: number[];
+  cached: number;
+  slot: Slot;
+  sampler: Pointer;
+  /** Prompt tokens already in KV (prefill progress). */
+  fed: number;
+  /** Last sampled token, not yet in KV; -1 while prefilling. */
+  pendingToken: number;
+  generated: number;
+  utf8: Utf8Stream;
+  stops: StopMatcher;
+  /** Batch index whose logits this request samples from in the current step, -1 if none. */
+  logitIndex: number;
+}
+
+interface Slot {
+  seq: number;
+  /** Tokens in this sequence's KV, in position order. */
+  history: number[];
+  active: Active | null;
+  lastUsed: number;
+}
+
+interface Waiting {
+  id: number;
+  flag: number;
+  req: GenerateRequest;
+  prompt: number[];
+}
+
+/** What the worker needs from the outside to run steps. */
+export interface SchedulerDeps {
+  native: Native;
+  model: Pointer;
+  ctx: Pointer;
+  nCtx: number;
+  nCtxSeq: number;
+  nBatch: number;
+  nParallel: number;
+  /** Cancel flags set by the main thread, indexed by each request's flag. */
+  flags: Int32Array;
+  flagsOffset: number;
+}
+
+/** Length of the common prefix of two token arrays. */
+export function commonPrefix(a: readonly number[], b: readonly number[]): number {
+  const n = Math.min(a.length, b.length);
+  let i = 0;
+  while (i < n && a[i] === b[i]) i++;
+  return i;
+}
+
+/** Owns slots, the waiting queue and one decode per step for all live sequences. */
+export class Scheduler {
+  private readonly slots: Slot[];
+  private readonly waiting: Waiting[] = [];
+  private readonly tokens: Int32Array;
+  private readonly pos: Int32Array;
+  private readonly seq: Int32Array;
+  private readonly logits: Int8Array;
+  private readonly pieceBuf = new Uint8Array(256);
+  private clock = 0;
+  private readonly counters = { decodeSteps: 0, decodeFailures: 0, prefillTokens: 0, promptTokens: 0, cachedTokens: 0, generatedTokens: 0 };
+
+  constructor(private readonly d: SchedulerDeps) {
+    this.slots = Array.from({ length: d.nParallel }, (_, seq) => ({ seq, history: [], active: null, lastUsed: 0 }));
+    this.tokens = new Int32Array(d.nBatch);
+    this.pos = new Int32Array(d.nBatch);
+    this.seq = new Int32Array(d.nBatch);
+    this.logits = new Int8Array(d.nBatch);
+  }
+
+  /** True when there is work for another step. */
+  hasWork(): boolean {
+    return this.waiting.length > 0 || this.slots.some((s) => s.active !== null);
+  }
+
+  /** Queue a request; an impossible one is answered at once with an error event. */
+  submit(id: number, flag: number, req: GenerateRequest, prompt: number[], out: TokenEvent[]): void {
+    if (prompt.length === 0) {
+      out.push({ id, kind: "error", error: { code: "invalid_request", message: "the prompt is empty" } });
+      return;
+    }
+    if (prompt.length >= this.d.nCtxSeq) {
+      out.push({
+        id,
+        kind: "error",
+        error: {
+          code: "context_length_exceeded",
+          message: `the prompt has ${prompt.length} tokens but the context holds ${this.d.nCtxSeq} (room must be left for at least one generated token)`,
+        },
+      });
+      return;
+    }
+    this.waiting.push({ id, flag, req, prompt });
+  }
+
+  /** Mark a request cancelled; it is finished at the start of the next step. */
+  cancel(id: number, out: TokenEvent[]): void {
+    const w = this.waiting.findIndex((x) => x.id === id);
+    if (w >= 0) {
+      const [gone] = this.waiting.splice(w, 1);
+      if (gone) out.push(doneEvent(gone.id, "cancelled", gone.prompt.length, 0, 0));
+      return;
+    }
+    for (const s of this.slots) if (s.active?.id === id) this.finish(s.active, "cancelled", out);
+  }
+
+  /** Run one step: admit, build one batch, decode once, sample every sequence that has logits. */
+  step(out: TokenEvent[]): void {
+    this.collectCancelled(out);
+    this.admit(out);
+    const n = this.buildBatch();
+    if (n === 0) return;
+    let rc = this.decode(n);
+    // No KV room: drop idle resident prefixes and try the same batch once more.
+    if (rc === 1 && this.evictIdle() > 0) rc = this.decode(n);
+    if (rc !== 0) {
+      this.failBatch(n, rc, out);
+      return;
+    }
+    this.commitBatch(n);
+    this.sample(out);
+  }
+
+  /** Load figures for /metrics and routing. */
+  stats(): EngineStats {
+    let used = 0;
+    let running = 0;
+    let busy = 0;
+    for (const s of this.slots) {
+      used += s.history.length;
+      if (s.active) {
+        busy++;
+        running += s.history.length;
+      }
+    }
+    return {
+      slotsTotal: this.slots.length,
+      slotsBusy: busy,
+      waiting: this.waiting.length,
+      kvCellsUsed: used,
+      kvCellsRunning: running,
+      kvCellsTotal: this.d.nCtx,
+      ...this.counters,
+    };
+  }
+
+  /** Cancel everything (shutdown). */
+  cancelAll(out: TokenEvent[]): void {
+    for (const w of this.waiting.splice(0)) out.push(doneEvent(w.id, "cancelled", w.prompt.length, 0, 0));
+    for (const s of this.slots) if (s.active) this.finish(s.active, "cancelled", out);
+  }
+
+  private collectCancelled(out: TokenEvent[]): void {
+    const { flags, flagsOffset } = this.d;
+    for (const s of this.slots) {
+      const a = s.active;
+      if (a && Atomics.load(flags, flagsOffset + a.flag) !== 0) this.finish(a, "cancelled", out);
+    }
+    for (let i = this.waiting.length - 1; i >= 0; i--) {
+      const w = this.waiting[i] as Waiting;
+      if (Atomics.load(flags, flagsOffset + w.flag) !== 0) {
+        this.waiting.splice(i, 1);
+        out.push(doneEvent(w.id, "cancelled", w.prompt.length, 0, 0));
+      }
+    }
+  }
+
+  // FIFO admission into idle slots; each request takes the idle slot whose
+  // history shares the longest prefix with its prompt (then the coldest).
+  private admit(out: TokenEvent[]): void {
+    while (this.waiting.length > 0) {
+      const free = this.slots.filter((s) => s.active === null);
+      if (free.length === 0) return;
+      const w = this.waiting.shift() as Waiting;
+      let best = free[0] as Slot;
+      let bestLcp = -1;
+      for (const s of free) {
+        const lcp = commonPrefix(s.history, w.prompt);
+        if (lcp > bestLcp || (lcp === bestLcp && s.lastUsed < best.lastUsed)) {
+          best = s;
+          bestLcp = lcp;
+        }
+      }
+      // At least one prompt token must be decoded to get logits to sample from.
+      const keep = Math.min(bestLcp, w.prompt.length - 1);
+      if (!this.truncate(best, keep)) {
+        this.truncate(best, 0);
+      }
+      const cached = best.history.length;
+      const { sampling } = w.req;
+      const sampler = this.d.native.mesh_sampler_new(
+        this.d.model,
+        new Float32Array([
+          sampling.temperature,
+          sampling.topP,
+          sampling.minP,
+          sampling.repeatPenalty,
+          sampling.frequencyPenalty,
+          sampling.presencePenalty,
+        ]),
+        new Int32Array([sampling.topK, sampling.penaltyLastN, sampling.seed | 0]),
+      ) as Pointer | null;
+      if (!sampler) {
+        out.push({ id: w.id, kind: "error", error: { code: "invalid_request", message: "could not build the sampler" } });
+        continue;
+      }
+      if (sampling.penaltyLastN !== 0) {
+        const tail = w.prompt.slice(-Math.max(1, sampling.penaltyLastN < 0 ? w.prompt.length : sampling.penaltyLastN));
+        this.d.native.mesh_sampler_accept(sampler, new Int32Array(tail), tail.length);
+      }
+      const a: Active = {
+        id: w.id,
+        flag: w.flag,
+        req: w.req,
+        prompt: w.prompt,
+        cached,
+        slot: best,
+        sampler,
+        fed: cached,
+        pendingToken: -1,
+        generated: 0,
+        utf8: new Utf8Stream(),
+        stops: new StopMatcher(w.req.stop),
+        logitIndex: -1,
+      };
+      best.active = a;
+      best.lastUsed = ++this.clock;
+      this.counters.promptTokens += w.prompt.length;
+      this.counters.cachedTokens += cached;
+      out.push({ id: w.id, kind: "start", promptTokens: w.prompt.length, cachedTokens: cached, slot: best.seq });
+    }
+  }
+
+  /** Drop every idle slot's resident KV; returns the cells freed. */
+  private evictIdle(): number {
+    let freed = 0;
+    for (const s of this.slots) {
+      if (s.active || s.history.length === 0) continue;
+      freed += s.history.length;
+      this.truncate(s, 0);
+    }
+    return freed;
+  }
+
+  /** Drop a slot's KV from position keep on. */
+  private truncate(s: Slot, keep: number): boolean {
+    if (keep >= s.history.length) return true;
+    const ok = this.d.native.mesh_seq_rm(this.d.ctx, s.seq, keep, -1) !== 0;
+    if (ok) s.history.length = keep;
+    else if (keep === 0) s.history.length = 0;
+    return ok;
+  }
+
+  // One token per decoding sequence first (decode latency), then prefill
+  // chunks in admission order until the batch is full.
+  private buildBatch(): number {
+    let n = 0;
+    const cap = this.d.nBatch;
+    const actives: Active[] = [];
+    for (const s of this.slots) if (s.active) actives.push(s.active);
+    for (const a of actives) {
+      a.logitIndex = -1;
+      if (a.pendingToken >= 0 && n < cap) {
+        this.put(n, a.pendingToken, a.slot.history.length, a.slot.seq, 1);
+        a.logitIndex = n++;
+      }
+    }
+    actives.sort((x, y) => x.slot.lastUsed - y.slot.lastUsed);
+    for (const a of actives) {
+      if (a.pendingToken >= 0 || n >= cap) continue;
+      const take = Math.min(a.prompt.length - a.fed, cap - n);
+      const start = a.slot.history.length;
+      for (let k = 0; k < take; k++) {
+        const last = a.fed + k === a.prompt.length - 1;
+        this.put(n, a.prompt[a.fed + k] as number, start + k, a.slot.seq, last ? 1 : 0);
+        if (last) a.logitIndex = n;
+        n++;
+      }
+    }
+    return n;
+  }
+
+  private put(i: number, token: number, pos: number, seq: number, logits: number): void {
+    this.tokens[i] = token;
+    this.pos[i] = pos;
+    this.seq[i] = seq;
+    this.logits[i] = logits;
+  }
+
+  private decode(n: number): number {
+    this.counters.decodeSteps++;
+    return this.d.native.mesh_decode(this.d.ctx, this.tokens, this.pos, this.seq, this.logits, n);
+  }
+
+  // Tokens of the batch are now in KV: extend each slot's history.
+  private commitBatch(n: number): void {
+    for (let i = 0; i < n; i++) {
+      const slot = this.slots[this.seq[i] as number] as Slot;
+      slot.history.push(this.tokens[i] as number);
+      const a = slot.active;
+      if (a && a.pendingToken < 0) {
+        a.fed++;
+        this.counters.prefillTokens++;
+      }
+    }
+    for (const s of this.slots) if (s.active && s.active.pendingToken >= 0 && s.active.logitIndex >= 0) s.active.pendingToken = -1;
+  }
+
+  private sample(out: TokenEvent[]): void {
+    const ready: Active[] = [];
+    for (const s of this.slots) if (s.active && s.active.logitIndex >= 0) ready.push(s.active);
+    if (ready.length === 0) return;
+    const samplers = new BigUint64Array(ready.length);
+    const idx = new Int32Array(ready.length);
+    const picked = new Int32Array(ready.length);
+    ready.forEach((a, k) => {
+      samplers[k] = BigInt(a.sampler as unknown as number);
+      idx[k] = a.logitIndex;
+    });
+    this.d.native.mesh_sample_many(this.d.ctx, samplers, idx, picked, ready.length);
+    ready.forEach((a, k) => {
+      this.accept(a, picked[k] as number, out);
+    });
+  }
+
+  private accept(a: Active, token: number, out: TokenEvent[]): void {
+    a.logitIndex = -1;
+    a.generated++;
+    this.counters.generatedTokens++;
+    if (!a.req.ignoreEos && this.d.native.mesh_token_is_eog(this.d.model, token) !== 0) {
+      this.finish(a, "stop", out);
+      return;
+    }
+    const r = a.stops.push(a.utf8.push(this.piece(token)));
+    out.push({ id: a.id, kind: "text", text: r.text, tokens: [token] });
+    if (r.stopped) {
+      // Text after a stop string is never emitted, so nothing is flushed.
+      this.finish(a, "stop", out, false);
+      return;
+    }
+    a.pendingToken = token;
+    // The context must have room for the pending token to be decoded next step.
+    if (a.generated >= a.req.maxTokens || a.slot.history.length + 1 >= this.d.nCtxSeq) {
+      this.finish(a, "length", out);
+    }
+  }
+
+  private piece(token: number): Uint8Array {
+    let n = this.d.native.mesh_token_to_piece(this.d.model, token, this.pieceBuf, this.pieceBuf.length, 0);
+    if (n < 0) {
+      const big = new Uint8Array(-n);
+      n = this.d.native.mesh_token_to_piece(this.d.model, token, big, big.length, 0);
+      return big.subarray(0, Math.max(0, n));
+    }
+    return this.pieceBuf.slice(0, n);
+  }
+
+  private finish(a: Active, reason: FinishReason, out: TokenEvent[], flush = reason !== "cancelled"): void {
+    if (flush) {
+      const r = a.stops.push(a.utf8.flush());
+      const tail = r.stopped ? r.text : r.text + a.stops.flush();
+      if (tail.length > 0) out.push({ id: a.id, kind: "text", text: tail, tokens: [] });
+    }
+    this.d.native.mesh_sampler_free(a.sampler);
+    a.slot.active = null;
+    a.slot.lastUsed = ++this.clock;
+    out.push(doneEvent(a.id, reason, a.prompt.length, a.cached, a.generated));
+  }
+
+  // The decode failed: nothing of this batch is in KV. Drop what llama.cpp may
+  // have placed, then fail only the requests that were in the batch.
+  private failBatch(n: number, rc: number, out: TokenEvent[]): void {
+    this.counters.decodeFailures++;
+    const seqs = new Set<number>();
+    for (let i = 0; i < n; i++) seqs.add(this.seq[i] as number);
+    const error: EngineErrorValue =
+      rc === 1
+        ? { code: "kv_exhausted", message: "no KV cache space left for this request" }
+        : rc === 2
+          ? { code: "engine_closed", message: "the engine is shutting down" }
+          : { code: "decode_failed", message: `llama_decode failed (code ${rc})` };
+    for (const seq of seqs) {
+      const slot = this.slots[seq] as Slot;
+      this.d.native.mesh_seq_rm(this.d.ctx, slot.seq, slot.history.length, -1);
+      const a = slot.active;
+      if (!a) continue;
+      this.d.native.mesh_sampler_free(a.sampler);
+      slot.active = null;
+      out.push({ id: a.id, kind: "error", error });
+    }
+  }
+}
+
+function doneEvent(
+  id: number,
+  finishReason: FinishReason,
+  promptTokens: number,
+  cachedTokens: number,
+  completionTokens: number,
+): TokenEvent {
+  return { id, kind: "done", finishReason, promptTokens, cachedTokens, completionTokens };
+}

@@ -1,0 +1,236 @@
+// The engine Worker: the only place llama.cpp is called. It loads one model,
+// then loops: take messages, run one scheduler step, post that step's events.
+import type { Pointer } from "bun:ffi";
+import type { EngineErrorValue } from "./errors";
+import { type Native, openNative } from "./native";
+import {
+  CONTROL_ABORT,
+  CONTROL_FLAGS_OFFSET,
+  type FromWorker,
+  type LoadOptions,
+  type ModelInfo,
+  type TokenEvent,
+  type ToWorker,
+} from "./protocol";
+import { Scheduler } from "./scheduler";
+
+declare const self: Worker;
+
+let native: Native | null = null;
+let model: Pointer | null = null;
+let ctx: Pointer | null = null;
+let scheduler: Scheduler | null = null;
+let control: Int32Array | null = null;
+let running = false;
+let closing = false;
+const inbox: ToWorker[] = [];
+
+const post = (m: FromWorker) => self.postMessage(m);
+const cstr = (s: string) => Buffer.from(`${s}\0`, "utf8");
+
+function lastError(n: Native, fallback: string): string {
+  const buf = new Uint8Array(512);
+  const len = n.mesh_last_error(buf, buf.length);
+  return len > 0 ? Buffer.from(buf.subarray(0, len)).toString("utf8") : fallback;
+}
+
+function readString(fn: (buf: Uint8Array, cap: number) => number, cap = 256): string | null {
+  let buf = new Uint8Array(cap);
+  let n = fn(buf, buf.length);
+  if (n < 0) return null;
+  if (n >= buf.length) {
+    buf = new Uint8Array(n + 1);
+    n = fn(buf, buf.length);
+  }
+  return Buffer.from(buf.subarray(0, n)).toString("utf8");
+}
+
+function load(libPath: string, o: LoadOptions, progress: SharedArrayBuffer, ctl: SharedArrayBuffer, logLevel: number): void {
+  try {
+    native = openNative(libPath);
+  } catch (e) {
+    post({ type: "load_failed", error: { code: "model_load_failed", message: `cannot load the native library: ${(e as Error).message}` } });
+    return;
+  }
+  const n = native;
+  n.mesh_init(logLevel);
+  control = new Int32Array(ctl);
+  const progressView = new Float32Array(progress);
+  model = n.mesh_model_load(cstr(o.modelPath), o.nGpuLayers, o.useMmap ? 1 : 0, progressView) as Pointer | null;
+  if (!model) {
+    post({ type: "load_failed", error: { code: "model_load_failed", message: lastError(n, `llama.cpp could not load ${o.modelPath}`) } });
+    return;
+  }
+  const params = new Int32Array([o.nCtx, o.nBatch, o.nUbatch, o.nParallel, o.threads, o.threadsBatch, 1, o.flashAttn, 1]);
+  ctx = n.mesh_context_new(model, params, control.subarray(CONTROL_ABORT, CONTROL_ABORT + 1)) as Pointer | null;
+  if (!ctx) {
+    n.mesh_model_free(model);
+    model = null;
+    post({
+      type: "load_failed",
+      error: { code: "context_create_failed", message: lastError(n, `could not create a context of ${o.nCtx} tokens`) },
+    });
+    return;
+  }
+  const mi = new Int32Array(9);
+  n.mesh_model_info(model, mi);
+  const sizes = new BigUint64Array(2);
+  n.mesh_model_sizes(model, sizes);
+  const ci = new Int32Array(4);
+  n.mesh_context_info(ctx, ci);
+  const m = model;
+  const meta = (key: string) => readString((b, c) => n.mesh_model_meta(m, cstr(key), b, c));
+  const info: ModelInfo = {
+    path: o.modelPath,
+    nVocab: mi[0] as number,
+    bos: mi[1] as number,
+    eos: mi[2] as number,
+    addBos: mi[3] === 1,
+    nCtxTrain: mi[4] as number,
+    nEmbd: mi[5] as number,
+    nLayer: mi[6] as number,
+    nHead: mi[7] as number,
+    nHeadKv: mi[8] as number,
+    nParams: Number(sizes[0]),
+    sizeBytes: Number(sizes[1]),
+    nCtx: ci[0] as number,
+    nCtxSeq: ci[1] as number,
+    nParallel: ci[2] as number,
+    nBatch: ci[3] as number,
+    name: meta("general.name") ?? "",
+    architecture: meta("general.architecture") ?? "",
+    chatTemplate: readString((b, c) => n.mesh_model_chat_template(m, b, c), 4096),
+    randomWeights: meta("mesh.random_weights") === "true",
+    systemInfo: String(n.mesh_system_info()),
+  };
+  scheduler = new Scheduler({
+    native: n,
+    model,
+    ctx,
+    nCtx: info.nCtx,
+    nCtxSeq: info.nCtxSeq,
+    nBatch: info.nBatch,
+    nParallel: info.nParallel,
+    flags: control,
+    flagsOffset: CONTROL_FLAGS_OFFSET,
+  });
+  post({ type: "loaded", info });
+}
+
+function tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): number[] {
+  const n = native as Native;
+  const bytes = Buffer.from(text, "utf8");
+  let out = new Int32Array(bytes.length + 8);
+  let count = n.mesh_tokenize(model, bytes, bytes.length, out, out.length, addSpecial ? 1 : 0, parseSpecial ? 1 : 0);
+  if (count < 0) {
+    out = new Int32Array(-count);
+    count = n.mesh_tokenize(model, bytes, bytes.length, out, out.length, addSpecial ? 1 : 0, parseSpecial ? 1 : 0);
+  }
+  return Array.from(out.subarray(0, Math.max(0, count)));
+}
+
+function detokenize(tokens: number[]): string {
+  const n = native as Native;
+  const ids = new Int32Array(tokens);
+  let buf = new Uint8Array(tokens.length * 8 + 16);
+  let len = n.mesh_detokenize(model, ids, ids.length, buf, buf.length);
+  if (len < 0) {
+    buf = new Uint8Array(-len);
+    len = n.mesh_detokenize(model, ids, ids.length, buf, buf.length);
+  }
+  return Buffer.from(buf.subarray(0, Math.max(0, len))).toString("utf8");
+}
+
+function badRequest(message: string): EngineErrorValue {
+  return { code: "invalid_request", message };
+}
+
+function handle(m: ToWorker, events: TokenEvent[]): void {
+  switch (m.type) {
+    case "load":
+      load(m.libPath, m.options, m.progress, m.control, m.logLevel);
+      return;
+    case "shutdown":
+      closing = true;
+      return;
+  }
+  if (!scheduler) {
+    const error: EngineErrorValue = { code: "engine_closed", message: "no model is loaded" };
+    if (m.type === "generate") events.push({ id: m.id, kind: "error", error });
+    else if (m.type !== "cancel") post({ type: "reply_error", rid: m.rid, error });
+    return;
+  }
+  switch (m.type) {
+    case "tokenize":
+      post({ type: "reply", rid: m.rid, value: tokenize(m.text, m.addSpecial, m.parseSpecial) });
+      return;
+    case "detokenize":
+      post({ type: "reply", rid: m.rid, value: detokenize(m.tokens) });
+      return;
+    case "stats":
+      post({ type: "reply", rid: m.rid, value: scheduler.stats() });
+      return;
+    case "cancel":
+      scheduler.cancel(m.id, events);
+      return;
+    case "generate": {
+      const p = m.request.prompt;
+      const prompt = typeof p === "string" ? tokenize(p, true, true) : p;
+      if (typeof p !== "string" && p.some((t) => !Number.isInteger(t) || t < 0 || t >= 0x7fffffff)) {
+        events.push({ id: m.id, kind: "error", error: badRequest("prompt token ids must be non-negative integers") });
+        return;
+      }
+      scheduler.submit(m.id, m.flag, m.request, prompt, events);
+      return;
+    }
+  }
+}
+
+function flush(events: TokenEvent[]): void {
+  if (events.length > 0) post({ type: "step", events });
+}
+
+// Yielding to the event loop between steps lets messages (new requests,
+// cancels) arrive; the step itself runs synchronously.
+const yieldToLoop = () => new Promise<void>((r) => setImmediate(r));
+
+async function run(): Promise<void> {
+  if (running) return;
+  running = true;
+  try {
+    while (!closing) {
+      const events: TokenEvent[] = [];
+      while (inbox.length > 0) handle(inbox.shift() as ToWorker, events);
+      if (closing) {
+        flush(events);
+        break;
+      }
+      if (scheduler?.hasWork()) scheduler.step(events);
+      flush(events);
+      if (!scheduler?.hasWork() && inbox.length === 0) break;
+      await yieldToLoop();
+    }
+  } finally {
+    running = false;
+  }
+  if (closing) shutdown();
+}
+
+function shutdown(): void {
+  const events: TokenEvent[] = [];
+  scheduler?.cancelAll(events);
+  flush(events);
+  if (native) {
+    if (ctx) native.mesh_context_free(ctx);
+    if (model) native.mesh_model_free(model);
+  }
+  ctx = null;
+  model = null;
+  scheduler = null;
+  post({ type: "closed" });
+}
+
+self.onmessage = (e: MessageEvent<ToWorker>) => {
+  inbox.push(e.data);
+  void run();
+};

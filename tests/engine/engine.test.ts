@@ -1,0 +1,233 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { collect, Engine, EngineError } from "../../src/engine/index";
+import { tinyModel } from "../helpers/model";
+
+const greedy = { temperature: 0 };
+let engine: Engine;
+
+beforeAll(async () => {
+  engine = await Engine.load({ modelPath: await tinyModel(), nCtx: 8192, nParallel: 4, nBatch: 512, threads: 2 });
+});
+afterAll(async () => {
+  await engine?.close();
+});
+
+const prompts = [
+  "The quick brown fox jumps over the lazy dog.",
+  "Once upon a time, in a land far away,",
+  "def fibonacci(n):\n    return",
+  "Ceci n'est pas une pipe. 你好世界",
+];
+
+async function run(e: Engine, prompt: string | number[], maxTokens = 24) {
+  return collect(e.generate({ prompt, maxTokens, sampling: greedy, ignoreEos: true }));
+}
+
+describe("engine on the tiny model", () => {
+  test("tokenize_detokenize_round_trips_multibyte_utf8", async () => {
+    for (const text of ["Hello, wörld!", "你好，世界 🎉 émoji", "tabs\tand\nnewlines"]) {
+      const tokens = await engine.tokenize(text, { addSpecial: false });
+      expect(tokens.length).toBeGreaterThan(0);
+      expect(await engine.detokenize(tokens)).toBe(text);
+    }
+  });
+
+  test("model_info_reports_the_random_weights_and_context", () => {
+    expect(engine.info.randomWeights).toBe(true);
+    expect(engine.info.nCtx).toBe(8192);
+    expect(engine.info.nParallel).toBe(4);
+    expect(engine.info.chatTemplate).toContain("messages");
+  });
+
+  test("greedy_batched_generation_equals_one_by_one", async () => {
+    const sequential = [];
+    for (const p of prompts) sequential.push(await run(engine, p));
+    const before = await engine.stats();
+    const batched = await Promise.all(prompts.map((p) => run(engine, p)));
+    const after = await engine.stats();
+    for (let i = 0; i < prompts.length; i++) {
+      expect(batched[i]?.tokens).toEqual(sequential[i]?.tokens as number[]);
+      expect(batched[i]?.text).toBe(sequential[i]?.text as string);
+      expect(batched[i]?.done.completionTokens).toBe(24);
+    }
+    // Four streams shared steps: far fewer decode calls than four separate runs.
+    expect(after.decodeSteps - before.decodeSteps).toBeLessThan(4 * 24);
+  });
+
+  test("shared_prefix_is_served_from_cache_and_skips_prefill", async () => {
+    const base = await engine.tokenize("A long shared system prompt. ".repeat(60));
+    const a = [...base, ...(await engine.tokenize(" first question", { addSpecial: false }))];
+    const b = [...base, ...(await engine.tokenize(" second question", { addSpecial: false }))];
+    await run(engine, a, 4);
+    const s0 = await engine.stats();
+    const second = await run(engine, b, 8);
+    const s1 = await engine.stats();
+    expect(second.done.cachedTokens).toBeGreaterThanOrEqual(base.length);
+    expect(s1.prefillTokens - s0.prefillTokens).toBe(b.length - second.done.cachedTokens);
+    // Reusing the cache must not change the result: a cold engine agrees.
+    const cold = await Engine.load({ modelPath: engine.info.path, nCtx: 4096, nParallel: 1, threads: 2 });
+    try {
+      const fresh = await run(cold, b, 8);
+      expect(fresh.done.cachedTokens).toBe(0);
+      expect(second.tokens).toEqual(fresh.tokens);
+    } finally {
+      await cold.close();
+    }
+  });
+
+  test("exact_repeat_reuses_all_but_the_last_prompt_token", async () => {
+    const p = await engine.tokenize("Repeat me exactly, please. ".repeat(20));
+    const first = await run(engine, p, 4);
+    const again = await run(engine, p, 4);
+    expect(again.done.cachedTokens).toBe(p.length - 1);
+    expect(again.tokens).toEqual(first.tokens);
+  });
+
+  test("cancelling_one_request_frees_its_slot_and_leaves_the_others_unchanged", async () => {
+    const reference = [];
+    for (const p of prompts.slice(0, 3)) reference.push(await run(engine, p, 32));
+    const gens = prompts.slice(0, 3).map((p) => engine.generate({ prompt: p, maxTokens: 32, sampling: greedy, ignoreEos: true }));
+    const victim = gens[1] as (typeof gens)[number];
+    const victimResult = (async () => {
+      let n = 0;
+      for await (const e of victim) {
+        if (e.kind === "text" && ++n === 2) victim.cancel();
+        if (e.kind === "done") return e;
+      }
+    })();
+    const [r0, r2, cancelled] = await Promise.all([collect(gens[0] as never), collect(gens[2] as never), victimResult]);
+    expect(cancelled?.finishReason).toBe("cancelled");
+    expect(r0.tokens).toEqual(reference[0]?.tokens as number[]);
+    expect(r2.tokens).toEqual(reference[2]?.tokens as number[]);
+    const s = await engine.stats();
+    expect(s.slotsBusy).toBe(0);
+    expect(engine.inFlight).toBe(0);
+  });
+
+  test("breaking_out_of_the_iterator_cancels_the_generation", async () => {
+    const gen = engine.generate({ prompt: "stream then leave", maxTokens: 500, sampling: greedy, ignoreEos: true });
+    for await (const e of gen) if (e.kind === "text") break;
+    // the cancel reaches the worker within a step; stats round-trips after it
+    for (let i = 0; i < 50 && engine.inFlight > 0; i++) await Bun.sleep(10);
+    expect(engine.inFlight).toBe(0);
+    expect((await engine.stats()).slotsBusy).toBe(0);
+  });
+
+  test("stop_strings_end_generation_and_are_not_emitted", async () => {
+    const free = await run(engine, "Stop test:", 16);
+    // pick a stop string from inside the greedy output, then ask again
+    const stop = free.text.slice(6, 9);
+    expect(stop.length).toBe(3);
+    const r = await collect(engine.generate({ prompt: "Stop test:", maxTokens: 16, sampling: greedy, ignoreEos: true, stop: [stop] }));
+    expect(r.done.finishReason).toBe("stop");
+    expect(r.text).toBe(free.text.slice(0, free.text.indexOf(stop)));
+    expect(r.text).not.toContain(stop);
+  });
+
+  test("seeded_sampling_is_reproducible_and_the_seed_matters", async () => {
+    // Fresh engines: identical KV placement, so the logits match bit for bit.
+    const sample = async (seed: number) => {
+      const e = await Engine.load({ modelPath: engine.info.path, nCtx: 512, nParallel: 1, threads: 2 });
+      try {
+        const opts = { prompt: "Sample this", maxTokens: 12, ignoreEos: true, sampling: { temperature: 1, topK: 50, seed } };
+        return (await collect(e.generate(opts))).tokens;
+      } finally {
+        await e.close();
+      }
+    };
+    const a = await sample(42);
+    expect(await sample(42)).toEqual(a);
+    expect(await sample(7)).not.toEqual(a);
+  });
+
+  test("max_tokens_ends_with_finish_reason_length", async () => {
+    const r = await run(engine, "count", 5);
+    expect(r.done.finishReason).toBe("length");
+    expect(r.done.completionTokens).toBe(5);
+  });
+
+  test("main_thread_timers_keep_running_during_a_long_prefill", async () => {
+    const long = await engine.tokenize("Prefill is long and runs in the worker thread. ".repeat(350));
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 1);
+    try {
+      let ticksAtStart = -1;
+      for await (const e of engine.generate({ prompt: long, maxTokens: 8, sampling: greedy, ignoreEos: true })) {
+        if (e.kind === "start") ticksAtStart = ticks;
+      }
+      // Timers fired while the prompt was being prefilled and decoded off-thread.
+      expect(ticksAtStart).toBeGreaterThanOrEqual(0);
+      expect(ticks).toBeGreaterThan(ticksAtStart);
+      expect(ticks).toBeGreaterThan(2);
+    } finally {
+      clearInterval(timer);
+    }
+  });
+});
+
+describe("engine errors", () => {
+  test("prompt_longer_than_the_context_fails_that_request_and_the_engine_keeps_serving", async () => {
+    const small = await Engine.load({ modelPath: await tinyModel(), nCtx: 256, nParallel: 2, threads: 2 });
+    try {
+      const long = await small.tokenize("too long ".repeat(400));
+      expect(long.length).toBeGreaterThan(small.info.nCtx);
+      const err = await run(small, long).catch((e) => e);
+      expect(err).toBeInstanceOf(EngineError);
+      expect((err as EngineError).code).toBe("context_length_exceeded");
+      expect((err as EngineError).message).toContain(String(small.info.nCtx));
+      const ok = await run(small, "short", 4);
+      expect(ok.done.completionTokens).toBe(4);
+    } finally {
+      await small.close();
+    }
+  });
+
+  test("generation_stops_at_the_context_end_with_length", async () => {
+    const small = await Engine.load({ modelPath: await tinyModel(), nCtx: 128, nParallel: 1, threads: 2 });
+    try {
+      const r = await run(small, "fill the context", 1000);
+      expect(r.done.finishReason).toBe("length");
+      // llama.cpp rounds the context up (to 256 here): the limit is what it reports.
+      expect(r.done.promptTokens + r.done.completionTokens).toBeLessThanOrEqual(small.info.nCtx);
+    } finally {
+      await small.close();
+    }
+  });
+
+  test("a_model_that_fails_to_load_is_a_typed_error", async () => {
+    const missing = await Engine.load({ modelPath: "/nonexistent/model.gguf" }).catch((e) => e);
+    expect(missing).toBeInstanceOf(EngineError);
+    expect((missing as EngineError).code).toBe("model_load_failed");
+    const path = `${process.env.TMPDIR ?? "/tmp"}/mesh-not-a-model-${process.pid}.gguf`;
+    await Bun.write(path, "this is not a gguf file at all");
+    const bad = await Engine.load({ modelPath: path }).catch((e) => e);
+    expect((bad as EngineError).code).toBe("model_load_failed");
+  });
+
+  test("too_many_requests_in_flight_is_engine_busy", async () => {
+    const e = await Engine.load({ modelPath: await tinyModel(), nCtx: 512, nParallel: 1, threads: 2, maxInFlight: 2 });
+    try {
+      const g1 = e.generate({ prompt: "a", maxTokens: 50, ignoreEos: true });
+      const g2 = e.generate({ prompt: "b", maxTokens: 50, ignoreEos: true });
+      expect(() => e.generate({ prompt: "c", maxTokens: 1 })).toThrow(EngineError);
+      g1.cancel();
+      g2.cancel();
+      await Promise.all([collect(g1), collect(g2)]);
+      expect((await run(e, "d", 2)).done.completionTokens).toBe(2);
+    } finally {
+      await e.close();
+    }
+  });
+
+  test("closing_the_engine_ends_running_generations", async () => {
+    const e = await Engine.load({ modelPath: await tinyModel(), nCtx: 512, nParallel: 1, threads: 2 });
+    const g = e.generate({ prompt: "long", maxTokens: 400, ignoreEos: true });
+    const result = collect(g).then(
+      (r) => r.done.finishReason,
+      (err) => (err as EngineError).code,
+    );
+    await e.close();
+    expect(["cancelled", "engine_closed"]).toContain(await result);
+    expect(() => e.generate({ prompt: "x" })).toThrow(EngineError);
+  });
+});

@@ -1,0 +1,281 @@
+// Pointer-only wrapper over llama.h for bun:ffi.
+//
+// bun:ffi cannot pass or return C structs by value (llama_batch, the params
+// structs), so every entry point here takes scalars and pointers only. The
+// engine Worker is the only caller; one model + one context per Worker.
+
+#include "llama.h"
+
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MESH_SHIM_VERSION 1
+
+static int g_log_min_level = GGML_LOG_LEVEL_WARN;
+static _Thread_local char g_last_error[512];
+static _Thread_local int g_last_level = GGML_LOG_LEVEL_NONE;
+
+// llama.cpp reports load failures only through the log; keep the last error
+// line per thread so the engine can return it as the reason of a typed error.
+static void mesh_log_cb(enum ggml_log_level level, const char *text, void *user) {
+    (void)user;
+    int effective = level == GGML_LOG_LEVEL_CONT ? g_last_level : (int)level;
+    if (level != GGML_LOG_LEVEL_CONT) g_last_level = (int)level;
+    if (effective >= GGML_LOG_LEVEL_ERROR && level != GGML_LOG_LEVEL_CONT && text) {
+        snprintf(g_last_error, sizeof g_last_error, "%s", text);
+        size_t n = strlen(g_last_error);
+        while (n > 0 && (g_last_error[n - 1] == '\n' || g_last_error[n - 1] == '\r')) g_last_error[--n] = 0;
+    }
+    if (effective >= g_log_min_level && g_log_min_level != GGML_LOG_LEVEL_NONE && text) {
+        fputs(text, stderr);
+    }
+}
+
+/** Version of this shim's ABI; the TypeScript side refuses a mismatch. */
+int32_t mesh_shim_version(void) { return MESH_SHIM_VERSION; }
+
+/** Initialise backends once per process and route llama.cpp's log through our filter. */
+void mesh_init(int32_t log_min_level) {
+    static int initialised = 0;
+    g_log_min_level = log_min_level;
+    llama_log_set(mesh_log_cb, NULL);
+    if (!initialised) {
+        initialised = 1;
+        llama_backend_init();
+    }
+}
+
+/** Copy the calling thread's last llama.cpp error line into buf; returns its length. */
+int32_t mesh_last_error(char *buf, int32_t cap) {
+    if (cap <= 0) return 0;
+    snprintf(buf, (size_t)cap, "%s", g_last_error);
+    int32_t n = (int32_t)strlen(buf);
+    g_last_error[0] = 0;
+    return n;
+}
+
+static int mesh_progress_cb(float progress, void *user) {
+    if (user) *(volatile float *)user = progress;
+    return 1;
+}
+
+/** Load a model; progress (0..1) is written to *progress_out, which may be shared memory. */
+struct llama_model *mesh_model_load(const char *path, int32_t n_gpu_layers, int32_t use_mmap, float *progress_out) {
+    struct llama_model_params p = llama_model_default_params();
+    p.n_gpu_layers = n_gpu_layers;
+    p.load_mode = use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    p.progress_callback = mesh_progress_cb;
+    p.progress_callback_user_data = progress_out;
+    return llama_model_load_from_file(path, p);
+}
+
+/** Free a model returned by mesh_model_load. */
+void mesh_model_free(struct llama_model *model) { llama_model_free(model); }
+
+/** Model facts as int32s: n_vocab, bos, eos, add_bos, n_ctx_train, n_embd, n_layer, n_head, n_head_kv. */
+void mesh_model_info(const struct llama_model *model, int32_t *out) {
+    const struct llama_vocab *v = llama_model_get_vocab(model);
+    out[0] = llama_vocab_n_tokens(v);
+    out[1] = llama_vocab_bos(v);
+    out[2] = llama_vocab_eos(v);
+    out[3] = llama_vocab_get_add_bos(v) ? 1 : 0;
+    out[4] = llama_model_n_ctx_train(model);
+    out[5] = llama_model_n_embd(model);
+    out[6] = llama_model_n_layer(model);
+    out[7] = llama_model_n_head(model);
+    out[8] = llama_model_n_head_kv(model);
+}
+
+/** Parameter count and size in bytes of the model weights. */
+void mesh_model_sizes(const struct llama_model *model, uint64_t *out) {
+    out[0] = llama_model_n_params(model);
+    out[1] = llama_model_size(model);
+}
+
+/** A metadata value as a string; returns its length or -1 when absent. */
+int32_t mesh_model_meta(const struct llama_model *model, const char *key, char *buf, int32_t cap) {
+    return llama_model_meta_val_str(model, key, buf, (size_t)cap);
+}
+
+/** The model's default chat template copied into buf; -1 when it has none, else its full length. */
+int32_t mesh_model_chat_template(const struct llama_model *model, char *buf, int32_t cap) {
+    const char *tmpl = llama_model_chat_template(model, NULL);
+    if (!tmpl) return -1;
+    int32_t n = (int32_t)strlen(tmpl);
+    if (cap > 0) snprintf(buf, (size_t)cap, "%s", tmpl);
+    return n;
+}
+
+/** True when the token ends generation (EOS, EOT and friends). */
+int32_t mesh_token_is_eog(const struct llama_model *model, int32_t token) {
+    return llama_vocab_is_eog(llama_model_get_vocab(model), token) ? 1 : 0;
+}
+
+/** Tokenize text_len bytes; returns the count, or minus the needed capacity when out is too small. */
+int32_t mesh_tokenize(const struct llama_model *model, const char *text, int32_t text_len, int32_t *out, int32_t cap,
+                      int32_t add_special, int32_t parse_special) {
+    return llama_tokenize(llama_model_get_vocab(model), text, text_len, out, cap, add_special != 0, parse_special != 0);
+}
+
+/** Bytes of one token's piece into buf; negative means buf is too small by that much. */
+int32_t mesh_token_to_piece(const struct llama_model *model, int32_t token, char *buf, int32_t cap, int32_t special) {
+    return llama_token_to_piece(llama_model_get_vocab(model), token, buf, cap, 0, special != 0);
+}
+
+/** Detokenize a whole sequence (drops BOS/EOS and the SPM leading space); negative = needed capacity. */
+int32_t mesh_detokenize(const struct llama_model *model, const int32_t *tokens, int32_t n, char *buf, int32_t cap) {
+    return llama_detokenize(llama_model_get_vocab(model), tokens, n, buf, cap, 1, 0);
+}
+
+struct mesh_ctx {
+    struct llama_context *ctx;
+    struct llama_batch batch;
+    int32_t batch_cap;
+};
+
+static int mesh_abort_cb(void *data) { return data != NULL && *(volatile int32_t *)data != 0; }
+
+/**
+ * Create a context. params: n_ctx, n_batch, n_ubatch, n_seq_max, n_threads, n_threads_batch,
+ * kv_unified, flash_attn (-1 auto, 0 off, 1 on), offload_kqv. abort_flag (may be NULL) aborts a decode in flight.
+ */
+struct mesh_ctx *mesh_context_new(struct llama_model *model, const int32_t *params, int32_t *abort_flag) {
+    struct llama_context_params p = llama_context_default_params();
+    p.n_ctx = (uint32_t)params[0];
+    p.n_batch = (uint32_t)params[1];
+    p.n_ubatch = (uint32_t)params[2];
+    p.n_seq_max = (uint32_t)params[3];
+    p.n_threads = params[4];
+    p.n_threads_batch = params[5];
+    p.kv_unified = params[6] != 0;
+    p.flash_attn_type = (enum llama_flash_attn_type)params[7];
+    p.offload_kqv = params[8] != 0;
+    p.no_perf = true;
+    p.abort_callback = mesh_abort_cb;
+    p.abort_callback_data = abort_flag;
+    struct llama_context *ctx = llama_init_from_model(model, p);
+    if (!ctx) return NULL;
+    struct mesh_ctx *m = (struct mesh_ctx *)calloc(1, sizeof *m);
+    if (!m) {
+        llama_free(ctx);
+        return NULL;
+    }
+    m->ctx = ctx;
+    m->batch_cap = (int32_t)p.n_batch;
+    m->batch = llama_batch_init(m->batch_cap, 0, 1);
+    return m;
+}
+
+/** Free a context and its batch. */
+void mesh_context_free(struct mesh_ctx *m) {
+    if (!m) return;
+    llama_batch_free(m->batch);
+    llama_free(m->ctx);
+    free(m);
+}
+
+/** Actual context facts: n_ctx, n_ctx_seq, n_seq_max, n_batch. */
+void mesh_context_info(const struct mesh_ctx *m, int32_t *out) {
+    out[0] = (int32_t)llama_n_ctx(m->ctx);
+    out[1] = (int32_t)llama_n_ctx_seq(m->ctx);
+    out[2] = (int32_t)llama_n_seq_max(m->ctx);
+    out[3] = (int32_t)llama_n_batch(m->ctx);
+}
+
+/**
+ * Fill the batch with n tokens (one sequence each) and decode once.
+ * Returns llama_decode's code: 0 ok, 1 no KV slot, 2 aborted, <0 error; -100 when n exceeds the batch.
+ */
+int32_t mesh_decode(struct mesh_ctx *m, const int32_t *tokens, const int32_t *pos, const int32_t *seq,
+                    const int8_t *logits, int32_t n) {
+    if (n <= 0 || n > m->batch_cap) return -100;
+    struct llama_batch *b = &m->batch;
+    for (int32_t i = 0; i < n; i++) {
+        b->token[i] = tokens[i];
+        b->pos[i] = pos[i];
+        b->n_seq_id[i] = 1;
+        b->seq_id[i][0] = seq[i];
+        b->logits[i] = logits[i];
+    }
+    b->n_tokens = n;
+    return llama_decode(m->ctx, *b);
+}
+
+/** Remove positions [p0, p1) of a sequence from the KV memory (-1 = open end). */
+int32_t mesh_seq_rm(struct mesh_ctx *m, int32_t seq, int32_t p0, int32_t p1) {
+    return llama_memory_seq_rm(llama_get_memory(m->ctx), seq, p0, p1) ? 1 : 0;
+}
+
+/** Share positions [p0, p1) of src with dst (no copy in a unified KV pool). */
+void mesh_seq_cp(struct mesh_ctx *m, int32_t src, int32_t dst, int32_t p0, int32_t p1) {
+    llama_memory_seq_cp(llama_get_memory(m->ctx), src, dst, p0, p1);
+}
+
+/** Largest position held for a sequence, -1 when empty. */
+int32_t mesh_seq_pos_max(struct mesh_ctx *m, int32_t seq) {
+    return llama_memory_seq_pos_max(llama_get_memory(m->ctx), seq);
+}
+
+/** Drop every sequence's KV. */
+void mesh_memory_clear(struct mesh_ctx *m) { llama_memory_clear(llama_get_memory(m->ctx), true); }
+
+/** Size in bytes of one sequence's saved state. */
+uint64_t mesh_state_seq_size(struct mesh_ctx *m, int32_t seq) {
+    return (uint64_t)llama_state_seq_get_size(m->ctx, seq);
+}
+
+/** Save one sequence's state into dst; returns bytes written (0 on failure). */
+uint64_t mesh_state_seq_get(struct mesh_ctx *m, uint8_t *dst, uint64_t size, int32_t seq) {
+    return (uint64_t)llama_state_seq_get_data(m->ctx, dst, (size_t)size, seq);
+}
+
+/** Restore a saved state into seq; returns bytes read (0 on failure). */
+uint64_t mesh_state_seq_set(struct mesh_ctx *m, const uint8_t *src, uint64_t size, int32_t seq) {
+    return (uint64_t)llama_state_seq_set_data(m->ctx, src, (size_t)size, seq);
+}
+
+/**
+ * Build a sampler chain. f: temperature, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty.
+ * i: top_k, penalty_last_n, seed (as uint32 bits). Temperature <= 0 means greedy.
+ */
+struct llama_sampler *mesh_sampler_new(const struct llama_model *model, const float *f, const int32_t *i) {
+    struct llama_sampler_chain_params cp = llama_sampler_chain_default_params();
+    cp.no_perf = true;
+    struct llama_sampler *chain = llama_sampler_chain_init(cp);
+    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    const float temp = f[0], top_p = f[1], min_p = f[2], rep = f[3], freq = f[4], pres = f[5];
+    const int32_t top_k = i[0], last_n = i[1];
+    const uint32_t seed = (uint32_t)i[2];
+    if (last_n != 0 && (rep != 1.0f || freq != 0.0f || pres != 0.0f)) {
+        llama_sampler_chain_add(chain, llama_sampler_init_penalties(n_vocab, last_n, rep, freq, pres));
+    }
+    if (temp <= 0.0f) {
+        llama_sampler_chain_add(chain, llama_sampler_init_greedy());
+        return chain;
+    }
+    if (top_k > 0) llama_sampler_chain_add(chain, llama_sampler_init_top_k(top_k));
+    if (top_p < 1.0f) llama_sampler_chain_add(chain, llama_sampler_init_top_p(top_p, 1));
+    if (min_p > 0.0f) llama_sampler_chain_add(chain, llama_sampler_init_min_p(min_p, 1));
+    llama_sampler_chain_add(chain, llama_sampler_init_temp(temp));
+    llama_sampler_chain_add(chain, llama_sampler_init_dist(seed));
+    return chain;
+}
+
+/** Free a sampler chain. */
+void mesh_sampler_free(struct llama_sampler *s) { llama_sampler_free(s); }
+
+/** Feed tokens to a sampler's history (prompt tokens count for repetition penalties). */
+void mesh_sampler_accept(struct llama_sampler *s, const int32_t *tokens, int32_t n) {
+    for (int32_t k = 0; k < n; k++) llama_sampler_accept(s, tokens[k]);
+}
+
+/** Sample n sequences in one call: samplers[k] picks from the logits at batch index idx[k]. */
+void mesh_sample_many(struct mesh_ctx *m, struct llama_sampler **samplers, const int32_t *idx, int32_t *out, int32_t n) {
+    for (int32_t k = 0; k < n; k++) out[k] = llama_sampler_sample(samplers[k], m->ctx, idx[k]);
+}
+
+/** Identity of the compiled backends, e.g. "CPU : AVX2 = 1 | ..." */
+const char *mesh_system_info(void) { return llama_print_system_info(); }
