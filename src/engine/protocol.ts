@@ -76,6 +76,9 @@ export interface ModelInfo {
   architecture: string;
   chatTemplate: string | null;
   randomWeights: boolean;
+  /** Text of the BOS / EOS tokens, for chat templates. */
+  bosText: string;
+  eosText: string;
   systemInfo: string;
 }
 

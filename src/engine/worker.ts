@@ -101,6 +101,8 @@ function load(libPath: string, o: LoadOptions, progress: SharedArrayBuffer, ctl:
     architecture: meta("general.architecture") ?? "",
     chatTemplate: readString((b, c) => n.mesh_model_chat_template(m, b, c), 4096),
     randomWeights: meta("mesh.random_weights") === "true",
+    bosText: tokenText(n, m, mi[1] as number),
+    eosText: tokenText(n, m, mi[2] as number),
     systemInfo: String(n.mesh_system_info()),
   };
   scheduler = new Scheduler({
@@ -115,6 +117,14 @@ function load(libPath: string, o: LoadOptions, progress: SharedArrayBuffer, ctl:
     flagsOffset: CONTROL_FLAGS_OFFSET,
   });
   post({ type: "loaded", info });
+}
+
+/** The text of a special token (e.g. "<s>"), "" for none. */
+function tokenText(n: Native, m: Pointer, token: number): string {
+  if (token < 0) return "";
+  const buf = new Uint8Array(64);
+  const len = n.mesh_token_to_piece(m, token, buf, buf.length, 1);
+  return len > 0 ? Buffer.from(buf.subarray(0, len)).toString("utf8") : "";
 }
 
 function tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): number[] {

@@ -27,13 +27,14 @@ export const GENERATED_MODELS: Record<string, ModelSpec> = { tiny: TINY, bench: 
 
 /** Path of a generated model, generating it on first use (deterministic, so a cached file is reused). */
 export async function ensureModel(spec: ModelSpec, dir = join(cacheDir(), "models")): Promise<string> {
-  // Bump the suffix when the generator changes what it writes.
-  const path = join(dir, `${spec.name}-v1.gguf`);
+  // Bump the folder version when the generator changes what it writes; the
+  // file name stays the model's id.
+  const path = join(dir, "v1", `${spec.name}.gguf`);
   if (existsSync(path)) return path;
   const vocabName = VOCAB[spec.name];
   const vocab = vocabName ? vocabPath(vocabName) : null;
   if (!vocab) throw new Error(`the ${vocabName} vocabulary is not available: run 'bun run build.ts native' to fetch the llama.cpp source`);
-  mkdirSync(dir, { recursive: true });
+  mkdirSync(join(dir, "v1"), { recursive: true });
   await generateModel(spec, vocab, path);
   return path;
 }

@@ -1,0 +1,639 @@
+// Engine benchmark: mesh's Engine (in-process, engine Worker) against
+// llama-server built from the same vendored llama.cpp, on the same GGUF with
+// the same threads, context, slots, batch sizes and identical token ids.
+//
+//   bun run src/bench/engine.ts [--model PATH|bench|tiny] [--threads N] [--ctx N] [--parallel N]
+//     [--prompt-tokens N] [--prefix-tokens N] [--gen-tokens N] [--repeats N] [--no-compare] [--json]
+//
+// The two targets run one after the other, never together: on a small machine
+// they would compete for the same cores.
+import { existsSync } from "node:fs";
+import { availableParallelism, cpus } from "node:os";
+import { parseArgs } from "node:util";
+import { Engine } from "../engine/index";
+import { ensureModel, GENERATED_MODELS } from "../gguf/models";
+import { defaultLlamaServerPath, LlamaServer, llamaServerFlags } from "./llama-server";
+
+/** What to measure and how the two targets are configured; every field has a default. */
+export interface EngineBenchOptions {
+  /** GGUF path, or the name of a generated model ("bench", "tiny"). Default: bench. */
+  model?: string;
+  /** CPU threads for decode and prompt processing (both targets). Default: all cores. */
+  threads?: number;
+  /** Total KV cells, shared by all slots (unified KV). Default 8192. */
+  ctx?: number;
+  /** Slots, and the number of concurrent streams of the aggregate figure. Default 4. */
+  parallel?: number;
+  /** Logical batch (llama-server -b). Default 2048. */
+  batch?: number;
+  /** Physical batch (llama-server -ub). Default 512. */
+  ubatch?: number;
+  /** Flash attention on both sides. Default auto. */
+  flashAttn?: "on" | "off" | "auto";
+  /** Prompt size of the prefill figure. Default 1024. */
+  promptTokens?: number;
+  /** Shared prefix of the cached time-to-first-token figure. Default 2048. */
+  prefixTokens?: number;
+  /** New tokens after the cached prefix. Default 16. */
+  suffixTokens?: number;
+  /** Generated tokens of the decode figures. Default 128. */
+  genTokens?: number;
+  /** Runs per figure; the median is reported. Default 3. */
+  repeats?: number;
+  /** Also run llama-server. Default true. */
+  compare?: boolean;
+  /** llama-server executable. Default vendor/llama.cpp/build/cpu/bin/llama-server. */
+  llamaServer?: string;
+  /** Receives progress lines (default: stderr). */
+  onProgress?: (line: string) => void;
+}
+
+/** The options after defaults, as recorded in the report. */
+export type EngineBenchConfig = Required<Omit<EngineBenchOptions, "onProgress" | "model">> & { model: string };
+
+/** One figure over its repeats. */
+export interface Samples {
+  median: number;
+  samples: number[];
+}
+
+/** Everything measured on one target. */
+export interface TargetResult {
+  /** Uncached prompt tokens per second over time to first token. */
+  prefillTokensPerSecond: Samples;
+  /** One stream, tokens after the first per second. */
+  decodeTokensPerSecond: Samples;
+  /** `parallel` concurrent streams, all their tokens per second. */
+  aggregateDecodeTokensPerSecond: Samples;
+  /** Time to first token of a request whose prefix is in the KV cache, milliseconds. */
+  cachedTtftMs: Samples;
+  /** Prompt tokens the target reported as served from cache in each cached request. */
+  cachedTokens: number[];
+  /** llama-server's own timings (prompt_per_second of the prefill runs, predicted_per_second of the decode runs). */
+  serverTimings?: { promptPerSecond: Samples; predictedPerSecond: Samples };
+}
+
+/** Keys of the compared figures. */
+export type FigureKey = "prefill" | "decode" | "aggregateDecode" | "cachedTtft";
+
+/** One row of the comparison table. */
+export interface BenchFigure {
+  key: FigureKey;
+  label: string;
+  unit: "tok/s" | "ms";
+  higherIsBetter: boolean;
+  mesh: number;
+  llamaServer: number | null;
+  /** > 1 means mesh is better: mesh/llama-server for rates, llama-server/mesh for times. */
+  ratio: number | null;
+}
+
+/** The benchmark's result. */
+export interface EngineBenchReport {
+  date: string;
+  machine: { cpu: string; cores: number; platform: string; arch: string };
+  model: { path: string; name: string; nParams: number; sizeBytes: number };
+  config: EngineBenchConfig;
+  figures: BenchFigure[];
+  mesh: TargetResult;
+  llamaServer: TargetResult | null;
+}
+
+/** A bad option or a missing tool: the CLI prints its message on one line and exits with 2. */
+export class BenchUsageError extends Error {
+  override readonly name = "BenchUsageError";
+}
+
+// Prompt of the decode figures: short, so attention over it is negligible.
+const DECODE_PROMPT_TOKENS = 32;
+
+/** Defaults applied and checked; throws BenchUsageError on impossible sizes. */
+export function resolveEngineBenchOptions(o: EngineBenchOptions = {}): EngineBenchConfig {
+  const c: EngineBenchConfig = {
+    model: o.model ?? "bench",
+    threads: o.threads ?? Math.max(1, availableParallelism()),
+    ctx: o.ctx ?? 8192,
+    parallel: o.parallel ?? 4,
+    batch: o.batch ?? 2048,
+    ubatch: o.ubatch ?? 512,
+    flashAttn: o.flashAttn ?? "auto",
+    promptTokens: o.promptTokens ?? 1024,
+    prefixTokens: o.prefixTokens ?? 2048,
+    suffixTokens: o.suffixTokens ?? 16,
+    genTokens: o.genTokens ?? 128,
+    repeats: o.repeats ?? 3,
+    compare: o.compare ?? true,
+    llamaServer: o.llamaServer ?? defaultLlamaServerPath(),
+  };
+  const ints: Array<[string, number, number]> = [
+    ["threads", c.threads, 1],
+    ["ctx", c.ctx, 64],
+    ["parallel", c.parallel, 1],
+    ["batch", c.batch, 1],
+    ["ubatch", c.ubatch, 1],
+    ["prompt-tokens", c.promptTokens, 2],
+    ["prefix-tokens", c.prefixTokens, 2],
+    ["suffix-tokens", c.suffixTokens, 1],
+    // The decode rate is measured after the first token: at least one more is needed.
+    ["gen-tokens", c.genTokens, 2],
+    ["repeats", c.repeats, 1],
+  ];
+  for (const [name, v, min] of ints) {
+    if (!Number.isInteger(v) || v < min) throw new BenchUsageError(`--${name} must be a whole number >= ${min} (got ${v})`);
+  }
+  if (!["on", "off", "auto"].includes(c.flashAttn)) throw new BenchUsageError(`--flash-attn must be on, off or auto (got ${c.flashAttn})`);
+  if (c.ubatch > c.batch) throw new BenchUsageError("--ubatch cannot exceed --batch");
+  // With unified KV every slot may use the whole context, but the streams of
+  // the aggregate figure share it, and one more token must fit after each prompt.
+  if (c.promptTokens + 1 >= c.ctx) throw new BenchUsageError(`--prompt-tokens ${c.promptTokens} does not fit --ctx ${c.ctx}`);
+  if (c.prefixTokens + c.suffixTokens + 1 >= c.ctx) {
+    throw new BenchUsageError(`--prefix-tokens + suffix (${c.prefixTokens + c.suffixTokens}) does not fit --ctx ${c.ctx}`);
+  }
+  if (c.parallel * (DECODE_PROMPT_TOKENS + c.genTokens) >= c.ctx) {
+    throw new BenchUsageError(`${c.parallel} streams of ${DECODE_PROMPT_TOKENS}+${c.genTokens} tokens do not fit --ctx ${c.ctx}`);
+  }
+  return c;
+}
+
+/** Timestamps (performance.now(), ms) and counts of one generation. */
+interface Timing {
+  start: number;
+  /** When the first generated token reached the caller. */
+  firstToken: number;
+  /** How many tokens had been generated when firstToken was observed (1 unless a chunk was held back). */
+  firstIndex: number;
+  end: number;
+  completionTokens: number;
+  cachedTokens: number;
+  server?: { promptPerSecond: number; predictedPerSecond: number };
+}
+
+/** A thing that generates from token ids, greedily, ignoring end-of-generation tokens. */
+interface Target {
+  generate(prompt: number[], maxTokens: number): Promise<Timing>;
+}
+
+function meshTarget(engine: Engine): Target {
+  return {
+    async generate(prompt, maxTokens) {
+      const start = performance.now();
+      let first = -1;
+      let firstIndex = 0;
+      let count = 0;
+      for await (const e of engine.generate({ prompt, maxTokens, sampling: { temperature: 0 }, ignoreEos: true })) {
+        if (e.kind === "text" && e.tokens.length > 0) {
+          count += e.tokens.length;
+          if (first < 0) {
+            first = performance.now();
+            firstIndex = count;
+          }
+        } else if (e.kind === "done") {
+          const end = performance.now();
+          return {
+            start,
+            firstToken: first < 0 ? end : first,
+            firstIndex: first < 0 ? e.completionTokens : firstIndex,
+            end,
+            completionTokens: e.completionTokens,
+            cachedTokens: e.cachedTokens,
+          };
+        }
+      }
+      throw new Error("mesh: generation ended without a done event");
+    },
+  };
+}
+
+interface ServerChunk {
+  error?: { message?: string } | string;
+  tokens?: number[];
+  content?: string;
+  stop?: boolean;
+  tokens_predicted?: number;
+  timings?: { cache_n?: number; prompt_per_second?: number; predicted_per_second?: number; predicted_n?: number };
+}
+
+function llamaTarget(url: string): Target {
+  return {
+    async generate(prompt, maxTokens) {
+      const body = JSON.stringify({
+        prompt,
+        n_predict: maxTokens,
+        ignore_eos: true,
+        temperature: 0,
+        cache_prompt: true,
+        stream: true,
+      });
+      const start = performance.now();
+      const res = await fetch(`${url}/completion`, { method: "POST", headers: { "content-type": "application/json" }, body });
+      if (!res.ok || !res.body) throw new Error(`llama-server answered ${res.status}: ${(await res.text()).slice(0, 300)}`);
+      const reader = res.body.getReader();
+      const decoder = new TextDecoder();
+      let buf = "";
+      let first = -1;
+      let firstIndex = 0;
+      let final: ServerChunk | null = null;
+      let end = 0;
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        const now = performance.now();
+        buf += decoder.decode(value, { stream: true });
+        let nl = buf.indexOf("\n");
+        while (nl >= 0) {
+          const line = buf.slice(0, nl).trim();
+          buf = buf.slice(nl + 1);
+          nl = buf.indexOf("\n");
+          const isError = line.startsWith("error:");
+          if (!line.startsWith("data:") && !isError) continue;
+          const payload = line.slice(isError ? 6 : 5).trim();
+          if (payload === "[DONE]") continue;
+          const chunk = JSON.parse(payload) as ServerChunk;
+          if (isError || chunk.error) {
+            const err = chunk.error ?? chunk;
+            throw new Error(`llama-server: ${typeof err === "string" ? err : ((err as { message?: string }).message ?? payload)}`);
+          }
+          // A chunk carries a token once its text is complete UTF-8; the count
+          // tells how many tokens had been generated by then.
+          if (first < 0 && ((chunk.tokens?.length ?? 0) > 0 || (chunk.content ?? "") !== "")) {
+            first = now;
+            firstIndex = chunk.tokens_predicted ?? 1;
+          }
+          if (chunk.stop === true) {
+            final = chunk;
+            end = now;
+          }
+        }
+      }
+      if (!final) throw new Error("llama-server: the stream ended without a final chunk");
+      const completionTokens = final.tokens_predicted ?? final.timings?.predicted_n ?? 0;
+      return {
+        start,
+        firstToken: first < 0 ? end : first,
+        firstIndex: first < 0 ? completionTokens : firstIndex,
+        end,
+        completionTokens,
+        cachedTokens: final.timings?.cache_n ?? 0,
+        server: {
+          promptPerSecond: final.timings?.prompt_per_second ?? Number.NaN,
+          predictedPerSecond: final.timings?.predicted_per_second ?? Number.NaN,
+        },
+      };
+    },
+  };
+}
+
+/** Median of a non-empty list (mean of the middle two for even lengths). */
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 === 1 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
+}
+
+const samples = (xs: number[]): Samples => ({ median: median(xs), samples: xs });
+
+/** Token ids for every run, built once and sent identically to both targets. */
+interface PromptSet {
+  warmup: number[];
+  prefill: number[][];
+  decode: number[][];
+  aggregate: number[][][];
+  prefix: number[][];
+  suffix: number[][];
+}
+
+const WORDS = (
+  "the of and to in is was for on that with as by at from this it be are or an have which not but had were " +
+  "river mountain engine harbor lantern garden winter market signal copper orbit meadow canyon falcon velvet " +
+  "quartz meridian compass thunder silver island pepper marble tunnel beacon glacier hollow ember cobalt"
+).split(" ");
+
+// Every prompt starts with its own serial and nonce, so no target can reuse a
+// previous prompt's KV beyond the BOS token; the rest is varied filler.
+async function buildPrompts(engine: Engine, c: EngineBenchConfig): Promise<PromptSet> {
+  const nonce = Math.floor(Math.random() * 0xffffff)
+    .toString(16)
+    .padStart(6, "0");
+  let serial = 0;
+  let seed = 0x2545f491;
+  const word = () => {
+    seed ^= seed << 13;
+    seed ^= seed >>> 17;
+    seed ^= seed << 5;
+    return WORDS[(seed >>> 0) % WORDS.length] as string;
+  };
+  const words = (n: number) => Array.from({ length: n }, word).join(" ");
+  const prompt = async (n: number): Promise<number[]> => {
+    // Every word is at least one token, so n words give at least n tokens.
+    const ids = await engine.tokenize(`${++serial}${nonce} ${words(n)}`);
+    return ids.slice(0, n);
+  };
+  const suffix = async (): Promise<number[]> => {
+    const ids = await engine.tokenize(` then ${++serial} ${words(c.suffixTokens)}`, { addSpecial: false });
+    return ids.slice(0, c.suffixTokens);
+  };
+  const runs = Array.from({ length: c.repeats }, (_, i) => i);
+  const set: PromptSet = {
+    warmup: await prompt(Math.min(256, c.promptTokens)),
+    prefill: [],
+    decode: [],
+    aggregate: [],
+    prefix: [],
+    suffix: [],
+  };
+  for (const _ of runs) {
+    set.prefill.push(await prompt(c.promptTokens));
+    set.decode.push(await prompt(DECODE_PROMPT_TOKENS));
+    const streams: number[][] = [];
+    for (let s = 0; s < c.parallel; s++) streams.push(await prompt(DECODE_PROMPT_TOKENS));
+    set.aggregate.push(streams);
+    set.prefix.push(await prompt(c.prefixTokens));
+    set.suffix.push(await suffix());
+  }
+  return set;
+}
+
+const seconds = (ms: number) => Math.max(ms, 1e-3) / 1000;
+const fmt = (x: number) => (x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2));
+
+async function measure(name: string, t: Target, p: PromptSet, c: EngineBenchConfig, log: (s: string) => void): Promise<TargetResult> {
+  log(`${name}: warm-up`);
+  await t.generate(p.warmup, Math.min(16, c.genTokens));
+
+  const prefill: number[] = [];
+  const promptPerSecond: number[] = [];
+  for (const [i, prompt] of p.prefill.entries()) {
+    const r = await t.generate(prompt, 1);
+    // With one token to generate, time to first token is the prefill (plus one sampling).
+    const v = (prompt.length - r.cachedTokens) / seconds(r.firstToken - r.start);
+    prefill.push(v);
+    if (r.server) promptPerSecond.push(r.server.promptPerSecond);
+    log(`${name}: prefill ${i + 1}/${c.repeats}: ${fmt(v)} tok/s (${prompt.length - r.cachedTokens} tokens uncached)`);
+  }
+
+  const decode: number[] = [];
+  const predictedPerSecond: number[] = [];
+  for (const [i, prompt] of p.decode.entries()) {
+    const r = await t.generate(prompt, c.genTokens);
+    const v = (r.completionTokens - r.firstIndex) / seconds(r.end - r.firstToken);
+    decode.push(v);
+    if (r.server) predictedPerSecond.push(r.server.predictedPerSecond);
+    log(`${name}: decode ${i + 1}/${c.repeats}: ${fmt(v)} tok/s (${r.completionTokens} tokens)`);
+  }
+
+  const aggregate: number[] = [];
+  for (const [i, prompts] of p.aggregate.entries()) {
+    const rs = await Promise.all(prompts.map((prompt) => t.generate(prompt, c.genTokens)));
+    const tokens = rs.reduce((n, r) => n + r.completionTokens - r.firstIndex, 0);
+    const window = Math.max(...rs.map((r) => r.end)) - Math.min(...rs.map((r) => r.firstToken));
+    const v = tokens / seconds(window);
+    aggregate.push(v);
+    log(`${name}: ${c.parallel}-stream decode ${i + 1}/${c.repeats}: ${fmt(v)} tok/s`);
+  }
+
+  const ttft: number[] = [];
+  const cached: number[] = [];
+  for (const [i, prefix] of p.prefix.entries()) {
+    await t.generate(prefix, 1);
+    const r = await t.generate([...prefix, ...(p.suffix[i] as number[])], 1);
+    const ms = r.firstToken - r.start;
+    ttft.push(ms);
+    cached.push(r.cachedTokens);
+    log(
+      `${name}: cached-prefix TTFT ${i + 1}/${c.repeats}: ${fmt(ms)} ms (${r.cachedTokens} of ${prefix.length + (p.suffix[i]?.length ?? 0)} cached)`,
+    );
+    if (r.cachedTokens < prefix.length / 2) log(`${name}: warning: the prefix was not served from cache`);
+  }
+
+  const result: TargetResult = {
+    prefillTokensPerSecond: samples(prefill),
+    decodeTokensPerSecond: samples(decode),
+    aggregateDecodeTokensPerSecond: samples(aggregate),
+    cachedTtftMs: samples(ttft),
+    cachedTokens: cached,
+  };
+  if (promptPerSecond.length > 0) {
+    result.serverTimings = { promptPerSecond: samples(promptPerSecond), predictedPerSecond: samples(predictedPerSecond) };
+  }
+  return result;
+}
+
+function llamaServerArgs(c: EngineBenchConfig, modelPath: string): string[] {
+  const known = llamaServerFlags(c.llamaServer);
+  for (const f of ["--kv-unified", "--flash-attn", "--parallel", "--cache-prompt"]) {
+    if (!known.has(f))
+      throw new Error(`${c.llamaServer} does not know ${f}: rebuild it with 'bun run build.ts native --with-llama-server'`);
+  }
+  const t = String(c.threads);
+  const args = ["-m", modelPath, "-t", t, "-tb", t, "-c", String(c.ctx), "-np", String(c.parallel)];
+  args.push("-b", String(c.batch), "-ub", String(c.ubatch), "--kv-unified", "--flash-attn", c.flashAttn, "--cache-prompt");
+  if (known.has("--no-webui")) args.push("--no-webui");
+  return args;
+}
+
+const FLASH_ATTN = { auto: -1, off: 0, on: 1 } as const;
+
+/** Resolve a --model value: a generated model's name (generated on first use) or a GGUF path. */
+export async function resolveModel(model: string): Promise<string> {
+  const spec = GENERATED_MODELS[model];
+  if (spec) return ensureModel(spec);
+  if (!existsSync(model)) throw new BenchUsageError(`model not found: ${model}`);
+  return model;
+}
+
+/** Run the benchmark: mesh's engine, then (unless compare is false) llama-server, one after the other. */
+export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<EngineBenchReport> {
+  const c = resolveEngineBenchOptions(opts);
+  const log = opts.onProgress ?? ((s: string) => process.stderr.write(`[bench] ${s}\n`));
+  // Fail before minutes of measuring, not after.
+  if (c.compare && !existsSync(c.llamaServer)) {
+    throw new BenchUsageError(
+      `llama-server not found at ${c.llamaServer}: run 'bun run build.ts native --with-llama-server' (or pass --no-compare)`,
+    );
+  }
+  if (GENERATED_MODELS[c.model]) log(`model '${c.model}': generated on first use, then cached (some seconds)`);
+  const modelPath = await resolveModel(c.model);
+
+  log(`mesh: loading ${modelPath} (threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch})`);
+  const engine = await Engine.load({
+    modelPath,
+    nCtx: c.ctx,
+    nParallel: c.parallel,
+    nBatch: c.batch,
+    nUbatch: c.ubatch,
+    threads: c.threads,
+    threadsBatch: c.threads,
+    flashAttn: FLASH_ATTN[c.flashAttn],
+  });
+  let prompts: PromptSet;
+  let mesh: TargetResult;
+  const info = engine.info;
+  try {
+    prompts = await buildPrompts(engine, c);
+    mesh = await measure("mesh", meshTarget(engine), prompts, c, log);
+  } finally {
+    // Free its threads and memory before the other target starts.
+    await engine.close();
+  }
+
+  let llama: TargetResult | null = null;
+  if (c.compare) {
+    log(`llama-server: starting ${c.llamaServer}`);
+    const server = await LlamaServer.start({ binary: c.llamaServer, args: llamaServerArgs(c, modelPath) });
+    try {
+      log(`llama-server: ready at ${server.url} (pid ${server.pid})`);
+      llama = await measure("llama-server", llamaTarget(server.url), prompts, c, log);
+    } finally {
+      await server.stop();
+    }
+  }
+
+  const figure = (key: FigureKey, label: string, unit: "tok/s" | "ms", pick: (r: TargetResult) => Samples): BenchFigure => {
+    const higherIsBetter = unit === "tok/s";
+    const m = pick(mesh).median;
+    const l = llama ? pick(llama).median : null;
+    const ratio = l === null ? null : higherIsBetter ? m / l : l / m;
+    return { key, label, unit, higherIsBetter, mesh: m, llamaServer: l, ratio };
+  };
+  return {
+    date: new Date().toISOString(),
+    machine: { cpu: cpus()[0]?.model.trim() ?? "unknown", cores: availableParallelism(), platform: process.platform, arch: process.arch },
+    model: { path: modelPath, name: info.name, nParams: info.nParams, sizeBytes: info.sizeBytes },
+    config: c,
+    figures: [
+      figure("prefill", `prefill, ${c.promptTokens}-token prompt`, "tok/s", (r) => r.prefillTokensPerSecond),
+      figure("decode", `decode, 1 stream, ${c.genTokens} tokens`, "tok/s", (r) => r.decodeTokensPerSecond),
+      figure("aggregateDecode", `decode, ${c.parallel} streams, aggregate`, "tok/s", (r) => r.aggregateDecodeTokensPerSecond),
+      figure("cachedTtft", `TTFT, ${c.prefixTokens}-token cached prefix + ${c.suffixTokens}`, "ms", (r) => r.cachedTtftMs),
+    ],
+    mesh,
+    llamaServer: llama,
+  };
+}
+
+/** The report as a Markdown table (figure | mesh | llama-server | ratio, >1 = mesh better). */
+export function formatEngineBenchTable(r: EngineBenchReport): string {
+  const rows = [
+    "| figure | mesh | llama-server | mesh vs llama-server |",
+    "| --- | ---: | ---: | ---: |",
+    ...r.figures.map(
+      (f) =>
+        `| ${f.label} (${f.unit}) | ${fmt(f.mesh)} | ${f.llamaServer === null ? "-" : fmt(f.llamaServer)} | ${
+          f.ratio === null ? "-" : `${f.ratio.toFixed(2)}x`
+        } |`,
+    ),
+  ];
+  const c = r.config;
+  return [
+    ...rows,
+    "",
+    "ratio > 1 means mesh is better (tok/s: mesh / llama-server; ms: llama-server / mesh); medians of " +
+      `${c.repeats} run(s); threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch}, flash-attn ${c.flashAttn}`,
+    "",
+  ].join("\n");
+}
+
+const USAGE = `usage: bun run src/bench/engine.ts [options]
+
+Compares mesh's engine with llama-server (same llama.cpp, model, threads, context, slots, batch).
+
+  --model PATH|NAME    GGUF file, or a generated model: bench (default), tiny
+  --threads N          CPU threads on both sides (default: all cores)
+  --ctx N              total KV cells, unified (default 8192)
+  --parallel N         slots, and streams of the aggregate figure (default 4)
+  --batch N            logical batch, -b (default 2048)
+  --ubatch N           physical batch, -ub (default 512)
+  --flash-attn MODE    on, off or auto (default auto)
+  --prompt-tokens N    prompt of the prefill figure (default 1024)
+  --prefix-tokens N    cached prefix of the TTFT figure (default 2048)
+  --suffix-tokens N    new tokens after the cached prefix (default 16)
+  --gen-tokens N       generated tokens of the decode figures (default 128)
+  --repeats N          runs per figure, the median is reported (default 3)
+  --no-compare         measure mesh only (no llama-server)
+  --llama-server PATH  llama-server executable (default vendor/llama.cpp/build/cpu/bin/llama-server)
+  --json               print the report as JSON instead of a table
+`;
+
+/** Parse command-line arguments into options; throws BenchUsageError on a bad flag or value. */
+export function parseEngineBenchArgs(argv: string[]): { options: EngineBenchOptions; json: boolean; help: boolean } {
+  let values: Record<string, string | boolean | undefined>;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        model: { type: "string" },
+        threads: { type: "string" },
+        ctx: { type: "string" },
+        parallel: { type: "string" },
+        batch: { type: "string" },
+        ubatch: { type: "string" },
+        "flash-attn": { type: "string" },
+        "prompt-tokens": { type: "string" },
+        "prefix-tokens": { type: "string" },
+        "suffix-tokens": { type: "string" },
+        "gen-tokens": { type: "string" },
+        repeats: { type: "string" },
+        "no-compare": { type: "boolean" },
+        "llama-server": { type: "string" },
+        json: { type: "boolean" },
+        help: { type: "boolean", short: "h" },
+      },
+    }));
+  } catch (e) {
+    // parseArgs messages can span lines; the CLI promises one.
+    throw new BenchUsageError(((e as Error).message.split("\n")[0] ?? "bad arguments").trim());
+  }
+  const int = (name: string): number | undefined => {
+    const v = values[name];
+    if (v === undefined) return undefined;
+    if (typeof v !== "string" || !/^\d+$/.test(v)) throw new BenchUsageError(`--${name} takes a whole number (got '${String(v)}')`);
+    return Number(v);
+  };
+  const fa = values["flash-attn"];
+  if (fa !== undefined && fa !== "on" && fa !== "off" && fa !== "auto") {
+    throw new BenchUsageError(`--flash-attn takes on, off or auto (got '${String(fa)}')`);
+  }
+  const options: EngineBenchOptions = {
+    model: values.model as string | undefined,
+    threads: int("threads"),
+    ctx: int("ctx"),
+    parallel: int("parallel"),
+    batch: int("batch"),
+    ubatch: int("ubatch"),
+    flashAttn: fa,
+    promptTokens: int("prompt-tokens"),
+    prefixTokens: int("prefix-tokens"),
+    suffixTokens: int("suffix-tokens"),
+    genTokens: int("gen-tokens"),
+    repeats: int("repeats"),
+    compare: values["no-compare"] !== true,
+    llamaServer: values["llama-server"] as string | undefined,
+  };
+  // Drop unset fields so defaults apply.
+  for (const k of Object.keys(options) as Array<keyof EngineBenchOptions>) if (options[k] === undefined) delete options[k];
+  resolveEngineBenchOptions(options);
+  return { options, json: values.json === true, help: values.help === true };
+}
+
+/** CLI entry: run the benchmark, print a table (or JSON) on stdout; returns the exit code (2 = usage). */
+export async function main(argv: string[] = process.argv.slice(2)): Promise<number> {
+  try {
+    const { options, json, help } = parseEngineBenchArgs(argv);
+    if (help) {
+      process.stdout.write(USAGE);
+      return 0;
+    }
+    const report = await runEngineBench(options);
+    process.stdout.write(json ? `${JSON.stringify(report, null, 2)}\n` : formatEngineBenchTable(report));
+    return 0;
+  } catch (e) {
+    const usage = e instanceof BenchUsageError;
+    process.stderr.write(`bench: ${(e as Error).message}\n`);
+    return usage ? 2 : 1;
+  }
+}
+
+// exitCode rather than exit(): a large JSON report on a pipe must be flushed first.
+if (import.meta.main) process.exitCode = await main();

@@ -1,0 +1,82 @@
+#!/usr/bin/env bun
+// The `mesh` command line: parses, runs a command, prints, exits.
+import { Command, CommanderError, Option } from "commander";
+import pkg from "../../package.json" with { type: "json" };
+import { serve } from "./serve";
+import { intOption, UsageError } from "./usage";
+
+function collect(v: string, prev: string[]): string[] {
+  return [...prev, v];
+}
+
+/** Build the commander program (exported for tests). */
+export function program(): Command {
+  const p = new Command("mesh")
+    .description("One executable that pools machines into a single OpenAI-compatible LLM inference mesh.")
+    .version(pkg.version, "-V, --version", "print the version")
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+
+  p.command("serve")
+    .description("serve a GGUF model over an OpenAI-compatible HTTP API")
+    .option("-m, --model <path>", "GGUF model file (default: a built-in demo model with random weights)")
+    .option("--host <addr>", "address to listen on (0.0.0.0 for all interfaces)", "127.0.0.1")
+    .option("-p, --port <n>", "HTTP port", intOption("--port", 0, 65535), 9337)
+    .option("-c, --ctx-size <n>", "KV cache size in tokens, shared by all slots", intOption("--ctx-size", 64), 16384)
+    .option("-n, --parallel <n>", "requests decoded at once (slots)", intOption("--parallel", 1, 256), 4)
+    .option("-t, --threads <n>", "CPU threads (default: all cores)", intOption("--threads", 1, 1024))
+    .option("-b, --batch-size <n>", "most tokens in one decode step", intOption("--batch-size", 32, 65536), 2048)
+    .option("--n-gpu-layers <n>", "layers to offload to a GPU (-1 = all, 0 = none)", intOption("--n-gpu-layers", -1, 100000), -1)
+    .option("--api-key <key>", "require 'Authorization: Bearer <key>' (repeatable)", collect, [])
+    .option("--api-key-file <path>", "file with one API key per line")
+    .option("--max-body-bytes <n>", "largest request body accepted (413 above)", intOption("--max-body-bytes", 1024), 8 * 1024 * 1024)
+    .option("--shutdown-grace <s>", "seconds to let running requests finish on SIGINT/SIGTERM", intOption("--shutdown-grace", 0, 3600), 10)
+    .addOption(
+      new Option("--log-format <format>", "log lines as readable text or one JSON object each").choices(["text", "json"]).default("text"),
+    )
+    .addHelpText(
+      "after",
+      `
+Examples:
+  mesh serve                                   # built-in demo model (random weights) on http://127.0.0.1:9337
+  mesh serve --model ./qwen2.5-7b-q4_k_m.gguf --ctx-size 32768 --parallel 8
+  mesh serve -m model.gguf --host 0.0.0.0 --api-key "$KEY" --log-format json
+
+Then:
+  curl http://127.0.0.1:9337/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{"model": "<id from /v1/models>", "messages": [{"role": "user", "content": "Hello"}]}'`,
+    )
+    .action(async (opts) => {
+      process.exitCode = await serve(opts);
+    });
+
+  p.addHelpText(
+    "after",
+    `
+Examples:
+  mesh serve                      # serve the built-in demo model
+  mesh serve --model ./model.gguf # serve a real GGUF model
+  mesh serve --help               # every serve option`,
+  );
+  return p;
+}
+
+/** Run the CLI with argv; bad input prints one line and exits 2. */
+export async function main(argv: string[]): Promise<void> {
+  try {
+    await program().parseAsync(argv);
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      // Help and version exit 0 after printing; commander already printed any error line.
+      process.exit(e.exitCode === 0 ? 0 : 2);
+    }
+    if (e instanceof UsageError) {
+      process.stderr.write(`mesh: ${e.message}\n`);
+      process.exit(2);
+    }
+    process.stderr.write(`mesh: ${(e as Error)?.message ?? String(e)}\n`);
+    process.exit(1);
+  }
+}
+
+if (import.meta.main) await main(process.argv);

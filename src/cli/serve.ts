@@ -1,0 +1,148 @@
+// `mesh serve`: load a model, serve the OpenAI API, shut down gracefully.
+import { closeSync, existsSync, openSync, readFileSync, readSync, statSync } from "node:fs";
+import { cpus } from "node:os";
+import { TINY } from "../gguf/generate";
+import { ensureModel } from "../gguf/models";
+import { GGUF_MAGIC } from "../gguf/types";
+import { createLogger, type LogFormat } from "../log";
+import { ServedModel, startServer } from "../server";
+import { UsageError } from "./usage";
+
+/** Options of `mesh serve`, as parsed by commander. */
+export interface ServeOptions {
+  model?: string;
+  host: string;
+  port: number;
+  ctxSize: number;
+  parallel: number;
+  threads?: number;
+  batchSize: number;
+  nGpuLayers: number;
+  apiKey: string[];
+  apiKeyFile?: string;
+  maxBodyBytes: number;
+  shutdownGrace: number;
+  logFormat: string;
+}
+
+function checkGguf(path: string): void {
+  if (!existsSync(path)) throw new UsageError(`model file not found: ${path}`);
+  if (!statSync(path).isFile()) throw new UsageError(`model path is not a file: ${path}`);
+  const fd = openSync(path, "r");
+  try {
+    const head = Buffer.alloc(4);
+    const n = readSync(fd, head, 0, 4, 0);
+    if (n < 4 || head.readUInt32LE(0) !== GGUF_MAGIC) throw new UsageError(`not a GGUF model file: ${path}`);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function readKeys(o: ServeOptions): string[] {
+  const keys = [...o.apiKey];
+  if (o.apiKeyFile) {
+    if (!existsSync(o.apiKeyFile)) throw new UsageError(`API key file not found: ${o.apiKeyFile}`);
+    for (const line of readFileSync(o.apiKeyFile, "utf8").split("\n")) {
+      const k = line.trim();
+      if (k && !k.startsWith("#")) keys.push(k);
+    }
+  }
+  return keys;
+}
+
+// A progress bar on a terminal, a line per quarter otherwise (logs stay readable).
+function progressPrinter(label: string): (f: number) => void {
+  const tty = process.stderr.isTTY === true;
+  let lastQuarter = -1;
+  return (f) => {
+    const pct = Math.round(f * 100);
+    if (tty) {
+      const width = 30;
+      const fill = Math.round(f * width);
+      process.stderr.write(`\r${label} [${"#".repeat(fill)}${" ".repeat(width - fill)}] ${pct}%${f >= 1 ? "\n" : ""}`);
+    } else {
+      const q = Math.floor(f * 4);
+      if (q !== lastQuarter) {
+        lastQuarter = q;
+        process.stderr.write(`${label}: ${pct}%\n`);
+      }
+    }
+  };
+}
+
+/** Run `mesh serve` until SIGINT/SIGTERM; resolves with the exit code. */
+export async function serve(o: ServeOptions): Promise<number> {
+  if (o.logFormat !== "text" && o.logFormat !== "json") throw new UsageError(`--log-format must be 'text' or 'json', got '${o.logFormat}'`);
+  const logger = createLogger(o.logFormat as LogFormat);
+  const apiKeys = readKeys(o);
+  let modelPath = o.model;
+  let demo = false;
+  if (modelPath) checkGguf(modelPath);
+  else {
+    demo = true;
+    modelPath = await ensureModel(TINY);
+  }
+  const threads = o.threads ?? Math.max(1, cpus().length);
+  const model = ServedModel.start({
+    modelPath,
+    nCtx: o.ctxSize,
+    nParallel: o.parallel,
+    nBatch: o.batchSize,
+    nUbatch: Math.min(512, o.batchSize),
+    threads,
+    nGpuLayers: o.nGpuLayers,
+    onProgress: progressPrinter(`loading ${modelPath}`),
+  });
+  let server: ReturnType<typeof startServer>;
+  try {
+    server = startServer({ host: o.host, port: o.port, models: [model], apiKeys, maxBodyBytes: o.maxBodyBytes, logger });
+  } catch (e) {
+    await model.close();
+    const code = (e as { code?: string }).code;
+    if (code === "EADDRINUSE") throw new UsageError(`port ${o.port} on ${o.host} is already in use (choose another with --port)`);
+    throw new UsageError(`cannot listen on ${o.host}:${o.port}: ${(e as Error).message}`);
+  }
+  process.stderr.write(
+    `mesh listening on ${server.url} — model '${model.id}'${demo ? " (built-in demo model: RANDOM WEIGHTS, its text is meaningless; pass --model to serve a real GGUF)" : ""}\n`,
+  );
+
+  await model.ready;
+  if (model.status === "failed") {
+    await server.close();
+    throw new UsageError(`cannot load model ${modelPath}: ${model.error}`);
+  }
+  const info = model.info;
+  logger.info("model ready", {
+    model: model.id,
+    ctx: info?.nCtx,
+    parallel: info?.nParallel,
+    threads,
+    params: info?.nParams,
+    random_weights: info?.randomWeights,
+  });
+  process.stderr.write(`ready: POST ${server.url}/v1/chat/completions with "model": "${model.id}"\n`);
+
+  return new Promise<number>((resolve) => {
+    let stopping = false;
+    const stop = async (signal: string) => {
+      if (stopping) {
+        // A second signal: stop now.
+        resolve(0);
+        return;
+      }
+      stopping = true;
+      logger.info("shutting down", { signal, grace_s: o.shutdownGrace });
+      server.stopAccepting();
+      const deadline = Date.now() + o.shutdownGrace * 1000;
+      while ((model.engine?.inFlight ?? 0) > 0 && Date.now() < deadline) await Bun.sleep(50);
+      const left = model.engine?.inFlight ?? 0;
+      if (left > 0) logger.warn("cancelling requests still running after the grace period", { requests: left });
+      await model.close();
+      await server.close();
+      logger.info("stopped");
+      resolve(0);
+    };
+    process.once("SIGINT", () => void stop("SIGINT"));
+    process.once("SIGTERM", () => void stop("SIGTERM"));
+  });
+}

@@ -1,0 +1,17 @@
+// Bad input on the command line: one line on stderr, exit code 2.
+
+/** A command-line mistake; the entry point prints its message and exits 2. */
+export class UsageError extends Error {
+  readonly code = "usage";
+}
+
+/** Parse an integer option within bounds, or throw a UsageError naming the flag. */
+export function intOption(flag: string, min: number, max = Number.MAX_SAFE_INTEGER): (v: string) => number {
+  return (v: string) => {
+    const n = Number(v);
+    if (!/^-?\d+$/.test(v.trim()) || !Number.isSafeInteger(n) || n < min || n > max) {
+      throw new UsageError(`${flag} must be a whole number from ${min} to ${max === Number.MAX_SAFE_INTEGER ? "any" : max}, got '${v}'`);
+    }
+    return n;
+  };
+}

@@ -1,0 +1,167 @@
+// The HTTP surface of a node: /v1 (OpenAI API), /health, /metrics.
+import { createHash, timingSafeEqual } from "node:crypto";
+import { Elysia } from "elysia";
+import type { Logger } from "../log";
+import { ApiError, badRequest, errorResponse, pointerToParam, toApiError } from "./errors";
+import type { GaugeValues, Metrics } from "./metrics";
+import type { ServedModel } from "./model";
+import { chatCompletion } from "./openai/chat";
+import { completion } from "./openai/completions";
+import { ChatBody, CompletionBody } from "./openai/schema";
+
+/** What the app needs from the node. */
+export interface AppOptions {
+  models: ServedModel[];
+  /** Bearer keys accepted on everything but /health; empty means no auth. */
+  apiKeys: string[];
+  maxBodyBytes: number;
+  logger: Logger;
+  metrics: Metrics;
+}
+
+const ROUTES = new Set(["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"]);
+
+function keyChecker(keys: string[]): (header: string | null) => boolean {
+  // Compare digests so the comparison time does not depend on the key's length or content.
+  const digests = keys.map((k) => createHash("sha256").update(k).digest());
+  return (header) => {
+    if (!header?.startsWith("Bearer ")) return false;
+    const d = createHash("sha256").update(header.slice(7).trim()).digest();
+    let ok = false;
+    for (const k of digests) ok = timingSafeEqual(k, d) || ok;
+    return ok;
+  };
+}
+
+/** Build the Elysia app. */
+export function createApp(o: AppOptions) {
+  const authorized = o.apiKeys.length > 0 ? keyChecker(o.apiKeys) : () => true;
+  const findModel = (id: string): ServedModel => {
+    const m = o.models.find((x) => x.id === id);
+    if (!m) throw new ApiError(404, "invalid_request_error", `The model '${id}' does not exist`, "model", "model_not_found");
+    return m;
+  };
+  const onStreamError = (e: unknown) => {
+    const api = toApiError(e);
+    if (api.status >= 500) o.logger.error("stream failed", { status: api.status, code: api.code, error: (e as Error)?.message });
+    return api;
+  };
+  const gauges = async (): Promise<GaugeValues | null> => {
+    const engines = o.models.flatMap((m) => (m.engine ? [m.engine] : []));
+    if (engines.length === 0) return null;
+    const all = await Promise.all(engines.map((e) => e.stats().catch(() => null)));
+    const g: GaugeValues = {
+      slotsBusy: 0,
+      slotsTotal: 0,
+      requestsWaiting: 0,
+      kvCellsUsed: 0,
+      kvCellsRunning: 0,
+      kvCellsTotal: 0,
+      decodeFailures: 0,
+    };
+    for (const s of all) {
+      if (!s) continue;
+      g.slotsBusy += s.slotsBusy;
+      g.slotsTotal += s.slotsTotal;
+      g.requestsWaiting += s.waiting;
+      g.kvCellsUsed += s.kvCellsUsed;
+      g.kvCellsRunning += s.kvCellsRunning;
+      g.kvCellsTotal += s.kvCellsTotal;
+      g.decodeFailures += s.decodeFailures;
+    }
+    return g;
+  };
+  const started = new WeakMap<Request, number>();
+
+  return new Elysia()
+    .onRequest(({ request }) => {
+      started.set(request, performance.now());
+      const path = new URL(request.url).pathname;
+      if (path !== "/health" && !authorized(request.headers.get("authorization"))) {
+        return errorResponse(
+          new ApiError(401, "invalid_request_error", "a valid API key is required (Authorization: Bearer <key>)", null, "invalid_api_key"),
+        );
+      }
+      const length = Number(request.headers.get("content-length") ?? 0);
+      if (length > o.maxBodyBytes) {
+        return errorResponse(
+          new ApiError(
+            413,
+            "invalid_request_error",
+            `the request body is ${length} bytes; the limit is ${o.maxBodyBytes}`,
+            null,
+            "request_too_large",
+          ),
+        );
+      }
+    })
+    .onError(({ code, error, set }) => {
+      const reply = (e: ApiError) => {
+        set.status = e.status; // so request metrics and logs see the status actually sent
+        return errorResponse(e);
+      };
+      if (code === "PARSE") return reply(badRequest("the request body is not valid JSON", null, "invalid_json"));
+      if (code === "VALIDATION") {
+        const ve = (error as { valueError?: { path?: string; message?: string; schema?: { error?: unknown } } }).valueError;
+        const param = ve?.path ? pointerToParam(ve.path) : null;
+        const custom = ve?.schema?.error;
+        const detail = typeof custom === "string" ? custom : (ve?.message ?? "invalid value");
+        const missing = ve?.message?.startsWith("Expected required property");
+        return reply(badRequest(missing ? `missing required parameter '${param}'` : `invalid '${param}': ${detail}`, param));
+      }
+      if (code === "NOT_FOUND") return reply(new ApiError(404, "invalid_request_error", "unknown route", null, "not_found"));
+      const api = toApiError(error);
+      if (api.status >= 500) o.logger.error("request failed", { status: api.status, code: api.code, error: (error as Error)?.message });
+      return reply(api);
+    })
+    .onAfterResponse(({ request, set }) => {
+      const path = new URL(request.url).pathname;
+      const route = ROUTES.has(path) ? path : "other";
+      const status = String(typeof set.status === "number" ? set.status : 200);
+      o.metrics.requests.inc({ route, status });
+      const t0 = started.get(request);
+      o.logger.info("request", { method: request.method, route, status, ms: t0 ? Math.round(performance.now() - t0) : undefined });
+    })
+    .get("/health", ({ set }) => {
+      const states = o.models.map((m) => ({ id: m.id, status: m.status, ...(m.error ? { error: m.error } : {}) }));
+      const ready = o.models.length > 0 && o.models.every((m) => m.status === "ready");
+      set.status = ready ? 200 : 503;
+      return { status: ready ? "ok" : o.models.some((m) => m.status === "failed") ? "failed" : "loading", models: states };
+    })
+    .get("/v1/models", () => ({
+      object: "list",
+      data: o.models.map((m) => ({
+        id: m.id,
+        object: "model",
+        created: 0,
+        owned_by: "mesh",
+        status: m.status,
+        context_length: m.info?.nCtxSeq ?? null,
+        random_weights: m.info?.randomWeights ?? null,
+      })),
+    }))
+    .get("/metrics", async ({ set }) => {
+      set.headers["content-type"] = "text/plain; version=0.0.4";
+      return o.metrics.render(await gauges());
+    })
+    .post(
+      "/v1/chat/completions",
+      async ({ body, request, set }) => {
+        const result = await chatCompletion(findModel(body.model), body, o.metrics, request.signal, onStreamError);
+        if (!(result instanceof Response)) set.status = 200;
+        return result;
+      },
+      { body: ChatBody, parse: "json" },
+    )
+    .post(
+      "/v1/completions",
+      async ({ body, request }) => completion(findModel(body.model), body, o.metrics, request.signal, onStreamError),
+      {
+        body: CompletionBody,
+        parse: "json",
+      },
+    );
+}
+
+/** The Elysia app type, for tests. */
+export type App = ReturnType<typeof createApp>;

@@ -1,0 +1,297 @@
+// Chat template rendering: OpenAI-style messages -> the prompt text a model was trained on,
+// using the model's own Jinja template (tokenizer.chat_template) or our ChatML fallback.
+
+import { Environment, Interpreter, Template } from "@huggingface/jinja";
+
+/** A text part of an OpenAI content array; the only part type we can render. */
+export interface TextContentPart {
+  type: "text";
+  text: string;
+}
+
+/** Any other content part (image_url, input_audio, ...), rejected at render time. */
+export interface OtherContentPart {
+  type: string;
+  [k: string]: unknown;
+}
+
+/** One OpenAI chat message as received by the server. */
+export interface ChatMessage {
+  role: "system" | "user" | "assistant" | "tool";
+  content: string | null | Array<TextContentPart | OtherContentPart>;
+  name?: string;
+  tool_calls?: Array<{ id: string; type: "function"; function: { name: string; arguments: string } }>;
+  tool_call_id?: string;
+}
+
+/** One OpenAI tool definition. */
+export interface ChatTool {
+  type: "function";
+  function: { name: string; description?: string; parameters?: Record<string, unknown> };
+}
+
+/** Options for one render. */
+export interface RenderOptions {
+  tools?: ChatTool[];
+  /** Passed through to the template as `tool_choice`; few templates read it, enforcing it is the caller's job. */
+  toolChoice?: unknown;
+  /** Append the assistant turn header so the model answers next. Default true. */
+  addGenerationPrompt?: boolean;
+}
+
+/** Why rendering failed: a broken template, the template refusing the conversation, or content we cannot render. */
+export type TemplateErrorKind = "parse" | "raised" | "render" | "unsupported_content";
+
+/** A chat template could not be compiled or rendered; `kind` tells a model problem from a request problem. */
+export class TemplateError extends Error {
+  readonly code = "template_error";
+
+  constructor(
+    readonly kind: TemplateErrorKind,
+    message: string,
+  ) {
+    super(message);
+    this.name = "TemplateError";
+  }
+}
+
+/**
+ * Our own ChatML template, used when the model ships no tokenizer.chat_template.
+ * Turns are `<|im_start|>{role}\n{content}<|im_end|>\n`. With tools, the system turn lists them as JSON lines
+ * inside <tools></tools> and asks for calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
+ * the Hermes convention that tools.ts parses; past calls are rendered the same way, and tool results
+ * go in a `tool` turn wrapped in <tool_response></tool_response>. No BOS: ChatML models do not use one in text.
+ */
+export const FALLBACK_TEMPLATE = `{#- mesh fallback chat template (ChatML, Hermes-style tools) -#}
+{%- set has_system = messages | length > 0 and messages[0].role == "system" %}
+{%- if has_system or tools %}
+  {{- "<|im_start|>system\\n" }}
+  {%- if has_system %}
+    {{- messages[0].content }}
+  {%- endif %}
+  {%- if tools %}
+    {%- if has_system %}
+      {{- "\\n\\n" }}
+    {%- endif %}
+    {{- "# Tools\\n\\nThese functions are available, described as JSON schemas inside <tools></tools>:\\n<tools>" }}
+    {%- for tool in tools %}
+      {{- "\\n" + tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nTo call one, answer with a JSON object holding its name and arguments inside <tool_call></tool_call>:\\n" }}
+    {{- "<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call>" }}
+  {%- endif %}
+  {{- "<|im_end|>\\n" }}
+{%- endif %}
+{%- for message in messages %}
+  {%- if message.role == "system" and loop.first %}
+  {%- elif message.role == "tool" %}
+    {{- "<|im_start|>tool\\n<tool_response>\\n" + message.content + "\\n</tool_response><|im_end|>\\n" }}
+  {%- elif message.role == "assistant" and message.tool_calls %}
+    {{- "<|im_start|>assistant" }}
+    {%- if message.content %}
+      {{- "\\n" + message.content }}
+    {%- endif %}
+    {%- for call in message.tool_calls %}
+      {{- "\\n<tool_call>\\n{\\"name\\": " + call.function.name | tojson + ", \\"arguments\\": " }}
+      {%- if call.function.arguments is string %}
+        {{- call.function.arguments }}
+      {%- else %}
+        {{- call.function.arguments | tojson }}
+      {%- endif %}
+      {{- "}\\n</tool_call>" }}
+    {%- endfor %}
+    {{- "<|im_end|>\\n" }}
+  {%- else %}
+    {{- "<|im_start|>" + message.role + "\\n" + message.content + "<|im_end|>\\n" }}
+  {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+  {{- "<|im_start|>assistant\\n" }}
+{%- endif %}
+`;
+
+const MONTHS_SHORT = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+const MONTHS_LONG = [
+  "January",
+  "February",
+  "March",
+  "April",
+  "May",
+  "June",
+  "July",
+  "August",
+  "September",
+  "October",
+  "November",
+  "December",
+];
+const DAYS_SHORT = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+const DAYS_LONG = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+
+const pad2 = (n: number): string => String(n).padStart(2, "0");
+
+/** Python-style strftime for the directives chat templates use, in English whatever the host locale (as Python's C locale does). */
+export function strftime(date: Date, format: string): string {
+  return format.replace(/%[a-zA-Z%]/g, (d) => {
+    switch (d) {
+      case "%Y":
+        return String(date.getFullYear());
+      case "%y":
+        return pad2(date.getFullYear() % 100);
+      case "%m":
+        return pad2(date.getMonth() + 1);
+      case "%d":
+        return pad2(date.getDate());
+      case "%e":
+        return String(date.getDate()).padStart(2, " ");
+      case "%b":
+        return MONTHS_SHORT[date.getMonth()] ?? "";
+      case "%B":
+        return MONTHS_LONG[date.getMonth()] ?? "";
+      case "%a":
+        return DAYS_SHORT[date.getDay()] ?? "";
+      case "%A":
+        return DAYS_LONG[date.getDay()] ?? "";
+      case "%H":
+        return pad2(date.getHours());
+      case "%M":
+        return pad2(date.getMinutes());
+      case "%S":
+        return pad2(date.getSeconds());
+      case "%%":
+        return "%";
+      default:
+        return d;
+    }
+  });
+}
+
+/** Python's range(), which templates use for index loops. */
+function range(start: number, stop?: number, step = 1): number[] {
+  if (stop === undefined) return range(0, start, step);
+  if (step === 0) throw new Error("range() step must not be zero");
+  const out: number[] = [];
+  for (let i = start; step > 0 ? i < stop : i > stop; i += step) out.push(i);
+  return out;
+}
+
+// The names @huggingface/jinja's own render() declares, minus the ones each render supplies (raise_exception, strftime_now).
+const JINJA_GLOBALS: Record<string, unknown> = {
+  true: true,
+  false: false,
+  none: null,
+  True: true,
+  False: false,
+  None: null,
+  range,
+};
+
+// Thrown by the template's raise_exception(); told apart from interpreter failures when wrapping.
+class RaisedByTemplate extends Error {}
+
+/** Flatten OpenAI content to the plain string every template expects; non-text parts are refused, not dropped. */
+function flattenContent(content: ChatMessage["content"] | undefined, index: number): string {
+  if (content === null || content === undefined) return "";
+  if (typeof content === "string") return content;
+  if (!Array.isArray(content)) {
+    throw new TemplateError("unsupported_content", `messages[${index}]: content must be a string, null or an array of content parts`);
+  }
+  let text = "";
+  for (const part of content as unknown[]) {
+    const type = part !== null && typeof part === "object" ? (part as { type?: unknown }).type : undefined;
+    if (type !== "text") {
+      throw new TemplateError(
+        "unsupported_content",
+        `messages[${index}]: content part type "${String(type)}" is not supported, only "text" parts are (this server has no multimodal input)`,
+      );
+    }
+    const t = (part as { text?: unknown }).text;
+    if (typeof t !== "string") throw new TemplateError("unsupported_content", `messages[${index}]: a "text" content part has no text`);
+    text += t;
+  }
+  return text;
+}
+
+/** Arguments as the mapping templates iterate (`| items`, `| tojson`); kept as the raw string when it is not a JSON object. */
+function argumentsValue(args: string): unknown {
+  try {
+    const parsed: unknown = JSON.parse(args);
+    if (parsed !== null && typeof parsed === "object" && !Array.isArray(parsed)) return parsed;
+  } catch {
+    // not JSON: the template gets the text as it came
+  }
+  return args;
+}
+
+/** The message as templates see it: keys are omitted rather than null, because templates test `'tool_calls' in message`. */
+function toTemplateMessage(m: ChatMessage, index: number): Record<string, unknown> {
+  const out: Record<string, unknown> = { role: m.role, content: flattenContent(m.content, index) };
+  if (m.name !== undefined) out.name = m.name;
+  if (m.tool_call_id !== undefined) out.tool_call_id = m.tool_call_id;
+  if (m.tool_calls && m.tool_calls.length > 0) {
+    out.tool_calls = m.tool_calls.map((c) => ({
+      id: c.id,
+      type: c.type,
+      function: { name: c.function.name, arguments: argumentsValue(c.function.arguments) },
+    }));
+  }
+  return out;
+}
+
+/** A compiled chat template; compile once per model and render per request. */
+export class ChatTemplate {
+  readonly usesFallback: boolean;
+  private readonly template: Template;
+  private readonly bosToken: string;
+  private readonly eosToken: string;
+  private readonly now: () => Date;
+
+  /** Compile `source` (null: FALLBACK_TEMPLATE); `now` is the clock behind strftime_now/date_string. Throws TemplateError (kind "parse"). */
+  constructor(source: string | null, opts: { bosToken: string; eosToken: string; now?: () => Date }) {
+    this.usesFallback = source === null;
+    this.bosToken = opts.bosToken;
+    this.eosToken = opts.eosToken;
+    this.now = opts.now ?? (() => new Date());
+    try {
+      this.template = new Template(source ?? FALLBACK_TEMPLATE);
+    } catch (e) {
+      throw new TemplateError("parse", `chat template could not be parsed: ${errorMessage(e)}`);
+    }
+  }
+
+  /** Render the prompt for `messages`; throws TemplateError, never another error type. */
+  render(messages: ChatMessage[], opts: RenderOptions = {}): string {
+    try {
+      const now = this.now();
+      const context: Record<string, unknown> = {
+        ...JINJA_GLOBALS,
+        messages: messages.map(toTemplateMessage),
+        add_generation_prompt: opts.addGenerationPrompt ?? true,
+        bos_token: this.bosToken,
+        eos_token: this.eosToken,
+        raise_exception: (message: unknown) => {
+          throw new RaisedByTemplate(String(message));
+        },
+        strftime_now: (format: unknown) => strftime(now, String(format)),
+        // Llama 3.x templates print "Today Date" from this and otherwise hard-code a 2024 date.
+        date_string: strftime(now, "%d %b %Y"),
+      };
+      // An empty list would still switch templates into tool mode (`tools is not none`), so leave it undefined.
+      if (opts.tools && opts.tools.length > 0) context.tools = opts.tools;
+      if (opts.toolChoice !== undefined) context.tool_choice = opts.toolChoice;
+      // Template.render() would declare its own raise_exception (a plain Error we could not tell apart from
+      // interpreter failures) and refuses redeclaration, so run the parsed program in an environment we build.
+      const env = new Environment();
+      for (const [name, value] of Object.entries(context)) env.set(name, value);
+      return String(new Interpreter(env).run(this.template.parsed).value);
+    } catch (e) {
+      if (e instanceof TemplateError) throw e;
+      if (e instanceof RaisedByTemplate) throw new TemplateError("raised", `chat template rejected the conversation: ${e.message}`);
+      throw new TemplateError("render", `chat template failed to render: ${errorMessage(e)}`);
+    }
+  }
+}
+
+function errorMessage(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}

@@ -1,0 +1,107 @@
+// Prometheus text exposition, written here because it is small: counters,
+// gauges and histograms with fixed, bounded label sets (route names and status
+// codes only, never request content).
+
+type Labels = Record<string, string>;
+
+function key(labels: Labels): string {
+  return Object.entries(labels)
+    .map(([k, v]) => `${k}="${v.replace(/["\\\n]/g, "_")}"`)
+    .join(",");
+}
+
+// A hard cap on label combinations per metric, so a bug can never grow memory.
+const MAX_SERIES = 256;
+
+class Counter {
+  readonly values = new Map<string, number>();
+  constructor(
+    readonly name: string,
+    readonly help: string,
+  ) {}
+  inc(labels: Labels = {}, by = 1): void {
+    const k = key(labels);
+    if (!this.values.has(k) && this.values.size >= MAX_SERIES) return;
+    this.values.set(k, (this.values.get(k) ?? 0) + by);
+  }
+  render(): string {
+    const lines = [`# HELP ${this.name} ${this.help}`, `# TYPE ${this.name} counter`];
+    for (const [k, v] of this.values) lines.push(`${this.name}${k ? `{${k}}` : ""} ${v}`);
+    return lines.join("\n");
+  }
+}
+
+class Histogram {
+  private readonly counts: number[];
+  private sum = 0;
+  private count = 0;
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    readonly buckets: number[],
+  ) {
+    this.counts = buckets.map(() => 0);
+  }
+  observe(v: number): void {
+    this.sum += v;
+    this.count++;
+    for (let i = 0; i < this.buckets.length; i++) if (v <= (this.buckets[i] as number)) this.counts[i] = (this.counts[i] as number) + 1;
+  }
+  render(): string {
+    const lines = [`# HELP ${this.name} ${this.help}`, `# TYPE ${this.name} histogram`];
+    this.buckets.forEach((b, i) => {
+      lines.push(`${this.name}_bucket{le="${b}"} ${this.counts[i]}`);
+    });
+    lines.push(`${this.name}_bucket{le="+Inf"} ${this.count}`, `${this.name}_sum ${this.sum}`, `${this.name}_count ${this.count}`);
+    return lines.join("\n");
+  }
+}
+
+/** Point-in-time values read when /metrics is scraped. */
+export interface GaugeValues {
+  slotsBusy: number;
+  slotsTotal: number;
+  requestsWaiting: number;
+  kvCellsUsed: number;
+  kvCellsRunning: number;
+  kvCellsTotal: number;
+  decodeFailures: number;
+}
+
+/** The server's metrics. */
+export class Metrics {
+  readonly requests = new Counter("mesh_http_requests_total", "HTTP requests by route and status code");
+  readonly promptTokens = new Counter("mesh_prompt_tokens_total", "Prompt tokens processed");
+  readonly cachedTokens = new Counter("mesh_cached_prompt_tokens_total", "Prompt tokens served from the KV cache");
+  readonly completionTokens = new Counter("mesh_completion_tokens_total", "Tokens generated");
+  readonly ttft = new Histogram(
+    "mesh_time_to_first_token_seconds",
+    "Time from request to first token",
+    [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+  );
+  readonly tokenLatency = new Histogram(
+    "mesh_time_per_output_token_seconds",
+    "Mean time between output tokens, per request",
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1],
+  );
+
+  /** Prometheus text for all metrics plus the given gauges. */
+  render(g: GaugeValues | null): string {
+    const parts = [this.requests, this.promptTokens, this.cachedTokens, this.completionTokens, this.ttft, this.tokenLatency].map((m) =>
+      m.render(),
+    );
+    if (g) {
+      const gauge = (name: string, help: string, v: number) => `# HELP ${name} ${help}\n# TYPE ${name} gauge\n${name} ${v}`;
+      parts.push(
+        gauge("mesh_slots_busy", "Slots running a request", g.slotsBusy),
+        gauge("mesh_slots_total", "Parallel slots", g.slotsTotal),
+        gauge("mesh_requests_waiting", "Requests waiting for a slot", g.requestsWaiting),
+        gauge("mesh_kv_cells_used", "KV cells held (running + resident prefixes)", g.kvCellsUsed),
+        gauge("mesh_kv_cells_running", "KV cells held by running requests", g.kvCellsRunning),
+        gauge("mesh_kv_cells_total", "KV cells in the pool", g.kvCellsTotal),
+        gauge("mesh_decode_failures", "Decode steps that failed since start", g.decodeFailures),
+      );
+    }
+    return `${parts.join("\n")}\n`;
+  }
+}

@@ -1,0 +1,138 @@
+// POST /v1/chat/completions: render the model's chat template, generate, and
+// answer as OpenAI does (JSON or SSE), with tool calls parsed from the output.
+import type { ChatMessage } from "../chat";
+import { type ParsedToolCall, ToolCallStream } from "../chat";
+import { type ApiError, errorBody, toApiError } from "../errors";
+import type { Metrics } from "../metrics";
+import type { ServedModel } from "../model";
+import { checkCommon, engineOf, generateOptions, observed, primed, randomId, sseResponse, type Usage, usageOf } from "./run";
+import type { ChatBodyT } from "./schema";
+
+type FinishReason = "stop" | "length" | "tool_calls";
+
+function toolCallsJson(calls: ParsedToolCall[], offset = 0) {
+  return calls.map((c, i) => ({
+    index: offset + i,
+    id: c.id,
+    type: "function" as const,
+    function: { name: c.name, arguments: c.arguments },
+  }));
+}
+
+/** The prompt text for a chat body (template rendered; a leading BOS is left to the tokenizer). */
+export function renderChatPrompt(model: ServedModel, body: ChatBodyT): string {
+  const template = model.template;
+  if (!template) throw toApiError(new Error("template missing"));
+  // "developer" is OpenAI's newer name for the system role; templates know "system".
+  const messages = body.messages.map((m) => ({ ...m, role: m.role === "developer" ? "system" : m.role })) as ChatMessage[];
+  let prompt = template.render(messages, { tools: body.tools ?? undefined, toolChoice: body.tool_choice, addGenerationPrompt: true });
+  const bos = model.info?.bosText ?? "";
+  if (bos && model.info?.addBos && prompt.startsWith(bos)) prompt = prompt.slice(bos.length);
+  return prompt;
+}
+
+/** Handle a validated chat request. */
+export async function chatCompletion(
+  model: ServedModel,
+  body: ChatBodyT,
+  metrics: Metrics,
+  signal: AbortSignal,
+  onStreamError: (e: unknown) => ApiError,
+): Promise<Response | object> {
+  checkCommon(body);
+  const engine = engineOf(model);
+  const prompt = renderChatPrompt(model, body);
+  const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined;
+  const wantTools = (body.tools?.length ?? 0) > 0 && body.tool_choice !== "none";
+  const id = randomId("chatcmpl");
+  const created = Math.floor(Date.now() / 1000);
+  const startedAt = performance.now();
+  const abort = new AbortController();
+  signal.addEventListener("abort", () => abort.abort(), { once: true });
+
+  if (!body.stream) {
+    const gen = engine.generate(generateOptions(body, prompt, maxTokens, abort.signal));
+    let text = "";
+    let usage: Usage | null = null;
+    let finish: FinishReason = "stop";
+    for await (const e of observed(gen, metrics, startedAt)) {
+      if (e.kind === "text") text += e.text;
+      else if (e.kind === "done") {
+        usage = usageOf(e);
+        finish = e.finishReason === "length" ? "length" : "stop";
+      }
+    }
+    let content: string | null = text;
+    let toolCalls: ParsedToolCall[] = [];
+    if (wantTools) {
+      const s = new ToolCallStream();
+      const a = s.push(text);
+      const b = s.finish();
+      toolCalls = [...a.toolCalls, ...b.toolCalls];
+      content = a.content + b.content;
+      if (toolCalls.length > 0) {
+        finish = "tool_calls";
+        if (content === "") content = null;
+      }
+    }
+    return {
+      id,
+      object: "chat.completion",
+      created,
+      model: model.id,
+      choices: [
+        {
+          index: 0,
+          message: { role: "assistant", content, ...(toolCalls.length > 0 ? { tool_calls: toolCallsJson(toolCalls) } : {}) },
+          logprobs: null,
+          finish_reason: finish,
+        },
+      ],
+      usage,
+    };
+  }
+
+  const events = await primed(observed(engine.generate(generateOptions(body, prompt, maxTokens, abort.signal)), metrics, startedAt));
+  const includeUsage = body.stream_options?.include_usage === true;
+  const chunk = (delta: object, finish: FinishReason | null) => ({
+    id,
+    object: "chat.completion.chunk",
+    created,
+    model: model.id,
+    choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }],
+  });
+  return sseResponse(
+    abort,
+    async (send) => {
+      send(chunk({ role: "assistant", content: "" }, null));
+      const tools = wantTools ? new ToolCallStream() : null;
+      let calls = 0;
+      let finish: FinishReason = "stop";
+      const emit = (content: string, found: ParsedToolCall[]) => {
+        if (content.length > 0) send(chunk({ content }, null));
+        if (found.length > 0) {
+          send(chunk({ tool_calls: toolCallsJson(found, calls) }, null));
+          calls += found.length;
+        }
+      };
+      for await (const e of events) {
+        if (e.kind === "text") {
+          if (!tools) emit(e.text, []);
+          else {
+            const d = tools.push(e.text);
+            emit(d.content, d.toolCalls);
+          }
+        } else if (e.kind === "done") {
+          if (tools) {
+            const d = tools.finish();
+            emit(d.content, d.toolCalls);
+          }
+          finish = calls > 0 ? "tool_calls" : e.finishReason === "length" ? "length" : "stop";
+          send(chunk({}, finish));
+          if (includeUsage) send({ id, object: "chat.completion.chunk", created, model: model.id, choices: [], usage: usageOf(e) });
+        }
+      }
+    },
+    (e) => errorBody(onStreamError(e)),
+  );
+}

@@ -1,0 +1,60 @@
+// POST /v1/completions: raw prompt in, text out (JSON or SSE).
+import { type ApiError, badRequest, errorBody } from "../errors";
+import type { Metrics } from "../metrics";
+import type { ServedModel } from "../model";
+import { checkCommon, engineOf, generateOptions, observed, primed, randomId, sseResponse, type Usage, usageOf } from "./run";
+import type { CompletionBodyT } from "./schema";
+
+/** Handle a validated completions request. */
+export async function completion(
+  model: ServedModel,
+  body: CompletionBodyT,
+  metrics: Metrics,
+  signal: AbortSignal,
+  onStreamError: (e: unknown) => ApiError,
+): Promise<Response | object> {
+  checkCommon(body);
+  if (body.echo) throw badRequest("echo is not supported", "echo", "unsupported_value");
+  const engine = engineOf(model);
+  const prompt = typeof body.prompt === "string" ? body.prompt : (body.prompt[0] as string);
+  // OpenAI's default for this endpoint is 16 tokens.
+  const maxTokens = body.max_tokens ?? 16;
+  const id = randomId("cmpl");
+  const created = Math.floor(Date.now() / 1000);
+  const startedAt = performance.now();
+  const abort = new AbortController();
+  signal.addEventListener("abort", () => abort.abort(), { once: true });
+  const gen = engine.generate(generateOptions(body, prompt, maxTokens, abort.signal));
+  const choice = (text: string, finish: string | null) => ({ text, index: 0, logprobs: null, finish_reason: finish });
+
+  if (!body.stream) {
+    let text = "";
+    let usage: Usage | null = null;
+    let finish = "stop";
+    for await (const e of observed(gen, metrics, startedAt)) {
+      if (e.kind === "text") text += e.text;
+      else if (e.kind === "done") {
+        usage = usageOf(e);
+        finish = e.finishReason === "length" ? "length" : "stop";
+      }
+    }
+    return { id, object: "text_completion", created, model: model.id, choices: [choice(text, finish)], usage };
+  }
+  const includeUsage = body.stream_options?.include_usage === true;
+  const events = await primed(observed(gen, metrics, startedAt));
+  return sseResponse(
+    abort,
+    async (send) => {
+      for await (const e of events) {
+        if (e.kind === "text" && e.text.length > 0)
+          send({ id, object: "text_completion", created, model: model.id, choices: [choice(e.text, null)] });
+        else if (e.kind === "done") {
+          const finish = e.finishReason === "length" ? "length" : "stop";
+          send({ id, object: "text_completion", created, model: model.id, choices: [choice("", finish)] });
+          if (includeUsage) send({ id, object: "text_completion", created, model: model.id, choices: [], usage: usageOf(e) });
+        }
+      }
+    },
+    (e) => errorBody(onStreamError(e)),
+  );
+}

@@ -1,0 +1,137 @@
+// What chat and completions share: body -> engine options, running a
+// generation with metrics, usage, and SSE framing with disconnect handling.
+import { EngineError, type GenerateOptions, type Generation, type GenerationEvent } from "../../engine";
+import type { SamplingOptions } from "../../engine/protocol";
+import { badRequest } from "../errors";
+import type { Metrics } from "../metrics";
+import type { ServedModel } from "../model";
+import type { CompletionBodyT } from "./schema";
+
+type Common = Omit<CompletionBodyT, "prompt" | "echo">;
+
+/** OpenAI usage, with cached prompt tokens. */
+export interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  prompt_tokens_details: { cached_tokens: number };
+}
+
+/** Sampling fields of a body mapped to the engine's names (only those given). */
+export function samplingFrom(b: Common): Partial<SamplingOptions> {
+  const s: Partial<SamplingOptions> = {};
+  if (b.temperature != null) s.temperature = b.temperature;
+  if (b.top_p != null) s.topP = b.top_p;
+  if (b.top_k != null) s.topK = b.top_k;
+  if (b.min_p != null) s.minP = b.min_p;
+  if (b.seed != null) s.seed = b.seed >>> 0;
+  if (b.frequency_penalty != null) s.frequencyPenalty = b.frequency_penalty;
+  if (b.presence_penalty != null) s.presencePenalty = b.presence_penalty;
+  if (b.repeat_penalty != null) s.repeatPenalty = b.repeat_penalty;
+  return s;
+}
+
+/** Checks every endpoint makes before generating. */
+export function checkCommon(b: Common): void {
+  if (b.n != null && b.n !== 1) throw badRequest("only n = 1 is supported", "n", "unsupported_value");
+}
+
+/** Engine options for a request. */
+export function generateOptions(b: Common, prompt: string, maxTokens: number | undefined, signal: AbortSignal): GenerateOptions {
+  const stop = b.stop == null ? [] : typeof b.stop === "string" ? [b.stop] : b.stop;
+  return { prompt, maxTokens, sampling: samplingFrom(b), stop, ignoreEos: b.ignore_eos ?? false, signal };
+}
+
+/** Usage from a done event. */
+export function usageOf(done: Extract<GenerationEvent, { kind: "done" }>): Usage {
+  return {
+    prompt_tokens: done.promptTokens,
+    completion_tokens: done.completionTokens,
+    total_tokens: done.promptTokens + done.completionTokens,
+    prompt_tokens_details: { cached_tokens: done.cachedTokens },
+  };
+}
+
+/** Iterate a generation while recording token counts and latencies. */
+export async function* observed(gen: Generation, metrics: Metrics, startedAt: number): AsyncGenerator<GenerationEvent> {
+  let first = 0;
+  for await (const e of gen) {
+    if (e.kind === "text" && e.tokens.length > 0 && first === 0) {
+      first = performance.now();
+      metrics.ttft.observe((first - startedAt) / 1000);
+    }
+    if (e.kind === "done") {
+      metrics.promptTokens.inc({}, e.promptTokens);
+      metrics.cachedTokens.inc({}, e.cachedTokens);
+      metrics.completionTokens.inc({}, e.completionTokens);
+      if (first > 0 && e.completionTokens > 1) metrics.tokenLatency.observe((performance.now() - first) / 1000 / (e.completionTokens - 1));
+    }
+    yield e;
+  }
+}
+
+/**
+ * Wait for a generation's first event before answering: admission errors
+ * (prompt too long, busy) then keep their HTTP status instead of arriving
+ * inside a 200 stream. Returns an iterator that replays that event.
+ */
+export async function primed(events: AsyncGenerator<GenerationEvent>): Promise<AsyncGenerator<GenerationEvent>> {
+  const first = await events.next();
+  return (async function* () {
+    try {
+      if (!first.done) yield first.value;
+      yield* events;
+    } finally {
+      await events.return(undefined);
+    }
+  })();
+}
+
+/** The model must be loaded to generate. */
+export function engineOf(model: ServedModel) {
+  if (!model.engine || model.status !== "ready") {
+    throw new EngineError("engine_closed", `model '${model.id}' is ${model.status}${model.error ? `: ${model.error}` : ""}`);
+  }
+  return model.engine;
+}
+
+const enc = new TextEncoder();
+
+/**
+ * A text/event-stream Response. `produce` writes events with send(); a client
+ * that disconnects aborts `controller`, which cancels the generation.
+ */
+export function sseResponse(
+  abort: AbortController,
+  produce: (send: (data: unknown) => void) => Promise<void>,
+  onError: (e: unknown) => unknown,
+): Response {
+  const stream = new ReadableStream<Uint8Array>({
+    async start(c) {
+      const send = (data: unknown) => {
+        if (!abort.signal.aborted) c.enqueue(enc.encode(`data: ${JSON.stringify(data)}\n\n`));
+      };
+      try {
+        await produce(send);
+      } catch (e) {
+        // Headers are gone already: the error travels as an SSE event.
+        send(onError(e));
+      }
+      if (!abort.signal.aborted) {
+        c.enqueue(enc.encode("data: [DONE]\n\n"));
+        c.close();
+      }
+    },
+    cancel() {
+      abort.abort();
+    },
+  });
+  return new Response(stream, {
+    headers: { "content-type": "text/event-stream", "cache-control": "no-cache", connection: "keep-alive", "x-accel-buffering": "no" },
+  });
+}
+
+/** A short random id suffix (OpenAI ids look like chatcmpl-abc123). */
+export function randomId(prefix: string): string {
+  return `${prefix}-${crypto.randomUUID().replaceAll("-", "").slice(0, 24)}`;
+}

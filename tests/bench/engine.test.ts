@@ -1,0 +1,77 @@
+// The engine benchmark on the tiny model, mesh only (llama-server is not built
+// in CI). Checks the report's shape and that every figure is a positive
+// number; never how fast anything is.
+import { describe, expect, test } from "bun:test";
+import { join } from "node:path";
+import { type EngineBenchReport, formatEngineBenchTable, runEngineBench } from "../../src/bench/engine";
+import { TINY } from "../../src/gguf/generate";
+import { ensureModel } from "../../src/gguf/models";
+
+const ROOT = join(import.meta.dir, "..", "..");
+const positive = (x: unknown) => typeof x === "number" && Number.isFinite(x) && x > 0;
+
+function cli(...args: string[]) {
+  const r = Bun.spawnSync([process.execPath, "run", "src/bench/engine.ts", ...args], { cwd: ROOT, stdout: "pipe", stderr: "pipe" });
+  return { code: r.exitCode, stdout: r.stdout.toString(), stderr: r.stderr.toString() };
+}
+
+describe("engine benchmark", () => {
+  test("tiny_run_without_compare_reports_positive_figures", async () => {
+    const lines: string[] = [];
+    const report: EngineBenchReport = await runEngineBench({
+      model: await ensureModel(TINY),
+      compare: false,
+      threads: 1,
+      ctx: 1024,
+      parallel: 2,
+      promptTokens: 64,
+      prefixTokens: 128,
+      suffixTokens: 8,
+      genTokens: 8,
+      repeats: 1,
+      onProgress: (s) => lines.push(s),
+    });
+    expect(report.llamaServer).toBeNull();
+    expect(report.config).toMatchObject({ compare: false, ctx: 1024, parallel: 2, promptTokens: 64, genTokens: 8, repeats: 1 });
+    expect(report.figures.map((f) => f.key)).toEqual(["prefill", "decode", "aggregateDecode", "cachedTtft"]);
+    for (const f of report.figures) {
+      expect(positive(f.mesh)).toBe(true);
+      expect(f.llamaServer).toBeNull();
+      expect(f.ratio).toBeNull();
+      expect(f.higherIsBetter).toBe(f.unit === "tok/s");
+    }
+    const m = report.mesh;
+    for (const s of [m.prefillTokensPerSecond, m.decodeTokensPerSecond, m.aggregateDecodeTokensPerSecond, m.cachedTtftMs]) {
+      expect(s.samples).toHaveLength(1);
+      expect(s.samples.every(positive)).toBe(true);
+      expect(s.median).toBe(s.samples[0] as number);
+    }
+    // The second request of the TTFT figure reused the whole prefix.
+    expect(m.cachedTokens).toEqual([128]);
+    expect(positive(report.model.sizeBytes)).toBe(true);
+    expect(lines.some((l) => l.startsWith("mesh: prefill 1/1"))).toBe(true);
+    const table = formatEngineBenchTable(report);
+    expect(table).toContain("| figure | mesh | llama-server |");
+    expect(table.split("\n").filter((l) => l.startsWith("| ") && !l.startsWith("| ---"))).toHaveLength(5);
+  });
+
+  test("cli_rejects_a_bad_flag_with_one_line_and_exit_2", () => {
+    const r = cli("--bogus");
+    expect(r.code).toBe(2);
+    expect(r.stderr.trim().split("\n")).toHaveLength(1);
+    expect(r.stdout).toBe("");
+  });
+
+  test("cli_rejects_a_bad_number_with_exit_2", () => {
+    const r = cli("--repeats", "zero");
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain("--repeats");
+  });
+
+  test("cli_missing_llama_server_says_how_to_build_it", () => {
+    const r = cli("--model", "tiny", "--llama-server", "/nonexistent/llama-server");
+    expect(r.code).toBe(2);
+    expect(r.stderr.trim().split("\n")).toHaveLength(1);
+    expect(r.stderr).toContain("bun run build.ts native --with-llama-server");
+  });
+});
