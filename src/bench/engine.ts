@@ -483,6 +483,9 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
     try {
       log(`llama-server: ready at ${server.url} (pid ${server.pid})`);
       llama = await measure("llama-server", llamaTarget(server.url), prompts, c, log);
+    } catch (e) {
+      // The log goes away with the server: keep its end for the error report.
+      throw new Error(`${(e as Error).message}\nllama-server log (last lines):\n${server.logTail()}`);
     } finally {
       await server.stop();
     }

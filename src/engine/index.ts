@@ -3,7 +3,7 @@
 // never waits on a decode.
 import { cpus } from "node:os";
 import { EngineError } from "./errors";
-import { findNativeLib } from "./library";
+import { engineWorkerUrl, findNativeLib } from "./library";
 import {
   CONTROL_ABORT,
   CONTROL_FLAGS_OFFSET,
@@ -158,7 +158,7 @@ export class Engine {
     const maxInFlight = opts.maxInFlight ?? 1024;
     const progress = new SharedArrayBuffer(4);
     const control = new SharedArrayBuffer(4 * (CONTROL_FLAGS_OFFSET + maxInFlight));
-    const worker = new Worker(new URL("./worker.ts", import.meta.url).href);
+    const worker = new Worker(engineWorkerUrl());
     const progressView = new Float32Array(progress);
     let last = -1;
     const timer = opts.onProgress

@@ -32,3 +32,15 @@ export function findNativeLib(): string | null {
   }
   return null;
 }
+
+let workerUrl: string | null = null;
+
+/** Where the engine Worker's code is; a compiled executable sets it to its bundled copy. */
+export function setEngineWorkerUrl(url: string): void {
+  workerUrl = url;
+}
+
+/** The engine Worker's URL: the override, else the source file next to the engine. */
+export function engineWorkerUrl(): string {
+  return workerUrl ?? new URL("./worker.ts", import.meta.url).href;
+}
