@@ -225,7 +225,14 @@ function llamaTarget(url: string): Target {
         stream: true,
       });
       const start = performance.now();
-      const res = await fetch(`${url}/completion`, { method: "POST", headers: { "content-type": "application/json" }, body });
+      // A fresh connection per request: a pooled one that the server has
+      // meanwhile closed fails with ECONNRESET (seen after long streams).
+      const res = await fetch(`${url}/completion`, {
+        method: "POST",
+        headers: { "content-type": "application/json", connection: "close" },
+        body,
+        keepalive: false,
+      });
       if (!res.ok || !res.body) throw new Error(`llama-server answered ${res.status}: ${(await res.text()).slice(0, 300)}`);
       const reader = res.body.getReader();
       const decoder = new TextDecoder();
@@ -309,7 +316,8 @@ const WORDS = (
 ).split(" ");
 
 // Every prompt starts with its own serial and nonce, so no target can reuse a
-// previous prompt's KV beyond the BOS token; the rest is varied filler.
+// previous prompt's KV beyond its first token or two (BOS, a leading space
+// piece); the rest is varied filler.
 async function buildPrompts(engine: Engine, c: EngineBenchConfig): Promise<PromptSet> {
   const nonce = Math.floor(Math.random() * 0xffffff)
     .toString(16)
@@ -421,8 +429,10 @@ async function measure(name: string, t: Target, p: PromptSet, c: EngineBenchConf
 function llamaServerArgs(c: EngineBenchConfig, modelPath: string): string[] {
   const known = llamaServerFlags(c.llamaServer);
   for (const f of ["--kv-unified", "--flash-attn", "--parallel", "--cache-prompt"]) {
-    if (!known.has(f))
-      throw new Error(`${c.llamaServer} does not know ${f}: rebuild it with 'bun run build.ts native --with-llama-server'`);
+    // An older or foreign build: the comparison would not use the same settings.
+    if (!known.has(f)) {
+      throw new BenchUsageError(`${c.llamaServer} does not know ${f}: rebuild it with 'bun run build.ts native --with-llama-server'`);
+    }
   }
   const t = String(c.threads);
   const args = ["-m", modelPath, "-t", t, "-tb", t, "-c", String(c.ctx), "-np", String(c.parallel)];
@@ -453,6 +463,7 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
   }
   if (GENERATED_MODELS[c.model]) log(`model '${c.model}': generated on first use, then cached (some seconds)`);
   const modelPath = await resolveModel(c.model);
+  const serverArgs = c.compare ? llamaServerArgs(c, modelPath) : [];
 
   log(`mesh: loading ${modelPath} (threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch})`);
   const engine = await Engine.load({
@@ -479,7 +490,7 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
   let llama: TargetResult | null = null;
   if (c.compare) {
     log(`llama-server: starting ${c.llamaServer}`);
-    const server = await LlamaServer.start({ binary: c.llamaServer, args: llamaServerArgs(c, modelPath) });
+    const server = await LlamaServer.start({ binary: c.llamaServer, args: serverArgs });
     try {
       log(`llama-server: ready at ${server.url} (pid ${server.pid})`);
       llama = await measure("llama-server", llamaTarget(server.url), prompts, c, log);

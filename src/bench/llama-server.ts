@@ -44,18 +44,20 @@ export function llamaServerFlags(binary: string): Set<string> {
   return new Set(text.match(/--?[a-zA-Z][\w-]*/g) ?? []);
 }
 
-// Children still alive, killed synchronously if this process goes away first.
-const live = new Set<ChildProcess>();
+// Children still alive (with their log directory), killed synchronously if
+// this process goes away first.
+const live = new Map<ChildProcess, string>();
 const signals: NodeJS.Signals[] = ["SIGINT", "SIGTERM", "SIGHUP"];
 const SIGNAL_EXIT: Record<string, number> = { SIGHUP: 129, SIGINT: 130, SIGTERM: 143 };
 
 function killAllNow(): void {
-  for (const c of live) {
+  for (const [c, logDir] of live) {
     try {
       c.kill("SIGKILL");
     } catch {
       // Already gone.
     }
+    rmSync(logDir, { recursive: true, force: true });
   }
   live.clear();
 }
@@ -67,12 +69,12 @@ function onSignal(sig: NodeJS.Signals): void {
 
 // Handlers exist only while a child does, so importing this module changes no
 // signal behaviour of the host process.
-function track(c: ChildProcess): void {
+function track(c: ChildProcess, logDir: string): void {
   if (live.size === 0) {
     process.on("exit", killAllNow);
     for (const s of signals) process.on(s, onSignal);
   }
-  live.add(c);
+  live.set(c, logDir);
 }
 
 function untrack(c: ChildProcess): void {
@@ -146,7 +148,7 @@ export class LlamaServer {
       const child = spawn(opts.binary, [...opts.args, "--host", "127.0.0.1", "--port", String(port)], {
         stdio: ["ignore", fd, fd],
       });
-      track(child);
+      track(child, logDir);
       return new LlamaServer(child, `http://127.0.0.1:${port}`, logFile, logDir);
     } finally {
       closeSync(fd);
@@ -159,7 +161,7 @@ export class LlamaServer {
       if (this.spawnError) throw new Error(`llama-server could not be started: ${this.spawnError.message}`);
       if (this.hasExited) throw new Error(`llama-server exited during startup:\n${this.logTail()}`);
       try {
-        const res = await fetch(`${this.url}/health`, { signal: AbortSignal.timeout(2000) });
+        const res = await fetch(`${this.url}/health`, { signal: AbortSignal.timeout(2000), keepalive: false });
         await res.arrayBuffer();
         // 503 while the model loads, 200 once slots accept work.
         if (res.ok) return;
