@@ -29,12 +29,12 @@ export const GENERATED_MODELS: Record<string, ModelSpec> = { tiny: TINY, bench: 
 export async function ensureModel(spec: ModelSpec, dir = join(cacheDir(), "models")): Promise<string> {
   // Bump the folder version when the generator changes what it writes; the
   // file name stays the model's id.
-  const path = join(dir, "v1", `${spec.name}.gguf`);
+  const path = join(dir, "v2", `${spec.name}.gguf`);
   if (existsSync(path)) return path;
   const vocabName = VOCAB[spec.name];
   const vocab = vocabName ? vocabPath(vocabName) : null;
   if (!vocab) throw new Error(`the ${vocabName} vocabulary is not available: run 'bun run build.ts native' to fetch the llama.cpp source`);
-  mkdirSync(join(dir, "v1"), { recursive: true });
+  mkdirSync(join(dir, "v2"), { recursive: true });
   await generateModel(spec, vocab, path);
   return path;
 }
