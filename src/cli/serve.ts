@@ -39,6 +39,8 @@ function checkGguf(path: string): void {
 }
 
 function readKeys(o: ServeOptions): string[] {
+  // An empty key (e.g. --api-key "$KEY" with KEY unset) or an empty key file must never mean "no auth".
+  if (o.apiKey.some((k) => k.trim() === "")) throw new UsageError("--api-key must not be empty");
   const keys = [...o.apiKey];
   if (o.apiKeyFile) {
     if (!existsSync(o.apiKeyFile)) throw new UsageError(`API key file not found: ${o.apiKeyFile}`);
@@ -46,6 +48,7 @@ function readKeys(o: ServeOptions): string[] {
       const k = line.trim();
       if (k && !k.startsWith("#")) keys.push(k);
     }
+    if (keys.length === o.apiKey.length) throw new UsageError(`API key file ${o.apiKeyFile} holds no keys`);
   }
   return keys;
 }
@@ -126,9 +129,8 @@ export async function serve(o: ServeOptions): Promise<number> {
     let stopping = false;
     const stop = async (signal: string) => {
       if (stopping) {
-        // A second signal: stop now.
-        resolve(0);
-        return;
+        // A second signal: stop now, without waiting for the grace period.
+        process.exit(0);
       }
       stopping = true;
       logger.info("shutting down", { signal, grace_s: o.shutdownGrace });
@@ -142,7 +144,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       logger.info("stopped");
       resolve(0);
     };
-    process.once("SIGINT", () => void stop("SIGINT"));
-    process.once("SIGTERM", () => void stop("SIGTERM"));
+    process.on("SIGINT", () => void stop("SIGINT"));
+    process.on("SIGTERM", () => void stop("SIGTERM"));
   });
 }

@@ -110,7 +110,7 @@ export class Engine {
   private nextId = 1;
   private nextRid = 1;
   private readonly replies = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
-  private readonly gens = new Map<number, { gen: Generation; flag: number }>();
+  private readonly gens = new Map<number, { gen: Generation; flag: number; unlisten?: () => void }>();
   private readonly freeFlags: number[];
   private readonly control: Int32Array;
   private closed = false;
@@ -126,7 +126,12 @@ export class Engine {
     this.control = new Int32Array(controlBuf);
     this.freeFlags = Array.from({ length: maxInFlight }, (_, i) => maxInFlight - 1 - i);
     worker.onmessage = (e: MessageEvent<FromWorker>) => this.onMessage(e.data);
-    worker.onerror = (e) => this.fail(new EngineError("engine_closed", `engine worker failed: ${e.message}`));
+    worker.onerror = (e) => {
+      // A dead Worker answers nothing: close the engine so every caller settles now and later calls fail fast.
+      this.closed = true;
+      worker.terminate();
+      this.fail(new EngineError("engine_closed", `engine worker failed: ${e.message}`));
+    };
   }
 
   /** Start a Worker and load a model in it; rejects with an EngineError on failure. */
@@ -146,7 +151,8 @@ export class Engine {
     const options: LoadOptions = {
       modelPath: opts.modelPath,
       nCtx: opts.nCtx ?? 4096 * nParallel,
-      nBatch: opts.nBatch ?? 2048,
+      // A step holds one token per decoding slot: a smaller batch would starve slots.
+      nBatch: Math.max(opts.nBatch ?? 2048, nParallel),
       nUbatch: opts.nUbatch ?? 512,
       nParallel,
       threads,
@@ -225,9 +231,16 @@ export class Engine {
       ignoreEos: opts.ignoreEos ?? false,
     };
     this.post({ type: "generate", id, flag, request });
-    if (opts.signal) {
-      if (opts.signal.aborted) this.cancel(id);
-      else opts.signal.addEventListener("abort", () => this.cancel(id), { once: true });
+    const signal = opts.signal;
+    if (signal) {
+      if (signal.aborted) this.cancel(id);
+      else {
+        const onAbort = () => this.cancel(id);
+        signal.addEventListener("abort", onAbort, { once: true });
+        // A long-lived signal shared by many generations must not collect listeners.
+        const entry = this.gens.get(id);
+        if (entry) entry.unlisten = () => signal.removeEventListener("abort", onAbort);
+      }
     }
     return gen;
   }
@@ -312,6 +325,7 @@ export class Engine {
     const g = this.gens.get(id);
     if (!g) return;
     this.gens.delete(id);
+    g.unlisten?.();
     this.freeFlags.push(g.flag);
   }
 

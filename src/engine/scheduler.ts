@@ -198,9 +198,7 @@ export class Scheduler {
       }
       // At least one prompt token must be decoded to get logits to sample from.
       const keep = Math.min(bestLcp, w.prompt.length - 1);
-      if (!this.truncate(best, keep)) {
-        this.truncate(best, 0);
-      }
+      this.truncate(best, keep);
       const cached = best.history.length;
       const { sampling } = w.req;
       const sampler = this.d.native.mesh_sampler_new(
@@ -258,12 +256,16 @@ export class Scheduler {
   }
 
   /** Drop a slot's KV from position keep on. */
-  private truncate(s: Slot, keep: number): boolean {
-    if (keep >= s.history.length) return true;
-    const ok = this.d.native.mesh_seq_rm(this.d.ctx, s.seq, keep, -1) !== 0;
-    if (ok) s.history.length = keep;
-    else if (keep === 0) s.history.length = 0;
-    return ok;
+  private truncate(s: Slot, keep: number, force = false): boolean {
+    if (keep >= s.history.length && !force) return true;
+    if (this.d.native.mesh_seq_rm(this.d.ctx, s.seq, keep, -1) !== 0) {
+      s.history.length = keep;
+      return true;
+    }
+    // Some memories cannot drop part of a sequence; dropping all of it never fails.
+    this.d.native.mesh_seq_rm(this.d.ctx, s.seq, -1, -1);
+    s.history.length = 0;
+    return false;
   }
 
   // One token per decoding sequence first (decode latency), then prefill
@@ -396,7 +398,8 @@ export class Scheduler {
           : { code: "decode_failed", message: `llama_decode failed (code ${rc})` };
     for (const seq of seqs) {
       const slot = this.slots[seq] as Slot;
-      this.d.native.mesh_seq_rm(this.d.ctx, slot.seq, slot.history.length, -1);
+      // Earlier ubatches of the failed batch may have left cells past the history.
+      this.truncate(slot, slot.history.length, true);
       const a = slot.active;
       if (!a) continue;
       this.d.native.mesh_sampler_free(a.sampler);

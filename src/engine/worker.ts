@@ -22,6 +22,7 @@ let ctx: Pointer | null = null;
 let scheduler: Scheduler | null = null;
 let control: Int32Array | null = null;
 let running = false;
+let nVocab = 0;
 let closing = false;
 const inbox: ToWorker[] = [];
 
@@ -105,6 +106,7 @@ function load(libPath: string, o: LoadOptions, progress: SharedArrayBuffer, ctl:
     eosText: tokenText(n, m, mi[2] as number),
     systemInfo: String(n.mesh_system_info()),
   };
+  nVocab = info.nVocab;
   scheduler = new Scheduler({
     native: n,
     model,
@@ -151,6 +153,17 @@ function detokenize(tokens: number[]): string {
   return Buffer.from(buf.subarray(0, Math.max(0, len))).toString("utf8");
 }
 
+// An out-of-range id would fail a whole batch in llama_decode, or throw
+// std::out_of_range through the C boundary in detokenize (killing the process).
+function invalidTokens(tokens: unknown): string | null {
+  if (!Array.isArray(tokens)) return "a prompt must be text or an array of token ids";
+  const n = nVocab;
+  for (const t of tokens) {
+    if (!Number.isInteger(t) || (t as number) < 0 || (t as number) >= n) return `token ids must be integers from 0 to ${n - 1}`;
+  }
+  return null;
+}
+
 function badRequest(message: string): EngineErrorValue {
   return { code: "invalid_request", message };
 }
@@ -174,9 +187,12 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
     case "tokenize":
       post({ type: "reply", rid: m.rid, value: tokenize(m.text, m.addSpecial, m.parseSpecial) });
       return;
-    case "detokenize":
-      post({ type: "reply", rid: m.rid, value: detokenize(m.tokens) });
+    case "detokenize": {
+      const bad = invalidTokens(m.tokens);
+      if (bad) post({ type: "reply_error", rid: m.rid, error: badRequest(bad) });
+      else post({ type: "reply", rid: m.rid, value: detokenize(m.tokens) });
       return;
+    }
     case "stats":
       post({ type: "reply", rid: m.rid, value: scheduler.stats() });
       return;
@@ -185,11 +201,12 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
       return;
     case "generate": {
       const p = m.request.prompt;
-      const prompt = typeof p === "string" ? tokenize(p, true, true) : p;
-      if (typeof p !== "string" && p.some((t) => !Number.isInteger(t) || t < 0 || t >= 0x7fffffff)) {
-        events.push({ id: m.id, kind: "error", error: badRequest("prompt token ids must be non-negative integers") });
+      const bad = typeof p === "string" ? null : invalidTokens(p);
+      if (bad) {
+        events.push({ id: m.id, kind: "error", error: badRequest(bad) });
         return;
       }
+      const prompt = typeof p === "string" ? tokenize(p, true, true) : p;
       scheduler.submit(m.id, m.flag, m.request, prompt, events);
       return;
     }
@@ -210,7 +227,17 @@ async function run(): Promise<void> {
   try {
     while (!closing) {
       const events: TokenEvent[] = [];
-      while (inbox.length > 0) handle(inbox.shift() as ToWorker, events);
+      while (inbox.length > 0) {
+        const m = inbox.shift() as ToWorker;
+        try {
+          handle(m, events);
+        } catch (e) {
+          // One bad message fails itself, never the Worker and its other requests.
+          const error = badRequest(`request rejected: ${(e as Error)?.message ?? String(e)}`);
+          if (m.type === "generate") events.push({ id: m.id, kind: "error", error });
+          else if ("rid" in m) post({ type: "reply_error", rid: m.rid, error });
+        }
+      }
       if (closing) {
         flush(events);
         break;

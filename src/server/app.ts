@@ -77,22 +77,22 @@ export function createApp(o: AppOptions) {
     .onRequest(({ request }) => {
       started.set(request, performance.now());
       const path = new URL(request.url).pathname;
+      // Answered here, before routing: onAfterResponse never sees these, so count and log them now.
+      const early = (e: ApiError) => {
+        const route = ROUTES.has(path) ? path : "other";
+        o.metrics.requests.inc({ route, status: String(e.status) });
+        o.logger.info("request", { method: request.method, route, status: String(e.status), ms: 0 });
+        return errorResponse(e);
+      };
       if (path !== "/health" && !authorized(request.headers.get("authorization"))) {
-        return errorResponse(
+        return early(
           new ApiError(401, "invalid_request_error", "a valid API key is required (Authorization: Bearer <key>)", null, "invalid_api_key"),
         );
       }
       const length = Number(request.headers.get("content-length") ?? 0);
       if (length > o.maxBodyBytes) {
-        return errorResponse(
-          new ApiError(
-            413,
-            "invalid_request_error",
-            `the request body is ${length} bytes; the limit is ${o.maxBodyBytes}`,
-            null,
-            "request_too_large",
-          ),
-        );
+        const message = `the request body is ${length} bytes; the limit is ${o.maxBodyBytes}`;
+        return early(new ApiError(413, "invalid_request_error", message, null, "request_too_large"));
       }
     })
     .onError(({ code, error, set }) => {

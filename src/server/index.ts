@@ -33,7 +33,9 @@ export function startServer(o: ServerOptions): RunningServer {
   // idleTimeout 0: a long generation with sparse output must never be cut by Bun's 10 s idle default.
   // The cap is checked on Content-Length first (an OpenAI-shaped 413); Bun's own
   // limit, above it, only stops chunked bodies that declare no length.
-  app.listen({ hostname: o.host, port: o.port, idleTimeout: 0, maxRequestBodySize: o.maxBodyBytes * 2 + 65536 });
+  // reusePort false: Elysia enables it by default, which lets a second node start on a
+  // port already in use and silently share its traffic.
+  app.listen({ hostname: o.host, port: o.port, idleTimeout: 0, maxRequestBodySize: o.maxBodyBytes * 2 + 65536, reusePort: false });
   const server = app.server;
   if (!server) throw new Error("server did not start");
   const shownHost = o.host.includes(":") ? `[${o.host}]` : o.host;

@@ -45,6 +45,7 @@ describe("mesh command line", () => {
     const dir = mkdtempSync(join(tmpdir(), "mesh-cli-"));
     const notGguf = join(dir, "x.gguf");
     writeFileSync(notGguf, "hello");
+    writeFileSync(join(dir, "empty-keys"), "# no keys here\n\n");
     const cases: Array<[string[], string]> = [
       [["serve", "--bogus"], "unknown option"],
       [["serve", "--port", "abc"], "--port"],
@@ -54,6 +55,8 @@ describe("mesh command line", () => {
       [["serve", "--model", join(dir, "missing.gguf")], "not found"],
       [["serve", "--model", notGguf], "not a GGUF"],
       [["frobnicate"], "unknown command"],
+      [["serve", "--api-key", ""], "must not be empty"],
+      [["serve", "--api-key-file", join(dir, "empty-keys")], "holds no keys"],
     ];
     for (const [args, needle] of cases) {
       const r = mesh(args);

@@ -231,3 +231,55 @@ describe("engine errors", () => {
     expect(() => e.generate({ prompt: "x" })).toThrow(EngineError);
   });
 });
+
+describe("engine input checks (review findings)", () => {
+  test("out_of_range_token_ids_fail_that_request_and_never_crash_the_process", async () => {
+    const e = await Engine.load({ modelPath: await tinyModel(), nCtx: 512, nParallel: 2, threads: 2 });
+    try {
+      const bad = await collect(e.generate({ prompt: [1, e.info.nVocab + 5], maxTokens: 2 })).catch((x) => x);
+      expect((bad as EngineError).code).toBe("invalid_request");
+      const detok = await e.detokenize([e.info.nVocab]).catch((x) => x);
+      expect((detok as EngineError).code).toBe("invalid_request");
+      const notArray = await collect(e.generate({ prompt: 42 as unknown as string, maxTokens: 2 })).catch((x) => x);
+      expect((notArray as EngineError).code).toBe("invalid_request");
+      expect((await collect(e.generate({ prompt: "still serving", maxTokens: 2, ignoreEos: true }))).done.completionTokens).toBe(2);
+    } finally {
+      await e.close();
+    }
+  });
+
+  test("a_batch_smaller_than_the_slot_count_is_raised_so_no_slot_starves", async () => {
+    const e = await Engine.load({ modelPath: await tinyModel(), nCtx: 1024, nParallel: 4, nBatch: 2, threads: 2 });
+    try {
+      expect(e.info.nBatch).toBeGreaterThanOrEqual(4);
+      const runs = await Promise.all(["a", "b", "c", "d"].map((p) => collect(e.generate({ prompt: p, maxTokens: 3, ignoreEos: true }))));
+      for (const r of runs) expect(r.done.completionTokens).toBe(3);
+    } finally {
+      await e.close();
+    }
+  });
+
+  test("a_shared_abort_signal_does_not_collect_listeners", async () => {
+    const e = await Engine.load({ modelPath: await tinyModel(), nCtx: 512, nParallel: 1, threads: 2 });
+    try {
+      const shared = new AbortController();
+      let added = 0;
+      let removed = 0;
+      const add = shared.signal.addEventListener.bind(shared.signal);
+      const remove = shared.signal.removeEventListener.bind(shared.signal);
+      shared.signal.addEventListener = ((...a: Parameters<typeof add>) => {
+        added++;
+        return add(...a);
+      }) as typeof add;
+      shared.signal.removeEventListener = ((...a: Parameters<typeof remove>) => {
+        removed++;
+        return remove(...a);
+      }) as typeof remove;
+      for (let i = 0; i < 3; i++) await collect(e.generate({ prompt: "x", maxTokens: 1, signal: shared.signal }));
+      expect(added).toBe(3);
+      expect(removed).toBe(3);
+    } finally {
+      await e.close();
+    }
+  });
+});

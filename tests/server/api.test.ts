@@ -1,5 +1,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import OpenAI from "openai";
+import { silentLogger } from "../../src/log";
+import { startServer } from "../../src/server";
 import { startTestServer, type TestServer } from "../helpers/server";
 
 let s: TestServer;
@@ -223,8 +225,51 @@ describe("API keys", () => {
       expect(ok.usage?.completion_tokens).toBe(2);
       const second = new OpenAI({ baseURL: `${secured.url}/v1`, apiKey: "k-two", maxRetries: 0 });
       expect((await second.models.list()).data.length).toBe(1);
+      // Refused requests are answered before routing and still counted.
+      const metrics = await (await fetch(`${secured.url}/metrics`, { headers: { authorization: "Bearer k-one" } })).text();
+      expect(metrics).toContain('mesh_http_requests_total{route="/v1/models",status="401"} 2');
     } finally {
       await secured.close();
+    }
+  });
+});
+
+describe("review findings", () => {
+  test("a_second_server_on_a_port_in_use_fails_instead_of_sharing_it", () => {
+    let err: unknown = null;
+    try {
+      const dup = startServer({
+        host: "127.0.0.1",
+        port: s.server.port,
+        models: [s.model],
+        apiKeys: [],
+        maxBodyBytes: 1024,
+        logger: silentLogger,
+      });
+      void dup.close();
+    } catch (e) {
+      err = e;
+    }
+    expect((err as { code?: string } | null)?.code).toBe("EADDRINUSE");
+  });
+
+  test("a_request_cut_short_by_shutdown_is_503_not_a_finished_answer", async () => {
+    const t = await startTestServer({ nParallel: 1 });
+    try {
+      const pending = fetch(`${t.url}/v1/chat/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ model: "mesh-tiny", messages: user("long"), max_tokens: 3500, ignore_eos: true }),
+      });
+      for (let i = 0; i < 500 && (t.model.engine?.inFlight ?? 0) === 0; i++) await Bun.sleep(5);
+      await t.model.engine?.close();
+      const r = await pending;
+      expect(r.status).toBe(503);
+      const body = (await r.json()) as { error: { code: string } };
+      expect(body.error.code).toBe("model_unavailable");
+      expect(r.headers.get("retry-after")).not.toBeNull();
+    } finally {
+      await t.server.close();
     }
   });
 });

@@ -48,14 +48,16 @@ export async function chatCompletion(
   const created = Math.floor(Date.now() / 1000);
   const startedAt = performance.now();
   const abort = new AbortController();
-  signal.addEventListener("abort", () => abort.abort(), { once: true });
+  // A client that left while the body was parsed never fires "abort" again.
+  if (signal.aborted) abort.abort();
+  else signal.addEventListener("abort", () => abort.abort(), { once: true });
 
   if (!body.stream) {
     const gen = engine.generate(generateOptions(body, prompt, maxTokens, abort.signal));
     let text = "";
     let usage: Usage | null = null;
     let finish: FinishReason = "stop";
-    for await (const e of observed(gen, metrics, startedAt)) {
+    for await (const e of observed(gen, metrics, startedAt, abort.signal)) {
       if (e.kind === "text") text += e.text;
       else if (e.kind === "done") {
         usage = usageOf(e);
@@ -92,7 +94,9 @@ export async function chatCompletion(
     };
   }
 
-  const events = await primed(observed(engine.generate(generateOptions(body, prompt, maxTokens, abort.signal)), metrics, startedAt));
+  const events = await primed(
+    observed(engine.generate(generateOptions(body, prompt, maxTokens, abort.signal)), metrics, startedAt, abort.signal),
+  );
   const includeUsage = body.stream_options?.include_usage === true;
   const chunk = (delta: object, finish: FinishReason | null) => ({
     id,

@@ -23,7 +23,9 @@ export async function completion(
   const created = Math.floor(Date.now() / 1000);
   const startedAt = performance.now();
   const abort = new AbortController();
-  signal.addEventListener("abort", () => abort.abort(), { once: true });
+  // A client that left while the body was parsed never fires "abort" again.
+  if (signal.aborted) abort.abort();
+  else signal.addEventListener("abort", () => abort.abort(), { once: true });
   const gen = engine.generate(generateOptions(body, prompt, maxTokens, abort.signal));
   const choice = (text: string, finish: string | null) => ({ text, index: 0, logprobs: null, finish_reason: finish });
 
@@ -31,7 +33,7 @@ export async function completion(
     let text = "";
     let usage: Usage | null = null;
     let finish = "stop";
-    for await (const e of observed(gen, metrics, startedAt)) {
+    for await (const e of observed(gen, metrics, startedAt, abort.signal)) {
       if (e.kind === "text") text += e.text;
       else if (e.kind === "done") {
         usage = usageOf(e);
@@ -41,7 +43,7 @@ export async function completion(
     return { id, object: "text_completion", created, model: model.id, choices: [choice(text, finish)], usage };
   }
   const includeUsage = body.stream_options?.include_usage === true;
-  const events = await primed(observed(gen, metrics, startedAt));
+  const events = await primed(observed(gen, metrics, startedAt, abort.signal));
   return sseResponse(
     abort,
     async (send) => {

@@ -52,10 +52,19 @@ export function usageOf(done: Extract<GenerationEvent, { kind: "done" }>): Usage
   };
 }
 
-/** Iterate a generation while recording token counts and latencies. */
-export async function* observed(gen: Generation, metrics: Metrics, startedAt: number): AsyncGenerator<GenerationEvent> {
+/** Iterate a generation while recording token counts and latencies; a generation cut short by the server is an error. */
+export async function* observed(
+  gen: Generation,
+  metrics: Metrics,
+  startedAt: number,
+  client: AbortSignal,
+): AsyncGenerator<GenerationEvent> {
   let first = 0;
   for await (const e of gen) {
+    // Cancelled without the client asking (shutdown): never pass partial text off as a finished answer.
+    if (e.kind === "done" && e.finishReason === "cancelled" && !client.aborted) {
+      throw new EngineError("engine_closed", "the server stopped this request before it finished (shutting down); retry");
+    }
     if (e.kind === "text" && e.tokens.length > 0 && first === 0) {
       first = performance.now();
       metrics.ttft.observe((first - startedAt) / 1000);
