@@ -5,7 +5,7 @@ import { type ParsedToolCall, ToolCallStream } from "../chat";
 import { type ApiError, errorBody, toApiError } from "../errors";
 import type { Metrics } from "../metrics";
 import type { ServedModel } from "../model";
-import { checkCommon, engineOf, generateOptions, observed, primed, randomId, sseResponse, type Usage, usageOf } from "./run";
+import { beginRequest, checkCommon, engineOf, generateOptions, observed, primed, sseResponse, type Usage, usageOf } from "./run";
 import type { ChatBodyT } from "./schema";
 
 type FinishReason = "stop" | "length" | "tool_calls";
@@ -44,13 +44,7 @@ export async function chatCompletion(
   const prompt = renderChatPrompt(model, body);
   const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined;
   const wantTools = (body.tools?.length ?? 0) > 0 && body.tool_choice !== "none";
-  const id = randomId("chatcmpl");
-  const created = Math.floor(Date.now() / 1000);
-  const startedAt = performance.now();
-  const abort = new AbortController();
-  // A client that left while the body was parsed never fires "abort" again.
-  if (signal.aborted) abort.abort();
-  else signal.addEventListener("abort", () => abort.abort(), { once: true });
+  const { id, created, startedAt, abort } = beginRequest("chatcmpl", signal);
 
   if (!body.stream) {
     const gen = engine.generate(generateOptions(body, prompt, maxTokens, abort.signal));

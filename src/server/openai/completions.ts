@@ -2,7 +2,7 @@
 import { type ApiError, badRequest, errorBody } from "../errors";
 import type { Metrics } from "../metrics";
 import type { ServedModel } from "../model";
-import { checkCommon, engineOf, generateOptions, observed, primed, randomId, sseResponse, type Usage, usageOf } from "./run";
+import { beginRequest, checkCommon, engineOf, generateOptions, observed, primed, sseResponse, type Usage, usageOf } from "./run";
 import type { CompletionBodyT } from "./schema";
 
 /** Handle a validated completions request. */
@@ -19,13 +19,7 @@ export async function completion(
   const prompt = typeof body.prompt === "string" ? body.prompt : (body.prompt[0] as string);
   // OpenAI's default for this endpoint is 16 tokens.
   const maxTokens = body.max_tokens ?? 16;
-  const id = randomId("cmpl");
-  const created = Math.floor(Date.now() / 1000);
-  const startedAt = performance.now();
-  const abort = new AbortController();
-  // A client that left while the body was parsed never fires "abort" again.
-  if (signal.aborted) abort.abort();
-  else signal.addEventListener("abort", () => abort.abort(), { once: true });
+  const { id, created, startedAt, abort } = beginRequest("cmpl", signal);
   const gen = engine.generate(generateOptions(body, prompt, maxTokens, abort.signal));
   const choice = (text: string, finish: string | null) => ({ text, index: 0, logprobs: null, finish_reason: finish });
 

@@ -140,6 +140,24 @@ export function sseResponse(
   });
 }
 
+/** Per-request bookkeeping shared by every generating endpoint. */
+export interface RequestStart {
+  id: string;
+  created: number;
+  startedAt: number;
+  /** Aborted when the client goes away (also if it already has). */
+  abort: AbortController;
+}
+
+/** Start a request: its id, timestamps, and an abort controller tied to the client's connection. */
+export function beginRequest(prefix: string, client: AbortSignal): RequestStart {
+  const abort = new AbortController();
+  // A client that left while the body was parsed never fires "abort" again.
+  if (client.aborted) abort.abort();
+  else client.addEventListener("abort", () => abort.abort(), { once: true });
+  return { id: randomId(prefix), created: Math.floor(Date.now() / 1000), startedAt: performance.now(), abort };
+}
+
 /** A short random id suffix (OpenAI ids look like chatcmpl-abc123). */
 export function randomId(prefix: string): string {
   return `${prefix}-${crypto.randomUUID().replaceAll("-", "").slice(0, 24)}`;
