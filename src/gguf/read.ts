@@ -158,8 +158,3 @@ export async function readGgufHeader(path: string): Promise<GgufHeader> {
     }
   }
 }
-
-/** A metadata value as a plain JS value, or undefined. */
-export function metaValue(h: GgufHeader, key: string): GgufValue["value"] | undefined {
-  return h.metadata.get(key)?.value;
-}
