@@ -1,0 +1,206 @@
+// Mesh authentication: challenge-response with one-time nonces, keyed by the
+// mesh secret. Pure: no sockets, no timers; time comes from `now`.
+//
+// Why challenge-response rather than a timestamped MAC: a timestamp needs the
+// machines' clocks to agree within the acceptance window, and a mesh of home
+// machines and laptops is exactly where they do not. A server-issued nonce needs
+// no clock agreement, and replay protection is exact (a nonce verifies once).
+// Its cost, an extra round trip, is paid only once per peer: every
+// authenticated reply hands the caller the nonce for its next request.
+//
+// A caller proves HMAC-SHA256(k_req, "mesh-req-v1" | nonce | METHOD | path |
+// sha256(body) | nodeId) and the server answers with
+// HMAC-SHA256(k_rep, "mesh-rep-v1" | nonce | status | sha256(body)), so a reply
+// is bound to its request and cannot be forged or replayed either.
+import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
+
+/** Header names of the mesh authentication. */
+export const AUTH_HEADER = {
+  node: "x-mesh-node",
+  nonce: "x-mesh-nonce",
+  proof: "x-mesh-proof",
+  nextNonce: "x-mesh-next-nonce",
+  nextNonceTtl: "x-mesh-next-nonce-ttl-ms",
+  replyProof: "x-mesh-reply-proof",
+} as const;
+
+/** Why a request was refused; only logged, never told to the caller. */
+export type AuthFailure = "missing" | "malformed" | "unknown_nonce" | "bad_proof";
+
+/** The outcome of verifying a request. */
+export type AuthResult = { ok: true; nodeId: string; nonce: string } | { ok: false; code: AuthFailure };
+
+/** A request as the verifier sees it. */
+export interface SignedRequest {
+  method: string;
+  /** Path with query, e.g. "/mesh/rpc". */
+  path: string;
+  headers: Headers;
+  body: Uint8Array;
+}
+
+/** The two keys derived from a mesh secret, so request and reply proofs can never be swapped. */
+export interface MeshKeys {
+  request: Buffer;
+  reply: Buffer;
+}
+
+const NONCE = /^[A-Za-z0-9_-]{22}$/;
+const PROOF = /^[A-Za-z0-9_-]{43}$/;
+/** Node ids of members (hex) and of tools such as `mesh peers` ("cli-…"). */
+const NODE_ID = /^[a-z0-9-]{1,64}$/;
+
+/** Derive the request and reply keys from a mesh secret. */
+export function meshKeys(secret: string): MeshKeys {
+  const k = (label: string) => createHmac("sha256", secret).update(label).digest();
+  return { request: k("mesh-request-key-v1"), reply: k("mesh-reply-key-v1") };
+}
+
+/** Hex SHA-256 of a body (empty body included). */
+export function bodyHash(body: Uint8Array): string {
+  return createHash("sha256").update(body).digest("hex");
+}
+
+/** The proof a caller sends with a request. */
+export function requestProof(keys: MeshKeys, p: { nonce: string; method: string; path: string; body: Uint8Array; nodeId: string }): string {
+  const text = ["mesh-req-v1", p.nonce, p.method.toUpperCase(), p.path, bodyHash(p.body), p.nodeId].join("\n");
+  return createHmac("sha256", keys.request).update(text).digest("base64url");
+}
+
+/** The proof a server sends with a reply to the request that used `nonce`. */
+export function replyProof(keys: MeshKeys, p: { nonce: string; status: number; body: Uint8Array }): string {
+  const text = ["mesh-rep-v1", p.nonce, String(p.status), bodyHash(p.body)].join("\n");
+  return createHmac("sha256", keys.reply).update(text).digest("base64url");
+}
+
+/** Constant-time equality of two base64url proofs (false for malformed ones). */
+export function proofsEqual(a: string, b: string): boolean {
+  if (!PROOF.test(a) || !PROOF.test(b)) return false;
+  return timingSafeEqual(Buffer.from(a, "base64url"), Buffer.from(b, "base64url"));
+}
+
+/** Bounds of a nonce store. */
+export interface NonceStoreOptions {
+  /** Most nonces held; issuing past it evicts the oldest. */
+  capacity: number;
+  ttlMs: number;
+  now: () => number;
+}
+
+/** One-time nonces with a time to live, oldest evicted first when full. */
+export class NonceStore {
+  // Insertion order is issue order, so the first entry is always the oldest.
+  private readonly expires = new Map<string, number>();
+
+  constructor(private readonly o: NonceStoreOptions) {}
+
+  /** A fresh random nonce (16 bytes, base64url), remembered until used, expired or evicted. */
+  issue(): string {
+    this.sweep();
+    while (this.expires.size >= this.o.capacity) {
+      const oldest = this.expires.keys().next().value as string;
+      this.expires.delete(oldest);
+    }
+    const nonce = randomBytes(16).toString("base64url");
+    this.expires.set(nonce, this.o.now() + this.o.ttlMs);
+    return nonce;
+  }
+
+  /** Whether `nonce` was issued, is unused and has not expired; changes nothing. */
+  has(nonce: string): boolean {
+    const exp = this.expires.get(nonce);
+    return exp !== undefined && exp > this.o.now();
+  }
+
+  /** Use `nonce` up: true once, for a live nonce. */
+  take(nonce: string): boolean {
+    const ok = this.has(nonce);
+    this.expires.delete(nonce);
+    return ok;
+  }
+
+  /** How many nonces are held. */
+  get size(): number {
+    return this.expires.size;
+  }
+
+  private sweep(): void {
+    const now = this.o.now();
+    for (const [n, exp] of this.expires) {
+      if (exp > now) break;
+      this.expires.delete(n);
+    }
+  }
+}
+
+/** Bounds of the verifier. */
+export interface AuthorityOptions {
+  /** Nonces handed to anyone who asks (GET /mesh/challenge). */
+  challengeCapacity: number;
+  /** Nonces handed out with authenticated replies, for the caller's next request. */
+  followUpCapacity: number;
+  ttlMs: number;
+  now: () => number;
+}
+
+/** Default bounds: 4096 nonces per store, each valid 30 s. */
+export const DEFAULT_AUTHORITY: Omit<AuthorityOptions, "now"> = { challengeCapacity: 4096, followUpCapacity: 4096, ttlMs: 30_000 };
+
+/**
+ * The server side: issues nonces and verifies proofs. Anonymous challenges and
+ * follow-up nonces live in separate stores, so a flood of anonymous challenge
+ * requests can evict only other anonymous challenges, never the nonces that
+ * members already hold.
+ */
+export class MeshAuthority {
+  private readonly challenges: NonceStore;
+  private readonly followUps: NonceStore;
+
+  constructor(
+    readonly keys: MeshKeys,
+    private readonly o: AuthorityOptions,
+  ) {
+    this.challenges = new NonceStore({ capacity: o.challengeCapacity, ttlMs: o.ttlMs, now: o.now });
+    this.followUps = new NonceStore({ capacity: o.followUpCapacity, ttlMs: o.ttlMs, now: o.now });
+  }
+
+  /** A nonce for anyone; proves nothing until answered with the secret. */
+  challenge(): { nonce: string; ttlMs: number } {
+    return { nonce: this.challenges.issue(), ttlMs: this.o.ttlMs };
+  }
+
+  /** A nonce for the next request of a caller that just authenticated. */
+  followUp(): { nonce: string; ttlMs: number } {
+    return { nonce: this.followUps.issue(), ttlMs: this.o.ttlMs };
+  }
+
+  /** Verify a request; on success its nonce is used up, on failure nothing changes. */
+  verify(r: SignedRequest): AuthResult {
+    const nodeId = r.headers.get(AUTH_HEADER.node);
+    const nonce = r.headers.get(AUTH_HEADER.nonce);
+    const proof = r.headers.get(AUTH_HEADER.proof);
+    if (nodeId === null || nonce === null || proof === null) return { ok: false, code: "missing" };
+    if (!NODE_ID.test(nodeId) || !NONCE.test(nonce) || !PROOF.test(proof)) return { ok: false, code: "malformed" };
+    const store = this.challenges.has(nonce) ? this.challenges : this.followUps.has(nonce) ? this.followUps : null;
+    if (!store) return { ok: false, code: "unknown_nonce" };
+    const expected = requestProof(this.keys, { nonce, method: r.method, path: r.path, body: r.body, nodeId });
+    if (!proofsEqual(expected, proof)) return { ok: false, code: "bad_proof" };
+    store.take(nonce);
+    return { ok: true, nodeId, nonce };
+  }
+
+  /** The proof to send with the reply to a verified request. */
+  replyProof(nonce: string, status: number, body: Uint8Array): string {
+    return replyProof(this.keys, { nonce, status, body });
+  }
+
+  /** Nonces held, per store (for tests and metrics). */
+  get sizes(): { challenges: number; followUps: number } {
+    return { challenges: this.challenges.size, followUps: this.followUps.size };
+  }
+}
+
+/** Whether a request carries mesh authentication headers at all. */
+export function claimsMeshAuth(headers: Headers): boolean {
+  return headers.has(AUTH_HEADER.proof);
+}

@@ -1,0 +1,142 @@
+import { describe, expect, test } from "bun:test";
+import { AUTH_HEADER, MeshAuthority, meshKeys, NonceStore, proofsEqual, replyProof, requestProof } from "../../src/mesh/auth";
+
+const SECRET = "correct horse battery staple, long enough";
+const enc = new TextEncoder();
+
+function clock() {
+  const c = { t: 1_000_000, now: () => c.t };
+  return c;
+}
+
+function authority(c = clock(), capacity = 64) {
+  return new MeshAuthority(meshKeys(SECRET), { challengeCapacity: capacity, followUpCapacity: capacity, ttlMs: 30_000, now: c.now });
+}
+
+function signed(o: { nonce: string; secret?: string; body?: string; method?: string; path?: string; nodeId?: string }) {
+  const body = enc.encode(o.body ?? '{"type":"ping"}');
+  const method = o.method ?? "POST";
+  const path = o.path ?? "/mesh/rpc";
+  const nodeId = o.nodeId ?? "a1b2c3";
+  const proof = requestProof(meshKeys(o.secret ?? SECRET), { nonce: o.nonce, method, path, body, nodeId });
+  const headers = new Headers({ [AUTH_HEADER.node]: nodeId, [AUTH_HEADER.nonce]: o.nonce, [AUTH_HEADER.proof]: proof });
+  return { method, path, headers, body };
+}
+
+describe("mesh authentication", () => {
+  test("a_correct_proof_passes_once", () => {
+    const a = authority();
+    const { nonce } = a.challenge();
+    const req = signed({ nonce });
+    expect(a.verify(req)).toEqual({ ok: true, nodeId: "a1b2c3", nonce });
+    expect(a.sizes.challenges).toBe(0);
+  });
+
+  test("replay_is_rejected", () => {
+    const a = authority();
+    const req = signed({ nonce: a.challenge().nonce });
+    expect(a.verify(req).ok).toBe(true);
+    expect(a.verify(req)).toEqual({ ok: false, code: "unknown_nonce" });
+  });
+
+  test("wrong_secret_is_rejected_and_leaves_the_nonce_usable", () => {
+    const a = authority();
+    const { nonce } = a.challenge();
+    expect(a.verify(signed({ nonce, secret: "another mesh's secret, also long enough" }))).toEqual({ ok: false, code: "bad_proof" });
+    // A failed attempt uses nothing up: an attacker who sees a nonce in flight cannot burn it.
+    expect(a.sizes.challenges).toBe(1);
+    expect(a.verify(signed({ nonce })).ok).toBe(true);
+  });
+
+  test("tampered_body_method_path_or_node_is_rejected", () => {
+    const a = authority();
+    const { nonce } = a.challenge();
+    const good = signed({ nonce });
+    const tampered = [
+      { ...good, body: enc.encode('{"type":"ping","x":1}') },
+      { ...good, method: "PUT" },
+      { ...good, path: "/mesh/other" },
+      { ...good, headers: new Headers({ ...Object.fromEntries(good.headers), [AUTH_HEADER.node]: "someone-else" }) },
+    ];
+    for (const t of tampered) expect(a.verify(t)).toEqual({ ok: false, code: "bad_proof" });
+    expect(a.verify(good).ok).toBe(true);
+  });
+
+  test("expired_challenge_is_rejected", () => {
+    const c = clock();
+    const a = authority(c);
+    const { nonce } = a.challenge();
+    c.t += 30_001;
+    expect(a.verify(signed({ nonce }))).toEqual({ ok: false, code: "unknown_nonce" });
+  });
+
+  test("made_up_nonce_and_missing_or_malformed_headers_are_rejected", () => {
+    const a = authority();
+    expect(a.verify(signed({ nonce: "AAAAAAAAAAAAAAAAAAAAAA" }))).toEqual({ ok: false, code: "unknown_nonce" });
+    expect(a.verify({ method: "POST", path: "/", headers: new Headers(), body: new Uint8Array() })).toEqual({ ok: false, code: "missing" });
+    const bad = signed({ nonce: a.challenge().nonce });
+    bad.headers.set(AUTH_HEADER.proof, "short");
+    expect(a.verify(bad)).toEqual({ ok: false, code: "malformed" });
+    bad.headers.set(AUTH_HEADER.node, "UPPER CASE");
+    expect(a.verify(bad)).toEqual({ ok: false, code: "malformed" });
+  });
+
+  test("follow_up_nonces_authenticate_like_challenges", () => {
+    const a = authority();
+    const { nonce } = a.followUp();
+    expect(a.verify(signed({ nonce })).ok).toBe(true);
+    expect(a.verify(signed({ nonce })).ok).toBe(false);
+  });
+
+  test("challenge_flood_cannot_evict_follow_up_nonces", () => {
+    const a = authority(clock(), 16);
+    const held = a.followUp().nonce;
+    const early = a.challenge().nonce;
+    for (let i = 0; i < 1000; i++) a.challenge();
+    expect(a.sizes.challenges).toBe(16);
+    expect(a.verify(signed({ nonce: early })).ok).toBe(false);
+    expect(a.verify(signed({ nonce: held })).ok).toBe(true);
+  });
+
+  test("reply_proof_binds_nonce_status_and_body", () => {
+    const keys = meshKeys(SECRET);
+    const body = enc.encode('{"type":"ack"}');
+    const p = replyProof(keys, { nonce: "n1", status: 200, body });
+    expect(proofsEqual(p, replyProof(keys, { nonce: "n1", status: 200, body }))).toBe(true);
+    expect(proofsEqual(p, replyProof(keys, { nonce: "n2", status: 200, body }))).toBe(false);
+    expect(proofsEqual(p, replyProof(keys, { nonce: "n1", status: 500, body }))).toBe(false);
+    expect(proofsEqual(p, replyProof(keys, { nonce: "n1", status: 200, body: enc.encode("{}") }))).toBe(false);
+    // A request proof over the same fields never passes as a reply proof (separate keys).
+    expect(proofsEqual(p, requestProof(keys, { nonce: "n1", method: "200", path: "", body, nodeId: "" }))).toBe(false);
+  });
+});
+
+describe("nonce store", () => {
+  test("is_bounded_when_pushed_past_capacity_and_evicts_the_oldest", () => {
+    const c = clock();
+    const s = new NonceStore({ capacity: 100, ttlMs: 1000, now: c.now });
+    const first = s.issue();
+    const issued = [first];
+    for (let i = 0; i < 10_000; i++) issued.push(s.issue());
+    expect(s.size).toBe(100);
+    expect(s.has(first)).toBe(false);
+    expect(s.has(issued[issued.length - 1] as string)).toBe(true);
+  });
+
+  test("forgets_expired_nonces_when_issuing", () => {
+    const c = clock();
+    const s = new NonceStore({ capacity: 100, ttlMs: 1000, now: c.now });
+    for (let i = 0; i < 50; i++) s.issue();
+    c.t += 1001;
+    s.issue();
+    expect(s.size).toBe(1);
+  });
+
+  test("take_is_one_time", () => {
+    const s = new NonceStore({ capacity: 4, ttlMs: 1000, now: Date.now });
+    const n = s.issue();
+    expect(s.take(n)).toBe(true);
+    expect(s.take(n)).toBe(false);
+    expect(s.take("never-issued")).toBe(false);
+  });
+});
