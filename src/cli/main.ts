@@ -27,6 +27,19 @@ export function program(): Command {
     .option("-t, --threads <n>", "CPU threads (default: all cores)", intOption("--threads", 1, 1024))
     .option("-b, --batch-size <n>", "most tokens in one decode step", intOption("--batch-size", 32, 65536), 2048)
     .option("--n-gpu-layers <n>", "layers to offload to a GPU (-1 = all, 0 = none)", intOption("--n-gpu-layers", -1, 100000), -1)
+    .option(
+      "--queue-capacity <n>",
+      "requests that may wait for a slot and KV room; beyond it: 429 with Retry-After",
+      intOption("--queue-capacity", 0, 100000),
+      64,
+    )
+    .option("--queue-timeout <s>", "seconds a request may wait in the queue before 429", intOption("--queue-timeout", 1, 86400), 120)
+    .option(
+      "--kv-reserve-output <n>",
+      "output tokens reserved in KV for a request without max_tokens (it may grow past it into free room)",
+      intOption("--kv-reserve-output", 1, 1 << 20),
+      512,
+    )
     .option("--api-key <key>", "require 'Authorization: Bearer <key>' (repeatable)", collect, [])
     .option("--api-key-file <path>", "file with one API key per line")
     .option("--max-body-bytes <n>", "largest request body accepted (413 above)", intOption("--max-body-bytes", 1024), 8 * 1024 * 1024)

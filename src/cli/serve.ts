@@ -18,6 +18,9 @@ export interface ServeOptions {
   threads?: number;
   batchSize: number;
   nGpuLayers: number;
+  queueCapacity: number;
+  queueTimeout: number;
+  kvReserveOutput: number;
   apiKey: string[];
   apiKeyFile?: string;
   maxBodyBytes: number;
@@ -94,6 +97,9 @@ export async function serve(o: ServeOptions): Promise<number> {
     nUbatch: Math.min(512, o.batchSize),
     threads,
     nGpuLayers: o.nGpuLayers,
+    queueCapacity: o.queueCapacity,
+    queueTimeoutMs: o.queueTimeout * 1000,
+    defaultReserveOutput: o.kvReserveOutput,
     onProgress: progressPrinter(`loading ${modelPath}`),
   });
   let server: ReturnType<typeof startServer>;

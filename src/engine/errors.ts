@@ -6,6 +6,8 @@ export type EngineErrorCode =
   | "invalid_request"
   | "decode_failed"
   | "kv_exhausted"
+  | "queue_full"
+  | "queue_timeout"
   | "engine_busy"
   | "engine_closed"
   | "cancelled";
@@ -14,6 +16,8 @@ export type EngineErrorCode =
 export interface EngineErrorValue {
   code: EngineErrorCode;
   message: string;
+  /** Seconds after which a retry may succeed, for load refusals. */
+  retryAfter?: number;
 }
 
 /** Thrown by the main-thread engine API; carries the code. */
@@ -21,6 +25,7 @@ export class EngineError extends Error {
   constructor(
     readonly code: EngineErrorCode,
     message: string,
+    readonly retryAfter?: number,
   ) {
     super(message);
     this.name = "EngineError";
@@ -28,6 +33,6 @@ export class EngineError extends Error {
 
   /** Rebuild from the plain value posted by the worker. */
   static from(v: EngineErrorValue): EngineError {
-    return new EngineError(v.code, v.message);
+    return new EngineError(v.code, v.message, v.retryAfter);
   }
 }

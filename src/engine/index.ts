@@ -34,7 +34,12 @@ export interface EngineOptions extends Partial<LoadOptions> {
   logLevel?: number;
   /** Called with load progress in [0, 1]. */
   onProgress?: (fraction: number) => void;
+  /** Output tokens a request without max_tokens reserves KV for (it may grow past it into free room). */
+  defaultReserveOutput?: number;
 }
+
+/** Defaults of the KV admission budget and queue. */
+export const QUEUE_DEFAULTS = { capacity: 64, timeoutMs: 120_000, reserveOutput: 512 } as const;
 
 /** What a caller passes to generate(). */
 export interface GenerateOptions {
@@ -48,7 +53,7 @@ export interface GenerateOptions {
 
 /** Events of one generation, in order: start, text*, done. Errors are thrown from the iterator. */
 export type GenerationEvent =
-  | { kind: "start"; promptTokens: number; cachedTokens: number; slot: number }
+  | { kind: "start"; promptTokens: number; cachedTokens: number; slot: number; waitedMs: number }
   | { kind: "text"; text: string; tokens: number[] }
   | { kind: "done"; finishReason: FinishReason; promptTokens: number; cachedTokens: number; completionTokens: number };
 
@@ -122,6 +127,7 @@ export class Engine {
     readonly info: ModelInfo,
     controlBuf: SharedArrayBuffer,
     maxInFlight: number,
+    private readonly defaultReserveOutput: number,
   ) {
     this.control = new Int32Array(controlBuf);
     this.freeFlags = Array.from({ length: maxInFlight }, (_, i) => maxInFlight - 1 - i);
@@ -160,8 +166,12 @@ export class Engine {
       nGpuLayers: opts.nGpuLayers ?? -1,
       flashAttn: opts.flashAttn ?? -1,
       useMmap: opts.useMmap ?? true,
+      queueCapacity: opts.queueCapacity ?? QUEUE_DEFAULTS.capacity,
+      queueTimeoutMs: opts.queueTimeoutMs ?? QUEUE_DEFAULTS.timeoutMs,
+      kvBudget: opts.kvBudget ?? true,
     };
-    const maxInFlight = opts.maxInFlight ?? 1024;
+    // Cancel flags must outlast the queue: the queue, not this, refuses load.
+    const maxInFlight = opts.maxInFlight ?? Math.max(1024, 2 * (options.queueCapacity + nParallel));
     const progress = new SharedArrayBuffer(4);
     const control = new SharedArrayBuffer(4 * (CONTROL_FLAGS_OFFSET + maxInFlight));
     const worker = new Worker(engineWorkerUrl());
@@ -188,7 +198,7 @@ export class Engine {
         worker.postMessage(msg);
       });
       if (last !== 1) opts.onProgress?.(1);
-      return new Engine(worker, info, control, maxInFlight);
+      return new Engine(worker, info, control, maxInFlight, opts.defaultReserveOutput ?? QUEUE_DEFAULTS.reserveOutput);
     } catch (e) {
       worker.terminate();
       throw e;
@@ -223,9 +233,11 @@ export class Engine {
     Atomics.store(this.control, CONTROL_FLAGS_OFFSET + flag, 0);
     const gen = new Generation(id, () => this.cancel(id));
     this.gens.set(id, { gen, flag });
+    const maxTokens = Math.max(1, Math.floor(opts.maxTokens ?? this.info.nCtxSeq));
     const request: GenerateRequest = {
       prompt: opts.prompt,
-      maxTokens: Math.max(1, Math.floor(opts.maxTokens ?? this.info.nCtxSeq)),
+      maxTokens,
+      reserveOutput: opts.maxTokens === undefined ? Math.min(maxTokens, this.defaultReserveOutput) : maxTokens,
       sampling: { ...DEFAULT_SAMPLING, ...opts.sampling },
       stop: (opts.stop ?? []).filter((s) => s.length > 0),
       ignoreEos: opts.ignoreEos ?? false,

@@ -1,5 +1,6 @@
 // Messages between the main thread and the engine Worker. Plain data only.
 import type { EngineErrorValue } from "./errors";
+import type { SchedulerCounters } from "./scheduler";
 
 /** How to load a model and size its context. */
 export interface LoadOptions {
@@ -16,6 +17,12 @@ export interface LoadOptions {
   /** -1 auto, 0 off, 1 on. */
   flashAttn: -1 | 0 | 1;
   useMmap: boolean;
+  /** Requests that may wait for a slot or KV room before 429 (queue_full). */
+  queueCapacity: number;
+  /** Longest wait in the queue before 429 (queue_timeout), in milliseconds. */
+  queueTimeoutMs: number;
+  /** Reserve KV at admission; false only to demonstrate running without protection. */
+  kvBudget: boolean;
 }
 
 /** Sampling settings; undefined fields take the defaults in DEFAULT_SAMPLING. */
@@ -49,6 +56,8 @@ export interface GenerateRequest {
   /** Text (tokenized with special tokens parsed) or token ids. */
   prompt: string | number[];
   maxTokens: number;
+  /** Output tokens the KV reservation allows for: maxTokens when the caller set it, else the engine's default allowance. */
+  reserveOutput: number;
   sampling: SamplingOptions;
   stop: string[];
   ignoreEos: boolean;
@@ -82,29 +91,27 @@ export interface ModelInfo {
   systemInfo: string;
 }
 
-/** Engine load at a moment. */
-export interface EngineStats {
+/** Engine load at a moment, plus the scheduler's cumulative counters. */
+export interface EngineStats extends SchedulerCounters {
   slotsTotal: number;
   slotsBusy: number;
   waiting: number;
+  queueCapacity: number;
   /** KV cells held (running + idle resident), counted per slot history. */
   kvCellsUsed: number;
   kvCellsRunning: number;
+  kvCellsResident: number;
+  /** Cells promised to running requests and not yet used. */
+  kvCellsReserved: number;
+  kvCellsFree: number;
   kvCellsTotal: number;
-  decodeSteps: number;
-  decodeFailures: number;
-  /** Prompt tokens actually decoded (cached ones are not). */
-  prefillTokens: number;
-  promptTokens: number;
-  cachedTokens: number;
-  generatedTokens: number;
 }
 
 export type FinishReason = "stop" | "length" | "cancelled";
 
 /** Per-request events, grouped per step into one message. */
 export type TokenEvent =
-  | { id: number; kind: "start"; promptTokens: number; cachedTokens: number; slot: number }
+  | { id: number; kind: "start"; promptTokens: number; cachedTokens: number; slot: number; waitedMs: number }
   | { id: number; kind: "text"; text: string; tokens: number[] }
   | { id: number; kind: "done"; finishReason: FinishReason; promptTokens: number; cachedTokens: number; completionTokens: number }
   | { id: number; kind: "error"; error: EngineErrorValue };

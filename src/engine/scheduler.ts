@@ -2,6 +2,7 @@
 // only: every method may call into llama.cpp and block for a decode step.
 import type { Pointer } from "bun:ffi";
 import type { EngineErrorValue } from "./errors";
+import { type KvUsage, kvUsage, planEviction, reservation, type SlotUsage } from "./kv";
 import type { Native } from "./native";
 import type { EngineStats, FinishReason, GenerateRequest, TokenEvent } from "./protocol";
 import { StopMatcher, Utf8Stream } from "./text";
@@ -24,6 +25,10 @@ interface Active {
   stops: StopMatcher;
   /** Batch index whose logits this request samples from in the current step, -1 if none. */
   logitIndex: number;
+  /** KV cells this request may hold in total (its admission reservation, grown when it outlives it). */
+  reserve: number;
+  /** Worker clock at admission, for the service-time estimate behind Retry-After. */
+  startedAt: number;
 }
 
 interface Slot {
@@ -39,6 +44,9 @@ interface Waiting {
   flag: number;
   req: GenerateRequest;
   prompt: number[];
+  enqueuedAt: number;
+  /** Counted as queued once it could not be admitted on arrival. */
+  queued: boolean;
 }
 
 /** What the worker needs from the outside to run steps. */
@@ -53,6 +61,37 @@ export interface SchedulerDeps {
   /** Cancel flags set by the main thread, indexed by each request's flag. */
   flags: Int32Array;
   flagsOffset: number;
+  /** Requests that may wait for a slot or KV room; more are refused with queue_full. */
+  queueCapacity: number;
+  /** How long a request may wait before it is refused with queue_timeout. */
+  queueTimeoutMs: number;
+  /** Reserve KV at admission (on by default; off only to show what happens without it). */
+  kvBudget: boolean;
+  /** Milliseconds on a monotonic clock. */
+  now: () => number;
+}
+
+/** Cumulative counters of the scheduler, reported in stats. */
+export interface SchedulerCounters {
+  decodeSteps: number;
+  /** Decode steps that failed and failed requests with them. */
+  decodeFailures: number;
+  /** Decode steps llama.cpp refused for lack of KV room (recovered or not). */
+  decodeKvFailures: number;
+  prefillTokens: number;
+  promptTokens: number;
+  cachedTokens: number;
+  generatedTokens: number;
+  admitted: number;
+  /** Requests that had to wait before admission (or before being refused). */
+  queued: number;
+  rejectedQueueFull: number;
+  rejectedQueueTimeout: number;
+  /** Resident prefixes trimmed or dropped to make room, and the cells freed. */
+  evictions: number;
+  evictedCells: number;
+  /** Requests without an explicit max_tokens stopped (length) when they outgrew their reservation and the pool was full. */
+  stoppedAtPoolLimit: number;
 }
 
 /** Length of the common prefix of two token arrays. */
@@ -73,7 +112,24 @@ export class Scheduler {
   private readonly logits: Int8Array;
   private readonly pieceBuf = new Uint8Array(256);
   private clock = 0;
-  private readonly counters = { decodeSteps: 0, decodeFailures: 0, prefillTokens: 0, promptTokens: 0, cachedTokens: 0, generatedTokens: 0 };
+  /** Smoothed time a request holds a slot, for Retry-After. */
+  private serviceMs = 1000;
+  private readonly counters: SchedulerCounters = {
+    decodeSteps: 0,
+    decodeFailures: 0,
+    decodeKvFailures: 0,
+    prefillTokens: 0,
+    promptTokens: 0,
+    cachedTokens: 0,
+    generatedTokens: 0,
+    admitted: 0,
+    queued: 0,
+    rejectedQueueFull: 0,
+    rejectedQueueTimeout: 0,
+    evictions: 0,
+    evictedCells: 0,
+    stoppedAtPoolLimit: 0,
+  };
 
   constructor(private readonly d: SchedulerDeps) {
     this.slots = Array.from({ length: d.nParallel }, (_, seq) => ({ seq, history: [], active: null, lastUsed: 0 }));
@@ -105,7 +161,7 @@ export class Scheduler {
       });
       return;
     }
-    this.waiting.push({ id, flag, req, prompt });
+    this.waiting.push({ id, flag, req, prompt, enqueuedAt: this.d.now(), queued: false });
   }
 
   /** Mark a request cancelled; it is finished at the start of the next step. */
@@ -123,11 +179,27 @@ export class Scheduler {
   step(out: TokenEvent[]): void {
     this.collectCancelled(out);
     this.admit(out);
-    const n = this.buildBatch();
+    this.expireQueue(out);
+    if (this.d.kvBudget) this.growReservations(out);
+    let n = this.buildBatch();
     if (n === 0) return;
+    this.makeRoom(n);
     let rc = this.decode(n);
-    // No KV room: drop idle resident prefixes and try the same batch once more.
-    if (rc === 1 && this.evictIdle() > 0) rc = this.decode(n);
+    if (rc === 1) {
+      // Last line of defence: the budget should make this unreachable, so
+      // count it, drop every idle resident prefix and retry the step once;
+      // then shed the newest requests of the batch until the rest fits.
+      this.counters.decodeKvFailures++;
+      this.clearFailedPlacement(n);
+      if (this.evictIdle() > 0) rc = this.decode(n);
+      while (rc === 1) {
+        this.clearFailedPlacement(n);
+        if (!this.shedNewest(n, out)) break;
+        n = this.buildBatch();
+        if (n === 0) return;
+        rc = this.decode(n);
+      }
+    }
     if (rc !== 0) {
       this.failBatch(n, rc, out);
       return;
@@ -138,25 +210,57 @@ export class Scheduler {
 
   /** Load figures for /metrics and routing. */
   stats(): EngineStats {
-    let used = 0;
-    let running = 0;
-    let busy = 0;
-    for (const s of this.slots) {
-      used += s.history.length;
-      if (s.active) {
-        busy++;
-        running += s.history.length;
-      }
-    }
+    const kv = this.usage();
     return {
       slotsTotal: this.slots.length,
-      slotsBusy: busy,
+      slotsBusy: this.slots.filter((s) => s.active !== null).length,
       waiting: this.waiting.length,
-      kvCellsUsed: used,
-      kvCellsRunning: running,
-      kvCellsTotal: this.d.nCtx,
+      queueCapacity: this.d.queueCapacity,
+      kvCellsUsed: kv.running + kv.resident,
+      kvCellsRunning: kv.running,
+      kvCellsResident: kv.resident,
+      kvCellsReserved: kv.reserved,
+      kvCellsFree: kv.free,
+      kvCellsTotal: kv.total,
       ...this.counters,
     };
+  }
+
+  /** Seconds a refused client should wait: about one slot's turnover per queued request ahead of it. */
+  retryAfterSeconds(): number {
+    const s = (this.serviceMs / 1000) * ((1 + this.waiting.length) / this.slots.length);
+    return Math.min(60, Math.max(1, Math.ceil(s)));
+  }
+
+  private slotUsage(): SlotUsage[] {
+    return this.slots.map((s) => ({
+      seq: s.seq,
+      cells: s.history.length,
+      running: s.active !== null,
+      reserved: s.active && this.d.kvBudget ? Math.max(0, s.active.reserve - s.history.length) : 0,
+      lastUsed: s.lastUsed,
+    }));
+  }
+
+  private usage(): KvUsage {
+    return kvUsage(this.d.nCtx, this.slotUsage());
+  }
+
+  /** Apply a plan's trims; returns the cells freed. */
+  private evict(evictions: readonly { seq: number; keep: number }[]): number {
+    let freed = 0;
+    for (const e of evictions) {
+      const s = this.slots[e.seq] as Slot;
+      const before = s.history.length;
+      this.truncate(s, e.keep);
+      const cells = before - s.history.length;
+      if (cells > 0) {
+        freed += cells;
+        this.counters.evictions++;
+        this.counters.evictedCells += cells;
+      }
+    }
+    return freed;
   }
 
   /** Cancel everything (shutdown). */
@@ -181,12 +285,14 @@ export class Scheduler {
   }
 
   // FIFO admission into idle slots; each request takes the idle slot whose
-  // history shares the longest prefix with its prompt (then the coldest).
+  // history shares the longest prefix with its prompt (then the coldest), and
+  // only when its KV reservation fits, after trimming cold resident prefixes.
+  // The head of the queue blocks the rest, so a large request cannot starve.
   private admit(out: TokenEvent[]): void {
     while (this.waiting.length > 0) {
       const free = this.slots.filter((s) => s.active === null);
-      if (free.length === 0) return;
-      const w = this.waiting.shift() as Waiting;
+      if (free.length === 0) break;
+      const w = this.waiting[0] as Waiting;
       let best = free[0] as Slot;
       let bestLcp = -1;
       for (const s of free) {
@@ -198,6 +304,16 @@ export class Scheduler {
       }
       // At least one prompt token must be decoded to get logits to sample from.
       const keep = Math.min(bestLcp, w.prompt.length - 1);
+      const reserve = this.d.kvBudget ? reservation(w.prompt.length, w.req.reserveOutput, this.d.nCtxSeq) : this.d.nCtxSeq;
+      if (this.d.kvBudget) {
+        // The chosen slot counts as already trimmed to its reusable prefix and
+        // is protected: evicting the prefix this request reuses frees nothing.
+        const view = this.slotUsage().map((u) => (u.seq === best.seq ? { ...u, cells: keep } : u));
+        const plan = planEviction(this.d.nCtx, view, reserve - keep, new Set([best.seq]));
+        if (!plan.fits) break;
+        this.evict(plan.evictions);
+      }
+      this.waiting.shift();
       this.truncate(best, keep);
       const cached = best.history.length;
       const { sampling } = w.req;
@@ -235,24 +351,128 @@ export class Scheduler {
         utf8: new Utf8Stream(),
         stops: new StopMatcher(w.req.stop),
         logitIndex: -1,
+        reserve,
+        startedAt: this.d.now(),
       };
       best.active = a;
       best.lastUsed = ++this.clock;
+      this.counters.admitted++;
       this.counters.promptTokens += w.prompt.length;
       this.counters.cachedTokens += cached;
-      out.push({ id: w.id, kind: "start", promptTokens: w.prompt.length, cachedTokens: cached, slot: best.seq });
+      const waitedMs = Math.max(0, a.startedAt - w.enqueuedAt);
+      out.push({ id: w.id, kind: "start", promptTokens: w.prompt.length, cachedTokens: cached, slot: best.seq, waitedMs });
     }
+    for (const w of this.waiting) {
+      if (!w.queued) {
+        w.queued = true;
+        this.counters.queued++;
+      }
+    }
+  }
+
+  // Refuse what waited too long, then what overflows the queue (newest first,
+  // so the oldest keep their place).
+  private expireQueue(out: TokenEvent[]): void {
+    const now = this.d.now();
+    for (let i = this.waiting.length - 1; i >= 0; i--) {
+      const w = this.waiting[i] as Waiting;
+      if (now - w.enqueuedAt <= this.d.queueTimeoutMs) continue;
+      this.waiting.splice(i, 1);
+      this.counters.rejectedQueueTimeout++;
+      out.push({
+        id: w.id,
+        kind: "error",
+        error: {
+          code: "queue_timeout",
+          message: `waited ${Math.round((now - w.enqueuedAt) / 1000)} s for a slot and KV room (queue timeout ${Math.round(this.d.queueTimeoutMs / 1000)} s)`,
+          retryAfter: this.retryAfterSeconds(),
+        },
+      });
+    }
+    while (this.waiting.length > this.d.queueCapacity) {
+      const w = this.waiting.pop() as Waiting;
+      this.counters.rejectedQueueFull++;
+      out.push({
+        id: w.id,
+        kind: "error",
+        error: {
+          code: "queue_full",
+          message: `all ${this.slots.length} slots are busy and the queue is full (${this.d.queueCapacity} waiting)`,
+          retryAfter: this.retryAfterSeconds(),
+        },
+      });
+    }
+  }
+
+  // A request that reaches the end of its reservation (only possible without
+  // an explicit max_tokens) grows one cell at a time into free room, trimming
+  // cold resident prefixes if needed; when nothing is left it ends with
+  // "length", as at the end of a context, instead of failing a decode.
+  private growReservations(out: TokenEvent[]): void {
+    for (const s of this.slots) {
+      const a = s.active;
+      if (!a || a.pendingToken < 0 || s.history.length < a.reserve) continue;
+      const plan = planEviction(this.d.nCtx, this.slotUsage(), 1);
+      if (plan.fits) {
+        this.evict(plan.evictions);
+        a.reserve++;
+        continue;
+      }
+      this.counters.stoppedAtPoolLimit++;
+      this.finish(a, "length", out);
+    }
+  }
+
+  // The batch's cells must be free before decode. Within reservations they
+  // are; this also covers running without the budget, on every path.
+  private makeRoom(n: number): void {
+    const used = this.slots.reduce((sum, s) => sum + s.history.length, 0);
+    const shortfall = n - (this.d.nCtx - used);
+    if (shortfall <= 0) return;
+    const view = this.slotUsage().map((u) => ({ ...u, reserved: 0 }));
+    const plan = planEviction(this.d.nCtx, view, n);
+    if (plan.fits) this.evict(plan.evictions);
+  }
+
+  // After a refused decode, cells llama.cpp placed for earlier ubatches of the
+  // batch are not in any history: drop them so histories match the KV.
+  private clearFailedPlacement(n: number): void {
+    const seqs = new Set<number>();
+    for (let i = 0; i < n; i++) seqs.add(this.seq[i] as number);
+    for (const seq of seqs) {
+      const slot = this.slots[seq] as Slot;
+      this.truncate(slot, slot.history.length, true);
+    }
+  }
+
+  // Fail the most recently admitted request of the batch (it has the least
+  // invested) and free its cells; false when no request is left to shed.
+  private shedNewest(n: number, out: TokenEvent[]): boolean {
+    let victim: Active | null = null;
+    for (let i = 0; i < n; i++) {
+      const a = (this.slots[this.seq[i] as number] as Slot).active;
+      if (a && (!victim || a.slot.lastUsed > victim.slot.lastUsed)) victim = a;
+    }
+    if (!victim) return false;
+    this.counters.decodeFailures++;
+    this.d.native.mesh_sampler_free(victim.sampler);
+    victim.slot.active = null;
+    this.truncate(victim.slot, 0);
+    out.push({
+      id: victim.id,
+      kind: "error",
+      error: {
+        code: "kv_exhausted",
+        message: "the KV cache had no room for this request's next step",
+        retryAfter: this.retryAfterSeconds(),
+      },
+    });
+    return true;
   }
 
   /** Drop every idle slot's resident KV; returns the cells freed. */
   private evictIdle(): number {
-    let freed = 0;
-    for (const s of this.slots) {
-      if (s.active || s.history.length === 0) continue;
-      freed += s.history.length;
-      this.truncate(s, 0);
-    }
-    return freed;
+    return this.evict(this.slots.filter((s) => !s.active && s.history.length > 0).map((s) => ({ seq: s.seq, keep: 0 })));
   }
 
   /** Drop a slot's KV from position keep on. */
@@ -381,6 +601,7 @@ export class Scheduler {
     this.d.native.mesh_sampler_free(a.sampler);
     a.slot.active = null;
     a.slot.lastUsed = ++this.clock;
+    if (reason !== "cancelled") this.serviceMs = 0.8 * this.serviceMs + 0.2 * (this.d.now() - a.startedAt);
     out.push(doneEvent(a.id, reason, a.prompt.length, a.cached, a.generated));
   }
 

@@ -117,6 +117,10 @@ function load(libPath: string, o: LoadOptions, progress: SharedArrayBuffer, ctl:
     nParallel: info.nParallel,
     flags: control,
     flagsOffset: CONTROL_FLAGS_OFFSET,
+    queueCapacity: o.queueCapacity,
+    queueTimeoutMs: o.queueTimeoutMs,
+    kvBudget: o.kvBudget,
+    now: () => performance.now(),
   });
   post({ type: "loaded", info });
 }

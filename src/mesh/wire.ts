@@ -10,41 +10,41 @@ export type NodeId = string;
 
 /** One JSON-serialisable message between peers; `type` selects the handler. */
 export interface WireMessage {
-	type: string;
-	[field: string]: unknown;
+  type: string;
+  [field: string]: unknown;
 }
 
 /** Carries one request to a peer and resolves with its reply. */
 export interface Transport {
-	/** Sends `msg` to the peer at `addr` ("host:port"); rejects on timeout, refusal (401) or network error. */
-	request(addr: string, msg: WireMessage, timeoutMs: number): Promise<WireMessage>;
+  /** Sends `msg` to the peer at `addr` ("host:port"); rejects on timeout, refusal (401) or network error. */
+  request(addr: string, msg: WireMessage, timeoutMs: number): Promise<WireMessage>;
 }
 
 /** Time source and timers, so the core runs under virtual time in simulations. */
 export interface Clock {
-	/** Milliseconds since the epoch (or since the simulation began). */
-	now(): number;
-	/** Schedules `fn` after `ms`; returns a handle for `clearTimer`. */
-	setTimer(fn: () => void, ms: number): unknown;
-	/** Cancels a timer made by `setTimer`. */
-	clearTimer(handle: unknown): void;
+  /** Milliseconds since the epoch (or since the simulation began). */
+  now(): number;
+  /** Schedules `fn` after `ms`; returns a handle for `clearTimer`. */
+  setTimer(fn: () => void, ms: number): unknown;
+  /** Cancels a timer made by `setTimer`. */
+  clearTimer(handle: unknown): void;
 }
 
 /** What routing needs to know about one worker (a model served by one node). */
 export interface WorkerInfo {
-	/** Deterministic: hash of owner node id + model id + address, so a restarted node keeps it. */
-	id: string;
-	/** The node that owns (and alone may publish or delete) this record. */
-	nodeId: NodeId;
-	/** "host:port" where the owner serves the OpenAI API for this model. */
-	addr: string;
-	/** Model ids this worker answers to. */
-	models: string[];
-	ctxSize: number;
-	slotsTotal: number;
-	slotsBusy: number;
-	kvUsed: number;
-	kvTotal: number;
-	queueDepth: number;
-	health: "loading" | "ready" | "failed";
+  /** Deterministic: hash of owner node id + model id + address, so a restarted node keeps it. */
+  id: string;
+  /** The node that owns (and alone may publish or delete) this record. */
+  nodeId: NodeId;
+  /** "host:port" where the owner serves the OpenAI API for this model. */
+  addr: string;
+  /** Model ids this worker answers to. */
+  models: string[];
+  ctxSize: number;
+  slotsTotal: number;
+  slotsBusy: number;
+  kvUsed: number;
+  kvTotal: number;
+  queueDepth: number;
+  health: "loading" | "ready" | "failed";
 }

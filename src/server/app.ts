@@ -49,25 +49,12 @@ export function createApp(o: AppOptions) {
   const gauges = async (): Promise<GaugeValues | null> => {
     const engines = o.models.flatMap((m) => (m.engine ? [m.engine] : []));
     if (engines.length === 0) return null;
-    const all = await Promise.all(engines.map((e) => e.stats().catch(() => null)));
-    const g: GaugeValues = {
-      slotsBusy: 0,
-      slotsTotal: 0,
-      requestsWaiting: 0,
-      kvCellsUsed: 0,
-      kvCellsRunning: 0,
-      kvCellsTotal: 0,
-      decodeFailures: 0,
-    };
-    for (const s of all) {
-      if (!s) continue;
-      g.slotsBusy += s.slotsBusy;
-      g.slotsTotal += s.slotsTotal;
-      g.requestsWaiting += s.waiting;
-      g.kvCellsUsed += s.kvCellsUsed;
-      g.kvCellsRunning += s.kvCellsRunning;
-      g.kvCellsTotal += s.kvCellsTotal;
-      g.decodeFailures += s.decodeFailures;
+    const all = (await Promise.all(engines.map((e) => e.stats().catch(() => null)))).filter((x) => x !== null);
+    if (all.length === 0) return null;
+    // Every field is a count, so a node's figure is the sum over its engines.
+    const g = { ...(all[0] as GaugeValues) };
+    for (const s of all.slice(1)) {
+      for (const k of Object.keys(g) as (keyof GaugeValues)[]) g[k] += s[k];
     }
     return g;
   };

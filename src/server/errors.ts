@@ -41,6 +41,16 @@ export function toApiError(e: unknown): ApiError {
           "server_busy",
           1,
         );
+      case "queue_full":
+      case "queue_timeout":
+        return new ApiError(
+          429,
+          "rate_limit_error",
+          `the server is overloaded: ${e.message}; retry later`,
+          null,
+          e.code,
+          e.retryAfter ?? 1,
+        );
       case "kv_exhausted":
         return new ApiError(
           503,
@@ -48,7 +58,7 @@ export function toApiError(e: unknown): ApiError {
           "the server ran out of KV cache space for this request, retry shortly",
           null,
           "kv_exhausted",
-          1,
+          e.retryAfter ?? 1,
         );
       case "engine_closed":
       case "model_load_failed":

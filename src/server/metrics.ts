@@ -1,3 +1,5 @@
+import type { EngineStats } from "../engine";
+
 // Prometheus text exposition, written here because it is small: counters,
 // gauges and histograms with fixed, bounded label sets (route names and status
 // codes only, never request content).
@@ -57,16 +59,12 @@ class Histogram {
   }
 }
 
-/** Point-in-time values read when /metrics is scraped. */
-export interface GaugeValues {
-  slotsBusy: number;
-  slotsTotal: number;
-  requestsWaiting: number;
-  kvCellsUsed: number;
-  kvCellsRunning: number;
-  kvCellsTotal: number;
-  decodeFailures: number;
-}
+/** Engine figures read when /metrics is scraped, summed over the node's engines. */
+export type GaugeValues = EngineStats;
+
+const gauge = (name: string, help: string, v: number) => `# HELP ${name} ${help}\n# TYPE ${name} gauge\n${name} ${v}`;
+const counter = (name: string, help: string, rows: [string, number][]) =>
+  [`# HELP ${name} ${help}`, `# TYPE ${name} counter`, ...rows.map(([labels, v]) => `${name}${labels} ${v}`)].join("\n");
 
 /** The server's metrics. */
 export class Metrics {
@@ -84,22 +82,57 @@ export class Metrics {
     "Mean time between output tokens, per request",
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1],
   );
+  readonly queueWait = new Histogram(
+    "mesh_queue_wait_seconds",
+    "Time an admitted request waited for a slot and KV room",
+    [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
+  );
 
-  /** Prometheus text for all metrics plus the given gauges. */
+  /** Prometheus text for all metrics plus the given engine figures. */
   render(g: GaugeValues | null): string {
-    const parts = [this.requests, this.promptTokens, this.cachedTokens, this.completionTokens, this.ttft, this.tokenLatency].map((m) =>
-      m.render(),
-    );
+    const parts = [
+      this.requests,
+      this.promptTokens,
+      this.cachedTokens,
+      this.completionTokens,
+      this.ttft,
+      this.tokenLatency,
+      this.queueWait,
+    ].map((m) => m.render());
     if (g) {
-      const gauge = (name: string, help: string, v: number) => `# HELP ${name} ${help}\n# TYPE ${name} gauge\n${name} ${v}`;
       parts.push(
         gauge("mesh_slots_busy", "Slots running a request", g.slotsBusy),
         gauge("mesh_slots_total", "Parallel slots", g.slotsTotal),
-        gauge("mesh_requests_waiting", "Requests waiting for a slot", g.requestsWaiting),
-        gauge("mesh_kv_cells_used", "KV cells held (running + resident prefixes)", g.kvCellsUsed),
-        gauge("mesh_kv_cells_running", "KV cells held by running requests", g.kvCellsRunning),
+        gauge("mesh_requests_waiting", "Requests queued for a slot and KV room", g.waiting),
+        gauge("mesh_queue_capacity", "Requests the queue holds before refusing with 429", g.queueCapacity),
         gauge("mesh_kv_cells_total", "KV cells in the pool", g.kvCellsTotal),
-        gauge("mesh_decode_failures", "Decode steps that failed since start", g.decodeFailures),
+        [
+          "# HELP mesh_kv_cells KV cells by state: held by running requests, held by idle resident prefixes, promised to running requests, free",
+          "# TYPE mesh_kv_cells gauge",
+          `mesh_kv_cells{state="running"} ${g.kvCellsRunning}`,
+          `mesh_kv_cells{state="resident"} ${g.kvCellsResident}`,
+          `mesh_kv_cells{state="reserved"} ${g.kvCellsReserved}`,
+          `mesh_kv_cells{state="free"} ${g.kvCellsFree}`,
+        ].join("\n"),
+        counter("mesh_admissions_total", "Admission decisions: admitted, queued first (then admitted or refused), rejected", [
+          ['{result="admitted"}', g.admitted],
+          ['{result="queued"}', g.queued],
+          ['{result="rejected"}', g.rejectedQueueFull + g.rejectedQueueTimeout],
+        ]),
+        counter("mesh_admission_rejections_total", "Requests refused with 429, by reason", [
+          ['{reason="queue_full"}', g.rejectedQueueFull],
+          ['{reason="queue_timeout"}', g.rejectedQueueTimeout],
+        ]),
+        counter("mesh_kv_evictions_total", "Idle resident prefixes trimmed or dropped to make KV room", [["", g.evictions]]),
+        counter("mesh_kv_evicted_cells_total", "KV cells freed by eviction", [["", g.evictedCells]]),
+        counter("mesh_decode_kv_failures_total", "Decode steps llama.cpp refused for lack of KV room (recovered or not)", [
+          ["", g.decodeKvFailures],
+        ]),
+        counter("mesh_decode_failures_total", "Decode failures that failed requests", [["", g.decodeFailures]]),
+        counter("mesh_requests_stopped_at_pool_limit_total", "Requests without max_tokens ended (length) when the pool was full", [
+          ["", g.stoppedAtPoolLimit],
+        ]),
+        counter("mesh_prefill_tokens_total", "Prompt tokens decoded (not served from cache)", [["", g.prefillTokens]]),
       );
     }
     return `${parts.join("\n")}\n`;

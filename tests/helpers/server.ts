@@ -14,9 +14,16 @@ export interface TestServer {
 
 /** Start a server; options override the defaults (small context, 2 slots). */
 export async function startTestServer(
-  o: { apiKeys?: string[]; maxBodyBytes?: number; nCtx?: number; nParallel?: number } = {},
+  o: { apiKeys?: string[]; maxBodyBytes?: number; nCtx?: number; nParallel?: number; queueCapacity?: number; queueTimeoutMs?: number } = {},
 ): Promise<TestServer> {
-  const model = ServedModel.start({ modelPath: await tinyModel(), nCtx: o.nCtx ?? 4096, nParallel: o.nParallel ?? 2, threads: 2 });
+  const model = ServedModel.start({
+    modelPath: await tinyModel(),
+    nCtx: o.nCtx ?? 4096,
+    nParallel: o.nParallel ?? 2,
+    threads: 2,
+    queueCapacity: o.queueCapacity,
+    queueTimeoutMs: o.queueTimeoutMs,
+  });
   await model.ready;
   if (model.status !== "ready") throw new Error(`model failed: ${model.error}`);
   const server = startServer({

@@ -126,7 +126,7 @@ describe("OpenAI API with the official client", () => {
     expect(text).toContain("mesh_time_per_output_token_seconds_count");
     expect(text).toMatch(/mesh_slots_total 2/);
     expect(text).toMatch(/mesh_kv_cells_total 4096/);
-    expect(text).toMatch(/mesh_kv_cells_used \d+/);
+    expect(text).toMatch(/mesh_kv_cells\{state="running"\} \d+/);
   });
 });
 

@@ -65,6 +65,7 @@ export async function* observed(
     if (e.kind === "done" && e.finishReason === "cancelled" && !client.aborted) {
       throw new EngineError("engine_closed", "the server stopped this request before it finished (shutting down); retry");
     }
+    if (e.kind === "start") metrics.queueWait.observe(e.waitedMs / 1000);
     if (e.kind === "text" && e.tokens.length > 0 && first === 0) {
       first = performance.now();
       metrics.ttft.observe((first - startedAt) / 1000);
