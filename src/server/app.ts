@@ -3,6 +3,8 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import { Elysia } from "elysia";
 import type { Logger } from "../log";
 import { ApiError, badRequest, errorResponse, pointerToParam, toApiError } from "./errors";
+import { type MeshHooks, meshModelNodes, rawJson, remoteAnswer } from "./mesh";
+import { meshRoutes } from "./mesh-routes";
 import type { GaugeValues, Metrics } from "./metrics";
 import type { ServedModel } from "./model";
 import { chatCompletion } from "./openai/chat";
@@ -17,6 +19,8 @@ export interface AppOptions {
   maxBodyBytes: number;
   logger: Logger;
   metrics: Metrics;
+  /** The mesh this node belongs to; absent when it runs alone. */
+  mesh?: MeshHooks;
 }
 
 const ROUTES = new Set(["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"]);
@@ -61,7 +65,7 @@ export function createApp(o: AppOptions) {
   const started = new WeakMap<Request, number>();
 
   return new Elysia()
-    .onRequest(({ request }) => {
+    .onRequest(async ({ request }) => {
       started.set(request, performance.now());
       const path = new URL(request.url).pathname;
       // Answered here, before routing: onAfterResponse never sees these, so count and log them now.
@@ -71,7 +75,11 @@ export function createApp(o: AppOptions) {
         o.logger.info("request", { method: request.method, route, status: String(e.status), ms: 0 });
         return errorResponse(e);
       };
-      if (path !== "/health" && !authorized(request.headers.get("authorization"))) {
+      if (o.mesh?.gate.claims(request)) {
+        // Mesh credentials stand in for the API key (a forwarded request); when present they must verify.
+        const refused = await o.mesh.gate.check(request);
+        if (refused) return early(refused);
+      } else if (path !== "/health" && !path.startsWith("/mesh/") && !authorized(request.headers.get("authorization"))) {
         return early(
           new ApiError(401, "invalid_request_error", "a valid API key is required (Authorization: Bearer <key>)", null, "invalid_api_key"),
         );
@@ -115,9 +123,9 @@ export function createApp(o: AppOptions) {
       set.status = ready ? 200 : 503;
       return { status: ready ? "ok" : o.models.some((m) => m.status === "failed") ? "failed" : "loading", models: states };
     })
-    .get("/v1/models", () => ({
-      object: "list",
-      data: o.models.map((m) => ({
+    .get("/v1/models", () => {
+      const nodes = meshModelNodes(o.mesh);
+      const local = o.models.map((m) => ({
         id: m.id,
         object: "model",
         created: 0,
@@ -125,8 +133,12 @@ export function createApp(o: AppOptions) {
         status: m.status,
         context_length: m.info?.nCtxSeq ?? null,
         random_weights: m.info?.randomWeights ?? null,
-      })),
-    }))
+        ...(o.mesh ? { nodes: nodes.get(m.id) ?? [] } : {}),
+      }));
+      const remote = [...nodes].filter(([id]) => !o.models.some((m) => m.id === id));
+      const elsewhere = remote.map(([id, on]) => ({ id, object: "model", created: 0, owned_by: "mesh", status: "remote", nodes: on }));
+      return { object: "list", data: [...local, ...elsewhere] };
+    })
     .get("/metrics", async ({ set }) => {
       set.headers["content-type"] = "text/plain; version=0.0.4";
       return o.metrics.render(await gauges());
@@ -134,19 +146,28 @@ export function createApp(o: AppOptions) {
     .post(
       "/v1/chat/completions",
       async ({ body, request, set }) => {
+        const here = o.models.some((m) => m.id === body.model);
+        const remote = await remoteAnswer(o.mesh, here, body.model, "/v1/chat/completions", request);
+        if (remote) return remote;
         const result = await chatCompletion(findModel(body.model), body, o.metrics, request.signal, onStreamError);
         if (!(result instanceof Response)) set.status = 200;
         return result;
       },
-      { body: ChatBody, parse: "json" },
+      { body: ChatBody, parse: o.mesh ? rawJson : "json" },
     )
     .post(
       "/v1/completions",
-      async ({ body, request }) => completion(findModel(body.model), body, o.metrics, request.signal, onStreamError),
-      {
-        body: CompletionBody,
-        parse: "json",
+      async ({ body, request }) => {
+        const here = o.models.some((m) => m.id === body.model);
+        const remote = await remoteAnswer(o.mesh, here, body.model, "/v1/completions", request);
+        return remote ?? completion(findModel(body.model), body, o.metrics, request.signal, onStreamError);
       },
+      { body: CompletionBody, parse: o.mesh ? rawJson : "json" },
+    )
+    .use(
+      o.mesh
+        ? meshRoutes({ gate: o.mesh.gate, service: o.mesh.service, apiKeyRequired: o.mesh.apiKeyRequired, logger: o.logger })
+        : new Elysia(),
     );
 }
 

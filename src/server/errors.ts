@@ -2,6 +2,7 @@
 // {"error": {"message", "type", "param", "code"}}. Nothing here ever puts a
 // stack trace in a response.
 import { EngineError } from "../engine/errors";
+import { ForwardError } from "./forward";
 
 /** An error that knows its HTTP status and OpenAI error fields. */
 export class ApiError extends Error {
@@ -69,6 +70,10 @@ export function toApiError(e: unknown): ApiError {
       case "decode_failed":
         return new ApiError(500, "server_error", e.message, null, "decode_failed");
     }
+  }
+  if (e instanceof ForwardError) {
+    if (e.code === "no_route") return new ApiError(404, "invalid_request_error", e.message, "model", "model_not_found");
+    return new ApiError(502, "server_error", e.message, null, "upstream_failed");
   }
   const code = (e as { code?: unknown } | null)?.code;
   if (code === "template_error") {

@@ -1,6 +1,7 @@
 // Start and stop a node's HTTP server.
 import type { Logger } from "../log";
 import { type App, createApp } from "./app";
+import type { MeshHooks } from "./mesh";
 import { Metrics } from "./metrics";
 import type { ServedModel } from "./model";
 
@@ -14,6 +15,8 @@ export interface ServerOptions {
   apiKeys: string[];
   maxBodyBytes: number;
   logger: Logger;
+  /** The mesh this node belongs to, if any. */
+  mesh?: MeshHooks;
 }
 
 /** A running server. */
@@ -29,7 +32,14 @@ export interface RunningServer {
 
 /** Listen; throws the listen error (e.g. EADDRINUSE) to the caller. */
 export function startServer(o: ServerOptions): RunningServer {
-  const app = createApp({ models: o.models, apiKeys: o.apiKeys, maxBodyBytes: o.maxBodyBytes, logger: o.logger, metrics: new Metrics() });
+  const app = createApp({
+    models: o.models,
+    apiKeys: o.apiKeys,
+    maxBodyBytes: o.maxBodyBytes,
+    logger: o.logger,
+    metrics: new Metrics(),
+    mesh: o.mesh,
+  });
   // idleTimeout 0: a long generation with sparse output must never be cut by Bun's 10 s idle default.
   // The cap is checked on Content-Length first (an OpenAI-shaped 413); Bun's own
   // limit, above it, only stops chunked bodies that declare no length.

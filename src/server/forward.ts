@@ -1,0 +1,182 @@
+// Forwarding: a request for a model this node does not serve goes, as mesh
+// traffic, to the least loaded peer that serves it, and its answer (SSE
+// included) streams back unchanged. A peer that fails before answering is
+// replaced once by another; a client that goes away aborts the upstream request.
+
+import type { Logger } from "../log";
+import type { MeshClient } from "../mesh/client";
+import type { NodeId, WorkerInfo } from "../mesh/wire";
+import { rankWorkers } from "../routing/policy";
+
+/** Why a request could not be forwarded. */
+export type ForwardErrorCode = "no_route" | "upstream_failed";
+
+/** A forwarding failure; src/server/errors.ts turns it into an HTTP answer. */
+export class ForwardError extends Error {
+  constructor(
+    readonly code: ForwardErrorCode,
+    message: string,
+    readonly model: string,
+  ) {
+    super(message);
+    this.name = "ForwardError";
+  }
+}
+
+/** What the forwarder needs from the node. */
+export interface ForwarderOptions {
+  client: MeshClient;
+  selfId: NodeId;
+  /** Every routable worker known to the mesh (this node's own are skipped). */
+  workers: () => readonly WorkerInfo[];
+  /** How long a peer may take to start answering before the next one is tried. */
+  headersTimeoutMs: number;
+  logger: Logger;
+}
+
+/** Counters of the forwarder. */
+export interface ForwardStats {
+  forwarded: number;
+  retried: number;
+  failed: number;
+  active: number;
+}
+
+// Statuses after which another peer may well succeed: the peer's auth state,
+// its stale worker record (404), overload, or its own failure.
+const RETRYABLE = new Set([401, 404, 429, 500, 502, 503, 504]);
+// Hop-by-hop and mesh headers stay on this hop.
+const PASSED_HEADERS = ["content-type", "cache-control", "retry-after", "x-accel-buffering"];
+const enc = new TextEncoder();
+
+/** Forwards requests to peers. */
+export class Forwarder {
+  // Bounded: an entry exists only while a request to that worker is unfinished.
+  private readonly inflight = new Map<string, number>();
+  private readonly counts = { forwarded: 0, retried: 0, failed: 0 };
+
+  constructor(private readonly o: ForwarderOptions) {}
+
+  /** Whether some peer serves `model` right now. */
+  serves(model: string): boolean {
+    return rankWorkers(this.o.workers(), model, { selfId: this.o.selfId }).length > 0;
+  }
+
+  /** Forward a POST of `body` to `path` on the best peer for `model`; throws ForwardError. */
+  async forward(model: string, path: string, body: Uint8Array, client: AbortSignal): Promise<Response> {
+    const ranked = rankWorkers(this.o.workers(), model, { selfId: this.o.selfId, inflight: (id) => this.inflight.get(id) ?? 0 });
+    const first = ranked[0];
+    if (!first) throw new ForwardError("no_route", `The model '${model}' does not exist`, model);
+    // The retry goes to another node: a second worker on a node that just failed would likely fail too.
+    const second = ranked.find((w) => w.nodeId !== first.nodeId);
+    const targets = second ? [first, second] : [first];
+    let lastError = "";
+    for (let i = 0; i < targets.length; i++) {
+      const w = targets[i] as WorkerInfo;
+      const last = i === targets.length - 1;
+      if (client.aborted) break;
+      if (i > 0) this.counts.retried++;
+      const upstream = new AbortController();
+      const onAbort = () => upstream.abort();
+      client.addEventListener("abort", onAbort, { once: true });
+      const timer = setTimeout(() => upstream.abort(new DOMException("no answer in time", "TimeoutError")), this.o.headersTimeoutMs);
+      this.begin(w.id);
+      try {
+        const { response } = await this.o.client.send(w.addr, "POST", path, body, {
+          signal: upstream.signal,
+          headers: { "content-type": "application/json" },
+        });
+        clearTimeout(timer);
+        if (!last && RETRYABLE.has(response.status)) {
+          lastError = `HTTP ${response.status}`;
+          this.o.logger.warn("peer refused a forwarded request; trying another", { model, node: w.nodeId, status: response.status });
+          await response.body?.cancel().catch(() => {});
+          this.end(w.id);
+          client.removeEventListener("abort", onAbort);
+          continue;
+        }
+        this.counts.forwarded++;
+        return this.relay(response, w.id, upstream, () => client.removeEventListener("abort", onAbort));
+      } catch (e) {
+        clearTimeout(timer);
+        this.end(w.id);
+        client.removeEventListener("abort", onAbort);
+        lastError = (e as Error)?.message ?? String(e);
+        if (!client.aborted) this.o.logger.warn("forwarding to a peer failed", { model, node: w.nodeId, error: lastError });
+      }
+    }
+    this.counts.failed++;
+    throw new ForwardError("upstream_failed", `no peer serving '${model}' could take the request (${lastError || "cancelled"})`, model);
+  }
+
+  /** Counters (forwarded, retried, failed) and requests still streaming. */
+  stats(): ForwardStats {
+    let active = 0;
+    for (const n of this.inflight.values()) active += n;
+    return { ...this.counts, active };
+  }
+
+  private begin(id: string): void {
+    this.inflight.set(id, (this.inflight.get(id) ?? 0) + 1);
+  }
+
+  private end(id: string): void {
+    const n = (this.inflight.get(id) ?? 1) - 1;
+    if (n <= 0) this.inflight.delete(id);
+    else this.inflight.set(id, n);
+  }
+
+  // Streams the peer's answer through; ends the in-flight count exactly once however the stream ends.
+  private relay(upstream: Response, workerId: string, ctrl: AbortController, detach: () => void): Response {
+    let done = false;
+    const finish = () => {
+      if (done) return;
+      done = true;
+      this.end(workerId);
+      detach();
+    };
+    const headers = new Headers();
+    for (const h of PASSED_HEADERS) {
+      const v = upstream.headers.get(h);
+      if (v !== null) headers.set(h, v);
+    }
+    const sse = (headers.get("content-type") ?? "").startsWith("text/event-stream");
+    const reader = upstream.body?.getReader();
+    if (!reader) {
+      finish();
+      return new Response(null, { status: upstream.status, headers });
+    }
+    const body = new ReadableStream<Uint8Array>({
+      pull: async (c) => {
+        try {
+          const { value, done: end } = await reader.read();
+          if (end) {
+            finish();
+            c.close();
+          } else c.enqueue(value);
+        } catch (e) {
+          finish();
+          if (ctrl.signal.aborted) return;
+          this.o.logger.warn("peer broke off a forwarded answer", { error: (e as Error)?.message });
+          // Cut short mid-answer: an SSE client gets an error event (and no [DONE]), never a stream that looks finished.
+          if (sse) {
+            const error = {
+              message: "the peer serving this request failed mid-answer",
+              type: "server_error",
+              param: null,
+              code: "upstream_failed",
+            };
+            c.enqueue(enc.encode(`data: ${JSON.stringify({ error })}\n\n`));
+            c.close();
+          } else c.error(e);
+        }
+      },
+      cancel: () => {
+        finish();
+        ctrl.abort();
+        reader.cancel().catch(() => {});
+      },
+    });
+    return new Response(body, { status: upstream.status, headers });
+  }
+}

@@ -1,0 +1,83 @@
+// The server's door for mesh traffic: verifies a request's mesh proof before
+// any route runs, remembers who passed (per request), and signs replies.
+
+import type { Logger } from "../log";
+import { AUTH_HEADER, type AuthResult, claimsMeshAuth, type MeshAuthority } from "../mesh/auth";
+import { readLimited } from "../mesh/body";
+import { ApiError } from "./errors";
+
+/** A request that passed mesh authentication. */
+export interface MeshCaller {
+  nodeId: string;
+  nonce: string;
+  /** The request body as verified (routes use it instead of reading the body again). */
+  body: Uint8Array;
+}
+
+/** The one 401 for every mesh authentication failure: it says nothing about the mesh or why. */
+export function meshUnauthorized(): ApiError {
+  return new ApiError(401, "authentication_error", "mesh authentication required", null, "mesh_unauthorized");
+}
+
+/** Verifies and remembers mesh-authenticated requests. */
+export class MeshGate {
+  private readonly callers = new WeakMap<Request, MeshCaller>();
+  private failures = 0;
+
+  constructor(
+    readonly authority: MeshAuthority,
+    /** Largest body a mesh-authenticated request may carry (the proof covers all of it). */
+    private readonly maxBodyBytes: number,
+    private readonly logger: Logger,
+  ) {}
+
+  /** Whether the request carries mesh credentials (then they must verify, whatever the route). */
+  claims(request: Request): boolean {
+    return claimsMeshAuth(request.headers);
+  }
+
+  /**
+   * Verify the request's mesh proof, reading a copy of its body; null when it
+   * passed, else the ApiError to answer. A failure changes nothing.
+   */
+  async check(request: Request): Promise<ApiError | null> {
+    const url = new URL(request.url);
+    const body = await readLimited(request.clone().body, this.maxBodyBytes);
+    if (body === null) {
+      return new ApiError(413, "invalid_request_error", `the request body is over ${this.maxBodyBytes} bytes`, null, "request_too_large");
+    }
+    const r: AuthResult = this.authority.verify({
+      method: request.method,
+      path: url.pathname + url.search,
+      headers: request.headers,
+      body,
+    });
+    if (!r.ok) {
+      this.failures++;
+      this.logger.debug("mesh auth refused", { reason: r.code, path: url.pathname });
+      return meshUnauthorized();
+    }
+    this.callers.set(request, { nodeId: r.nodeId, nonce: r.nonce, body });
+    return null;
+  }
+
+  /** The verified caller of `request`, if it passed check(). */
+  caller(request: Request): MeshCaller | undefined {
+    return this.callers.get(request);
+  }
+
+  /** Headers that hand a verified caller its next nonce (and, for a full body, prove the reply). */
+  replyHeaders(request: Request, status: number, body?: Uint8Array): Record<string, string> {
+    const c = this.callers.get(request);
+    if (!c) return {};
+    const next = this.authority.followUp();
+    const h: Record<string, string> = { [AUTH_HEADER.nextNonce]: next.nonce, [AUTH_HEADER.nextNonceTtl]: String(next.ttlMs) };
+    if (body) h[AUTH_HEADER.replyProof] = this.authority.replyProof(c.nonce, status, body);
+    return h;
+  }
+
+  /** Requests refused so far. */
+  get refused(): number {
+    return this.failures;
+  }
+}

@@ -1,0 +1,130 @@
+// /mesh (the peer protocol) and /api/peers (the admin view of the mesh). The
+// app's onRequest has already run MeshGate.check on any request carrying mesh
+// credentials; these routes only look up who passed.
+import { Elysia } from "elysia";
+import type { Logger } from "../log";
+import { isWireMessage, MAX_MESSAGE_BYTES } from "../mesh/transport-http";
+import type { WireMessage } from "../mesh/wire";
+import { ApiError, errorBody } from "./errors";
+import { type MeshGate, meshUnauthorized } from "./mesh-gate";
+
+/** One member as `mesh peers` shows it. */
+export interface PeerRow {
+  id: string;
+  name: string;
+  addr: string;
+  state: string;
+  incarnation: number;
+  /** Milliseconds since this node last heard from the member; null for itself or never. */
+  last_seen_ms: number | null;
+  rtt_ms: number | null;
+  self: boolean;
+  models: string[];
+  slots_busy: number;
+  slots_total: number;
+  kv_used: number;
+  kv_total: number;
+  queue_depth: number;
+}
+
+/** The answer of GET /api/peers. */
+export interface PeersReport {
+  mesh_id: string;
+  node_id: string;
+  members: PeerRow[];
+}
+
+/** Where a node can be reached and which mesh it belongs to. */
+export interface MeshInfo {
+  mesh_id: string;
+  node_id: string;
+  name: string;
+  /** This node's advertised address first, then other live members'. */
+  addrs: string[];
+}
+
+/** What the routes need from the running mesh node. */
+export interface MeshService {
+  /** Handle one inbound peer message; null while the node is still starting. */
+  handler(): ((msg: WireMessage) => Promise<WireMessage>) | null;
+  info(): MeshInfo;
+  peers(): PeersReport;
+}
+
+/** Options of the mesh routes. */
+export interface MeshRoutesOptions {
+  gate: MeshGate;
+  service: MeshService;
+  /** Whether an inference API key is configured (then a request that reached a route already presented one). */
+  apiKeyRequired: boolean;
+  logger: Logger;
+}
+
+const enc = new TextEncoder();
+
+/** The /mesh and /api/peers routes as an Elysia plugin. */
+export function meshRoutes(o: MeshRoutesOptions) {
+  const json = (request: Request, status: number, value: unknown): Response => {
+    const body = enc.encode(JSON.stringify(value));
+    return new Response(body, { status, headers: { "content-type": "application/json", ...o.gate.replyHeaders(request, status, body) } });
+  };
+  const error = (request: Request, e: ApiError) => json(request, e.status, errorBody(e));
+  const refused = () => {
+    const e = meshUnauthorized();
+    return new Response(JSON.stringify(errorBody(e)), { status: e.status, headers: { "content-type": "application/json" } });
+  };
+
+  return new Elysia({ name: "mesh-routes" })
+    .get("/mesh/challenge", () => {
+      const c = o.gate.authority.challenge();
+      return new Response(JSON.stringify({ nonce: c.nonce, ttl_ms: c.ttlMs }), {
+        headers: { "content-type": "application/json", "cache-control": "no-store" },
+      });
+    })
+    .get("/mesh/info", ({ request }) => (o.gate.caller(request) ? json(request, 200, o.service.info()) : refused()))
+    .post(
+      "/mesh/rpc",
+      async ({ request }) => {
+        const caller = o.gate.caller(request);
+        if (!caller) return refused();
+        if (caller.body.byteLength > MAX_MESSAGE_BYTES) {
+          const message = `mesh messages are limited to ${MAX_MESSAGE_BYTES} bytes`;
+          return json(request, 413, { error: { message, type: "invalid_request_error", param: null, code: "request_too_large" } });
+        }
+        let msg: unknown;
+        try {
+          msg = JSON.parse(new TextDecoder().decode(caller.body));
+        } catch {
+          msg = null;
+        }
+        if (!isWireMessage(msg)) {
+          return json(request, 400, {
+            error: { message: "not a mesh message", type: "invalid_request_error", param: null, code: "bad_message" },
+          });
+        }
+        const handle = o.service.handler();
+        if (!handle) {
+          return json(request, 503, { error: { message: "node is starting", type: "server_error", param: null, code: "starting" } });
+        }
+        try {
+          return json(request, 200, await handle(msg));
+        } catch (e) {
+          o.logger.warn("mesh message failed", { type: msg.type, from: caller.nodeId, error: (e as Error)?.message });
+          return json(request, 500, {
+            error: { message: "the message could not be handled", type: "server_error", param: null, code: "handler_failed" },
+          });
+        }
+      },
+      { parse: "none" },
+    )
+    .get("/api/peers", ({ request }) => {
+      // With mesh credentials the gate verified them; without, only a configured (and already checked) API key lets one in.
+      if (!o.gate.caller(request) && !o.apiKeyRequired) return refused();
+      return json(request, 200, o.service.peers());
+    })
+    .all("/mesh/*", ({ request }) =>
+      o.gate.caller(request)
+        ? error(request, new ApiError(404, "invalid_request_error", "unknown mesh route", null, "not_found"))
+        : refused(),
+    );
+}

@@ -1,0 +1,210 @@
+import { afterAll, describe, expect, test } from "bun:test";
+import { silentLogger } from "../../src/log";
+import { meshKeys } from "../../src/mesh/auth";
+import { MeshClient, type MeshClientError } from "../../src/mesh/client";
+import { HttpTransport } from "../../src/mesh/transport-http";
+import type { WireMessage } from "../../src/mesh/wire";
+import { type RunningServer, startServer } from "../../src/server";
+import { TEST_MESH_ID, TEST_SECRET, testMeshHooks } from "../helpers/mesh";
+
+const SECRET = TEST_SECRET;
+const MESH_ID = TEST_MESH_ID;
+
+/** A node with mesh routes and no model; its handler records what it was sent. */
+function node(o: { handle?: (m: WireMessage) => Promise<WireMessage>; ttlMs?: number } = {}) {
+  const seen: WireMessage[] = [];
+  const mesh = testMeshHooks({
+    nodeId: "aaaa",
+    apiKeyRequired: true,
+    ttlMs: o.ttlMs,
+    handle: async (m) => {
+      seen.push(m);
+      return o.handle ? o.handle(m) : { type: "ack", echo: m };
+    },
+  });
+  const server = startServer({
+    host: "127.0.0.1",
+    port: 0,
+    models: [],
+    apiKeys: ["inference-key"],
+    maxBodyBytes: 4 * 1024 * 1024,
+    logger: silentLogger,
+    mesh,
+  });
+  servers.push(server);
+  return { server, seen, addr: `127.0.0.1:${server.port}` };
+}
+
+const servers: RunningServer[] = [];
+afterAll(async () => {
+  for (const s of servers) await s.close();
+});
+
+function countingFetch() {
+  const calls: string[] = [];
+  const f = ((input: string | URL | Request, init?: RequestInit) => {
+    calls.push(new URL(String(input)).pathname);
+    return fetch(input, init);
+  }) as typeof fetch;
+  return { calls, f };
+}
+
+function transport(secret = SECRET, f?: typeof fetch) {
+  const keys = meshKeys(secret);
+  return new HttpTransport(new MeshClient({ keys, nodeId: "bbbb", fetch: f }), keys);
+}
+
+async function rejection(p: Promise<unknown>): Promise<MeshClientError> {
+  try {
+    await p;
+  } catch (e) {
+    return e as MeshClientError;
+  }
+  throw new Error("expected a rejection");
+}
+
+describe("HTTP transport", () => {
+  test("delivers_a_message_and_returns_the_reply", async () => {
+    const n = node();
+    const reply = await transport().request(n.addr, { type: "ping", seq: 1 }, 30_000);
+    expect(reply).toEqual({ type: "ack", echo: { type: "ping", seq: 1 } });
+    expect(n.seen).toEqual([{ type: "ping", seq: 1 }]);
+  });
+
+  test("asks_for_a_challenge_once_then_uses_the_nonces_replies_hand_out", async () => {
+    const n = node();
+    const { calls, f } = countingFetch();
+    const t = transport(SECRET, f);
+    for (let i = 0; i < 5; i++) await t.request(n.addr, { type: "ping", i }, 30_000);
+    expect(calls.filter((p) => p === "/mesh/challenge").length).toBe(1);
+    expect(calls.filter((p) => p === "/mesh/rpc").length).toBe(5);
+  });
+
+  test("wrong_secret_is_refused_and_the_node_sees_nothing", async () => {
+    const n = node();
+    const e = await rejection(transport("somebody else's secret, long enough to pass").request(n.addr, { type: "join" }, 30_000));
+    expect(e.code).toBe("unauthorized");
+    expect(n.seen).toEqual([]);
+    // The refusal says nothing about the mesh.
+    const res = await fetch(`http://${n.addr}/mesh/rpc`, { method: "POST", body: "{}", headers: { "x-mesh-proof": "x" } });
+    const text = await res.text();
+    expect(res.status).toBe(401);
+    expect(text).not.toContain(MESH_ID);
+    expect(text).not.toContain("aaaa");
+  });
+
+  test("mesh_routes_without_credentials_are_401_and_change_nothing", async () => {
+    const n = node();
+    for (const [method, path] of [
+      ["POST", "/mesh/rpc"],
+      ["GET", "/mesh/info"],
+      ["GET", "/api/peers"],
+      ["POST", "/mesh/anything"],
+    ] as const) {
+      const res = await fetch(`http://${n.addr}${path}`, { method, body: method === "POST" ? '{"type":"join"}' : undefined });
+      expect(res.status).toBe(401);
+      expect(await res.text()).not.toContain(MESH_ID);
+    }
+    expect(n.seen).toEqual([]);
+  });
+
+  test("a_replayed_request_is_refused", async () => {
+    const n = node();
+    const keys = meshKeys(SECRET);
+    const captured: Array<{ url: string; init: RequestInit }> = [];
+    const spy = ((input: string, init: RequestInit) => {
+      if (input.endsWith("/mesh/rpc")) captured.push({ url: input, init });
+      return fetch(input, init);
+    }) as typeof fetch;
+    await new HttpTransport(new MeshClient({ keys, nodeId: "bbbb", fetch: spy }), keys).request(n.addr, { type: "once" }, 30_000);
+    const replay = captured[0] as { url: string; init: RequestInit };
+    const res = await fetch(replay.url, { ...replay.init, signal: undefined });
+    expect(res.status).toBe(401);
+    expect(n.seen.length).toBe(1);
+  });
+
+  test("a_pooled_nonce_the_peer_forgot_is_replaced_by_a_fresh_challenge", async () => {
+    const n = node({ ttlMs: 300 });
+    const { calls, f } = countingFetch();
+    const keys = meshKeys(SECRET);
+    // The client trusts pooled nonces for far longer than the peer keeps them.
+    const client = new MeshClient({ keys, nodeId: "bbbb", fetch: f, now: () => 0 });
+    const t = new HttpTransport(client, keys);
+    await t.request(n.addr, { type: "one" }, 30_000);
+    expect(client.pooled(n.addr)).toBe(1);
+    await Bun.sleep(600);
+    expect(await t.request(n.addr, { type: "two" }, 30_000)).toMatchObject({ type: "ack" });
+    expect(calls).toEqual(["/mesh/challenge", "/mesh/rpc", "/mesh/rpc", "/mesh/challenge", "/mesh/rpc"]);
+    expect(n.seen.map((m) => m.type)).toEqual(["one", "two"]);
+  });
+
+  test("a_reply_without_the_peers_proof_is_rejected", async () => {
+    // Something on the path that answers like a mesh node but does not hold the secret.
+    const fake = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch: (r) =>
+        new URL(r.url).pathname === "/mesh/challenge"
+          ? Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 })
+          : Response.json({ type: "ack", members: ["forged"] }),
+    });
+    try {
+      const e = await rejection(transport().request(`127.0.0.1:${fake.port}`, { type: "ping" }, 30_000));
+      expect(e.code).toBe("bad_reply");
+    } finally {
+      fake.stop(true);
+    }
+  });
+
+  test("a_message_over_the_size_limit_is_refused_before_the_handler", async () => {
+    const n = node();
+    const keys = meshKeys(SECRET);
+    // A client allowing itself bigger messages than the server does.
+    const t = new HttpTransport(new MeshClient({ keys, nodeId: "bbbb" }), keys, 8 * 1024 * 1024);
+    const e = await rejection(t.request(n.addr, { type: "big", pad: "x".repeat(2 * 1024 * 1024) }, 60_000));
+    expect(e.code).toBe("bad_reply");
+    expect(e.message).toContain("413");
+    expect(n.seen).toEqual([]);
+  });
+
+  test("a_peer_that_does_not_answer_in_time_is_a_timeout", async () => {
+    const n = node({ handle: () => new Promise(() => {}) });
+    const e = await rejection(transport().request(n.addr, { type: "slow" }, 300));
+    expect(e.code).toBe("timeout");
+  });
+
+  test("an_unreachable_peer_is_unreachable", async () => {
+    const probe = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response() });
+    const port = probe.port;
+    probe.stop(true);
+    const e = await rejection(transport().request(`127.0.0.1:${port}`, { type: "ping" }, 30_000));
+    expect(e.code).toBe("unreachable");
+  });
+
+  test("mesh_credentials_open_the_admin_view_without_the_api_key", async () => {
+    const n = node();
+    const keys = meshKeys(SECRET);
+    const client = new MeshClient({ keys, nodeId: "cli-test" });
+    const { response } = await client.send(n.addr, "GET", "/api/peers", new Uint8Array());
+    expect(response.status).toBe(200);
+    expect(await response.json()).toMatchObject({ mesh_id: MESH_ID });
+    const withKey = await fetch(`http://${n.addr}/api/peers`, { headers: { authorization: "Bearer inference-key" } });
+    expect(withKey.status).toBe(200);
+    const without = await fetch(`http://${n.addr}/api/peers`);
+    expect(without.status).toBe(401);
+  });
+});
+
+describe("mesh client bounds", () => {
+  test("keeps_nonces_for_a_bounded_number_of_peers", async () => {
+    const n = node();
+    const keys = meshKeys(SECRET);
+    const client = new MeshClient({ keys, nodeId: "bbbb", maxPeers: 2, poolSize: 3 });
+    const t = new HttpTransport(client, keys);
+    for (let i = 0; i < 6; i++) await t.request(n.addr, { type: "ping" }, 30_000);
+    expect(client.pooled(n.addr)).toBeLessThanOrEqual(3);
+    // Same node under three names: only the two most recently used are remembered.
+    for (const host of ["127.0.0.1", "localhost", "127.0.0.1"]) await t.request(`${host}:${n.server.port}`, { type: "ping" }, 30_000);
+    expect(client.peers).toBeLessThanOrEqual(2);
+  });
+});

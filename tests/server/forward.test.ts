@@ -1,0 +1,266 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import OpenAI from "openai";
+import { silentLogger } from "../../src/log";
+import type { WorkerInfo } from "../../src/mesh/wire";
+import { type RunningServer, ServedModel, startServer } from "../../src/server";
+import { testMeshHooks, workerRecord } from "../helpers/mesh";
+import { tinyModel } from "../helpers/model";
+
+// A (no model, API key "ka") forwards to B (the tiny model, API key "kb").
+let model: ServedModel;
+let a: RunningServer;
+let b: RunningServer;
+let hooksA: ReturnType<typeof testMeshHooks>;
+let workers: WorkerInfo[] = [];
+const closeAfter: Array<() => unknown> = [];
+
+async function closedPort(): Promise<number> {
+  const s = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response() });
+  const port = s.port as number;
+  s.stop(true);
+  return port;
+}
+
+beforeAll(async () => {
+  model = ServedModel.start({ modelPath: await tinyModel(), nCtx: 8192, nParallel: 2, threads: 2 });
+  await model.ready;
+  const hooksB = testMeshHooks({ nodeId: "bbbb", apiKeyRequired: true });
+  b = startServer({
+    host: "127.0.0.1",
+    port: 0,
+    models: [model],
+    apiKeys: ["kb"],
+    maxBodyBytes: 1 << 20,
+    logger: silentLogger,
+    mesh: hooksB,
+  });
+  hooksA = testMeshHooks({ nodeId: "aaaa", apiKeyRequired: true, workers: () => workers });
+  a = startServer({ host: "127.0.0.1", port: 0, models: [], apiKeys: ["ka"], maxBodyBytes: 1 << 20, logger: silentLogger, mesh: hooksA });
+});
+
+afterAll(async () => {
+  for (const c of closeAfter) await c();
+  await a?.close();
+  await b?.close();
+  await model?.close();
+});
+
+const onB = () => workerRecord({ id: "w-b", nodeId: "bbbb", addr: `127.0.0.1:${b.port}` });
+const clientA = (key = "ka") => new OpenAI({ baseURL: `${a.url}/v1`, apiKey: key, maxRetries: 0 });
+
+describe("forwarding to the peer that serves the model", () => {
+  test("answers_non_stream_and_stream_through_the_openai_client", async () => {
+    workers = [onB()];
+    const r = await clientA().chat.completions.create({ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }], max_tokens: 4 });
+    expect(r.object).toBe("chat.completion");
+    expect(r.usage?.completion_tokens).toBeGreaterThan(0);
+    const stream = await clientA().chat.completions.create({
+      model: "mesh-tiny",
+      messages: [{ role: "user", content: "hi" }],
+      max_tokens: 6,
+      ignore_eos: true,
+      stream: true,
+      stream_options: { include_usage: true },
+    } as OpenAI.ChatCompletionCreateParamsStreaming);
+    let chunks = 0;
+    let usage: OpenAI.CompletionUsage | null | undefined = null;
+    for await (const c of stream) {
+      chunks++;
+      usage = c.usage ?? usage;
+    }
+    expect(chunks).toBeGreaterThan(1);
+    expect(usage?.completion_tokens).toBe(6);
+    const c = await clientA().completions.create({ model: "mesh-tiny", prompt: "once upon", max_tokens: 3 });
+    expect(c.object).toBe("text_completion");
+  });
+
+  test("the_body_reaches_the_peer_unchanged_and_a_peer_error_keeps_its_status", async () => {
+    workers = [onB()];
+    // B refuses the value; its 400 (with B's param) comes back as is.
+    const res = await fetch(`${a.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer ka", "content-type": "application/json" },
+      body: JSON.stringify({ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }], n: 3 }),
+    });
+    expect(res.status).toBe(400);
+    expect(((await res.json()) as { error: { param: string } }).error.param).toBe("n");
+  });
+
+  test("the_inference_key_of_the_first_node_is_still_required_and_the_peers_is_not_needed", async () => {
+    workers = [onB()];
+    const refused = await clientA("wrong")
+      .chat.completions.create({ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }] })
+      .then(
+        () => null,
+        (e: { status?: number }) => e,
+      );
+    expect(refused?.status).toBe(401);
+    // B's own key is "kb": a client with only A's key gets its answer from B anyway (mesh auth between the nodes).
+    const r = await clientA("ka").chat.completions.create({
+      model: "mesh-tiny",
+      messages: [{ role: "user", content: "hi" }],
+      max_tokens: 2,
+    });
+    expect(r.choices.length).toBe(1);
+  });
+
+  test("a_model_no_node_serves_is_404_in_openai_shape", async () => {
+    workers = [onB()];
+    const res = await fetch(`${a.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer ka", "content-type": "application/json" },
+      body: JSON.stringify({ model: "nobody-serves-this", messages: [{ role: "user", content: "hi" }] }),
+    });
+    expect(res.status).toBe(404);
+    expect(await res.json()).toEqual({
+      error: {
+        message: "The model 'nobody-serves-this' does not exist",
+        type: "invalid_request_error",
+        param: "model",
+        code: "model_not_found",
+      },
+    });
+  });
+
+  test("a_peer_that_fails_before_answering_is_replaced_once_by_another", async () => {
+    // The dead worker looks idler, so it is tried first.
+    workers = [{ ...onB(), slotsBusy: 1 }, workerRecord({ id: "w-dead", nodeId: "dddd", addr: `127.0.0.1:${await closedPort()}` })];
+    const before = hooksA.forwarder.stats();
+    const r = await clientA().chat.completions.create({ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }], max_tokens: 2 });
+    expect(r.choices.length).toBe(1);
+    const after = hooksA.forwarder.stats();
+    expect(after.retried - before.retried).toBe(1);
+    expect(after.forwarded - before.forwarded).toBe(1);
+  });
+
+  test("two_failing_peers_are_a_502_not_a_hang", async () => {
+    workers = [
+      workerRecord({ id: "w-d1", nodeId: "d1d1", addr: `127.0.0.1:${await closedPort()}` }),
+      workerRecord({ id: "w-d2", nodeId: "d2d2", addr: `127.0.0.1:${await closedPort()}` }),
+    ];
+    const res = await fetch(`${a.url}/v1/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer ka", "content-type": "application/json" },
+      body: JSON.stringify({ model: "mesh-tiny", prompt: "x" }),
+    });
+    expect(res.status).toBe(502);
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe("upstream_failed");
+    expect(hooksA.forwarder.stats().active).toBe(0);
+  });
+
+  test("a_forwarded_request_is_never_forwarded_again", async () => {
+    workers = [onB()];
+    // Signed as mesh traffic, as a peer would send it: A does not serve the model, so 404, not another hop.
+    const { response } = await hooksA.client.send(
+      `127.0.0.1:${a.port}`,
+      "POST",
+      "/v1/chat/completions",
+      new TextEncoder().encode(JSON.stringify({ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }] })),
+      { headers: { "content-type": "application/json" } },
+    );
+    expect(response.status).toBe(404);
+    expect(hooksA.forwarder.stats().active).toBe(0);
+  });
+
+  test("bad_mesh_credentials_on_a_v1_request_are_401_even_with_a_good_api_key", async () => {
+    workers = [onB()];
+    const res = await fetch(`${b.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: {
+        authorization: "Bearer kb",
+        "content-type": "application/json",
+        "x-mesh-proof": "forged",
+        "x-mesh-node": "x",
+        "x-mesh-nonce": "y",
+      },
+      body: JSON.stringify({ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }] }),
+    });
+    expect(res.status).toBe(401);
+  });
+
+  test("a_client_that_disconnects_cancels_the_peers_generation", async () => {
+    workers = [onB()];
+    const abort = new AbortController();
+    const stream = await clientA().chat.completions.create(
+      {
+        model: "mesh-tiny",
+        messages: [{ role: "user", content: "go on forever" }],
+        max_tokens: 7000,
+        ignore_eos: true,
+        stream: true,
+      } as OpenAI.ChatCompletionCreateParamsStreaming,
+      { signal: abort.signal },
+    );
+    let n = 0;
+    try {
+      for await (const _ of stream) if (++n === 3) abort.abort();
+    } catch {
+      // the abort ends the iteration
+    }
+    // B stops generating: its slot frees long before 7000 tokens could be produced.
+    const deadline = Date.now() + 120_000;
+    while ((model.engine?.inFlight ?? 1) > 0 && Date.now() < deadline) await Bun.sleep(50);
+    expect(model.engine?.inFlight).toBe(0);
+    const metrics = await (await fetch(`${b.url}/metrics`, { headers: { authorization: "Bearer kb" } })).text();
+    const generated = Number(/^mesh_completion_tokens_total (\d+)/m.exec(metrics)?.[1] ?? "0");
+    expect(generated).toBeLessThan(7000);
+    const until = Date.now() + 30_000;
+    while (hooksA.forwarder.stats().active > 0 && Date.now() < until) await Bun.sleep(50);
+    expect(hooksA.forwarder.stats().active).toBe(0);
+  });
+
+  test("a_peer_that_breaks_off_mid_stream_ends_the_stream_with_an_error_event", async () => {
+    // A peer that starts an SSE answer and then drops the connection.
+    const broken = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch: (r) => {
+        if (new URL(r.url).pathname === "/mesh/challenge") return Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 });
+        let sent = false;
+        const body = new ReadableStream({
+          async pull(c) {
+            if (sent) {
+              // Long enough for the first event to reach the client.
+              await Bun.sleep(300);
+              broken.stop(true);
+              return;
+            }
+            sent = true;
+            c.enqueue(new TextEncoder().encode('data: {"id":"x","object":"chat.completion.chunk","choices":[]}\n\n'));
+          },
+        });
+        return new Response(body, { headers: { "content-type": "text/event-stream" } });
+      },
+    });
+    closeAfter.push(() => broken.stop(true));
+    workers = [workerRecord({ id: "w-broken", nodeId: "eeee", addr: `127.0.0.1:${broken.port}` })];
+    const res = await fetch(`${a.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer ka", "content-type": "application/json" },
+      body: JSON.stringify({ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }], stream: true }),
+    });
+    const text = await res.text();
+    expect(text).toContain("chat.completion.chunk");
+    expect(text).toContain("upstream_failed");
+    expect(text).not.toContain("[DONE]");
+  });
+});
+
+describe("/v1/models across the mesh", () => {
+  test("lists_models_served_elsewhere_with_their_nodes", async () => {
+    workers = [onB(), workerRecord({ id: "w-c", nodeId: "cccc", addr: "127.0.0.1:9", models: ["other-model"] })];
+    const list = (await (await fetch(`${a.url}/v1/models`, { headers: { authorization: "Bearer ka" } })).json()) as {
+      object: string;
+      data: Array<{ id: string; object: string; nodes: Array<{ node_id: string }> }>;
+    };
+    expect(list.object).toBe("list");
+    const ids = list.data.map((m) => m.id).sort();
+    expect(ids).toEqual(["mesh-tiny", "other-model"]);
+    expect(list.data.find((m) => m.id === "mesh-tiny")?.nodes.map((n) => n.node_id)).toEqual(["bbbb"]);
+    expect(list.data.every((m) => m.object === "model")).toBe(true);
+    // The openai client reads the same list.
+    const models = [];
+    for await (const m of clientA().models.list()) models.push(m.id);
+    expect(models.sort()).toEqual(["mesh-tiny", "other-model"]);
+  });
+});
