@@ -1,6 +1,6 @@
-// A llama-server child process for side-by-side benchmarks: started on a free
-// loopback port, ready once /health answers 200, and always killed when this
-// process ends (normal exit, thrown error, SIGINT/SIGTERM/SIGHUP).
+// A server child process for benchmarks (llama-server, or a mesh node):
+// started on a free loopback port, ready once /health answers 200, and always
+// killed when this process ends (normal exit, thrown error, SIGINT/SIGTERM/SIGHUP).
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
@@ -8,10 +8,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { nativeBuildDir } from "../engine/library";
 
-/** How to start llama-server. */
+/** How to start the server. */
 export interface LlamaServerOptions {
-  /** Path of the llama-server executable. */
+  /** Path of the executable (llama-server, or bun / the mesh executable). */
   binary: string;
+  /** Name in error messages. Default "llama-server". */
+  name?: string;
   /** Arguments besides --host/--port (model, threads, context...). */
   args: string[];
   /** Give up when /health is not ready after this long (model load included). */
@@ -85,7 +87,7 @@ function untrack(c: ChildProcess): void {
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
-/** A running llama-server; call stop() when done (it is also killed when this process exits). */
+/** A running server process; call stop() when done (it is also killed when this process exits). */
 export class LlamaServer {
   private exited: Promise<void>;
   private hasExited = false;
@@ -98,6 +100,7 @@ export class LlamaServer {
     /** File receiving the server's stdout and stderr. */
     readonly logFile: string,
     private readonly logDir: string,
+    private readonly name: string,
   ) {
     this.exited = new Promise((resolve) => {
       const gone = () => {
@@ -119,9 +122,9 @@ export class LlamaServer {
     return this.child.pid;
   }
 
-  /** Start llama-server on a free loopback port and wait until /health says it is ready. */
+  /** Start the server on a free loopback port (it must take --host and --port) and wait until /health says it is ready. */
   static async start(opts: LlamaServerOptions): Promise<LlamaServer> {
-    if (!existsSync(opts.binary)) throw new Error(`llama-server not found at ${opts.binary}`);
+    if (!existsSync(opts.binary)) throw new Error(`${opts.name ?? "llama-server"} not found at ${opts.binary}`);
     // Another process may take the port between freePort() and the child's bind: retry on a fresh one.
     let lastError: Error | null = null;
     for (let attempt = 0; attempt < 3; attempt++) {
@@ -131,12 +134,12 @@ export class LlamaServer {
         return server;
       } catch (e) {
         lastError = e as Error;
-        const bindFailed = /bind|address already in use/i.test(server.logTail());
+        const bindFailed = /bind|already in use/i.test(server.logTail());
         await server.stop();
         if (!bindFailed) break;
       }
     }
-    throw lastError ?? new Error("llama-server did not start");
+    throw lastError ?? new Error(`${opts.name ?? "llama-server"} did not start`);
   }
 
   private static spawn(opts: LlamaServerOptions, port: number): LlamaServer {
@@ -149,7 +152,7 @@ export class LlamaServer {
         stdio: ["ignore", fd, fd],
       });
       track(child, logDir);
-      return new LlamaServer(child, `http://127.0.0.1:${port}`, logFile, logDir);
+      return new LlamaServer(child, `http://127.0.0.1:${port}`, logFile, logDir, opts.name ?? "llama-server");
     } finally {
       closeSync(fd);
     }
@@ -158,8 +161,8 @@ export class LlamaServer {
   private async waitReady(timeoutMs: number): Promise<void> {
     const deadline = Date.now() + timeoutMs;
     while (Date.now() < deadline) {
-      if (this.spawnError) throw new Error(`llama-server could not be started: ${this.spawnError.message}`);
-      if (this.hasExited) throw new Error(`llama-server exited during startup:\n${this.logTail()}`);
+      if (this.spawnError) throw new Error(`${this.name} could not be started: ${this.spawnError.message}`);
+      if (this.hasExited) throw new Error(`${this.name} exited during startup:\n${this.logTail()}`);
       try {
         const res = await fetch(`${this.url}/health`, { signal: AbortSignal.timeout(2000), keepalive: false });
         await res.arrayBuffer();
@@ -170,7 +173,7 @@ export class LlamaServer {
       }
       await sleep(200);
     }
-    throw new Error(`llama-server was not ready after ${Math.round(timeoutMs / 1000)} s:\n${this.logTail()}`);
+    throw new Error(`${this.name} was not ready after ${Math.round(timeoutMs / 1000)} s:\n${this.logTail()}`);
   }
 
   /** Last lines of the server's log (for error messages). */
