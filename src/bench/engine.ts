@@ -5,8 +5,10 @@
 //   bun run src/bench/engine.ts [--model PATH|bench|tiny] [--threads N] [--ctx N] [--parallel N]
 //     [--prompt-tokens N] [--prefix-tokens N] [--gen-tokens N] [--repeats N] [--no-compare] [--json]
 //
-// The two targets run one after the other, never together: on a small machine
-// they would compete for the same cores.
+// Both targets stay loaded and take turns repeat by repeat (mesh, llama-server,
+// mesh, ...), never working at the same time: on a small machine they would
+// compete for the same cores, and alternating spreads the machine's drift
+// over both instead of landing it on whichever ran second.
 import { existsSync } from "node:fs";
 import { availableParallelism, cpus } from "node:os";
 import { parseArgs } from "node:util";
@@ -84,8 +86,10 @@ export interface BenchFigure {
   higherIsBetter: boolean;
   mesh: number;
   llamaServer: number | null;
-  /** > 1 means mesh is better: mesh/llama-server for rates, llama-server/mesh for times. */
+  /** > 1 means mesh is better: mesh/llama-server for rates, llama-server/mesh for times (ratio of the medians). */
   ratio: number | null;
+  /** The median of the per-repeat ratios (each repeat ran back to back on both targets); same direction. */
+  pairedRatio: number | null;
 }
 
 /** The benchmark's result. */
@@ -364,66 +368,98 @@ async function buildPrompts(engine: Engine, c: EngineBenchConfig): Promise<Promp
 const seconds = (ms: number) => Math.max(ms, 1e-3) / 1000;
 const fmt = (x: number) => (x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2));
 
-async function measure(name: string, t: Target, p: PromptSet, c: EngineBenchConfig, log: (s: string) => void): Promise<TargetResult> {
+/** Samples of one target, filled one repeat at a time. */
+interface Collected {
+  prefill: number[];
+  promptPerSecond: number[];
+  decode: number[];
+  predictedPerSecond: number[];
+  aggregate: number[];
+  ttft: number[];
+  cached: number[];
+}
+
+const collected = (): Collected => ({
+  prefill: [],
+  promptPerSecond: [],
+  decode: [],
+  predictedPerSecond: [],
+  aggregate: [],
+  ttft: [],
+  cached: [],
+});
+
+async function warmUp(name: string, t: Target, p: PromptSet, c: EngineBenchConfig, log: (s: string) => void): Promise<void> {
   log(`${name}: warm-up`);
   await t.generate(p.warmup, Math.min(16, c.genTokens));
+}
 
-  const prefill: number[] = [];
-  const promptPerSecond: number[] = [];
-  for (const [i, prompt] of p.prefill.entries()) {
-    const r = await t.generate(prompt, 1);
-    // With one token to generate, time to first token is the prefill (plus one sampling).
-    const v = (prompt.length - r.cachedTokens) / seconds(r.firstToken - r.start);
-    prefill.push(v);
-    if (r.server) promptPerSecond.push(r.server.promptPerSecond);
-    log(`${name}: prefill ${i + 1}/${c.repeats}: ${fmt(v)} tok/s (${prompt.length - r.cachedTokens} tokens uncached)`);
-  }
+// Repeat i of every figure on one target: one sample each.
+async function measureRepeat(
+  name: string,
+  t: Target,
+  p: PromptSet,
+  c: EngineBenchConfig,
+  i: number,
+  into: Collected,
+  log: (s: string) => void,
+): Promise<void> {
+  const n = `${i + 1}/${c.repeats}`;
+  const prompt = p.prefill[i] as number[];
+  let r = await t.generate(prompt, 1);
+  // With one token to generate, time to first token is the prefill (plus one sampling).
+  const pf = (prompt.length - r.cachedTokens) / seconds(r.firstToken - r.start);
+  into.prefill.push(pf);
+  if (r.server) into.promptPerSecond.push(r.server.promptPerSecond);
+  log(`${name}: prefill ${n}: ${fmt(pf)} tok/s (${prompt.length - r.cachedTokens} tokens uncached)`);
 
-  const decode: number[] = [];
-  const predictedPerSecond: number[] = [];
-  for (const [i, prompt] of p.decode.entries()) {
-    const r = await t.generate(prompt, c.genTokens);
-    const v = (r.completionTokens - r.firstIndex) / seconds(r.end - r.firstToken);
-    decode.push(v);
-    if (r.server) predictedPerSecond.push(r.server.predictedPerSecond);
-    log(`${name}: decode ${i + 1}/${c.repeats}: ${fmt(v)} tok/s (${r.completionTokens} tokens)`);
-  }
+  r = await t.generate(p.decode[i] as number[], c.genTokens);
+  const dv = (r.completionTokens - r.firstIndex) / seconds(r.end - r.firstToken);
+  into.decode.push(dv);
+  if (r.server) into.predictedPerSecond.push(r.server.predictedPerSecond);
+  log(`${name}: decode ${n}: ${fmt(dv)} tok/s (${r.completionTokens} tokens)`);
 
-  const aggregate: number[] = [];
-  for (const [i, prompts] of p.aggregate.entries()) {
-    const rs = await Promise.all(prompts.map((prompt) => t.generate(prompt, c.genTokens)));
-    const tokens = rs.reduce((n, r) => n + r.completionTokens - r.firstIndex, 0);
-    const window = Math.max(...rs.map((r) => r.end)) - Math.min(...rs.map((r) => r.firstToken));
-    const v = tokens / seconds(window);
-    aggregate.push(v);
-    log(`${name}: ${c.parallel}-stream decode ${i + 1}/${c.repeats}: ${fmt(v)} tok/s`);
-  }
+  const rs = await Promise.all((p.aggregate[i] as number[][]).map((q) => t.generate(q, c.genTokens)));
+  const tokens = rs.reduce((sum, x) => sum + x.completionTokens - x.firstIndex, 0);
+  const window = Math.max(...rs.map((x) => x.end)) - Math.min(...rs.map((x) => x.firstToken));
+  const ag = tokens / seconds(window);
+  into.aggregate.push(ag);
+  log(`${name}: ${c.parallel}-stream decode ${n}: ${fmt(ag)} tok/s`);
 
-  const ttft: number[] = [];
-  const cached: number[] = [];
-  for (const [i, prefix] of p.prefix.entries()) {
-    await t.generate(prefix, 1);
-    const r = await t.generate([...prefix, ...(p.suffix[i] as number[])], 1);
-    const ms = r.firstToken - r.start;
-    ttft.push(ms);
-    cached.push(r.cachedTokens);
-    log(
-      `${name}: cached-prefix TTFT ${i + 1}/${c.repeats}: ${fmt(ms)} ms (${r.cachedTokens} of ${prefix.length + (p.suffix[i]?.length ?? 0)} cached)`,
-    );
-    if (r.cachedTokens < prefix.length / 2) log(`${name}: warning: the prefix was not served from cache`);
-  }
+  const prefix = p.prefix[i] as number[];
+  await t.generate(prefix, 1);
+  r = await t.generate([...prefix, ...(p.suffix[i] as number[])], 1);
+  const ms = r.firstToken - r.start;
+  into.ttft.push(ms);
+  into.cached.push(r.cachedTokens);
+  log(`${name}: cached-prefix TTFT ${n}: ${fmt(ms)} ms (${r.cachedTokens} of ${prefix.length + (p.suffix[i]?.length ?? 0)} cached)`);
+  if (r.cachedTokens < prefix.length / 2) log(`${name}: warning: the prefix was not served from cache`);
+}
 
-  const result: TargetResult = {
-    prefillTokensPerSecond: samples(prefill),
-    decodeTokensPerSecond: samples(decode),
-    aggregateDecodeTokensPerSecond: samples(aggregate),
-    cachedTtftMs: samples(ttft),
-    cachedTokens: cached,
+function result(x: Collected): TargetResult {
+  const out: TargetResult = {
+    prefillTokensPerSecond: samples(x.prefill),
+    decodeTokensPerSecond: samples(x.decode),
+    aggregateDecodeTokensPerSecond: samples(x.aggregate),
+    cachedTtftMs: samples(x.ttft),
+    cachedTokens: x.cached,
   };
-  if (promptPerSecond.length > 0) {
-    result.serverTimings = { promptPerSecond: samples(promptPerSecond), predictedPerSecond: samples(predictedPerSecond) };
+  if (x.promptPerSecond.length > 0) {
+    out.serverTimings = { promptPerSecond: samples(x.promptPerSecond), predictedPerSecond: samples(x.predictedPerSecond) };
   }
-  return result;
+  return out;
+}
+
+/** Median over repeats of the per-repeat ratio (> 1 = mesh better); null without a pair. */
+export function pairedRatio(mesh: number[], llama: number[], higherIsBetter: boolean): number | null {
+  const rs: number[] = [];
+  for (let i = 0; i < Math.min(mesh.length, llama.length); i++) {
+    const m = mesh[i] as number;
+    const l = llama[i] as number;
+    const r = higherIsBetter ? m / l : l / m;
+    if (Number.isFinite(r)) rs.push(r);
+  }
+  return rs.length === 0 ? null : median(rs);
 }
 
 function llamaServerArgs(c: EngineBenchConfig, modelPath: string): string[] {
@@ -451,7 +487,7 @@ export async function resolveModel(model: string): Promise<string> {
   return model;
 }
 
-/** Run the benchmark: mesh's engine, then (unless compare is false) llama-server, one after the other. */
+/** Run the benchmark: mesh's engine and (unless compare is false) llama-server, both loaded, alternating repeat by repeat. */
 export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<EngineBenchReport> {
   const c = resolveEngineBenchOptions(opts);
   const log = opts.onProgress ?? ((s: string) => process.stderr.write(`[bench] ${s}\n`));
@@ -476,38 +512,44 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
     threadsBatch: c.threads,
     flashAttn: FLASH_ATTN[c.flashAttn],
   });
-  let prompts: PromptSet;
-  let mesh: TargetResult;
   const info = engine.info;
+  const meshSamples = collected();
+  const llamaSamples = collected();
+  let server: LlamaServer | null = null;
   try {
-    prompts = await buildPrompts(engine, c);
-    mesh = await measure("mesh", meshTarget(engine), prompts, c, log);
+    const prompts = await buildPrompts(engine, c);
+    const sides: Array<{ name: string; target: Target; into: Collected }> = [
+      { name: "mesh", target: meshTarget(engine), into: meshSamples },
+    ];
+    if (c.compare) {
+      // Both stay loaded for the whole run; only one of them works at any moment.
+      log(`llama-server: starting ${c.llamaServer}`);
+      server = await LlamaServer.start({ binary: c.llamaServer, args: serverArgs });
+      log(`llama-server: ready at ${server.url} (pid ${server.pid})`);
+      sides.push({ name: "llama-server", target: llamaTarget(server.url), into: llamaSamples });
+    }
+    for (const s of sides) await warmUp(s.name, s.target, prompts, c, log);
+    // Alternate the targets repeat by repeat, so drift of the machine lands on both.
+    for (let i = 0; i < c.repeats; i++) {
+      for (const s of sides) await measureRepeat(s.name, s.target, prompts, c, i, s.into, log);
+    }
+  } catch (e) {
+    // The log goes away with the server: keep its end for the error report.
+    throw server ? new Error(`${(e as Error).message}\nllama-server log (last lines):\n${server.logTail()}`) : e;
   } finally {
-    // Free its threads and memory before the other target starts.
+    await server?.stop();
     await engine.close();
   }
-
-  let llama: TargetResult | null = null;
-  if (c.compare) {
-    log(`llama-server: starting ${c.llamaServer}`);
-    const server = await LlamaServer.start({ binary: c.llamaServer, args: serverArgs });
-    try {
-      log(`llama-server: ready at ${server.url} (pid ${server.pid})`);
-      llama = await measure("llama-server", llamaTarget(server.url), prompts, c, log);
-    } catch (e) {
-      // The log goes away with the server: keep its end for the error report.
-      throw new Error(`${(e as Error).message}\nllama-server log (last lines):\n${server.logTail()}`);
-    } finally {
-      await server.stop();
-    }
-  }
+  const mesh = result(meshSamples);
+  const llama = c.compare ? result(llamaSamples) : null;
 
   const figure = (key: FigureKey, label: string, unit: "tok/s" | "ms", pick: (r: TargetResult) => Samples): BenchFigure => {
     const higherIsBetter = unit === "tok/s";
     const m = pick(mesh).median;
     const l = llama ? pick(llama).median : null;
     const ratio = l === null ? null : higherIsBetter ? m / l : l / m;
-    return { key, label, unit, higherIsBetter, mesh: m, llamaServer: l, ratio };
+    const paired = llama ? pairedRatio(pick(mesh).samples, pick(llama).samples, higherIsBetter) : null;
+    return { key, label, unit, higherIsBetter, mesh: m, llamaServer: l, ratio, pairedRatio: paired };
   };
   return {
     date: new Date().toISOString(),
@@ -528,21 +570,21 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
 /** The report as a Markdown table (figure | mesh | llama-server | ratio, >1 = mesh better). */
 export function formatEngineBenchTable(r: EngineBenchReport): string {
   const rows = [
-    "| figure | mesh | llama-server | mesh vs llama-server |",
-    "| --- | ---: | ---: | ---: |",
+    "| figure | mesh | llama-server | mesh vs llama-server | paired ratio |",
+    "| --- | ---: | ---: | ---: | ---: |",
     ...r.figures.map(
       (f) =>
         `| ${f.label} (${f.unit}) | ${fmt(f.mesh)} | ${f.llamaServer === null ? "-" : fmt(f.llamaServer)} | ${
           f.ratio === null ? "-" : `${f.ratio.toFixed(2)}x`
-        } |`,
+        } | ${f.pairedRatio === null ? "-" : `${f.pairedRatio.toFixed(2)}x`} |`,
     ),
   ];
   const c = r.config;
   return [
     ...rows,
     "",
-    "ratio > 1 means mesh is better (tok/s: mesh / llama-server; ms: llama-server / mesh); medians of " +
-      `${c.repeats} run(s); threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch}, flash-attn ${c.flashAttn}`,
+    "ratio > 1 means mesh is better (tok/s: mesh / llama-server; ms: llama-server / mesh): of the medians, and the median of " +
+      `the per-repeat ratios (paired); ${c.repeats} run(s) each, alternating targets; threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch}, flash-attn ${c.flashAttn}`,
     "",
   ].join("\n");
 }
