@@ -2,6 +2,7 @@
 // The `mesh` command line: parses, runs a command, prints, exits.
 import { Command, CommanderError, Option } from "commander";
 import pkg from "../../package.json" with { type: "json" };
+import { registerBench } from "./bench";
 import { serve } from "./serve";
 import { intOption, UsageError } from "./usage";
 
@@ -63,13 +64,16 @@ Then:
       process.exitCode = await serve(opts);
     });
 
+  registerBench(p);
+
   p.addHelpText(
     "after",
     `
 Examples:
   mesh serve                      # serve the built-in demo model
   mesh serve --model ./model.gguf # serve a real GGUF model
-  mesh serve --help               # every serve option`,
+  mesh serve --help               # every serve option
+  mesh bench kv-pressure --tiny   # overlapping agent loops against a node it starts`,
   );
   return p;
 }

@@ -1,0 +1,179 @@
+// `mesh bench kv-pressure` and `mesh bench engine`: parse flags, run the
+// benchmark, print its table (or JSON) on stdout; progress goes to stderr.
+import { type Command, Option } from "commander";
+import {
+  BenchUsageError,
+  type EngineBenchOptions,
+  formatEngineBenchTable,
+  resolveEngineBenchOptions,
+  runEngineBench,
+} from "../bench/engine";
+import { type KvPressureOptions, runKvPressure } from "../bench/kv-pressure";
+import { formatTable } from "../bench/report";
+import { intOption, UsageError } from "./usage";
+
+function collect(v: string, prev: string[]): string[] {
+  return [...prev, v];
+}
+
+// Benchmark modules report bad options as their own error type; the CLI's is UsageError (exit 2).
+async function asUsage<T>(f: () => Promise<T>): Promise<T> {
+  try {
+    return await f();
+  } catch (e) {
+    if (e instanceof BenchUsageError) throw new UsageError(e.message);
+    throw e;
+  }
+}
+
+const KV_HELP = `
+Each loop is an agent: a long system prefix shared by all loops, then turns of
+user message -> model reply (tools offered, fixed length) -> our tool call and a
+large tool result, growing towards the context limit. Loops start staggered and
+overlap; streaming and non-streaming requests are mixed; 429s are retried after
+Retry-After. The same seed gives byte-identical requests to every target.
+
+Reports per target: requests, successes, 429s, 5xx, decode failures, TTFT and
+end-to-end p50/p95, cached-token ratio per turn, same-prefix reuse, exact-repeat
+reuse, evictions; writes summary.json, summary.md and chart.svg to --out.
+
+Examples:
+  mesh bench kv-pressure                            # mesh node on the bench model, ctx 8192, 4 slots, 8 loops
+  mesh bench kv-pressure --compare llama-server     # the same workload on llama-server, one after the other
+  mesh bench kv-pressure --tiny --out /tmp/kv       # CI-sized run on the tiny test model (seconds)
+  mesh bench kv-pressure --url http://10.0.0.5:9337 --api-key "$KEY" --loops 16
+  mesh bench kv-pressure --model ./qwen2.5-7b-q4_k_m.gguf --ctx-size 32768 --parallel 8 --turns 10
+  mesh bench kv-pressure --serve-arg=--queue-capacity --serve-arg=16   # extra flags for the mesh node`;
+
+const ENGINE_HELP = `
+Loads mesh's engine in-process and llama-server (built from the same vendored
+llama.cpp) side by side, on the same GGUF, threads, context, slots and batch
+sizes, and alternates their repeats (mesh, llama-server, mesh, ...) so machine
+drift lands on both. Reports per-figure medians and mesh/llama-server ratios
+(> 1 means mesh is better).
+
+Examples:
+  bun run build.ts native --with-llama-server       # once
+  mesh bench engine                                 # bench model, 3 repeats, table on stdout
+  mesh bench engine --repeats 5 --json > engine.json
+  mesh bench engine --model tiny --no-compare       # mesh only, seconds`;
+
+/** Register `mesh bench` and its subcommands on the program. */
+export function registerBench(p: Command): void {
+  const bench = p
+    .command("bench")
+    .description("benchmarks: overlapping agent loops under KV pressure, and the engine against llama-server")
+    .addHelpText(
+      "after",
+      `
+Examples:
+  mesh bench kv-pressure --help
+  mesh bench kv-pressure --compare llama-server
+  mesh bench engine --repeats 5`,
+    );
+
+  bench
+    .command("kv-pressure")
+    .description("drive overlapping agent tool loops against a node and report KV reuse, 429s and failures")
+    .option(
+      "-m, --model <path|name>",
+      "GGUF file or generated model (bench, tiny) for targets started here; with --url, the model id to request",
+    )
+    .option("--url <url>", "drive this OpenAI-compatible endpoint instead of starting a mesh node")
+    .option("--api-key <key>", "bearer key for --url")
+    .addOption(new Option("--compare <server>", "also run the workload on llama-server (same model, ctx, slots)").choices(["llama-server"]))
+    .option("--llama-server <path>", "llama-server executable (default: vendor/llama.cpp/build/cpu/bin/llama-server)")
+    .option("-c, --ctx-size <n>", "KV cells of each started server (default 8192)", intOption("--ctx-size", 64))
+    .option("-n, --parallel <n>", "slots of each started server (default 4)", intOption("--parallel", 1, 256))
+    .option("-t, --threads <n>", "CPU threads of each started server (default: all cores)", intOption("--threads", 1, 1024))
+    .option("--loops <n>", "agent loops at once (default 8)", intOption("--loops", 1, 256))
+    .option("--turns <n>", "turns per loop (default: as many as fit the context)", intOption("--turns", 1, 256))
+    .option("--system-tokens <n>", "shared system prefix, approx. tokens (default 2500)", intOption("--system-tokens", 1))
+    .option("--tool-result-tokens <n>", "each tool result, approx. tokens (default 600)", intOption("--tool-result-tokens", 1))
+    .option("--user-tokens <n>", "each user message, approx. tokens (default 24)", intOption("--user-tokens", 1))
+    .option("--max-tokens <n>", "tokens generated per request, end-of-generation ignored (default 32)", intOption("--max-tokens", 1))
+    .option("--stagger-ms <n>", "delay between loop starts (default 2000)", intOption("--stagger-ms", 0))
+    .option("--seed <n>", "workload seed (default 1)", intOption("--seed", 0, 0xffffffff))
+    .option("--max-retries <n>", "429 retries per request (default 20)", intOption("--max-retries", 0, 1000))
+    .option("--request-timeout <s>", "give up on one request after this long (default 900)", intOption("--request-timeout", 1))
+    .option("--reuse-min-tokens <n>", "cached tokens that count as same-prefix reuse (default 2048)", intOption("--reuse-min-tokens", 1))
+    .option("--serve-arg <arg>", "extra flag for the mesh node started here (repeatable)", collect, [])
+    .option("--out <dir>", "output directory (default: bench-out/kv-pressure-<timestamp>)")
+    .option("--json", "print summary.json on stdout instead of the table")
+    .option("--tiny", "tiny test model with CI-sized defaults (ctx 1024, 2 slots, 3 loops, small prompts)")
+    .addHelpText("after", KV_HELP)
+    .action(async (opts) => {
+      const o: KvPressureOptions = {
+        model: opts.model,
+        url: opts.url,
+        apiKey: opts.apiKey,
+        compare: opts.compare,
+        llamaServer: opts.llamaServer,
+        ctxSize: opts.ctxSize,
+        parallel: opts.parallel,
+        threads: opts.threads,
+        loops: opts.loops,
+        turns: opts.turns,
+        systemTokens: opts.systemTokens,
+        toolResultTokens: opts.toolResultTokens,
+        userTokens: opts.userTokens,
+        maxTokens: opts.maxTokens,
+        staggerMs: opts.staggerMs,
+        seed: opts.seed,
+        maxRetries: opts.maxRetries,
+        requestTimeoutS: opts.requestTimeout,
+        reuseMinTokens: opts.reuseMinTokens,
+        serveArgs: opts.serveArg,
+        out: opts.out,
+        tiny: opts.tiny === true,
+        command: ["mesh", ...process.argv.slice(process.argv.indexOf("bench"))].join(" "),
+      };
+      for (const k of Object.keys(o) as Array<keyof KvPressureOptions>) if (o[k] === undefined) delete o[k];
+      const { report, outDir } = await asUsage(() => runKvPressure(o));
+      process.stdout.write(json(opts) ? `${JSON.stringify(report, null, 2)}\n` : `${formatTable(report.targets)}\nreport: ${outDir}\n`);
+    });
+
+  bench
+    .command("engine")
+    .description("mesh's engine against llama-server: prefill, decode, aggregate decode, cached-prefix TTFT")
+    .option("-m, --model <path|name>", "GGUF file or generated model: bench (default), tiny")
+    .option("-t, --threads <n>", "CPU threads on both sides (default: all cores)", intOption("--threads", 1, 1024))
+    .option("-c, --ctx <n>", "total KV cells, unified (default 8192)", intOption("--ctx", 64))
+    .option("-n, --parallel <n>", "slots, and streams of the aggregate figure (default 4)", intOption("--parallel", 1, 256))
+    .option("--batch <n>", "logical batch, -b (default 2048)", intOption("--batch", 1))
+    .option("--ubatch <n>", "physical batch, -ub (default 512)", intOption("--ubatch", 1))
+    .addOption(new Option("--flash-attn <mode>", "flash attention (default auto)").choices(["on", "off", "auto"]))
+    .option("--prompt-tokens <n>", "prompt of the prefill figure (default 1024)", intOption("--prompt-tokens", 2))
+    .option("--prefix-tokens <n>", "cached prefix of the TTFT figure (default 2048)", intOption("--prefix-tokens", 2))
+    .option("--suffix-tokens <n>", "new tokens after the cached prefix (default 16)", intOption("--suffix-tokens", 1))
+    .option("--gen-tokens <n>", "generated tokens of the decode figures (default 128)", intOption("--gen-tokens", 2))
+    .option("--repeats <n>", "runs per figure, the median is reported (default 3)", intOption("--repeats", 1))
+    .option("--no-compare", "measure mesh only (no llama-server)")
+    .option("--llama-server <path>", "llama-server executable (default: vendor/llama.cpp/build/cpu/bin/llama-server)")
+    .option("--json", "print the report as JSON instead of a table")
+    .addHelpText("after", ENGINE_HELP)
+    .action(async (opts) => {
+      const o: EngineBenchOptions = {
+        model: opts.model,
+        threads: opts.threads,
+        ctx: opts.ctx,
+        parallel: opts.parallel,
+        batch: opts.batch,
+        ubatch: opts.ubatch,
+        flashAttn: opts.flashAttn,
+        promptTokens: opts.promptTokens,
+        prefixTokens: opts.prefixTokens,
+        suffixTokens: opts.suffixTokens,
+        genTokens: opts.genTokens,
+        repeats: opts.repeats,
+        compare: opts.compare !== false,
+        llamaServer: opts.llamaServer,
+      };
+      for (const k of Object.keys(o) as Array<keyof EngineBenchOptions>) if (o[k] === undefined) delete o[k];
+      await asUsage(async () => resolveEngineBenchOptions(o));
+      const report = await asUsage(() => runEngineBench(o));
+      process.stdout.write(json(opts) ? `${JSON.stringify(report, null, 2)}\n` : formatEngineBenchTable(report));
+    });
+}
+
+const json = (opts: { json?: boolean }) => opts.json === true;
