@@ -2,8 +2,10 @@
 // in CI). Checks the report's shape and that every figure is a positive
 // number; never how fast anything is.
 import { describe, expect, test } from "bun:test";
+import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { type EngineBenchReport, formatEngineBenchTable, runEngineBench } from "../../src/bench/engine";
+import { type EngineBenchReport, formatEngineBenchTable, pairedRatio, runEngineBench } from "../../src/bench/engine";
+import { defaultLlamaServerPath } from "../../src/bench/llama-server";
 import { TINY } from "../../src/gguf/generate";
 import { ensureModel } from "../../src/gguf/models";
 
@@ -38,6 +40,7 @@ describe("engine benchmark", () => {
       expect(positive(f.mesh)).toBe(true);
       expect(f.llamaServer).toBeNull();
       expect(f.ratio).toBeNull();
+      expect(f.pairedRatio).toBeNull();
       expect(f.higherIsBetter).toBe(f.unit === "tok/s");
     }
     const m = report.mesh;
@@ -53,6 +56,42 @@ describe("engine benchmark", () => {
     const table = formatEngineBenchTable(report);
     expect(table).toContain("| figure | mesh | llama-server |");
     expect(table.split("\n").filter((l) => l.startsWith("| ") && !l.startsWith("| ---"))).toHaveLength(5);
+  });
+
+  test("paired_ratio_is_the_median_of_per_repeat_ratios_in_mesh_favour", () => {
+    // Rates: mesh / llama-server per repeat = 2, 0.5, 1.5 -> median 1.5.
+    expect(pairedRatio([200, 50, 150], [100, 100, 100], true)).toBe(1.5);
+    // Times: llama-server / mesh.
+    expect(pairedRatio([50, 100], [100, 100], false)).toBe(1.5);
+    expect(pairedRatio([1, 2], [], true)).toBeNull();
+  });
+
+  // llama-server is built only on demand (not in CI); where it exists, check the interleaving.
+  test.skipIf(!existsSync(defaultLlamaServerPath()))("compare_keeps_both_loaded_and_alternates_repeats", async () => {
+    const lines: string[] = [];
+    const report = await runEngineBench({
+      model: await ensureModel(TINY),
+      threads: 1,
+      ctx: 1024,
+      parallel: 2,
+      promptTokens: 64,
+      prefixTokens: 128,
+      suffixTokens: 8,
+      genTokens: 8,
+      repeats: 2,
+      onProgress: (s) => lines.push(s),
+    });
+    const order = lines.filter((l) => / prefill \d\/2:/.test(l)).map((l) => l.slice(0, l.indexOf(":", l.indexOf("prefill"))));
+    expect(order).toEqual(["mesh: prefill 1/2", "llama-server: prefill 1/2", "mesh: prefill 2/2", "llama-server: prefill 2/2"]);
+    // llama-server was started before either side measured anything.
+    expect(lines.findIndex((l) => l.startsWith("llama-server: ready"))).toBeLessThan(lines.findIndex((l) => l.includes("prefill 1/2")));
+    for (const f of report.figures) {
+      expect(positive(f.llamaServer)).toBe(true);
+      expect(positive(f.ratio)).toBe(true);
+      expect(positive(f.pairedRatio)).toBe(true);
+    }
+    expect(report.llamaServer?.cachedTokens).toEqual([128, 128]);
+    expect(formatEngineBenchTable(report)).toContain("| paired ratio |");
   });
 
   test("cli_rejects_a_bad_flag_with_one_line_and_exit_2", () => {

@@ -1,0 +1,131 @@
+import { describe, expect, test } from "bun:test";
+import type { DriveResult, RequestRecord } from "../../src/bench/drive";
+import { formatTable, isDecodeFailure, markdownTable, summarize } from "../../src/bench/report";
+
+function rec(p: Partial<RequestRecord> & Pick<RequestRecord, "loop" | "turn">): RequestRecord {
+  return {
+    kind: "turn",
+    stream: false,
+    startMs: 0,
+    endMs: 100,
+    attempts: 1,
+    status429: 0,
+    waitedMs: 0,
+    status: 200,
+    ok: true,
+    ttftMs: null,
+    e2eMs: 100,
+    usage: { promptTokens: 1000, cachedTokens: 0, completionTokens: 8 },
+    error: null,
+    streamError: false,
+    ...p,
+  };
+}
+
+const u = (promptTokens: number, cachedTokens: number) => ({ promptTokens, cachedTokens, completionTokens: 8 });
+
+function run(records: RequestRecord[], probePromptTokens = 2600): DriveResult {
+  return {
+    startedAt: "2026-01-01T00:00:00.000Z",
+    durationMs: 5000,
+    probePromptTokens,
+    records,
+    samples: [{ tMs: 0, inFlight: 0, done: 0, kv: { running: 0, resident: 10, free: 90, total: 100 } }],
+    before: { kv: null, evictions: 2, evictedCells: 100, decodeKvFailures: 1, admitted: 0, queued: 0, rejected: 0, cachedPromptTokens: 0 },
+    after: {
+      kv: { running: 0, resident: 50, free: 50, total: 100 },
+      evictions: 5,
+      evictedCells: 400,
+      decodeKvFailures: 1,
+      admitted: 9,
+      queued: 3,
+      rejected: 0,
+      cachedPromptTokens: 100,
+    },
+  };
+}
+
+const JUDGE = { reuseMinTokens: 2048, repeatMaxSuffixTokens: 256 };
+
+describe("kv-pressure report", () => {
+  test("classifies_kv_and_decode_errors_as_decode_failures", () => {
+    const base = { ok: false, streamError: false };
+    expect(isDecodeFailure({ ...base, status: 503, error: "kv_exhausted: the server ran out of KV cache space" })).toBe(true);
+    expect(isDecodeFailure({ ...base, status: 500, error: "llama_decode failed (code -3)" })).toBe(true);
+    expect(isDecodeFailure({ ...base, status: 500, error: "failed to find a memory slot for batch of size 512" })).toBe(true);
+    expect(isDecodeFailure({ ok: false, streamError: true, status: 200, error: "decode_failed: boom" })).toBe(true);
+    expect(isDecodeFailure({ ...base, status: 500, error: "internal server error" })).toBe(false);
+    expect(isDecodeFailure({ ...base, status: 429, error: "server_busy: retry" })).toBe(false);
+    expect(isDecodeFailure({ ...base, status: 400, error: "context_length_exceeded: the prompt has 9000 tokens (kv)" })).toBe(false);
+  });
+
+  test("counts_statuses_and_judges_cache_reuse", () => {
+    const records = [
+      // loop 0: turn 0 reuses the shared prefix, turn 1 reuses the whole previous prompt.
+      rec({ loop: 0, turn: 0, usage: u(3000, 2500), stream: true, ttftMs: 50 }),
+      rec({ loop: 0, turn: 1, usage: u(4000, 2990), e2eMs: 300 }),
+      rec({ loop: 0, turn: 1, kind: "repeat", usage: u(4000, 3999) }),
+      // loop 1: turn 0 misses the cache; turn 1 waited out two 429s; the repeat prefilled too much.
+      rec({ loop: 1, turn: 0, usage: u(3000, 0) }),
+      rec({ loop: 1, turn: 1, usage: u(4000, 2048), attempts: 3, status429: 2 }),
+      rec({ loop: 1, turn: 1, kind: "repeat", usage: u(4000, 3000) }),
+      // loop 2: a KV failure, a request refused to the end, and one with no answer.
+      rec({ loop: 2, turn: 0, ok: false, status: 503, usage: null, error: "kv_exhausted: no KV cache space left 12" }),
+      rec({ loop: 2, turn: 1, ok: false, status: 429, usage: null, attempts: 21, status429: 21, error: "server_busy" }),
+      rec({ loop: 2, turn: 1, kind: "repeat", ok: false, status: 0, usage: null, error: "ECONNRESET" }),
+    ];
+    const s = summarize("mesh", "http://x", "m", 2, run(records), JUDGE);
+    expect(s).toMatchObject({
+      requests: 9,
+      attempts: 9 + 2 + 20,
+      successes: 6,
+      status429: 23,
+      gaveUpAfter429: 1,
+      status5xx: 1,
+      status4xx: 0,
+      transportErrors: 1,
+      decodeFailures: { client: 1, server: 0 },
+      evictions: { count: 3, cells: 300 },
+      admissions: { admitted: 9, queued: 3, rejected: 0 },
+      kvCellsTotal: 100,
+    });
+    expect(s.cachedByTurn).toEqual([
+      { turn: 0, requests: 2, promptTokens: 6000, cachedTokens: 2500, ratio: 2500 / 6000 },
+      { turn: 1, requests: 2, promptTokens: 8000, cachedTokens: 5038, ratio: 5038 / 8000 },
+    ]);
+    expect(s.cachedRatio).toBeCloseTo((2500 + 5038) / 14000, 10);
+    // Four successful turns, all with >= 2048 reusable tokens; three were served >= 2048 from cache.
+    expect(s.samePrefixReuse).toEqual({ minTokens: 2048, eligible: 4, reused: 3, fraction: 0.75 });
+    expect(s.exactRepeat).toEqual({ maxSuffixTokens: 256, attempts: 3, passed: 1, suffixPrefill: [1, 1000] });
+    expect(s.ttftMs).toEqual({ n: 1, p50: 50, p95: 50 });
+    expect(s.e2eMs.n).toBe(6);
+    expect(s.errors.map((e) => e.message)).toContain("HTTP 503: kv_exhausted: no KV cache space left N");
+  });
+
+  test("a_short_shared_prefix_makes_no_turn_eligible", () => {
+    const s = summarize("x", "u", "m", 1, run([rec({ loop: 0, turn: 0, usage: u(500, 400) })], 450), JUDGE);
+    expect(s.samePrefixReuse).toEqual({ minTokens: 2048, eligible: 0, reused: 0, fraction: null });
+    expect(formatTable([s])).toContain("no eligible turn");
+  });
+
+  test("error_list_is_bounded", () => {
+    const records = Array.from({ length: 500 }, (_, i) =>
+      rec({ loop: i, turn: 0, ok: false, status: 500, usage: null, error: `cause ${String.fromCharCode(65 + (i % 26))}${i % 7}` }),
+    );
+    const s = summarize("x", "u", "m", 1, run(records), JUDGE);
+    expect(s.errors.length).toBeLessThanOrEqual(8);
+    expect(s.errors[0]?.count).toBeGreaterThan(1);
+  });
+
+  test("table_and_markdown_have_one_column_per_target", () => {
+    const a = summarize("mesh", "u", "m", 1, run([rec({ loop: 0, turn: 0 })]), JUDGE);
+    const b = summarize("llama-server", "u", "m", 1, run([rec({ loop: 0, turn: 0 })]), JUDGE);
+    const md = markdownTable([a, b]).split("\n");
+    expect(md[0]).toBe("| figure | mesh | llama-server |");
+    for (const line of md) expect(line.split(" | ")).toHaveLength(3);
+    const table = formatTable([a, b]).trimEnd().split("\n");
+    expect(table[0]).toContain("mesh");
+    expect(table[0]).toContain("llama-server");
+    expect(new Set(table.map((l) => l.length)).size).toBe(1);
+  });
+});

@@ -1,0 +1,74 @@
+import { describe, expect, test } from "bun:test";
+import { delta, MAX_METRICS_LINES, metricValue, nodeFigures, parsePrometheus } from "../../src/bench/scrape";
+
+const NEW_NAMES = `# HELP mesh_kv_cells KV cells by state
+# TYPE mesh_kv_cells gauge
+mesh_kv_cells{state="running"} 300
+mesh_kv_cells{state="resident"} 200
+mesh_kv_cells{state="free"} 524
+mesh_admissions_total{result="admitted"} 10
+mesh_admissions_total{result="queued"} 4
+mesh_admissions_total{result="rejected"} 1
+mesh_kv_evictions_total 3
+mesh_kv_evicted_cells_total 700
+mesh_decode_kv_failures_total 0
+mesh_prompt_tokens_cached_total 12345
+mesh_http_requests_total{route="/v1/chat/completions",status="200"} 9
+mesh_http_requests_total{route="/v1/chat/completions",status="429"} 2
+`;
+
+const OLD_NAMES = `mesh_kv_cells_used 500
+mesh_kv_cells_running 300
+mesh_kv_cells_total 1024
+mesh_decode_failures 2
+mesh_cached_prompt_tokens_total 77
+`;
+
+describe("metrics scrape", () => {
+  test("parses_labels_and_sums_matching_series", () => {
+    const s = parsePrometheus(NEW_NAMES);
+    expect(metricValue(s, "mesh_http_requests_total")).toBe(11);
+    expect(metricValue(s, "mesh_http_requests_total", { status: "429" })).toBe(2);
+    expect(metricValue(s, "mesh_nothing")).toBeNull();
+    expect(parsePrometheus('x{a="q\\"uote"} 1')[0]?.labels.a).toBe('q"uote');
+  });
+
+  test("reads_kv_cells_and_admissions_from_the_current_names", () => {
+    const f = nodeFigures(parsePrometheus(NEW_NAMES));
+    expect(f.kv).toEqual({ running: 300, resident: 200, free: 524, total: 1024 });
+    expect(f).toMatchObject({
+      evictions: 3,
+      evictedCells: 700,
+      decodeKvFailures: 0,
+      admitted: 10,
+      queued: 4,
+      rejected: 1,
+      cachedPromptTokens: 12345,
+    });
+  });
+
+  test("reads_kv_cells_from_the_first_generation_of_names", () => {
+    const f = nodeFigures(parsePrometheus(OLD_NAMES));
+    expect(f.kv).toEqual({ running: 300, resident: 200, free: 524, total: 1024 });
+    expect(f.decodeKvFailures).toBe(2);
+    expect(f.cachedPromptTokens).toBe(77);
+    expect(f.evictions).toBeNull();
+  });
+
+  test("a_target_without_mesh_metrics_has_no_figures", () => {
+    const f = nodeFigures(parsePrometheus("llamacpp:requests_processing 2\nnot a metric line\n"));
+    expect(f.kv).toBeNull();
+    expect(f.decodeKvFailures).toBeNull();
+  });
+
+  test("parsing_stops_at_the_line_cap", () => {
+    const text = Array.from({ length: MAX_METRICS_LINES + 5000 }, (_, i) => `m{i="${i}"} 1`).join("\n");
+    expect(parsePrometheus(text)).toHaveLength(MAX_METRICS_LINES);
+  });
+
+  test("delta_is_unknown_when_either_side_is", () => {
+    expect(delta(3, 10)).toBe(7);
+    expect(delta(null, 10)).toBeNull();
+    expect(delta(3, undefined)).toBeNull();
+  });
+});
