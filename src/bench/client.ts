@@ -145,6 +145,7 @@ export async function sendChat(ep: Endpoint, body: object, timeoutMs: number): P
       if (res.ok) {
         r.usage = usageFrom((json as { usage?: RawUsage } | null)?.usage);
         if (json === null) r.error = "the response is not JSON";
+        else if (r.usage === null) r.error = "the answer has no usage";
       } else {
         r.error = errorMessage(json, text.slice(0, 300) || `HTTP ${res.status}`);
       }

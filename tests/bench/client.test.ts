@@ -42,6 +42,8 @@ beforeAll(() => {
             { error: { message: "llama_decode failed", code: "decode_failed" } },
             "[DONE]",
           ]);
+        case "no-usage-plain":
+          return Response.json({ choices: [{ message: { content: "hi" } }] });
         case "no-usage":
           return sse([{ choices: [{ delta: { content: "a" } }] }, "[DONE]"]);
         case "huge":
@@ -96,6 +98,8 @@ describe("bench client", () => {
     expect(r).toMatchObject({ status: 200, streamError: true, error: "decode_failed: llama_decode failed" });
     const n = await send("no-usage", true);
     expect(n.error).toContain("without usage");
+    const p = await send("no-usage-plain");
+    expect(p).toMatchObject({ status: 200, usage: null, error: "the answer has no usage" });
   });
 
   test("a_body_over_the_cap_fails_instead_of_being_buffered", async () => {
