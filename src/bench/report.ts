@@ -115,7 +115,12 @@ function byTurn(records: RequestRecord[], turns: number): TurnCache[] {
 
 function reuse(records: RequestRecord[], probePromptTokens: number, minTokens: number): TargetSummary["samePrefixReuse"] {
   const loops = new Map<number, RequestRecord[]>();
-  for (const r of records) if (r.kind === "turn") loops.set(r.loop, [...(loops.get(r.loop) ?? []), r]);
+  for (const r of records) {
+    if (r.kind !== "turn") continue;
+    const turns = loops.get(r.loop);
+    if (turns) turns.push(r);
+    else loops.set(r.loop, [r]);
+  }
   let eligible = 0;
   let reused = 0;
   for (const turns of loops.values()) {

@@ -9,8 +9,9 @@ export interface PromSample {
   value: number;
 }
 
-/** Largest /metrics body read, and most sample lines kept from it. */
+/** Largest /metrics body read. */
 export const MAX_METRICS_BYTES = 1024 * 1024;
+/** Most sample lines kept from one scrape. */
 export const MAX_METRICS_LINES = 10_000;
 
 const LINE = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)/;
