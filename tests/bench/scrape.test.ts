@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { delta, MAX_METRICS_LINES, metricValue, nodeFigures, parsePrometheus } from "../../src/bench/scrape";
+import { delta, MAX_METRICS_BYTES, MAX_METRICS_LINES, metricValue, nodeFigures, parsePrometheus, scrape } from "../../src/bench/scrape";
 
 const NEW_NAMES = `# HELP mesh_kv_cells KV cells by state
 # TYPE mesh_kv_cells gauge
@@ -64,6 +64,30 @@ describe("metrics scrape", () => {
   test("parsing_stops_at_the_line_cap", () => {
     const text = Array.from({ length: MAX_METRICS_LINES + 5000 }, (_, i) => `m{i="${i}"} 1`).join("\n");
     expect(parsePrometheus(text)).toHaveLength(MAX_METRICS_LINES);
+  });
+
+  test("scrape_reads_at_most_the_byte_cap_of_a_huge_metrics_page", async () => {
+    const filler = "x".repeat(100);
+    const padding = Array.from({ length: Math.ceil((MAX_METRICS_BYTES * 2) / 120) }, (_, i) => `pad_${i} 1 # ${filler}`).join("\n");
+    const server = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch(req) {
+        const path = new URL(req.url).pathname;
+        if (path === "/metrics") return new Response(`${NEW_NAMES}${padding}\nmesh_kv_evictions_total 999\n`);
+        return new Response("not found", { status: 404 });
+      },
+    });
+    try {
+      const f = await scrape(`http://127.0.0.1:${server.port}`);
+      expect(f?.kv).toEqual({ running: 300, resident: 200, free: 524, total: 1024 });
+      // The line past the cap was never read.
+      expect(f?.evictions).toBe(3);
+      const none = await scrape(`http://127.0.0.1:${server.port}/nothing-here`);
+      expect(none).toBeNull();
+    } finally {
+      server.stop(true);
+    }
   });
 
   test("delta_is_unknown_when_either_side_is", () => {
