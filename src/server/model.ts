@@ -25,10 +25,13 @@ export class ServedModel {
       (engine) => {
         this.engine = engine;
         // A template that does not compile falls back to ours rather than making the model unusable.
+        // So is one our renderer cannot run even for a plain user turn (it would fail every request).
+        const tokens = { bosToken: engine.info.bosText, eosToken: engine.info.eosText };
         try {
-          this.template = new ChatTemplate(engine.info.chatTemplate, { bosToken: engine.info.bosText, eosToken: engine.info.eosText });
+          this.template = new ChatTemplate(engine.info.chatTemplate, tokens);
+          if (!this.template.caps.renders) this.template = new ChatTemplate(null, tokens);
         } catch {
-          this.template = new ChatTemplate(null, { bosToken: engine.info.bosText, eosToken: engine.info.eosText });
+          this.template = new ChatTemplate(null, tokens);
         }
         this.status = "ready";
       },

@@ -118,6 +118,24 @@ describe("OpenAI API with the official client", () => {
     expect(((await r.json()) as { status: string }).status).toBe("ok");
   });
 
+  test("system_and_tool_messages_reach_the_prompt_even_when_the_template_has_no_place_for_them", async () => {
+    // The tiny model's phi-3 template renders only user and assistant turns; they used to be dropped silently.
+    const ask = (messages: OpenAI.Chat.ChatCompletionMessageParam[]) =>
+      s.client.chat.completions.create({ model: "mesh-tiny", messages, max_tokens: 1, temperature: 0 });
+    const bare = await ask([{ role: "user", content: "Hi" }]);
+    const withSystem = await ask([
+      { role: "system", content: "Follow these rules carefully and answer briefly." },
+      { role: "user", content: "Hi" },
+    ]);
+    expect(withSystem.usage?.prompt_tokens).toBeGreaterThan((bare.usage?.prompt_tokens ?? 0) + 5);
+    const withTool = await ask([
+      { role: "user", content: "Hi" },
+      { role: "assistant", content: null, tool_calls: [{ id: "c1", type: "function", function: { name: "lookup", arguments: "{}" } }] },
+      { role: "tool", tool_call_id: "c1", content: "a large tool result ".repeat(20) },
+    ]);
+    expect(withTool.usage?.prompt_tokens).toBeGreaterThan((bare.usage?.prompt_tokens ?? 0) + 60);
+  });
+
   test("metrics_expose_requests_tokens_latency_slots_and_kv", async () => {
     const text = await (await fetch(`${s.url}/metrics`)).text();
     expect(text).toContain('mesh_http_requests_total{route="/v1/chat/completions",status="200"}');

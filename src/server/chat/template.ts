@@ -238,9 +238,119 @@ function toTemplateMessage(m: ChatMessage, index: number): Record<string, unknow
   return out;
 }
 
+/** What a template renders by itself; what it lacks, render() adapts the conversation for (see polyfill). */
+export interface TemplateCaps {
+  /** A plain user turn renders at all (some templates use Jinja features the renderer lacks). */
+  renders: boolean;
+  /** System messages appear in the prompt. */
+  system: boolean;
+  /** `tool` messages (tool results) appear in the prompt. */
+  toolResults: boolean;
+  /** An assistant message's `tool_calls` appear in the prompt. */
+  toolCalls: boolean;
+  /** The `tools` definitions appear in the prompt. */
+  tools: boolean;
+}
+
+const ALL_CAPS: TemplateCaps = { renders: true, system: true, toolResults: true, toolCalls: true, tools: true };
+
+// Probe values: unlikely strings whose presence in a render proves the template printed that field.
+const PROBE = {
+  system: "mesh_probe_system_7f3a",
+  result: "mesh_probe_result_7f3a",
+  fn: "mesh_probe_fn_7f3a",
+  tool: "mesh_probe_tool_7f3a",
+  arg: "mesh_probe_arg_7f3a",
+};
+// Nine alphanumerics: the strictest call-id rule among known templates (Mistral's).
+const PROBE_CALL_ID = "a1b2c3d4e";
+
+/** The instructions a conversation gets when its template cannot show tool definitions (the fallback's wording). */
+export function toolsPrompt(tools: readonly ChatTool[]): string {
+  return (
+    "# Tools\n\nThese functions are available, described as JSON schemas inside <tools></tools>:\n<tools>" +
+    tools.map((t) => `\n${JSON.stringify(t)}`).join("") +
+    "\n</tools>\n\nTo call one, answer with a JSON object holding its name and arguments inside <tool_call></tool_call>:\n" +
+    '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+  );
+}
+
+type TemplateMessage = Record<string, unknown> & { role: string; content: string };
+
+function callsAsText(calls: unknown): string {
+  const list = Array.isArray(calls) ? (calls as { function: { name: string; arguments: unknown } }[]) : [];
+  return list
+    .map((c) => {
+      const args = typeof c.function.arguments === "string" ? c.function.arguments : JSON.stringify(c.function.arguments);
+      return `<tool_call>\n{"name": ${JSON.stringify(c.function.name)}, "arguments": ${args}}\n</tool_call>`;
+    })
+    .join("\n");
+}
+
+/**
+ * Rewrite a conversation so a template that lacks a capability still shows
+ * everything: tool definitions go into the system message, tool calls become
+ * Hermes-style text, tool results become user turns, and system text is
+ * folded into the first user turn. Adjacent user turns created this way are
+ * merged, because many templates require roles to alternate.
+ */
+export function polyfill(messages: TemplateMessage[], caps: TemplateCaps, tools: readonly ChatTool[] | undefined): TemplateMessage[] {
+  let out = messages.map((m) => ({ ...m }));
+  let changed = false;
+  if (!caps.toolCalls) {
+    for (const m of out) {
+      if (m.role !== "assistant" || !m.tool_calls) continue;
+      m.content = [m.content, callsAsText(m.tool_calls)].filter((x) => x.length > 0).join("\n");
+      delete m.tool_calls;
+    }
+  }
+  if (!caps.toolResults) {
+    for (const m of out) {
+      if (m.role !== "tool") continue;
+      m.role = "user";
+      m.content = `<tool_response>\n${m.content}\n</tool_response>`;
+      delete m.tool_call_id;
+      changed = true;
+    }
+  }
+  if (!caps.tools && tools && tools.length > 0) {
+    const first = out[0];
+    if (first && first.role === "system") first.content = `${first.content}\n\n${toolsPrompt(tools)}`;
+    else out.unshift({ role: "system", content: toolsPrompt(tools) });
+  }
+  if (!caps.system) {
+    const folded: TemplateMessage[] = [];
+    let pending = "";
+    for (const m of out) {
+      if (m.role === "system") {
+        pending = pending ? `${pending}\n\n${m.content}` : m.content;
+        changed = true;
+        continue;
+      }
+      if (pending && m.role === "user") {
+        folded.push({ ...m, content: `${pending}\n\n${m.content}` });
+        pending = "";
+      } else folded.push(m);
+    }
+    // System text with no user turn after it becomes one.
+    if (pending) folded.push({ role: "user", content: pending });
+    out = folded;
+  }
+  if (!changed) return out;
+  const merged: TemplateMessage[] = [];
+  for (const m of out) {
+    const last = merged[merged.length - 1];
+    if (last && last.role === "user" && m.role === "user") last.content = `${last.content}\n\n${m.content}`;
+    else merged.push(m);
+  }
+  return merged;
+}
+
 /** A compiled chat template; compile once per model and render per request. */
 export class ChatTemplate {
   readonly usesFallback: boolean;
+  /** What the template shows by itself, probed once at compile time. */
+  readonly caps: TemplateCaps;
   private readonly template: Template;
   private readonly bosToken: string;
   private readonly eosToken: string;
@@ -257,15 +367,64 @@ export class ChatTemplate {
     } catch (e) {
       throw new TemplateError("parse", `chat template could not be parsed: ${errorMessage(e)}`);
     }
+    this.caps = this.usesFallback ? ALL_CAPS : this.probe();
   }
 
-  /** Render the prompt for `messages`; throws TemplateError, never another error type. */
+  // Render small conversations carrying probe strings; a probe that raises
+  // counts as "not supported", so the polyfill takes over for that feature.
+  private probe(): TemplateCaps {
+    const tool: ChatTool = {
+      type: "function",
+      function: {
+        name: PROBE.fn,
+        description: PROBE.tool,
+        parameters: { type: "object", properties: { q: { type: "string", description: "a query" } }, required: ["q"] },
+      },
+    };
+    const showsWith = (messages: TemplateMessage[], needle: string, tools?: ChatTool[]): boolean => {
+      try {
+        return this.renderRaw(messages, { tools, addGenerationPrompt: true }).includes(needle);
+      } catch {
+        return false;
+      }
+    };
+    // Some tool-use templates refuse to render without tools: try both ways.
+    const shows = (messages: TemplateMessage[], needle: string, tools?: ChatTool[]): boolean =>
+      showsWith(messages, needle) || showsWith(messages, needle, tools ?? [tool]);
+    const call = { id: PROBE_CALL_ID, type: "function", function: { name: PROBE.fn, arguments: { q: PROBE.arg } } };
+    const round: TemplateMessage[] = [
+      { role: "user", content: "hello" },
+      { role: "assistant", content: "", tool_calls: [call] },
+      { role: "tool", content: PROBE.result, tool_call_id: PROBE_CALL_ID, name: PROBE.fn },
+    ];
+    return {
+      renders: shows([{ role: "user", content: PROBE.system }], PROBE.system),
+      system: shows(
+        [
+          { role: "system", content: PROBE.system },
+          { role: "user", content: "hello" },
+        ],
+        PROBE.system,
+      ),
+      toolResults: shows(round, PROBE.result, [tool]),
+      // The argument value, not the name: the name is also in the tool definitions.
+      toolCalls: shows(round, PROBE.arg, [tool]) || shows(round.slice(0, 2), PROBE.arg, [tool]),
+      tools: showsWith([{ role: "user", content: "hello" }], PROBE.tool, [tool]),
+    };
+  }
+
+  /** Render the prompt for `messages`, adapted to what the template lacks; throws TemplateError, never another error type. */
   render(messages: ChatMessage[], opts: RenderOptions = {}): string {
+    const flat = messages.map(toTemplateMessage) as TemplateMessage[];
+    return this.renderRaw(polyfill(flat, this.caps, opts.tools), opts);
+  }
+
+  private renderRaw(messages: TemplateMessage[], opts: RenderOptions): string {
     try {
       const now = this.now();
       const context: Record<string, unknown> = {
         ...JINJA_GLOBALS,
-        messages: messages.map(toTemplateMessage),
+        messages,
         add_generation_prompt: opts.addGenerationPrompt ?? true,
         bos_token: this.bosToken,
         eos_token: this.eosToken,

@@ -249,7 +249,8 @@ describe("errors and content", () => {
     expect(err.message).toBe(
       "chat template rejected the conversation: Conversation roles must alternate user/assistant/user/assistant/...",
     );
-    expect(templateError(() => t.render(CHAT)).message).toContain("System role not supported");
+    // Its "System role not supported" is polyfilled instead (see below), so a system prompt renders.
+    expect(t.render(CHAT)).toContain("You answer in one sentence.");
   });
 
   test("rejects_an_image_content_part_naming_its_type", () => {
@@ -298,5 +299,68 @@ describe("errors and content", () => {
     const d = new Date(2024, 6, 5, 8, 3, 9); // Friday 5 July 2024
     expect(strftime(d, "%d %b %Y")).toBe("05 Jul 2024");
     expect(strftime(d, "%A, %B %e %H:%M:%S %% %y-%m")).toBe("Friday, July  5 08:03:09 % 24-07");
+  });
+});
+
+describe("templates that lack a capability (polyfill)", () => {
+  test("probes_what_a_template_renders_by_itself", () => {
+    expect(template("Qwen-Qwen2.5-7B-Instruct.jinja").caps).toEqual({
+      renders: true,
+      system: true,
+      toolResults: true,
+      toolCalls: true,
+      tools: true,
+    });
+    expect(template("google-gemma-2-2b-it.jinja").caps).toEqual({
+      renders: true,
+      system: false,
+      toolResults: false,
+      toolCalls: false,
+      tools: false,
+    });
+    expect(template("microsoft-Phi-3.5-mini-instruct.jinja").caps).toMatchObject({
+      system: true,
+      toolResults: false,
+      toolCalls: false,
+      tools: false,
+    });
+    expect(template(null).caps.tools).toBe(true);
+  });
+
+  test("system_prompt_is_folded_into_the_first_user_turn_when_the_template_refuses_system", () => {
+    // Gemma 2 raises on a system message; an agent's system prompt must still reach the model.
+    const out = template("google-gemma-2-2b-it.jinja").render(CHAT);
+    expect(out).toContain("<start_of_turn>user\nYou answer in one sentence.\n\nWhat is the capital of France?<end_of_turn>");
+    expect(out).toContain("And of Italy?");
+  });
+
+  test("tool_round_trip_and_tool_definitions_survive_a_template_without_tool_support", () => {
+    const out = template("google-gemma-2-2b-it.jinja").render(toolRoundTrip(), { tools: [WEATHER] });
+    // Definitions in the (folded) system text, the call as Hermes text, the result as a user turn.
+    expect(out).toContain('"name":"get_weather"');
+    expect(out).toContain('<tool_call>\n{"name": "get_weather", "arguments": {"city":"Paris"}}\n</tool_call>');
+    expect(out).toContain('<tool_response>\n{"temp_c": 21}\n</tool_response>');
+    // What the model answers with is what our parser reads.
+    expect(parseToolCalls('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>').toolCalls).toHaveLength(1);
+  });
+
+  test("phi3_keeps_system_tool_calls_and_tool_results_it_would_silently_drop", () => {
+    const msgs: ChatMessage[] = [{ role: "system", content: "SYSTEM RULES" }, ...toolRoundTrip()];
+    const out = template("microsoft-Phi-3.5-mini-instruct.jinja").render(msgs, { tools: [WEATHER] });
+    expect(out).toContain("SYSTEM RULES");
+    expect(out).toContain("get_weather");
+    expect(out).toContain('{"temp_c": 21}');
+    expect(out).toEndWith("<|assistant|>\n");
+  });
+
+  test("a_template_with_every_capability_renders_unchanged", () => {
+    const t = template("Qwen-Qwen2.5-7B-Instruct.jinja");
+    const out = t.render(toolRoundTrip(), { tools: [WEATHER] });
+    expect(out).not.toContain("These functions are available");
+    expect(out).toContain("<|im_start|>user\n<tool_response>");
+  });
+
+  test("a_template_the_renderer_cannot_run_is_marked_so_the_server_uses_the_fallback", () => {
+    expect(template("ByteDance-Seed-OSS.jinja").caps.renders).toBe(false);
   });
 });
