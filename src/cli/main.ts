@@ -3,6 +3,8 @@
 import { Command, CommanderError, Option } from "commander";
 import pkg from "../../package.json" with { type: "json" };
 import { registerBench } from "./bench";
+import { invite } from "./invite";
+import { peers } from "./peers";
 import { serve } from "./serve";
 import { intOption, UsageError } from "./usage";
 
@@ -44,6 +46,12 @@ export function program(): Command {
     .option("--api-key <key>", "require 'Authorization: Bearer <key>' (repeatable)", collect, [])
     .option("--api-key-file <path>", "file with one API key per line")
     .option("--max-body-bytes <n>", "largest request body accepted (413 above)", intOption("--max-body-bytes", 1024), 8 * 1024 * 1024)
+    .option("--state-dir <dir>", "node key and mesh credentials (default: $MESH_STATE_DIR or ~/.local/share/mesh)")
+    .option("--join <token|host:port>", "join a mesh: an invite token, or a member's host:port with --mesh-secret")
+    .option("--mesh-secret <secret>", "the mesh secret (32+ characters) to create or join a mesh with")
+    .option("--mesh-secret-file <path>", "file holding the mesh secret")
+    .option("--advertise <host:port>", "address peers reach this node at (default: the listen address)")
+    .option("--node-name <name>", "name shown in 'mesh peers' (default: the host name)")
     .option("--shutdown-grace <s>", "seconds to let running requests finish on SIGINT/SIGTERM", intOption("--shutdown-grace", 0, 3600), 10)
     .addOption(
       new Option("--log-format <format>", "log lines as readable text or one JSON object each").choices(["text", "json"]).default("text"),
@@ -55,6 +63,7 @@ Examples:
   mesh serve                                   # built-in demo model (random weights) on http://127.0.0.1:9337
   mesh serve --model ./qwen2.5-7b-q4_k_m.gguf --ctx-size 32768 --parallel 8
   mesh serve -m model.gguf --host 0.0.0.0 --api-key "$KEY" --log-format json
+  mesh serve -m other.gguf --host 0.0.0.0 --join <token printed by the first node>
 
 Then:
   curl http://127.0.0.1:9337/v1/chat/completions -H 'content-type: application/json' \\
@@ -66,12 +75,34 @@ Then:
 
   registerBench(p);
 
+  const nodeFlags = (c: Command) =>
+    c
+      .option("--url <url>", "the node to ask (default: the one using the state dir, else http://127.0.0.1:9337)")
+      .option("--state-dir <dir>", "where the node keeps its mesh credentials (default: $MESH_STATE_DIR or ~/.local/share/mesh)");
+
+  nodeFlags(p.command("peers").description("list the mesh's members, what they serve and how loaded they are"))
+    .option("--api-key <key>", "authenticate with an inference API key instead of the state dir's mesh credentials")
+    .option("--json", "one JSON object (per refresh) instead of a table")
+    .option("--watch [seconds]", "refresh every few seconds (default 2) until interrupted")
+    .addHelpText("after", "\nExamples:\n  mesh peers\n  mesh peers --watch\n  mesh peers --url http://10.0.0.2:9337 --json")
+    .action(async (opts) => {
+      process.exitCode = await peers(opts);
+    });
+
+  nodeFlags(p.command("invite").description("print the token another machine joins this node's mesh with"))
+    .addHelpText("after", "\nExample:\n  mesh serve --join $(mesh invite)     # on the other machine, with the printed token")
+    .action(async (opts) => {
+      process.exitCode = await invite(opts);
+    });
+
   p.addHelpText(
     "after",
     `
 Examples:
   mesh serve                      # serve the built-in demo model
   mesh serve --model ./model.gguf # serve a real GGUF model
+  mesh serve --join <token>       # join the mesh of the node that printed the token
+  mesh peers                      # members of the mesh, their models and load
   mesh serve --help               # every serve option
   mesh bench kv-pressure --tiny   # overlapping agent loops against a node it starts`,
   );

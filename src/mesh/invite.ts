@@ -1,11 +1,12 @@
 // A mesh's credentials (id + secret) in the node's state dir, and the invite
 // token that carries them, with the addresses to join, to another machine.
-import { randomBytes } from "node:crypto";
+import { createHmac, randomBytes } from "node:crypto";
 import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
 /** What makes a node part of one mesh: its id (a label) and its secret (the key to everything). */
 export interface MeshCredentials {
+  /** Derived from the secret (meshIdOf), so every node agrees on it without asking. */
   meshId: string;
   /** Text; its UTF-8 bytes are the HMAC key. Generated ones are base64url of 32 random bytes. */
   secret: string;
@@ -50,9 +51,23 @@ function fail(code: InviteErrorCode, message: string): InviteError {
   return { ok: false, code, message };
 }
 
-/** New credentials: a random 64-bit mesh id and a 256-bit secret. */
+/**
+ * The mesh id of a secret: 64 bits of an HMAC, so it names the mesh without
+ * revealing anything about the secret. Nodes joining with only host:port and
+ * the secret then know the id without asking anyone.
+ */
+export function meshIdOf(secret: string): string {
+  return createHmac("sha256", secret).update("mesh-id-v1").digest().subarray(0, 8).toString("hex");
+}
+
+/** Credentials for a secret (e.g. one given with --mesh-secret). */
+export function credentialsFor(secret: string): MeshCredentials {
+  return { meshId: meshIdOf(secret), secret };
+}
+
+/** New credentials: a random 256-bit secret and its mesh id. */
 export function newCredentials(): MeshCredentials {
-  return { meshId: randomBytes(8).toString("hex"), secret: randomBytes(32).toString("base64url") };
+  return credentialsFor(randomBytes(32).toString("base64url"));
 }
 
 /** Whether `addr` is "host:port" with a port from 1 to 65535 (e.g. "10.0.0.2:9337", "[fe80::1]:9337"). */
@@ -101,6 +116,8 @@ export function parseInvite(token: string): InviteResult<Invite> {
   if (typeof b.secret !== "string") return fail("bad_field", "the invite token's secret is not a string");
   const secret = checkSecret(b.secret);
   if (!secret.ok) return secret;
+  if (meshIdOf(b.secret) !== b.meshId)
+    return fail("bad_field", "the invite token's meshId does not match its secret (damaged when copied?)");
   if (!Array.isArray(b.addrs) || b.addrs.length === 0) return fail("bad_field", "the invite token lists no addresses");
   if (b.addrs.length > MAX_ADDRS) return fail("bad_field", `the invite token lists more than ${MAX_ADDRS} addresses`);
   for (const a of b.addrs) {
@@ -120,10 +137,10 @@ export function loadCredentials(stateDir: string): InviteResult<MeshCredentials 
     return fail("bad_state_file", `${file} is not valid JSON; remove it to create or join a mesh again`);
   }
   const b = (body ?? {}) as Record<string, unknown>;
-  if (typeof b.meshId !== "string" || !MESH_ID.test(b.meshId) || typeof b.secret !== "string" || !checkSecret(b.secret).ok) {
+  if (typeof b.secret !== "string" || !checkSecret(b.secret).ok || b.meshId !== meshIdOf(b.secret)) {
     return fail("bad_state_file", `${file} does not hold mesh credentials; remove it to create or join a mesh again`);
   }
-  return { ok: true, value: { meshId: b.meshId, secret: b.secret } };
+  return { ok: true, value: credentialsFor(b.secret) };
 }
 
 /** Store credentials in `stateDir` (created 0700), readable by the owner only (0600); atomic. */

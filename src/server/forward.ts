@@ -32,6 +32,8 @@ export interface ForwarderOptions {
   /** How long a peer may take to start answering before the next one is tried. */
   headersTimeoutMs: number;
   logger: Logger;
+  /** Told when a worker could not be reached, so the registry stops routing to it for a while. */
+  onPeerFailure?: (workerId: string) => void;
 }
 
 /** Counters of the forwarder. */
@@ -102,7 +104,10 @@ export class Forwarder {
         this.end(w.id);
         client.removeEventListener("abort", onAbort);
         lastError = (e as Error)?.message ?? String(e);
-        if (!client.aborted) this.o.logger.warn("forwarding to a peer failed", { model, node: w.nodeId, error: lastError });
+        if (!client.aborted) {
+          this.o.logger.warn("forwarding to a peer failed", { model, node: w.nodeId, error: lastError });
+          this.o.onPeerFailure?.(w.id);
+        }
       }
     }
     this.counts.failed++;

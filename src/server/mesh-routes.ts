@@ -6,6 +6,7 @@ import type { Logger } from "../log";
 import { isWireMessage, MAX_MESSAGE_BYTES } from "../mesh/transport-http";
 import type { WireMessage } from "../mesh/wire";
 import { ApiError, errorBody } from "./errors";
+import type { ForwardStats } from "./forward";
 import { type MeshGate, meshUnauthorized } from "./mesh-gate";
 
 /** One member as `mesh peers` shows it. */
@@ -25,6 +26,8 @@ export interface PeerRow {
   kv_used: number;
   kv_total: number;
   queue_depth: number;
+  /** Ids of the member's workers (stable across its restarts). */
+  workers: string[];
 }
 
 /** The answer of GET /api/peers. */
@@ -32,6 +35,8 @@ export interface PeersReport {
   mesh_id: string;
   node_id: string;
   members: PeerRow[];
+  /** Requests this node forwarded to peers. */
+  forwarding: ForwardStats;
 }
 
 /** Where a node can be reached and which mesh it belongs to. */

@@ -6,6 +6,8 @@ import OpenAI from "openai";
 import { tinyModel } from "../helpers/model";
 
 const MAIN = join(import.meta.dir, "..", "..", "src", "cli", "main.ts");
+// Nodes started here keep their key and mesh credentials in a scratch dir, not the user's.
+process.env.MESH_STATE_DIR = mkdtempSync(join(tmpdir(), "mesh-cli-state-"));
 
 function mesh(args: string[]) {
   const r = Bun.spawnSync([process.execPath, MAIN, ...args], { stdout: "pipe", stderr: "pipe" });

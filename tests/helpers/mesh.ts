@@ -34,7 +34,12 @@ export function testMeshHooks(o: {
       workers,
       handler: () => o.handle ?? (async (m) => ({ type: "ack", echo: m })),
       info: () => ({ mesh_id: TEST_MESH_ID, node_id: o.nodeId, name: o.nodeId, addrs: [] }),
-      peers: () => ({ mesh_id: TEST_MESH_ID, node_id: o.nodeId, members: [] }),
+      peers: () => ({
+        mesh_id: TEST_MESH_ID,
+        node_id: o.nodeId,
+        members: [],
+        forwarding: { forwarded: 0, retried: 0, failed: 0, active: 0 },
+      }),
     },
   };
 }

@@ -6,6 +6,7 @@ import {
   checkSecret,
   encodeInvite,
   loadCredentials,
+  meshIdOf,
   newCredentials,
   parseInvite,
   resolveCredentials,
@@ -13,7 +14,8 @@ import {
 } from "../../src/mesh/invite";
 
 const b64 = (v: unknown) => Buffer.from(JSON.stringify(v)).toString("base64url");
-const good = { v: 1, meshId: "0123456789abcdef", secret: "s".repeat(43), addrs: ["10.0.0.2:9337"] };
+const secret = "s".repeat(43);
+const good = { v: 1, meshId: meshIdOf(secret), secret, addrs: ["10.0.0.2:9337"] };
 
 describe("invite tokens", () => {
   test("round_trips_credentials_and_addresses", () => {
@@ -22,6 +24,12 @@ describe("invite tokens", () => {
     expect(token).toMatch(/^[A-Za-z0-9_-]+$/);
     const r = parseInvite(`  ${token}\n`);
     expect(r).toEqual({ ok: true, value: { ...c, addrs: ["10.0.0.2:9337", "[fe80::1]:9400", "node-b.lan:1"] } });
+  });
+
+  test("the_mesh_id_follows_from_the_secret_and_reveals_nothing_of_it", () => {
+    expect(meshIdOf(secret)).toBe(meshIdOf(secret));
+    expect(meshIdOf(secret)).not.toBe(meshIdOf(`${secret}x`));
+    expect(meshIdOf(secret)).toMatch(/^[0-9a-f]{16}$/);
   });
 
   test("new_credentials_are_random_and_strong", () => {
@@ -44,6 +52,7 @@ describe("invite tokens", () => {
       [b64({ v: 1, meshId: good.meshId, addrs: good.addrs }), "missing_field", "secret"],
       [b64({ v: 1, meshId: good.meshId, secret: good.secret }), "missing_field", "addrs"],
       [b64({ ...good, meshId: "XYZ" }), "bad_field", "meshId"],
+      [b64({ ...good, meshId: "0123456789abcdef" }), "bad_field", "does not match"],
       [b64({ ...good, secret: "short" }), "weak_secret", "at least 32"],
       [b64({ ...good, addrs: [] }), "bad_field", "no addresses"],
       [b64({ ...good, addrs: ["0.0.0.0"] }), "bad_field", "host:port"],
