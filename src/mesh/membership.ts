@@ -1,0 +1,655 @@
+// SWIM membership: each round probe one member (randomised round-robin), ask
+// k others to probe it indirectly when it does not answer, suspect it when
+// nobody reaches it, and declare it dead when the suspicion is not refuted in
+// time. News rides on the probes (piggyback). A node's own statements (alive,
+// left) are signed by it; anyone may claim suspect or dead, only the subject
+// can refute, by raising its incarnation.
+//
+// Detection bound (defaults: round 1 s, 5 suspicion rounds): a killed member
+// is probed by some node within n-1 rounds at worst (round-robin), suspected
+// at the end of that round, declared dead 5 rounds later by every node that
+// heard the suspicion (each runs its own timer), so all live nodes mark it
+// dead within about n + 6 rounds in the worst case and about 8 rounds
+// typically (first probe of it expected after ~1.6 rounds).
+import type { Logger } from "../log";
+import { isList, isNodeId } from "./check";
+import type { Identity } from "./identity";
+import {
+  type ClaimRecord,
+  isSelfRecord,
+  type MemberState,
+  type MemberUpdate,
+  overrides,
+  parseUpdate,
+  type SelfRecord,
+  signSelf,
+  verifySelf,
+} from "./member";
+import { Piggyback } from "./piggyback";
+import type { Clock, NodeId, Transport, WireMessage } from "./wire";
+
+/** Tunables of the failure detector; every one has a default. */
+export interface MembershipConfig {
+  /** One probe per round. */
+  roundMs: number;
+  /** Wait for a direct ack this long before asking others; the rest of the round is for indirect probes. */
+  probeTimeoutMs: number;
+  /** How many members probe indirectly for us. */
+  indirectK: number;
+  /** A suspect not refuted within this many rounds is declared dead. */
+  suspicionRounds: number;
+  /** Each update is gossiped retransmitMult * ceil(log10(n + 1)) times. */
+  retransmitMult: number;
+  /** Updates per message. */
+  piggybackPerMessage: number;
+  /** Updates waiting for gossip, at most. */
+  maxPiggyback: number;
+  /** Members remembered, at most (dead and left ones are evicted first). */
+  maxMembers: number;
+  /** Dead and left members are forgotten after this many rounds. */
+  forgetAfterRounds: number;
+  /** Every this many rounds, try to reach one dead member (heals partitions) or, when alone, the seeds. */
+  reconnectEveryRounds: number;
+  /** Indirect probes this node runs for others at once, at most. */
+  maxRelays: number;
+  joinTimeoutMs: number;
+}
+
+/** Defaults: 1 s rounds, 400 ms direct timeout, k = 3, 5 suspicion rounds. */
+export const MEMBERSHIP_DEFAULTS: MembershipConfig = {
+  roundMs: 1000,
+  probeTimeoutMs: 400,
+  indirectK: 3,
+  suspicionRounds: 5,
+  retransmitMult: 4,
+  piggybackPerMessage: 8,
+  maxPiggyback: 256,
+  maxMembers: 512,
+  forgetAfterRounds: 60,
+  reconnectEveryRounds: 10,
+  maxRelays: 32,
+  joinTimeoutMs: 3000,
+};
+
+/** What the rest of the core hears about membership changes. */
+export type MembershipEvent =
+  /** A member appeared, or came back from dead or left. */
+  | { kind: "up"; id: NodeId; back: boolean }
+  /** A member restarted or dropped its replicated state: it needs everything again. */
+  | { kind: "epoch"; id: NodeId }
+  /** A member was declared dead or left: its keys go. */
+  | { kind: "down"; id: NodeId; state: "dead" | "left" }
+  /** A dead or left member was removed from the table. */
+  | { kind: "forgotten"; id: NodeId }
+  /** This node was declared dead by the mesh: it drops what others wrote and resends its own. */
+  | { kind: "self-reset" };
+
+/** A member as shown to operators (`mesh peers`). */
+export interface MemberView {
+  id: NodeId;
+  name: string;
+  addr: string;
+  publicKey: string;
+  state: MemberState;
+  incarnation: number;
+  /** Clock ms of the last message from it (for self: now). */
+  lastSeen: number;
+  /** Smoothed round-trip time of direct probes; null until one succeeded. */
+  rttMs: number | null;
+  self: boolean;
+}
+
+/** Counters for metrics. */
+export interface MembershipStats {
+  probes: number;
+  directProbeFailures: number;
+  indirectProbes: number;
+  indirectSaves: number;
+  suspicions: number;
+  deaths: number;
+  refutations: number;
+  forgedRecords: number;
+  unsignedRecords: number;
+  malformedRecords: number;
+  membersRejectedFull: number;
+  membersForgotten: number;
+  piggybackDropped: number;
+  relaysRefused: number;
+}
+
+interface Member {
+  id: NodeId;
+  publicKey: string;
+  name: string;
+  addr: string;
+  epoch: string;
+  state: MemberState;
+  inc: number;
+  since: number;
+  lastSeen: number;
+  rttMs: number | null;
+  record: SelfRecord;
+}
+
+/** What a membership needs from its node. */
+export interface MembershipOptions {
+  identity: Identity;
+  self: { name: string; addr: string };
+  transport: Transport;
+  clock: Clock;
+  config?: Partial<MembershipConfig>;
+  log: Logger;
+  /** Random numbers in [0, 1); simulations pass a seeded one. */
+  random?: () => number;
+  onEvent?: (e: MembershipEvent) => void;
+}
+
+/** A failed join, with a message for a person. */
+export type JoinResult = { ok: true; value: { reached: number } } | { ok: false; code: "join_failed" | "bad_seeds"; message: string };
+
+const MEMBER_TYPES = new Set(["ping", "ping-req", "join", "leave"]);
+const MAX_SEEDS = 32;
+const RTT_WEIGHT = 0.3;
+
+/** One node's SWIM failure detector and member table. */
+export class Membership {
+  readonly config: MembershipConfig;
+  readonly stats: MembershipStats = {
+    probes: 0,
+    directProbeFailures: 0,
+    indirectProbes: 0,
+    indirectSaves: 0,
+    suspicions: 0,
+    deaths: 0,
+    refutations: 0,
+    forgedRecords: 0,
+    unsignedRecords: 0,
+    malformedRecords: 0,
+    membersRejectedFull: 0,
+    membersForgotten: 0,
+    piggybackDropped: 0,
+    relaysRefused: 0,
+  };
+  private readonly members = new Map<NodeId, Member>();
+  private readonly piggyback: Piggyback;
+  private readonly random: () => number;
+  private record: SelfRecord;
+  private order: NodeId[] = [];
+  private orderPos = 0;
+  private rounds = 0;
+  private timer: unknown = null;
+  private running = false;
+  private probing = false;
+  private relays = 0;
+  private isolated = false;
+  private seeds: string[] = [];
+
+  constructor(private readonly o: MembershipOptions) {
+    this.config = { ...MEMBERSHIP_DEFAULTS, ...o.config };
+    this.random = o.random ?? Math.random;
+    this.piggyback = new Piggyback(this.config.maxPiggyback);
+    this.record = signSelf(o.identity, { name: o.self.name, addr: o.self.addr, epoch: this.newEpoch(), inc: 0, state: "alive" });
+  }
+
+  /** This node's id. */
+  get id(): NodeId {
+    return this.o.identity.id;
+  }
+
+  /** This node's current signed record (what it says about itself). */
+  get self(): SelfRecord {
+    return this.record;
+  }
+
+  /** Start probing, one round every `roundMs`. */
+  start(): void {
+    if (this.running) return;
+    this.running = true;
+    this.schedule();
+  }
+
+  /** Stop all timers; in-flight probes are ignored when they settle. */
+  stop(): void {
+    this.running = false;
+    if (this.timer !== null) this.o.clock.clearTimer(this.timer);
+    this.timer = null;
+  }
+
+  /** Whether `id` is a member we still talk to (alive or suspect). */
+  isLive(id: NodeId): boolean {
+    const m = this.members.get(id);
+    return m !== undefined && (m.state === "alive" || m.state === "suspect");
+  }
+
+  /** The epoch we know for a live member, or undefined. */
+  epochOf(id: NodeId): string | undefined {
+    return this.isLive(id) ? this.members.get(id)?.epoch : undefined;
+  }
+
+  /** Public key and address of a known member. */
+  peer(id: NodeId): { publicKey: string; addr: string; epoch: string; state: MemberState } | undefined {
+    const m = this.members.get(id);
+    return m && { publicKey: m.publicKey, addr: m.addr, epoch: m.epoch, state: m.state };
+  }
+
+  /** Ids of live members other than this node. */
+  liveIds(): NodeId[] {
+    const out: NodeId[] = [];
+    for (const m of this.members.values()) if (m.state === "alive" || m.state === "suspect") out.push(m.id);
+    return out;
+  }
+
+  /** Every known member, this node first. */
+  list(): MemberView[] {
+    const me: MemberView = {
+      id: this.id,
+      name: this.record.name,
+      addr: this.record.addr,
+      publicKey: this.record.publicKey,
+      state: this.record.state,
+      incarnation: this.record.inc,
+      lastSeen: this.o.clock.now(),
+      rttMs: null,
+      self: true,
+    };
+    const rest = [...this.members.values()].map((m) => ({
+      id: m.id,
+      name: m.name,
+      addr: m.addr,
+      publicKey: m.publicKey,
+      state: m.state,
+      incarnation: m.inc,
+      lastSeen: m.lastSeen,
+      rttMs: m.rttMs,
+      self: false,
+    }));
+    return [me, ...rest];
+  }
+
+  /** Number of updates waiting for gossip (bounded by maxPiggyback). */
+  get piggybackSize(): number {
+    return this.piggyback.size;
+  }
+
+  /** Contact seeds ("host:port") and merge their member lists; ok if at least one answered. */
+  async join(seedAddrs: string[]): Promise<JoinResult> {
+    const seeds = seedAddrs.filter((a) => a !== this.record.addr).slice(0, MAX_SEEDS);
+    if (seeds.length === 0) return { ok: false, code: "bad_seeds", message: "no seed address to join (other than this node's own)" };
+    this.seeds = seeds;
+    const replies = await Promise.all(seeds.map((addr) => this.joinOne(addr)));
+    const reached = replies.filter(Boolean).length;
+    if (reached === 0) return { ok: false, code: "join_failed", message: `no seed answered: ${seeds.join(", ")}` };
+    return { ok: true, value: { reached } };
+  }
+
+  /** Announce a graceful leave to every live member and stop probing. */
+  async leave(): Promise<void> {
+    this.record = signSelf(this.o.identity, { ...this.record, state: "left" });
+    this.stop();
+    const msg = { type: "leave", from: this.record };
+    const targets = [...this.members.values()].filter((m) => m.state === "alive" || m.state === "suspect");
+    await Promise.allSettled(targets.map((m) => this.o.transport.request(m.addr, msg, this.config.joinTimeoutMs)));
+  }
+
+  /** Whether `type` is a membership message this class answers. */
+  handles(type: string): boolean {
+    return MEMBER_TYPES.has(type);
+  }
+
+  /** Learn from the sender's own record carried in `from`; returns its id, or null if the record was refused. */
+  observeSender(from: unknown): NodeId | null {
+    const p = parseUpdate(from);
+    if (!p.ok || !isSelfRecord(p.value)) {
+      this.refused(p.ok ? "malformed" : p.reason);
+      return null;
+    }
+    if (p.value.id === this.id) return null;
+    this.apply(p.value);
+    const m = this.members.get(p.value.id);
+    if (m && m.epoch === p.value.epoch) m.lastSeen = this.o.clock.now();
+    return p.value.id;
+  }
+
+  /** Answer a membership message (ping, ping-req, join, leave); the transport has authenticated the mesh secret. */
+  async handle(msg: WireMessage): Promise<WireMessage> {
+    if (!this.running) return fail("stopped", "this node is not running");
+    const sender = this.observeSender(msg.from);
+    if (sender === null) return fail("bad_sender", "the message's from record is missing, malformed, forged or our own");
+    this.applyAll(msg.updates);
+    switch (msg.type) {
+      case "ping":
+        if (msg.to !== this.id) return { type: "nack", code: "wrong_node", from: this.record };
+        return { type: "ack", from: this.record, updates: this.outgoing(sender) };
+      case "ping-req":
+        return this.relay(sender, msg.target);
+      case "join":
+        return { type: "join-ack", from: this.record, members: this.snapshot() };
+      case "leave":
+        return { type: "ack", from: this.record, updates: [] };
+      default:
+        return fail("unknown_type", `not a membership message: ${msg.type}`);
+    }
+  }
+
+  private schedule(): void {
+    if (!this.running) return;
+    this.timer = this.o.clock.setTimer(() => {
+      this.timer = null;
+      this.round();
+      this.schedule();
+    }, this.config.roundMs);
+  }
+
+  private round(): void {
+    this.rounds++;
+    const now = this.o.clock.now();
+    this.expire(now);
+    if (!this.probing) {
+      const target = this.nextTarget();
+      if (target) {
+        this.probing = true;
+        void this.probe(target).finally(() => {
+          this.probing = false;
+        });
+      }
+    }
+    if (this.rounds % this.config.reconnectEveryRounds === 0) void this.reconnect();
+  }
+
+  // Suspicion timeouts and forgetting run once per round: a granularity of one round is part of the stated bound.
+  private expire(now: number): void {
+    const suspicionMs = this.config.suspicionRounds * this.config.roundMs;
+    const forgetMs = this.config.forgetAfterRounds * this.config.roundMs;
+    for (const m of [...this.members.values()]) {
+      if (m.state === "suspect" && now - m.since >= suspicionMs) {
+        this.stats.deaths++;
+        this.o.log.info("mesh member declared dead", { node: m.id.slice(0, 8), name: m.name, incarnation: m.inc });
+        this.apply({ id: m.id, publicKey: m.publicKey, inc: m.inc, state: "dead" });
+      } else if ((m.state === "dead" || m.state === "left") && now - m.since >= forgetMs) {
+        this.forget(m.id);
+      }
+    }
+  }
+
+  private forget(id: NodeId): void {
+    this.members.delete(id);
+    this.stats.membersForgotten++;
+    this.o.onEvent?.({ kind: "forgotten", id });
+  }
+
+  private nextTarget(): Member | undefined {
+    for (let tries = 0; tries < 2; tries++) {
+      while (this.orderPos < this.order.length) {
+        const m = this.members.get(this.order[this.orderPos++] as NodeId);
+        if (m && (m.state === "alive" || m.state === "suspect")) return m;
+      }
+      this.order = this.shuffle(this.liveIds());
+      this.orderPos = 0;
+    }
+    return undefined;
+  }
+
+  private shuffle<T>(xs: T[]): T[] {
+    for (let i = xs.length - 1; i > 0; i--) {
+      const j = Math.floor(this.random() * (i + 1));
+      [xs[i], xs[j]] = [xs[j] as T, xs[i] as T];
+    }
+    return xs;
+  }
+
+  private async probe(target: Member): Promise<void> {
+    this.stats.probes++;
+    const inc = target.inc;
+    const t0 = this.o.clock.now();
+    if (await this.ping(target, this.config.probeTimeoutMs)) {
+      const rtt = this.o.clock.now() - t0;
+      target.rttMs = target.rttMs === null ? rtt : target.rttMs + RTT_WEIGHT * (rtt - target.rttMs);
+      return;
+    }
+    if (!this.running) return;
+    this.stats.directProbeFailures++;
+    const relays = this.shuffle(this.liveIds().filter((id) => id !== target.id)).slice(0, this.config.indirectK);
+    const wait = Math.max(this.config.roundMs - (this.o.clock.now() - t0), this.config.probeTimeoutMs);
+    this.stats.indirectProbes += relays.length;
+    const results = await Promise.all(relays.map((id) => this.pingReq(id, target.id, wait)));
+    if (!this.running) return;
+    if (results.some(Boolean)) {
+      this.stats.indirectSaves++;
+      return;
+    }
+    const cur = this.members.get(target.id);
+    if (cur && cur.state === "alive" && cur.inc === inc) {
+      this.stats.suspicions++;
+      this.o.log.info("mesh member suspected", { node: cur.id.slice(0, 8), name: cur.name, incarnation: cur.inc });
+      this.apply({ id: cur.id, publicKey: cur.publicKey, inc: cur.inc, state: "suspect" });
+    }
+  }
+
+  private async ping(target: Member, timeoutMs: number): Promise<boolean> {
+    const msg = { type: "ping", from: this.record, to: target.id, updates: this.outgoing(target.id) };
+    try {
+      const reply = await this.o.transport.request(target.addr, msg, timeoutMs);
+      if (!this.running || reply.type !== "ack") return false;
+      if (this.observeSender(reply.from) !== target.id) return false;
+      this.applyAll(reply.updates);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  private async pingReq(relayId: NodeId, target: NodeId, timeoutMs: number): Promise<boolean> {
+    const relay = this.members.get(relayId);
+    if (!relay) return false;
+    const msg = { type: "ping-req", from: this.record, target, updates: this.outgoing(relayId) };
+    try {
+      const reply = await this.o.transport.request(relay.addr, msg, timeoutMs);
+      if (!this.running || reply.type !== "ping-req-ack") return false;
+      if (this.observeSender(reply.from) !== relayId) return false;
+      this.applyAll(reply.updates);
+      return reply.ok === true;
+    } catch {
+      return false;
+    }
+  }
+
+  private async relay(sender: NodeId, targetId: unknown): Promise<WireMessage> {
+    const target = isNodeId(targetId) ? this.members.get(targetId) : undefined;
+    let ok = false;
+    if (target && targetId !== sender && this.relays < this.config.maxRelays) {
+      this.relays++;
+      try {
+        ok = await this.ping(target, this.config.probeTimeoutMs);
+      } finally {
+        this.relays--;
+      }
+    } else if (target) {
+      this.stats.relaysRefused++;
+    }
+    return { type: "ping-req-ack", from: this.record, ok, updates: this.outgoing(sender) };
+  }
+
+  private async joinOne(addr: string): Promise<boolean> {
+    try {
+      const reply = await this.o.transport.request(addr, { type: "join", from: this.record }, this.config.joinTimeoutMs);
+      if (reply.type !== "join-ack" || this.observeSender(reply.from) === null) return false;
+      this.applyAll(reply.members, this.config.maxMembers * 2 + 1);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  // Alone (every member dead or forgotten), a node keeps knocking on the seeds; otherwise it retries one
+  // dead member now and then, so two halves of a healed partition find each other again.
+  private async reconnect(): Promise<void> {
+    if (this.liveIds().length === 0 && this.seeds.length > 0) {
+      await Promise.all(this.seeds.map((a) => this.joinOne(a)));
+      return;
+    }
+    const dead = [...this.members.values()].filter((m) => m.state === "dead");
+    const m = dead[Math.floor(this.random() * dead.length)];
+    if (m) await this.ping(m, this.config.probeTimeoutMs);
+  }
+
+  private snapshot(): MemberUpdate[] {
+    const out: MemberUpdate[] = [this.record];
+    for (const m of this.members.values()) {
+      // A dead member's claim only matters to the member itself (a restarted node outranks it);
+      // others cannot add a member from an unsigned claim.
+      if (m.state !== "dead") out.push(m.record);
+      if (m.state === "suspect" || m.state === "dead") out.push(claim(m));
+    }
+    return out;
+  }
+
+  // The receiver's own record comes first when we think it suspect or dead: that is how it learns to refute.
+  private outgoing(to: NodeId): MemberUpdate[] {
+    const n = this.liveIds().length + 1;
+    const limit = this.config.retransmitMult * Math.max(1, Math.ceil(Math.log10(n + 1)));
+    const out: MemberUpdate[] = [];
+    const m = this.members.get(to);
+    if (m && m.state !== "alive" && m.state !== "left") out.push(claim(m));
+    out.push(...this.piggyback.take(this.config.piggybackPerMessage - out.length, limit));
+    this.stats.piggybackDropped = this.piggyback.dropped;
+    return out;
+  }
+
+  private applyAll(updates: unknown, max = this.config.piggybackPerMessage * 4): void {
+    if (!isList(updates, max)) {
+      if (updates !== undefined) this.refused("malformed");
+      return;
+    }
+    for (const u of updates) {
+      const p = parseUpdate(u);
+      if (p.ok) this.apply(p.value);
+      else this.refused(p.reason);
+    }
+  }
+
+  private refused(reason: "malformed" | "unsigned" | "id_mismatch" | "forged"): void {
+    if (reason === "unsigned") this.stats.unsignedRecords++;
+    else if (reason === "forged" || reason === "id_mismatch") this.stats.forgedRecords++;
+    else this.stats.malformedRecords++;
+  }
+
+  private apply(u: MemberUpdate): void {
+    if (u.id === this.id) {
+      this.applyToSelf(u);
+      return;
+    }
+    const now = this.o.clock.now();
+    const cur = this.members.get(u.id);
+    if (!cur) {
+      // Only a member's own signed alive record may introduce it.
+      if (u.state !== "alive") return;
+      if (!verifySelf(u)) {
+        this.refused("forged");
+        return;
+      }
+      if (!this.makeRoom()) {
+        this.stats.membersRejectedFull++;
+        return;
+      }
+      this.members.set(u.id, { ...fromRecord(u), since: now, lastSeen: now, rttMs: null });
+      this.order.splice(this.orderPos + Math.floor(this.random() * (this.order.length - this.orderPos + 1)), 0, u.id);
+      this.piggyback.add(u);
+      this.o.log.info("mesh member joined", { node: u.id.slice(0, 8), name: u.name, addr: u.addr });
+      this.up(u.id, false);
+      return;
+    }
+    if (!overrides(u, cur)) return;
+    if (isSelfRecord(u) && !verifySelf(u)) {
+      this.refused("forged");
+      return;
+    }
+    const prev = cur.state;
+    const prevEpoch = cur.epoch;
+    cur.inc = u.inc;
+    cur.state = u.state;
+    cur.since = now;
+    if (isSelfRecord(u)) Object.assign(cur, fromRecord(u));
+    this.piggyback.add(u);
+    const wasDown = prev === "dead" || prev === "left";
+    if ((u.state === "dead" || u.state === "left") && !wasDown) {
+      this.o.log.info(u.state === "left" ? "mesh member left" : "mesh member dead", { node: u.id.slice(0, 8), name: cur.name });
+      if (this.liveIds().length === 0) this.isolated = true;
+      this.o.onEvent?.({ kind: "down", id: u.id, state: u.state });
+    } else if ((u.state === "alive" || u.state === "suspect") && wasDown) {
+      this.o.log.info("mesh member back", { node: u.id.slice(0, 8), name: cur.name, incarnation: u.inc });
+      this.up(u.id, true);
+    } else if (cur.epoch !== prevEpoch && !wasDown) {
+      this.o.onEvent?.({ kind: "epoch", id: u.id });
+    }
+  }
+
+  private up(id: NodeId, back: boolean): void {
+    this.o.onEvent?.({ kind: "up", id, back });
+    // A node that lost every peer cannot know what the mesh deleted meanwhile (tombstones may have
+    // been collected once it was declared dead), so on first contact it resets as if declared dead.
+    if (this.isolated) {
+      this.isolated = false;
+      this.refute(this.record.inc, true);
+    }
+  }
+
+  private applyToSelf(u: MemberUpdate): void {
+    if (u.inc < this.record.inc || this.record.state === "left") return;
+    if (isSelfRecord(u)) {
+      // Our own record echoed back is no news; a record of ours from an earlier life (another epoch)
+      // at our incarnation or above must be outranked, or peers would keep the old one.
+      if (u.epoch === this.record.epoch) return;
+      if (!verifySelf(u)) {
+        this.refused("forged");
+        return;
+      }
+      this.refute(u.inc, false);
+      return;
+    }
+    this.refute(u.inc, u.state === "dead");
+  }
+
+  private refute(inc: number, declaredDead: boolean): void {
+    this.stats.refutations++;
+    if (declaredDead) {
+      // Others have dropped our keys and may have collected tombstones we never saw: our copy of
+      // their state can no longer be trusted, so it goes, and a new epoch makes everyone resend.
+      this.o.onEvent?.({ kind: "self-reset" });
+    }
+    const epoch = declaredDead ? this.newEpoch() : this.record.epoch;
+    this.record = signSelf(this.o.identity, { ...this.record, epoch, inc: inc + 1, state: "alive" });
+    this.piggyback.add(this.record);
+    this.o.log.info("mesh refuted suspicion", { incarnation: this.record.inc, declaredDead });
+  }
+
+  private makeRoom(): boolean {
+    if (this.members.size < this.config.maxMembers) return true;
+    let oldest: Member | undefined;
+    for (const m of this.members.values()) {
+      if ((m.state === "dead" || m.state === "left") && (!oldest || m.since < oldest.since)) oldest = m;
+    }
+    if (!oldest) return false;
+    this.forget(oldest.id);
+    return true;
+  }
+
+  private newEpoch(): string {
+    const part = () =>
+      Math.floor(this.random() * 2 ** 32)
+        .toString(16)
+        .padStart(8, "0");
+    return `${part()}${part()}`;
+  }
+}
+
+function claim(m: Member): ClaimRecord {
+  return { id: m.id, publicKey: m.publicKey, inc: m.inc, state: m.state === "dead" ? "dead" : "suspect" };
+}
+
+function fromRecord(r: SelfRecord): Omit<Member, "since" | "lastSeen" | "rttMs"> {
+  return { id: r.id, publicKey: r.publicKey, name: r.name, addr: r.addr, epoch: r.epoch, state: r.state, inc: r.inc, record: r };
+}
+
+function fail(code: string, message: string): WireMessage {
+  return { type: "error", code, message };
+}

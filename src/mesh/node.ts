@@ -1,0 +1,185 @@
+// MeshCore: one node's membership, replicated store and worker registry,
+// wired together. Pure logic: it talks through a Transport and keeps time
+// with a Clock, so the same code runs over HTTP and in the 100-node simulation.
+import type { Logger } from "../log";
+import { silentLogger } from "../log";
+import { isObject } from "./check";
+import type { Identity } from "./identity";
+import { Kv, type KvConfig, type KvStats } from "./kv";
+import {
+  type JoinResult,
+  Membership,
+  type MembershipConfig,
+  type MembershipEvent,
+  type MembershipStats,
+  type MemberView,
+} from "./membership";
+import type { Clock, NodeId, Transport, WireMessage } from "./wire";
+import { WorkerRegistry, type WorkersConfig, type WorkersStats } from "./workers";
+
+/** Tunables of every part; anything left out takes its default. */
+export interface MeshConfig {
+  membership?: Partial<MembershipConfig>;
+  kv?: Partial<KvConfig>;
+  workers?: Partial<WorkersConfig>;
+}
+
+/** What a node is made of. */
+export interface MeshCoreOptions {
+  identity: Identity;
+  /** Name shown to operators and the address ("host:port") peers reach this node at; never 0.0.0.0. */
+  self: { name: string; addr: string };
+  transport: Transport;
+  clock: Clock;
+  config?: MeshConfig;
+  log?: Logger;
+  /** Random numbers in [0, 1); simulations pass a seeded one. */
+  random?: () => number;
+}
+
+/** Every counter of the node, for /metrics. */
+export interface MeshStats {
+  members: Record<"alive" | "suspect" | "dead" | "left", number>;
+  membership: MembershipStats;
+  kv: KvStats;
+  workers: WorkersStats;
+  piggybackQueued: number;
+  badMessages: number;
+}
+
+/** One node of the mesh. */
+export class MeshCore {
+  readonly id: NodeId;
+  readonly workers: WorkerRegistry;
+  private readonly membership: Membership;
+  private readonly kv: Kv;
+  private readonly log: Logger;
+  private badMessages = 0;
+  private running = false;
+
+  constructor(o: MeshCoreOptions) {
+    this.id = o.identity.id;
+    this.log = o.log ?? silentLogger;
+    const roundMs = o.config?.membership?.roundMs;
+    this.membership = new Membership({
+      identity: o.identity,
+      self: o.self,
+      transport: o.transport,
+      clock: o.clock,
+      config: o.config?.membership,
+      log: this.log,
+      random: o.random,
+      onEvent: (e) => this.onMembership(e),
+    });
+    this.kv = new Kv({
+      identity: o.identity,
+      directory: this.membership,
+      transport: o.transport,
+      clock: o.clock,
+      log: this.log,
+      config: { ...(roundMs ? { syncMs: roundMs } : {}), ...o.config?.kv },
+      onChange: (owner, key) => this.workers.onStoreChange(owner, key),
+    });
+    this.workers = new WorkerRegistry({ kv: this.kv, self: this.id, clock: o.clock, log: this.log, config: o.config?.workers });
+  }
+
+  /** Start probing, syncing and reconciling. */
+  start(): void {
+    if (this.running) return;
+    this.running = true;
+    this.membership.start();
+    this.kv.start();
+    this.workers.start();
+  }
+
+  /** Stop every timer; the node stops answering. */
+  stop(): void {
+    this.running = false;
+    this.membership.stop();
+    this.kv.stop();
+    this.workers.stop();
+  }
+
+  /** Tell the mesh this node leaves (its workers disappear everywhere at once), then stop. */
+  async leave(): Promise<void> {
+    this.kv.stop();
+    this.workers.stop();
+    await this.membership.leave();
+    this.running = false;
+  }
+
+  /** Join through seed addresses ("host:port"); ok once one seed answered with its member list. */
+  join(seedAddrs: string[]): Promise<JoinResult> {
+    return this.membership.join(seedAddrs);
+  }
+
+  /** Answer one inbound message (already authenticated by the transport); never throws. */
+  async handle(msg: WireMessage): Promise<WireMessage> {
+    if (!isObject(msg) || typeof msg.type !== "string") return this.bad("bad_message", "a message is an object with a string type");
+    if (!this.running) return { type: "error", code: "stopped", message: "this node is not running" };
+    try {
+      if (this.membership.handles(msg.type)) return await this.membership.handle(msg);
+      if (msg.type === "kv-sync") {
+        const sender = this.membership.observeSender(msg.from);
+        if (sender === null) return this.bad("bad_sender", "the message's from record is missing, malformed or forged");
+        return this.kv.handleSync(sender, msg);
+      }
+      return this.bad("unknown_type", `unknown message type ${msg.type.slice(0, 40)}`);
+    } catch (e) {
+      this.log.error("mesh message handler failed", { type: msg.type.slice(0, 40), error: (e as Error).message });
+      return { type: "error", code: "internal", message: "the node could not handle this message" };
+    }
+  }
+
+  /** Whether the node runs (started, not stopped or left). */
+  get isRunning(): boolean {
+    return this.running;
+  }
+
+  /** Every known member, this node first. */
+  members(): MemberView[] {
+    return this.membership.list();
+  }
+
+  /** Counters for metrics. */
+  stats(): MeshStats {
+    const members = { alive: 0, suspect: 0, dead: 0, left: 0 };
+    for (const m of this.membership.list()) if (!m.self) members[m.state]++;
+    return {
+      members,
+      membership: { ...this.membership.stats },
+      kv: { ...this.kv.stats },
+      workers: { ...this.workers.stats },
+      piggybackQueued: this.membership.piggybackSize,
+      badMessages: this.badMessages,
+    };
+  }
+
+  /** The replicated store (for tests and diagnostics). */
+  get store(): Kv {
+    return this.kv;
+  }
+
+  private onMembership(e: MembershipEvent): void {
+    switch (e.kind) {
+      case "up":
+      case "epoch":
+        this.kv.resetPeer(e.id);
+        break;
+      case "down":
+        this.kv.dropOwner(e.id);
+        break;
+      case "forgotten":
+        this.kv.forgetPeer(e.id);
+        break;
+      case "self-reset":
+        this.kv.purgeForeign();
+        break;
+    }
+  }
+
+  private bad(code: string, message: string): WireMessage {
+    this.badMessages++;
+    return { type: "error", code, message };
+  }
+}

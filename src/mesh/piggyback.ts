@@ -1,0 +1,53 @@
+// The bounded buffer of membership updates that ride on probes and acks.
+// Each update is sent a limited number of times (about lambda * log n), the
+// least-sent first, so news spreads epidemically without a broadcast.
+import type { MemberUpdate } from "./member";
+
+interface Entry {
+  update: MemberUpdate;
+  sent: number;
+}
+
+/** Updates waiting to be gossiped, at most one per member, at most `max` in all. */
+export class Piggyback {
+  private readonly entries = new Map<string, Entry>();
+  /** Updates pushed out because the buffer was full. */
+  dropped = 0;
+
+  constructor(private readonly max: number) {}
+
+  /** Queue `u` for gossip, replacing an older update about the same member. */
+  add(u: MemberUpdate): void {
+    this.entries.delete(u.id);
+    if (this.entries.size >= this.max) {
+      // The most-sent update has done most of its work already: it goes first.
+      let worst: string | undefined;
+      let most = -1;
+      for (const [id, e] of this.entries) {
+        if (e.sent > most) {
+          most = e.sent;
+          worst = id;
+        }
+      }
+      if (worst !== undefined) this.entries.delete(worst);
+      this.dropped++;
+    }
+    this.entries.set(u.id, { update: u, sent: 0 });
+  }
+
+  /** Up to `count` least-sent updates for one message; each is dropped after `limit` sends. */
+  take(count: number, limit: number): MemberUpdate[] {
+    if (count <= 0 || this.entries.size === 0) return [];
+    const picked = [...this.entries.values()].sort((a, b) => a.sent - b.sent).slice(0, count);
+    for (const e of picked) {
+      e.sent++;
+      if (e.sent >= limit) this.entries.delete(e.update.id);
+    }
+    return picked.map((e) => e.update);
+  }
+
+  /** How many updates are queued. */
+  get size(): number {
+    return this.entries.size;
+  }
+}
