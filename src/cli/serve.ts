@@ -6,10 +6,12 @@ import { ensureModel } from "../gguf/models";
 import { GGUF_MAGIC } from "../gguf/types";
 import { createLogger, type LogFormat } from "../log";
 import { ServedModel, startServer } from "../server";
+import type { MeshFlags } from "./mesh-flags";
+import { prepareMesh, startMesh } from "./serve-mesh";
 import { UsageError } from "./usage";
 
 /** Options of `mesh serve`, as parsed by commander. */
-export interface ServeOptions {
+export interface ServeOptions extends MeshFlags {
   model?: string;
   host: string;
   port: number;
@@ -81,6 +83,7 @@ export async function serve(o: ServeOptions): Promise<number> {
   if (o.logFormat !== "text" && o.logFormat !== "json") throw new UsageError(`--log-format must be 'text' or 'json', got '${o.logFormat}'`);
   const logger = createLogger(o.logFormat as LogFormat);
   const apiKeys = readKeys(o);
+  const mesh = prepareMesh(o, { logger, apiKeyRequired: apiKeys.length > 0, maxBodyBytes: o.maxBodyBytes });
   let modelPath = o.model;
   let demo = false;
   if (modelPath) checkGguf(modelPath);
@@ -104,7 +107,15 @@ export async function serve(o: ServeOptions): Promise<number> {
   });
   let server: ReturnType<typeof startServer>;
   try {
-    server = startServer({ host: o.host, port: o.port, models: [model], apiKeys, maxBodyBytes: o.maxBodyBytes, logger });
+    server = startServer({
+      host: o.host,
+      port: o.port,
+      models: [model],
+      apiKeys,
+      maxBodyBytes: o.maxBodyBytes,
+      logger,
+      mesh: mesh.node.hooks,
+    });
   } catch (e) {
     await model.close();
     const code = (e as { code?: string }).code;
@@ -115,8 +126,12 @@ export async function serve(o: ServeOptions): Promise<number> {
     `mesh listening on ${server.url} — model '${model.id}'${demo ? " (built-in demo model: RANDOM WEIGHTS, its text is meaningless; pass --model to serve a real GGUF)" : ""}\n`,
   );
 
+  const addr = await startMesh(mesh, o.host, server.port, server.url, logger);
+  mesh.node.serveModel(model, addr, { ctxSize: o.ctxSize, slotsTotal: o.parallel });
+
   await model.ready;
   if (model.status === "failed") {
+    await mesh.node.leave();
     await server.close();
     throw new UsageError(`cannot load model ${modelPath}: ${model.error}`);
   }
@@ -140,6 +155,8 @@ export async function serve(o: ServeOptions): Promise<number> {
       }
       stopping = true;
       logger.info("shutting down", { signal, grace_s: o.shutdownGrace });
+      // Leave first: peers stop sending new requests here while the running ones finish.
+      await mesh.node.leave();
       server.stopAccepting();
       const deadline = Date.now() + o.shutdownGrace * 1000;
       while ((model.engine?.inFlight ?? 0) > 0 && Date.now() < deadline) await Bun.sleep(50);

@@ -1,0 +1,242 @@
+// A node's place in the mesh, assembled: the mesh core over the authenticated
+// HTTP transport, the gate and routes the server mounts, the forwarder, and
+// the publisher that keeps this node's worker record in step with its engine.
+
+import type { Logger } from "../log";
+import { DEFAULT_AUTHORITY, MeshAuthority, meshKeys } from "../mesh/auth";
+import { MeshClient } from "../mesh/client";
+import type { Identity } from "../mesh/identity";
+import type { MeshCredentials } from "../mesh/invite";
+import type { JoinResult } from "../mesh/membership";
+import { type MeshConfig, MeshCore } from "../mesh/node";
+import { HttpTransport } from "../mesh/transport-http";
+import type { Clock, WorkerInfo } from "../mesh/wire";
+import { Forwarder } from "./forward";
+import type { MeshHooks } from "./mesh";
+import { MeshGate } from "./mesh-gate";
+import type { MeshInfo, PeerRow, PeersReport } from "./mesh-routes";
+import type { ServedModel } from "./model";
+
+/** How to run a node's mesh side. */
+export interface MeshNodeOptions {
+  identity: Identity;
+  creds: MeshCredentials;
+  name: string;
+  logger: Logger;
+  /** Whether the inference API requires a key (then /api/peers accepts it too). */
+  apiKeyRequired: boolean;
+  /** Largest body of a mesh-authenticated request (a forwarded inference request included). */
+  maxBodyBytes: number;
+  config?: MeshConfig;
+  /** How long a peer may take to start answering a forwarded request before another is tried. */
+  forwardHeadersTimeoutMs?: number;
+  /** How often engine stats are read into this node's worker record. */
+  statsEveryMs?: number;
+}
+
+/** Real time for the core. */
+export const realClock: Clock = {
+  now: () => Date.now(),
+  setTimer: (fn, ms) => setTimeout(fn, ms),
+  clearTimer: (h) => clearTimeout(h as ReturnType<typeof setTimeout>),
+};
+
+// An invite lists a few addresses to try, not the whole mesh.
+const MAX_INFO_ADDRS = 8;
+
+/** The mesh side of a node. Create it before the server listens (the server mounts its hooks); start it once the address is known. */
+export class MeshNode {
+  readonly hooks: MeshHooks;
+  private core: MeshCore | null = null;
+  private readonly transport: HttpTransport;
+  private readonly publishers = new Set<ReturnType<typeof setInterval>>();
+  private readonly leaving: Array<() => void> = [];
+
+  constructor(private readonly o: MeshNodeOptions) {
+    const keys = meshKeys(o.creds.secret);
+    const client = new MeshClient({ keys, nodeId: o.identity.id });
+    this.transport = new HttpTransport(client, keys);
+    const forwarder = new Forwarder({
+      client,
+      selfId: o.identity.id,
+      workers: () => this.routableWorkers(),
+      headersTimeoutMs: o.forwardHeadersTimeoutMs ?? 60_000,
+      logger: o.logger,
+      onPeerFailure: (id) => this.core?.workers.reportFailure(id),
+    });
+    this.hooks = {
+      gate: new MeshGate(new MeshAuthority(keys, { ...DEFAULT_AUTHORITY, now: Date.now }), o.maxBodyBytes, o.logger),
+      apiKeyRequired: o.apiKeyRequired,
+      forwarder,
+      service: {
+        nodeId: () => o.identity.id,
+        workers: () => this.core?.workers.list().map((e) => e.info) ?? [],
+        handler: () => {
+          const core = this.core;
+          return core ? (m) => core.handle(m) : null;
+        },
+        info: () => this.info(),
+        peers: () => this.peers(),
+      },
+    };
+  }
+
+  /** Start the core at `addr` ("host:port", never 0.0.0.0). */
+  start(addr: string): MeshCore {
+    if (this.core) return this.core;
+    this.core = new MeshCore({
+      identity: this.o.identity,
+      self: { name: this.o.name, addr },
+      transport: this.transport,
+      clock: realClock,
+      config: this.o.config,
+      log: this.o.logger,
+    });
+    this.core.start();
+    return this.core;
+  }
+
+  /** Join through seed addresses; a failure leaves the node running alone (the core keeps retrying the seeds). */
+  async join(seeds: string[]): Promise<JoinResult> {
+    if (!this.core) throw new Error("start the mesh node before joining");
+    return this.core.join(seeds);
+  }
+
+  /**
+   * Publish `model` as a Local worker at `addr`, then keep its load figures
+   * current from the engine (read every second, published only on change).
+   */
+  serveModel(model: ServedModel, addr: string, shape: { ctxSize: number; slotsTotal: number }): void {
+    const core = this.core;
+    if (!core) throw new Error("start the mesh node before serving a model");
+    const reg = core.workers.register({
+      addr,
+      models: [model.id],
+      ctxSize: shape.ctxSize,
+      slotsTotal: shape.slotsTotal,
+      slotsBusy: 0,
+      kvUsed: 0,
+      kvTotal: 0,
+      queueDepth: 0,
+      health: "loading",
+    });
+    if (!reg.ok) {
+      this.o.logger.error("cannot publish the model to the mesh", { model: model.id, code: reg.code, error: reg.message });
+      return;
+    }
+    const id = reg.value.id;
+    let last = "";
+    let busy = false;
+    const publish = async () => {
+      if (busy || !this.core) return;
+      busy = true;
+      try {
+        const patch = await loadOf(model);
+        const key = JSON.stringify(patch);
+        if (key === last) return;
+        const r = core.workers.update(id, patch);
+        if (r.ok) last = key;
+        else this.o.logger.warn("cannot update the model's mesh record", { code: r.code, error: r.message });
+      } finally {
+        busy = false;
+      }
+    };
+    void model.ready.then(publish);
+    this.publishers.add(setInterval(() => void publish(), this.o.statsEveryMs ?? 1000));
+  }
+
+  /** The core, once started. */
+  get meshCore(): MeshCore | null {
+    return this.core;
+  }
+
+  /** Run `fn` just before this node leaves the mesh (e.g. to save what it knows). */
+  onLeave(fn: () => void): void {
+    this.leaving.push(fn);
+  }
+
+  /** Tell the mesh this node leaves (peers drop its workers at once), then stop. */
+  async leave(): Promise<void> {
+    for (const fn of this.leaving.splice(0)) fn();
+    this.stopPublishing();
+    await this.core?.leave();
+  }
+
+  /** Stop without telling anyone (peers will detect it). */
+  stop(): void {
+    this.stopPublishing();
+    this.core?.stop();
+  }
+
+  private stopPublishing(): void {
+    for (const t of this.publishers) clearInterval(t);
+    this.publishers.clear();
+  }
+
+  private routableWorkers(): WorkerInfo[] {
+    return this.core?.workers.list().flatMap((e) => (e.routable ? [e.info] : [])) ?? [];
+  }
+
+  private info(): MeshInfo {
+    const members = this.core?.members() ?? [];
+    const self = members.find((m) => m.self);
+    const others = members.filter((m) => !m.self && m.state === "alive").map((m) => m.addr);
+    return {
+      mesh_id: this.o.creds.meshId,
+      node_id: this.o.identity.id,
+      name: this.o.name,
+      addrs: [...(self ? [self.addr] : []), ...others].slice(0, MAX_INFO_ADDRS),
+    };
+  }
+
+  private peers(): PeersReport {
+    const core = this.core;
+    const now = Date.now();
+    const byNode = new Map<string, WorkerInfo[]>();
+    for (const e of core?.workers.list() ?? []) {
+      const list = byNode.get(e.info.nodeId) ?? [];
+      list.push(e.info);
+      byNode.set(e.info.nodeId, list);
+    }
+    const members: PeerRow[] = (core?.members() ?? []).map((m) => {
+      const ws = byNode.get(m.id) ?? [];
+      const sum = (f: (w: WorkerInfo) => number) => ws.reduce((s, w) => s + f(w), 0);
+      return {
+        id: m.id,
+        name: m.name,
+        addr: m.addr,
+        state: m.state,
+        incarnation: m.incarnation,
+        last_seen_ms: m.self ? null : Math.max(0, now - m.lastSeen),
+        rtt_ms: m.rttMs,
+        self: m.self,
+        models: ws.flatMap((w) => w.models),
+        slots_busy: sum((w) => w.slotsBusy),
+        slots_total: sum((w) => w.slotsTotal),
+        kv_used: sum((w) => w.kvUsed),
+        kv_total: sum((w) => w.kvTotal),
+        queue_depth: sum((w) => w.queueDepth),
+        workers: ws.map((w) => w.id),
+      };
+    });
+    return { mesh_id: this.o.creds.meshId, node_id: this.o.identity.id, members, forwarding: this.hooks.forwarder.stats() };
+  }
+}
+
+type LoadPatch = Parameters<MeshCore["workers"]["update"]>[1];
+
+/** A model's load figures for its worker record. */
+async function loadOf(model: ServedModel): Promise<LoadPatch> {
+  if (model.status !== "ready" || !model.engine) return { health: model.status };
+  const s = await model.engine.stats().catch(() => null);
+  if (!s) return { health: "failed" };
+  return {
+    health: "ready",
+    slotsTotal: s.slotsTotal,
+    slotsBusy: s.slotsBusy,
+    kvUsed: s.kvCellsUsed,
+    kvTotal: s.kvCellsTotal,
+    queueDepth: s.waiting,
+    ...(model.info ? { ctxSize: model.info.nCtxSeq } : {}),
+  };
+}

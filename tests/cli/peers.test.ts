@@ -1,0 +1,96 @@
+import { describe, expect, test } from "bun:test";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { formatPeers } from "../../src/cli/peers";
+import { newCredentials, saveCredentials } from "../../src/mesh/invite";
+import type { PeerRow } from "../../src/server/mesh-routes";
+import { meshCli } from "../helpers/cluster";
+
+function row(o: Partial<PeerRow>): PeerRow {
+  return {
+    id: "0123456789abcdef0123456789abcdef",
+    name: "n",
+    addr: "10.0.0.1:9337",
+    state: "alive",
+    incarnation: 0,
+    last_seen_ms: 400,
+    rtt_ms: 1.4,
+    self: false,
+    models: [],
+    slots_busy: 0,
+    slots_total: 0,
+    kv_used: 0,
+    kv_total: 0,
+    queue_depth: 0,
+    workers: [],
+    ...o,
+  };
+}
+
+describe("mesh peers", () => {
+  test("table_shows_every_column_with_this_node_marked", () => {
+    const out = formatPeers({
+      mesh_id: "feedfacefeedface",
+      node_id: "0123",
+      forwarding: { forwarded: 0, retried: 0, failed: 0, active: 0 },
+      members: [
+        row({
+          name: "alpha",
+          self: true,
+          last_seen_ms: null,
+          rtt_ms: null,
+          models: ["qwen"],
+          slots_busy: 1,
+          slots_total: 4,
+          kv_used: 512,
+          kv_total: 2048,
+        }),
+        row({ id: "ffff0000ffff0000", name: "beta", addr: "10.0.0.2:9337", state: "suspect", incarnation: 3, last_seen_ms: 65_000 }),
+      ],
+    });
+    const lines = out.split("\n");
+    expect(lines[0]).toBe("mesh feedfacefeedface: 1 of 2 members alive");
+    expect(lines[1]).toMatch(/^NODE\s+NAME\s+ADDRESS\s+STATE\s+INC\s+LAST SEEN\s+MODELS\s+SLOTS\s+KV\s+RTT$/);
+    expect(lines[2]).toMatch(/^01234567\*\s+alpha\s+10\.0\.0\.1:9337\s+alive\s+0\s+-\s+qwen\s+1\/4\s+25%\s+-$/);
+    expect(lines[3]).toMatch(/^ffff0000\s+beta\s+10\.0\.0\.2:9337\s+suspect\s+3\s+65s ago\s+-\s+-\s+-\s+1ms$/);
+  });
+
+  test("no_node_running_is_one_line_and_exit_1", () => {
+    const state = mkdtempSync(join(tmpdir(), "mesh-peers-"));
+    saveCredentials(state, newCredentials());
+    const probe = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response() });
+    const port = probe.port;
+    probe.stop(true);
+    const r = meshCli(["peers", "--state-dir", state, "--url", `http://127.0.0.1:${port}`]);
+    expect(r.code).toBe(1);
+    expect(r.err.trim().split("\n")).toEqual([
+      `mesh: no mesh node is running at http://127.0.0.1:${port} (start one with 'mesh serve', or pass --url)`,
+    ]);
+  });
+
+  test("no_credentials_is_one_line_and_exit_1", () => {
+    const r = meshCli(["peers", "--state-dir", mkdtempSync(join(tmpdir(), "mesh-peers-"))]);
+    expect(r.code).toBe(1);
+    expect(r.err).toContain("no mesh credentials");
+    expect(r.err.trim().split("\n").length).toBe(1);
+  });
+
+  test("bad_flags_are_one_line_and_exit_2", () => {
+    const state = mkdtempSync(join(tmpdir(), "mesh-peers-"));
+    saveCredentials(state, newCredentials());
+    for (const [args, needle] of [
+      [["peers", "--bogus"], "unknown option"],
+      [["peers", "--state-dir", state, "--watch", "0"], "--watch"],
+      [["peers", "--state-dir", state, "--url", "ftp://x"], "--url"],
+      [["serve", "--join", "10.0.0.1:9337"], "mesh secret"],
+      [["serve", "--mesh-secret", "short"], "at least 32"],
+      [["serve", "--advertise", "0.0.0.0:1"], "0.0.0.0"],
+    ] as Array<[string[], string]>) {
+      const r = meshCli(args);
+      expect(r.code).toBe(2);
+      expect(r.err).toContain(needle);
+      expect(r.err.trim().split("\n").length).toBe(1);
+    }
+  });
+});
