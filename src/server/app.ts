@@ -109,6 +109,12 @@ export function createApp(o: AppOptions) {
       if (api.status >= 500) o.logger.error("request failed", { status: api.status, code: api.code, error: (error as Error)?.message });
       return reply(api);
     })
+    .onBeforeHandle(({ request, server }) => {
+      // The listener's idle timeout guards against clients that stall before
+      // their body is read; once a request is parsed, a long generation with
+      // sparse output must never be cut.
+      server?.timeout(request, 0);
+    })
     .onAfterResponse(({ request, set }) => {
       const path = new URL(request.url).pathname;
       const route = ROUTES.has(path) ? path : "other";

@@ -17,6 +17,8 @@ export interface ServerOptions {
   logger: Logger;
   /** The mesh this node belongs to, if any. */
   mesh?: MeshHooks;
+  /** Seconds a connection may sit idle before a request is parsed (default 60; Bun caps it at 255). */
+  idleTimeoutSeconds?: number;
 }
 
 /** A running server. */
@@ -40,12 +42,20 @@ export function startServer(o: ServerOptions): RunningServer {
     metrics: new Metrics(),
     mesh: o.mesh,
   });
-  // idleTimeout 0: a long generation with sparse output must never be cut by Bun's 10 s idle default.
+  // idleTimeout: a client that sends headers and stalls is dropped after this
+  // long; every parsed request lifts it for itself (app.ts onBeforeHandle), so
+  // a long generation with sparse output is never cut.
   // The cap is checked on Content-Length first (an OpenAI-shaped 413); Bun's own
   // limit, above it, only stops chunked bodies that declare no length.
   // reusePort false: Elysia enables it by default, which lets a second node start on a
   // port already in use and silently share its traffic.
-  app.listen({ hostname: o.host, port: o.port, idleTimeout: 0, maxRequestBodySize: o.maxBodyBytes * 2 + 65536, reusePort: false });
+  app.listen({
+    hostname: o.host,
+    port: o.port,
+    idleTimeout: o.idleTimeoutSeconds ?? 60,
+    maxRequestBodySize: o.maxBodyBytes * 2 + 65536,
+    reusePort: false,
+  });
   const server = app.server;
   if (!server) throw new Error("server did not start");
   const shownHost = o.host.includes(":") ? `[${o.host}]` : o.host;
@@ -53,8 +63,8 @@ export function startServer(o: ServerOptions): RunningServer {
     app,
     url: `http://${shownHost}:${server.port}`,
     port: server.port as number,
-    // Not awaited: with idleTimeout 0 an idle keep-alive connection never
-    // closes by itself, so waiting here would hang shutdown.
+    // Not awaited: an idle keep-alive connection lasts until the idle
+    // timeout, so waiting here would delay shutdown by that much.
     stopAccepting: () => {
       void server.stop(false);
     },
