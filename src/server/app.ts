@@ -23,7 +23,16 @@ export interface AppOptions {
   mesh?: MeshHooks;
 }
 
-const ROUTES = new Set(["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"]);
+const ROUTES = new Set([
+  "/v1/chat/completions",
+  "/v1/completions",
+  "/v1/models",
+  "/health",
+  "/metrics",
+  "/api/peers",
+  "/mesh/rpc",
+  "/mesh/challenge",
+]);
 
 function keyChecker(keys: string[]): (header: string | null) => boolean {
   // Compare digests so the comparison time does not depend on the key's length or content.
@@ -121,7 +130,14 @@ export function createApp(o: AppOptions) {
       const status = String(typeof set.status === "number" ? set.status : 200);
       o.metrics.requests.inc({ route, status });
       const t0 = started.get(request);
-      o.logger.info("request", { method: request.method, route, status, ms: t0 ? Math.round(performance.now() - t0) : undefined });
+      // Peer traffic (probes every second) would drown the log at info; its failures still show at info.
+      const quiet = path.startsWith("/mesh/") && status === "200";
+      o.logger[quiet ? "debug" : "info"]("request", {
+        method: request.method,
+        route,
+        status,
+        ms: t0 ? Math.round(performance.now() - t0) : undefined,
+      });
     })
     .get("/health", ({ set }) => {
       const states = o.models.map((m) => ({ id: m.id, status: m.status, ...(m.error ? { error: m.error } : {}) }));

@@ -80,6 +80,10 @@ export function meshRoutes(o: MeshRoutesOptions) {
   };
 
   return new Elysia({ name: "mesh-routes" })
+    .onAfterHandle(({ response, set }) => {
+      // These routes answer with Response objects: request logs and metrics should see their real status.
+      if (response instanceof Response) set.status = response.status;
+    })
     .get("/mesh/challenge", () => {
       const c = o.gate.authority.challenge();
       return new Response(JSON.stringify({ nonce: c.nonce, ttl_ms: c.ttlMs }), {
