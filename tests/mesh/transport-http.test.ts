@@ -167,6 +167,15 @@ describe("HTTP transport", () => {
     expect(n.seen).toEqual([]);
   });
 
+  test("a_reply_over_the_size_limit_is_refused_without_buffering_it", async () => {
+    const n = node({ handle: async () => ({ type: "ack", pad: "x".repeat(64 * 1024) }) });
+    const keys = meshKeys(SECRET);
+    const t = new HttpTransport(new MeshClient({ keys, nodeId: "bbbb" }), keys, 16 * 1024);
+    const e = await rejection(t.request(n.addr, { type: "ping" }, 30_000));
+    expect(e.code).toBe("bad_reply");
+    expect(e.message).toContain("over");
+  });
+
   test("a_peer_that_does_not_answer_in_time_is_a_timeout", async () => {
     const n = node({ handle: () => new Promise(() => {}) });
     const e = await rejection(transport().request(n.addr, { type: "slow" }, 300));

@@ -104,6 +104,16 @@ describe("forwarding to the peer that serves the model", () => {
     expect(r.choices.length).toBe(1);
   });
 
+  test("a_body_that_is_not_json_is_still_400_invalid_json", async () => {
+    const res = await fetch(`${a.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer ka", "content-type": "application/json" },
+      body: '{"model": "mesh-tiny", "messages": [',
+    });
+    expect(res.status).toBe(400);
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe("invalid_json");
+  });
+
   test("a_model_no_node_serves_is_404_in_openai_shape", async () => {
     workers = [onB()];
     const res = await fetch(`${a.url}/v1/chat/completions`, {
