@@ -7,7 +7,8 @@ import { loadCredentials } from "../../src/mesh/invite";
 import type { PeersReport } from "../../src/server/mesh-routes";
 import { tinyModel } from "./model";
 
-const MAIN = join(import.meta.dir, "..", "..", "src", "cli", "main.ts");
+/** The CLI entry point, run with this Bun. */
+export const MAIN = join(import.meta.dir, "..", "..", "src", "cli", "main.ts");
 // A node's log is kept for failure messages, bounded.
 const MAX_LOG = 256 * 1024;
 

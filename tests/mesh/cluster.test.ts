@@ -7,7 +7,7 @@ import { meshKeys } from "../../src/mesh/auth";
 import { MeshClient } from "../../src/mesh/client";
 import { HttpTransport } from "../../src/mesh/transport-http";
 import type { PeerRow, PeersReport } from "../../src/server/mesh-routes";
-import { clusterDir, meshCli, type NodeProc, peersOf, spawnNode, tokenOf, waitFor } from "../helpers/cluster";
+import { clusterDir, MAIN, meshCli, type NodeProc, peersOf, spawnNode, tokenOf, waitFor } from "../helpers/cluster";
 
 // Detection bound stated for these tests: with 1 s rounds and 5 suspicion
 // rounds a killed node is dead everywhere after ~8 s typically; 45 s leaves
@@ -69,6 +69,37 @@ describe("a mesh of separate processes", () => {
     expect(table.out).toContain("3 of 3 members alive");
     for (const addr of [a.addr, b.addr, c.addr]) expect(table.out).toContain(addr);
   }, 120_000);
+
+  test("mesh_peers_watch_refreshes_until_stopped", async () => {
+    const proc = Bun.spawn([process.execPath, MAIN, "peers", "--json", "--watch", "0.5", "--state-dir", a.stateDir], {
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    try {
+      let out = "";
+      const reader = (proc.stdout as ReadableStream<Uint8Array>).getReader();
+      while (out.split("\n").filter((l) => l.startsWith("{")).length < 3) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        out += new TextDecoder().decode(value);
+      }
+      const reports = out
+        .split("\n")
+        .filter((l) => l.startsWith("{"))
+        .map((l) => JSON.parse(l) as PeersReport);
+      expect(reports.length).toBeGreaterThanOrEqual(3);
+      for (const r of reports) expect(r.members.length).toBeGreaterThanOrEqual(3);
+    } finally {
+      proc.kill("SIGKILL");
+    }
+  }, 60_000);
+
+  test("a_second_node_on_a_state_dir_in_use_is_refused", () => {
+    const r = meshCli(["serve", "--port", "0", "--state-dir", a.stateDir]);
+    expect(r.code).toBe(2);
+    expect(r.err).toContain("uses the state dir");
+    expect(r.err.trim().split("\n").length).toBe(1);
+  });
 
   test("mesh_invite_prints_a_token_that_joins_the_same_mesh", () => {
     const r = meshCli(["invite", "--state-dir", b.stateDir]);
