@@ -73,6 +73,7 @@ export function toApiError(e: unknown): ApiError {
   }
   if (e instanceof ForwardError) {
     if (e.code === "no_route") return new ApiError(404, "invalid_request_error", e.message, "model", "model_not_found");
+    if (e.code === "cancelled") return new ApiError(499, "server_error", "the request was cancelled", null, "cancelled");
     return new ApiError(502, "server_error", e.message, null, "upstream_failed");
   }
   const code = (e as { code?: unknown } | null)?.code;

@@ -9,7 +9,7 @@ import type { NodeId, WorkerInfo } from "../mesh/wire";
 import { rankWorkers } from "../routing/policy";
 
 /** Why a request could not be forwarded. */
-export type ForwardErrorCode = "no_route" | "upstream_failed";
+export type ForwardErrorCode = "no_route" | "upstream_failed" | "cancelled";
 
 /** A forwarding failure; src/server/errors.ts turns it into an HTTP answer. */
 export class ForwardError extends Error {
@@ -110,8 +110,9 @@ export class Forwarder {
         }
       }
     }
+    if (client.aborted) throw new ForwardError("cancelled", "the client went away", model);
     this.counts.failed++;
-    throw new ForwardError("upstream_failed", `no peer serving '${model}' could take the request (${lastError || "cancelled"})`, model);
+    throw new ForwardError("upstream_failed", `no peer serving '${model}' could take the request (${lastError})`, model);
   }
 
   /** Counters (forwarded, retried, failed) and requests still streaming. */
