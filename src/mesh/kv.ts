@@ -66,6 +66,8 @@ export interface PeerDirectory {
   readonly self: SelfRecord;
   liveIds(): NodeId[];
   peer(id: NodeId): { publicKey: string; addr: string; epoch: string; state: string } | undefined;
+  /** Called before each sync round, so a node that was frozen resets before it sends stale state. */
+  awake?(): void;
 }
 
 /** Counters for metrics. */
@@ -84,6 +86,8 @@ export interface KvStats {
   rejectedClockSkew: number;
   refusedWrites: number;
   tombstonesCollected: number;
+  /** Copies of already-collected tombstones that came back and were not stored again. */
+  tombstonesRefused: number;
   syncRefused: number;
 }
 
@@ -137,6 +141,7 @@ export class Kv {
     rejectedClockSkew: 0,
     refusedWrites: 0,
     tombstonesCollected: 0,
+    tombstonesRefused: 0,
     syncRefused: 0,
   };
   readonly hlc: HlcClock;
@@ -144,6 +149,8 @@ export class Kv {
   private readonly records = new Map<string, Stored>();
   private readonly perOwner = new Map<NodeId, number>();
   private readonly tombstones = new Set<string>();
+  /** Per owner, the newest tombstone collected here (one timestamp per member: bounded). */
+  private readonly collected = new Map<NodeId, Hlc>();
   private readonly peers = new Map<NodeId, PeerSync>();
   private head: Hlc = HLC_ZERO;
   private timer: unknown = null;
@@ -245,6 +252,10 @@ export class Kv {
     const sk = storeKey(r.owner, r.key);
     const cur = this.records.get(sk);
     if (cur && compareHlc(r.hlc, cur.hlc) <= 0) return false;
+    if (!cur && r.value === null && this.alreadyCollected(r)) {
+      this.stats.tombstonesRefused++;
+      return false;
+    }
     if (!verifyRecord(r, owner.publicKey)) {
       this.stats.rejectedForged++;
       this.o.log.warn("mesh refused a record not signed by its owner", { owner: r.owner.slice(0, 8), key: r.key, from: from?.slice(0, 8) });
@@ -287,10 +298,12 @@ export class Kv {
   /** Forget a member's sync state (it was forgotten by membership). */
   forgetPeer(peer: NodeId): void {
     this.peers.delete(peer);
+    this.collected.delete(peer);
   }
 
   /** One anti-entropy round: batches to up to `syncPeersPerRound` peers that lack something, then tombstone GC. */
   round(): void {
+    this.o.directory.awake?.();
     const live = this.o.directory.liveIds();
     const due = live.filter((id) => {
       const p = this.peers.get(id);
@@ -371,8 +384,19 @@ export class Kv {
       }
       if (floor !== null && compareHlc(r.stamp, floor) > 0) continue;
       this.remove(sk, r);
+      const seen = this.collected.get(r.owner);
+      if (!seen || compareHlc(r.hlc, seen) > 0) this.collected.set(r.owner, r.hlc);
       this.stats.tombstonesCollected++;
     }
+  }
+
+  // A peer whose copy of a tombstone we collected may still send it (it has not yet seen our ack of its
+  // own copy); storing it again would start the collection over, and the copies would circle forever.
+  // Refusing is safe: at collection every live member held the tombstone, so no older put of that key
+  // is left to beat, and an absent key already reads as deleted.
+  private alreadyCollected(r: KvRecord): boolean {
+    const seen = this.collected.get(r.owner);
+    return seen !== undefined && compareHlc(r.hlc, seen) <= 0;
   }
 
   private write(key: string, value: string | null): KvResult {

@@ -71,6 +71,17 @@ export const MEMBERSHIP_DEFAULTS: MembershipConfig = {
   joinTimeoutMs: 3000,
 };
 
+/**
+ * Worst case, without message loss, from a kill until every live node marks the member dead: up to n - 1
+ * rounds before some node probes it (randomised round-robin), one round for the direct and indirect probe,
+ * about log2(n) + 1 rounds to gossip the suspicion, the suspicion timeout, and one round of timer granularity.
+ */
+export function failureDetectionBoundMs(n: number, config: Partial<MembershipConfig> = {}): number {
+  const c = { ...MEMBERSHIP_DEFAULTS, ...config };
+  const rounds = n - 1 + 1 + Math.ceil(Math.log2(n + 1)) + 1 + c.suspicionRounds + 1;
+  return rounds * c.roundMs;
+}
+
 /** What the rest of the core hears about membership changes. */
 export type MembershipEvent =
   /** A member appeared, or came back from dead or left. */
@@ -182,6 +193,7 @@ export class Membership {
   private probing = false;
   private relays = 0;
   private isolated = false;
+  private lastRound: number | null = null;
   private seeds: string[] = [];
 
   constructor(private readonly o: MembershipOptions) {
@@ -331,6 +343,21 @@ export class Membership {
     }
   }
 
+  /** Called at the start of every periodic task: notices that this node was frozen (see below). */
+  awake(): void {
+    if (!this.running) return;
+    const now = this.o.clock.now();
+    // Frozen (SIGSTOP, a suspended VM, a stopped core) longer than a suspicion timeout: the mesh has
+    // likely declared us dead, dropped our keys and collected tombstones we never saw, yet may have
+    // forgotten us by now and would never tell us. Our copy of others' state is suspect: reset.
+    const gap = this.lastRound === null ? 0 : now - this.lastRound;
+    this.lastRound = now;
+    if (gap > (this.config.suspicionRounds + 1) * this.config.roundMs) {
+      this.o.log.warn("mesh node was frozen; dropping replicated state of others", { frozenMs: gap });
+      this.refute(this.record.inc, true);
+    }
+  }
+
   private schedule(): void {
     if (!this.running) return;
     this.timer = this.o.clock.setTimer(() => {
@@ -343,6 +370,7 @@ export class Membership {
   private round(): void {
     this.rounds++;
     const now = this.o.clock.now();
+    this.awake();
     this.expire(now);
     if (!this.probing) {
       const target = this.nextTarget();

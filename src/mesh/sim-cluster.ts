@@ -80,6 +80,18 @@ export class SimCluster {
     n.core.stop();
   }
 
+  /** Freeze a node with all its state (SIGSTOP): no timers, no answers. */
+  pause(name: string): void {
+    this.kill(name);
+  }
+
+  /** Thaw a frozen node (SIGCONT): it carries on with the state it had. */
+  resume(name: string): void {
+    const n = this.node(name);
+    this.net.listen(n.addr, (msg) => n.core.handle(msg));
+    n.core.start();
+  }
+
   /** The state `observer` holds for `subject` (undefined if unknown). */
   stateOf(observer: string, subject: string): MemberState | undefined {
     const id = this.node(subject).identity.id;

@@ -80,6 +80,8 @@ export interface WorkersStats {
   staleOwnTombstoned: number;
   pendingDropped: number;
   reconcileRepairs: number;
+  /** Records published under a worker id that another node owns. */
+  impostors: number;
 }
 
 interface Entry {
@@ -123,6 +125,7 @@ export class WorkerRegistry {
     staleOwnTombstoned: 0,
     pendingDropped: 0,
     reconcileRepairs: 0,
+    impostors: 0,
   };
   private readonly entries = new Map<string, Entry>();
   private readonly pending = new Map<string, { owner: NodeId; key: string }>();
@@ -284,7 +287,8 @@ export class WorkerRegistry {
     }
     for (const rec of [...kv.live(WORKER_PREFIX)]) {
       const e = this.entries.get(rec.key.slice(WORKER_PREFIX.length));
-      if (!e || (e.origin === "mesh" && !sameHlc(rec.hlc, e.hlc))) {
+      const stale = e?.origin === "mesh" && (e.owner === rec.owner ? !sameHlc(rec.hlc, e.hlc) : e.badRecord);
+      if (!e || stale) {
         this.syncKey(rec.owner, rec.key);
         repairs++;
       }
@@ -305,12 +309,24 @@ export class WorkerRegistry {
   private syncKey(owner: NodeId, key: string): void {
     const id = key.slice(WORKER_PREFIX.length);
     const rec = this.o.kv.get(owner, key);
-    const e = this.entries.get(id);
+    let e = this.entries.get(id);
     if (owner === this.o.self) {
       this.syncOwn(id, rec, e);
       return;
     }
     if (e && e.origin === "local") return;
+    const info = rec?.value ? parseWorker(rec.value, owner, id) : null;
+    if (e && e.owner !== owner) {
+      // Two nodes publish under one id: only a record whose id binding checks out (so it is the real
+      // owner's) may displace an entry, and only an entry that did not check out itself.
+      if (!info || !e.badRecord) {
+        this.stats.impostors++;
+        return;
+      }
+      this.drop(id, e);
+      this.emit("removed", e);
+      e = undefined;
+    }
     if (!rec || rec.value === null) {
       if (e) {
         this.drop(id, e);
@@ -320,7 +336,6 @@ export class WorkerRegistry {
       return;
     }
     if (e && sameHlc(rec.hlc, e.hlc)) return;
-    const info = parseWorker(rec.value, owner, id);
     if (!info) {
       this.stats.badRecords++;
       this.o.log.warn("mesh worker record does not check out; kept unroutable", { owner: owner.slice(0, 8), worker: id.slice(0, 8) });

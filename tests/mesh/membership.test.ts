@@ -1,0 +1,218 @@
+import { describe, expect, test } from "bun:test";
+import { generateIdentity } from "../../src/mesh/identity";
+import { signSelf } from "../../src/mesh/member";
+import { failureDetectionBoundMs, MEMBERSHIP_DEFAULTS } from "../../src/mesh/membership";
+import { SimCluster } from "../../src/mesh/sim-cluster";
+import { incarnationOf, meshOf, spec } from "./sim-helpers";
+
+const ROUND = MEMBERSHIP_DEFAULTS.roundMs;
+
+describe("SWIM failure detection", () => {
+  test("killed_node_goes_suspect_then_dead_within_the_stated_bound", async () => {
+    const names = ["a", "b", "c", "d", "e"];
+    const c = await meshOf(names);
+    const observers = names.slice(0, 4);
+    const start = c.clock.now();
+    c.kill("e");
+    let sawSuspect = false;
+    const took = await c.clock.until(
+      () => {
+        if (observers.some((o) => c.stateOf(o, "e") === "suspect")) sawSuspect = true;
+        return c.allSee("e", "dead", observers);
+      },
+      failureDetectionBoundMs(names.length) + ROUND,
+      ROUND / 10,
+    );
+    expect(took).not.toBeNull();
+    expect(c.clock.now() - start).toBeLessThanOrEqual(failureDetectionBoundMs(names.length));
+    // SWIM never jumps straight to dead: a suspicion comes first, and lasts the suspicion timeout.
+    expect(sawSuspect).toBe(true);
+    expect(took as number).toBeGreaterThanOrEqual(MEMBERSHIP_DEFAULTS.suspicionRounds * ROUND);
+    const deaths = observers.reduce((s, o) => s + c.node(o).core.stats().membership.deaths, 0);
+    expect(deaths).toBeGreaterThan(0);
+  });
+
+  test("suspected_live_node_refutes_with_a_higher_incarnation_and_stays_alive", async () => {
+    const names = ["a", "b", "c", "d"];
+    const c = await meshOf(names);
+    const before = incarnationOf(c, "a", "d") as number;
+    // Nothing reaches d for a while: someone suspects it.
+    for (const n of ["a", "b", "c"]) c.net.cutLink(`${n}:9337`, "d:9337");
+    expect(await c.clock.until(() => ["a", "b", "c"].some((o) => c.stateOf(o, "d") === "suspect"), 20 * ROUND)).not.toBeNull();
+    c.net.restoreLinks();
+    let everDead = false;
+    await c.clock.until(
+      () => {
+        if (["a", "b", "c"].some((o) => c.stateOf(o, "d") === "dead")) everDead = true;
+        return false;
+      },
+      3 * MEMBERSHIP_DEFAULTS.suspicionRounds * ROUND,
+      ROUND / 4,
+    );
+    expect(everDead).toBe(false);
+    expect(c.allSee("d", "alive")).toBe(true);
+    for (const o of ["a", "b", "c"]) expect(incarnationOf(c, o, "d") as number).toBeGreaterThan(before);
+    expect(c.node("d").core.stats().membership.refutations).toBeGreaterThan(0);
+  });
+
+  test("indirect_probe_saves_a_member_whose_direct_link_is_broken", async () => {
+    const names = ["a", "b", "c", "d"];
+    const c = await meshOf(names);
+    c.net.cutLink("a:9337", "b:9337");
+    c.net.cutLink("b:9337", "a:9337");
+    let everSuspect = false;
+    await c.clock.until(
+      () => {
+        if (c.stateOf("a", "b") !== "alive" || c.stateOf("b", "a") !== "alive") everSuspect = true;
+        return false;
+      },
+      30 * ROUND,
+      ROUND / 4,
+    );
+    expect(everSuspect).toBe(false);
+    expect(c.node("a").core.stats().membership.directProbeFailures).toBeGreaterThan(0);
+    expect(c.node("a").core.stats().membership.indirectSaves).toBeGreaterThan(0);
+    expect(c.converged()).toBe(true);
+  });
+
+  test("graceful_leave_propagates_as_left_and_removes_its_workers", async () => {
+    const names = ["a", "b", "c", "d"];
+    const c = await meshOf(names);
+    await c.wait(c.node("d").core.leave());
+    c.net.kill("d:9337");
+    // A leave is announced to everyone at once: no probe, no suspicion timeout.
+    expect(await c.clock.until(() => c.allSee("d", "left", ["a", "b", "c"]), 2 * ROUND, 10)).not.toBeNull();
+    for (const o of ["a", "b", "c"]) {
+      expect(c.node(o).core.workers.routable("model-d")).toHaveLength(0);
+      expect(c.node(o).core.workers.list()).toHaveLength(3);
+      expect(c.node(o).core.stats().membership.suspicions).toBe(0);
+    }
+  });
+
+  test("restarted_node_rejoins_with_a_higher_incarnation_and_the_same_worker_id", async () => {
+    const names = ["a", "b", "c"];
+    const c = await meshOf(names);
+    const identity = c.node("c").identity;
+    const workerId = c
+      .node("c")
+      .core.workers.list()
+      .find((w) => w.origin === "local")?.info.id;
+    c.kill("c");
+    expect(await c.clock.until(() => c.allSee("c", "dead", ["a", "b"]), failureDetectionBoundMs(3))).not.toBeNull();
+    const deadAt = incarnationOf(c, "a", "c") as number;
+    c.add("c", identity);
+    await c.join("c", "a");
+    c.node("c").core.workers.register(spec("c"));
+    expect(await c.clock.until(() => c.converged(), 20 * ROUND)).not.toBeNull();
+    expect(incarnationOf(c, "a", "c") as number).toBeGreaterThan(deadAt);
+    expect(incarnationOf(c, "b", "c") as number).toBeGreaterThan(deadAt);
+    expect(
+      await c.clock.until(() => ["a", "b"].every((o) => c.node(o).core.workers.get(workerId as string)?.routable === true), 20 * ROUND),
+    ).not.toBeNull();
+  });
+
+  test("restart_before_detection_outranks_the_old_incarnation", async () => {
+    const names = ["a", "b", "c"];
+    const c = await meshOf(names);
+    const identity = c.node("c").identity;
+    const before = incarnationOf(c, "a", "c") as number;
+    c.kill("c");
+    // Back within a round: peers still hold its previous life as alive, at the same incarnation.
+    c.add("c", identity);
+    await c.join("c", "a");
+    expect(
+      await c.clock.until(
+        () => (incarnationOf(c, "a", "c") as number) > before && (incarnationOf(c, "b", "c") as number) > before,
+        20 * ROUND,
+      ),
+    ).not.toBeNull();
+    expect(c.converged()).toBe(true);
+  });
+});
+
+describe("signed membership records", () => {
+  test("alive_record_signed_by_the_wrong_key_is_rejected_and_counted", async () => {
+    const c = await meshOf(["a", "b"]);
+    const victim = c.node("b").identity;
+    const forger = generateIdentity();
+    const honest = signSelf(victim, { name: "b", addr: "evil:1", epoch: "x", inc: 99, state: "alive" });
+    const forgedSig = signSelf(forger, { name: "b", addr: "evil:1", epoch: "x", inc: 99, state: "alive" }).sig;
+    const from = signSelf(forger, { name: "forger", addr: "forger:1", epoch: "y", inc: 0, state: "alive" });
+    const reply = await c.wait(
+      c.node("a").core.handle({ type: "ping", from, to: c.node("a").identity.id, updates: [{ ...honest, sig: forgedSig }] }),
+    );
+    expect(reply.type).toBe("ack");
+    expect(c.node("a").core.stats().membership.forgedRecords).toBe(1);
+    const b = c
+      .node("a")
+      .core.members()
+      .find((m) => m.id === victim.id);
+    expect(b?.addr).toBe("b:9337");
+    expect(b?.incarnation).toBeLessThan(99);
+  });
+
+  test("unsigned_alive_record_is_rejected_and_counted", async () => {
+    const c = await meshOf(["a", "b"]);
+    const stranger = generateIdentity();
+    const rec = signSelf(stranger, { name: "s", addr: "s:1", epoch: "e", inc: 0, state: "alive" });
+    const { sig: _sig, ...unsigned } = rec;
+    const from = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
+    await c.wait(c.node("a").core.handle({ type: "ping", from, to: c.node("a").identity.id, updates: [unsigned] }));
+    expect(c.node("a").core.stats().membership.unsignedRecords).toBe(1);
+    expect(
+      c
+        .node("a")
+        .core.members()
+        .some((m) => m.id === stranger.id),
+    ).toBe(false);
+  });
+
+  test("message_without_a_valid_sender_record_changes_nothing", async () => {
+    const c = await meshOf(["a", "b"]);
+    const before = c.node("a").core.members();
+    const reply = await c.wait(c.node("a").core.handle({ type: "ping", from: { id: "nope" }, to: c.node("a").identity.id, updates: [] }));
+    expect(reply.type).toBe("error");
+    expect(reply.code).toBe("bad_sender");
+    expect(
+      c
+        .node("a")
+        .core.members()
+        .map((m) => [m.id, m.state, m.incarnation]),
+    ).toEqual(before.map((m) => [m.id, m.state, m.incarnation]));
+  });
+});
+
+describe("membership bounds", () => {
+  test("member_table_refuses_members_past_its_bound_and_forgets_dead_ones_first", async () => {
+    const c = new SimCluster({ config: { membership: { maxMembers: 3 } } });
+    c.add("a");
+    const a = c.node("a").core;
+    const to = c.node("a").identity.id;
+    const records = Array.from({ length: 6 }, (_, i) =>
+      signSelf(generateIdentity(), { name: `x${i}`, addr: `x${i}:1`, epoch: "e", inc: 0, state: "alive" }),
+    );
+    for (const r of records) await c.wait(a.handle({ type: "ping", from: r, to, updates: [] }));
+    expect(a.members().filter((m) => !m.self)).toHaveLength(3);
+    expect(a.stats().membership.membersRejectedFull).toBe(3);
+    // Once those members are dead, newcomers take their places.
+    expect(await c.clock.until(() => a.members().some((m) => m.state === "dead"), 30 * ROUND)).not.toBeNull();
+    await c.wait(
+      a.handle({
+        type: "ping",
+        from: signSelf(generateIdentity(), { name: "late", addr: "late:1", epoch: "e", inc: 0, state: "alive" }),
+        to,
+        updates: [],
+      }),
+    );
+    expect(a.members().some((m) => m.name === "late")).toBe(true);
+    expect(a.members().filter((m) => !m.self).length).toBeLessThanOrEqual(3);
+  });
+
+  test("dead_members_are_forgotten_after_the_retention_time", async () => {
+    const c = await meshOf(["a", "b", "c"], { config: { membership: { forgetAfterRounds: 10 } } });
+    c.kill("c");
+    expect(await c.clock.until(() => c.allSee("c", "dead", ["a", "b"]), failureDetectionBoundMs(3))).not.toBeNull();
+    expect(await c.clock.until(() => c.allSee("c", undefined, ["a", "b"]), 12 * ROUND)).not.toBeNull();
+    expect(c.node("a").core.stats().membership.membersForgotten).toBe(1);
+  });
+});
