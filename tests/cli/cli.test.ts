@@ -6,11 +6,12 @@ import OpenAI from "openai";
 import { tinyModel } from "../helpers/model";
 
 const MAIN = join(import.meta.dir, "..", "..", "src", "cli", "main.ts");
-// Nodes started here keep their key and mesh credentials in a scratch dir, not the user's.
-process.env.MESH_STATE_DIR = mkdtempSync(join(tmpdir(), "mesh-cli-state-"));
+// Nodes started here keep their key and mesh credentials in a scratch dir, not the user's
+// (whose own node may be running: a state dir serves one node at a time).
+const ENV = { ...process.env, MESH_STATE_DIR: mkdtempSync(join(tmpdir(), "mesh-cli-state-")) };
 
 function mesh(args: string[]) {
-  const r = Bun.spawnSync([process.execPath, MAIN, ...args], { stdout: "pipe", stderr: "pipe" });
+  const r = Bun.spawnSync([process.execPath, MAIN, ...args], { stdout: "pipe", stderr: "pipe", env: ENV });
   return { code: r.exitCode, out: r.stdout.toString(), err: r.stderr.toString() };
 }
 
@@ -103,6 +104,7 @@ describe("mesh serve as a process", () => {
       {
         stdout: "pipe",
         stderr: "pipe",
+        env: ENV,
       },
     );
     const log = { text: "" };
