@@ -4,8 +4,8 @@
 // context and slots. Targets run one after the other, never at once, so each
 // has the machine to itself. Writes summary.json, summary.md and chart.svg.
 
-import { existsSync, mkdirSync, writeFileSync } from "node:fs";
-import { availableParallelism, cpus } from "node:os";
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { availableParallelism, cpus, tmpdir } from "node:os";
 import { basename, join, resolve } from "node:path";
 import { REPO_ROOT } from "../engine/library";
 import { GENERATED_MODELS } from "../gguf/models";
@@ -257,7 +257,21 @@ export async function runKvPressure(o: KvPressureOptions = {}): Promise<{ report
         const [binary, ...pre] = meshCommand();
         const args = [...pre, "serve", "--model", path, "--ctx-size", String(c.ctxSize), "--parallel", String(c.parallel)];
         args.push("--threads", String(c.threads), "--shutdown-grace", "1", ...c.serveArgs);
-        return LlamaServer.start({ name: "mesh", binary: binary as string, args, startupTimeoutMs: 600_000 });
+        // A scratch state dir: the default one may belong to the user's own running node, which refuses a second.
+        const scratch = c.serveArgs.some((a) => a.startsWith("--state-dir")) ? null : mkdtempSync(join(tmpdir(), "mesh-bench-state-"));
+        if (scratch) args.push("--state-dir", scratch);
+        const node = await LlamaServer.start({ name: "mesh", binary: binary as string, args, startupTimeoutMs: 600_000 }).catch((e) => {
+          if (scratch) rmSync(scratch, { recursive: true, force: true });
+          throw e;
+        });
+        return {
+          url: node.url,
+          logTail: () => node.logTail(),
+          stop: async () => {
+            await node.stop();
+            if (scratch) rmSync(scratch, { recursive: true, force: true });
+          },
+        };
       },
     });
   }
