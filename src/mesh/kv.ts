@@ -15,7 +15,7 @@
 // and replays it when it reconnects; with the tombstone gone the stale put
 // lands on an empty slot and the deleted key is back from the dead.
 import type { Logger } from "../log";
-import { isList, isObject } from "./check";
+import { isCount, isList, isObject } from "./check";
 import { compareHlc, HLC_ZERO, type Hlc, HlcClock } from "./hlc";
 import type { Identity } from "./identity";
 import { isKey, type KvRecord, parseRecord, recordBytes, signRecord, verifyRecord } from "./kv-record";
@@ -105,6 +105,10 @@ interface PeerSync {
   inFlight: boolean;
   /** We dropped this peer's keys (it was declared dead): ask it to send us everything again. */
   askResend: boolean;
+  /** Sequence number of our last batch to this peer. */
+  outSeq: number;
+  /** Its batches numbered at or below this are refused: processed already, or sent before it acked something of ours. */
+  inFloor: number;
 }
 
 /** Options of a store. */
@@ -223,11 +227,17 @@ export class Kv {
     // A batch from an earlier life of the sender, or addressed to an earlier life of ours, may carry
     // state that was since dropped: it is refused, and the sender resends after it catches up.
     if (from !== peer.epoch || msg.toEpoch !== this.o.directory.self.epoch) return this.refuseSync("stale_epoch", "epoch mismatch");
-    if (!isList(msg.records, MAX_BATCH_RECORDS))
-      return this.refuseSync("bad_message", `records must be a list of at most ${MAX_BATCH_RECORDS}`);
+    if (!isList(msg.records, MAX_BATCH_RECORDS) || !isCount(msg.seq))
+      return this.refuseSync("bad_message", `records must be a list of at most ${MAX_BATCH_RECORDS}, seq a count`);
+    const p = this.peerSync(sender);
+    // A batch that arrives after the sender acked one of ours may predate what that ack proved it holds
+    // (a tombstone we then collected): replaying its older puts would resurrect keys. Refused; the sender
+    // resends what is still current.
+    if (msg.seq <= p.inFloor) return this.refuseSync("stale_seq", "batch sent before a later exchange");
+    p.inFloor = msg.seq;
     for (const raw of msg.records) this.applyRemote(raw, `${sender}/${peer.epoch}`);
     if (msg.resend === true) this.resetPeer(sender);
-    return { type: "kv-ack", ok: true };
+    return { type: "kv-ack", ok: true, lastSeq: p.outSeq };
   }
 
   /** Apply one untrusted record; returns whether it was stored. Exposed for tests of forged input. */
@@ -288,11 +298,12 @@ export class Kv {
     for (const id of this.peers.keys()) this.resetPeer(id);
   }
 
-  /** Send `peer` everything again from the start (it restarted or dropped its state). */
-  resetPeer(peer: NodeId): void {
+  /** Send `peer` everything again from the start; `restarted`: it is a new life whose batches number from 1 again. */
+  resetPeer(peer: NodeId, restarted = false): void {
     const p = this.peerSync(peer);
     p.acked = HLC_ZERO;
     p.gen++;
+    if (restarted) p.inFloor = 0;
   }
 
   /** Forget a member's sync state (it was forgotten by membership). */
@@ -347,7 +358,8 @@ export class Kv {
       return;
     }
     p.inFlight = true;
-    const msg = { type: "kv-sync", from: this.o.directory.self, toEpoch: peer.epoch, records: batch, resend: askResend };
+    const seq = ++p.outSeq;
+    const msg = { type: "kv-sync", from: this.o.directory.self, toEpoch: peer.epoch, seq, records: batch, resend: askResend };
     this.stats.batchesSent++;
     this.stats.recordsSent += batch.length;
     this.stats.bytesSent += bytes;
@@ -359,6 +371,7 @@ export class Kv {
       }
       // Acks for a batch sent before a reset (restart, dropped keys) say nothing about the peer now.
       if (p.gen !== gen || this.peers.get(id) !== p) return;
+      if (isCount(reply.lastSeq) && reply.lastSeq > p.inFloor) p.inFloor = reply.lastSeq;
       if (compareHlc(upTo, p.acked) > 0) p.acked = upTo;
       if (askResend) p.askResend = false;
     } catch {
@@ -456,7 +469,7 @@ export class Kv {
   private peerSync(id: NodeId): PeerSync {
     let p = this.peers.get(id);
     if (!p) {
-      p = { acked: HLC_ZERO, gen: 0, inFlight: false, askResend: false };
+      p = { acked: HLC_ZERO, gen: 0, inFlight: false, askResend: false, outSeq: 0, inFloor: 0 };
       this.peers.set(id, p);
     }
     return p;

@@ -11,6 +11,7 @@
 // heard the suspicion (each runs its own timer), so all live nodes mark it
 // dead within about n + 6 rounds in the worst case and about 8 rounds
 // typically (first probe of it expected after ~1.6 rounds).
+import { createHash } from "node:crypto";
 import type { Logger } from "../log";
 import { isList, isNodeId } from "./check";
 import type { Identity } from "./identity";
@@ -50,6 +51,8 @@ export interface MembershipConfig {
   forgetAfterRounds: number;
   /** Every this many rounds, try to reach one dead member (heals partitions) or, when alone, the seeds. */
   reconnectEveryRounds: number;
+  /** Every this many rounds, compare member tables with one random member (push-pull) and swap them if they differ. */
+  syncEveryRounds: number;
   /** Indirect probes this node runs for others at once, at most. */
   maxRelays: number;
   joinTimeoutMs: number;
@@ -67,6 +70,7 @@ export const MEMBERSHIP_DEFAULTS: MembershipConfig = {
   maxMembers: 512,
   forgetAfterRounds: 60,
   reconnectEveryRounds: 10,
+  syncEveryRounds: 5,
   maxRelays: 32,
   joinTimeoutMs: 3000,
 };
@@ -158,7 +162,7 @@ export interface MembershipOptions {
 /** A failed join, with a message for a person. */
 export type JoinResult = { ok: true; value: { reached: number } } | { ok: false; code: "join_failed" | "bad_seeds"; message: string };
 
-const MEMBER_TYPES = new Set(["ping", "ping-req", "join", "leave"]);
+const MEMBER_TYPES = new Set(["ping", "ping-req", "join", "leave", "sync", "sync-push"]);
 const MAX_SEEDS = 32;
 const RTT_WEIGHT = 0.3;
 
@@ -336,6 +340,12 @@ export class Membership {
         return this.relay(sender, msg.target);
       case "join":
         return { type: "join-ack", from: this.record, members: this.snapshot() };
+      case "sync":
+        if (msg.digest === this.digest()) return { type: "sync-ack", from: this.record, same: true };
+        return { type: "sync-ack", from: this.record, same: false, members: this.snapshot() };
+      case "sync-push":
+        this.applyAll(msg.members, this.config.maxMembers * 2 + 1);
+        return { type: "ack", from: this.record, updates: [] };
       case "leave":
         return { type: "ack", from: this.record, updates: [] };
       default:
@@ -382,6 +392,7 @@ export class Membership {
       }
     }
     if (this.rounds % this.config.reconnectEveryRounds === 0) void this.reconnect();
+    if (this.rounds % this.config.syncEveryRounds === 0) void this.pushPull();
   }
 
   // Suspicion timeouts and forgetting run once per round: a granularity of one round is part of the stated bound.
@@ -510,6 +521,39 @@ export class Membership {
 
   // Alone (every member dead or forgotten), a node keeps knocking on the seeds; otherwise it retries one
   // dead member now and then, so two halves of a healed partition find each other again.
+  // Gossip alone spreads a burst of news (a mass join) slowly, since every update competes for a few
+  // slots per message; comparing whole tables now and then settles it in one exchange. A converged
+  // mesh has equal digests, so a quiet exchange costs two small messages.
+  private async pushPull(): Promise<void> {
+    const live = this.liveIds();
+    const id = live[Math.floor(this.random() * live.length)];
+    const peer = id === undefined ? undefined : this.members.get(id);
+    if (!peer) return;
+    try {
+      const reply = await this.o.transport.request(
+        peer.addr,
+        { type: "sync", from: this.record, digest: this.digest() },
+        this.config.joinTimeoutMs,
+      );
+      if (!this.running || reply.type !== "sync-ack" || this.observeSender(reply.from) !== peer.id || reply.same === true) return;
+      this.applyAll(reply.members, this.config.maxMembers * 2 + 1);
+      await this.o.transport.request(
+        peer.addr,
+        { type: "sync-push", from: this.record, members: this.snapshot() },
+        this.config.joinTimeoutMs,
+      );
+    } catch {
+      // Next time, with another member.
+    }
+  }
+
+  // Live members and their incarnations, this node included: equal on every node of a converged mesh.
+  private digest(): string {
+    const rows = [`${this.id}:${this.record.inc}`];
+    for (const m of this.members.values()) if (m.state === "alive" || m.state === "suspect") rows.push(`${m.id}:${m.inc}`);
+    return createHash("sha256").update(rows.sort().join(",")).digest("base64").slice(0, 22);
+  }
+
   private async reconnect(): Promise<void> {
     if (this.liveIds().length === 0 && this.seeds.length > 0) {
       await Promise.all(this.seeds.map((a) => this.joinOne(a)));
@@ -586,7 +630,10 @@ export class Membership {
       this.up(u.id, false);
       return;
     }
-    if (!overrides(u, cur)) return;
+    if (!overrides(u, cur)) {
+      if (u.inc === cur.inc && u.state === cur.state) this.piggyback.heard(u);
+      return;
+    }
     if (isSelfRecord(u) && !verifySelf(u)) {
       this.refused("forged");
       return;

@@ -164,7 +164,7 @@ export class MeshCore {
     switch (e.kind) {
       case "up":
       case "epoch":
-        this.kv.resetPeer(e.id);
+        this.kv.resetPeer(e.id, true);
         break;
       case "down":
         this.kv.dropOwner(e.id);

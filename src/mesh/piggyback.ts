@@ -35,8 +35,15 @@ export class Piggyback {
     this.entries.set(u.id, { update: u, sent: 0 });
   }
 
+  /** Someone sent us `u` and we knew it already: the news is spreading without us, count it as a send. */
+  heard(u: MemberUpdate): void {
+    const e = this.entries.get(u.id);
+    if (e && e.update.inc === u.inc && e.update.state === u.state) e.sent++;
+  }
+
   /** Up to `count` least-sent updates for one message; each is dropped after `limit` sends. */
   take(count: number, limit: number): MemberUpdate[] {
+    for (const [id, e] of this.entries) if (e.sent >= limit) this.entries.delete(id);
     if (count <= 0 || this.entries.size === 0) return [];
     const picked = [...this.entries.values()].sort((a, b) => a.sent - b.sent).slice(0, count);
     for (const e of picked) {

@@ -7,7 +7,7 @@ import { type KvRecord, signRecord } from "../../src/mesh/kv-record";
 import { signSelf } from "../../src/mesh/member";
 import { MEMBERSHIP_DEFAULTS } from "../../src/mesh/membership";
 import { seededRandom, VirtualClock } from "../../src/mesh/sim";
-import type { Transport } from "../../src/mesh/wire";
+import type { Transport, WireMessage } from "../../src/mesh/wire";
 import { workerKey } from "../../src/mesh/worker-info";
 import { meshOf } from "./sim-helpers";
 
@@ -316,6 +316,30 @@ describe("tombstone collection", () => {
       expect(c.node(n).core.workers.get(worker)).toBeUndefined();
       expect(c.node(n).core.workers.list()).toHaveLength(2);
     }
+  });
+
+  test("delayed_batch_sent_before_a_delete_cannot_resurrect_the_key_after_collection", async () => {
+    const c = await meshOf(["a", "b", "c"]);
+    const a = c.node("a").core;
+    a.store.put("k", "v");
+    // c relays a's put to b, but that message is held up in the network (not lost).
+    let held: WireMessage | null = null;
+    c.net.dropIf = (from, to, msg) => {
+      if (held || from !== "c:9337" || to !== "b:9337" || msg.type !== "kv-sync") return false;
+      if (!(msg.records as KvRecord[]).some((r) => r.key === "k" && r.value === "v")) return false;
+      held = JSON.parse(JSON.stringify(msg));
+      return true;
+    };
+    expect(await c.clock.until(() => held !== null, 20 * ROUND)).not.toBeNull();
+    c.net.dropIf = null;
+    a.store.delete("k");
+    expect(
+      await c.clock.until(() => ["a", "b", "c"].every((n) => c.node(n).core.store.stats.tombstonesCollected === 1), 30 * ROUND),
+    ).not.toBeNull();
+    // The old batch finally arrives, after b collected the tombstone that made its put obsolete.
+    const reply = await c.wait(c.node("b").core.handle(held as unknown as WireMessage));
+    expect(reply).toMatchObject({ type: "kv-ack", ok: false, code: "stale_seq" });
+    expect(c.node("b").core.store.get(a.id, "k")).toBeUndefined();
   });
 
   test("partitioned_peer_drops_the_owners_keys_and_gets_the_delete_after_healing", async () => {
