@@ -255,6 +255,12 @@ export class Membership {
     return out;
   }
 
+  /** One member's state as seen here (undefined if unknown). */
+  stateOf(id: NodeId): { state: MemberState; incarnation: number } | undefined {
+    const m = this.members.get(id);
+    return m && { state: m.state, incarnation: m.inc };
+  }
+
   /** Every known member, this node first. */
   list(): MemberView[] {
     const me: MemberView = {

@@ -6,6 +6,8 @@ import { silentLogger } from "../log";
 import { isObject } from "./check";
 import type { Identity } from "./identity";
 import { Kv, type KvConfig, type KvStats } from "./kv";
+import { KvSync, type KvSyncConfig, type KvSyncStats } from "./kv-sync";
+import type { MemberState } from "./member";
 import {
   type JoinResult,
   Membership,
@@ -21,6 +23,7 @@ import { WorkerRegistry, type WorkersConfig, type WorkersStats } from "./workers
 export interface MeshConfig {
   membership?: Partial<MembershipConfig>;
   kv?: Partial<KvConfig>;
+  sync?: Partial<KvSyncConfig>;
   workers?: Partial<WorkersConfig>;
 }
 
@@ -42,6 +45,7 @@ export interface MeshStats {
   members: Record<"alive" | "suspect" | "dead" | "left", number>;
   membership: MembershipStats;
   kv: KvStats;
+  sync: KvSyncStats;
   workers: WorkersStats;
   piggybackQueued: number;
   badMessages: number;
@@ -53,6 +57,7 @@ export class MeshCore {
   readonly workers: WorkerRegistry;
   private readonly membership: Membership;
   private readonly kv: Kv;
+  private readonly sync: KvSync;
   private readonly log: Logger;
   private badMessages = 0;
   private running = false;
@@ -74,11 +79,19 @@ export class MeshCore {
     this.kv = new Kv({
       identity: o.identity,
       directory: this.membership,
+      clock: o.clock,
+      log: this.log,
+      config: o.config?.kv,
+      onChange: (owner, key) => this.workers.onStoreChange(owner, key),
+    });
+    this.sync = new KvSync({
+      kv: this.kv,
+      directory: this.membership,
       transport: o.transport,
       clock: o.clock,
       log: this.log,
-      config: { ...(roundMs ? { syncMs: roundMs } : {}), ...o.config?.kv },
-      onChange: (owner, key) => this.workers.onStoreChange(owner, key),
+      random: o.random,
+      config: { ...(roundMs ? { syncMs: roundMs } : {}), ...o.config?.sync },
     });
     this.workers = new WorkerRegistry({ kv: this.kv, self: this.id, clock: o.clock, log: this.log, config: o.config?.workers });
   }
@@ -88,7 +101,7 @@ export class MeshCore {
     if (this.running) return;
     this.running = true;
     this.membership.start();
-    this.kv.start();
+    this.sync.start();
     this.workers.start();
   }
 
@@ -96,13 +109,13 @@ export class MeshCore {
   stop(): void {
     this.running = false;
     this.membership.stop();
-    this.kv.stop();
+    this.sync.stop();
     this.workers.stop();
   }
 
   /** Tell the mesh this node leaves (its workers disappear everywhere at once), then stop. */
   async leave(): Promise<void> {
-    this.kv.stop();
+    this.sync.stop();
     this.workers.stop();
     await this.membership.leave();
     this.running = false;
@@ -119,11 +132,7 @@ export class MeshCore {
     if (!this.running) return { type: "error", code: "stopped", message: "this node is not running" };
     try {
       if (this.membership.handles(msg.type)) return await this.membership.handle(msg);
-      if (msg.type === "kv-sync") {
-        const sender = this.membership.observeSender(msg.from);
-        if (sender === null) return this.bad("bad_sender", "the message's from record is missing, malformed or forged");
-        return this.kv.handleSync(sender, msg);
-      }
+      if (msg.type === "kv-sync") return this.sync.handle(msg);
       return this.bad("unknown_type", `unknown message type ${msg.type.slice(0, 40)}`);
     } catch (e) {
       this.log.error("mesh message handler failed", { type: msg.type.slice(0, 40), error: (e as Error).message });
@@ -134,6 +143,11 @@ export class MeshCore {
   /** Whether the node runs (started, not stopped or left). */
   get isRunning(): boolean {
     return this.running;
+  }
+
+  /** The state and incarnation this node holds for member `id` (undefined if unknown or self). */
+  memberState(id: NodeId): { state: MemberState; incarnation: number } | undefined {
+    return this.membership.stateOf(id);
   }
 
   /** Every known member, this node first. */
@@ -149,6 +163,7 @@ export class MeshCore {
       members,
       membership: { ...this.membership.stats },
       kv: { ...this.kv.stats },
+      sync: { ...this.sync.stats },
       workers: { ...this.workers.stats },
       piggybackQueued: this.membership.piggybackSize,
       badMessages: this.badMessages,
@@ -164,16 +179,17 @@ export class MeshCore {
     switch (e.kind) {
       case "up":
       case "epoch":
-        this.kv.resetPeer(e.id, true);
+        this.sync.resetPeer(e.id, true);
         break;
       case "down":
         this.kv.dropOwner(e.id);
         break;
       case "forgotten":
-        this.kv.forgetPeer(e.id);
+        this.sync.forgetPeer(e.id);
         break;
       case "self-reset":
         this.kv.purgeForeign();
+        this.sync.resetAll();
         break;
     }
   }

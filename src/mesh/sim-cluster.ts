@@ -94,15 +94,12 @@ export class SimCluster {
 
   /** The state `observer` holds for `subject` (undefined if unknown). */
   stateOf(observer: string, subject: string): MemberState | undefined {
-    const id = this.node(subject).identity.id;
-    return this.node(observer)
-      .core.members()
-      .find((m) => m.id === id && !m.self)?.state;
+    return this.node(observer).core.memberState(this.node(subject).identity.id)?.state;
   }
 
   /** Names of nodes still running. */
   running(except: string[] = []): string[] {
-    return [...this.nodes.keys()].filter((n) => !except.includes(n) && !this.killed.has(n));
+    return [...this.nodes].filter(([name, n]) => n.core.isRunning && !except.includes(name)).map(([name]) => name);
   }
 
   /** Whether every running node other than `subject` sees it in `state` (undefined: forgotten or never known). */
@@ -114,11 +111,5 @@ export class SimCluster {
   converged(): boolean {
     const up = this.running();
     return up.every((o) => up.every((s) => s === o || this.stateOf(o, s) === "alive"));
-  }
-
-  private get killed(): Set<string> {
-    const out = new Set<string>();
-    for (const [name, n] of this.nodes) if (!n.core.isRunning) out.add(name);
-    return out;
   }
 }

@@ -149,7 +149,9 @@ describe("store truth and repair", () => {
     const aw = a.core.workers.list().find((w) => w.origin === "local")?.info.id as string;
     // A tombstone validly signed by a (left from an earlier life, when its clock ran ahead) arrives via b.
     const stale = signRecord(a.identity, workerKey(aw), null, { w: c.clock.now() + 10_000, l: 0, n: a.identity.id });
-    expect(c.node("b").core.store.applyRemote(stale)).toBe(true);
+    const b = c.node("b").core.store;
+    b.applyRange({ owner: a.identity.id, after: b.haveOf(a.identity.id), upTo: stale.hlc, records: [stale], more: false });
+    expect(b.get(a.identity.id, workerKey(aw))?.value).toBeNull();
     expect(await c.clock.until(() => a.core.workers.stats.reasserted > 0, 10 * ROUND)).not.toBeNull();
     // a's registry never lost the worker, and the re-asserted put outranks the tombstone everywhere.
     expect(a.core.workers.get(aw)?.origin).toBe("local");
@@ -226,7 +228,10 @@ describe("store truth and repair", () => {
     const a = c.node("a");
     const id = workerIdOf(a.identity.id, "old", "a:1");
     const value = serializeWorker({ ...spec("a", { models: ["old"], addr: "a:1" }), id, nodeId: a.identity.id });
-    c.node("b").core.store.applyRemote(signRecord(a.identity, workerKey(id), value, { w: c.clock.now() + 5000, l: 0, n: a.identity.id }));
+    const old = signRecord(a.identity, workerKey(id), value, { w: c.clock.now() + 5000, l: 0, n: a.identity.id });
+    const b = c.node("b").core.store;
+    b.applyRange({ owner: a.identity.id, after: b.haveOf(a.identity.id), upTo: old.hlc, records: [old], more: false });
+    expect(b.get(a.identity.id, workerKey(id))?.value).toBeString();
     expect(await c.clock.until(() => a.core.workers.stats.staleOwnTombstoned > 0, 10 * ROUND)).not.toBeNull();
     expect(
       await c.clock.until(
