@@ -121,7 +121,8 @@ export function createApp(o: AppOptions) {
     .onBeforeHandle(({ request, server }) => {
       // The listener's idle timeout guards against clients that stall before
       // their body is read; once a request is parsed, a long generation with
-      // sparse output must never be cut.
+      // sparse output must never be cut. Bun 1.4 already spares a request
+      // awaiting its response; this keeps that true whatever Bun does next.
       server?.timeout(request, 0);
     })
     .onAfterResponse(({ request, set }) => {
