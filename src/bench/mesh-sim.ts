@@ -32,6 +32,10 @@ export interface MeshSimReport {
   steadyBytesPerNodeRound: { mean: number; max: number };
   /** Same, over the rounds after the kill and the join (churn). */
   churnBytesPerNodeRound: { mean: number; max: number };
+  /** Refutations over the whole run: live nodes that were suspected and proved alive (false suspicions). */
+  refutations: number;
+  /** Live nodes that some live node holds dead at the end (false deaths; should be 0). */
+  falseDeaths: number;
   /** Wall-clock seconds the simulation took. */
   wallSeconds: number;
 }
@@ -125,6 +129,8 @@ export async function runMeshSim(o: MeshSimOptions): Promise<MeshSimReport> {
   const joinWorkerMs = c.clock.now() - joinStart;
   const churnRounds = Math.max(1, Math.round((c.clock.now() - churnStart) / round));
   const churn = perNodeRound(c, everyone, churnRounds);
+  const refutations = everyone.reduce((sum, n) => sum + c.node(n).core.stats().membership.refutations, 0);
+  const falseDeaths = everyone.filter((s) => everyone.some((o) => o !== s && c.stateOf(o, s) === "dead")).length;
   for (const n of everyone) c.node(n).core.stop();
   return {
     nodes: o.nodes,
@@ -140,6 +146,8 @@ export async function runMeshSim(o: MeshSimOptions): Promise<MeshSimReport> {
     detectBoundMs: failureDetectionBoundMs(o.nodes),
     steadyBytesPerNodeRound: steady,
     churnBytesPerNodeRound: churn,
+    refutations,
+    falseDeaths,
     wallSeconds: Math.round((performance.now() - wall) / 100) / 10,
   };
 }
@@ -159,6 +167,7 @@ function table(r: MeshSimReport): string {
     ["stated detection bound (no loss)", s(r.detectBoundMs)],
     ["bytes/node/round, quiet (mean / max)", `${r.steadyBytesPerNodeRound.mean} / ${r.steadyBytesPerNodeRound.max}`],
     ["bytes/node/round, kill + join (mean / max)", `${r.churnBytesPerNodeRound.mean} / ${r.churnBytesPerNodeRound.max}`],
+    ["false suspicions refuted / false deaths", `${r.refutations} / ${r.falseDeaths}`],
     ["wall time", `${r.wallSeconds} s`],
   ];
   const w = Math.max(...rows.map(([k]) => k.length));
