@@ -247,6 +247,7 @@ export class KvSync {
       if (!this.running || p.gen !== gen || this.peers.get(id) !== p) return;
       if (reply.type !== "kv-ack" || reply.ok !== true) {
         this.stats.refused++;
+        if (pull) this.forgetTold(p);
         return;
       }
       this.stats.exchanges++;
@@ -257,11 +258,7 @@ export class KvSync {
       if (own?.upTo && (!p.ownAcked || compareHlc(own.upTo, p.ownAcked) > 0)) p.ownAcked = own.upTo;
     } catch {
       // No answer: the same records go next round; a vector we sent goes again in full.
-      if (pull) {
-        p.told.clear();
-        p.toldVersion = "";
-        p.sendFull = true;
-      }
+      if (pull) this.forgetTold(p);
     } finally {
       p.inFlight = false;
     }
@@ -286,6 +283,12 @@ export class KvSync {
     const askFull = p.askFull;
     p.askFull = false;
     return { vec, full, digest: this.digest(), askFull };
+  }
+
+  private forgetTold(p: PeerState): void {
+    p.told.clear();
+    p.toldVersion = "";
+    p.sendFull = true;
   }
 
   private takeVector(p: PeerState, msg: WireMessage): void {
@@ -374,7 +377,6 @@ export class KvSync {
   }
 }
 
-/** Whether `v` is a range-shaped object. */
-export function isRange(v: unknown): v is KvRange {
+function isRange(v: unknown): v is KvRange {
   return isObject(v) && isNodeId(v.owner) && Array.isArray(v.records);
 }

@@ -231,17 +231,6 @@ export class Membership {
     this.timer = null;
   }
 
-  /** Whether `id` is a member we still talk to (alive or suspect). */
-  isLive(id: NodeId): boolean {
-    const m = this.members.get(id);
-    return m !== undefined && (m.state === "alive" || m.state === "suspect");
-  }
-
-  /** The epoch we know for a live member, or undefined. */
-  epochOf(id: NodeId): string | undefined {
-    return this.isLive(id) ? this.members.get(id)?.epoch : undefined;
-  }
-
   /** Public key and address of a known member. */
   peer(id: NodeId): { publicKey: string; addr: string; epoch: string; state: MemberState } | undefined {
     const m = this.members.get(id);

@@ -153,7 +153,12 @@ export class WorkerRegistry {
   stop(): void {
     if (this.timer !== null) this.o.clock.clearTimer(this.timer);
     this.timer = null;
-    for (const e of this.entries.values()) if (e.loadTimer !== undefined) this.o.clock.clearTimer(e.loadTimer);
+    for (const e of this.entries.values()) {
+      if (e.loadTimer === undefined) continue;
+      this.o.clock.clearTimer(e.loadTimer);
+      // The load it held back is published by the next update or reconcile.
+      e.loadTimer = undefined;
+    }
   }
 
   /** Register (or replace) one of this node's workers and publish it; its id is derived from node, model and address. */
