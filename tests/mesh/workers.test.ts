@@ -240,4 +240,35 @@ describe("store truth and repair", () => {
       ),
     ).not.toBeNull();
   });
+
+  test("restarted_node_deletes_the_workers_it_no_longer_serves", async () => {
+    const c = await meshOf(["a", "b", "c"]);
+    const identity = c.node("c").identity;
+    const old = c
+      .node("c")
+      .core.workers.list()
+      .find((w) => w.origin === "local")?.info.id as string;
+    c.kill("c");
+    // Back at once, before anyone noticed, now serving another model: peers still hold the old worker.
+    c.add("c", identity);
+    await c.join("c", "a");
+    c.node("c").core.workers.register(spec("c", { models: ["model-c2"] }));
+    expect(
+      await c.clock.until(
+        () =>
+          ["a", "b"].every(
+            (n) => c.node(n).core.workers.get(old) === undefined && c.node(n).core.workers.routable("model-c2").length === 1,
+          ),
+        30 * ROUND,
+      ),
+    ).not.toBeNull();
+    expect(c.node("c").core.workers.stats.staleOwnTombstoned).toBe(1);
+    expect(
+      c
+        .node("c")
+        .core.workers.list()
+        .map((w) => w.info.models[0])
+        .sort(),
+    ).toEqual(["model-a", "model-b", "model-c2"]);
+  });
 });
