@@ -227,6 +227,10 @@ export class Engine {
   /** Start generating; iterate the result for events. Throws engine_busy when too many are in flight. */
   generate(opts: GenerateOptions): Generation {
     if (this.closed) throw new EngineError("engine_closed", "the engine is closed");
+    // NaN would poison the KV arithmetic inside the worker step.
+    if (opts.maxTokens !== undefined && !(Number.isFinite(opts.maxTokens) && opts.maxTokens >= 1)) {
+      throw new EngineError("invalid_request", "maxTokens must be a finite number of at least 1");
+    }
     const flag = this.freeFlags.pop();
     if (flag === undefined) throw new EngineError("engine_busy", "too many requests in flight on this engine");
     const id = this.nextId++;

@@ -178,9 +178,12 @@ export class Scheduler {
   /** Run one step: admit, build one batch, decode once, sample every sequence that has logits. */
   step(out: TokenEvent[]): void {
     this.collectCancelled(out);
+    // Running requests grow first: a new admission must not take the room a
+    // running request without max_tokens is about to need.
+    if (this.d.kvBudget) this.growReservations(out);
     this.admit(out);
     this.expireQueue(out);
-    if (this.d.kvBudget) this.growReservations(out);
+    this.countQueued();
     let n = this.buildBatch();
     if (n === 0) return;
     this.makeRoom(n);
@@ -362,6 +365,10 @@ export class Scheduler {
       const waitedMs = Math.max(0, a.startedAt - w.enqueuedAt);
       out.push({ id: w.id, kind: "start", promptTokens: w.prompt.length, cachedTokens: cached, slot: best.seq, waitedMs });
     }
+  }
+
+  // After expireQueue, so a request refused on arrival counts as rejected only.
+  private countQueued(): void {
     for (const w of this.waiting) {
       if (!w.queued) {
         w.queued = true;
@@ -405,19 +412,25 @@ export class Scheduler {
   }
 
   // A request that reaches the end of its reservation (only possible without
-  // an explicit max_tokens) grows one cell at a time into free room, trimming
-  // cold resident prefixes if needed; when nothing is left it ends with
-  // "length", as at the end of a context, instead of failing a decode.
+  // an explicit max_tokens) grows by another output allowance, or by what is
+  // left, into free room, trimming cold resident prefixes if needed; when not
+  // even one cell is left it ends with "length", as at the end of a context,
+  // instead of failing a decode.
   private growReservations(out: TokenEvent[]): void {
     for (const s of this.slots) {
       const a = s.active;
       if (!a || a.pendingToken < 0 || s.history.length < a.reserve) continue;
-      const plan = planEviction(this.d.nCtx, this.slotUsage(), 1);
-      if (plan.fits) {
+      const block = Math.max(1, Math.min(a.req.reserveOutput, this.d.nCtxSeq - a.reserve));
+      let grown = false;
+      for (const step of block > 1 ? [block, 1] : [1]) {
+        const plan = planEviction(this.d.nCtx, this.slotUsage(), step);
+        if (!plan.fits) continue;
         this.evict(plan.evictions);
-        a.reserve++;
-        continue;
+        a.reserve += step;
+        grown = true;
+        break;
       }
+      if (grown) continue;
       this.counters.stoppedAtPoolLimit++;
       this.finish(a, "length", out);
     }

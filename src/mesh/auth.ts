@@ -174,6 +174,16 @@ export class MeshAuthority {
     return { nonce: this.followUps.issue(), ttlMs: this.o.ttlMs };
   }
 
+  /** Cheap checks before a body is read: well-formed headers and a nonce we issued. Changes nothing. */
+  precheck(headers: Headers): AuthFailure | null {
+    const nodeId = headers.get(AUTH_HEADER.node);
+    const nonce = headers.get(AUTH_HEADER.nonce);
+    const proof = headers.get(AUTH_HEADER.proof);
+    if (nodeId === null || nonce === null || proof === null) return "missing";
+    if (!NODE_ID.test(nodeId) || !NONCE.test(nonce) || !PROOF.test(proof)) return "malformed";
+    return this.challenges.has(nonce) || this.followUps.has(nonce) ? null : "unknown_nonce";
+  }
+
   /** Verify a request; on success its nonce is used up, on failure nothing changes. */
   verify(r: SignedRequest): AuthResult {
     const nodeId = r.headers.get(AUTH_HEADER.node);

@@ -3,6 +3,7 @@
 // it has none, signs, and retries once with a fresh challenge when a pooled
 // nonce was refused (expired or evicted on the peer; a 401 changed nothing).
 import { AUTH_HEADER, type MeshKeys, requestProof } from "./auth";
+import { readLimited } from "./body";
 
 /** Bounds and identity of a client. */
 export interface MeshClientOptions {
@@ -131,11 +132,18 @@ export class MeshClient {
 
   private async challenge(addr: string, signal: AbortSignal | undefined): Promise<string> {
     const res = await this.fetchFn(`http://${addr}/mesh/challenge`, { signal });
-    const text = await res.text();
-    if (res.status !== 200 || text.length > CHALLENGE_MAX_BYTES) {
+    // Whoever answers at a stale address must not make us buffer an unbounded body.
+    const bytes = res.status === 200 ? await readLimited(res.body, CHALLENGE_MAX_BYTES) : null;
+    if (bytes === null) {
+      await res.body?.cancel().catch(() => {});
       throw new MeshClientError("bad_reply", `${addr} gave no mesh challenge (HTTP ${res.status}); is it a mesh node?`);
     }
-    const nonce = (JSON.parse(text) as { nonce?: unknown }).nonce;
+    let nonce: unknown;
+    try {
+      nonce = (JSON.parse(new TextDecoder().decode(bytes)) as { nonce?: unknown } | null)?.nonce;
+    } catch {
+      nonce = undefined;
+    }
     if (typeof nonce !== "string") throw new MeshClientError("bad_reply", `${addr} gave a malformed mesh challenge`);
     return nonce;
   }

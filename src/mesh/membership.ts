@@ -625,6 +625,12 @@ export class Membership {
       this.up(u.id, false);
       return;
     }
+    // Only a node raises its own incarnation: a suspect/dead claim by anyone
+    // else at a higher one would force a refutation past any bound.
+    if (!isSelfRecord(u) && u.inc > cur.inc) {
+      this.refused("forged");
+      return;
+    }
     if (!overrides(u, cur)) {
       if (u.inc === cur.inc && u.state === cur.state) this.piggyback.heard(u);
       return;

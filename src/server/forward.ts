@@ -29,8 +29,14 @@ export interface ForwarderOptions {
   selfId: NodeId;
   /** Every routable worker known to the mesh (this node's own are skipped). */
   workers: () => readonly WorkerInfo[];
-  /** How long a peer may take to start answering before the next one is tried. */
+  /**
+   * Longest wait for a peer's first byte. A non-streaming answer sends
+   * nothing until it is complete, so this must be long; a peer that dies is
+   * noticed sooner through `peerAlive`.
+   */
   headersTimeoutMs: number;
+  /** Whether membership still considers a node alive; a forward to a node that stops being alive is abandoned. */
+  peerAlive?: (nodeId: string) => boolean;
   logger: Logger;
   /** Told when a worker could not be reached, so the registry stops routing to it for a while. */
   onPeerFailure?: (workerId: string) => void;
@@ -81,14 +87,22 @@ export class Forwarder {
       const upstream = new AbortController();
       const onAbort = () => upstream.abort();
       client.addEventListener("abort", onAbort, { once: true });
-      const timer = setTimeout(() => upstream.abort(new DOMException("no answer in time", "TimeoutError")), this.o.headersTimeoutMs);
+      const deadline = Date.now() + this.o.headersTimeoutMs;
+      const timer = setInterval(
+        () => {
+          const dead = this.o.peerAlive && !this.o.peerAlive(w.nodeId);
+          if (dead || Date.now() >= deadline)
+            upstream.abort(new DOMException(dead ? "the peer left the mesh" : "no answer in time", "TimeoutError"));
+        },
+        Math.min(1000, this.o.headersTimeoutMs),
+      );
       this.begin(w.id);
       try {
         const { response } = await this.o.client.send(w.addr, "POST", path, body, {
           signal: upstream.signal,
           headers: { "content-type": "application/json" },
         });
-        clearTimeout(timer);
+        clearInterval(timer);
         if (!last && RETRYABLE.has(response.status)) {
           lastError = `HTTP ${response.status}`;
           this.o.logger.warn("peer refused a forwarded request; trying another", { model, node: w.nodeId, status: response.status });
@@ -100,7 +114,7 @@ export class Forwarder {
         this.counts.forwarded++;
         return this.relay(response, w.id, upstream, () => client.removeEventListener("abort", onAbort));
       } catch (e) {
-        clearTimeout(timer);
+        clearInterval(timer);
         this.end(w.id);
         client.removeEventListener("abort", onAbort);
         lastError = (e as Error)?.message ?? String(e);

@@ -42,6 +42,13 @@ export class MeshGate {
    */
   async check(request: Request): Promise<ApiError | null> {
     const url = new URL(request.url);
+    // Refuse a request with no usable nonce before buffering its body: a stranger must not make us read anything.
+    const early = this.authority.precheck(request.headers);
+    if (early) {
+      this.failures++;
+      this.logger.debug("mesh auth refused", { reason: early, path: url.pathname });
+      return meshUnauthorized();
+    }
     const body = await readLimited(request.clone().body, this.maxBodyBytes);
     if (body === null) {
       return new ApiError(413, "invalid_request_error", `the request body is over ${this.maxBodyBytes} bytes`, null, "request_too_large");

@@ -60,7 +60,10 @@ export class MeshNode {
       client,
       selfId: o.identity.id,
       workers: () => this.routableWorkers(),
-      headersTimeoutMs: o.forwardHeadersTimeoutMs ?? 60_000,
+      // Non-streaming answers arrive whole, after the full generation: wait
+      // long, and give up early only when membership says the peer is gone.
+      headersTimeoutMs: o.forwardHeadersTimeoutMs ?? 30 * 60_000,
+      peerAlive: (id) => this.peerAlive(id),
       logger: o.logger,
       onPeerFailure: (id) => this.core?.workers.reportFailure(id),
     });
@@ -171,6 +174,12 @@ export class MeshNode {
   private stopPublishing(): void {
     for (const t of this.publishers) clearInterval(t);
     this.publishers.clear();
+  }
+
+  // Suspect still counts as alive: it may refute, and the forward may yet finish.
+  private peerAlive(nodeId: string): boolean {
+    const m = this.core?.members().find((x) => x.id === nodeId);
+    return m !== undefined && (m.state === "alive" || m.state === "suspect");
   }
 
   private routableWorkers(): WorkerInfo[] {

@@ -140,3 +140,18 @@ describe("nonce store", () => {
     expect(s.take("never-issued")).toBe(false);
   });
 });
+
+describe("review findings", () => {
+  test("precheck_refuses_an_unknown_nonce_before_any_body_is_read_and_consumes_nothing", () => {
+    const a = authority();
+    const { nonce } = a.challenge();
+    // A stranger's guess: refused on headers alone, so the gate never buffers its body.
+    expect(a.precheck(signed({ nonce: "0".repeat(nonce.length) }).headers)).toBe("unknown_nonce");
+    expect(a.precheck(new Headers())).toBe("missing");
+    // A real nonce passes the precheck and stays usable for the full verification.
+    const req = signed({ nonce });
+    expect(a.precheck(req.headers)).toBeNull();
+    expect(a.sizes.challenges).toBe(1);
+    expect(a.verify(req).ok).toBe(true);
+  });
+});

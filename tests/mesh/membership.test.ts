@@ -151,6 +151,22 @@ describe("signed membership records", () => {
     expect(b?.incarnation).toBeLessThan(99);
   });
 
+  test("a_dead_claim_at_a_higher_incarnation_than_known_is_refused", async () => {
+    // Only a node raises its own incarnation; a claim far ahead would force a
+    // refutation past the largest safe integer and lock the node out.
+    const c = await meshOf(["a", "b"]);
+    const victim = c.node("b").identity;
+    const from = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
+    const claim = { id: victim.id, publicKey: victim.publicKey, inc: Number.MAX_SAFE_INTEGER, state: "dead" as const };
+    await c.wait(c.node("a").core.handle({ type: "ping", from, to: c.node("a").identity.id, updates: [claim] }));
+    const b = c
+      .node("a")
+      .core.members()
+      .find((m) => m.id === victim.id);
+    expect(b?.state).toBe("alive");
+    expect(b?.incarnation).toBeLessThan(1000);
+  });
+
   test("unsigned_alive_record_is_rejected_and_counted", async () => {
     const c = await meshOf(["a", "b"]);
     const stranger = generateIdentity();
