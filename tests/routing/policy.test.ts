@@ -1,23 +1,10 @@
 import { describe, expect, test } from "bun:test";
 import type { WorkerInfo } from "../../src/mesh/wire";
 import { rankWorkers, workerLoad } from "../../src/routing/policy";
+import { workerRecord } from "../helpers/mesh";
 
-function w(id: string, o: Partial<WorkerInfo> = {}): WorkerInfo {
-  return {
-    id,
-    nodeId: `node-${id}`,
-    addr: `127.0.0.1:${1000 + id.length}`,
-    models: ["m"],
-    ctxSize: 4096,
-    slotsTotal: 4,
-    slotsBusy: 0,
-    kvUsed: 0,
-    kvTotal: 4096,
-    queueDepth: 0,
-    health: "ready",
-    ...o,
-  };
-}
+const w = (id: string, o: Partial<WorkerInfo> = {}): WorkerInfo =>
+  workerRecord({ id, nodeId: `node-${id}`, addr: `127.0.0.1:${1000 + id.length}`, models: ["m"], slotsTotal: 4, ...o });
 
 describe("routing policy", () => {
   test("picks_the_least_loaded_by_slots_and_queue", () => {
