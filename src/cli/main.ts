@@ -2,6 +2,7 @@
 // The `mesh` command line: parses, runs a command, prints, exits.
 import { Command, CommanderError, Option } from "commander";
 import pkg from "../../package.json" with { type: "json" };
+import { HOST_CACHE_DEFAULT_MIB } from "../engine/index";
 import { registerBench } from "./bench";
 import { invite } from "./invite";
 import { peers } from "./peers";
@@ -42,6 +43,12 @@ export function program(): Command {
       "output tokens reserved in KV for a request without max_tokens (it may grow past it into free room)",
       intOption("--kv-reserve-output", 1, 1 << 20),
       512,
+    )
+    .option(
+      "--cache-ram <MiB>",
+      "host RAM for idle conversations' KV state: moved out of the KV pool when other requests start, copied back when a prompt continues them (0 keeps them in the pool)",
+      intOption("--cache-ram", 0, 1 << 24),
+      HOST_CACHE_DEFAULT_MIB,
     )
     .option("--api-key <key>", "require 'Authorization: Bearer <key>' (repeatable)", collect, [])
     .option("--api-key-file <path>", "file with one API key per line")

@@ -23,6 +23,7 @@ export interface ServeOptions extends MeshFlags {
   queueCapacity: number;
   queueTimeout: number;
   kvReserveOutput: number;
+  cacheRam: number;
   apiKey: string[];
   apiKeyFile?: string;
   maxBodyBytes: number;
@@ -103,6 +104,7 @@ export async function serve(o: ServeOptions): Promise<number> {
     queueCapacity: o.queueCapacity,
     queueTimeoutMs: o.queueTimeout * 1000,
     defaultReserveOutput: o.kvReserveOutput,
+    hostCacheMiB: o.cacheRam,
     onProgress: progressPrinter(`loading ${modelPath}`),
   });
   let server: ReturnType<typeof startServer>;

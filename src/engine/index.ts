@@ -41,6 +41,9 @@ export interface EngineOptions extends Partial<LoadOptions> {
 /** Defaults of the KV admission budget and queue. */
 export const QUEUE_DEFAULTS = { capacity: 64, timeoutMs: 120_000, reserveOutput: 512 } as const;
 
+/** Host RAM (MiB) for idle sequences' KV state by default; llama-server's --cache-ram default is the same. */
+export const HOST_CACHE_DEFAULT_MIB = 8192;
+
 /** What a caller passes to generate(). */
 export interface GenerateOptions {
   prompt: string | number[];
@@ -169,6 +172,7 @@ export class Engine {
       queueCapacity: opts.queueCapacity ?? QUEUE_DEFAULTS.capacity,
       queueTimeoutMs: opts.queueTimeoutMs ?? QUEUE_DEFAULTS.timeoutMs,
       kvBudget: opts.kvBudget ?? true,
+      hostCacheMiB: opts.hostCacheMiB ?? HOST_CACHE_DEFAULT_MIB,
     };
     // Cancel flags must outlast the queue: the queue, not this, refuses load.
     const maxInFlight = opts.maxInFlight ?? Math.max(1024, 2 * (options.queueCapacity + nParallel));

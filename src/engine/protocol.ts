@@ -23,6 +23,8 @@ export interface LoadOptions {
   queueTimeoutMs: number;
   /** Reserve KV at admission; false only to demonstrate running without protection. */
   kvBudget: boolean;
+  /** Host RAM (MiB) for idle sequences' KV state; 0 keeps idle prefixes resident in the pool. */
+  hostCacheMiB: number;
 }
 
 /** Sampling settings; undefined fields take the defaults in DEFAULT_SAMPLING. */
@@ -105,6 +107,11 @@ export interface EngineStats extends SchedulerCounters {
   kvCellsReserved: number;
   kvCellsFree: number;
   kvCellsTotal: number;
+  /** Idle sequences saved in host RAM, their bytes (state + token ids), the bound, and entries dropped to stay within it. */
+  hostCacheEntries: number;
+  hostCacheBytes: number;
+  hostCacheCapacityBytes: number;
+  hostCacheEvictions: number;
 }
 
 export type FinishReason = "stop" | "length" | "cancelled";

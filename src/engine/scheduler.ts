@@ -2,6 +2,7 @@
 // only: every method may call into llama.cpp and block for a decode step.
 import type { Pointer } from "bun:ffi";
 import type { EngineErrorValue } from "./errors";
+import { HostCache, type HostEntry } from "./host-cache";
 import { type KvUsage, kvUsage, planEviction, reservation, type SlotUsage } from "./kv";
 import type { Native } from "./native";
 import type { EngineStats, FinishReason, GenerateRequest, TokenEvent } from "./protocol";
@@ -67,6 +68,8 @@ export interface SchedulerDeps {
   queueTimeoutMs: number;
   /** Reserve KV at admission (on by default; off only to show what happens without it). */
   kvBudget: boolean;
+  /** Host RAM for idle sequences' KV state, in bytes; 0 keeps idle prefixes resident in the pool instead. */
+  hostCacheBytes: number;
   /** Milliseconds on a monotonic clock. */
   now: () => number;
 }
@@ -92,7 +95,17 @@ export interface SchedulerCounters {
   evictedCells: number;
   /** Requests without an explicit max_tokens stopped (length) when they outgrew their reservation and the pool was full. */
   stoppedAtPoolLimit: number;
+  /** Idle sequences saved to host RAM, restored from it (and the prompt tokens that saved), and restores llama.cpp refused. */
+  hostSaves: number;
+  hostRestores: number;
+  hostRestoredTokens: number;
+  hostRestoreFailures: number;
 }
+
+/** Shorter idle sequences are dropped rather than saved: prefilling them again costs about as much as the copy. */
+const HOST_MIN_TOKENS = 32;
+/** A saved sequence is restored only when it serves at least this many more prompt tokens than the best resident slot. */
+const RESTORE_MIN_GAIN = 32;
 
 /** Length of the common prefix of two token arrays. */
 export function commonPrefix(a: readonly number[], b: readonly number[]): number {
@@ -129,7 +142,12 @@ export class Scheduler {
     evictions: 0,
     evictedCells: 0,
     stoppedAtPoolLimit: 0,
+    hostSaves: 0,
+    hostRestores: 0,
+    hostRestoredTokens: 0,
+    hostRestoreFailures: 0,
   };
+  private readonly host: HostCache;
 
   constructor(private readonly d: SchedulerDeps) {
     this.slots = Array.from({ length: d.nParallel }, (_, seq) => ({ seq, history: [], active: null, lastUsed: 0 }));
@@ -137,6 +155,7 @@ export class Scheduler {
     this.pos = new Int32Array(d.nBatch);
     this.seq = new Int32Array(d.nBatch);
     this.logits = new Int8Array(d.nBatch);
+    this.host = new HostCache(d.hostCacheBytes);
   }
 
   /** True when there is work for another step. */
@@ -214,6 +233,7 @@ export class Scheduler {
   /** Load figures for /metrics and routing. */
   stats(): EngineStats {
     const kv = this.usage();
+    const host = this.host.stats();
     return {
       slotsTotal: this.slots.length,
       slotsBusy: this.slots.filter((s) => s.active !== null).length,
@@ -225,6 +245,10 @@ export class Scheduler {
       kvCellsReserved: kv.reserved,
       kvCellsFree: kv.free,
       kvCellsTotal: kv.total,
+      hostCacheEntries: host.entries,
+      hostCacheBytes: host.bytes,
+      hostCacheCapacityBytes: host.capacityBytes,
+      hostCacheEvictions: host.evictions,
       ...this.counters,
     };
   }
@@ -288,8 +312,11 @@ export class Scheduler {
   }
 
   // FIFO admission into idle slots; each request takes the idle slot whose
-  // history shares the longest prefix with its prompt (then the coldest), and
-  // only when its KV reservation fits, after trimming cold resident prefixes.
+  // history shares the longest prefix with its prompt (then the coldest), or
+  // a saved sequence from host RAM when that shares clearly more, and only
+  // when its KV reservation fits, after trimming cold resident prefixes.
+  // With the host cache on, every other idle slot is saved and cleared, so
+  // the pool holds only what runs (idle cells would tax every ubatch).
   // The head of the queue blocks the rest, so a large request cannot starve.
   private admit(out: TokenEvent[]): void {
     while (this.waiting.length > 0) {
@@ -305,19 +332,58 @@ export class Scheduler {
           bestLcp = lcp;
         }
       }
+      let restore: HostEntry | null = null;
+      let target = best;
+      let keep = Math.min(bestLcp, w.prompt.length - 1);
+      if (this.host.enabled) {
+        const saved = this.host.best(w.prompt);
+        if (saved && saved.lcp >= bestLcp + RESTORE_MIN_GAIN) {
+          restore = saved.entry;
+          // Restore into the emptiest idle slot (then the coldest): the least to save first.
+          target = free.reduce((a, b) =>
+            b.history.length < a.history.length || (b.history.length === a.history.length && b.lastUsed < a.lastUsed) ? b : a,
+          );
+        }
+        for (const s of free) if (s !== target && s !== best) this.offload(s);
+      }
       // At least one prompt token must be decoded to get logits to sample from.
-      const keep = Math.min(bestLcp, w.prompt.length - 1);
       const reserve = this.d.kvBudget ? reservation(w.prompt.length, w.req.reserveOutput, this.d.nCtxSeq) : this.d.nCtxSeq;
       if (this.d.kvBudget) {
         // The chosen slot counts as already trimmed to its reusable prefix and
         // is protected: evicting the prefix this request reuses frees nothing.
-        const view = this.slotUsage().map((u) => (u.seq === best.seq ? { ...u, cells: keep } : u));
-        const plan = planEviction(this.d.nCtx, view, reserve - keep, new Set([best.seq]));
-        if (!plan.fits) break;
+        // A restore first needs room for the whole saved sequence; when there
+        // is none, the request takes the resident path as without the cache.
+        let plan: ReturnType<typeof planEviction> | null = null;
+        if (restore) {
+          const slot = target;
+          const view = this.slotUsage().map((u) => (u.seq === slot.seq ? { ...u, cells: 0 } : u));
+          plan = planEviction(this.d.nCtx, view, Math.max(reserve, restore.tokens.length), new Set([slot.seq]));
+          if (!plan.fits) {
+            restore = null;
+            plan = null;
+          }
+        }
+        if (!restore) {
+          target = best;
+          const view = this.slotUsage().map((u) => (u.seq === best.seq ? { ...u, cells: keep } : u));
+          plan = planEviction(this.d.nCtx, view, reserve - keep, new Set([best.seq]));
+        }
+        if (!plan?.fits) break;
         this.evict(plan.evictions);
       }
+      if (this.host.enabled) for (const s of free) if (s !== target) this.offload(s);
       this.waiting.shift();
-      this.truncate(best, keep);
+      if (restore) {
+        this.restoreInto(target, restore);
+        keep = Math.min(commonPrefix(target.history, w.prompt), w.prompt.length - 1);
+        this.truncate(target, keep);
+        this.counters.hostRestoredTokens += target.history.length;
+      } else {
+        // The divergent tail about to be dropped may be another conversation's next turn.
+        if (this.host.enabled && target.history.length - keep >= HOST_MIN_TOKENS) this.offload(target, false);
+        this.truncate(target, keep);
+      }
+      best = target;
       const cached = best.history.length;
       const { sampling } = w.req;
       const sampler = this.d.native.mesh_sampler_new(
@@ -481,6 +547,37 @@ export class Scheduler {
       },
     });
     return true;
+  }
+
+  /** Save an idle slot's KV state to host RAM (when long enough and not already there), then clear it unless told to keep it. */
+  private offload(s: Slot, clear = true): void {
+    if (s.history.length >= HOST_MIN_TOKENS) {
+      const { native, ctx } = this.d;
+      const size = Number(native.mesh_state_seq_size(ctx, s.seq));
+      if (size > 0 && this.host.wants(s.history, size)) {
+        const state = new Uint8Array(size);
+        const got = Number(native.mesh_state_seq_get(ctx, state, size, s.seq));
+        if (got > 0 && this.host.put(s.history, got === size ? state : state.slice(0, got))) this.counters.hostSaves++;
+      }
+    }
+    if (clear) this.truncate(s, 0);
+  }
+
+  /** Copy a saved sequence back into an idle slot; on failure the slot is left empty and the prompt is prefilled. */
+  private restoreInto(s: Slot, entry: HostEntry): void {
+    const { native, ctx } = this.d;
+    this.host.touch(entry);
+    if (s.history.length > 0) this.offload(s);
+    const got = Number(native.mesh_state_seq_set(ctx, entry.state, entry.state.length, s.seq));
+    if (got > 0 && native.mesh_seq_pos_max(ctx, s.seq) === entry.tokens.length - 1) {
+      s.history = Array.from(entry.tokens);
+      this.counters.hostRestores++;
+      return;
+    }
+    // llama.cpp found no contiguous room (or the blob did not fit this context).
+    this.counters.hostRestoreFailures++;
+    native.mesh_seq_rm(ctx, s.seq, -1, -1);
+    s.history = [];
   }
 
   /** Drop every idle slot's resident KV; returns the cells freed. */

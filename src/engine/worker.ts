@@ -120,6 +120,7 @@ function load(libPath: string, o: LoadOptions, progress: SharedArrayBuffer, ctl:
     queueCapacity: o.queueCapacity,
     queueTimeoutMs: o.queueTimeoutMs,
     kvBudget: o.kvBudget,
+    hostCacheBytes: Math.max(0, Math.floor(o.hostCacheMiB * 1024 * 1024)),
     now: () => performance.now(),
   });
   post({ type: "loaded", info });

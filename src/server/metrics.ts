@@ -133,6 +133,22 @@ export class Metrics {
           ["", g.stoppedAtPoolLimit],
         ]),
         counter("mesh_prefill_tokens_total", "Prompt tokens decoded (not served from cache)", [["", g.prefillTokens]]),
+        gauge("mesh_host_cache_bytes", "Host RAM held by idle sequences' saved KV state", g.hostCacheBytes),
+        gauge("mesh_host_cache_capacity_bytes", "Bound of the host RAM cache (--cache-ram)", g.hostCacheCapacityBytes),
+        gauge("mesh_host_cache_entries", "Idle sequences saved in host RAM", g.hostCacheEntries),
+        counter(
+          "mesh_host_cache_operations_total",
+          "Idle sequences saved to host RAM, restored into a slot, failed to restore, dropped to stay within the bound",
+          [
+            ['{op="save"}', g.hostSaves],
+            ['{op="restore"}', g.hostRestores],
+            ['{op="restore_failed"}', g.hostRestoreFailures],
+            ['{op="evict"}', g.hostCacheEvictions],
+          ],
+        ),
+        counter("mesh_host_cache_restored_tokens_total", "Prompt tokens served from state restored out of host RAM", [
+          ["", g.hostRestoredTokens],
+        ]),
       );
     }
     return `${parts.join("\n")}\n`;

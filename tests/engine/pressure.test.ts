@@ -34,9 +34,13 @@ async function outcome(e: Engine, prompt: number[], maxTokens?: number): Promise
   }
 }
 
+// Resident mode (host cache off): idle prefixes stay in the pool and the
+// eviction plan trims them. The host tier is tested further down.
+const resident = { hostCacheMiB: 0 };
+
 describe("KV pressure on a small pool", () => {
   test("overlapping_long_prompts_queue_instead_of_failing_a_decode", async () => {
-    await withEngine({ nCtx: 512, nParallel: 4, nBatch: 512 }, async (e) => {
+    await withEngine({ nCtx: 512, nParallel: 4, nBatch: 512, ...resident }, async (e) => {
       // 8 requests of 182 cells each against 512 cells: at most two fit at once.
       const results = await Promise.all(Array.from({ length: 8 }, (_, i) => outcome(e, tokens(i + 1, 150), 32)));
       for (const r of results) expect(r).toEqual({ ok: true, finish: "length", generated: 32 });
@@ -53,7 +57,7 @@ describe("KV pressure on a small pool", () => {
 
   test("one_chunk_prefill_evicts_cold_residents_before_its_decode", async () => {
     // The whole prompt fits one batch, so admission is the only chance to make room (seed 004's hole).
-    await withEngine({ nCtx: 512, nParallel: 2, nBatch: 512 }, async (e) => {
+    await withEngine({ nCtx: 512, nParallel: 2, nBatch: 512, ...resident }, async (e) => {
       expect(await outcome(e, tokens(1, 220), 8)).toEqual({ ok: true, finish: "length", generated: 8 });
       expect(await outcome(e, tokens(2, 220), 8)).toEqual({ ok: true, finish: "length", generated: 8 });
       const before = await e.stats();
@@ -69,7 +73,7 @@ describe("KV pressure on a small pool", () => {
 
   test("eviction_keeps_the_head_of_a_cold_prefix_when_trimming_suffices", async () => {
     // Three slots, so the third request takes an empty one and only eviction can make room.
-    await withEngine({ nCtx: 512, nParallel: 3, nBatch: 512 }, async (e) => {
+    await withEngine({ nCtx: 512, nParallel: 3, nBatch: 512, ...resident }, async (e) => {
       const shared = tokens(7, 200);
       await outcome(e, [...shared, ...tokens(8, 40)], 4);
       await outcome(e, tokens(9, 200), 4);
@@ -82,6 +86,21 @@ describe("KV pressure on a small pool", () => {
       const g = e.generate({ prompt: [...shared, ...tokens(11, 10)], maxTokens: 2, sampling: greedy, ignoreEos: true });
       const r = await collect(g);
       expect(r.done.cachedTokens).toBeGreaterThan(0);
+    });
+  });
+
+  test("overlapping_long_prompts_with_the_host_cache_move_idle_prefixes_out_instead_of_failing", async () => {
+    await withEngine({ nCtx: 512, nParallel: 4, nBatch: 512 }, async (e) => {
+      const results = await Promise.all(Array.from({ length: 8 }, (_, i) => outcome(e, tokens(i + 1, 150), 32)));
+      for (const r of results) expect(r).toEqual({ ok: true, finish: "length", generated: 32 });
+      const s = await e.stats();
+      expect(s.decodeKvFailures).toBe(0);
+      expect(s.decodeFailures).toBe(0);
+      expect(s.admitted).toBe(8);
+      // Finished requests' prefixes went to host RAM instead of being trimmed in the pool.
+      expect(s.hostSaves).toBeGreaterThan(0);
+      expect(s.hostCacheEntries).toBeGreaterThan(0);
+      expect(s.kvCellsUsed).toBeLessThanOrEqual(s.kvCellsTotal);
     });
   });
 

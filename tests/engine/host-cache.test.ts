@@ -1,0 +1,193 @@
+import { describe, expect, test } from "bun:test";
+import { HostCache } from "../../src/engine/host-cache";
+import { collect, Engine, type EngineOptions } from "../../src/engine/index";
+import { tinyModel } from "../helpers/model";
+
+const greedy = { temperature: 0 };
+
+function tokens(seed: number, n: number): number[] {
+  let x = seed * 7919 + 13;
+  return Array.from({ length: n }, () => {
+    x = (x * 1103515245 + 12345) % 2147483648;
+    return 100 + (x % 20000);
+  });
+}
+
+const blob = (n: number) => new Uint8Array(n);
+
+describe("HostCache bookkeeping", () => {
+  test("best_picks_the_entry_sharing_the_longest_prefix", () => {
+    const c = new HostCache(1 << 20);
+    c.put([1, 2, 3, 4], blob(10));
+    c.put([1, 2, 9, 9, 9], blob(10));
+    c.put([5, 6], blob(10));
+    expect(c.best([1, 2, 3, 7])?.lcp).toBe(3);
+    expect(Array.from(c.best([1, 2, 9, 9])?.entry.tokens ?? [])).toEqual([1, 2, 9, 9, 9]);
+    expect(c.best([8, 8])).toBeNull();
+  });
+
+  test("a_longer_save_of_the_same_conversation_replaces_the_shorter_and_a_covered_one_is_skipped", () => {
+    const c = new HostCache(1 << 20);
+    expect(c.put([1, 2, 3], blob(30))).toBe(true);
+    expect(c.put([1, 2, 3, 4, 5], blob(50))).toBe(true);
+    expect(c.stats().entries).toBe(1);
+    // Already held in full by the longer entry: nothing to add.
+    expect(c.put([1, 2, 3, 4], blob(40))).toBe(false);
+    expect(c.stats()).toMatchObject({ entries: 1, bytes: 50 + 5 * 4 });
+  });
+
+  test("pushing_past_the_byte_bound_drops_the_least_recently_saved_first", () => {
+    const c = new HostCache(3 * (100 + 4 * 4));
+    for (let i = 0; i < 10; i++) c.put([i, i, i, i], blob(100));
+    const s = c.stats();
+    expect(s.entries).toBe(3);
+    expect(s.bytes).toBeLessThanOrEqual(s.capacityBytes);
+    expect(s.evictions).toBe(7);
+    expect(c.best([9, 9, 9, 9])?.lcp).toBe(4);
+    expect(c.best([0, 0, 0, 0])).toBeNull();
+  });
+
+  test("pushing_past_the_entry_bound_drops_the_coldest", () => {
+    const c = new HostCache(1 << 20, 2);
+    for (let i = 0; i < 5; i++) c.put([i], blob(1));
+    expect(c.stats().entries).toBe(2);
+    expect(c.stats().evictions).toBe(3);
+  });
+
+  test("an_entry_larger_than_the_whole_bound_is_refused_and_changes_nothing", () => {
+    const c = new HostCache(100);
+    c.put([1], blob(10));
+    expect(c.put([2], blob(1000))).toBe(false);
+    expect(c.stats()).toMatchObject({ entries: 1, evictions: 0 });
+  });
+
+  test("a_zero_capacity_cache_is_off", () => {
+    const c = new HostCache(0);
+    expect(c.enabled).toBe(false);
+    expect(c.put([1], blob(1))).toBe(false);
+  });
+
+  test("a_restored_entry_stays_and_counts_as_recently_used", () => {
+    const c = new HostCache(2 * (10 + 4));
+    c.put([1], blob(10));
+    c.put([2], blob(10));
+    const hit = c.best([1]);
+    if (!hit) throw new Error("no entry");
+    c.touch(hit.entry);
+    c.put([3], blob(10));
+    expect(c.best([1])?.lcp).toBe(1);
+    expect(c.best([2])).toBeNull();
+  });
+
+  test("among_equal_matches_the_shortest_entry_is_chosen", () => {
+    const c = new HostCache(1 << 20);
+    c.put([1, 2, 3, 4, 5, 6], blob(10));
+    c.put([1, 2, 3, 9], blob(10));
+    expect(Array.from(c.best([1, 2, 3, 7])?.entry.tokens ?? [])).toEqual([1, 2, 3, 9]);
+  });
+});
+
+async function withEngine(o: Partial<EngineOptions>, fn: (e: Engine) => Promise<void>): Promise<void> {
+  const e = await Engine.load({ modelPath: await tinyModel(), threads: 2, nCtx: 2048, nParallel: 2, ...o });
+  try {
+    await fn(e);
+  } finally {
+    await e.close();
+  }
+}
+
+async function run(e: Engine, prompt: number[], maxTokens = 8) {
+  return collect(e.generate({ prompt, maxTokens, sampling: greedy, ignoreEos: true }));
+}
+
+describe("engine with the host RAM tier", () => {
+  test("idle_prefixes_leave_the_pool_when_another_request_starts", async () => {
+    await withEngine({}, async (e) => {
+      await run(e, tokens(1, 400));
+      expect((await e.stats()).kvCellsResident).toBeGreaterThan(400);
+      await run(e, tokens(2, 300));
+      const s = await e.stats();
+      // Only the request that just finished is still in the pool; the first went to host RAM.
+      expect(s.hostSaves).toBe(1);
+      expect(s.hostCacheEntries).toBe(1);
+      expect(s.hostCacheBytes).toBeGreaterThan(0);
+      expect(s.kvCellsUsed).toBeLessThan(400);
+    });
+  });
+
+  test("a_saved_prefix_is_restored_instead_of_prefilled_and_decodes_the_same_tokens", async () => {
+    const shared = tokens(3, 500);
+    const follow = [...shared, ...tokens(4, 20)];
+    let expected: number[] = [];
+    // Reference: the prefix stays resident in its slot (host cache off).
+    await withEngine({ hostCacheMiB: 0 }, async (e) => {
+      await run(e, shared);
+      const r = await run(e, follow, 16);
+      expect(r.done.cachedTokens).toBe(500);
+      expected = r.tokens;
+    });
+    await withEngine({}, async (e) => {
+      await run(e, shared);
+      // Two other conversations push the shared prefix out of the pool.
+      await run(e, tokens(5, 300));
+      await run(e, tokens(6, 300));
+      const before = await e.stats();
+      expect(before.hostSaves).toBeGreaterThanOrEqual(1);
+      const r = await run(e, follow, 16);
+      const after = await e.stats();
+      expect(after.hostRestores).toBe(before.hostRestores + 1);
+      expect(after.hostRestoreFailures).toBe(0);
+      expect(r.done.cachedTokens).toBe(500);
+      expect(r.tokens).toEqual(expected);
+    });
+  });
+
+  test("the_slot_a_new_prompt_takes_keeps_its_old_conversation_in_host_ram", async () => {
+    // One slot: the second conversation shares a head with the first and would trim its tail away.
+    await withEngine({ nParallel: 1 }, async (e) => {
+      const head = tokens(7, 100);
+      const first = [...head, ...tokens(8, 300)];
+      await run(e, first);
+      await run(e, [...head, ...tokens(9, 50)]);
+      const r = await run(e, [...first, ...tokens(10, 5)]);
+      expect(r.done.cachedTokens).toBeGreaterThanOrEqual(first.length);
+      expect((await e.stats()).hostRestores).toBe(1);
+    });
+  });
+
+  test("a_conversation_stays_saved_after_another_restores_only_its_shared_head", async () => {
+    await withEngine({ nParallel: 1 }, async (e) => {
+      const head = tokens(12, 100);
+      const first = [...head, ...tokens(13, 300)];
+      await run(e, first);
+      await run(e, tokens(14, 200));
+      // Restores the first conversation's state and keeps only the shared head.
+      const other = await run(e, [...head, ...tokens(15, 50)]);
+      expect(other.done.cachedTokens).toBe(100);
+      await run(e, tokens(16, 200));
+      const back = await run(e, [...first, ...tokens(17, 5)]);
+      expect(back.done.cachedTokens).toBeGreaterThanOrEqual(first.length);
+      expect((await e.stats()).hostRestores).toBe(2);
+    });
+  });
+
+  test("the_host_cache_stays_within_its_bound_when_pushed_past_it", async () => {
+    let entryBytes = 0;
+    await withEngine({}, async (e) => {
+      await run(e, tokens(11, 200), 1);
+      await run(e, tokens(12, 10), 1);
+      entryBytes = (await e.stats()).hostCacheBytes;
+    });
+    expect(entryBytes).toBeGreaterThan(0);
+    const capacity = Math.floor(2.5 * entryBytes);
+    await withEngine({ hostCacheMiB: capacity / (1024 * 1024) }, async (e) => {
+      for (let i = 0; i < 6; i++) await run(e, tokens(20 + i, 200), 1);
+      await run(e, tokens(40, 10), 1);
+      const s = await e.stats();
+      expect(s.hostCacheCapacityBytes).toBe(capacity);
+      expect(s.hostCacheBytes).toBeLessThanOrEqual(capacity);
+      expect(s.hostCacheEntries).toBe(2);
+      expect(s.hostCacheEvictions).toBeGreaterThanOrEqual(4);
+    });
+  });
+});
