@@ -71,6 +71,7 @@ export interface TargetSummary {
   /** From /metrics over the run; null when the target does not publish them. */
   evictions: { count: number | null; cells: number | null };
   admissions: { admitted: number | null; queued: number | null; rejected: number | null };
+  hostCache: { saves: number | null; restores: number | null };
   kvCellsTotal: number | null;
   /** Distinct error messages with counts, most frequent first (at most 8). */
   errors: Array<{ message: string; count: number }>;
@@ -197,6 +198,7 @@ export function summarize(name: string, url: string, model: string, turns: numbe
       queued: delta(d.before?.queued, d.after?.queued),
       rejected: delta(d.before?.rejected, d.after?.rejected),
     },
+    hostCache: { saves: delta(d.before?.hostSaves, d.after?.hostSaves), restores: delta(d.before?.hostRestores, d.after?.hostRestores) },
     kvCellsTotal: kvTotal,
     errors: topErrors(rs),
     samples: d.samples,
@@ -235,6 +237,9 @@ export function tableRows(ts: TargetSummary[]): Array<[string, ...string[]]> {
     row("evictions (cells)", (t) => (t.evictions.count === null ? "-" : `${t.evictions.count} (${num(t.evictions.cells)})`)),
     row("admissions queued / rejected", (t) =>
       t.admissions.queued === null && t.admissions.rejected === null ? "-" : `${num(t.admissions.queued)} / ${num(t.admissions.rejected)}`,
+    ),
+    row("host-RAM saves / restores", (t) =>
+      t.hostCache.saves === null && t.hostCache.restores === null ? "-" : `${num(t.hostCache.saves)} / ${num(t.hostCache.restores)}`,
     ),
     row("duration", (t) => ms(t.durationMs)),
   ];

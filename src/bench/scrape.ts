@@ -66,6 +66,9 @@ export interface NodeFigures {
   queued: number | null;
   rejected: number | null;
   cachedPromptTokens: number | null;
+  /** Idle conversations saved to / restored from host RAM (mesh's --cache-ram tier). */
+  hostSaves: number | null;
+  hostRestores: number | null;
 }
 
 /** Extract the report's figures from parsed /metrics. */
@@ -94,6 +97,8 @@ export function nodeFigures(s: PromSample[]): NodeFigures {
     queued: metricValue(s, "mesh_admissions_total", { result: "queued" }),
     rejected: metricValue(s, "mesh_admissions_total", { result: "rejected" }),
     cachedPromptTokens: metricValue(s, "mesh_prompt_tokens_cached_total") ?? metricValue(s, "mesh_cached_prompt_tokens_total"),
+    hostSaves: metricValue(s, "mesh_host_cache_operations_total", { op: "save" }),
+    hostRestores: metricValue(s, "mesh_host_cache_operations_total", { op: "restore" }),
   };
 }
 

@@ -31,7 +31,18 @@ function run(records: RequestRecord[], probePromptTokens = 2600): DriveResult {
     probePromptTokens,
     records,
     samples: [{ tMs: 0, inFlight: 0, done: 0, kv: { running: 0, resident: 10, free: 90, total: 100 } }],
-    before: { kv: null, evictions: 2, evictedCells: 100, decodeKvFailures: 1, admitted: 0, queued: 0, rejected: 0, cachedPromptTokens: 0 },
+    before: {
+      kv: null,
+      evictions: 2,
+      evictedCells: 100,
+      decodeKvFailures: 1,
+      admitted: 0,
+      queued: 0,
+      rejected: 0,
+      cachedPromptTokens: 0,
+      hostSaves: 1,
+      hostRestores: null,
+    },
     after: {
       kv: { running: 0, resident: 50, free: 50, total: 100 },
       evictions: 5,
@@ -41,6 +52,8 @@ function run(records: RequestRecord[], probePromptTokens = 2600): DriveResult {
       queued: 3,
       rejected: 0,
       cachedPromptTokens: 100,
+      hostSaves: 4,
+      hostRestores: 2,
     },
   };
 }
@@ -87,6 +100,7 @@ describe("kv-pressure report", () => {
       decodeFailures: { client: 1, server: 0 },
       evictions: { count: 3, cells: 300 },
       admissions: { admitted: 9, queued: 3, rejected: 0 },
+      hostCache: { saves: 3, restores: null },
       kvCellsTotal: 100,
     });
     expect(s.cachedByTurn).toEqual([

@@ -13,6 +13,8 @@ mesh_kv_evictions_total 3
 mesh_kv_evicted_cells_total 700
 mesh_decode_kv_failures_total 0
 mesh_prompt_tokens_cached_total 12345
+mesh_host_cache_operations_total{op="save"} 6
+mesh_host_cache_operations_total{op="restore"} 5
 mesh_http_requests_total{route="/v1/chat/completions",status="200"} 9
 mesh_http_requests_total{route="/v1/chat/completions",status="429"} 2
 `;
@@ -44,6 +46,8 @@ describe("metrics scrape", () => {
       queued: 4,
       rejected: 1,
       cachedPromptTokens: 12345,
+      hostSaves: 6,
+      hostRestores: 5,
     });
   });
 
