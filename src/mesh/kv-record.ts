@@ -40,6 +40,24 @@ export function verifyRecord(r: KvRecord, publicKey: string): boolean {
   return verifySignature(publicKey, payload(r), r.sig);
 }
 
+function markPayload(owner: NodeId, upTo: Hlc): Uint8Array {
+  return new TextEncoder().encode(`mesh/kv-mark/v1\n${JSON.stringify([owner, upTo.w, upTo.l, upTo.n])}`);
+}
+
+/**
+ * A watermark mark: the owner's signature that its writes reached `upTo`
+ * (its own HLC). A peer that relays the owner's records forwards the mark, so
+ * nobody but the owner can move another node's watermark past what it wrote.
+ */
+export function signMark(identity: Identity, upTo: Hlc): string {
+  return identity.sign(markPayload(identity.id, upTo));
+}
+
+/** Whether `sig` is `owner`'s mark for `upTo` (`publicKey` is the owner's key). */
+export function verifyMark(owner: NodeId, upTo: Hlc, sig: unknown, publicKey: string): boolean {
+  return isStr(sig, MAX_SIG_B64) && upTo.n === owner && verifySignature(publicKey, markPayload(owner, upTo), sig);
+}
+
 /** Check the shape of an untrusted record (the signature is checked later, only if the record would win). */
 export function parseRecord(v: unknown, maxValueBytes: number): KvRecord | null {
   if (!isObject(v) || !isKey(v.key) || !isNodeId(v.owner) || !isHlc(v.hlc) || !isStr(v.sig, MAX_SIG_B64)) return null;

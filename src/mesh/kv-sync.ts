@@ -7,6 +7,11 @@
 // A record thus reaches each node about once: from its owner, or from a peer
 // that knew exactly what was missing. Messages are bounded batches. The
 // vectors peers report are what tombstone collection waits on.
+//
+// A message speaks for its sender only: its id must be the node the transport
+// authenticated (and a reply's, the peer we asked), so nobody can ack, or
+// report a vector, on behalf of another node. What it says about other
+// owners' writes is checked against their signatures (kv.ts).
 import type { Logger } from "../log";
 import { isCount, isList, isNodeId, isObject, isStr } from "./check";
 import { compareHlc, type Hlc } from "./hlc";
@@ -53,6 +58,8 @@ export interface KvSyncStats {
   bytesSent: number;
   refused: number;
   fullVectorsRequested: number;
+  /** Messages and replies refused because they claimed to come from another node than the one that sent them. */
+  rejectedSender: number;
 }
 
 interface PeerState {
@@ -80,7 +87,14 @@ const MAX_VECTOR = 4096;
 /** The anti-entropy side of one node's store. */
 export class KvSync {
   readonly config: KvSyncConfig;
-  readonly stats: KvSyncStats = { exchanges: 0, recordsSent: 0, bytesSent: 0, refused: 0, fullVectorsRequested: 0 };
+  readonly stats: KvSyncStats = {
+    exchanges: 0,
+    recordsSent: 0,
+    bytesSent: 0,
+    refused: 0,
+    fullVectorsRequested: 0,
+    rejectedSender: 0,
+  };
   private readonly peers = new Map<NodeId, PeerState>();
   private timer: unknown = null;
   private running = false;
@@ -201,8 +215,11 @@ export class KvSync {
     return xs;
   }
 
-  /** Answer a peer's kv-sync; `sender` is the claimed node id, checked against membership. */
-  handle(msg: WireMessage): WireMessage {
+  /**
+   * Answer a peer's kv-sync; `from` is the node the transport authenticated (undefined if none), and the
+   * message's id must be it: its seq, vector and acks are then the sender's own.
+   */
+  handle(msg: WireMessage, from: NodeId | undefined): WireMessage {
     const sender = msg.id;
     if (!isNodeId(sender)) return this.refuse("bad_message", "id must be a node id");
     const peer = this.o.directory.peer(sender);
@@ -214,11 +231,17 @@ export class KvSync {
     const p = this.state(sender);
     // Messages of one sender apply in order: a delayed one must not roll its vector back.
     if (msg.seq <= p.inSeq) return this.refuse("stale_seq", "an older message than one already handled");
+    if (from !== sender) {
+      this.stats.rejectedSender++;
+      this.o.log.warn("mesh refused a kv-sync sent on behalf of another node", { id: sender.slice(0, 8), from: from?.slice(0, 8) });
+      return this.refuse("wrong_sender", "the message's id is not the authenticated sender");
+    }
     p.inSeq = msg.seq;
     for (const r of msg.ranges) this.o.kv.applyRange(r);
-    if (msg.pull !== true) return { type: "kv-ack", ok: true, ranges: [] };
+    const me = this.o.directory.id;
+    if (msg.pull !== true) return { type: "kv-ack", ok: true, id: me, ranges: [] };
     this.takeVector(p, msg);
-    return { type: "kv-ack", ok: true, ...this.vectorFor(p), ranges: this.rangesFor(p) };
+    return { type: "kv-ack", ok: true, id: me, ...this.vectorFor(p), ranges: this.rangesFor(p) };
   }
 
   private async exchange(id: NodeId, pull: boolean): Promise<void> {
@@ -247,6 +270,12 @@ export class KvSync {
       if (!this.running || p.gen !== gen || this.peers.get(id) !== p) return;
       if (reply.type !== "kv-ack" || reply.ok !== true) {
         this.stats.refused++;
+        if (pull) this.forgetTold(p);
+        return;
+      }
+      // An ack (and the vector in it) counts only from the peer we asked.
+      if (reply.id !== id) {
+        this.stats.rejectedSender++;
         if (pull) this.forgetTold(p);
         return;
       }

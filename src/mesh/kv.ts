@@ -6,10 +6,15 @@
 // an HLC up to which it holds everything that owner wrote (a record, or a
 // newer one, for each key). It only grows through a whole range of an owner's
 // records, sent in HLC order by a peer that vouches for it, and through our
-// own writes. The vector tells peers exactly what we lack (kv-sync.ts), and it
-// makes one rule possible: a record at or below our watermark for its owner,
-// for a key we do not hold, is stale (the key was deleted since) and is
-// ignored, whichever delayed message or returning peer carries it.
+// own writes. How far it grows is the owner's to say: the range's end must be
+// an HLC the owner signed (its mark, kv-record.ts, or one of its records), so
+// no peer can push another node's watermark past what that node wrote and
+// make its later records look stale. (That the range holds every record up to
+// there is still the sender's word.) The vector tells peers exactly what we
+// lack (kv-sync.ts), and it makes one rule possible: a record at or below our
+// watermark for its owner, for a key we do not hold, is stale (the key was
+// deleted since) and is ignored, whichever delayed message or returning peer
+// carries it.
 //
 // Tombstones are collected only at causal stability: this replica and every
 // live member are complete past the tombstone; members absent at deletion time
@@ -22,7 +27,7 @@ import type { Logger } from "../log";
 import { isList, isNodeId, isObject } from "./check";
 import { compareHlc, type Hlc, HlcClock, isHlc } from "./hlc";
 import type { Identity } from "./identity";
-import { isKey, type KvRecord, parseRecord, recordBytes, signRecord, verifyRecord } from "./kv-record";
+import { isKey, type KvRecord, parseRecord, recordBytes, signMark, signRecord, verifyMark, verifyRecord } from "./kv-record";
 import type { Clock, NodeId } from "./wire";
 
 /** Bounds of the store; every one has a default. */
@@ -50,13 +55,17 @@ export interface OwnerDirectory {
   peer(id: NodeId): { publicKey: string; state: string } | undefined;
 }
 
-/** An owner's records in HLC order: all of them in (after, upTo] (the sender vouches); `more` when cut short by the budget. */
+/**
+ * An owner's records in HLC order: all of them in (after, upTo] (the sender vouches); `more` when cut short by the budget.
+ * `mark` is the owner's signature that its writes reached `upTo` (see `signMark`), sent when the range is whole.
+ */
 export interface KvRange {
   owner: NodeId;
   after: Hlc | null;
   upTo: Hlc | null;
   records: KvRecord[];
   more: boolean;
+  mark?: string;
 }
 
 /** Counters for metrics. */
@@ -66,6 +75,8 @@ export interface KvStats {
   accepted: number;
   stale: number;
   rejectedForged: number;
+  /** Watermark claims (a range's `upTo`) the owner did not sign: the records were kept, the watermark did not move. */
+  rejectedUnsignedWatermarks: number;
   rejectedMalformed: number;
   rejectedUnknownOwner: number;
   rejectedOwnerDown: number;
@@ -97,6 +108,7 @@ export class Kv {
     accepted: 0,
     stale: 0,
     rejectedForged: 0,
+    rejectedUnsignedWatermarks: 0,
     rejectedMalformed: 0,
     rejectedUnknownOwner: 0,
     rejectedOwnerDown: 0,
@@ -109,6 +121,11 @@ export class Kv {
   private readonly byOwner = new Map<NodeId, Map<string, KvRecord>>();
   private readonly tombstones = new Set<KvRecord>();
   private readonly have = new Map<NodeId, Hlc>();
+  /** The owner's mark for `have` of each other owner, when we got one (relayed with its records). */
+  private readonly marks = new Map<NodeId, { upTo: Hlc; sig: string }>();
+  /** Per other owner, the highest HLC we hold its signature for (a record we stored, or a mark). */
+  private readonly signedUpTo = new Map<NodeId, Hlc>();
+  private ownMark: { upTo: Hlc; sig: string } | null = null;
   private total = 0;
   /** Bumped whenever the completeness vector changes (for cached digests). */
   vectorVersion = 0;
@@ -196,10 +213,46 @@ export class Kv {
     }
     const mine = this.have.get(owner);
     const contiguous = after === null || (mine !== undefined && compareHlc(after, mine) <= 0);
-    if (whole && contiguous && upTo && owner !== this.id && this.isLiveOwner(owner) && (!mine || compareHlc(upTo, mine) > 0)) {
-      this.have.set(owner, upTo);
-      this.vectorVersion++;
+    if (!whole || !contiguous || !upTo || owner === this.id || !this.isLiveOwner(owner) || (mine && compareHlc(upTo, mine) <= 0)) return;
+    const mark = this.attested(owner, upTo, raw.mark);
+    if (mark === null) {
+      this.stats.rejectedUnsignedWatermarks++;
+      this.o.log.warn("mesh refused a watermark not signed by its owner", { owner: owner.slice(0, 8), upTo: `${upTo.w}.${upTo.l}` });
+      return;
     }
+    this.have.set(owner, upTo);
+    if (mark) this.marks.set(owner, { upTo, sig: mark });
+    else this.marks.delete(owner);
+    this.vectorVersion++;
+  }
+
+  // Whether `owner` itself vouches that its writes reached `upTo`: its valid mark (returned, to relay
+  // on), or "" when we already hold its signature on that HLC or a later one (a record of the range);
+  // null when only the sender says so.
+  private attested(owner: NodeId, upTo: Hlc, sig: unknown): string | null {
+    if (upTo.n !== owner) return null;
+    const key = this.o.directory.peer(owner)?.publicKey;
+    if (key !== undefined && sig !== undefined && verifyMark(owner, upTo, sig, key)) {
+      this.signed(owner, upTo);
+      return sig as string;
+    }
+    const seen = this.signedUpTo.get(owner);
+    return seen && compareHlc(upTo, seen) <= 0 ? "" : null;
+  }
+
+  private signed(owner: NodeId, h: Hlc): void {
+    const seen = this.signedUpTo.get(owner);
+    if (!seen || compareHlc(h, seen) > 0) this.signedUpTo.set(owner, h);
+  }
+
+  // The owner's mark for `upTo` when we have one: ours is signed once per watermark, others' are relayed.
+  private markOf(owner: NodeId, upTo: Hlc): string | undefined {
+    if (owner === this.id) {
+      if (!this.ownMark || compareHlc(this.ownMark.upTo, upTo) !== 0) this.ownMark = { upTo, sig: signMark(this.o.identity, upTo) };
+      return this.ownMark.sig;
+    }
+    const m = this.marks.get(owner);
+    return m && compareHlc(m.upTo, upTo) === 0 ? m.sig : undefined;
   }
 
   /** `owner`'s records after `after`, in HLC order, within a budget; `upTo` is set when the range is whole. */
@@ -219,12 +272,16 @@ export class Kv {
     }
     const whole = records.length === newer.length;
     if (!whole && records.length === 0) return null;
-    return { owner, after, upTo: whole ? have : (records[records.length - 1]?.hlc ?? null), records, more: !whole };
+    if (!whole) return { owner, after, upTo: records[records.length - 1]?.hlc ?? null, records, more: true };
+    const mark = this.markOf(owner, have);
+    return { owner, after, upTo: have, records, more: false, ...(mark ? { mark } : {}) };
   }
 
   /** Dead-node key cleanup: drop every record of `owner` (no tombstones: it is their only writer). */
   dropOwner(owner: NodeId): void {
     this.removeOwner(owner);
+    this.marks.delete(owner);
+    this.signedUpTo.delete(owner);
     if (this.have.delete(owner)) this.vectorVersion++;
   }
 
@@ -232,6 +289,8 @@ export class Kv {
   purgeForeign(): void {
     for (const owner of [...this.byOwner.keys()]) if (owner !== this.id) this.removeOwner(owner);
     for (const owner of [...this.have.keys()]) if (owner !== this.id) this.have.delete(owner);
+    this.marks.clear();
+    this.signedUpTo.clear();
     this.vectorVersion++;
   }
 
@@ -280,6 +339,7 @@ export class Kv {
       return "refused";
     }
     this.store(r);
+    if (!own) this.signed(r.owner, r.hlc);
     this.stats.accepted++;
     this.o.onChange?.(r.owner, r.key);
     return "stored";

@@ -126,13 +126,16 @@ export class MeshCore {
     return this.membership.join(seedAddrs);
   }
 
-  /** Answer one inbound message (already authenticated by the transport); never throws. */
-  async handle(msg: WireMessage): Promise<WireMessage> {
+  /**
+   * Answer one inbound message (already authenticated by the transport); never throws. `from` is the
+   * node id the transport authenticated the message as coming from; kv-sync is refused without it.
+   */
+  async handle(msg: WireMessage, from?: NodeId): Promise<WireMessage> {
     if (!isObject(msg) || typeof msg.type !== "string") return this.bad("bad_message", "a message is an object with a string type");
     if (!this.running) return { type: "error", code: "stopped", message: "this node is not running" };
     try {
       if (this.membership.handles(msg.type)) return await this.membership.handle(msg);
-      if (msg.type === "kv-sync") return this.sync.handle(msg);
+      if (msg.type === "kv-sync") return this.sync.handle(msg, from);
       return this.bad("unknown_type", `unknown message type ${msg.type.slice(0, 40)}`);
     } catch (e) {
       this.log.error("mesh message handler failed", { type: msg.type.slice(0, 40), error: (e as Error).message });

@@ -25,6 +25,7 @@ export class SimCluster {
   readonly clock = new VirtualClock();
   readonly net: SimNetwork;
   readonly nodes = new Map<string, SimNode>();
+  private readonly ids = new Map<string, string>();
   private readonly random: () => number;
 
   constructor(private readonly o: SimClusterOptions = {}) {
@@ -43,10 +44,11 @@ export class SimCluster {
       config,
       random: this.random,
     });
-    this.net.listen(addr, (msg) => core.handle(msg));
+    this.net.listen(addr, (msg, from) => core.handle(msg, this.idAt(from)));
     core.start();
     const node = { name, addr, identity, core };
     this.nodes.set(name, node);
+    this.ids.set(addr, identity.id);
     return node;
   }
 
@@ -88,8 +90,13 @@ export class SimCluster {
   /** Thaw a frozen node (SIGCONT): it carries on with the state it had. */
   resume(name: string): void {
     const n = this.node(name);
-    this.net.listen(n.addr, (msg) => n.core.handle(msg));
+    this.net.listen(n.addr, (msg, from) => n.core.handle(msg, this.idAt(from)));
     n.core.start();
+  }
+
+  /** The node id at `addr`, as the HTTP transport's authentication would report it. */
+  idAt(addr: string): string | undefined {
+    return this.ids.get(addr);
   }
 
   /** The state `observer` holds for `subject` (undefined if unknown). */

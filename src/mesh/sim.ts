@@ -145,7 +145,8 @@ export interface SimNetworkOptions {
   random?: () => number;
 }
 
-type Handler = (msg: WireMessage) => Promise<WireMessage>;
+/** Answers a message; `from` is the sender's address (what an authenticated transport would vouch for). */
+type Handler = (msg: WireMessage, from: string) => Promise<WireMessage>;
 
 /** Thrown by a simulated request that got no answer. */
 export class SimTimeout extends Error {
@@ -264,7 +265,7 @@ export class SimNetwork {
         const handler = this.handlers.get(to);
         if (!handler || this.down.has(to)) return;
         // Every message crosses as JSON, as on the wire: no object is shared between nodes.
-        void handler(JSON.parse(json)).then((reply) => {
+        void handler(JSON.parse(json), from).then((reply) => {
           const back = JSON.stringify(reply);
           this.count(to, back);
           if (!this.reaches(to, from, reply)) return;

@@ -76,7 +76,7 @@ export class MeshNode {
         workers: () => this.core?.workers.list().map((e) => e.info) ?? [],
         handler: () => {
           const core = this.core;
-          return core ? (m) => core.handle(m) : null;
+          return core ? (m, from) => core.handle(m, from) : null;
         },
         info: () => this.info(),
         peers: () => this.peers(),

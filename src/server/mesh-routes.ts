@@ -50,8 +50,8 @@ export interface MeshInfo {
 
 /** What the routes need from the running mesh node. */
 export interface MeshService {
-  /** Handle one inbound peer message; null while the node is still starting. */
-  handler(): ((msg: WireMessage) => Promise<WireMessage>) | null;
+  /** Handle one inbound peer message from the authenticated node `from`; null while the node is still starting. */
+  handler(): ((msg: WireMessage, from: string) => Promise<WireMessage>) | null;
   info(): MeshInfo;
   peers(): PeersReport;
 }
@@ -116,7 +116,7 @@ export function meshRoutes(o: MeshRoutesOptions) {
           return json(request, 503, { error: { message: "node is starting", type: "server_error", param: null, code: "starting" } });
         }
         try {
-          return json(request, 200, await handle(msg));
+          return json(request, 200, await handle(msg, caller.nodeId));
         } catch (e) {
           o.logger.warn("mesh message failed", { type: msg.type, from: caller.nodeId, error: (e as Error)?.message });
           return json(request, 500, {

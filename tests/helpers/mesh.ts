@@ -14,7 +14,8 @@ export const TEST_MESH_ID = "00112233aabbccdd";
 export function testMeshHooks(o: {
   nodeId: string;
   workers?: () => WorkerInfo[];
-  handle?: (m: WireMessage) => Promise<WireMessage>;
+  /** Answers a peer message; `from` is the node id its mesh authentication vouched for. */
+  handle?: (m: WireMessage, from: string) => Promise<WireMessage>;
   apiKeyRequired?: boolean;
   ttlMs?: number;
   secret?: string;

@@ -4,7 +4,7 @@ import { compareHlc } from "../../src/mesh/hlc";
 import { generateIdentity, type Identity } from "../../src/mesh/identity";
 import type { KvRange } from "../../src/mesh/kv";
 import { Kv, type KvConfig, type OwnerDirectory } from "../../src/mesh/kv";
-import { type KvRecord, signRecord } from "../../src/mesh/kv-record";
+import { type KvRecord, signMark, signRecord } from "../../src/mesh/kv-record";
 import { MEMBERSHIP_DEFAULTS } from "../../src/mesh/membership";
 import { seededRandom, VirtualClock } from "../../src/mesh/sim";
 import type { WireMessage } from "../../src/mesh/wire";
@@ -135,6 +135,64 @@ describe("single-writer ownership", () => {
     expect(kv.applyRemote(signRecord(stranger, "k", "v", { w: clock.now(), l: 0, n: stranger.id }))).toBe(false);
     expect(kv.stats.rejectedUnknownOwner).toBe(1);
     expect(kv.size).toBe(0);
+  });
+});
+
+describe("watermark claims", () => {
+  const budget = () => ({ records: 64, bytes: 1 << 20 });
+
+  test("refuses_watermark_claim_for_another_node", () => {
+    const clock = new VirtualClock();
+    const a = generateIdentity();
+    const mallory = generateIdentity();
+    const kvA = store(a, [], clock);
+    const kv = store(generateIdentity(), [a, mallory], clock);
+    const worker = kvA.put("worker:1", "up");
+    // A member that is not a claims a's writes are complete up to next year, with no record and no mark of a's.
+    const claim = { owner: a.id, after: null, upTo: { w: clock.now() + 365 * 86_400_000, l: 0, n: a.id }, records: [], more: false };
+    kv.applyRange(JSON.parse(JSON.stringify(claim)));
+    expect(kv.haveOf(a.id)).toBeUndefined();
+    expect(kv.stats.rejectedUnsignedWatermarks).toBe(1);
+    // So a's real record is not taken for one deleted since: it still gets in.
+    expect(worker.ok && kv.applyRemote(JSON.parse(JSON.stringify(worker.value)))).toBe(true);
+    expect(kv.get(a.id, "worker:1")?.value).toBe("up");
+  });
+
+  test("refuses_watermark_claim_with_a_mark_signed_by_another_key", () => {
+    const clock = new VirtualClock();
+    const a = generateIdentity();
+    const mallory = generateIdentity();
+    const kv = store(generateIdentity(), [a, mallory], clock);
+    const upTo = { w: clock.now() + 60_000, l: 0, n: a.id };
+    for (const mark of [signMark(mallory, upTo), signMark(mallory, { ...upTo, n: mallory.id }), "AAAA"]) {
+      kv.applyRange({ owner: a.id, after: null, upTo, records: [], more: false, mark });
+    }
+    expect(kv.haveOf(a.id)).toBeUndefined();
+    expect(kv.stats.rejectedUnsignedWatermarks).toBe(3);
+    expect(kv.vectorVersion).toBe(0);
+  });
+
+  test("relayed_range_carries_the_owners_mark_and_advances_the_watermark_two_hops_away", () => {
+    const clock = new VirtualClock();
+    const [a, b, c] = [generateIdentity(), generateIdentity(), generateIdentity()];
+    const kvA = store(a, [b, c], clock);
+    const kvB = store(b, [a, c], clock);
+    const kvC = store(c, [a, b], clock);
+    kvA.put("k", "v");
+    kvA.delete("k");
+    // The tombstone, a's last write, was collected: no record of a's attests its watermark any more, only its mark.
+    kvA.collect(() => true);
+    const have = kvA.haveOf(a.id);
+    const own = kvA.rangeFor(a.id, null, budget());
+    expect(own?.records).toHaveLength(0);
+    expect(own?.mark).toBeDefined();
+    kvB.applyRange(JSON.parse(JSON.stringify(own)));
+    expect(kvB.haveOf(a.id)).toEqual(have);
+    const relayed = kvB.rangeFor(a.id, null, budget());
+    expect(relayed?.mark).toBe(own?.mark);
+    kvC.applyRange(JSON.parse(JSON.stringify(relayed)));
+    expect(kvC.haveOf(a.id)).toEqual(have);
+    expect(kvB.stats.rejectedUnsignedWatermarks + kvC.stats.rejectedUnsignedWatermarks).toBe(0);
   });
 });
 

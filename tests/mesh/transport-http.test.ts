@@ -13,12 +13,14 @@ const MESH_ID = TEST_MESH_ID;
 /** A node with mesh routes and no model; its handler records what it was sent. */
 function node(o: { handle?: (m: WireMessage) => Promise<WireMessage>; ttlMs?: number } = {}) {
   const seen: WireMessage[] = [];
+  const senders: string[] = [];
   const mesh = testMeshHooks({
     nodeId: "aaaa",
     apiKeyRequired: true,
     ttlMs: o.ttlMs,
-    handle: async (m) => {
+    handle: async (m, from) => {
       seen.push(m);
+      senders.push(from);
       return o.handle ? o.handle(m) : { type: "ack", echo: m };
     },
   });
@@ -32,7 +34,7 @@ function node(o: { handle?: (m: WireMessage) => Promise<WireMessage>; ttlMs?: nu
     mesh,
   });
   servers.push(server);
-  return { server, seen, addr: `127.0.0.1:${server.port}` };
+  return { server, seen, senders, addr: `127.0.0.1:${server.port}` };
 }
 
 const servers: RunningServer[] = [];
@@ -69,6 +71,13 @@ describe("HTTP transport", () => {
     const reply = await transport().request(n.addr, { type: "ping", seq: 1 }, 30_000);
     expect(reply).toEqual({ type: "ack", echo: { type: "ping", seq: 1 } });
     expect(n.seen).toEqual([{ type: "ping", seq: 1 }]);
+  });
+
+  test("the_handler_is_told_the_authenticated_sender_not_the_id_in_the_body", async () => {
+    const n = node();
+    await transport().request(n.addr, { type: "kv-sync", id: "cccc" }, 2000);
+    // The transport authenticated "bbbb"; what the body claims is the core's to check against it.
+    expect(n.senders).toEqual(["bbbb"]);
   });
 
   test("asks_for_a_challenge_once_then_uses_the_nonces_replies_hand_out", async () => {
