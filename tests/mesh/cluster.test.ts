@@ -267,7 +267,12 @@ describe("leaving and coming back", () => {
 
   test("a_restart_without_join_finds_the_mesh_through_the_peers_it_remembered", async () => {
     b = await start("b", "beta", ["--port", String(b.port)], b.stateDir);
-    await waitFor("A to see B alive again", CONVERGE_MS, async () => member(await peersOf(a), "b")?.state === "alive");
+    // Alive comes from membership, the worker record from sync: wait for both before routing to it.
+    await waitFor("A to see B alive again with a ready beta worker", CONVERGE_MS, async () => {
+      if (member(await peersOf(a), "b")?.state !== "alive") return false;
+      const list = (await (await fetch(`${a.url}/v1/models`)).json()) as { data: Array<{ id: string; nodes: Array<{ status: string }> }> };
+      return list.data.find((m) => m.id === "beta")?.nodes.some((x) => x.status === "ready") ?? false;
+    });
     expect(b.log()).toContain("joined the mesh");
     const r = await client(a).completions.create({ model: "beta", prompt: "x", max_tokens: 1 });
     expect(r.model).toBe("beta");
