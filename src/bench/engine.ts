@@ -12,7 +12,7 @@
 import { existsSync } from "node:fs";
 import { availableParallelism, cpus } from "node:os";
 import { parseArgs } from "node:util";
-import { Engine } from "../engine/index";
+import { Engine, HOST_CACHE_DEFAULT_MIB } from "../engine/index";
 import { ensureModel, GENERATED_MODELS } from "../gguf/models";
 import { defaultLlamaServerPath, LlamaServer, llamaServerFlags } from "./llama-server";
 
@@ -473,6 +473,9 @@ function llamaServerArgs(c: EngineBenchConfig, modelPath: string): string[] {
   const t = String(c.threads);
   const args = ["-m", modelPath, "-t", t, "-tb", t, "-c", String(c.ctx), "-np", String(c.parallel)];
   args.push("-b", String(c.batch), "-ub", String(c.ubatch), "--kv-unified", "--flash-attn", c.flashAttn, "--cache-prompt");
+  // Both sides move idle slots' KV to a host-RAM cache of the same size.
+  if (known.has("--cache-ram")) args.push("--cache-ram", String(HOST_CACHE_DEFAULT_MIB));
+  if (known.has("--cache-idle-slots")) args.push("--cache-idle-slots");
   if (known.has("--no-webui")) args.push("--no-webui");
   return args;
 }
@@ -511,6 +514,7 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
     threads: c.threads,
     threadsBatch: c.threads,
     flashAttn: FLASH_ATTN[c.flashAttn],
+    hostCacheMiB: HOST_CACHE_DEFAULT_MIB,
   });
   const info = engine.info;
   const meshSamples = collected();

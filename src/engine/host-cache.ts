@@ -69,27 +69,27 @@ export class HostCache {
     return found ? { entry: found, lcp: bestLcp } : null;
   }
 
-  /**
-   * Whether saving a sequence holding `tokens` with a state of `stateBytes` is
-   * worth it: false when it cannot fit at all, or when an entry already holds
-   * these tokens or more (restoring that one serves the same prompts).
-   */
-  wants(tokens: readonly number[], stateBytes: number): boolean {
-    if (!this.enabled || entryBytes(tokens.length, stateBytes) > this.capacityBytes) return false;
+  /** True when an entry already holds these tokens or more: restoring it serves the same prompts. */
+  covers(tokens: readonly number[]): boolean {
     for (const e of this.entries) {
-      if (e.tokens.length >= tokens.length && sharedPrefix(e.tokens, tokens) === tokens.length) return false;
+      if (e.tokens.length >= tokens.length && sharedPrefix(e.tokens, tokens) === tokens.length) return true;
     }
-    return true;
+    return false;
   }
 
-  /** Store a saved sequence; entries it extends are replaced, the coldest others dropped until it fits. */
-  put(tokens: readonly number[], state: Uint8Array): boolean {
-    if (!this.wants(tokens, state.length)) return false;
+  /**
+   * Make room for a sequence of `tokens` tokens and `stateBytes` of state
+   * before its buffer is allocated, so the bound holds at every moment:
+   * entries it extends go first, then the least recently used. False (and
+   * nothing dropped) when it cannot fit at all or is already covered.
+   */
+  reserve(tokens: readonly number[], stateBytes: number): boolean {
+    const cost = entryBytes(tokens.length, stateBytes);
+    if (!this.enabled || cost > this.capacityBytes || this.covers(tokens)) return false;
     for (let i = this.entries.length - 1; i >= 0; i--) {
       const e = this.entries[i] as HostEntry;
       if (e.tokens.length <= tokens.length && sharedPrefix(e.tokens, tokens) === e.tokens.length) this.remove(i);
     }
-    const cost = entryBytes(tokens.length, state.length);
     while (this.entries.length > 0 && (this.bytes + cost > this.capacityBytes || this.entries.length >= this.maxEntries)) {
       let coldest = 0;
       for (let i = 1; i < this.entries.length; i++) {
@@ -98,8 +98,14 @@ export class HostCache {
       this.remove(coldest);
       this.evictions++;
     }
+    return true;
+  }
+
+  /** Store a saved sequence (after reserve() made room for it); false when it does not fit. */
+  put(tokens: readonly number[], state: Uint8Array): boolean {
+    if (!this.reserve(tokens, state.length)) return false;
     this.entries.push({ tokens: Int32Array.from(tokens), state, lastUsed: ++this.clock });
-    this.bytes += cost;
+    this.bytes += entryBytes(tokens.length, state.length);
     return true;
   }
 

@@ -279,6 +279,8 @@ export class Scheduler {
     for (const e of evictions) {
       const s = this.slots[e.seq] as Slot;
       const before = s.history.length;
+      // A just-finished conversation keeps its whole history in host RAM before its tail goes.
+      if (this.host.enabled && !s.active && before - e.keep > 0) this.offload(s, false);
       this.truncate(s, e.keep);
       const cells = before - s.history.length;
       if (cells > 0) {
@@ -339,6 +341,8 @@ export class Scheduler {
         const saved = this.host.best(w.prompt);
         if (saved && saved.lcp >= bestLcp + RESTORE_MIN_GAIN) {
           restore = saved.entry;
+          // Most recently used from now on, so the saves below cannot drop it.
+          this.host.touch(restore);
           // Restore into the emptiest idle slot (then the coldest): the least to save first.
           target = free.reduce((a, b) =>
             b.history.length < a.history.length || (b.history.length === a.history.length && b.lastUsed < a.lastUsed) ? b : a,
@@ -551,10 +555,11 @@ export class Scheduler {
 
   /** Save an idle slot's KV state to host RAM (when long enough and not already there), then clear it unless told to keep it. */
   private offload(s: Slot, clear = true): void {
-    if (s.history.length >= HOST_MIN_TOKENS) {
+    if (s.history.length >= HOST_MIN_TOKENS && this.host.enabled && !this.host.covers(s.history)) {
       const { native, ctx } = this.d;
       const size = Number(native.mesh_state_seq_size(ctx, s.seq));
-      if (size > 0 && this.host.wants(s.history, size)) {
+      // Room is made before the buffer exists, so the bound holds at every moment.
+      if (size > 0 && this.host.reserve(s.history, size)) {
         const state = new Uint8Array(size);
         const got = Number(native.mesh_state_seq_get(ctx, state, size, s.seq));
         if (got > 0 && this.host.put(s.history, got === size ? state : state.slice(0, got))) this.counters.hostSaves++;

@@ -61,6 +61,16 @@ describe("HostCache bookkeeping", () => {
     expect(c.stats()).toMatchObject({ entries: 1, evictions: 0 });
   });
 
+  test("reserve_makes_room_before_the_buffer_exists_so_the_bound_always_holds", () => {
+    const c = new HostCache(2 * (100 + 4));
+    c.put([1], blob(100));
+    c.put([2], blob(100));
+    expect(c.reserve([3], 100)).toBe(true);
+    // Room was made first: the coldest entry is gone before the new buffer is allocated.
+    expect(c.stats()).toMatchObject({ entries: 1, bytes: 104, evictions: 1 });
+    expect(c.reserve([2], 100)).toBe(false);
+  });
+
   test("a_zero_capacity_cache_is_off", () => {
     const c = new HostCache(0);
     expect(c.enabled).toBe(false);
@@ -168,6 +178,47 @@ describe("engine with the host RAM tier", () => {
       const back = await run(e, [...first, ...tokens(17, 5)]);
       expect(back.done.cachedTokens).toBeGreaterThanOrEqual(first.length);
       expect((await e.stats()).hostRestores).toBe(2);
+    });
+  });
+
+  // Review finding: the plan trimmed an idle conversation's tail before it was saved.
+  test("an_idle_conversation_trimmed_to_make_room_keeps_its_whole_history_in_host_ram", async () => {
+    await withEngine({ nCtx: 1024, nParallel: 3 }, async (e) => {
+      const head = tokens(30, 40);
+      const first = [...head, ...tokens(31, 300)];
+      await run(e, first);
+      await run(e, [...head, ...tokens(32, 100)]);
+      // A long request holds most of the pool while the next ones are admitted.
+      const long = run(e, tokens(33, 100), 520);
+      const second = [...head, ...tokens(34, 100)];
+      const o2 = await run(e, second);
+      await run(e, [...first, ...tokens(35, 20)]);
+      await long;
+      const back = await run(e, [...second, ...o2.tokens.slice(0, 7), ...tokens(36, 10)]);
+      expect(back.done.cachedTokens).toBe(second.length + 7);
+      const s = await e.stats();
+      expect(s.decodeKvFailures).toBe(0);
+    });
+  });
+
+  // Review finding: saves made while admitting a restore could drop the very entry being restored.
+  test("the_entry_being_restored_is_not_dropped_by_saves_of_the_same_admission", async () => {
+    let entryBytes = 0;
+    await withEngine({}, async (e) => {
+      await run(e, tokens(40, 200), 1);
+      await run(e, tokens(41, 10), 1);
+      entryBytes = (await e.stats()).hostCacheBytes;
+    });
+    await withEngine({ hostCacheMiB: (2.2 * entryBytes) / (1024 * 1024) }, async (e) => {
+      const first = tokens(40, 200);
+      await run(e, first, 1);
+      await run(e, tokens(42, 200), 1);
+      await run(e, tokens(43, 200), 1);
+      const head = await run(e, [...first.slice(0, 100), ...tokens(44, 50)], 1);
+      expect(head.done.cachedTokens).toBe(100);
+      await run(e, tokens(45, 200), 1);
+      const back = await run(e, [...first, ...tokens(46, 5)], 1);
+      expect(back.done.cachedTokens).toBe(first.length);
     });
   });
 
