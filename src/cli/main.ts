@@ -26,7 +26,7 @@ export function program(): Command {
     .option("-m, --model <path>", "GGUF model file (default: a built-in demo model with random weights)")
     .option("--host <addr>", "address to listen on (0.0.0.0 for all interfaces)", "127.0.0.1")
     .option("-p, --port <n>", "HTTP port", intOption("--port", 0, 65535), 9337)
-    .option("-c, --ctx-size <n>", "KV cache size in tokens, shared by all slots", intOption("--ctx-size", 64), 16384)
+    .option("-c, --ctx-size <n>", "KV cache size in tokens, shared by all slots", intOption("--ctx-size", 64, 1 << 24), 16384)
     .option("-n, --parallel <n>", "requests decoded at once (slots)", intOption("--parallel", 1, 256), 4)
     .option("-t, --threads <n>", "CPU threads (default: all cores)", intOption("--threads", 1, 1024))
     .option("-b, --batch-size <n>", "most tokens in one decode step", intOption("--batch-size", 32, 65536), 2048)

@@ -31,6 +31,7 @@ describe("mesh command line", () => {
       "--parallel",
       "--threads",
       "--n-gpu-layers",
+      "--cache-ram",
       "--api-key",
       "--log-format",
     ]) {
@@ -54,6 +55,8 @@ describe("mesh command line", () => {
       [["serve", "--port", "abc"], "--port"],
       [["serve", "--port", "70000"], "--port"],
       [["serve", "--parallel", "0"], "--parallel"],
+      [["serve", "--ctx-size", "2000000000"], "--ctx-size"],
+      [["serve", "--cache-ram", "-1"], "--cache-ram"],
       [["serve", "--log-format", "xml"], "log-format"],
       [["serve", "--model", join(dir, "missing.gguf")], "not found"],
       [["serve", "--model", notGguf], "not a GGUF"],

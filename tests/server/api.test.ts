@@ -173,6 +173,25 @@ describe("errors in OpenAI's shape", () => {
     expect((await errorOf(r3)).param).toBe("messages");
   });
 
+  test("deeply_nested_tool_parameters_are_400_naming_tools_before_the_template_overflows", async () => {
+    const deep = (n: number) => `${'{"a":'.repeat(n)}1${"}".repeat(n)}`;
+    const body = (params: string, choice = '"auto"') =>
+      `{"model":"mesh-tiny","max_tokens":1,"messages":[{"role":"user","content":"hi"}],"tool_choice":${choice},` +
+      `"tools":[{"type":"function","function":{"name":"f","parameters":${params}}}]}`;
+    const r = await post("/v1/chat/completions", body(deep(5000)));
+    expect(r.status).toBe(400);
+    const e = await errorOf(r);
+    expect(e.param).toBe("tools");
+    expect(e.message).toContain("tools[0].function.parameters.a");
+    expect(e.message).toContain("nested deeper than 64 levels");
+    const r2 = await post("/v1/chat/completions", body("{}", deep(5000)));
+    expect(r2.status).toBe(400);
+    expect((await errorOf(r2)).param).toBe("tool_choice");
+    // A realistic schema depth is fine.
+    const ok = await post("/v1/chat/completions", body(deep(20)));
+    expect(ok.status).toBe(200);
+  });
+
   test("unknown_model_is_404_model_not_found", async () => {
     const err = await s.client.chat.completions.create({ model: "no-such-model", messages: user("hi") }).catch((e) => e);
     expect(err).toBeInstanceOf(OpenAI.NotFoundError);

@@ -2,9 +2,10 @@
 // answer as OpenAI does (JSON or SSE), with tool calls parsed from the output.
 import type { ChatMessage } from "../chat";
 import { type ParsedToolCall, ToolCallStream } from "../chat";
-import { type ApiError, errorBody, toApiError } from "../errors";
+import { type ApiError, badRequest, errorBody, toApiError } from "../errors";
 import type { Metrics } from "../metrics";
 import type { ServedModel } from "../model";
+import { MAX_JSON_DEPTH, tooDeep } from "./depth";
 import { beginRequest, checkCommon, engineOf, generateOptions, observed, primed, sseResponse, type Usage, usageOf } from "./run";
 import type { ChatBodyT } from "./schema";
 
@@ -31,6 +32,16 @@ export function renderChatPrompt(model: ServedModel, body: ChatBodyT): string {
   return prompt;
 }
 
+/** Refuse free-form JSON nested too deeply for the template to walk (400 naming the field). */
+function checkDepth(body: ChatBodyT): void {
+  const deep = tooDeep(body.tools, "tools") ?? tooDeep(body.tool_choice, "tool_choice") ?? tooDeep(body.messages, "messages");
+  if (deep) {
+    const field = deep.split(/[.[]/, 1)[0] ?? "messages";
+    const where = deep.length > 160 ? `${deep.slice(0, 160)}...` : deep;
+    throw badRequest(`${where} is nested deeper than ${MAX_JSON_DEPTH} levels`, field);
+  }
+}
+
 /** Handle a validated chat request. */
 export async function chatCompletion(
   model: ServedModel,
@@ -40,6 +51,7 @@ export async function chatCompletion(
   onStreamError: (e: unknown) => ApiError,
 ): Promise<Response | object> {
   checkCommon(body);
+  checkDepth(body);
   const engine = engineOf(model);
   const prompt = renderChatPrompt(model, body);
   const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined;
