@@ -4,6 +4,7 @@ import { Elysia } from "elysia";
 import type { Logger } from "../log";
 import { ApiError, badRequest, errorResponse, pointerToParam, toApiError } from "./errors";
 import { type MeshHooks, meshModelNodes, rawJson, remoteAnswer } from "./mesh";
+import { renderMeshMetrics } from "./mesh-metrics";
 import { meshRoutes } from "./mesh-routes";
 import type { GaugeValues, Metrics } from "./metrics";
 import type { ServedModel } from "./model";
@@ -164,7 +165,9 @@ export function createApp(o: AppOptions) {
     })
     .get("/metrics", async ({ set }) => {
       set.headers["content-type"] = "text/plain; version=0.0.4";
-      return o.metrics.render(await gauges());
+      const text = o.metrics.render(await gauges());
+      const mesh = o.mesh?.figures();
+      return mesh ? `${text}${renderMeshMetrics(mesh)}\n` : text;
     })
     .post(
       "/v1/chat/completions",

@@ -71,6 +71,7 @@ export class MeshNode {
       gate: new MeshGate(new MeshAuthority(keys, { ...DEFAULT_AUTHORITY, now: Date.now }), o.maxBodyBytes, o.logger),
       apiKeyRequired: o.apiKeyRequired,
       forwarder,
+      figures: () => (this.core ? { mesh: this.core.stats(), forwarding: forwarder.stats() } : null),
       service: {
         nodeId: () => o.identity.id,
         workers: () => this.core?.workers.list().map((e) => e.info) ?? [],

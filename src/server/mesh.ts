@@ -3,6 +3,7 @@
 import type { WorkerInfo } from "../mesh/wire";
 import type { Forwarder } from "./forward";
 import type { MeshGate } from "./mesh-gate";
+import type { MeshFigures } from "./mesh-metrics";
 import type { MeshService } from "./mesh-routes";
 
 /** The mesh as the app sees it; absent when the node runs alone. */
@@ -17,6 +18,8 @@ export interface MeshHooks {
   forwarder: Forwarder;
   /** Whether an inference API key is configured. */
   apiKeyRequired: boolean;
+  /** Figures for /metrics; null before the node has joined. */
+  figures(): MeshFigures | null;
 }
 
 const rawBodies = new WeakMap<Request, Uint8Array>();

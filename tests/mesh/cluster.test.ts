@@ -217,6 +217,16 @@ describe("a mesh of separate processes", () => {
       });
       expect(row.models).toEqual([]);
     }
+    // /metrics tells the same story: one member dead, declared by A or B (the other may learn it by gossip), nothing forged.
+    const texts = await Promise.all([a, b].map(async (n) => (await fetch(`${n.url}/metrics`)).text()));
+    let deaths = 0;
+    for (const text of texts) {
+      expect(text).toMatch(/^mesh_members\{state="dead"\} [1-9]\d*$/m);
+      expect(text).toMatch(/^mesh_kv_records_rejected_total\{reason="forged"\} 0$/m);
+      expect(text).toMatch(/^mesh_workers\{origin="local"\} 1$/m);
+      deaths += Number(/^mesh_membership_events_total\{event="death"\} (\d+)$/m.exec(text)?.[1] ?? "0");
+    }
+    expect(deaths).toBeGreaterThanOrEqual(1);
     const res = await fetch(`${a.url}/v1/chat/completions`, {
       method: "POST",
       headers: { "content-type": "application/json" },

@@ -1,0 +1,72 @@
+// Prometheus text for the mesh: members by state, what was refused and why
+// (forged or unsigned records, watermarks, senders), membership events,
+// workers by origin, and forwarding. Label values are fixed sets.
+import type { MeshStats } from "../mesh/node";
+import type { ForwardStats } from "./forward";
+
+/** What /metrics shows about the mesh. */
+export interface MeshFigures {
+  mesh: MeshStats;
+  forwarding: ForwardStats;
+}
+
+const family = (name: string, type: "gauge" | "counter", help: string, rows: [string, number][]) =>
+  [`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`, ...rows.map(([labels, v]) => `${name}${labels} ${v}`)].join("\n");
+
+/** Render the mesh's series (no trailing newline). */
+export function renderMeshMetrics(f: MeshFigures): string {
+  const { members, membership: m, kv, sync, workers: w } = f.mesh;
+  return [
+    family("mesh_members", "gauge", "Other members by SWIM state", [
+      ['{state="alive"}', members.alive],
+      ['{state="suspect"}', members.suspect],
+      ['{state="dead"}', members.dead],
+      ['{state="left"}', members.left],
+    ]),
+    family("mesh_membership_events_total", "counter", "Probes, suspicions, deaths and refutations seen by this node", [
+      ['{event="probe"}', m.probes],
+      ['{event="suspicion"}', m.suspicions],
+      ['{event="death"}', m.deaths],
+      ['{event="refutation"}', m.refutations],
+    ]),
+    family("mesh_membership_records_rejected_total", "counter", "Membership records refused, by reason", [
+      ['{reason="forged"}', m.forgedRecords],
+      ['{reason="unsigned"}', m.unsignedRecords],
+      ['{reason="malformed"}', m.malformedRecords],
+    ]),
+    family("mesh_kv_records_rejected_total", "counter", "Replicated records and claims refused, by reason", [
+      ['{reason="forged"}', kv.rejectedForged],
+      ['{reason="unsigned_watermark"}', kv.rejectedUnsignedWatermarks],
+      ['{reason="malformed"}', kv.rejectedMalformed],
+      ['{reason="unknown_owner"}', kv.rejectedUnknownOwner],
+      ['{reason="owner_down"}', kv.rejectedOwnerDown],
+      ['{reason="full"}', kv.rejectedFull],
+      ['{reason="clock_skew"}', kv.rejectedClockSkew],
+    ]),
+    family(
+      "mesh_sync_rejected_sender_total",
+      "counter",
+      "Sync messages refused because they named another sender than the authenticated one",
+      [["", sync.rejectedSender]],
+    ),
+    family("mesh_kv_entries", "gauge", "Replicated keys held, live and tombstoned", [
+      ['{kind="record"}', kv.records],
+      ['{kind="tombstone"}', kv.tombstones],
+    ]),
+    family("mesh_workers", "gauge", "Workers known to this node, by origin", [
+      ['{origin="local"}', w.local],
+      ['{origin="mesh"}', w.mesh],
+    ]),
+    family(
+      "mesh_forwarded_requests_total",
+      "counter",
+      "Requests sent to a peer serving the model: forwarded, retried on another peer, failed",
+      [
+        ['{result="forwarded"}', f.forwarding.forwarded],
+        ['{result="retried"}', f.forwarding.retried],
+        ['{result="failed"}', f.forwarding.failed],
+      ],
+    ),
+    family("mesh_forwarded_requests_active", "gauge", "Forwarded requests in flight", [["", f.forwarding.active]]),
+  ].join("\n");
+}
