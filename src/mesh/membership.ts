@@ -13,7 +13,7 @@
 // typically (first probe of it expected after ~1.6 rounds).
 import { createHash } from "node:crypto";
 import type { Logger } from "../log";
-import { isList, isNodeId } from "./check";
+import { isList, isNodeId, isObject } from "./check";
 import type { Identity } from "./identity";
 import {
   type ClaimRecord,
@@ -130,6 +130,8 @@ export interface MembershipStats {
   membersForgotten: number;
   piggybackDropped: number;
   relaysRefused: number;
+  /** Messages whose `from` record named another node than the one the transport authenticated. */
+  wrongSender: number;
 }
 
 interface Member {
@@ -184,6 +186,7 @@ export class Membership {
     membersForgotten: 0,
     piggybackDropped: 0,
     relaysRefused: 0,
+    wrongSender: 0,
   };
   private readonly members = new Map<NodeId, Member>();
   private readonly piggyback: Piggyback;
@@ -321,9 +324,20 @@ export class Membership {
     return p.value.id;
   }
 
-  /** Answer a membership message (ping, ping-req, join, leave); the transport has authenticated the mesh secret. */
-  async handle(msg: WireMessage): Promise<WireMessage> {
+  /**
+   * Answer a membership message (ping, ping-req, join, leave); the transport has authenticated the mesh
+   * secret and, when `authenticated` is given, the sender's node id, which the `from` record must match
+   * (so a replayed record of another node cannot refresh or speak for it). Refused before any state change.
+   */
+  async handle(msg: WireMessage, authenticated?: NodeId): Promise<WireMessage> {
     if (!this.running) return fail("stopped", "this node is not running");
+    if (authenticated !== undefined) {
+      const claimed = isObject(msg.from) ? msg.from.id : undefined;
+      if (claimed !== authenticated) {
+        this.stats.wrongSender++;
+        return fail("wrong_sender", "the message's from record is not the authenticated sender's");
+      }
+    }
     const sender = this.observeSender(msg.from);
     if (sender === null) return fail("bad_sender", "the message's from record is missing, malformed, forged or our own");
     this.applyAll(msg.updates);

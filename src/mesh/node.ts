@@ -134,7 +134,7 @@ export class MeshCore {
     if (!isObject(msg) || typeof msg.type !== "string") return this.bad("bad_message", "a message is an object with a string type");
     if (!this.running) return { type: "error", code: "stopped", message: "this node is not running" };
     try {
-      if (this.membership.handles(msg.type)) return await this.membership.handle(msg);
+      if (this.membership.handles(msg.type)) return await this.membership.handle(msg, from);
       if (msg.type === "kv-sync") return this.sync.handle(msg, from);
       return this.bad("unknown_type", `unknown message type ${msg.type.slice(0, 40)}`);
     } catch (e) {

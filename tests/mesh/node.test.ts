@@ -59,6 +59,23 @@ describe("inbound messages", () => {
     expect(a.store.get(b.identity.id, "k")).toBeUndefined();
   });
 
+  test("a_membership_message_carrying_another_nodes_record_is_refused_before_any_state_change", async () => {
+    const c = await meshOf(["a", "b", "c"]);
+    const a = c.node("a").core;
+    const b = c.node("b");
+    const stranger = generateIdentity();
+    // B's transport identity, but a record of a node A has never seen (a replay or a lie).
+    const from = signSelf(stranger, { name: "x", addr: "x:1", epoch: "e", inc: 0, state: "alive" });
+    const reply = await c.wait(a.handle({ type: "ping", from, to: a.id, updates: [] }, b.identity.id));
+    expect(reply).toMatchObject({ type: "error", code: "wrong_sender" });
+    expect(a.members().some((m) => m.id === stranger.id)).toBe(false);
+    expect(a.stats().membership.wrongSender).toBe(1);
+    // Its own record from its own transport identity is fine.
+    const own = signSelf(b.identity, { name: "b", addr: "b:9337", epoch: "e2", inc: 0, state: "alive" });
+    const ok = await c.wait(a.handle({ type: "ping", from: own, to: a.id, updates: [] }, b.identity.id));
+    expect(ok.type).toBe("ack");
+  });
+
   test("stopped_node_answers_nothing_but_an_error", async () => {
     const c = await meshOf(["a", "b"]);
     const a = c.node("a").core;
