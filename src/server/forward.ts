@@ -103,8 +103,10 @@ export class Forwarder {
           headers: { "content-type": "application/json" },
         });
         clearInterval(timer);
-        if (!last && RETRYABLE.has(response.status)) {
-          lastError = `HTTP ${response.status}`;
+        // A 401 here is the peer refusing this node's mesh credentials, not the
+        // client's key: never relay it, even from the last peer tried.
+        if (RETRYABLE.has(response.status) && (!last || response.status === 401)) {
+          lastError = response.status === 401 ? "a peer refused this node's mesh credentials" : `a peer answered HTTP ${response.status}`;
           this.o.logger.warn("peer refused a forwarded request; trying another", { model, node: w.nodeId, status: response.status });
           await response.body?.cancel().catch(() => {});
           this.end(w.id);
@@ -117,9 +119,12 @@ export class Forwarder {
         clearInterval(timer);
         this.end(w.id);
         client.removeEventListener("abort", onAbort);
-        lastError = (e as Error)?.message ?? String(e);
+        // The client hears what kind of failure it was; the log keeps the detail
+        // (it names the peer's address, which is not the client's business).
+        const detail = (e as Error)?.message ?? String(e);
+        lastError = (e as Error)?.name === "TimeoutError" ? `a peer: ${detail}` : "a peer could not be reached";
         if (!client.aborted) {
-          this.o.logger.warn("forwarding to a peer failed", { model, node: w.nodeId, error: lastError });
+          this.o.logger.warn("forwarding to a peer failed", { model, node: w.nodeId, error: detail });
           this.o.onPeerFailure?.(w.id);
         }
       }

@@ -154,8 +154,37 @@ describe("forwarding to the peer that serves the model", () => {
       body: JSON.stringify({ model: "mesh-tiny", prompt: "x" }),
     });
     expect(res.status).toBe(502);
-    expect(((await res.json()) as { error: { code: string } }).error.code).toBe("upstream_failed");
+    const body = (await res.json()) as { error: { code: string; message: string } };
+    expect(body.error.code).toBe("upstream_failed");
+    // The client learns what failed, not where the mesh's peers live.
+    expect(body.error.message).not.toContain("127.0.0.1");
+    expect(body.error.message).toContain("could not be reached");
     expect(hooksA.forwarder.stats().active).toBe(0);
+  });
+
+  test("a_peer_refusing_this_nodes_mesh_credentials_is_a_502_not_the_clients_401", async () => {
+    // C runs with another mesh secret: it refuses A's forwarded request with 401.
+    const hooksC = testMeshHooks({ nodeId: "cccc", apiKeyRequired: true, secret: "another-mesh-secret-that-is-long-enough-0123456789" });
+    const c = startServer({
+      host: "127.0.0.1",
+      port: 0,
+      models: [model],
+      apiKeys: ["kc"],
+      maxBodyBytes: 1 << 20,
+      logger: silentLogger,
+      mesh: hooksC,
+    });
+    closeAfter.push(() => c.close());
+    workers = [workerRecord({ id: "w-c", nodeId: "cccc", addr: `127.0.0.1:${c.port}` })];
+    const res = await fetch(`${a.url}/v1/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer ka", "content-type": "application/json" },
+      body: JSON.stringify({ model: "mesh-tiny", prompt: "x", max_tokens: 1 }),
+    });
+    expect(res.status).toBe(502);
+    const body = (await res.json()) as { error: { code: string; message: string } };
+    expect(body.error.code).toBe("upstream_failed");
+    expect(body.error.message).toContain("mesh credentials");
   });
 
   test("a_forwarded_request_is_never_forwarded_again", async () => {
