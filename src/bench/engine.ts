@@ -394,6 +394,18 @@ async function warmUp(name: string, t: Target, p: PromptSet, c: EngineBenchConfi
   await t.generate(p.warmup, Math.min(16, c.genTokens));
 }
 
+// Before each measured request: collect this process's garbage (the SSE
+// parsing of the other target's turn) so the collector's threads do not run
+// beside the mesh engine's compute threads on a small machine, and leave a
+// gap like a client between turns (250 ms), in which each server may finish
+// its after-work (mesh copies finished conversations to host RAM once idle
+// for 100 ms; llama-server does that when the next request starts). Done for
+// both targets alike.
+async function settle(): Promise<void> {
+  Bun.gc(true);
+  await Bun.sleep(250);
+}
+
 // Repeat i of every figure on one target: one sample each.
 async function measureRepeat(
   name: string,
@@ -406,6 +418,7 @@ async function measureRepeat(
 ): Promise<void> {
   const n = `${i + 1}/${c.repeats}`;
   const prompt = p.prefill[i] as number[];
+  await settle();
   let r = await t.generate(prompt, 1);
   // With one token to generate, time to first token is the prefill (plus one sampling).
   const pf = (prompt.length - r.cachedTokens) / seconds(r.firstToken - r.start);
@@ -413,12 +426,14 @@ async function measureRepeat(
   if (r.server) into.promptPerSecond.push(r.server.promptPerSecond);
   log(`${name}: prefill ${n}: ${fmt(pf)} tok/s (${prompt.length - r.cachedTokens} tokens uncached)`);
 
+  await settle();
   r = await t.generate(p.decode[i] as number[], c.genTokens);
   const dv = (r.completionTokens - r.firstIndex) / seconds(r.end - r.firstToken);
   into.decode.push(dv);
   if (r.server) into.predictedPerSecond.push(r.server.predictedPerSecond);
   log(`${name}: decode ${n}: ${fmt(dv)} tok/s (${r.completionTokens} tokens)`);
 
+  await settle();
   const rs = await Promise.all((p.aggregate[i] as number[][]).map((q) => t.generate(q, c.genTokens)));
   const tokens = rs.reduce((sum, x) => sum + x.completionTokens - x.firstIndex, 0);
   const window = Math.max(...rs.map((x) => x.end)) - Math.min(...rs.map((x) => x.firstToken));
@@ -428,6 +443,7 @@ async function measureRepeat(
 
   const prefix = p.prefix[i] as number[];
   await t.generate(prefix, 1);
+  await settle();
   r = await t.generate([...prefix, ...(p.suffix[i] as number[])], 1);
   const ms = r.firstToken - r.start;
   into.ttft.push(ms);

@@ -3,12 +3,18 @@
 // resident prefixes tax every running prefill; moving them here clears the
 // pool while keeping them reusable: a later prompt that shares a long prefix
 // with an entry gets the state copied back instead of prefilled again.
-// Pure bookkeeping: the scheduler does the llama.cpp state copies.
+// Bookkeeping only: the scheduler does the llama.cpp state copies, and the
+// cache calls `release` for every state it drops.
 
-/** One saved sequence: the token ids in its KV and llama.cpp's state blob for them. */
-export interface HostEntry {
+/** A saved state as the cache sees it: its size, and whatever owns the bytes. */
+export interface SavedState {
+  readonly bytes: number;
+}
+
+/** One saved sequence: the token ids in its KV and llama.cpp's state for them. */
+export interface HostEntry<S extends SavedState = SavedState> {
   tokens: Int32Array;
-  state: Uint8Array;
+  state: S;
   lastUsed: number;
 }
 
@@ -35,15 +41,17 @@ function sharedPrefix(a: Int32Array, b: readonly number[]): number {
 }
 
 /** A byte- and count-bounded LRU store of saved sequences, matched by longest shared prefix. */
-export class HostCache {
-  private readonly entries: HostEntry[] = [];
+export class HostCache<S extends SavedState = SavedState> {
+  private readonly entries: HostEntry<S>[] = [];
   private bytes = 0;
   private clock = 0;
   private evictions = 0;
+  private pinned: HostEntry<S> | null = null;
 
   constructor(
     readonly capacityBytes: number,
     readonly maxEntries = 256,
+    private readonly release: (state: S) => void = () => {},
   ) {}
 
   /** False when the cache is off (capacity 0). */
@@ -56,8 +64,8 @@ export class HostCache {
    * the least to copy back and then trim), and that length; null when none
    * shares a token.
    */
-  best(prompt: readonly number[]): { entry: HostEntry; lcp: number } | null {
-    let found: HostEntry | null = null;
+  best(prompt: readonly number[]): { entry: HostEntry<S>; lcp: number } | null {
+    let found: HostEntry<S> | null = null;
     let bestLcp = 0;
     for (const e of this.entries) {
       const lcp = sharedPrefix(e.tokens, prompt);
@@ -87,26 +95,41 @@ export class HostCache {
     const cost = entryBytes(tokens.length, stateBytes);
     if (!this.enabled || cost > this.capacityBytes || this.covers(tokens)) return false;
     for (let i = this.entries.length - 1; i >= 0; i--) {
-      const e = this.entries[i] as HostEntry;
+      const e = this.entries[i] as HostEntry<S>;
+      if (e === this.pinned) continue;
       if (e.tokens.length <= tokens.length && sharedPrefix(e.tokens, tokens) === e.tokens.length) this.remove(i);
     }
-    while (this.entries.length > 0 && (this.bytes + cost > this.capacityBytes || this.entries.length >= this.maxEntries)) {
-      let coldest = 0;
-      for (let i = 1; i < this.entries.length; i++) {
-        if ((this.entries[i] as HostEntry).lastUsed < (this.entries[coldest] as HostEntry).lastUsed) coldest = i;
+    while (this.bytes + cost > this.capacityBytes || this.entries.length >= this.maxEntries) {
+      let coldest = -1;
+      for (let i = 0; i < this.entries.length; i++) {
+        const e = this.entries[i] as HostEntry<S>;
+        if (e !== this.pinned && (coldest < 0 || e.lastUsed < (this.entries[coldest] as HostEntry<S>).lastUsed)) coldest = i;
       }
+      // Only the pinned entry is left and the new one does not fit beside it.
+      if (coldest < 0) return false;
       this.remove(coldest);
       this.evictions++;
     }
     return true;
   }
 
-  /** Store a saved sequence (after reserve() made room for it); false when it does not fit. */
-  put(tokens: readonly number[], state: Uint8Array): boolean {
-    if (!this.reserve(tokens, state.length)) return false;
+  /** Store a saved sequence (after reserve() made room for it); false when it does not fit (the caller still owns the state). */
+  put(tokens: readonly number[], state: S): boolean {
+    if (!this.reserve(tokens, state.bytes)) return false;
     this.entries.push({ tokens: Int32Array.from(tokens), state, lastUsed: ++this.clock });
-    this.bytes += entryBytes(tokens.length, state.length);
+    this.bytes += entryBytes(tokens.length, state.bytes);
     return true;
+  }
+
+  /** Keep one entry from being dropped (it is about to be restored); null unpins. */
+  pin(entry: HostEntry<S> | null): void {
+    this.pinned = entry;
+  }
+
+  /** Drop every entry, releasing its state (shutdown). */
+  clear(): void {
+    this.pinned = null;
+    while (this.entries.length > 0) this.remove(this.entries.length - 1);
   }
 
   /**
@@ -114,7 +137,7 @@ export class HostCache {
    * part of it (a shared system prompt), and the conversation it holds may
    * still come back; a later save that extends it replaces it.
    */
-  touch(entry: HostEntry): void {
+  touch(entry: HostEntry<S>): void {
     entry.lastUsed = ++this.clock;
   }
 
@@ -125,6 +148,9 @@ export class HostCache {
 
   private remove(i: number): void {
     const [e] = this.entries.splice(i, 1);
-    if (e) this.bytes -= entryBytes(e.tokens.length, e.state.length);
+    if (!e) return;
+    this.bytes -= entryBytes(e.tokens.length, e.state.bytes);
+    if (e === this.pinned) this.pinned = null;
+    this.release(e.state);
   }
 }

@@ -8,6 +8,12 @@ import type { Native } from "./native";
 import type { EngineStats, FinishReason, GenerateRequest, TokenEvent } from "./protocol";
 import { StopMatcher, Utf8Stream } from "./text";
 
+/** A sequence's state saved by the shim in its own host buffer (freed when the cache drops it). */
+interface HostState {
+  ptr: Pointer;
+  bytes: number;
+}
+
 /** A request that has been accepted by the scheduler. */
 interface Active {
   id: number;
@@ -38,6 +44,8 @@ interface Slot {
   history: number[];
   active: Active | null;
   lastUsed: number;
+  /** lastUsed when an idle-time save was last tried, so a save that did not fit is not retried. */
+  savedAt: number;
 }
 
 interface Waiting {
@@ -147,15 +155,16 @@ export class Scheduler {
     hostRestoredTokens: 0,
     hostRestoreFailures: 0,
   };
-  private readonly host: HostCache;
+  private readonly host: HostCache<HostState>;
+  private readonly savedSize = new BigUint64Array(1);
 
   constructor(private readonly d: SchedulerDeps) {
-    this.slots = Array.from({ length: d.nParallel }, (_, seq) => ({ seq, history: [], active: null, lastUsed: 0 }));
+    this.slots = Array.from({ length: d.nParallel }, (_, seq) => ({ seq, history: [], active: null, lastUsed: 0, savedAt: -1 }));
     this.tokens = new Int32Array(d.nBatch);
     this.pos = new Int32Array(d.nBatch);
     this.seq = new Int32Array(d.nBatch);
     this.logits = new Int8Array(d.nBatch);
-    this.host = new HostCache(d.hostCacheBytes);
+    this.host = new HostCache<HostState>(d.hostCacheBytes, undefined, (st) => d.native.mesh_host_free(st.ptr));
   }
 
   /** True when there is work for another step. */
@@ -230,6 +239,24 @@ export class Scheduler {
     this.sample(out);
   }
 
+  /**
+   * Idle-time work: copy one finished conversation's KV to host RAM ahead of
+   * need, leaving it resident. The next admission then only clears it, so
+   * the copy is not on that request's time to first token. True when it did
+   * something (call again after letting messages in).
+   */
+  saveIdle(): boolean {
+    if (!this.host.enabled || this.waiting.length > 0) return false;
+    for (const s of this.slots) {
+      if (s.active || s.savedAt === s.lastUsed || s.history.length < HOST_MIN_TOKENS) continue;
+      s.savedAt = s.lastUsed;
+      if (this.host.covers(s.history)) continue;
+      this.offload(s, false);
+      return true;
+    }
+    return false;
+  }
+
   /** Load figures for /metrics and routing. */
   stats(): EngineStats {
     const kv = this.usage();
@@ -292,6 +319,11 @@ export class Scheduler {
     return freed;
   }
 
+  /** Free every state saved in host RAM (shutdown). */
+  dispose(): void {
+    this.host.clear();
+  }
+
   /** Cancel everything (shutdown). */
   cancelAll(out: TokenEvent[]): void {
     for (const w of this.waiting.splice(0)) out.push(doneEvent(w.id, "cancelled", w.prompt.length, 0, 0));
@@ -321,7 +353,16 @@ export class Scheduler {
   // the pool holds only what runs (idle cells would tax every ubatch).
   // The head of the queue blocks the rest, so a large request cannot starve.
   private admit(out: TokenEvent[]): void {
+    try {
+      this.admitEach(out);
+    } finally {
+      this.host.pin(null);
+    }
+  }
+
+  private admitEach(out: TokenEvent[]): void {
     while (this.waiting.length > 0) {
+      this.host.pin(null);
       const free = this.slots.filter((s) => s.active === null);
       if (free.length === 0) break;
       const w = this.waiting[0] as Waiting;
@@ -334,15 +375,16 @@ export class Scheduler {
           bestLcp = lcp;
         }
       }
-      let restore: HostEntry | null = null;
+      let restore: HostEntry<HostState> | null = null;
       let target = best;
       let keep = Math.min(bestLcp, w.prompt.length - 1);
       if (this.host.enabled) {
         const saved = this.host.best(w.prompt);
         if (saved && saved.lcp >= bestLcp + RESTORE_MIN_GAIN) {
           restore = saved.entry;
-          // Most recently used from now on, so the saves below cannot drop it.
+          // The saves below must not drop (and free) the state about to be copied back.
           this.host.touch(restore);
+          this.host.pin(restore);
           // Restore into the emptiest idle slot (then the coldest): the least to save first.
           target = free.reduce((a, b) =>
             b.history.length < a.history.length || (b.history.length === a.history.length && b.lastUsed < a.lastUsed) ? b : a,
@@ -560,20 +602,23 @@ export class Scheduler {
       const size = Number(native.mesh_state_seq_size(ctx, s.seq));
       // Room is made before the buffer exists, so the bound holds at every moment.
       if (size > 0 && this.host.reserve(s.history, size)) {
-        const state = new Uint8Array(size);
-        const got = Number(native.mesh_state_seq_get(ctx, state, size, s.seq));
-        if (got > 0 && this.host.put(s.history, got === size ? state : state.slice(0, got))) this.counters.hostSaves++;
+        const ptr = native.mesh_state_seq_save(ctx, s.seq, this.savedSize) as Pointer | null;
+        const bytes = Number(this.savedSize[0]);
+        if (ptr && bytes > 0) {
+          if (this.host.put(s.history, { ptr, bytes })) this.counters.hostSaves++;
+          else native.mesh_host_free(ptr);
+        }
       }
     }
     if (clear) this.truncate(s, 0);
   }
 
   /** Copy a saved sequence back into an idle slot; on failure the slot is left empty and the prompt is prefilled. */
-  private restoreInto(s: Slot, entry: HostEntry): void {
+  private restoreInto(s: Slot, entry: HostEntry<HostState>): void {
     const { native, ctx } = this.d;
     this.host.touch(entry);
     if (s.history.length > 0) this.offload(s);
-    const got = Number(native.mesh_state_seq_set(ctx, entry.state, entry.state.length, s.seq));
+    const got = Number(native.mesh_state_seq_set(ctx, entry.state.ptr, entry.state.bytes, s.seq));
     if (got > 0 && native.mesh_seq_pos_max(ctx, s.seq) === entry.tokens.length - 1) {
       s.history = Array.from(entry.tokens);
       this.counters.hostRestores++;

@@ -247,7 +247,10 @@ async function run(): Promise<void> {
         flush(events);
         break;
       }
-      if (scheduler?.hasWork()) scheduler.step(events);
+      if (scheduler?.hasWork()) {
+        scheduler.step(events);
+        lastStepAt = performance.now();
+      }
       flush(events);
       if (!scheduler?.hasWork() && inbox.length === 0) break;
       await yieldToLoop();
@@ -256,11 +259,36 @@ async function run(): Promise<void> {
     running = false;
   }
   if (closing) shutdown();
+  else idleSaveSoon();
+}
+
+// Once the engine has been idle a while, copy finished conversations' KV to
+// host RAM, one per tick so a new request waits for at most one copy; the
+// next admission then only has to clear them. Not right away: a client's next
+// turn often follows within milliseconds and would wait behind the copy.
+const IDLE_SAVE_AFTER_MS = 100;
+let idleTimer: ReturnType<typeof setTimeout> | null = null;
+let lastStepAt = 0;
+
+function idleSaveSoon(): void {
+  if (idleTimer || closing) return;
+  // Counted from the latest decode step; stats and tokenize calls do not count as activity.
+  const wait = Math.max(0, lastStepAt + IDLE_SAVE_AFTER_MS - performance.now());
+  idleTimer = setTimeout(() => {
+    idleTimer = null;
+    if (closing || !scheduler) return;
+    if (running || inbox.length > 0 || scheduler.hasWork()) return; // run() re-arms when it ends
+    if (performance.now() - lastStepAt < IDLE_SAVE_AFTER_MS) idleSaveSoon();
+    else if (scheduler.saveIdle()) idleSaveSoon();
+  }, wait);
 }
 
 function shutdown(): void {
+  if (idleTimer) clearTimeout(idleTimer);
+  idleTimer = null;
   const events: TokenEvent[] = [];
   scheduler?.cancelAll(events);
+  scheduler?.dispose();
   flush(events);
   if (native) {
     if (ctx) native.mesh_context_free(ctx);

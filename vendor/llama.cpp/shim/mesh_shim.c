@@ -5,6 +5,7 @@
 // engine Worker is the only caller; one model + one context per Worker.
 
 #include "llama.h"
+#include "ggml-cpu.h"
 
 #include <stdarg.h>
 #include <stdint.h>
@@ -12,7 +13,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MESH_SHIM_VERSION 1
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#define MESH_SHIM_VERSION 2
 
 static int g_log_min_level = GGML_LOG_LEVEL_WARN;
 static _Thread_local char g_last_error[512];
@@ -57,9 +62,9 @@ int32_t mesh_last_error(char *buf, int32_t cap) {
     return n;
 }
 
-static int mesh_progress_cb(float progress, void *user) {
+static bool mesh_progress_cb(float progress, void *user) {
     if (user) *(volatile float *)user = progress;
-    return 1;
+    return true;
 }
 
 /** Load a model; progress (0..1) is written to *progress_out, which may be shared memory. */
@@ -134,9 +139,32 @@ struct mesh_ctx {
     struct llama_context *ctx;
     struct llama_batch batch;
     int32_t batch_cap;
+    struct ggml_threadpool *tp;
+    struct ggml_threadpool *tp_batch;
 };
 
-static int mesh_abort_cb(void *data) { return data != NULL && *(volatile int32_t *)data != 0; }
+// Persistent CPU thread pools, as llama.cpp's own server attaches: without
+// one, ggml creates and joins its worker threads for every graph, i.e. every
+// decode step and every ubatch of a prefill.
+static void mesh_attach_threadpools(struct mesh_ctx *m, int32_t n_threads, int32_t n_threads_batch) {
+    struct ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+    struct ggml_threadpool_params tpp_batch = ggml_threadpool_params_default(n_threads_batch);
+    if (!ggml_threadpool_params_match(&tpp, &tpp_batch)) {
+        m->tp_batch = ggml_threadpool_new(&tpp_batch);
+        if (!m->tp_batch) return;
+        // Only one pool runs at a time: start the other paused.
+        tpp.paused = true;
+    }
+    m->tp = ggml_threadpool_new(&tpp);
+    if (!m->tp) {
+        if (m->tp_batch) ggml_threadpool_free(m->tp_batch);
+        m->tp_batch = NULL;
+        return;
+    }
+    llama_attach_threadpool(m->ctx, m->tp, m->tp_batch);
+}
+
+static bool mesh_abort_cb(void *data) { return data != NULL && *(volatile int32_t *)data != 0; }
 
 /**
  * Create a context. params: n_ctx, n_batch, n_ubatch, n_seq_max, n_threads, n_threads_batch,
@@ -166,6 +194,7 @@ struct mesh_ctx *mesh_context_new(struct llama_model *model, const int32_t *para
     m->ctx = ctx;
     m->batch_cap = (int32_t)p.n_batch;
     m->batch = llama_batch_init(m->batch_cap, 0, 1);
+    mesh_attach_threadpools(m, p.n_threads, p.n_threads_batch);
     return m;
 }
 
@@ -174,6 +203,8 @@ void mesh_context_free(struct mesh_ctx *m) {
     if (!m) return;
     llama_batch_free(m->batch);
     llama_free(m->ctx);
+    if (m->tp) ggml_threadpool_free(m->tp);
+    if (m->tp_batch) ggml_threadpool_free(m->tp_batch);
     free(m);
 }
 
@@ -230,6 +261,62 @@ uint64_t mesh_state_seq_size(struct mesh_ctx *m, int32_t seq) {
 /** Save one sequence's state into dst; returns bytes written (0 on failure). */
 uint64_t mesh_state_seq_get(struct mesh_ctx *m, uint8_t *dst, uint64_t size, int32_t seq) {
     return (uint64_t)llama_state_seq_get_data(m->ctx, dst, (size_t)size, seq);
+}
+
+// Host buffers for saved sequences. Fresh anonymous memory is faulted in page
+// by page on first write, and in a VM that costs ~3 us per 4 KiB page: 50 ms
+// to save a 16 MiB state, most of a save. On Linux, transparent huge pages cut
+// that to a few ms (the region is aligned so whole 2 MiB pages fit).
+#define MESH_HUGE (2u << 20)
+
+/** Allocate `size` bytes for a saved state; NULL when out of memory. Free with mesh_host_free. */
+void *mesh_host_alloc(uint64_t size) {
+    if (size == 0) return NULL;
+#if defined(__linux__)
+    // Room for the size, a 2 MiB alignment and a 16-byte header just before the block.
+    size_t len = ((size_t)size + MESH_HUGE - 1) / MESH_HUGE * MESH_HUGE + 2 * MESH_HUGE;
+    uint8_t *raw = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) return NULL;
+    uintptr_t aligned = ((uintptr_t)raw + 16 + MESH_HUGE - 1) / MESH_HUGE * MESH_HUGE;
+#ifdef MADV_HUGEPAGE
+    // Whole huge pages only: a partly used one would hold 2 MiB of RAM for a small tail.
+    size_t huge = (size_t)size / MESH_HUGE * MESH_HUGE;
+    if (huge > 0) madvise((void *)aligned, huge, MADV_HUGEPAGE);
+#endif
+    uint64_t *hdr = (uint64_t *)(aligned - 16);
+    hdr[0] = (uint64_t)(uintptr_t)raw;
+    hdr[1] = (uint64_t)len;
+    return (void *)aligned;
+#else
+    return malloc((size_t)size);
+#endif
+}
+
+/** Free a buffer from mesh_host_alloc. */
+void mesh_host_free(void *p) {
+    if (!p) return;
+#if defined(__linux__)
+    uint64_t *hdr = (uint64_t *)((uint8_t *)p - 16);
+    munmap((void *)(uintptr_t)hdr[0], (size_t)hdr[1]);
+#else
+    free(p);
+#endif
+}
+
+/** Save one sequence's state into a new host buffer; returns it (size in *out_size), or NULL. */
+void *mesh_state_seq_save(struct mesh_ctx *m, int32_t seq, uint64_t *out_size) {
+    *out_size = 0;
+    size_t size = llama_state_seq_get_size(m->ctx, seq);
+    if (size == 0) return NULL;
+    uint8_t *buf = mesh_host_alloc(size);
+    if (!buf) return NULL;
+    size_t got = llama_state_seq_get_data(m->ctx, buf, size, seq);
+    if (got == 0) {
+        mesh_host_free(buf);
+        return NULL;
+    }
+    *out_size = (uint64_t)got;
+    return buf;
 }
 
 /** Restore a saved state into seq; returns bytes read (0 on failure). */
