@@ -88,12 +88,26 @@ export class HostCache<S extends SavedState = SavedState> {
   /**
    * Make room for a sequence of `tokens` tokens and `stateBytes` of state
    * before its buffer is allocated, so the bound holds at every moment:
-   * entries it extends go first, then the least recently used. False (and
-   * nothing dropped) when it cannot fit at all or is already covered.
+   * entries it extends go first, then (when `evict`) the least recently used,
+   * never the pinned one. False, with nothing dropped, when it is already
+   * covered or cannot fit (or, without `evict`, does not fit in free room).
    */
-  reserve(tokens: readonly number[], stateBytes: number): boolean {
+  reserve(tokens: readonly number[], stateBytes: number, evict = true): boolean {
     const cost = entryBytes(tokens.length, stateBytes);
-    if (!this.enabled || cost > this.capacityBytes || this.covers(tokens)) return false;
+    if (!this.enabled || this.covers(tokens)) return false;
+    const pinned = this.pinned ? entryBytes(this.pinned.tokens.length, this.pinned.state.bytes) : 0;
+    if (cost + pinned > this.capacityBytes || (this.pinned && this.maxEntries < 2)) return false;
+    // What the entries this one extends free up counts as free room.
+    let extended = 0;
+    let extendedCount = 0;
+    for (const e of this.entries) {
+      if (e !== this.pinned && e.tokens.length <= tokens.length && sharedPrefix(e.tokens, tokens) === e.tokens.length) {
+        extended += entryBytes(e.tokens.length, e.state.bytes);
+        extendedCount++;
+      }
+    }
+    const fitsFree = this.bytes - extended + cost <= this.capacityBytes && this.entries.length - extendedCount < this.maxEntries;
+    if (!evict && !fitsFree) return false;
     for (let i = this.entries.length - 1; i >= 0; i--) {
       const e = this.entries[i] as HostEntry<S>;
       if (e === this.pinned) continue;
@@ -105,8 +119,7 @@ export class HostCache<S extends SavedState = SavedState> {
         const e = this.entries[i] as HostEntry<S>;
         if (e !== this.pinned && (coldest < 0 || e.lastUsed < (this.entries[coldest] as HostEntry<S>).lastUsed)) coldest = i;
       }
-      // Only the pinned entry is left and the new one does not fit beside it.
-      if (coldest < 0) return false;
+      if (coldest < 0) return false; // unreachable: checked above that it fits beside the pinned entry
       this.remove(coldest);
       this.evictions++;
     }
@@ -114,8 +127,8 @@ export class HostCache<S extends SavedState = SavedState> {
   }
 
   /** Store a saved sequence (after reserve() made room for it); false when it does not fit (the caller still owns the state). */
-  put(tokens: readonly number[], state: S): boolean {
-    if (!this.reserve(tokens, state.bytes)) return false;
+  put(tokens: readonly number[], state: S, evict = true): boolean {
+    if (!this.reserve(tokens, state.bytes, evict)) return false;
     this.entries.push({ tokens: Int32Array.from(tokens), state, lastUsed: ++this.clock });
     this.bytes += entryBytes(tokens.length, state.bytes);
     return true;

@@ -30,7 +30,7 @@ const symbols = {
   mesh_state_seq_get: { args: [ptr, ptr, u64, i32], returns: u64 },
   mesh_state_seq_set: { args: [ptr, ptr, u64, i32], returns: u64 },
   mesh_state_seq_save: { args: [ptr, i32, ptr], returns: ptr },
-  mesh_host_free: { args: [ptr], returns: v },
+  mesh_host_free: { args: [ptr, u64], returns: v },
   mesh_sampler_new: { args: [ptr, ptr, ptr], returns: ptr },
   mesh_sampler_free: { args: [ptr], returns: v },
   mesh_sampler_accept: { args: [ptr, ptr, i32], returns: v },
@@ -39,7 +39,7 @@ const symbols = {
 } as const;
 
 /** The shim ABI version this TypeScript expects. */
-export const SHIM_VERSION = 2;
+export const SHIM_VERSION = 3;
 
 /** The loaded shim's callable symbols. */
 export type Native = ReturnType<typeof dlopen<typeof symbols>>["symbols"];

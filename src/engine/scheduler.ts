@@ -11,7 +11,10 @@ import { StopMatcher, Utf8Stream } from "./text";
 /** A sequence's state saved by the shim in its own host buffer (freed when the cache drops it). */
 interface HostState {
   ptr: Pointer;
+  /** What the shim allocated: what the cache counts and what freeing must be told. */
   bytes: number;
+  /** What llama.cpp wrote, and a restore reads. */
+  written: number;
 }
 
 /** A request that has been accepted by the scheduler. */
@@ -156,7 +159,7 @@ export class Scheduler {
     hostRestoreFailures: 0,
   };
   private readonly host: HostCache<HostState>;
-  private readonly savedSize = new BigUint64Array(1);
+  private readonly savedSize = new BigUint64Array(2);
 
   constructor(private readonly d: SchedulerDeps) {
     this.slots = Array.from({ length: d.nParallel }, (_, seq) => ({ seq, history: [], active: null, lastUsed: 0, savedAt: -1 }));
@@ -164,7 +167,7 @@ export class Scheduler {
     this.pos = new Int32Array(d.nBatch);
     this.seq = new Int32Array(d.nBatch);
     this.logits = new Int8Array(d.nBatch);
-    this.host = new HostCache<HostState>(d.hostCacheBytes, undefined, (st) => d.native.mesh_host_free(st.ptr));
+    this.host = new HostCache<HostState>(d.hostCacheBytes, undefined, (st) => d.native.mesh_host_free(st.ptr, st.bytes));
   }
 
   /** True when there is work for another step. */
@@ -251,7 +254,8 @@ export class Scheduler {
       if (s.active || s.savedAt === s.lastUsed || s.history.length < HOST_MIN_TOKENS) continue;
       s.savedAt = s.lastUsed;
       if (this.host.covers(s.history)) continue;
-      this.offload(s, false);
+      // Ahead of need, only into free room: never push out a conversation that lives only in host RAM.
+      this.offload(s, false, false);
       return true;
     }
     return false;
@@ -596,17 +600,18 @@ export class Scheduler {
   }
 
   /** Save an idle slot's KV state to host RAM (when long enough and not already there), then clear it unless told to keep it. */
-  private offload(s: Slot, clear = true): void {
+  private offload(s: Slot, clear = true, evict = true): void {
     if (s.history.length >= HOST_MIN_TOKENS && this.host.enabled && !this.host.covers(s.history)) {
       const { native, ctx } = this.d;
       const size = Number(native.mesh_state_seq_size(ctx, s.seq));
       // Room is made before the buffer exists, so the bound holds at every moment.
-      if (size > 0 && this.host.reserve(s.history, size)) {
+      if (size > 0 && this.host.reserve(s.history, size, evict)) {
         const ptr = native.mesh_state_seq_save(ctx, s.seq, this.savedSize) as Pointer | null;
-        const bytes = Number(this.savedSize[0]);
-        if (ptr && bytes > 0) {
-          if (this.host.put(s.history, { ptr, bytes })) this.counters.hostSaves++;
-          else native.mesh_host_free(ptr);
+        const written = Number(this.savedSize[0]);
+        const bytes = Number(this.savedSize[1]);
+        if (ptr && written > 0) {
+          if (this.host.put(s.history, { ptr, bytes, written }, evict)) this.counters.hostSaves++;
+          else native.mesh_host_free(ptr, bytes);
         }
       }
     }
@@ -618,7 +623,7 @@ export class Scheduler {
     const { native, ctx } = this.d;
     this.host.touch(entry);
     if (s.history.length > 0) this.offload(s);
-    const got = Number(native.mesh_state_seq_set(ctx, entry.state.ptr, entry.state.bytes, s.seq));
+    const got = Number(native.mesh_state_seq_set(ctx, entry.state.ptr, entry.state.written, s.seq));
     if (got > 0 && native.mesh_seq_pos_max(ctx, s.seq) === entry.tokens.length - 1) {
       s.history = Array.from(entry.tokens);
       this.counters.hostRestores++;

@@ -279,7 +279,16 @@ function idleSaveSoon(): void {
     if (closing || !scheduler) return;
     if (running || inbox.length > 0 || scheduler.hasWork()) return; // run() re-arms when it ends
     if (performance.now() - lastStepAt < IDLE_SAVE_AFTER_MS) idleSaveSoon();
-    else if (scheduler.saveIdle()) idleSaveSoon();
+    else {
+      // Optional work: a failure here must never take the Worker down.
+      let again = false;
+      try {
+        again = scheduler.saveIdle();
+      } catch {
+        again = false;
+      }
+      if (again) idleSaveSoon();
+    }
   }, wait);
 }
 

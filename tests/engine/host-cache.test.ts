@@ -101,6 +101,28 @@ describe("HostCache bookkeeping", () => {
     expect(c.put([4], { bytes: 20, id: 4 })).toBe(true);
   });
 
+  test("a_save_ahead_of_need_uses_only_free_room_and_never_pushes_an_entry_out", () => {
+    const c = new HostCache(2 * (10 + 4 * 2));
+    c.put([1, 1], blob(10));
+    c.put([2, 2], blob(10));
+    expect(c.reserve([3, 3], 10, false)).toBe(false);
+    expect(c.stats()).toMatchObject({ entries: 2, evictions: 0 });
+    // Extending an entry frees its room first, so that still fits.
+    expect(c.put([2, 2, 2], blob(6), false)).toBe(true);
+    expect(c.stats()).toMatchObject({ entries: 2, evictions: 0 });
+  });
+
+  test("a_save_that_cannot_fit_beside_the_pinned_entry_drops_nothing", () => {
+    const c = new HostCache(3 * (10 + 4));
+    c.put([1], blob(10));
+    c.put([2], blob(10));
+    const hit = c.best([1]);
+    if (!hit) throw new Error("no entry");
+    c.pin(hit.entry);
+    expect(c.put([3], blob(30))).toBe(false);
+    expect(c.stats()).toMatchObject({ entries: 2, evictions: 0 });
+  });
+
   test("a_zero_capacity_cache_is_off", () => {
     const c = new HostCache(0);
     expect(c.enabled).toBe(false);

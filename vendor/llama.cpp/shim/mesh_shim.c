@@ -17,7 +17,7 @@
 #include <sys/mman.h>
 #endif
 
-#define MESH_SHIM_VERSION 2
+#define MESH_SHIM_VERSION 3
 
 static int g_log_min_level = GGML_LOG_LEVEL_WARN;
 static _Thread_local char g_last_error[512];
@@ -269,53 +269,63 @@ uint64_t mesh_state_seq_get(struct mesh_ctx *m, uint8_t *dst, uint64_t size, int
 // that to a few ms (the region is aligned so whole 2 MiB pages fit).
 #define MESH_HUGE (2u << 20)
 
-/** Allocate `size` bytes for a saved state; NULL when out of memory. Free with mesh_host_free. */
+/** Allocate `size` bytes for a saved state; NULL when out of memory. Free with mesh_host_free(p, size). */
 void *mesh_host_alloc(uint64_t size) {
     if (size == 0) return NULL;
 #if defined(__linux__)
-    // Room for the size, a 2 MiB alignment and a 16-byte header just before the block.
-    size_t len = ((size_t)size + MESH_HUGE - 1) / MESH_HUGE * MESH_HUGE + 2 * MESH_HUGE;
+    // Map with room to align, then unmap the slack on both sides: the mapping
+    // is exactly the block (rounded to 4 KiB), so with THP set to "always" no
+    // huge page backs bytes the cache does not count.
+    const size_t page = 4096;
+    size_t body = ((size_t)size + page - 1) / page * page;
+    size_t len = body + MESH_HUGE;
     uint8_t *raw = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (raw == MAP_FAILED) return NULL;
-    uintptr_t aligned = ((uintptr_t)raw + 16 + MESH_HUGE - 1) / MESH_HUGE * MESH_HUGE;
+    uint8_t *aligned = (uint8_t *)(((uintptr_t)raw + MESH_HUGE - 1) / MESH_HUGE * MESH_HUGE);
+    if (aligned > raw) munmap(raw, (size_t)(aligned - raw));
+    uint8_t *end = aligned + body;
+    if (raw + len > end) munmap(end, (size_t)(raw + len - end));
 #ifdef MADV_HUGEPAGE
     // Whole huge pages only: a partly used one would hold 2 MiB of RAM for a small tail.
     size_t huge = (size_t)size / MESH_HUGE * MESH_HUGE;
-    if (huge > 0) madvise((void *)aligned, huge, MADV_HUGEPAGE);
+    if (huge > 0) madvise(aligned, huge, MADV_HUGEPAGE);
 #endif
-    uint64_t *hdr = (uint64_t *)(aligned - 16);
-    hdr[0] = (uint64_t)(uintptr_t)raw;
-    hdr[1] = (uint64_t)len;
-    return (void *)aligned;
+    return aligned;
 #else
     return malloc((size_t)size);
 #endif
 }
 
-/** Free a buffer from mesh_host_alloc. */
-void mesh_host_free(void *p) {
+/** Free a buffer from mesh_host_alloc, given the size it was allocated with. */
+void mesh_host_free(void *p, uint64_t size) {
     if (!p) return;
 #if defined(__linux__)
-    uint64_t *hdr = (uint64_t *)((uint8_t *)p - 16);
-    munmap((void *)(uintptr_t)hdr[0], (size_t)hdr[1]);
+    const size_t page = 4096;
+    munmap(p, ((size_t)size + page - 1) / page * page);
 #else
+    (void)size;
     free(p);
 #endif
 }
 
-/** Save one sequence's state into a new host buffer; returns it (size in *out_size), or NULL. */
-void *mesh_state_seq_save(struct mesh_ctx *m, int32_t seq, uint64_t *out_size) {
-    *out_size = 0;
+/**
+ * Save one sequence's state into a new host buffer; returns it, or NULL.
+ * out[0] = bytes written (what a restore reads), out[1] = bytes allocated
+ * (what mesh_host_free must be given).
+ */
+void *mesh_state_seq_save(struct mesh_ctx *m, int32_t seq, uint64_t *out) {
+    out[0] = out[1] = 0;
     size_t size = llama_state_seq_get_size(m->ctx, seq);
     if (size == 0) return NULL;
     uint8_t *buf = mesh_host_alloc(size);
     if (!buf) return NULL;
     size_t got = llama_state_seq_get_data(m->ctx, buf, size, seq);
     if (got == 0) {
-        mesh_host_free(buf);
+        mesh_host_free(buf, size);
         return NULL;
     }
-    *out_size = (uint64_t)got;
+    out[0] = (uint64_t)got;
+    out[1] = (uint64_t)size;
     return buf;
 }
 
