@@ -25,7 +25,7 @@ const symbols = {
   mesh_seq_rm: { args: [ptr, i32, i32, i32], returns: i32 },
   mesh_seq_cp: { args: [ptr, i32, i32, i32, i32], returns: v },
   mesh_seq_pos_max: { args: [ptr, i32], returns: i32 },
-  mesh_memory_clear: { args: [ptr], returns: v },
+  mesh_memory_clear: { args: [ptr, i32], returns: v },
   mesh_state_seq_size: { args: [ptr, i32], returns: u64 },
   mesh_state_seq_get: { args: [ptr, ptr, u64, i32], returns: u64 },
   mesh_state_seq_set: { args: [ptr, ptr, u64, i32], returns: u64 },
@@ -39,7 +39,7 @@ const symbols = {
 } as const;
 
 /** The shim ABI version this TypeScript expects. */
-export const SHIM_VERSION = 3;
+export const SHIM_VERSION = 4;
 
 /** The loaded shim's callable symbols. */
 export type Native = ReturnType<typeof dlopen<typeof symbols>>["symbols"];

@@ -115,6 +115,12 @@ export interface SchedulerCounters {
 
 /** Shorter idle sequences are dropped rather than saved: prefilling them again costs about as much as the copy. */
 const HOST_MIN_TOKENS = 32;
+/**
+ * Fewer cached tokens than this are not reused: prefilling them costs nothing
+ * measurable, while keeping them would pin the new prompt's cells behind
+ * them instead of at the start of an empty pool.
+ */
+const MIN_REUSE_TOKENS = 16;
 /** A saved sequence is restored only when it serves at least this many more prompt tokens than the best resident slot. */
 const RESTORE_MIN_GAIN = 32;
 
@@ -382,6 +388,7 @@ export class Scheduler {
       let restore: HostEntry<HostState> | null = null;
       let target = best;
       let keep = Math.min(bestLcp, w.prompt.length - 1);
+      if (keep < MIN_REUSE_TOKENS) keep = 0;
       if (this.host.enabled) {
         const saved = this.host.best(w.prompt);
         if (saved && saved.lcp >= bestLcp + RESTORE_MIN_GAIN) {
@@ -433,6 +440,9 @@ export class Scheduler {
         if (this.host.enabled && target.history.length - keep >= HOST_MIN_TOKENS) this.offload(target, false);
         this.truncate(target, keep);
       }
+      // An empty pool: start placing cells from the first one again, so the
+      // attention window (up to the highest cell in use) is as short as it can be.
+      if (this.slots.every((x) => x.history.length === 0)) this.d.native.mesh_memory_clear(this.d.ctx, 0);
       best = target;
       const cached = best.history.length;
       const { sampling } = w.req;

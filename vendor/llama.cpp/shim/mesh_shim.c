@@ -17,7 +17,7 @@
 #include <sys/mman.h>
 #endif
 
-#define MESH_SHIM_VERSION 3
+#define MESH_SHIM_VERSION 4
 
 static int g_log_min_level = GGML_LOG_LEVEL_WARN;
 static _Thread_local char g_last_error[512];
@@ -250,8 +250,8 @@ int32_t mesh_seq_pos_max(struct mesh_ctx *m, int32_t seq) {
     return llama_memory_seq_pos_max(llama_get_memory(m->ctx), seq);
 }
 
-/** Drop every sequence's KV. */
-void mesh_memory_clear(struct mesh_ctx *m) { llama_memory_clear(llama_get_memory(m->ctx), true); }
+/** Drop every sequence's KV; with data = 0 only the bookkeeping (cells, and the placement head back to cell 0). */
+void mesh_memory_clear(struct mesh_ctx *m, int32_t data) { llama_memory_clear(llama_get_memory(m->ctx), data != 0); }
 
 /** Size in bytes of one sequence's saved state. */
 uint64_t mesh_state_seq_size(struct mesh_ctx *m, int32_t seq) {
