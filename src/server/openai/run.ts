@@ -107,25 +107,45 @@ export function engineOf(model: ServedModel) {
 
 const enc = new TextEncoder();
 
+/** How long a stream may stay silent before an SSE comment is sent to keep the connection alive. */
+export const SSE_KEEPALIVE_MS = 15_000;
+
 /**
  * A text/event-stream Response. `produce` writes events with send(); a client
- * that disconnects aborts `controller`, which cancels the generation.
+ * that disconnects aborts `controller`, which cancels the generation; a
+ * stream silent for `keepAliveMs` gets an SSE comment (ignored by clients).
  */
 export function sseResponse(
   abort: AbortController,
   produce: (send: (data: unknown) => void) => Promise<void>,
   onError: (e: unknown) => unknown,
+  keepAliveMs = SSE_KEEPALIVE_MS,
 ): Response {
+  let timer: ReturnType<typeof setInterval> | null = null;
+  const stop = () => {
+    if (timer) clearInterval(timer);
+    timer = null;
+  };
   const stream = new ReadableStream<Uint8Array>({
     async start(c) {
+      let quiet = true;
       const send = (data: unknown) => {
+        quiet = false;
         if (!abort.signal.aborted) c.enqueue(enc.encode(`data: ${JSON.stringify(data)}\n\n`));
       };
+      // A request may wait minutes for KV room before its first token: an SSE
+      // comment now and then keeps proxies and idle timeouts from cutting it.
+      timer = setInterval(() => {
+        if (quiet && !abort.signal.aborted) c.enqueue(enc.encode(": keep-alive\n\n"));
+        quiet = true;
+      }, keepAliveMs);
       try {
         await produce(send);
       } catch (e) {
         // Headers are gone already: the error travels as an SSE event.
         send(onError(e));
+      } finally {
+        stop();
       }
       if (!abort.signal.aborted) {
         c.enqueue(enc.encode("data: [DONE]\n\n"));
@@ -133,6 +153,7 @@ export function sseResponse(
       }
     },
     cancel() {
+      stop();
       abort.abort();
     },
   });
