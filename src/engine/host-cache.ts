@@ -40,6 +40,11 @@ function sharedPrefix(a: Int32Array, b: readonly number[]): number {
   return i;
 }
 
+/** True when `a` is a prefix of `b` (or equal to it). */
+function isPrefixOf(a: Int32Array, b: readonly number[]): boolean {
+  return a.length <= b.length && sharedPrefix(a, b) === a.length;
+}
+
 /** A byte- and count-bounded LRU store of saved sequences, matched by longest shared prefix. */
 export class HostCache<S extends SavedState = SavedState> {
   private readonly entries: HostEntry<S>[] = [];
@@ -79,10 +84,7 @@ export class HostCache<S extends SavedState = SavedState> {
 
   /** True when an entry already holds these tokens or more: restoring it serves the same prompts. */
   covers(tokens: readonly number[]): boolean {
-    for (const e of this.entries) {
-      if (e.tokens.length >= tokens.length && sharedPrefix(e.tokens, tokens) === tokens.length) return true;
-    }
-    return false;
+    return this.entries.some((e) => e.tokens.length >= tokens.length && sharedPrefix(e.tokens, tokens) === tokens.length);
   }
 
   /**
@@ -97,22 +99,12 @@ export class HostCache<S extends SavedState = SavedState> {
     if (!this.enabled || this.covers(tokens)) return false;
     const pinned = this.pinned ? entryBytes(this.pinned.tokens.length, this.pinned.state.bytes) : 0;
     if (cost + pinned > this.capacityBytes || (this.pinned && this.maxEntries < 2)) return false;
-    // What the entries this one extends free up counts as free room.
-    let extended = 0;
-    let extendedCount = 0;
-    for (const e of this.entries) {
-      if (e !== this.pinned && e.tokens.length <= tokens.length && sharedPrefix(e.tokens, tokens) === e.tokens.length) {
-        extended += entryBytes(e.tokens.length, e.state.bytes);
-        extendedCount++;
-      }
-    }
-    const fitsFree = this.bytes - extended + cost <= this.capacityBytes && this.entries.length - extendedCount < this.maxEntries;
+    // The entries this one extends go first, and their room counts as free.
+    const extended = this.entries.filter((e) => e !== this.pinned && isPrefixOf(e.tokens, tokens));
+    const freed = extended.reduce((n, e) => n + entryBytes(e.tokens.length, e.state.bytes), 0);
+    const fitsFree = this.bytes - freed + cost <= this.capacityBytes && this.entries.length - extended.length < this.maxEntries;
     if (!evict && !fitsFree) return false;
-    for (let i = this.entries.length - 1; i >= 0; i--) {
-      const e = this.entries[i] as HostEntry<S>;
-      if (e === this.pinned) continue;
-      if (e.tokens.length <= tokens.length && sharedPrefix(e.tokens, tokens) === e.tokens.length) this.remove(i);
-    }
+    for (const e of extended) this.remove(this.entries.indexOf(e));
     while (this.bytes + cost > this.capacityBytes || this.entries.length >= this.maxEntries) {
       let coldest = -1;
       for (let i = 0; i < this.entries.length; i++) {
@@ -126,12 +118,17 @@ export class HostCache<S extends SavedState = SavedState> {
     return true;
   }
 
-  /** Store a saved sequence (after reserve() made room for it); false when it does not fit (the caller still owns the state). */
+  /** Reserve room and store a saved sequence; false when it does not fit (the caller still owns the state). */
   put(tokens: readonly number[], state: S, evict = true): boolean {
     if (!this.reserve(tokens, state.bytes, evict)) return false;
+    this.add(tokens, state);
+    return true;
+  }
+
+  /** Store a saved sequence in the room a successful reserve() just made for it. */
+  add(tokens: readonly number[], state: S): void {
     this.entries.push({ tokens: Int32Array.from(tokens), state, lastUsed: ++this.clock });
     this.bytes += entryBytes(tokens.length, state.bytes);
-    return true;
   }
 
   /** Keep one entry from being dropped (it is about to be restored); null unpins. */

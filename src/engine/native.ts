@@ -27,7 +27,6 @@ const symbols = {
   mesh_seq_pos_max: { args: [ptr, i32], returns: i32 },
   mesh_memory_clear: { args: [ptr, i32], returns: v },
   mesh_state_seq_size: { args: [ptr, i32], returns: u64 },
-  mesh_state_seq_get: { args: [ptr, ptr, u64, i32], returns: u64 },
   mesh_state_seq_set: { args: [ptr, ptr, u64, i32], returns: u64 },
   mesh_state_seq_save: { args: [ptr, i32, ptr], returns: ptr },
   mesh_host_free: { args: [ptr, u64], returns: v },

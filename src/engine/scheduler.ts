@@ -619,9 +619,10 @@ export class Scheduler {
         const ptr = native.mesh_state_seq_save(ctx, s.seq, this.savedSize) as Pointer | null;
         const written = Number(this.savedSize[0]);
         const bytes = Number(this.savedSize[1]);
+        // reserve() made the room and nothing has touched the cache since: storing cannot fail.
         if (ptr && written > 0) {
-          if (this.host.put(s.history, { ptr, bytes, written }, evict)) this.counters.hostSaves++;
-          else native.mesh_host_free(ptr, bytes);
+          this.host.add(s.history, { ptr, bytes, written });
+          this.counters.hostSaves++;
         }
       }
     }
@@ -631,8 +632,9 @@ export class Scheduler {
   /** Copy a saved sequence back into an idle slot; on failure the slot is left empty and the prompt is prefilled. */
   private restoreInto(s: Slot, entry: HostEntry<HostState>): void {
     const { native, ctx } = this.d;
-    this.host.touch(entry);
     if (s.history.length > 0) this.offload(s);
+    // Used now: more recent than the slot's own old conversation just saved.
+    this.host.touch(entry);
     const got = Number(native.mesh_state_seq_set(ctx, entry.state.ptr, entry.state.written, s.seq));
     if (got > 0 && native.mesh_seq_pos_max(ctx, s.seq) === entry.tokens.length - 1) {
       s.history = Array.from(entry.tokens);
