@@ -284,9 +284,7 @@ function idleSaveSoon(): void {
       let again = false;
       try {
         again = scheduler.saveIdle();
-      } catch {
-        again = false;
-      }
+      } catch {}
       if (again) idleSaveSoon();
     }
   }, wait);

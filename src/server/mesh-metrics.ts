@@ -3,15 +3,13 @@
 // workers by origin, and forwarding. Label values are fixed sets.
 import type { MeshStats } from "../mesh/node";
 import type { ForwardStats } from "./forward";
+import { family } from "./metrics";
 
 /** What /metrics shows about the mesh. */
 export interface MeshFigures {
   mesh: MeshStats;
   forwarding: ForwardStats;
 }
-
-const family = (name: string, type: "gauge" | "counter", help: string, rows: [string, number][]) =>
-  [`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`, ...rows.map(([labels, v]) => `${name}${labels} ${v}`)].join("\n");
 
 /** Render the mesh's series (no trailing newline). */
 export function renderMeshMetrics(f: MeshFigures): string {

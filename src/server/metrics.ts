@@ -62,9 +62,12 @@ class Histogram {
 /** Engine figures read when /metrics is scraped, summed over the node's engines. */
 export type GaugeValues = EngineStats;
 
-const gauge = (name: string, help: string, v: number) => `# HELP ${name} ${help}\n# TYPE ${name} gauge\n${name} ${v}`;
-const counter = (name: string, help: string, rows: [string, number][]) =>
-  [`# HELP ${name} ${help}`, `# TYPE ${name} counter`, ...rows.map(([labels, v]) => `${name}${labels} ${v}`)].join("\n");
+/** One metric family in Prometheus text: HELP, TYPE, then a row per label set (labels as written, e.g. `{op="save"}`). */
+export function family(name: string, type: "gauge" | "counter", help: string, rows: [string, number][]): string {
+  return [`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`, ...rows.map(([labels, v]) => `${name}${labels} ${v}`)].join("\n");
+}
+const gauge = (name: string, help: string, v: number) => family(name, "gauge", help, [["", v]]);
+const counter = (name: string, help: string, rows: [string, number][]) => family(name, "counter", help, rows);
 
 /** The server's metrics. */
 export class Metrics {
