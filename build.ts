@@ -135,7 +135,7 @@ export function buildNative(o: NativeOptions): string {
   log(`configuring ${o.variant}${o.portable ? " (portable)" : ""} in ${dir}`);
   run("cmake", flags, ROOT, true);
   const targets = ["meshllama", ...(o.withLlamaServer ? ["llama-server"] : [])];
-  log(`compiling ${targets.join(" + ")} with ${o.jobs} jobs (a CPU build takes about 2 minutes on 2 cores)`);
+  log(`compiling ${targets.join(" + ")} with ${o.jobs} jobs (a CPU build takes 3-4 minutes on 2 cores)`);
   run("cmake", ["--build", dir, "--config", "Release", "-j", String(o.jobs), "--target", ...targets]);
   writeFileSync(stampFile, stamp);
   log(`built ${join(dir, "libmeshllama")}`);
