@@ -240,6 +240,10 @@ export class Scheduler {
         rc = this.decode(n);
       }
     }
+    if (rc !== 0 && rc !== 1 && rc !== 2) {
+      this.isolateFailure(n, out);
+      return;
+    }
     if (rc !== 0) {
       this.failBatch(n, rc, out);
       return;
@@ -788,23 +792,66 @@ export class Scheduler {
     this.counters.decodeFailures++;
     const seqs = new Set<number>();
     for (let i = 0; i < n; i++) seqs.add(this.seq[i] as number);
-    const error: EngineErrorValue =
-      rc === 1
-        ? { code: "kv_exhausted", message: "no KV cache space left for this request" }
-        : rc === 2
-          ? { code: "engine_closed", message: "the engine is shutting down" }
-          : { code: "decode_failed", message: `llama_decode failed (code ${rc})` };
-    for (const seq of seqs) {
-      const slot = this.slots[seq] as Slot;
-      // Earlier ubatches of the failed batch may have left cells past the history.
-      this.truncate(slot, slot.history.length, true);
-      const a = slot.active;
-      if (!a) continue;
-      this.d.native.mesh_sampler_free(a.sampler);
-      slot.active = null;
-      out.push({ id: a.id, kind: "error", error });
+    for (const seq of seqs) this.failSlot(this.slots[seq] as Slot, decodeError(rc), out);
+  }
+
+  // llama_decode failed for a reason other than KV room or abort, and its
+  // code cannot say which sequence caused it. Decode each sequence's part of
+  // the step alone, so a failure fails only the request whose own part fails
+  // and the others go on as if nothing happened.
+  private isolateFailure(n: number, out: TokenEvent[]): void {
+    this.counters.decodeFailures++;
+    this.clearFailedPlacement(n);
+    const tokens = this.tokens.slice(0, n);
+    const pos = this.pos.slice(0, n);
+    const seq = this.seq.slice(0, n);
+    const logits = this.logits.slice(0, n);
+    const parts = new Map<number, number[]>();
+    for (let i = 0; i < n; i++) {
+      const s = seq[i] as number;
+      const part = parts.get(s);
+      if (part) part.push(i);
+      else parts.set(s, [i]);
+    }
+    // Only the part being decoded may be sampled.
+    for (const s of parts.keys()) {
+      const a = (this.slots[s] as Slot).active;
+      if (a) a.logitIndex = -1;
+    }
+    for (const [s, part] of parts) {
+      const slot = this.slots[s] as Slot;
+      let logitIndex = -1;
+      part.forEach((i, k) => {
+        this.put(k, tokens[i] as number, pos[i] as number, s, logits[i] as number);
+        if (logits[i]) logitIndex = k;
+      });
+      if (slot.active) slot.active.logitIndex = logitIndex;
+      const r = this.decode(part.length);
+      if (r === 0) {
+        this.commitBatch(part.length);
+        this.sample(out);
+        continue;
+      }
+      this.clearFailedPlacement(part.length);
+      this.failSlot(slot, decodeError(r), out);
     }
   }
+
+  private failSlot(slot: Slot, error: EngineErrorValue, out: TokenEvent[]): void {
+    // Earlier ubatches of the failed batch may have left cells past the history.
+    this.truncate(slot, slot.history.length, true);
+    const a = slot.active;
+    if (!a) return;
+    this.d.native.mesh_sampler_free(a.sampler);
+    slot.active = null;
+    out.push({ id: a.id, kind: "error", error });
+  }
+}
+
+function decodeError(rc: number): EngineErrorValue {
+  if (rc === 1) return { code: "kv_exhausted", message: "no KV cache space left for this request" };
+  if (rc === 2) return { code: "engine_closed", message: "the engine is shutting down" };
+  return { code: "decode_failed", message: `llama_decode failed (code ${rc})` };
 }
 
 function doneEvent(

@@ -2,16 +2,9 @@
 // then loops: take messages, run one scheduler step, post that step's events.
 import type { Pointer } from "bun:ffi";
 import type { EngineErrorValue } from "./errors";
-import { type Native, openNative } from "./native";
-import {
-  CONTROL_ABORT,
-  CONTROL_FLAGS_OFFSET,
-  type FromWorker,
-  type LoadOptions,
-  type ModelInfo,
-  type TokenEvent,
-  type ToWorker,
-} from "./protocol";
+import type { Native } from "./native";
+import { openModel, schedulerDeps } from "./open";
+import { CONTROL_FLAGS_OFFSET, type FromWorker, type LoadOptions, type TokenEvent, type ToWorker } from "./protocol";
 import { Scheduler } from "./scheduler";
 
 declare const self: Worker;
@@ -20,118 +13,24 @@ let native: Native | null = null;
 let model: Pointer | null = null;
 let ctx: Pointer | null = null;
 let scheduler: Scheduler | null = null;
-let control: Int32Array | null = null;
 let running = false;
 let nVocab = 0;
 let closing = false;
 const inbox: ToWorker[] = [];
 
 const post = (m: FromWorker) => self.postMessage(m);
-const cstr = (s: string) => Buffer.from(`${s}\0`, "utf8");
-
-function lastError(n: Native, fallback: string): string {
-  const buf = new Uint8Array(512);
-  const len = n.mesh_last_error(buf, buf.length);
-  return len > 0 ? Buffer.from(buf.subarray(0, len)).toString("utf8") : fallback;
-}
-
-function readString(fn: (buf: Uint8Array, cap: number) => number, cap = 256): string | null {
-  let buf = new Uint8Array(cap);
-  let n = fn(buf, buf.length);
-  if (n < 0) return null;
-  if (n >= buf.length) {
-    buf = new Uint8Array(n + 1);
-    n = fn(buf, buf.length);
-  }
-  return Buffer.from(buf.subarray(0, n)).toString("utf8");
-}
 
 function load(libPath: string, o: LoadOptions, progress: SharedArrayBuffer, ctl: SharedArrayBuffer, logLevel: number): void {
-  try {
-    native = openNative(libPath);
-  } catch (e) {
-    post({ type: "load_failed", error: { code: "model_load_failed", message: `cannot load the native library: ${(e as Error).message}` } });
+  const control = new Int32Array(ctl);
+  const opened = openModel(libPath, o, new Float32Array(progress), control, logLevel);
+  if (!("ctx" in opened)) {
+    post({ type: "load_failed", error: opened });
     return;
   }
-  const n = native;
-  n.mesh_init(logLevel);
-  control = new Int32Array(ctl);
-  const progressView = new Float32Array(progress);
-  model = n.mesh_model_load(cstr(o.modelPath), o.nGpuLayers, o.useMmap ? 1 : 0, progressView) as Pointer | null;
-  if (!model) {
-    post({ type: "load_failed", error: { code: "model_load_failed", message: lastError(n, `llama.cpp could not load ${o.modelPath}`) } });
-    return;
-  }
-  const params = new Int32Array([o.nCtx, o.nBatch, o.nUbatch, o.nParallel, o.threads, o.threadsBatch, 1, o.flashAttn, 1]);
-  ctx = n.mesh_context_new(model, params, control.subarray(CONTROL_ABORT, CONTROL_ABORT + 1)) as Pointer | null;
-  if (!ctx) {
-    n.mesh_model_free(model);
-    model = null;
-    post({
-      type: "load_failed",
-      error: { code: "context_create_failed", message: lastError(n, `could not create a context of ${o.nCtx} tokens`) },
-    });
-    return;
-  }
-  const mi = new Int32Array(9);
-  n.mesh_model_info(model, mi);
-  const sizes = new BigUint64Array(2);
-  n.mesh_model_sizes(model, sizes);
-  const ci = new Int32Array(4);
-  n.mesh_context_info(ctx, ci);
-  const m = model;
-  const meta = (key: string) => readString((b, c) => n.mesh_model_meta(m, cstr(key), b, c));
-  const info: ModelInfo = {
-    path: o.modelPath,
-    nVocab: mi[0] as number,
-    bos: mi[1] as number,
-    eos: mi[2] as number,
-    addBos: mi[3] === 1,
-    nCtxTrain: mi[4] as number,
-    nEmbd: mi[5] as number,
-    nLayer: mi[6] as number,
-    nHead: mi[7] as number,
-    nHeadKv: mi[8] as number,
-    nParams: Number(sizes[0]),
-    sizeBytes: Number(sizes[1]),
-    nCtx: ci[0] as number,
-    nCtxSeq: ci[1] as number,
-    nParallel: ci[2] as number,
-    nBatch: ci[3] as number,
-    name: meta("general.name") ?? "",
-    architecture: meta("general.architecture") ?? "",
-    chatTemplate: readString((b, c) => n.mesh_model_chat_template(m, b, c), 4096),
-    randomWeights: meta("mesh.random_weights") === "true",
-    bosText: tokenText(n, m, mi[1] as number),
-    eosText: tokenText(n, m, mi[2] as number),
-    systemInfo: String(n.mesh_system_info()),
-  };
-  nVocab = info.nVocab;
-  scheduler = new Scheduler({
-    native: n,
-    model,
-    ctx,
-    nCtx: info.nCtx,
-    nCtxSeq: info.nCtxSeq,
-    nBatch: info.nBatch,
-    nParallel: info.nParallel,
-    flags: control,
-    flagsOffset: CONTROL_FLAGS_OFFSET,
-    queueCapacity: o.queueCapacity,
-    queueTimeoutMs: o.queueTimeoutMs,
-    kvBudget: o.kvBudget,
-    hostCacheBytes: Math.max(0, Math.floor(o.hostCacheMiB * 1024 * 1024)),
-    now: () => performance.now(),
-  });
-  post({ type: "loaded", info });
-}
-
-/** The text of a special token (e.g. "<s>"), "" for none. */
-function tokenText(n: Native, m: Pointer, token: number): string {
-  if (token < 0) return "";
-  const buf = new Uint8Array(64);
-  const len = n.mesh_token_to_piece(m, token, buf, buf.length, 1);
-  return len > 0 ? Buffer.from(buf.subarray(0, len)).toString("utf8") : "";
+  ({ native, model, ctx } = opened);
+  scheduler = new Scheduler(schedulerDeps(opened, o, control, CONTROL_FLAGS_OFFSET));
+  nVocab = opened.info.nVocab;
+  post({ type: "loaded", info: opened.info });
 }
 
 function tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): number[] {

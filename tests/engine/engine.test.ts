@@ -95,8 +95,15 @@ describe("engine on the tiny model", () => {
         if (e.kind === "done") return e;
       }
     })();
-    const [r0, r2, cancelled] = await Promise.all([collect(gens[0] as never), collect(gens[2] as never), victimResult]);
+    // When the cancelled request reports done, its slot is already free and the others still run.
+    const freedWhileOthersRun = victimResult.then(async (done) => ({ done, stats: await engine.stats() }));
+    const [r0, r2, { done: cancelled, stats: atCancel }] = await Promise.all([
+      collect(gens[0] as never),
+      collect(gens[2] as never),
+      freedWhileOthersRun,
+    ]);
     expect(cancelled?.finishReason).toBe("cancelled");
+    expect(atCancel.slotsBusy).toBe(2);
     expect(r0.tokens).toEqual(reference[0]?.tokens as number[]);
     expect(r2.tokens).toEqual(reference[2]?.tokens as number[]);
     const s = await engine.stats();
@@ -147,20 +154,73 @@ describe("engine on the tiny model", () => {
   });
 
   test("main_thread_timers_keep_running_during_a_long_prefill", async () => {
-    const long = await engine.tokenize("Prefill is long and runs in the worker thread. ".repeat(350));
-    let ticks = 0;
-    const timer = setInterval(() => ticks++, 1);
+    const long = await engine.tokenize("Prefill is long and runs in the worker thread. ".repeat(700));
+    expect(long.length).toBeGreaterThan(7000);
+    // The longest gap between timer ticks while the prompt is prefilled: a
+    // prefill on this thread would show up as one gap as long as the prefill.
+    let last = performance.now();
+    let longestGap = 0;
+    let measuring = false;
+    const timer = setInterval(() => {
+      const now = performance.now();
+      if (measuring) longestGap = Math.max(longestGap, now - last);
+      last = now;
+    }, 1);
     try {
-      let ticksAtStart = -1;
-      for await (const e of engine.generate({ prompt: long, maxTokens: 8, sampling: greedy, ignoreEos: true })) {
-        if (e.kind === "start") ticksAtStart = ticks;
+      let startedAt = 0;
+      let prefillMs = 0;
+      for await (const e of engine.generate({ prompt: long, maxTokens: 4, sampling: greedy, ignoreEos: true })) {
+        if (e.kind === "start") {
+          startedAt = performance.now();
+          last = startedAt;
+          measuring = true;
+        }
+        if (e.kind === "text" && prefillMs === 0) {
+          prefillMs = performance.now() - startedAt;
+          measuring = false;
+        }
       }
-      // Timers fired while the prompt was being prefilled and decoded off-thread.
-      expect(ticksAtStart).toBeGreaterThanOrEqual(0);
-      expect(ticks).toBeGreaterThan(ticksAtStart);
-      expect(ticks).toBeGreaterThan(2);
+      expect(prefillMs).toBeGreaterThan(0);
+      expect(longestGap).toBeLessThan(prefillMs / 2);
     } finally {
       clearInterval(timer);
+    }
+  });
+
+  test("an_end_of_generation_token_ends_the_request_with_stop_unless_ignore_eos", async () => {
+    const opts = { prompt: "The quick brown fox", maxTokens: 200, sampling: greedy };
+    const natural = await collect(engine.generate(opts));
+    expect(natural.done.finishReason).toBe("stop");
+    expect(natural.done.completionTokens).toBeLessThan(200);
+    const forced = await collect(engine.generate({ ...opts, ignoreEos: true }));
+    expect(forced.done.finishReason).toBe("length");
+    expect(forced.done.completionTokens).toBe(200);
+    // Up to the end-of-generation token, both runs agree.
+    expect(forced.tokens.slice(0, natural.tokens.length)).toEqual(natural.tokens);
+  });
+
+  test("top_k_top_p_and_min_p_narrowed_to_one_token_sample_the_greedy_choice_at_any_temperature", async () => {
+    const p = "Sampling filters:";
+    const base = (await run(engine, p, 12)).tokens;
+    for (const narrow of [{ topK: 1 }, { topK: 0, topP: 1e-6 }, { topK: 0, minP: 1 }]) {
+      for (const seed of [1, 2]) {
+        const r = await collect(
+          engine.generate({ prompt: p, maxTokens: 12, ignoreEos: true, sampling: { temperature: 1.5, seed, ...narrow } }),
+        );
+        expect(r.tokens).toEqual(base);
+      }
+    }
+  });
+
+  test("repeat_frequency_and_presence_penalties_change_the_greedy_output", async () => {
+    const p = "Penalties: ";
+    const base = (await run(engine, p, 48)).tokens;
+    // Random weights repeat themselves: greedy output has repeated tokens for the penalties to act on.
+    expect(new Set(base).size).toBeLessThan(base.length);
+    for (const penalty of [{ repeatPenalty: 1.5 }, { frequencyPenalty: 1.5 }, { presencePenalty: 1.5 }]) {
+      const r = await collect(engine.generate({ prompt: p, maxTokens: 48, ignoreEos: true, sampling: { temperature: 0, ...penalty } }));
+      expect(r.tokens).not.toEqual(base);
+      expect(new Set(r.tokens).size).toBeGreaterThan(new Set(base).size);
     }
   });
 });

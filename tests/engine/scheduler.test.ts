@@ -1,9 +1,145 @@
-import { expect, test } from "bun:test";
-import { commonPrefix } from "../../src/engine/scheduler";
+// The scheduler driven step by step on this thread, over the real library
+// and the tiny model: what a step holds, and what a failed decode takes down.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { QUEUE_DEFAULTS } from "../../src/engine/index";
+import { findNativeLib } from "../../src/engine/library";
+import type { Native } from "../../src/engine/native";
+import { closeModel, type OpenedModel, openModel, schedulerDeps } from "../../src/engine/open";
+import { DEFAULT_SAMPLING, type LoadOptions, type TokenEvent } from "../../src/engine/protocol";
+import { commonPrefix, Scheduler } from "../../src/engine/scheduler";
+import { tinyModel } from "../helpers/model";
 
 test("common_prefix_counts_matching_leading_tokens", () => {
   expect(commonPrefix([1, 2, 3], [1, 2, 4])).toBe(2);
   expect(commonPrefix([], [1])).toBe(0);
   expect(commonPrefix([1, 2], [1, 2, 3])).toBe(2);
   expect(commonPrefix([5], [6])).toBe(0);
+});
+
+const FLAGS_OFFSET = 1;
+let opened: OpenedModel;
+let options: LoadOptions;
+let control: Int32Array;
+
+beforeAll(async () => {
+  options = {
+    modelPath: await tinyModel(),
+    nCtx: 4096,
+    nBatch: 512,
+    nUbatch: 512,
+    nParallel: 3,
+    threads: 2,
+    threadsBatch: 2,
+    nGpuLayers: 0,
+    flashAttn: -1,
+    useMmap: true,
+    queueCapacity: QUEUE_DEFAULTS.capacity,
+    queueTimeoutMs: QUEUE_DEFAULTS.timeoutMs,
+    kvBudget: true,
+    hostCacheMiB: 0,
+  };
+  control = new Int32Array(FLAGS_OFFSET + 64);
+  const m = openModel(findNativeLib() as string, options, new Float32Array(1), control, 0);
+  if (!("ctx" in m)) throw new Error(m.message);
+  opened = m;
+});
+afterAll(() => {
+  if (opened) closeModel(opened);
+});
+
+// Each test starts from an empty pool, so KV placement (and greedy output) is the same every time.
+function scheduler(native: Native = opened.native): Scheduler {
+  opened.native.mesh_memory_clear(opened.ctx, 1);
+  return new Scheduler({ ...schedulerDeps(opened, options, control, FLAGS_OFFSET), native });
+}
+
+const request = (prompt: number[], maxTokens: number) => ({
+  prompt,
+  maxTokens,
+  reserveOutput: maxTokens,
+  sampling: { ...DEFAULT_SAMPLING, temperature: 0 },
+  stop: [],
+  ignoreEos: true,
+});
+
+/** Deterministic prompts of plain token ids. */
+const prompt = (seed: number, length: number) => Array.from({ length }, (_, i) => 200 + ((seed * 7919 + i * 104729) % 20000));
+
+/** Run the scheduler to completion; each request's tokens, end, and error. */
+function drain(s: Scheduler, steps: TokenEvent[][] = []) {
+  const got = new Map<number, { tokens: number[]; end?: TokenEvent }>();
+  while (s.hasWork()) {
+    const out: TokenEvent[] = [];
+    s.step(out);
+    steps.push(out);
+    for (const e of out) {
+      const r = got.get(e.id) ?? { tokens: [] };
+      got.set(e.id, r);
+      if (e.kind === "text") r.tokens.push(...e.tokens);
+      if (e.kind === "done" || e.kind === "error") r.end = e;
+    }
+  }
+  return got;
+}
+
+describe("scheduler steps over the real library", () => {
+  test("a_new_prompt_is_prefilled_in_the_same_decode_as_running_streams_next_tokens", () => {
+    const s = scheduler();
+    s.submit(1, FLAGS_OFFSET, request(prompt(1, 40), 20), prompt(1, 40), []);
+    for (let i = 0; i < 4; i++) s.step([]);
+    const before = s.stats().decodeSteps;
+    const out: TokenEvent[] = [];
+    s.submit(2, FLAGS_OFFSET + 1, request(prompt(2, 100), 20), prompt(2, 100), out);
+    s.step(out);
+    // One llama_decode gave request 1 its next token and request 2 its whole prompt and first token.
+    expect(s.stats().decodeSteps - before).toBe(1);
+    expect(out.filter((e) => e.kind === "text" && e.id === 1)).toHaveLength(1);
+    expect(out.filter((e) => e.kind === "text" && e.id === 2)).toHaveLength(1);
+    drain(s);
+  });
+
+  test("a_decode_failure_fails_only_the_request_whose_part_cannot_be_decoded_and_the_rest_continue", () => {
+    const prompts = [prompt(3, 60), prompt(4, 80), prompt(5, 70)];
+    const clean = scheduler();
+    prompts.forEach((p, i) => {
+      clean.submit(i, FLAGS_OFFSET + i, request(p, 16), p, []);
+    });
+    const expected = drain(clean);
+
+    // A token llama.cpp "cannot decode": any batch holding it fails, as a broken input would.
+    const POISON = 99;
+    const poisoned = [...(prompts[1] as number[]).slice(0, 40), POISON, ...(prompts[1] as number[]).slice(40)];
+    const real = opened.native;
+    let failures = 0;
+    const faulty = {
+      ...real,
+      mesh_decode: (ctx: never, tokens: Int32Array, pos: never, seq: never, logits: never, n: number) => {
+        if (tokens.subarray(0, n).includes(POISON)) {
+          failures++;
+          return -1;
+        }
+        return real.mesh_decode(ctx, tokens, pos, seq, logits, n);
+      },
+    } as unknown as Native;
+    const s = scheduler(faulty);
+    const all = [prompts[0] as number[], poisoned, prompts[2] as number[]];
+    all.forEach((p, i) => {
+      s.submit(i, FLAGS_OFFSET + i, request(p, 16), p, []);
+    });
+    const got = drain(s);
+    expect(failures).toBeGreaterThanOrEqual(2); // the shared step, then the poisoned part alone
+    const bad = got.get(1)?.end;
+    expect(bad?.kind).toBe("error");
+    if (bad?.kind === "error") expect(bad.error.code).toBe("decode_failed");
+    for (const i of [0, 2]) {
+      expect(got.get(i)?.end?.kind).toBe("done");
+      expect(got.get(i)?.tokens).toEqual(expected.get(i)?.tokens as number[]);
+    }
+    expect(s.stats().slotsBusy).toBe(0);
+    // The scheduler keeps serving.
+    s.submit(9, FLAGS_OFFSET + 9, request(prompt(6, 30), 4), prompt(6, 30), []);
+    const after = drain(s);
+    expect(after.get(9)?.end?.kind).toBe("done");
+    expect(after.get(9)?.tokens).toHaveLength(4);
+  });
 });

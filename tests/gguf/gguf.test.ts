@@ -3,11 +3,11 @@ import { createHash } from "node:crypto";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { buildModel, generateModel, TINY } from "../../src/gguf/generate";
+import { BENCH, buildModel, generateModel, TINY } from "../../src/gguf/generate";
 import { vocabPath } from "../../src/gguf/models";
 import { parseGguf, readGgufHeader } from "../../src/gguf/read";
 import { GgmlType, type GgufValue, GgufValueType } from "../../src/gguf/types";
-import { encodeHeader, tensorBytes, writeGguf } from "../../src/gguf/write";
+import { encodeHeader, type TensorSpec, tensorBytes, writeGguf } from "../../src/gguf/write";
 
 test("written_metadata_and_tensors_read_back_unchanged", async () => {
   const dir = mkdtempSync(join(tmpdir(), "mesh-gguf-"));
@@ -59,4 +59,29 @@ test("random_model_is_deterministic_for_a_seed_and_says_its_weights_are_random",
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test("bench_model_has_the_specified_shape_about_156m_parameters_in_f16", () => {
+  const m = buildModel(BENCH, readFileSync(vocabPath("llama-spm") as string));
+  const u32 = (k: string) => m.metadata.get(k)?.value;
+  expect([u32("llama.block_count"), u32("llama.embedding_length"), u32("llama.attention.head_count")]).toEqual([8, 1024, 16]);
+  expect([u32("llama.attention.head_count_kv"), u32("llama.feed_forward_length"), u32("llama.vocab_size")]).toEqual([4, 2816, 32000]);
+  const params = m.tensors.reduce((sum, t) => sum + t.dims.reduce((a, b) => a * b, 1), 0);
+  expect(params).toBeGreaterThan(155e6);
+  expect(params).toBeLessThan(157e6);
+  // Untied output projection, every matrix F16: 297 MiB of weights (the file adds the vocabulary).
+  expect(m.tensors.some((t) => t.name === "output.weight")).toBe(true);
+  const bytes = m.tensors.reduce((sum, t) => sum + t.dims.reduce((a, b) => a * b, 1) * (t.type === GgmlType.F16 ? 2 : 4), 0);
+  expect(Math.round(bytes / 2 ** 20)).toBe(297);
+});
+
+test("the_seed_decides_the_weights_not_only_the_metadata", () => {
+  const vocab = readFileSync(vocabPath("phi-3") as string);
+  const firstChunk = (seed: number) => {
+    const embd = buildModel({ ...TINY, seed }, vocab).tensors[0] as TensorSpec;
+    const chunk = embd.data()[Symbol.iterator]().next().value as Uint8Array;
+    return createHash("sha256").update(chunk).digest("hex");
+  };
+  expect(firstChunk(1)).toBe(firstChunk(1));
+  expect(firstChunk(99)).not.toBe(firstChunk(1));
 });
