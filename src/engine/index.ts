@@ -153,7 +153,13 @@ export class Engine {
   private static async start(opts: EngineOptions): Promise<Engine> {
     const libPath = opts.libPath ?? findNativeLib();
     if (!libPath) {
-      throw new EngineError("model_load_failed", "the native llama.cpp library is not built: run 'bun run build.ts native' first");
+      const env = process.env.MESH_NATIVE_LIB;
+      throw new EngineError(
+        "model_load_failed",
+        env
+          ? `MESH_NATIVE_LIB is ${env}, which does not exist`
+          : "the native llama.cpp library is not built: run 'bun run build.ts native' first",
+      );
     }
     const threads = opts.threads ?? Math.max(1, cpus().length);
     const nParallel = opts.nParallel ?? 4;

@@ -21,13 +21,15 @@ export function setEmbeddedNativeLib(path: string): void {
   embedded = path;
 }
 
-/** Find the native library: MESH_NATIVE_LIB, the one embedded in the executable, else a local build. */
-export function findNativeLib(): string | null {
+/** Find the native library: MESH_NATIVE_LIB, the one embedded in the executable, else a local build (a GPU build before the CPU one). */
+export function findNativeLib(buildDir: (variant: string) => string = nativeBuildDir): string | null {
   const env = process.env.MESH_NATIVE_LIB;
   if (env) return existsSync(env) ? env : null;
   if (embedded) return embedded;
-  for (const variant of ["cpu", "cuda", "metal"]) {
-    const p = join(nativeBuildDir(variant), nativeLibName());
+  // `npm start` and `npm test` always (re)build the CPU variant, so a GPU
+  // build made with --cuda (or Metal on macOS) must win the search.
+  for (const variant of ["cuda", "metal", "cpu"]) {
+    const p = join(buildDir(variant), nativeLibName());
     if (existsSync(p)) return p;
   }
   return null;
