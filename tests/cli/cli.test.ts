@@ -11,7 +11,8 @@ const MAIN = join(import.meta.dir, "..", "..", "src", "cli", "main.ts");
 const ENV = { ...process.env, MESH_STATE_DIR: mkdtempSync(join(tmpdir(), "mesh-cli-state-")) };
 
 function mesh(args: string[]) {
-  const r = Bun.spawnSync([process.execPath, MAIN, ...args], { stdout: "pipe", stderr: "pipe", env: ENV });
+  // A bad value that is wrongly accepted starts a server that never exits: fail the case instead of hanging the suite.
+  const r = Bun.spawnSync([process.execPath, MAIN, ...args], { stdout: "pipe", stderr: "pipe", env: ENV, timeout: 60_000 });
   return { code: r.exitCode, out: r.stdout.toString(), err: r.stderr.toString() };
 }
 
@@ -31,6 +32,9 @@ describe("mesh command line", () => {
       "--parallel",
       "--threads",
       "--n-gpu-layers",
+      "--queue-capacity",
+      "--queue-timeout",
+      "--kv-reserve-output",
       "--cache-ram",
       "--api-key",
       "--log-format",
@@ -57,6 +61,14 @@ describe("mesh command line", () => {
       [["serve", "--parallel", "0"], "--parallel"],
       [["serve", "--ctx-size", "2000000000"], "--ctx-size"],
       [["serve", "--cache-ram", "-1"], "--cache-ram"],
+      [["serve", "--cache-ram", "abc"], "--cache-ram"],
+      [["serve", "--queue-timeout", "0"], "--queue-timeout"],
+      [["serve", "--queue-timeout", "abc"], "--queue-timeout"],
+      [["serve", "--queue-timeout"], "--queue-timeout"],
+      [["serve", "--queue-capacity", "-1"], "--queue-capacity"],
+      [["serve", "--queue-capacity", "1.5"], "--queue-capacity"],
+      [["serve", "--kv-reserve-output", "0"], "--kv-reserve-output"],
+      [["serve", "--kv-reserve-output", "abc"], "--kv-reserve-output"],
       [["serve", "--log-format", "xml"], "log-format"],
       [["serve", "--model", join(dir, "missing.gguf")], "not found"],
       [["serve", "--model", notGguf], "not a GGUF"],
