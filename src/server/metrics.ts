@@ -90,6 +90,14 @@ export class Metrics {
     "Time an admitted request waited for a slot and KV room",
     [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
   );
+  // The engine's in-flight safety cap refuses on the main thread, before the
+  // scheduler sees the request, so the engine's own counters never include it.
+  private serverBusy = 0;
+
+  /** Count a request refused by the engine's in-flight safety cap (429 server_busy). */
+  rejectedServerBusy(): void {
+    this.serverBusy++;
+  }
 
   /** Prometheus text for all metrics plus the given engine figures. */
   render(g: GaugeValues | null): string {
@@ -120,11 +128,12 @@ export class Metrics {
         counter("mesh_admissions_total", "Admission decisions: admitted, queued first (then admitted or refused), rejected", [
           ['{result="admitted"}', g.admitted],
           ['{result="queued"}', g.queued],
-          ['{result="rejected"}', g.rejectedQueueFull + g.rejectedQueueTimeout],
+          ['{result="rejected"}', g.rejectedQueueFull + g.rejectedQueueTimeout + this.serverBusy],
         ]),
         counter("mesh_admission_rejections_total", "Requests refused with 429, by reason", [
           ['{reason="queue_full"}', g.rejectedQueueFull],
           ['{reason="queue_timeout"}', g.rejectedQueueTimeout],
+          ['{reason="server_busy"}', this.serverBusy],
         ]),
         counter("mesh_kv_evictions_total", "Idle resident prefixes trimmed or dropped to make KV room", [["", g.evictions]]),
         counter("mesh_kv_evicted_cells_total", "KV cells freed by eviction", [["", g.evictedCells]]),
