@@ -2,8 +2,10 @@
 // k others to probe it indirectly when it does not answer, suspect it when
 // nobody reaches it, and declare it dead when the suspicion is not refuted in
 // time. News rides on the probes (piggyback). A node's own statements (alive,
-// left) are signed by it; anyone may claim suspect or dead, only the subject
-// can refute, by raising its incarnation.
+// left) are signed by it; any member may claim another suspect or dead, signing
+// the claim with its own key (a node passing a claim on signs it afresh, so the
+// claimer is the sender, whose own record the same message carries and the
+// receiver learns first); only the subject can refute, by raising its incarnation.
 //
 // Detection bound (defaults: round 1 s, 5 suspicion rounds): a killed member
 // is probed by some node within n-1 rounds at worst (round-robin), suspected
@@ -16,14 +18,16 @@ import type { Logger } from "../log";
 import { isList, isNodeId, isObject } from "./check";
 import type { Identity } from "./identity";
 import {
-  type ClaimRecord,
   isSelfRecord,
   type MemberState,
   type MemberUpdate,
   overrides,
   parseUpdate,
   type SelfRecord,
+  type SignedClaim,
+  signClaim,
   signSelf,
+  verifyClaim,
   verifySelf,
 } from "./member";
 import { Piggyback } from "./piggyback";
@@ -146,6 +150,8 @@ interface Member {
   lastSeen: number;
   rttMs: number | null;
   record: SelfRecord;
+  /** This node's own signed claim about the member's current suspect/dead state, made once per state. */
+  claim: SignedClaim | null;
 }
 
 /** What a membership needs from its node. */
@@ -189,7 +195,7 @@ export class Membership {
     wrongSender: 0,
   };
   private readonly members = new Map<NodeId, Member>();
-  private readonly piggyback: Piggyback;
+  private readonly piggyback: Piggyback<MemberUpdate>;
   private readonly random: () => number;
   private record: SelfRecord;
   private order: NodeId[] = [];
@@ -206,7 +212,7 @@ export class Membership {
   constructor(private readonly o: MembershipOptions) {
     this.config = { ...MEMBERSHIP_DEFAULTS, ...o.config };
     this.random = o.random ?? Math.random;
-    this.piggyback = new Piggyback(this.config.maxPiggyback);
+    this.piggyback = new Piggyback<MemberUpdate>(this.config.maxPiggyback);
     this.record = signSelf(o.identity, { name: o.self.name, addr: o.self.addr, epoch: this.newEpoch(), inc: 0, state: "alive" });
   }
 
@@ -412,7 +418,7 @@ export class Membership {
       if (m.state === "suspect" && now - m.since >= suspicionMs) {
         this.stats.deaths++;
         this.o.log.info("mesh member declared dead", { node: m.id.slice(0, 8), name: m.name, incarnation: m.inc });
-        this.apply({ id: m.id, publicKey: m.publicKey, inc: m.inc, state: "dead" });
+        this.apply(signClaim(this.o.identity, { id: m.id, publicKey: m.publicKey, inc: m.inc, state: "dead" }), true);
       } else if ((m.state === "dead" || m.state === "left") && now - m.since >= forgetMs) {
         this.forget(m.id);
       }
@@ -469,7 +475,7 @@ export class Membership {
     if (cur && cur.state === "alive" && cur.inc === inc) {
       this.stats.suspicions++;
       this.o.log.info("mesh member suspected", { node: cur.id.slice(0, 8), name: cur.name, incarnation: cur.inc });
-      this.apply({ id: cur.id, publicKey: cur.publicKey, inc: cur.inc, state: "suspect" });
+      this.apply(signClaim(this.o.identity, { id: cur.id, publicKey: cur.publicKey, inc: cur.inc, state: "suspect" }), true);
     }
   }
 
@@ -577,9 +583,9 @@ export class Membership {
     const out: MemberUpdate[] = [this.record];
     for (const m of this.members.values()) {
       // A dead member's claim only matters to the member itself (a restarted node outranks it);
-      // others cannot add a member from an unsigned claim.
+      // others cannot add a member from a claim.
       if (m.state !== "dead") out.push(m.record);
-      if (m.state === "suspect" || m.state === "dead") out.push(claim(m));
+      if (m.state === "suspect" || m.state === "dead") out.push(this.claimAbout(m));
     }
     return out;
   }
@@ -590,7 +596,7 @@ export class Membership {
     const limit = this.config.retransmitMult * Math.max(1, Math.ceil(Math.log10(n + 1)));
     const out: MemberUpdate[] = [];
     const m = this.members.get(to);
-    if (m && m.state !== "alive" && m.state !== "left") out.push(claim(m));
+    if (m && m.state !== "alive" && m.state !== "left") out.push(this.claimAbout(m));
     out.push(...this.piggyback.take(this.config.piggybackPerMessage - out.length, limit));
     this.stats.piggybackDropped = this.piggyback.dropped;
     return out;
@@ -614,7 +620,8 @@ export class Membership {
     else this.stats.malformedRecords++;
   }
 
-  private apply(u: MemberUpdate): void {
+  // `own`: a claim this node just signed, which needs no checking.
+  private apply(u: MemberUpdate, own = false): void {
     if (u.id === this.id) {
       this.applyToSelf(u);
       return;
@@ -632,7 +639,7 @@ export class Membership {
         this.stats.membersRejectedFull++;
         return;
       }
-      this.members.set(u.id, { ...fromRecord(u), since: now, lastSeen: now, rttMs: null });
+      this.members.set(u.id, { ...fromRecord(u), since: now, lastSeen: now, rttMs: null, claim: null });
       this.order.splice(this.orderPos + Math.floor(this.random() * (this.order.length - this.orderPos + 1)), 0, u.id);
       this.piggyback.add(u);
       this.o.log.info("mesh member joined", { node: u.id.slice(0, 8), name: u.name, addr: u.addr });
@@ -649,7 +656,7 @@ export class Membership {
       if (u.inc === cur.inc && u.state === cur.state) this.piggyback.heard(u);
       return;
     }
-    if (isSelfRecord(u) && !verifySelf(u)) {
+    if (isSelfRecord(u) ? !verifySelf(u) : !own && !this.verifiedClaim(u)) {
       this.refused("forged");
       return;
     }
@@ -659,7 +666,8 @@ export class Membership {
     cur.state = u.state;
     cur.since = now;
     if (isSelfRecord(u)) Object.assign(cur, fromRecord(u));
-    this.piggyback.add(u);
+    // A claim goes on under this node's signature: whoever hears it from us knows our key.
+    this.piggyback.add(isSelfRecord(u) ? u : this.claimAbout(cur, own ? u : null));
     const wasDown = prev === "dead" || prev === "left";
     if ((u.state === "dead" || u.state === "left") && !wasDown) {
       this.o.log.info(u.state === "left" ? "mesh member left" : "mesh member dead", { node: u.id.slice(0, 8), name: cur.name });
@@ -696,7 +704,27 @@ export class Membership {
       this.refute(u.inc, false);
       return;
     }
+    // A forged dead claim would otherwise make us drop everything others wrote (self-reset).
+    if (!this.verifiedClaim(u)) {
+      this.refused("forged");
+      return;
+    }
     this.refute(u.inc, u.state === "dead");
+  }
+
+  // A claim counts only when signed by its claimer with the key the claimer is known by here;
+  // a claimer this node has never heard of cannot be checked, so its claim is refused too.
+  private verifiedClaim(c: SignedClaim): boolean {
+    const key = c.by === this.id ? this.o.identity.publicKey : this.members.get(c.by)?.publicKey;
+    return key !== undefined && verifyClaim(c, key);
+  }
+
+  // This node's claim about `m`'s current suspect/dead state, signed once per state and reused.
+  private claimAbout(m: Member, signed: SignedClaim | null = null): SignedClaim {
+    const state = m.state === "dead" ? "dead" : "suspect";
+    if (m.claim && m.claim.inc === m.inc && m.claim.state === state) return m.claim;
+    m.claim = signed ?? signClaim(this.o.identity, { id: m.id, publicKey: m.publicKey, inc: m.inc, state });
+    return m.claim;
   }
 
   private refute(inc: number, declaredDead: boolean): void {
@@ -732,11 +760,7 @@ export class Membership {
   }
 }
 
-function claim(m: Member): ClaimRecord {
-  return { id: m.id, publicKey: m.publicKey, inc: m.inc, state: m.state === "dead" ? "dead" : "suspect" };
-}
-
-function fromRecord(r: SelfRecord): Omit<Member, "since" | "lastSeen" | "rttMs"> {
+function fromRecord(r: SelfRecord): Omit<Member, "since" | "lastSeen" | "rttMs" | "claim"> {
   return { id: r.id, publicKey: r.publicKey, name: r.name, addr: r.addr, epoch: r.epoch, state: r.state, inc: r.inc, record: r };
 }
 

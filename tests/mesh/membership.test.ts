@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import { generateIdentity } from "../../src/mesh/identity";
-import { signSelf } from "../../src/mesh/member";
+import { signClaim, signSelf } from "../../src/mesh/member";
 import { failureDetectionBoundMs, MEMBERSHIP_DEFAULTS } from "../../src/mesh/membership";
 import { SimCluster } from "../../src/mesh/sim-cluster";
 import { incarnationOf, meshOf, spec } from "./sim-helpers";
@@ -165,6 +165,68 @@ describe("signed membership records", () => {
       .find((m) => m.id === victim.id);
     expect(b?.state).toBe("alive");
     expect(b?.incarnation).toBeLessThan(1000);
+  });
+
+  test("forged_dead_claim_without_a_valid_claimer_signature_is_rejected_and_counted", async () => {
+    const c = await meshOf(["a", "b", "c"]);
+    const victim = c.node("b").identity;
+    const inc = incarnationOf(c, "a", "b") as number;
+    const forger = generateIdentity();
+    const from = signSelf(forger, { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
+    const about = { id: victim.id, publicKey: victim.publicKey, inc, state: "dead" as const };
+    // Claimed in c's name but signed by the forger; claimed by a node nobody knows; not signed at all.
+    const inCsName = { ...signClaim(forger, about), by: c.node("c").identity.id };
+    const byStranger = signClaim(generateIdentity(), about);
+    const { sig: _sig, ...unsigned } = signClaim(c.node("c").identity, about);
+    for (const target of ["a", "b"]) {
+      const core = c.node(target).core;
+      const to = c.node(target).identity.id;
+      await c.wait(core.handle({ type: "ping", from, to, updates: [inCsName, byStranger, unsigned] }));
+      expect(core.stats().membership.forgedRecords).toBe(2);
+      expect(core.stats().membership.unsignedRecords).toBe(1);
+    }
+    expect(c.stateOf("a", "b")).toBe("alive");
+    // The victim neither refutes nor drops what others wrote: nothing valid was said about it.
+    expect(c.node("b").core.stats().membership.refutations).toBe(0);
+    expect(incarnationOf(c, "b", "b")).toBe(inc);
+    expect(await c.clock.until(() => !c.allSee("b", "alive", ["a", "c"]), 10 * ROUND)).toBeNull();
+  });
+
+  test("claim_signed_by_a_known_member_spreads_suspicion_and_the_subject_refutes_it", async () => {
+    const c = await meshOf(["a", "b", "c", "d"]);
+    const subject = c.node("b").identity;
+    const inc = incarnationOf(c, "a", "b") as number;
+    const claim = signClaim(c.node("c").identity, { id: subject.id, publicKey: subject.publicKey, inc, state: "suspect" });
+    const from = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
+    await c.wait(c.node("a").core.handle({ type: "ping", from, to: c.node("a").identity.id, updates: [claim] }));
+    expect(c.stateOf("a", "b")).toBe("suspect");
+    expect(c.node("a").core.stats().membership.forgedRecords).toBe(0);
+    // a passes the suspicion on under its own signature; b hears it and outranks it.
+    expect(await c.clock.until(() => c.node("b").core.stats().membership.refutations > 0, 10 * ROUND)).not.toBeNull();
+    expect(await c.clock.until(() => ["a", "c", "d"].every((o) => (incarnationOf(c, o, "b") as number) > inc), 10 * ROUND)).not.toBeNull();
+    expect(c.allSee("b", "alive", ["a", "c", "d"])).toBe(true);
+    // Replaying the claim now says nothing new: it is outranked by b's refutation.
+    await c.wait(c.node("d").core.handle({ type: "ping", from, to: c.node("d").identity.id, updates: [claim] }));
+    expect(c.stateOf("d", "b")).toBe("alive");
+  });
+
+  test("claim_signature_moved_to_another_subject_or_state_is_rejected_and_counted", async () => {
+    const c = await meshOf(["a", "b", "c", "d"]);
+    const b = c.node("b").identity;
+    const d = c.node("d").identity;
+    const genuine = signClaim(c.node("c").identity, {
+      id: b.id,
+      publicKey: b.publicKey,
+      inc: incarnationOf(c, "a", "b") as number,
+      state: "suspect",
+    });
+    const otherSubject = { ...genuine, id: d.id, publicKey: d.publicKey, inc: incarnationOf(c, "a", "d") as number };
+    const otherState = { ...genuine, state: "dead" as const };
+    const from = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
+    await c.wait(c.node("a").core.handle({ type: "ping", from, to: c.node("a").identity.id, updates: [otherSubject, otherState] }));
+    expect(c.node("a").core.stats().membership.forgedRecords).toBe(2);
+    expect(c.stateOf("a", "d")).toBe("alive");
+    expect(c.stateOf("a", "b")).toBe("alive");
   });
 
   test("unsigned_alive_record_is_rejected_and_counted", async () => {
