@@ -163,7 +163,9 @@ export async function drive(w: Workload, o: DriveOptions): Promise<DriveResult> 
   const progress = setInterval(() => {
     const bad = records.filter((r) => r.status >= 500 || r.streamError).length;
     const n429 = records.reduce((n, r) => n + r.status429, 0);
-    const kv = lastKv.kv ? `, kv running ${lastKv.kv.running} resident ${lastKv.kv.resident} free ${lastKv.kv.free}` : "";
+    const kv = lastKv.kv
+      ? `, kv running ${lastKv.kv.running} resident ${lastKv.kv.resident} reserved ${lastKv.kv.reserved} free ${lastKv.kv.free}`
+      : "";
     o.onProgress(`${o.name}: ${records.length}/${total} done, ${inFlight} in flight, ${n429} x 429, ${bad} x 5xx${kv}`);
   }, o.progressIntervalMs);
 

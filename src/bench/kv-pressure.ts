@@ -90,6 +90,8 @@ export interface KvPressureReport {
   /** Estimated prompt tokens of the last turn (the run is sized with it). */
   estimatedLastPromptTokens: number;
   targets: TargetSummary[];
+  /** When the figures were computed again from the stored records (src/bench/rereport.ts); absent for a fresh run. */
+  rejudgedAt?: string;
 }
 
 const DEFAULTS = {
@@ -106,16 +108,22 @@ const DEFAULTS = {
   sampleIntervalMs: 1000,
   reuseMinTokens: 2048,
 };
+// Sized so that the tiny run is under KV pressure, not only under load: all
+// loops start at once, one more than there are slots, and from the second turn on
+// (~750 prompt tokens) a request's reservation plus any other request's
+// (>= ~470) exceeds the 1024-cell pool, so requests wait for KV room and idle
+// prefixes are evicted. A tiny request takes milliseconds, so a stagger would
+// let each loop finish before the next one starts.
 const TINY_DEFAULTS: typeof DEFAULTS = {
   model: "tiny",
   ctxSize: 1024,
   parallel: 2,
   loops: 3,
   systemTokens: 160,
-  toolResultTokens: 80,
+  toolResultTokens: 200,
   userTokens: 12,
   maxTokens: 8,
-  staggerMs: 150,
+  staggerMs: 0,
   seed: 1,
   sampleIntervalMs: 250,
   reuseMinTokens: 128,
@@ -328,11 +336,17 @@ export async function runKvPressure(o: KvPressureOptions = {}): Promise<{ report
     estimatedLastPromptTokens: lastPrompt,
     targets: summaries,
   };
-  writeFileSync(join(outDir, "summary.json"), `${JSON.stringify(report, null, 2)}\n`);
-  writeFileSync(join(outDir, "summary.md"), summaryMarkdown(report));
-  writeFileSync(join(outDir, "chart.svg"), renderChart(summaries, chartTitle(report)));
+  writeReport(outDir, report);
   log(`wrote ${join(outDir, "summary.json")}, summary.md and chart.svg`);
   return { report, outDir };
+}
+
+/** Write summary.json, summary.md and chart.svg of a report into `outDir`. */
+export function writeReport(outDir: string, report: KvPressureReport): void {
+  mkdirSync(outDir, { recursive: true });
+  writeFileSync(join(outDir, "summary.json"), `${JSON.stringify(report, null, 2)}\n`);
+  writeFileSync(join(outDir, "summary.md"), summaryMarkdown(report));
+  writeFileSync(join(outDir, "chart.svg"), renderChart(report.targets, chartTitle(report)));
 }
 
 function chartTitle(r: KvPressureReport): string {
@@ -348,6 +362,9 @@ export function summaryMarkdown(r: KvPressureReport): string {
     "# mesh bench kv-pressure",
     "",
     `- date: ${r.date}`,
+    ...(r.rejudgedAt
+      ? [`- figures computed again on ${r.rejudgedAt} from this run's stored requests and samples (src/bench/rereport.ts)`]
+      : []),
     `- command: \`${r.command}\``,
     `- machine: ${r.machine.cores} cores, ${r.machine.cpu}, ${r.machine.platform}/${r.machine.arch}`,
     `- model: ${c.modelPath ?? c.model}; ctx ${c.ctxSize}, ${c.parallel} parallel slots, ${c.threads} threads`,

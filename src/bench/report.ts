@@ -40,7 +40,7 @@ export interface TargetSummary {
   /** No HTTP answer at all (refused, reset, timed out). */
   transportErrors: number;
   decodeFailures: {
-    /** Failed requests whose error mentions KV or decode. */
+    /** Failed requests (5xx or an error inside a stream) whose error says KV or a decode step failed, in mesh's or llama-server's words. */
     client: number;
     /** Increase of the node's decode-failure counter over the run; null without mesh /metrics. */
     server: number | null;
@@ -88,7 +88,13 @@ export interface JudgeOptions {
 // The shared prefix ends a few tokens before the end of the prompt that held
 // it (the generation prompt, the start of the next message): give that back.
 const PREFIX_SLACK = 32;
-const DECODE_ERROR = /\bkv\b|kv_|kv cache|decode|memory slot|cache space/i;
+// mesh names KV and decode in its errors; llama-server's decode() does not:
+// when llama_decode returns 1 (no KV slot) it answers "Context size has been
+// exceeded.", -1 "Invalid input batch.", below -1 "Compute error."
+// (tools/server/server-context.cpp). Its 400 for a prompt longer than the
+// context ("... exceeds the available context size ...") is a refusal, not a
+// failed decode, and does not match.
+const DECODE_ERROR = /\bkv\b|kv_|kv cache|decode|memory slot|cache space|context size has been exceeded|invalid input batch|compute error/i;
 
 /** True when a failed request's error says the KV cache or a decode step failed. */
 export function isDecodeFailure(r: Pick<RequestRecord, "status" | "streamError" | "error" | "ok">): boolean {

@@ -52,7 +52,10 @@ export function metricValue(samples: PromSample[], name: string, match: Record<s
 export interface KvCells {
   running: number;
   resident: number;
+  /** Promised to running requests and not yet used (0 where the target does not publish it). */
+  reserved: number;
   free: number;
+  /** The pool's size. */
   total: number;
 }
 
@@ -78,14 +81,17 @@ export function nodeFigures(s: PromSample[]): NodeFigures {
   const resident = metricValue(s, "mesh_kv_cells", { state: "resident" });
   const free = metricValue(s, "mesh_kv_cells", { state: "free" });
   if (running !== null && resident !== null && free !== null) {
-    kv = { running, resident, free, total: running + resident + free };
+    const reserved = metricValue(s, "mesh_kv_cells", { state: "reserved" }) ?? 0;
+    // The node's own pool size: adding up the states would depend on knowing every state.
+    const total = metricValue(s, "mesh_kv_cells_total") ?? running + resident + reserved + free;
+    kv = { running, resident, reserved, free, total };
   } else {
     // The first generation of names: used (running + resident), running, total.
     const used = metricValue(s, "mesh_kv_cells_used");
     const run = metricValue(s, "mesh_kv_cells_running");
     const total = metricValue(s, "mesh_kv_cells_total");
     if (used !== null && run !== null && total !== null) {
-      kv = { running: run, resident: Math.max(0, used - run), free: Math.max(0, total - used), total };
+      kv = { running: run, resident: Math.max(0, used - run), reserved: 0, free: Math.max(0, total - used), total };
     }
   }
   return {

@@ -1,6 +1,6 @@
 // chart.svg of a kv-pressure run, written by hand (no plotting dependency):
-// per target, KV cells over time (running and resident, stacked, against the
-// pool) and request latency over time (end-to-end, time to first token,
+// per target, KV cells over time (running, resident and reserved, stacked,
+// against the pool) and request latency over time (end-to-end, time to first token,
 // failures), on one time axis shared by all targets.
 
 import type { TargetSummary } from "./report";
@@ -11,7 +11,15 @@ const GAP = 34;
 const LEFT = 70;
 const RIGHT = 150;
 const TITLE_H = 28;
-const COLORS = { running: "#2b6cb0", resident: "#dd8a2e", total: "#444", e2e: "#2f855a", ttft: "#805ad5", failed: "#c53030" };
+const COLORS = {
+  running: "#2b6cb0",
+  resident: "#dd8a2e",
+  reserved: "#a0aec0",
+  total: "#444",
+  e2e: "#2f855a",
+  ttft: "#805ad5",
+  failed: "#c53030",
+};
 
 /** Text safe inside an SVG element or attribute. */
 export function escapeXml(s: string): string {
@@ -91,7 +99,11 @@ function kvPanel(t: TargetSummary, p: Panel): string[] {
     [...vals, ...lower.reverse()].map(([x, y]) => `${f1(x)},${f1(y)}`).join(" ");
   const running = pts.map((s) => [px(p, s.tMs), py(p, s.kv?.running ?? 0)] as [number, number]);
   const stacked = pts.map((s) => [px(p, s.tMs), py(p, (s.kv?.running ?? 0) + (s.kv?.resident ?? 0))] as [number, number]);
+  const promised = pts.map(
+    (s) => [px(p, s.tMs), py(p, (s.kv?.running ?? 0) + (s.kv?.resident ?? 0) + (s.kv?.reserved ?? 0))] as [number, number],
+  );
   const floor = pts.map((s) => [px(p, s.tMs), base] as [number, number]);
+  out.push(`<polygon points="${poly(promised, [...stacked])}" fill="${COLORS.reserved}" fill-opacity="0.6"/>`);
   out.push(`<polygon points="${poly(stacked, [...running])}" fill="${COLORS.resident}" fill-opacity="0.7"/>`);
   out.push(`<polygon points="${poly(running, floor)}" fill="${COLORS.running}" fill-opacity="0.8"/>`);
   const total = pts.map((s) => `${f1(px(p, s.tMs))},${f1(py(p, s.kv?.total ?? 0))}`).join(" ");
@@ -100,6 +112,7 @@ function kvPanel(t: TargetSummary, p: Panel): string[] {
     ...legend(p.x0 + p.w + 12, p.y0, [
       [COLORS.running, "running"],
       [COLORS.resident, "resident prefixes"],
+      [COLORS.reserved, "reserved (growth)"],
       [COLORS.total, "pool (dashed)"],
     ]),
   );
@@ -144,7 +157,7 @@ export function renderChart(targets: TargetSummary[], title: string): string {
   // One scale per panel kind across targets, so targets compare at a glance.
   const kvMax = Math.max(
     1,
-    ...targets.flatMap((t) => t.samples.map((s) => (s.kv ? Math.max(s.kv.total, s.kv.running + s.kv.resident) : 0))),
+    ...targets.flatMap((t) => t.samples.map((s) => (s.kv ? Math.max(s.kv.total, s.kv.running + s.kv.resident + s.kv.reserved) : 0))),
   );
   const latMax = Math.max(1, ...targets.flatMap((t) => t.records.map((r) => r.e2eMs)));
   targets.forEach((t, i) => {

@@ -1,7 +1,8 @@
 // A short `mesh bench kv-pressure` run on the tiny model: the bench starts a
 // real mesh node (a separate process on 127.0.0.1), drives overlapping loops
-// against it and writes its report. Asserts the report's structure and that
-// no request failed; never how fast anything was.
+// against it and writes its report. Asserts the report's structure, that the
+// run really put the KV pool under pressure, and that no request failed;
+// never how fast anything was.
 import { describe, expect, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -11,20 +12,12 @@ import { type KvPressureReport, resolveKvPressureOptions, runKvPressure } from "
 import { xmlProblems } from "../helpers/xml";
 
 describe("mesh bench kv-pressure", () => {
-  test("tiny_run_writes_a_complete_report_with_no_failures", async () => {
+  test("tiny_run_puts_the_pool_under_pressure_and_writes_a_complete_report_with_no_failures", async () => {
     const out = mkdtempSync(join(tmpdir(), "mesh-kvp-"));
     try {
       const lines: string[] = [];
-      const { report, outDir } = await runKvPressure({
-        tiny: true,
-        ctxSize: 1024,
-        parallel: 2,
-        threads: 1,
-        loops: 3,
-        turns: 2,
-        out,
-        onProgress: (l) => lines.push(l),
-      });
+      // The --tiny preset itself (what CI runs), on one thread.
+      const { report, outDir } = await runKvPressure({ tiny: true, threads: 1, out, onProgress: (l) => lines.push(l) });
       expect(outDir).toBe(out);
       expect(lines.some((l) => l.startsWith("mesh: ready at http://127.0.0.1:"))).toBe(true);
 
@@ -32,7 +25,7 @@ describe("mesh bench kv-pressure", () => {
       expect(json).toEqual(JSON.parse(JSON.stringify(report)));
       expect(json).toMatchObject({ kind: "mesh-bench-kv-pressure", version: 1, order: "sequential" });
       expect(json.config).toMatchObject({ ctxSize: 1024, parallel: 2, threads: 1, tiny: true, compare: null, url: null });
-      expect(json.config.workload).toMatchObject({ loops: 3, turns: 2 });
+      expect(json.config.workload).toMatchObject({ loops: 3, turns: 2, staggerMs: 0, maxTokens: 8 });
       expect(json.config.modelPath).toEndWith("mesh-tiny.gguf");
       expect(json.targets).toHaveLength(1);
 
@@ -68,6 +61,22 @@ describe("mesh bench kv-pressure", () => {
       expect(t.kvCellsTotal).toBe(1024);
       expect(t.samples.length).toBeGreaterThan(0);
       expect(t.samples.some((s) => s.kv !== null)).toBe(true);
+      // The pool is the node's mesh_kv_cells_total, whatever is reserved at the moment.
+      for (const s of t.samples) if (s.kv) expect(s.kv.total).toBe(1024);
+
+      // Pressure by construction: a second turn's reservation (prompt + max_tokens)
+      // plus the smallest request's does not fit the pool, so those never run together.
+      const reservations = t.records.map((r) => (r.usage?.promptTokens ?? 0) + 8);
+      const smallest = Math.min(...reservations);
+      for (const r of t.records.filter((x) => x.kind === "turn" && x.turn === 1)) {
+        expect((r.usage?.promptTokens ?? 0) + 8 + smallest).toBeGreaterThan(1024);
+      }
+      // And it happened: requests waited (3 loops on 2 slots would queue for a slot
+      // alone), and idle prefixes were evicted, which the engine does only when a
+      // reservation does not fit the free cells.
+      expect(t.admissions.queued as number).toBeGreaterThan(0);
+      expect(t.evictions.count as number).toBeGreaterThan(0);
+      expect(t.admissions.rejected).toBe(0);
       for (const r of t.records) {
         expect(r.ok).toBe(true);
         expect(r.usage?.completionTokens).toBe(8);
@@ -110,6 +119,10 @@ describe("mesh bench kv-pressure", () => {
     const t = resolveKvPressureOptions({ tiny: true, loops: 5 });
     expect(t).toMatchObject({ model: "tiny", ctxSize: 1024, parallel: 2 });
     expect(t.workload.loops).toBe(5);
+    const tiny = resolveKvPressureOptions({ tiny: true });
+    // More loops than slots, all started at once.
+    expect(tiny.workload.loops).toBeGreaterThan(tiny.parallel);
+    expect(tiny.workload.staggerMs).toBe(0);
     expect(resolveKvPressureOptions({ url: "http://127.0.0.1:9337/v1/" }).url).toBe("http://127.0.0.1:9337");
   });
 });

@@ -30,7 +30,7 @@ function run(records: RequestRecord[], probePromptTokens = 2600): DriveResult {
     durationMs: 5000,
     probePromptTokens,
     records,
-    samples: [{ tMs: 0, inFlight: 0, done: 0, kv: { running: 0, resident: 10, free: 90, total: 100 } }],
+    samples: [{ tMs: 0, inFlight: 0, done: 0, kv: { running: 0, resident: 10, reserved: 0, free: 90, total: 100 } }],
     before: {
       kv: null,
       evictions: 2,
@@ -44,7 +44,7 @@ function run(records: RequestRecord[], probePromptTokens = 2600): DriveResult {
       hostRestores: null,
     },
     after: {
-      kv: { running: 0, resident: 50, free: 50, total: 100 },
+      kv: { running: 0, resident: 50, reserved: 0, free: 50, total: 100 },
       evictions: 5,
       evictedCells: 400,
       decodeKvFailures: 1,
@@ -70,6 +70,37 @@ describe("kv-pressure report", () => {
     expect(isDecodeFailure({ ...base, status: 500, error: "internal server error" })).toBe(false);
     expect(isDecodeFailure({ ...base, status: 429, error: "server_busy: retry" })).toBe(false);
     expect(isDecodeFailure({ ...base, status: 400, error: "context_length_exceeded: the prompt has 9000 tokens (kv)" })).toBe(false);
+  });
+
+  test("llama_server_decode_errors_are_decode_failures", () => {
+    const base = { ok: false, streamError: false };
+    // The texts llama-server's decode() sends for llama_decode returning 1, -1 and < -1.
+    expect(isDecodeFailure({ ...base, status: 500, error: "Context size has been exceeded." })).toBe(true);
+    expect(isDecodeFailure({ ok: false, streamError: true, status: 200, error: "Context size has been exceeded." })).toBe(true);
+    expect(isDecodeFailure({ ...base, status: 500, error: "Invalid input batch." })).toBe(true);
+    expect(isDecodeFailure({ ...base, status: 500, error: "Compute error." })).toBe(true);
+    expect(isDecodeFailure({ ...base, status: 500, error: "decode() failed: Compute error." })).toBe(true);
+    // Its refusal of a prompt longer than the context is not a failed decode, whatever the status.
+    const tooLong = "request (9000 tokens) exceeds the available context size (8192 tokens), try increasing it";
+    expect(isDecodeFailure({ ...base, status: 400, error: tooLong })).toBe(false);
+    expect(isDecodeFailure({ ...base, status: 500, error: tooLong })).toBe(false);
+    expect(isDecodeFailure({ ...base, status: 500, error: "got exception: boom" })).toBe(false);
+  });
+
+  test("a_run_failed_by_llama_server_context_errors_counts_them_as_decode_failures", () => {
+    // The shape of the 2026-12-02 acceptance run: 500s, errors inside 200 streams, and a reset connection.
+    const error = "Context size has been exceeded.";
+    const records = [
+      rec({ loop: 0, turn: 0, usage: u(2620, 2571) }),
+      ...Array.from({ length: 33 }, (_, i) => rec({ loop: i, turn: 1, ok: false, status: 500, usage: null, error })),
+      ...Array.from({ length: 21 }, (_, i) =>
+        rec({ loop: i, turn: 2, ok: false, status: 200, stream: true, streamError: true, usage: null, error }),
+      ),
+      rec({ loop: 0, turn: 3, ok: false, status: 0, usage: null, error: "ECONNRESET: The socket connection was closed unexpectedly." }),
+    ];
+    const s = summarize("llama-server", "u", "m", 4, { ...run(records), before: null, after: null }, JUDGE);
+    expect(s).toMatchObject({ successes: 1, status5xx: 54, transportErrors: 1, decodeFailures: { client: 54, server: null } });
+    expect(markdownTable([s])).toContain("| decode failures (client / node) | 54 / - |");
   });
 
   test("counts_statuses_and_judges_cache_reuse", () => {

@@ -1,11 +1,20 @@
 import { describe, expect, test } from "bun:test";
 import { delta, MAX_METRICS_BYTES, MAX_METRICS_LINES, metricValue, nodeFigures, parsePrometheus, scrape } from "../../src/bench/scrape";
+import { type GaugeValues, Metrics } from "../../src/server/metrics";
 
-const NEW_NAMES = `# HELP mesh_kv_cells KV cells by state
+// Engine figures as /metrics renders them: the ones given, every other one 0
+// (so the engine can gain figures without this test listing them).
+function stats(given: Partial<GaugeValues>): GaugeValues {
+  return new Proxy(given, { get: (t, k) => (t as Record<string | symbol, unknown>)[k] ?? 0 }) as GaugeValues;
+}
+
+const NEW_NAMES = `mesh_kv_cells_total 1024
+# HELP mesh_kv_cells KV cells by state
 # TYPE mesh_kv_cells gauge
 mesh_kv_cells{state="running"} 300
 mesh_kv_cells{state="resident"} 200
-mesh_kv_cells{state="free"} 524
+mesh_kv_cells{state="reserved"} 124
+mesh_kv_cells{state="free"} 400
 mesh_admissions_total{result="admitted"} 10
 mesh_admissions_total{result="queued"} 4
 mesh_admissions_total{result="rejected"} 1
@@ -37,7 +46,8 @@ describe("metrics scrape", () => {
 
   test("reads_kv_cells_and_admissions_from_the_current_names", () => {
     const f = nodeFigures(parsePrometheus(NEW_NAMES));
-    expect(f.kv).toEqual({ running: 300, resident: 200, free: 524, total: 1024 });
+    // The pool is mesh_kv_cells_total, reserved cells included (running + resident + free is only 900).
+    expect(f.kv).toEqual({ running: 300, resident: 200, reserved: 124, free: 400, total: 1024 });
     expect(f).toMatchObject({
       evictions: 3,
       evictedCells: 700,
@@ -51,9 +61,20 @@ describe("metrics scrape", () => {
     });
   });
 
+  test("the_pool_is_what_mesh_serve_publishes_as_mesh_kv_cells_total", () => {
+    const g = stats({ kvCellsRunning: 3000, kvCellsResident: 1000, kvCellsReserved: 2500, kvCellsFree: 1692, kvCellsTotal: 8192 });
+    const f = nodeFigures(parsePrometheus(new Metrics().render(g)));
+    expect(f.kv).toEqual({ running: 3000, resident: 1000, reserved: 2500, free: 1692, total: 8192 });
+  });
+
+  test("without_mesh_kv_cells_total_the_pool_is_every_state_added_up", () => {
+    const f = nodeFigures(parsePrometheus(NEW_NAMES.replace("mesh_kv_cells_total 1024\n", "")));
+    expect(f.kv?.total).toBe(1024);
+  });
+
   test("reads_kv_cells_from_the_first_generation_of_names", () => {
     const f = nodeFigures(parsePrometheus(OLD_NAMES));
-    expect(f.kv).toEqual({ running: 300, resident: 200, free: 524, total: 1024 });
+    expect(f.kv).toEqual({ running: 300, resident: 200, reserved: 0, free: 524, total: 1024 });
     expect(f.decodeKvFailures).toBe(2);
     expect(f.cachedPromptTokens).toBe(77);
     expect(f.evictions).toBeNull();
@@ -84,7 +105,7 @@ describe("metrics scrape", () => {
     });
     try {
       const f = await scrape(`http://127.0.0.1:${server.port}`);
-      expect(f?.kv).toEqual({ running: 300, resident: 200, free: 524, total: 1024 });
+      expect(f?.kv).toEqual({ running: 300, resident: 200, reserved: 124, free: 400, total: 1024 });
       // The line past the cap was never read.
       expect(f?.evictions).toBe(3);
       const none = await scrape(`http://127.0.0.1:${server.port}/nothing-here`);

@@ -1,6 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import type { RequestRecord, Sample } from "../../src/bench/drive";
 import type { TargetSummary } from "../../src/bench/report";
+import { nodeFigures, parsePrometheus } from "../../src/bench/scrape";
 import { escapeXml, niceStep, renderChart } from "../../src/bench/svg";
 import { xmlProblems } from "../helpers/xml";
 
@@ -9,7 +10,9 @@ function target(name: string, withKv: boolean): TargetSummary {
     tMs: i * 500,
     inFlight: i % 4,
     done: i,
-    kv: withKv ? { running: 100 * (i % 5), resident: 50 * (i % 3), free: 1024 - 100 * (i % 5) - 50 * (i % 3), total: 1024 } : null,
+    kv: withKv
+      ? { running: 100 * (i % 5), resident: 50 * (i % 3), reserved: 20 * (i % 5), free: 1024 - 120 * (i % 5) - 50 * (i % 3), total: 1024 }
+      : null,
   }));
   const records = Array.from(
     { length: 12 },
@@ -44,10 +47,31 @@ describe("kv-pressure chart", () => {
     expect(svg).toContain('<svg xmlns="http://www.w3.org/2000/svg"');
     expect(svg).toContain("mesh &lt;&amp;&gt; &apos;x&apos;");
     expect(svg).toContain("no KV metrics from this target");
-    // Stacked KV areas for the target that publishes them, one failure mark.
-    expect(svg.match(/<polygon /g)?.length).toBe(2);
+    // Stacked KV areas (running, resident, reserved) for the target that publishes them, one failure mark.
+    expect(svg.match(/<polygon /g)?.length).toBe(3);
     expect(svg.match(/stroke="#c53030"/g)?.length).toBe(2);
     expect(svg).not.toContain("NaN");
+  });
+
+  test("the_pool_line_stays_at_the_pool_size_while_cells_are_reserved", () => {
+    // Samples as the bench reads them from mesh's /metrics, with cells promised to running requests.
+    const samples: Sample[] = [0, 300, 700, 200].map((reserved, i) => {
+      const running = 200 + 100 * i;
+      const text = [
+        "mesh_kv_cells_total 1024",
+        `mesh_kv_cells{state="running"} ${running}`,
+        'mesh_kv_cells{state="resident"} 100',
+        `mesh_kv_cells{state="reserved"} ${reserved}`,
+        `mesh_kv_cells{state="free"} ${Math.max(0, 1024 - running - 100 - reserved)}`,
+      ].join("\n");
+      return { tMs: i * 1000, inFlight: 1, done: i, kv: nodeFigures(parsePrometheus(text)).kv };
+    });
+    const svg = renderChart([{ ...target("mesh", true), samples }], "t");
+    const pool = /<polyline points="([^"]+)" fill="none" stroke="#444" stroke-dasharray/.exec(svg)?.[1];
+    if (!pool) throw new Error("no pool line");
+    const ys = new Set(pool.split(" ").map((pt) => pt.split(",")[1]));
+    expect(ys.size).toBe(1);
+    expect(svg).toContain("reserved (growth)");
   });
 
   test("empty_targets_still_give_a_valid_chart", () => {
