@@ -112,6 +112,9 @@ export interface EngineStats extends SchedulerCounters {
   hostCacheBytes: number;
   hostCacheCapacityBytes: number;
   hostCacheEvictions: number;
+  /** Evictions and evicted cells over every reason. */
+  evictions: number;
+  evictedCells: number;
 }
 
 export type FinishReason = "stop" | "length" | "cancelled";

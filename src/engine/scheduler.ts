@@ -6,6 +6,7 @@ import { HostCache, type HostEntry } from "./host-cache";
 import { type KvUsage, kvUsage, planEviction, reservation, type SlotUsage } from "./kv";
 import type { Native } from "./native";
 import type { EngineStats, FinishReason, GenerateRequest, TokenEvent } from "./protocol";
+import { queueRefusals } from "./queue";
 import { StopMatcher, Utf8Stream } from "./text";
 
 /** A sequence's state saved by the shim in its own host buffer (freed when the cache drops it). */
@@ -101,9 +102,15 @@ export interface SchedulerCounters {
   queued: number;
   rejectedQueueFull: number;
   rejectedQueueTimeout: number;
-  /** Resident prefixes trimmed or dropped to make room, and the cells freed. */
-  evictions: number;
-  evictedCells: number;
+  /** Idle resident prefixes trimmed or dropped from the pool, and the cells freed, per reason (stats adds the totals). */
+  evictionsBudget: number;
+  evictionsOffload: number;
+  evictionsDivergent: number;
+  evictionsRetry: number;
+  evictedCellsBudget: number;
+  evictedCellsOffload: number;
+  evictedCellsDivergent: number;
+  evictedCellsRetry: number;
   /** Requests without an explicit max_tokens stopped (length) when they outgrew their reservation and the pool was full. */
   stoppedAtPoolLimit: number;
   /** Idle sequences saved to host RAM, restored from it (and the prompt tokens that saved), and restores llama.cpp refused. */
@@ -111,6 +118,25 @@ export interface SchedulerCounters {
   hostRestores: number;
   hostRestoredTokens: number;
   hostRestoreFailures: number;
+}
+
+/**
+ * Why idle cells left the pool: the admission budget or a decode needed room
+ * (budget), an idle conversation moved to host RAM when another request was
+ * admitted (offload), the part of a reused slot after the shared prefix
+ * (divergent), or the last line of defence after a refused decode (retry).
+ */
+export type EvictionReason = (typeof EVICTION_REASONS)[number];
+/** Every eviction reason, in the order /metrics lists them. */
+export const EVICTION_REASONS = ["budget", "offload", "divergent", "retry"] as const;
+
+/** The stats fields counting one reason's evictions and evicted cells. */
+export function evictionFields(r: EvictionReason): {
+  count: `evictions${Capitalize<EvictionReason>}`;
+  cells: `evictedCells${Capitalize<EvictionReason>}`;
+} {
+  const c = `${r[0]?.toUpperCase()}${r.slice(1)}` as Capitalize<EvictionReason>;
+  return { count: `evictions${c}`, cells: `evictedCells${c}` };
 }
 
 /** Shorter idle sequences are dropped rather than saved: prefilling them again costs about as much as the copy. */
@@ -135,7 +161,7 @@ export function commonPrefix(a: readonly number[], b: readonly number[]): number
 /** Owns slots, the waiting queue and one decode per step for all live sequences. */
 export class Scheduler {
   private readonly slots: Slot[];
-  private readonly waiting: Waiting[] = [];
+  private waiting: Waiting[] = [];
   private readonly tokens: Int32Array;
   private readonly pos: Int32Array;
   private readonly seq: Int32Array;
@@ -156,8 +182,14 @@ export class Scheduler {
     queued: 0,
     rejectedQueueFull: 0,
     rejectedQueueTimeout: 0,
-    evictions: 0,
-    evictedCells: 0,
+    evictionsBudget: 0,
+    evictionsOffload: 0,
+    evictionsDivergent: 0,
+    evictionsRetry: 0,
+    evictedCellsBudget: 0,
+    evictedCellsOffload: 0,
+    evictedCellsDivergent: 0,
+    evictedCellsRetry: 0,
     stoppedAtPoolLimit: 0,
     hostSaves: 0,
     hostRestores: 0,
@@ -291,6 +323,8 @@ export class Scheduler {
       hostCacheCapacityBytes: host.capacityBytes,
       hostCacheEvictions: host.evictions,
       ...this.counters,
+      evictions: EVICTION_REASONS.reduce((sum, r) => sum + this.counters[evictionFields(r).count], 0),
+      evictedCells: EVICTION_REASONS.reduce((sum, r) => sum + this.counters[evictionFields(r).cells], 0),
     };
   }
 
@@ -315,7 +349,7 @@ export class Scheduler {
   }
 
   /** Apply a plan's trims; returns the cells freed. */
-  private evict(evictions: readonly { seq: number; keep: number }[]): number {
+  private evict(evictions: readonly { seq: number; keep: number }[], reason: EvictionReason = "budget"): number {
     let freed = 0;
     for (const e of evictions) {
       const s = this.slots[e.seq] as Slot;
@@ -324,13 +358,17 @@ export class Scheduler {
       if (this.host.enabled && !s.active && before - e.keep > 0) this.offload(s, false);
       this.truncate(s, e.keep);
       const cells = before - s.history.length;
-      if (cells > 0) {
-        freed += cells;
-        this.counters.evictions++;
-        this.counters.evictedCells += cells;
-      }
+      freed += cells;
+      this.countEviction(reason, cells);
     }
     return freed;
+  }
+
+  private countEviction(reason: EvictionReason, cells: number): void {
+    if (cells <= 0) return;
+    const f = evictionFields(reason);
+    this.counters[f.count]++;
+    this.counters[f.cells] += cells;
   }
 
   /** Free every state saved in host RAM (shutdown). */
@@ -437,12 +475,16 @@ export class Scheduler {
       if (restore) {
         this.restoreInto(target, restore);
         keep = Math.min(commonPrefix(target.history, w.prompt), w.prompt.length - 1);
+        const restored = target.history.length;
         this.truncate(target, keep);
+        this.countEviction("divergent", restored - target.history.length);
         this.counters.hostRestoredTokens += target.history.length;
       } else {
         // The divergent tail about to be dropped may be another conversation's next turn.
         if (this.host.enabled && target.history.length - keep >= HOST_MIN_TOKENS) this.offload(target, false);
+        const before = target.history.length;
         this.truncate(target, keep);
+        this.countEviction("divergent", before - target.history.length);
       }
       // An empty pool: start placing cells from the first one again, so the
       // attention window (up to the highest cell in use) is as short as it can be.
@@ -511,10 +553,18 @@ export class Scheduler {
   // so the oldest keep their place).
   private expireQueue(out: TokenEvent[]): void {
     const now = this.d.now();
-    for (let i = this.waiting.length - 1; i >= 0; i--) {
-      const w = this.waiting[i] as Waiting;
-      if (now - w.enqueuedAt <= this.d.queueTimeoutMs) continue;
-      this.waiting.splice(i, 1);
+    const { timedOut, overflow } = queueRefusals(
+      this.waiting.map((w) => w.enqueuedAt),
+      now,
+      this.d.queueCapacity,
+      this.d.queueTimeoutMs,
+    );
+    if (timedOut.length + overflow.length === 0) return;
+    const refused = new Set([...timedOut, ...overflow]);
+    const waiting = this.waiting;
+    this.waiting = waiting.filter((_, i) => !refused.has(i));
+    for (const i of timedOut) {
+      const w = waiting[i] as Waiting;
       this.counters.rejectedQueueTimeout++;
       out.push({
         id: w.id,
@@ -526,8 +576,8 @@ export class Scheduler {
         },
       });
     }
-    while (this.waiting.length > this.d.queueCapacity) {
-      const w = this.waiting.pop() as Waiting;
+    for (const i of overflow) {
+      const w = waiting[i] as Waiting;
       this.counters.rejectedQueueFull++;
       out.push({
         id: w.id,
@@ -630,7 +680,11 @@ export class Scheduler {
         }
       }
     }
-    if (clear) this.truncate(s, 0);
+    if (clear) {
+      const before = s.history.length;
+      this.truncate(s, 0);
+      this.countEviction("offload", before);
+    }
   }
 
   /** Copy a saved sequence back into an idle slot; on failure the slot is left empty and the prompt is prefilled. */
@@ -653,7 +707,8 @@ export class Scheduler {
 
   /** Drop every idle slot's resident KV; returns the cells freed. */
   private evictIdle(): number {
-    return this.evict(this.slots.filter((s) => !s.active && s.history.length > 0).map((s) => ({ seq: s.seq, keep: 0 })));
+    const all = this.slots.filter((s) => !s.active && s.history.length > 0).map((s) => ({ seq: s.seq, keep: 0 }));
+    return this.evict(all, "retry");
   }
 
   /** Drop a slot's KV from position keep on. */

@@ -116,6 +116,8 @@ export function createApp(o: AppOptions) {
       }
       if (code === "NOT_FOUND") return reply(new ApiError(404, "invalid_request_error", "unknown route", null, "not_found"));
       const api = toApiError(error);
+      // The engine refuses these before its own admission counters see them.
+      if (api.code === "server_busy") o.metrics.rejectedServerBusy();
       if (api.status >= 500) o.logger.error("request failed", { status: api.status, code: api.code, error: (error as Error)?.message });
       return reply(api);
     })

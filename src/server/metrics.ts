@@ -1,4 +1,5 @@
 import type { EngineStats } from "../engine";
+import { EVICTION_REASONS, evictionFields } from "../engine/scheduler";
 
 // Prometheus text exposition, written here because it is small: counters,
 // gauges and histograms with fixed, bounded label sets (route names and status
@@ -135,8 +136,16 @@ export class Metrics {
           ['{reason="queue_timeout"}', g.rejectedQueueTimeout],
           ['{reason="server_busy"}', this.serverBusy],
         ]),
-        counter("mesh_kv_evictions_total", "Idle resident prefixes trimmed or dropped to make KV room", [["", g.evictions]]),
-        counter("mesh_kv_evicted_cells_total", "KV cells freed by eviction", [["", g.evictedCells]]),
+        counter(
+          "mesh_kv_evictions_total",
+          "Idle resident prefixes trimmed or dropped from the KV pool, by reason: budget (room for an admission or a step), offload (moved to host RAM when another request started), divergent (the tail after a reused prefix), retry (after a refused decode)",
+          EVICTION_REASONS.map((r) => [`{reason="${r}"}`, g[evictionFields(r).count]]),
+        ),
+        counter(
+          "mesh_kv_evicted_cells_total",
+          "KV cells freed by eviction, by reason",
+          EVICTION_REASONS.map((r) => [`{reason="${r}"}`, g[evictionFields(r).cells]]),
+        ),
         counter("mesh_decode_kv_failures_total", "Decode steps llama.cpp refused for lack of KV room (recovered or not)", [
           ["", g.decodeKvFailures],
         ]),

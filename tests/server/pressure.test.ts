@@ -129,8 +129,11 @@ describe("KV admission over HTTP", () => {
       'mesh_admissions_total{result="rejected"}',
       'mesh_admission_rejections_total{reason="queue_full"}',
       "mesh_queue_wait_seconds_count",
-      "mesh_kv_evictions_total",
-      "mesh_kv_evicted_cells_total",
+      'mesh_kv_evictions_total{reason="budget"}',
+      'mesh_kv_evictions_total{reason="offload"}',
+      'mesh_kv_evictions_total{reason="divergent"}',
+      'mesh_kv_evictions_total{reason="retry"}',
+      'mesh_kv_evicted_cells_total{reason="offload"}',
       "mesh_decode_kv_failures_total",
       "mesh_cached_prompt_tokens_total",
     ]) {
@@ -205,7 +208,7 @@ describe("engine safety cap over HTTP", () => {
   });
 
   // Pending: src/server/app.ts must call o.metrics.rejectedServerBusy() in onError when toApiError gives code server_busy.
-  test.todo("server_busy_refusals_are_counted_as_rejected_admissions", async () => {
+  test("server_busy_refusals_are_counted_as_rejected_admissions", async () => {
     expect(await metric('mesh_admission_rejections_total{reason="server_busy"}', server.url)).toBe(2);
     expect(await metric('mesh_admissions_total{result="rejected"}', server.url)).toBe(2);
   });
