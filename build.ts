@@ -39,9 +39,16 @@ function log(msg: string): void {
   process.stderr.write(`[build] ${msg}\n`);
 }
 
+/** A build that could not be done: exit 1. */
 function fail(msg: string): never {
   process.stderr.write(`build: ${msg}\n`);
   process.exit(1);
+}
+
+/** A command line that makes no sense: exit 2, as the mesh CLI does for bad input. */
+function usage(msg: string): never {
+  process.stderr.write(`build: ${msg}\n`);
+  process.exit(2);
 }
 
 function run(cmd: string, args: string[], cwd = ROOT, quiet = false): void {
@@ -62,13 +69,19 @@ function fetchTarball(pin: Pin): string {
     log(`fetching ${pin.package}@${pin.version} from the npm registry`);
     run("npm", ["pack", `${pin.package}@${pin.version}`, "--pack-destination", CACHE, "--silent"], ROOT, true);
   }
-  const [algo, expected] = pin.integrity.split("-", 2) as [string, string];
-  const actual = createHash(algo).update(readFileSync(tgz)).digest("base64");
-  if (actual !== expected) {
+  const actual = integrityMismatch(readFileSync(tgz), pin.integrity);
+  if (actual !== null) {
     rmSync(tgz, { force: true });
-    fail(`${tgz} does not match the pinned integrity (got ${algo}-${actual}); it was removed, run again`);
+    fail(`${tgz} does not match the pinned integrity (got ${actual}); it was removed, run again`);
   }
   return tgz;
+}
+
+/** null when data matches an npm-style integrity string ("sha512-<base64>"), else the integrity data really has. */
+export function integrityMismatch(data: Uint8Array, integrity: string): string | null {
+  const [algo, expected] = integrity.split("-", 2) as [string, string];
+  const actual = createHash(algo).update(data).digest("base64");
+  return actual === expected ? null : `${algo}-${actual}`;
 }
 
 function gitHead(dir: string): string | null {
@@ -93,9 +106,10 @@ export function ensureSource(): void {
   if (gitHead(SRC) !== pin.commit) fail(`the bundle does not contain commit ${pin.commit}`);
 }
 
-function stampOf(o: NativeOptions): string {
+/** What a build depends on, hashed: the pin, the CMake wrapper, the shim and the options. */
+export function stampOf(o: NativeOptions, vendor = VENDOR): string {
   const h = createHash("sha256");
-  for (const f of ["pin.json", "CMakeLists.txt", join("shim", "mesh_shim.c")]) h.update(readFileSync(join(VENDOR, f)));
+  for (const f of ["pin.json", "CMakeLists.txt", join("shim", "mesh_shim.c")]) h.update(readFileSync(join(vendor, f)));
   h.update(JSON.stringify({ variant: o.variant, portable: o.portable, cudaArch: o.cudaArch ?? null }));
   return h.digest("hex");
 }
@@ -211,15 +225,15 @@ function parseArgs(argv: string[]): { command: string; native: NativeOptions } {
     else if (a === "--with-llama-server") native.withLlamaServer = true;
     else if (a === "--cuda-arch") {
       const v = argv[++i] ?? "";
-      if (!/^[0-9a-z;,-]+$/.test(v)) fail("--cuda-arch takes CUDA architectures, e.g. 86 or '86-real;89-real'");
+      if (!/^[0-9a-z;,-]+$/.test(v)) usage("--cuda-arch takes CUDA architectures, e.g. 86 or '86-real;89-real'");
       native.cudaArch = v.replaceAll(",", ";");
     } else if (a === "--jobs") {
       const n = Number(argv[++i]);
-      if (!Number.isInteger(n) || n < 1) fail("--jobs takes a positive whole number");
+      if (!Number.isInteger(n) || n < 1) usage("--jobs takes a positive whole number");
       native.jobs = n;
     } else if (a === "native" || a === "source" || a === "compile") command = a;
     else if (a === "--help" || a === "-h") command = "help";
-    else fail(`unknown argument '${a}' (try --help)`);
+    else usage(`unknown argument '${a}' (try --help)`);
   }
   return { command, native };
 }

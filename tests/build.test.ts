@@ -1,0 +1,58 @@
+// build.ts: what decides a rebuild, the pin check, the command line, and
+// that the library it made loads with nothing but the C runtime.
+import { expect, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import { cpSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { integrityMismatch, type NativeOptions, stampOf } from "../build";
+import { findNativeLib } from "../src/engine/library";
+
+const cpu: NativeOptions = { variant: "cpu", portable: false, withLlamaServer: false, jobs: 2 };
+
+test("the_build_stamp_changes_with_the_shim_the_pin_and_the_variant_and_only_with_them", () => {
+  const vendor = mkdtempSync(join(tmpdir(), "mesh-vendor-"));
+  try {
+    for (const f of ["pin.json", "CMakeLists.txt", "shim"])
+      cpSync(join(import.meta.dir, "..", "vendor", "llama.cpp", f), join(vendor, f), { recursive: true });
+    const base = stampOf(cpu, vendor);
+    expect(stampOf({ ...cpu, jobs: 8, withLlamaServer: true }, vendor)).toBe(base);
+    expect(stampOf({ ...cpu, variant: "cuda" }, vendor)).not.toBe(base);
+    expect(stampOf({ ...cpu, portable: true }, vendor)).not.toBe(base);
+    writeFileSync(join(vendor, "shim", "mesh_shim.c"), "/* changed */", { flag: "a" });
+    const shimChanged = stampOf(cpu, vendor);
+    expect(shimChanged).not.toBe(base);
+    writeFileSync(join(vendor, "pin.json"), " ", { flag: "a" });
+    expect(stampOf(cpu, vendor)).not.toBe(shimChanged);
+  } finally {
+    rmSync(vendor, { recursive: true, force: true });
+  }
+});
+
+test("a_tarball_that_does_not_match_the_pinned_integrity_is_refused", () => {
+  const data = new TextEncoder().encode("llama.cpp source");
+  const integrity = `sha512-${new Bun.CryptoHasher("sha512").update(data).digest("base64")}`;
+  expect(integrityMismatch(data, integrity)).toBeNull();
+  const other = integrityMismatch(new TextEncoder().encode("tampered"), integrity);
+  expect(other).toStartWith("sha512-");
+  expect(other).not.toBe(integrity);
+});
+
+test("a_bad_build_argument_is_one_line_and_exit_2", () => {
+  for (const args of [["--bogus"], ["--jobs", "0"], ["--cuda-arch", "sm 86!"]]) {
+    const r = spawnSync(process.execPath, ["run", join(import.meta.dir, "..", "build.ts"), ...args], { encoding: "utf8" });
+    expect(r.status).toBe(2);
+    expect(r.stderr.trim().split("\n")).toHaveLength(1);
+    expect(r.stderr).toStartWith("build: ");
+  }
+});
+
+test.skipIf(process.platform !== "linux")("the_native_library_needs_only_the_c_runtime_to_load", () => {
+  const lib = findNativeLib() as string;
+  const r = spawnSync("readelf", ["-d", lib], { encoding: "utf8" });
+  expect(r.status).toBe(0);
+  const needed = [...r.stdout.matchAll(/\(NEEDED\)\s+Shared library: \[([^\]]+)\]/g)].map((m) => m[1] as string);
+  expect(needed.length).toBeGreaterThan(0);
+  // No libstdc++, libgomp or sibling ggml libraries: one file loads on its own.
+  for (const n of needed) expect(n).toMatch(/^(libc|libm|libdl|libpthread|librt|ld-linux[-\w]*)\.so(\.\d+)?$/);
+});
