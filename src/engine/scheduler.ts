@@ -150,6 +150,13 @@ const MIN_REUSE_TOKENS = 16;
 /** A saved sequence is restored only when it serves at least this many more prompt tokens than the best resident slot. */
 const RESTORE_MIN_GAIN = 32;
 
+/** The idle slot holding the fewest cells, the least recently used among equals. */
+function emptiest(free: readonly Slot[]): Slot {
+  return free.reduce((a, b) =>
+    b.history.length < a.history.length || (b.history.length === a.history.length && b.lastUsed < a.lastUsed) ? b : a,
+  );
+}
+
 /** Length of the common prefix of two token arrays. */
 export function commonPrefix(a: readonly number[], b: readonly number[]): number {
   const n = Math.min(a.length, b.length);
@@ -430,7 +437,12 @@ export class Scheduler {
       let restore: HostEntry<HostState> | null = null;
       let target = best;
       let keep = Math.min(bestLcp, w.prompt.length - 1);
-      if (keep < MIN_REUSE_TOKENS) keep = 0;
+      if (keep < MIN_REUSE_TOKENS) {
+        keep = 0;
+        // Nothing worth reusing: take the emptiest idle slot (then the
+        // coldest) instead of wiping a conversation a later turn may continue.
+        best = emptiest(free);
+      }
       if (this.host.enabled) {
         const saved = this.host.best(w.prompt);
         if (saved && saved.lcp >= bestLcp + RESTORE_MIN_GAIN) {
@@ -439,9 +451,7 @@ export class Scheduler {
           this.host.touch(restore);
           this.host.pin(restore);
           // Restore into the emptiest idle slot (then the coldest): the least to save first.
-          target = free.reduce((a, b) =>
-            b.history.length < a.history.length || (b.history.length === a.history.length && b.lastUsed < a.lastUsed) ? b : a,
-          );
+          target = emptiest(free);
         }
         for (const s of free) if (s !== target && s !== best) this.offload(s);
       }

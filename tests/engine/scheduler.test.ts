@@ -98,6 +98,24 @@ describe("scheduler steps over the real library", () => {
     drain(s);
   });
 
+  test("a_shared_prefix_under_16_tokens_is_not_reused_and_does_not_wipe_the_conversation_it_matched", () => {
+    const s = scheduler();
+    const first = prompt(7, 60);
+    s.submit(1, FLAGS_OFFSET, request(first, 2), first, []);
+    drain(s);
+    const cachedFor = (shared: number, id: number) => {
+      const p = [...first.slice(0, shared), ...prompt(100 + id, 30)];
+      const out: TokenEvent[] = [];
+      s.submit(id, FLAGS_OFFSET + id, request(p, 2), p, out);
+      s.step(out);
+      const start = out.find((e) => e.kind === "start");
+      drain(s);
+      return start?.kind === "start" ? start.cachedTokens : -1;
+    };
+    expect(cachedFor(12, 2)).toBe(0);
+    expect(cachedFor(40, 3)).toBe(40);
+  });
+
   test("a_decode_failure_fails_only_the_request_whose_part_cannot_be_decoded_and_the_rest_continue", () => {
     const prompts = [prompt(3, 60), prompt(4, 80), prompt(5, 70)];
     const clean = scheduler();
