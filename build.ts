@@ -114,18 +114,8 @@ export function stampOf(o: NativeOptions, vendor = VENDOR): string {
   return h.digest("hex");
 }
 
-/** Build the native library variant (and llama-server when asked); returns the build directory. */
-export function buildNative(o: NativeOptions): string {
-  ensureSource();
-  const dir = join(VENDOR, "build", o.portable ? `${o.variant}-portable` : o.variant);
-  const stampFile = join(dir, "mesh-build.stamp");
-  const stamp = stampOf(o);
-  const serverBin = join(dir, "bin", "llama-server");
-  const needServer = o.withLlamaServer && !existsSync(serverBin);
-  if (existsSync(stampFile) && readFileSync(stampFile, "utf8") === stamp && !needServer) {
-    log(`native ${o.variant} library is up to date (${dir})`);
-    return dir;
-  }
+/** The CMake configure arguments for a variant (GPU backends, CPU baseline, GPU architectures). */
+export function cmakeFlags(o: NativeOptions, dir: string): string[] {
   const flags = [
     "-S",
     VENDOR,
@@ -146,6 +136,22 @@ export function buildNative(o: NativeOptions): string {
     // would exclude some, so the portable baseline stops at SSE4.2.
     flags.push("-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_FMA=OFF", "-DGGML_F16C=OFF", "-DGGML_AVX512=OFF", "-DGGML_BMI2=OFF");
   }
+  return flags;
+}
+
+/** Build the native library variant (and llama-server when asked); returns the build directory. */
+export function buildNative(o: NativeOptions): string {
+  ensureSource();
+  const dir = join(VENDOR, "build", o.portable ? `${o.variant}-portable` : o.variant);
+  const stampFile = join(dir, "mesh-build.stamp");
+  const stamp = stampOf(o);
+  const serverBin = join(dir, "bin", "llama-server");
+  const needServer = o.withLlamaServer && !existsSync(serverBin);
+  if (existsSync(stampFile) && readFileSync(stampFile, "utf8") === stamp && !needServer) {
+    log(`native ${o.variant} library is up to date (${dir})`);
+    return dir;
+  }
+  const flags = cmakeFlags(o, dir);
   log(`configuring ${o.variant}${o.portable ? " (portable)" : ""} in ${dir}`);
   run("cmake", flags, ROOT, true);
   const targets = ["meshllama", ...(o.withLlamaServer ? ["llama-server"] : [])];
@@ -210,7 +216,8 @@ export function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist"))
   return out;
 }
 
-function parseArgs(argv: string[]): { command: string; native: NativeOptions } {
+/** Parse build.ts arguments; a bad one exits 2. */
+export function parseArgs(argv: string[]): { command: string; native: NativeOptions } {
   let command = "native";
   const native: NativeOptions = {
     variant: process.platform === "darwin" ? "metal" : "cpu",

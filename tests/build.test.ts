@@ -2,10 +2,10 @@
 // that the library it made loads with nothing but the C runtime.
 import { expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
-import { cpSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { integrityMismatch, type NativeOptions, stampOf } from "../build";
+import { cmakeFlags, integrityMismatch, type NativeOptions, parseArgs, stampOf } from "../build";
 import { findNativeLib } from "../src/engine/library";
 
 const cpu: NativeOptions = { variant: "cpu", portable: false, withLlamaServer: false, jobs: 2 };
@@ -55,4 +55,29 @@ test.skipIf(process.platform !== "linux")("the_native_library_needs_only_the_c_r
   expect(needed.length).toBeGreaterThan(0);
   // No libstdc++, libgomp or sibling ggml libraries: one file loads on its own.
   for (const n of needed) expect(n).toMatch(/^(libc|libm|libdl|libpthread|librt|ld-linux[-\w]*)\.so(\.\d+)?$/);
+});
+
+test("cuda_and_metal_variants_configure_their_ggml_backend_and_cpu_builds_configure_neither", () => {
+  const cuda = parseArgs(["native", "--cuda", "--cuda-arch", "86,89-real"]).native;
+  expect(cuda).toMatchObject({ variant: "cuda", cudaArch: "86;89-real" });
+  const cudaFlags = cmakeFlags(cuda, "/b");
+  expect(cudaFlags).toContain("-DGGML_CUDA=ON");
+  expect(cudaFlags).toContain("-DGGML_METAL=OFF");
+  expect(cudaFlags).toContain("-DCMAKE_CUDA_ARCHITECTURES=86;89-real");
+  const metal = cmakeFlags({ ...cpu, variant: "metal" }, "/b");
+  expect(metal).toContain("-DGGML_METAL=ON");
+  expect(metal).toContain("-DGGML_METAL_EMBED_LIBRARY=ON");
+  expect(metal).toContain("-DGGML_CUDA=OFF");
+  const plain = cmakeFlags(parseArgs([]).native, "/b");
+  expect(plain).toContain(process.platform === "darwin" ? "-DGGML_METAL=ON" : "-DGGML_CUDA=OFF");
+  expect(plain).toContain("-DGGML_NATIVE=ON");
+  expect(plain.some((f) => f.startsWith("-DCMAKE_CUDA_ARCHITECTURES"))).toBe(false);
+  // The RPC backend is forced on by our CMake wrapper for every variant.
+  expect(readFileSync(join(import.meta.dir, "..", "vendor", "llama.cpp", "CMakeLists.txt"), "utf8")).toContain("set(GGML_RPC ON");
+});
+
+test("portable_builds_leave_out_host_specific_cpu_instructions", () => {
+  const flags = cmakeFlags(parseArgs(["--portable"]).native, "/b");
+  expect(flags).toContain("-DGGML_NATIVE=OFF");
+  if (process.arch === "x64") for (const f of ["-DGGML_AVX2=OFF", "-DGGML_FMA=OFF", "-DGGML_F16C=OFF"]) expect(flags).toContain(f);
 });
