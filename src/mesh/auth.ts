@@ -12,6 +12,12 @@
 // sha256(body) | nodeId) and the server answers with
 // HMAC-SHA256(k_rep, "mesh-rep-v1" | nonce | status | sha256(body)), so a reply
 // is bound to its request and cannot be forged or replayed either.
+//
+// A forwarded inference answer may be a stream whose body is unknown when its
+// headers leave, so its proof, HMAC-SHA256(k_rep, "mesh-fwd-v1" | nonce |
+// status), covers only the request's nonce and the status. It travels in its
+// own header and under its own label, so a body-less forward proof can never
+// stand in for a /mesh reply proof, nor a reply proof for a forward proof.
 import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 
 /** Header names of the mesh authentication. */
@@ -22,6 +28,7 @@ export const AUTH_HEADER = {
   nextNonce: "x-mesh-next-nonce",
   nextNonceTtl: "x-mesh-next-nonce-ttl-ms",
   replyProof: "x-mesh-reply-proof",
+  forwardProof: "x-mesh-forward-proof",
 } as const;
 
 /** Why a request was refused; only logged, never told to the caller. */
@@ -70,6 +77,12 @@ export function requestProof(keys: MeshKeys, p: { nonce: string; method: string;
 /** The proof a server sends with a reply to the request that used `nonce`. */
 export function replyProof(keys: MeshKeys, p: { nonce: string; status: number; body: Uint8Array }): string {
   const text = ["mesh-rep-v1", p.nonce, String(p.status), bodyHash(p.body)].join("\n");
+  return createHmac("sha256", keys.reply).update(text).digest("base64url");
+}
+
+/** The proof a server sends with its answer to a forwarded request that used `nonce` (headers only: the body may still be streaming). */
+export function forwardProof(keys: MeshKeys, p: { nonce: string; status: number }): string {
+  const text = ["mesh-fwd-v1", p.nonce, String(p.status)].join("\n");
   return createHmac("sha256", keys.reply).update(text).digest("base64url");
 }
 
@@ -202,6 +215,11 @@ export class MeshAuthority {
   /** The proof to send with the reply to a verified request. */
   replyProof(nonce: string, status: number, body: Uint8Array): string {
     return replyProof(this.keys, { nonce, status, body });
+  }
+
+  /** The proof to send with the answer to a verified forwarded request, before its body is known. */
+  forwardProof(nonce: string, status: number): string {
+    return forwardProof(this.keys, { nonce, status });
   }
 
   /** Nonces held, per store (for tests and metrics). */

@@ -2,8 +2,12 @@
 // traffic, to the least loaded peer that serves it, and its answer (SSE
 // included) streams back unchanged. A peer that fails before answering is
 // replaced once by another; a client that goes away aborts the upstream request.
+// Nothing is relayed without the peer's forward proof (src/mesh/auth.ts): a
+// process that took over a dead peer's port, without the mesh secret, gets the
+// request but cannot answer in the peer's name.
 
 import type { Logger } from "../log";
+import { AUTH_HEADER, forwardProof, type MeshKeys, proofsEqual } from "../mesh/auth";
 import type { MeshClient } from "../mesh/client";
 import type { NodeId, WorkerInfo } from "../mesh/wire";
 import { rankWorkers } from "../routing/policy";
@@ -26,6 +30,12 @@ export class ForwardError extends Error {
 /** What the forwarder needs from the node. */
 export interface ForwarderOptions {
   client: MeshClient;
+  /**
+   * The keys `client` signs with; a peer's answer is relayed only with a valid
+   * forward proof under them. Without them answers are relayed unchecked (and
+   * a warning says so once): every node of a mesh must pass them.
+   */
+  keys?: MeshKeys;
   selfId: NodeId;
   /** Every routable worker known to the mesh (this node's own are skipped). */
   workers: () => readonly WorkerInfo[];
@@ -48,6 +58,12 @@ export interface ForwardStats {
   retried: number;
   failed: number;
   active: number;
+  /**
+   * Peer answers refused for a missing or wrong forward proof (each then
+   * retried or failed like any failure before the first byte). Absent in
+   * reports of nodes that predate the proof.
+   */
+  unproven?: number;
 }
 
 // Statuses after which another peer may well succeed: the peer's auth state,
@@ -61,9 +77,11 @@ const enc = new TextEncoder();
 export class Forwarder {
   // Bounded: an entry exists only while a request to that worker is unfinished.
   private readonly inflight = new Map<string, number>();
-  private readonly counts = { forwarded: 0, retried: 0, failed: 0 };
+  private readonly counts = { forwarded: 0, retried: 0, failed: 0, unproven: 0 };
 
-  constructor(private readonly o: ForwarderOptions) {}
+  constructor(private readonly o: ForwarderOptions) {
+    if (!o.keys) o.logger.warn("forwarded answers will be relayed without checking the peer's mesh proof (no mesh keys given)");
+  }
 
   /** Whether some peer serves `model` right now. */
   serves(model: string): boolean {
@@ -98,7 +116,7 @@ export class Forwarder {
       );
       this.begin(w.id);
       try {
-        const { response } = await this.o.client.send(w.addr, "POST", path, body, {
+        const { response, nonce } = await this.o.client.send(w.addr, "POST", path, body, {
           signal: upstream.signal,
           headers: { "content-type": "application/json" },
         });
@@ -111,6 +129,26 @@ export class Forwarder {
           await response.body?.cancel().catch(() => {});
           this.end(w.id);
           client.removeEventListener("abort", onAbort);
+          continue;
+        }
+        // Checked on the headers, before a single byte is relayed: whoever answers at a peer's address without the
+        // mesh secret (a process that took over a dead peer's port) is a peer that failed before answering.
+        if (
+          this.o.keys &&
+          !proofsEqual(response.headers.get(AUTH_HEADER.forwardProof) ?? "", forwardProof(this.o.keys, { nonce, status: response.status }))
+        ) {
+          this.counts.unproven++;
+          lastError = "a peer answered without a valid mesh proof";
+          this.o.logger.warn("a peer's answer has no valid mesh proof; not relayed", {
+            model,
+            node: w.nodeId,
+            addr: w.addr,
+            status: response.status,
+          });
+          await response.body?.cancel().catch(() => {});
+          this.end(w.id);
+          client.removeEventListener("abort", onAbort);
+          this.o.onPeerFailure?.(w.id);
           continue;
         }
         this.counts.forwarded++;

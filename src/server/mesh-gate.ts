@@ -1,5 +1,6 @@
 // The server's door for mesh traffic: verifies a request's mesh proof before
-// any route runs, remembers who passed (per request), and signs replies.
+// any route runs, remembers who passed (per request), and signs replies: /mesh
+// replies over their whole body, forwarded answers over nonce and status.
 
 import type { Logger } from "../log";
 import { AUTH_HEADER, type AuthResult, claimsMeshAuth, type MeshAuthority } from "../mesh/auth";
@@ -81,6 +82,26 @@ export class MeshGate {
     const h: Record<string, string> = { [AUTH_HEADER.nextNonce]: next.nonce, [AUTH_HEADER.nextNonceTtl]: String(next.ttlMs) };
     if (body) h[AUTH_HEADER.replyProof] = this.authority.replyProof(c.nonce, status, body);
     return h;
+  }
+
+  /**
+   * `response` as sent to the verified caller of `request`, with its next nonce
+   * and, unless a /mesh route already proved the whole body, a forward proof
+   * over nonce and status: a forwarding node relays nothing without it. Any
+   * other request's response is returned as is.
+   */
+  signAnswer(request: Request, response: Response): Response {
+    const c = this.callers.get(request);
+    if (!c || response.headers.has(AUTH_HEADER.replyProof)) return response;
+    const headers = new Headers(response.headers);
+    if (!headers.has(AUTH_HEADER.nextNonce)) {
+      const next = this.authority.followUp();
+      headers.set(AUTH_HEADER.nextNonce, next.nonce);
+      headers.set(AUTH_HEADER.nextNonceTtl, String(next.ttlMs));
+    }
+    headers.set(AUTH_HEADER.forwardProof, this.authority.forwardProof(c.nonce, response.status));
+    // A new Response: the one given may have immutable headers; its body stream passes through untouched.
+    return new Response(response.body, { status: response.status, statusText: response.statusText, headers });
   }
 
   /** Requests refused so far. */

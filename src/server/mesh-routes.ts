@@ -1,6 +1,8 @@
 // /mesh (the peer protocol) and /api/peers (the admin view of the mesh). The
 // app's onRequest has already run MeshGate.check on any request carrying mesh
-// credentials; these routes only look up who passed.
+// credentials; these routes only look up who passed. The plugin also signs
+// every answer to a mesh-authenticated request elsewhere (a forwarded
+// /v1 request), so the forwarding node can tell its peer from an impostor.
 import { Elysia } from "elysia";
 import type { Logger } from "../log";
 import { isWireMessage, MAX_MESSAGE_BYTES } from "../mesh/transport-http";
@@ -80,6 +82,15 @@ export function meshRoutes(o: MeshRoutesOptions) {
   };
 
   return new Elysia({ name: "mesh-routes" })
+    .wrap(
+      // A wrapper of the whole app rather than a hook: a plugin's hooks never reach the /v1 routes mounted before it, and a
+      // forwarded answer needs its proof whether a route, the error handler or an early refusal produced it.
+      (handle, request) =>
+        async (...args: unknown[]) => {
+          const response: unknown = await handle(...args);
+          return response instanceof Response ? o.gate.signAnswer(request, response) : response;
+        },
+    )
     .onAfterHandle(({ response, set }) => {
       // These routes answer with Response objects: request logs and metrics should see their real status.
       if (response instanceof Response) set.status = response.status;

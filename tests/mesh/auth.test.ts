@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { AUTH_HEADER, MeshAuthority, meshKeys, NonceStore, proofsEqual, replyProof, requestProof } from "../../src/mesh/auth";
+import { AUTH_HEADER, forwardProof, MeshAuthority, meshKeys, NonceStore, proofsEqual, replyProof, requestProof } from "../../src/mesh/auth";
 
 const SECRET = "correct horse battery staple, long enough";
 const enc = new TextEncoder();
@@ -108,6 +108,36 @@ describe("mesh authentication", () => {
     expect(proofsEqual(p, replyProof(keys, { nonce: "n1", status: 200, body: enc.encode("{}") }))).toBe(false);
     // A request proof over the same fields never passes as a reply proof (separate keys).
     expect(proofsEqual(p, requestProof(keys, { nonce: "n1", method: "200", path: "", body, nodeId: "" }))).toBe(false);
+  });
+});
+
+describe("forward proof", () => {
+  test("binds_nonce_and_status_under_the_mesh_secret", () => {
+    const keys = meshKeys(SECRET);
+    const p = forwardProof(keys, { nonce: "n1", status: 200 });
+    expect(proofsEqual(p, forwardProof(keys, { nonce: "n1", status: 200 }))).toBe(true);
+    expect(proofsEqual(p, forwardProof(keys, { nonce: "n2", status: 200 }))).toBe(false);
+    expect(proofsEqual(p, forwardProof(keys, { nonce: "n1", status: 400 }))).toBe(false);
+    expect(proofsEqual(p, forwardProof(meshKeys("another mesh's secret, also long enough"), { nonce: "n1", status: 200 }))).toBe(false);
+    // The server side signs with the same function.
+    expect(proofsEqual(authority().forwardProof("n1", 200), p)).toBe(true);
+  });
+
+  test("a_mesh_reply_proof_never_passes_as_a_forward_proof_nor_the_reverse", () => {
+    const keys = meshKeys(SECRET);
+    // Same key, same nonce and status: only the label (and the body hash) tell them apart.
+    for (const status of [200, 400, 500]) {
+      for (const body of [new Uint8Array(), enc.encode('{"type":"ack"}')]) {
+        const reply = replyProof(keys, { nonce: "n1", status, body });
+        const forward = forwardProof(keys, { nonce: "n1", status });
+        // What the forwarder compares a forward-proof header against, given a reply proof ...
+        expect(proofsEqual(reply, forwardProof(keys, { nonce: "n1", status }))).toBe(false);
+        // ... and what HttpTransport compares a reply-proof header against, given a forward proof.
+        expect(proofsEqual(forward, replyProof(keys, { nonce: "n1", status, body }))).toBe(false);
+      }
+    }
+    // They travel in different headers too.
+    expect(AUTH_HEADER.forwardProof).not.toBe(AUTH_HEADER.replyProof);
   });
 });
 

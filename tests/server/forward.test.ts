@@ -1,9 +1,11 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import OpenAI from "openai";
 import { silentLogger } from "../../src/log";
+import { AUTH_HEADER, forwardProof, meshKeys, proofsEqual, replyProof } from "../../src/mesh/auth";
 import type { WorkerInfo } from "../../src/mesh/wire";
 import { type RunningServer, ServedModel, startServer } from "../../src/server";
-import { testMeshHooks, workerRecord } from "../helpers/mesh";
+import { Forwarder } from "../../src/server/forward";
+import { TEST_SECRET, testMeshHooks, workerRecord } from "../helpers/mesh";
 import { tinyModel } from "../helpers/model";
 
 // A (no model, API key "ka") forwards to B (the tiny model, API key "kb").
@@ -34,7 +36,19 @@ beforeAll(async () => {
     logger: silentLogger,
     mesh: hooksB,
   });
-  hooksA = testMeshHooks({ nodeId: "aaaa", apiKeyRequired: true, workers: () => workers });
+  const base = testMeshHooks({ nodeId: "aaaa", apiKeyRequired: true, workers: () => workers });
+  // A's forwarder checks forward proofs, as a real node's does: every test below relays only proven answers.
+  hooksA = {
+    ...base,
+    forwarder: new Forwarder({
+      client: base.client,
+      keys: meshKeys(TEST_SECRET),
+      selfId: "aaaa",
+      workers: () => workers,
+      headersTimeoutMs: 60_000,
+      logger: silentLogger,
+    }),
+  };
   a = startServer({ host: "127.0.0.1", port: 0, models: [], apiKeys: ["ka"], maxBodyBytes: 1 << 20, logger: silentLogger, mesh: hooksA });
 });
 
@@ -44,6 +58,50 @@ afterAll(async () => {
   await b?.close();
   await model?.close();
 });
+
+const enc = new TextEncoder();
+
+/** A plain server on a worker's address that answers like an OpenAI server, with `proof` (if any) as its forward proof. */
+function impostor(proof: (nonce: string, status: number) => string | null = () => null) {
+  const seen: string[] = [];
+  const server = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    fetch: async (r) => {
+      // Anyone can hand out nonces; only the secret proves an answer.
+      if (new URL(r.url).pathname === "/mesh/challenge") return Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 });
+      const body = await r.text();
+      seen.push(body);
+      const p = proof(r.headers.get(AUTH_HEADER.nonce) ?? "", 200);
+      const headers: Record<string, string> = p === null ? {} : { [AUTH_HEADER.forwardProof]: p };
+      if ((JSON.parse(body) as { stream?: boolean }).stream) {
+        const chunk = {
+          id: "x",
+          object: "chat.completion.chunk",
+          created: 0,
+          model: "mesh-tiny",
+          choices: [{ index: 0, delta: { content: "IMPOSTOR" } }],
+        };
+        return new Response(`data: ${JSON.stringify(chunk)}\n\ndata: [DONE]\n\n`, {
+          headers: { ...headers, "content-type": "text/event-stream" },
+        });
+      }
+      return Response.json(
+        {
+          id: "x",
+          object: "chat.completion",
+          created: 0,
+          model: "mesh-tiny",
+          choices: [{ index: 0, message: { role: "assistant", content: "IMPOSTOR" }, finish_reason: "stop" }],
+          usage: { prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 },
+        },
+        { headers },
+      );
+    },
+  });
+  closeAfter.push(() => server.stop(true));
+  return { seen, addr: `127.0.0.1:${server.port}` };
+}
 
 const onB = () => workerRecord({ id: "w-b", nodeId: "bbbb", addr: `127.0.0.1:${b.port}` });
 const clientA = (key = "ka") => new OpenAI({ baseURL: `${a.url}/v1`, apiKey: key, maxRetries: 0 });
@@ -249,12 +307,13 @@ describe("forwarding to the peer that serves the model", () => {
   });
 
   test("a_peer_that_breaks_off_mid_stream_ends_the_stream_with_an_error_event", async () => {
-    // A peer that starts an SSE answer and then drops the connection.
+    // A peer (it holds the secret: its answer is proven) that starts an SSE answer and then drops the connection.
     const broken = Bun.serve({
       hostname: "127.0.0.1",
       port: 0,
       fetch: (r) => {
         if (new URL(r.url).pathname === "/mesh/challenge") return Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 });
+        const proof = forwardProof(meshKeys(TEST_SECRET), { nonce: r.headers.get(AUTH_HEADER.nonce) ?? "", status: 200 });
         let sent = false;
         const body = new ReadableStream({
           async pull(c) {
@@ -268,7 +327,7 @@ describe("forwarding to the peer that serves the model", () => {
             c.enqueue(new TextEncoder().encode('data: {"id":"x","object":"chat.completion.chunk","choices":[]}\n\n'));
           },
         });
-        return new Response(body, { headers: { "content-type": "text/event-stream" } });
+        return new Response(body, { headers: { "content-type": "text/event-stream", [AUTH_HEADER.forwardProof]: proof } });
       },
     });
     closeAfter.push(() => broken.stop(true));
@@ -282,6 +341,116 @@ describe("forwarding to the peer that serves the model", () => {
     expect(text).toContain("chat.completion.chunk");
     expect(text).toContain("upstream_failed");
     expect(text).not.toContain("[DONE]");
+  });
+});
+
+describe("answers must carry the peer's forward proof", () => {
+  const ask = (stream: boolean) =>
+    fetch(`${a.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer ka", "content-type": "application/json" },
+      body: JSON.stringify({ model: "mesh-tiny", messages: [{ role: "user", content: "secret plans" }], max_tokens: 2, stream }),
+    });
+
+  test("an_impostor_on_the_only_peers_address_is_a_502_and_nothing_it_sent_is_relayed", async () => {
+    const fake = impostor();
+    workers = [workerRecord({ id: "w-fake", nodeId: "ffff", addr: fake.addr })];
+    for (const stream of [false, true]) {
+      const before = hooksA.forwarder.stats();
+      const res = await ask(stream);
+      const text = await res.text();
+      expect(res.status).toBe(502);
+      expect(text).not.toContain("IMPOSTOR");
+      const body = JSON.parse(text) as { error: { code: string; message: string } };
+      expect(body.error.code).toBe("upstream_failed");
+      expect(body.error.message).toContain("mesh proof");
+      // The client learns what failed, not where the mesh's peers live.
+      expect(body.error.message).not.toContain("127.0.0.1");
+      const after = hooksA.forwarder.stats();
+      expect((after.unproven ?? 0) - (before.unproven ?? 0)).toBe(1);
+      expect(after.failed - before.failed).toBe(1);
+      expect(after.forwarded - before.forwarded).toBe(0);
+      expect(after.active).toBe(0);
+    }
+    // It did get the requests (that is what the port takeover buys it); it answered neither in the peer's name.
+    expect(fake.seen.length).toBe(2);
+  });
+
+  test("an_impostor_tried_first_is_replaced_by_the_genuine_peer", async () => {
+    const fake = impostor();
+    // The impostor looks idler, so it is tried first.
+    workers = [{ ...onB(), slotsBusy: 1 }, workerRecord({ id: "w-fake", nodeId: "ffff", addr: fake.addr })];
+    for (const stream of [false, true]) {
+      const before = hooksA.forwarder.stats();
+      const res = await ask(stream);
+      const text = await res.text();
+      expect(res.status).toBe(200);
+      expect(text).not.toContain("IMPOSTOR");
+      expect(text).toContain(stream ? "chat.completion.chunk" : '"chat.completion"');
+      const after = hooksA.forwarder.stats();
+      expect(after.retried - before.retried).toBe(1);
+      expect((after.unproven ?? 0) - (before.unproven ?? 0)).toBe(1);
+      expect(after.forwarded - before.forwarded).toBe(1);
+    }
+    expect(fake.seen.length).toBe(2);
+  });
+
+  test("a_proof_under_another_secret_or_a_mesh_reply_proof_does_not_pass", async () => {
+    const other = meshKeys("another-mesh-secret-that-is-long-enough-0123456789");
+    const mesh = meshKeys(TEST_SECRET);
+    const fakes = [
+      impostor((nonce, status) => forwardProof(other, { nonce, status })),
+      // Even with the secret, a /mesh reply proof is not a forward proof (domain separation).
+      impostor((nonce, status) => replyProof(mesh, { nonce, status, body: new Uint8Array() })),
+    ];
+    for (const fake of fakes) {
+      workers = [workerRecord({ id: "w-fake", nodeId: "ffff", addr: fake.addr })];
+      const res = await ask(false);
+      expect(res.status).toBe(502);
+      expect(await res.text()).not.toContain("IMPOSTOR");
+      expect(fake.seen.length).toBe(1);
+    }
+    // The same impostor with a real forward proof is relayed: the refusals above are the proof check's doing.
+    const genuine = impostor((nonce, status) => forwardProof(mesh, { nonce, status }));
+    workers = [workerRecord({ id: "w-fake", nodeId: "ffff", addr: genuine.addr })];
+    const res = await ask(false);
+    expect(res.status).toBe(200);
+    expect(await res.text()).toContain("IMPOSTOR");
+  });
+
+  test("a_peer_proves_its_answers_to_forwarded_requests_errors_included_and_hands_out_the_next_nonce", async () => {
+    const keys = meshKeys(TEST_SECRET);
+    const addr = `127.0.0.1:${b.port}`;
+    const send = (body: unknown) =>
+      hooksA.client.send(addr, "POST", "/v1/chat/completions", enc.encode(JSON.stringify(body)), {
+        headers: { "content-type": "application/json" },
+      });
+    for (const [body, status] of [
+      [{ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }], max_tokens: 1 }, 200],
+      [{ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }], max_tokens: 1, stream: true }, 200],
+      [{ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }], n: 3 }, 400],
+      [{ model: "not-here", messages: [{ role: "user", content: "hi" }] }, 404],
+    ] as Array<[unknown, number]>) {
+      const { response, nonce } = await send(body);
+      await response.arrayBuffer();
+      expect(response.status).toBe(status);
+      const proof = response.headers.get(AUTH_HEADER.forwardProof) ?? "";
+      expect(proofsEqual(proof, forwardProof(keys, { nonce, status }))).toBe(true);
+      expect(response.headers.get(AUTH_HEADER.nextNonce)).toMatch(/^[A-Za-z0-9_-]{22}$/);
+    }
+    // A client's own request (no mesh credentials) gets no mesh headers, and neither does A's client.
+    const direct = await fetch(`${b.url}/v1/models`, { headers: { authorization: "Bearer kb" } });
+    expect(direct.headers.has(AUTH_HEADER.forwardProof)).toBe(false);
+    expect(direct.headers.has(AUTH_HEADER.nextNonce)).toBe(false);
+    workers = [onB()];
+    const relayed = await fetch(`${a.url}/v1/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer ka", "content-type": "application/json" },
+      body: JSON.stringify({ model: "mesh-tiny", prompt: "x", max_tokens: 1 }),
+    });
+    await relayed.arrayBuffer();
+    expect(relayed.status).toBe(200);
+    expect(relayed.headers.has(AUTH_HEADER.forwardProof)).toBe(false);
   });
 });
 
