@@ -1,10 +1,12 @@
 // How `mesh peers` and `mesh invite` talk to the node running on this machine:
-// the mesh credentials from the state dir sign the request (or an API key does).
+// the mesh credentials from the state dir sign the request (or an API key does),
+// and with them an answer counts only with the node's reply proof: whatever
+// else listens on the node's port (its process gone) is not believed.
 import { randomBytes } from "node:crypto";
 import { existsSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { defaultStateDir } from "../dirs";
-import { meshKeys } from "../mesh/auth";
+import { AUTH_HEADER, meshKeys, proofsEqual, replyProof } from "../mesh/auth";
 import { readLimited } from "../mesh/body";
 import { MeshClient, MeshClientError } from "../mesh/client";
 import { loadCredentials, type MeshCredentials } from "../mesh/invite";
@@ -82,14 +84,19 @@ export function nodeClient(f: NodeClientFlags): NodeClient {
     throw new Error(`no mesh credentials in ${stateDir}: pass the node's --state-dir (or set MESH_STATE_DIR), or --api-key`);
   }
   // A tool, not a member: a node id of its own so its requests are never mistaken for a peer's.
-  const client = creds ? new MeshClient({ keys: meshKeys(creds.secret), nodeId: `cli-${randomBytes(4).toString("hex")}` }) : null;
+  const keys = creds ? meshKeys(creds.secret) : null;
+  const client = keys ? new MeshClient({ keys, nodeId: `cli-${randomBytes(4).toString("hex")}` }) : null;
   const get = async (path: string): Promise<unknown> => {
     const signal = AbortSignal.timeout(30_000);
     let res: Response;
+    // The nonce the request was signed with: the reply proof is bound to it (none with an API key, which proves nothing back).
+    let nonce: string | null = null;
     try {
-      res = client
-        ? (await client.send(addr, "GET", path, new Uint8Array(), { signal })).response
-        : await fetch(`${url}${path}`, { headers: { authorization: `Bearer ${f.apiKey}` }, signal });
+      if (client) {
+        const sent = await client.send(addr, "GET", path, new Uint8Array(), { signal });
+        res = sent.response;
+        nonce = sent.nonce;
+      } else res = await fetch(`${url}${path}`, { headers: { authorization: `Bearer ${f.apiKey}` }, signal });
     } catch (e) {
       const code = e instanceof MeshClientError ? e.code : "unreachable";
       if (code === "timeout") throw new Error(`the node at ${url} did not answer within 30 s`);
@@ -101,7 +108,16 @@ export function nodeClient(f: NodeClientFlags): NodeClient {
         `the node at ${url} refused ${client ? `the mesh credentials in ${stateDir} (a node of another mesh?)` : "the API key"}`,
       );
     }
-    if (res.status !== 200 || body === null) throw new Error(`the node at ${url} answered HTTP ${res.status} to ${path}`);
+    if (body === null) throw new Error(`the node at ${url} sent an answer over ${MAX_ANSWER_BYTES} bytes to ${path}`);
+    if (keys && nonce !== null) {
+      const proof = res.headers.get(AUTH_HEADER.replyProof) ?? "";
+      if (!proofsEqual(proof, replyProof(keys, { nonce, status: res.status, body }))) {
+        throw new Error(
+          `the answer at ${url} has no valid mesh proof (HTTP ${res.status}): whatever listens there is not a node of the mesh in ${stateDir}`,
+        );
+      }
+    }
+    if (res.status !== 200) throw new Error(`the node at ${url} answered HTTP ${res.status} to ${path}`);
     try {
       return JSON.parse(new TextDecoder().decode(body));
     } catch {

@@ -1,11 +1,28 @@
-import { describe, expect, test } from "bun:test";
+import { afterAll, describe, expect, test } from "bun:test";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { formatPeers } from "../../src/cli/peers";
+import { silentLogger } from "../../src/log";
 import { newCredentials, saveCredentials } from "../../src/mesh/invite";
+import { startServer } from "../../src/server";
 import type { PeerRow } from "../../src/server/mesh-routes";
 import { meshCli } from "../helpers/cluster";
+import { TEST_MESH_ID, testMeshHooks } from "../helpers/mesh";
+
+const MAIN = join(import.meta.dir, "..", "..", "src", "cli", "main.ts");
+const closeAfter: Array<() => unknown> = [];
+
+afterAll(async () => {
+  for (const c of closeAfter) await c();
+});
+
+/** Run the CLI without blocking this process, so a server in this process can answer it. */
+async function cliAsync(args: string[]): Promise<{ code: number | null; out: string; err: string }> {
+  const p = Bun.spawn([process.execPath, MAIN, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore" });
+  const [out, err] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text()]);
+  return { code: await p.exited, out, err };
+}
 
 function row(o: Partial<PeerRow>): PeerRow {
   return {
@@ -66,6 +83,54 @@ describe("mesh peers", () => {
     expect(r.code).toBe(1);
     expect(r.err.trim().split("\n")).toEqual([
       `mesh: no mesh node is running at http://127.0.0.1:${port} (start one with 'mesh serve', or pass --url)`,
+    ]);
+  });
+
+  test("a_node_of_the_mesh_is_believed_and_its_table_printed", async () => {
+    const creds = newCredentials();
+    const state = mkdtempSync(join(tmpdir(), "mesh-peers-"));
+    saveCredentials(state, creds);
+    const node = startServer({
+      host: "127.0.0.1",
+      port: 0,
+      models: [],
+      apiKeys: [],
+      maxBodyBytes: 1 << 20,
+      logger: silentLogger,
+      mesh: testMeshHooks({ nodeId: "abcd", secret: creds.secret }),
+    });
+    closeAfter.push(() => node.close());
+    const r = await cliAsync(["peers", "--state-dir", state, "--url", node.url]);
+    expect(r.err).toBe("");
+    expect(r.code).toBe(0);
+    expect(r.out).toContain(`mesh ${TEST_MESH_ID}: 0 of 0 members alive`);
+  });
+
+  test("an_answer_without_the_nodes_reply_proof_is_one_line_and_exit_1", async () => {
+    const state = mkdtempSync(join(tmpdir(), "mesh-peers-"));
+    saveCredentials(state, newCredentials());
+    // Whatever took the node's port: it hands out nonces and answers /api/peers, but cannot prove the answer.
+    const report = {
+      mesh_id: "feedfacefeedface",
+      node_id: "x",
+      members: [],
+      forwarding: { forwarded: 0, retried: 0, failed: 0, active: 0 },
+    };
+    const fake = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch: (req) =>
+        new URL(req.url).pathname === "/mesh/challenge"
+          ? Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 })
+          : Response.json(report, { headers: { "x-mesh-reply-proof": "A".repeat(43) } }),
+    });
+    closeAfter.push(() => fake.stop(true));
+    const url = `http://127.0.0.1:${fake.port}`;
+    const r = await cliAsync(["peers", "--state-dir", state, "--url", url]);
+    expect(r.code).toBe(1);
+    expect(r.out).toBe("");
+    expect(r.err.trim().split("\n")).toEqual([
+      `mesh: the answer at ${url} has no valid mesh proof (HTTP 200): whatever listens there is not a node of the mesh in ${state}`,
     ]);
   });
 
