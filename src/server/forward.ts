@@ -30,12 +30,8 @@ export class ForwardError extends Error {
 /** What the forwarder needs from the node. */
 export interface ForwarderOptions {
   client: MeshClient;
-  /**
-   * The keys `client` signs with; a peer's answer is relayed only with a valid
-   * forward proof under them. Without them answers are relayed unchecked (and
-   * a warning says so once): every node of a mesh must pass them.
-   */
-  keys?: MeshKeys;
+  /** The keys `client` signs with; a peer's answer is relayed only with a valid forward proof under them. */
+  keys: MeshKeys;
   selfId: NodeId;
   /** Every routable worker known to the mesh (this node's own are skipped). */
   workers: () => readonly WorkerInfo[];
@@ -79,9 +75,7 @@ export class Forwarder {
   private readonly inflight = new Map<string, number>();
   private readonly counts = { forwarded: 0, retried: 0, failed: 0, unproven: 0 };
 
-  constructor(private readonly o: ForwarderOptions) {
-    if (!o.keys) o.logger.warn("forwarded answers will be relayed without checking the peer's mesh proof (no mesh keys given)");
-  }
+  constructor(private readonly o: ForwarderOptions) {}
 
   /** Whether some peer serves `model` right now. */
   serves(model: string): boolean {
@@ -134,7 +128,6 @@ export class Forwarder {
         // Checked on the headers, before a single byte is relayed: whoever answers at a peer's address without the
         // mesh secret (a process that took over a dead peer's port) is a peer that failed before answering.
         if (
-          this.o.keys &&
           !proofsEqual(response.headers.get(AUTH_HEADER.forwardProof) ?? "", forwardProof(this.o.keys, { nonce, status: response.status }))
         ) {
           this.counts.unproven++;

@@ -58,6 +58,7 @@ export class MeshNode {
     this.transport = new HttpTransport(client, keys);
     const forwarder = new Forwarder({
       client,
+      keys,
       selfId: o.identity.id,
       workers: () => this.routableWorkers(),
       // Non-streaming answers arrive whole, after the full generation: wait

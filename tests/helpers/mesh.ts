@@ -29,7 +29,14 @@ export function testMeshHooks(o: {
     client,
     gate: new MeshGate(authority, 8 * 1024 * 1024, silentLogger),
     apiKeyRequired: o.apiKeyRequired ?? false,
-    forwarder: new Forwarder({ client, selfId: o.nodeId, workers, headersTimeoutMs: o.headersTimeoutMs ?? 60_000, logger: silentLogger }),
+    forwarder: new Forwarder({
+      client,
+      keys,
+      selfId: o.nodeId,
+      workers,
+      headersTimeoutMs: o.headersTimeoutMs ?? 60_000,
+      logger: silentLogger,
+    }),
     figures: () => null,
     service: {
       nodeId: () => o.nodeId,
