@@ -8,6 +8,7 @@ import type { Logger } from "../log";
 import { loadOrCreateIdentity } from "../mesh/identity";
 import { credentialsFor, encodeInvite, isAddr, type MeshCredentials, resolveCredentials } from "../mesh/invite";
 import { MeshNode } from "../server/mesh-node";
+import { isLoopbackAddr } from "./invite";
 import { advertiseAddr, type MeshFlags, type MeshPlan, planMesh } from "./mesh-flags";
 import { readNodeRecord, writeNodeRecord } from "./node-client";
 import { UsageError } from "./usage";
@@ -65,6 +66,11 @@ export async function startMesh(p: PreparedMesh, host: string, port: number, url
   if (p.created) {
     const token = encodeInvite({ ...p.creds, addrs: [addr] });
     process.stderr.write(`new mesh ${p.creds.meshId}; to add a machine, run there:\n  mesh serve --join ${token}\n`);
+    if (isLoopbackAddr(addr)) {
+      process.stderr.write(
+        `(${addr} is reachable from this machine only: for other machines, serve with --host 0.0.0.0 or --advertise <host:port>)\n`,
+      );
+    }
   } else {
     process.stderr.write(`mesh ${p.creds.meshId} as ${p.plan.nodeName} at ${addr} ('mesh invite' prints the token to join it)\n`);
   }
