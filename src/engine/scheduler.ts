@@ -106,10 +106,12 @@ export interface SchedulerCounters {
   evictionsBudget: number;
   evictionsOffload: number;
   evictionsDivergent: number;
+  evictionsReplaced: number;
   evictionsRetry: number;
   evictedCellsBudget: number;
   evictedCellsOffload: number;
   evictedCellsDivergent: number;
+  evictedCellsReplaced: number;
   evictedCellsRetry: number;
   /** Requests without an explicit max_tokens stopped (length) when they outgrew their reservation and the pool was full. */
   stoppedAtPoolLimit: number;
@@ -124,11 +126,12 @@ export interface SchedulerCounters {
  * Why idle cells left the pool: the admission budget or a decode needed room
  * (budget), an idle conversation moved to host RAM when another request was
  * admitted (offload), the part of a reused slot after the shared prefix
- * (divergent), or the last line of defence after a refused decode (retry).
+ * (divergent), an idle conversation in the slot an unrelated prompt took
+ * (replaced), or the last line of defence after a refused decode (retry).
  */
 export type EvictionReason = (typeof EVICTION_REASONS)[number];
 /** Every eviction reason, in the order /metrics lists them. */
-export const EVICTION_REASONS = ["budget", "offload", "divergent", "retry"] as const;
+export const EVICTION_REASONS = ["budget", "offload", "divergent", "replaced", "retry"] as const;
 
 /** The stats fields counting one reason's evictions and evicted cells. */
 export function evictionFields(r: EvictionReason): {
@@ -192,10 +195,12 @@ export class Scheduler {
     evictionsBudget: 0,
     evictionsOffload: 0,
     evictionsDivergent: 0,
+    evictionsReplaced: 0,
     evictionsRetry: 0,
     evictedCellsBudget: 0,
     evictedCellsOffload: 0,
     evictedCellsDivergent: 0,
+    evictedCellsReplaced: 0,
     evictedCellsRetry: 0,
     stoppedAtPoolLimit: 0,
     hostSaves: 0,
@@ -442,10 +447,12 @@ export class Scheduler {
         // Nothing worth reusing: take the emptiest idle slot (then the
         // coldest) instead of wiping a conversation a later turn may continue.
         best = emptiest(free);
+        target = best;
       }
       if (this.host.enabled) {
         const saved = this.host.best(w.prompt);
-        if (saved && saved.lcp >= bestLcp + RESTORE_MIN_GAIN) {
+        // Compared with the reuse the slot really gives (0 under MIN_REUSE_TOKENS), not its raw match.
+        if (saved && saved.lcp >= keep + RESTORE_MIN_GAIN) {
           restore = saved.entry;
           // The saves below must not drop (and free) the state about to be copied back.
           this.host.touch(restore);
@@ -494,7 +501,7 @@ export class Scheduler {
         if (this.host.enabled && target.history.length - keep >= HOST_MIN_TOKENS) this.offload(target, false);
         const before = target.history.length;
         this.truncate(target, keep);
-        this.countEviction("divergent", before - target.history.length);
+        this.countEviction(keep > 0 ? "divergent" : "replaced", before - target.history.length);
       }
       // An empty pool: start placing cells from the first one again, so the
       // attention window (up to the highest cell in use) is as short as it can be.
@@ -865,8 +872,8 @@ export class Scheduler {
   // the step alone, so a failure fails only the request whose own part fails
   // and the others go on as if nothing happened.
   private isolateFailure(n: number, out: TokenEvent[]): void {
-    this.counters.decodeFailures++;
     this.clearFailedPlacement(n);
+    let failed = false;
     const tokens = this.tokens.slice(0, n);
     const pos = this.pos.slice(0, n);
     const seq = this.seq.slice(0, n);
@@ -899,6 +906,9 @@ export class Scheduler {
       }
       this.clearFailedPlacement(part.length);
       this.failSlot(slot, decodeError(r), out);
+      // Counted once per step, and only when a request failed: a step that every part survives alone is not a failure.
+      if (!failed) this.counters.decodeFailures++;
+      failed = true;
     }
   }
 

@@ -48,9 +48,19 @@ afterAll(() => {
 });
 
 // Each test starts from an empty pool, so KV placement (and greedy output) is the same every time.
-function scheduler(native: Native = opened.native): Scheduler {
+function scheduler(native: Native = opened.native, o: Partial<LoadOptions> = {}): Scheduler {
   opened.native.mesh_memory_clear(opened.ctx, 1);
-  return new Scheduler({ ...schedulerDeps(opened, options, control, FLAGS_OFFSET), native });
+  return new Scheduler({ ...schedulerDeps(opened, { ...options, ...o }, control, FLAGS_OFFSET), native });
+}
+
+/** Run one request of 2 tokens to the end; the cached tokens its start reported. */
+function cachedFor(s: Scheduler, id: number, p: number[]): number {
+  const out: TokenEvent[] = [];
+  s.submit(id, FLAGS_OFFSET + id, request(p, 2), p, out);
+  s.step(out);
+  const start = out.find((e) => e.kind === "start");
+  drain(s);
+  return start?.kind === "start" ? start.cachedTokens : -1;
 }
 
 const request = (prompt: number[], maxTokens: number) => ({
@@ -99,21 +109,46 @@ describe("scheduler steps over the real library", () => {
   });
 
   test("a_shared_prefix_under_16_tokens_is_not_reused_and_does_not_wipe_the_conversation_it_matched", () => {
-    const s = scheduler();
+    for (const kvBudget of [true, false]) {
+      const s = scheduler(opened.native, { kvBudget });
+      const first = prompt(7, 60);
+      cachedFor(s, 1, first);
+      expect(cachedFor(s, 2, [...first.slice(0, 12), ...prompt(102, 30)])).toBe(0);
+      expect(cachedFor(s, 3, [...first.slice(0, 40), ...prompt(103, 30)])).toBe(40);
+    }
+  });
+
+  test("a_saved_conversation_is_restored_when_it_beats_the_reuse_a_slot_really_gives", () => {
+    // The slot's 15-token match is worth 0 (under 16): the saved conversation's 46 tokens must win.
+    const s = scheduler(opened.native, { hostCacheMiB: 64 });
     const first = prompt(7, 60);
-    s.submit(1, FLAGS_OFFSET, request(first, 2), first, []);
-    drain(s);
-    const cachedFor = (shared: number, id: number) => {
-      const p = [...first.slice(0, shared), ...prompt(100 + id, 30)];
-      const out: TokenEvent[] = [];
-      s.submit(id, FLAGS_OFFSET + id, request(p, 2), p, out);
-      s.step(out);
-      const start = out.find((e) => e.kind === "start");
-      drain(s);
-      return start?.kind === "start" ? start.cachedTokens : -1;
-    };
-    expect(cachedFor(12, 2)).toBe(0);
-    expect(cachedFor(40, 3)).toBe(40);
+    cachedFor(s, 1, first);
+    cachedFor(s, 2, [...first.slice(0, 15), ...prompt(102, 50)]);
+    expect(s.stats().hostCacheEntries).toBeGreaterThan(0);
+    expect(cachedFor(s, 3, [...first.slice(0, 46), ...prompt(103, 30)])).toBe(46);
+    expect(s.stats().hostRestores).toBe(1);
+  });
+
+  test("a_failed_decode_that_every_sequence_survives_alone_is_not_counted_as_a_failure", () => {
+    const real = opened.native;
+    let failNext = false;
+    const flaky = {
+      ...real,
+      mesh_decode: (ctx: never, tokens: Int32Array, pos: never, seq: never, logits: never, n: number) => {
+        if (failNext) {
+          failNext = false;
+          return -3;
+        }
+        return real.mesh_decode(ctx, tokens, pos, seq, logits, n);
+      },
+    } as unknown as Native;
+    const s = scheduler(flaky);
+    for (const i of [0, 1]) s.submit(i, FLAGS_OFFSET + i, request(prompt(20 + i, 40), 4), prompt(20 + i, 40), []);
+    s.step([]);
+    failNext = true;
+    const got = drain(s);
+    expect([got.get(0)?.end?.kind, got.get(1)?.end?.kind]).toEqual(["done", "done"]);
+    expect(s.stats().decodeFailures).toBe(0);
   });
 
   test("a_decode_failure_fails_only_the_request_whose_part_cannot_be_decoded_and_the_rest_continue", () => {
@@ -146,6 +181,7 @@ describe("scheduler steps over the real library", () => {
     });
     const got = drain(s);
     expect(failures).toBeGreaterThanOrEqual(2); // the shared step, then the poisoned part alone
+    expect(s.stats().decodeFailures).toBe(1);
     const bad = got.get(1)?.end;
     expect(bad?.kind).toBe("error");
     if (bad?.kind === "error") expect(bad.error.code).toBe("decode_failed");
