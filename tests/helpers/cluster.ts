@@ -1,9 +1,16 @@
+import { randomBytes } from "node:crypto";
 import { mkdtempSync, symlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { meshKeys } from "../../src/mesh/auth";
 import { MeshClient } from "../../src/mesh/client";
+import { generateIdentity, type Identity } from "../../src/mesh/identity";
 import { loadCredentials } from "../../src/mesh/invite";
+import type { KvRange } from "../../src/mesh/kv";
+import { type SelfRecord, signSelf } from "../../src/mesh/member";
+import { HttpTransport } from "../../src/mesh/transport-http";
+import type { WireMessage } from "../../src/mesh/wire";
+import type { ModelNode } from "../../src/server/mesh";
 import type { PeersReport } from "../../src/server/mesh-routes";
 import { tinyModel } from "./model";
 
@@ -103,9 +110,7 @@ export function tokenOf(n: NodeProc): string {
 
 /** GET /api/peers of a node, signed with its state dir's credentials (fast enough to poll). */
 export async function peersOf(n: NodeProc): Promise<PeersReport | null> {
-  const creds = loadCredentials(n.stateDir);
-  if (!creds.ok || !creds.value) throw new Error(`no credentials in ${n.stateDir}`);
-  const client = new MeshClient({ keys: meshKeys(creds.value.secret), nodeId: "cli-test" });
+  const client = new MeshClient({ keys: meshKeys(secretOf(n.stateDir)), nodeId: "cli-test" });
   try {
     const { response } = await client.send(n.addr, "GET", "/api/peers", new Uint8Array(), { signal: AbortSignal.timeout(30_000) });
     return response.status === 200 ? ((await response.json()) as PeersReport) : null;
@@ -122,5 +127,72 @@ export async function waitFor<T>(what: string, ms: number, check: () => Promise<
     if (v !== null && v !== undefined && v !== false) return v;
     if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
     await Bun.sleep(every);
+  }
+}
+
+/** GET /v1/models of a node: each model id with the nodes serving it. */
+export async function modelsOf(n: NodeProc): Promise<Map<string, ModelNode[]>> {
+  const list = (await (await fetch(`${n.url}/v1/models`)).json()) as { data: Array<{ id: string; nodes: ModelNode[] }> };
+  return new Map(list.data.map((m) => [m.id, m.nodes]));
+}
+
+/** One sample of a node's /metrics, e.g. `metricOf(n, 'mesh_kv_entries{kind="tombstone"}')`; throws if the series is missing. */
+export async function metricOf(n: NodeProc, series: string): Promise<number> {
+  const text = await (await fetch(`${n.url}/metrics`)).text();
+  const line = text.split("\n").find((l) => l.startsWith(`${series} `));
+  if (line === undefined) throw new Error(`no series ${series} in ${n.name}'s /metrics`);
+  return Number(line.slice(series.length + 1));
+}
+
+/** The mesh credentials in a node's state dir. */
+function secretOf(stateDir: string): string {
+  const creds = loadCredentials(stateDir);
+  if (!creds.ok || !creds.value) throw new Error(`no credentials in ${stateDir}`);
+  return creds.value.secret;
+}
+
+/**
+ * A member played by the test process: a key of its own and the mesh secret (as any holder of an
+ * invite has), speaking the peer protocol over authenticated HTTP, without a server of its own.
+ * It stands for a misbehaving or confused member that relays records to a real node.
+ */
+export class TestMember {
+  readonly identity: Identity = generateIdentity();
+  private readonly transport: HttpTransport;
+  private record: SelfRecord;
+  private readonly seq = new Map<string, number>();
+
+  constructor(stateDir: string) {
+    const keys = meshKeys(secretOf(stateDir));
+    this.transport = new HttpTransport(new MeshClient({ keys, nodeId: this.identity.id }), keys);
+    // Port 1 refuses at once: nodes that probe it suspect it within a few rounds, so a test
+    // sends what it has to right after joining and leaves when done.
+    const epoch = randomBytes(8).toString("hex");
+    this.record = signSelf(this.identity, { name: "test-member", addr: "127.0.0.1:1", epoch, inc: 0, state: "alive" });
+  }
+
+  /** Join through `n` (which then holds this member alive); returns `n`'s own signed record. */
+  async join(n: NodeProc): Promise<SelfRecord> {
+    const reply = await this.transport.request(n.addr, { type: "join", from: this.record }, 30_000);
+    if (reply.type !== "join-ack") throw new Error(`${n.name} refused the test member's join: ${JSON.stringify(reply)}`);
+    return reply.from as SelfRecord;
+  }
+
+  /** Push store ranges to `n` as one kv-sync message from this member; resolves with `n`'s kv-ack (ok: the message was taken, whatever became of its records). */
+  async push(n: NodeProc, ranges: KvRange[]): Promise<WireMessage> {
+    // Joining again is harmless and tells us n's current epoch, which a kv-sync must be addressed to.
+    const to = await this.join(n);
+    const seq = (this.seq.get(n.addr) ?? 0) + 1;
+    this.seq.set(n.addr, seq);
+    const msg = { type: "kv-sync", id: this.identity.id, epoch: this.record.epoch, toEpoch: to.epoch, seq, pull: false, ranges };
+    const reply = await this.transport.request(n.addr, msg, 30_000);
+    if (reply.type !== "kv-ack" || reply.ok !== true) throw new Error(`${n.name} did not take the kv-sync: ${JSON.stringify(reply)}`);
+    return reply;
+  }
+
+  /** Leave gracefully through each of `nodes`: they mark this member left and stop probing it. */
+  async leave(nodes: NodeProc[]): Promise<void> {
+    this.record = signSelf(this.identity, { ...this.record, state: "left" });
+    await Promise.allSettled(nodes.map((n) => this.transport.request(n.addr, { type: "leave", from: this.record }, 30_000)));
   }
 }
