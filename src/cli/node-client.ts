@@ -6,7 +6,7 @@ import { randomBytes } from "node:crypto";
 import { existsSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { defaultStateDir } from "../dirs";
-import { AUTH_HEADER, meshKeys, proofsEqual, replyProof } from "../mesh/auth";
+import { AUTH_HEADER, type Exchange, meshKeys, proofsEqual, replyProof } from "../mesh/auth";
 import { readLimited } from "../mesh/body";
 import { MeshClient, MeshClientError } from "../mesh/client";
 import { loadCredentials, type MeshCredentials } from "../mesh/invite";
@@ -89,13 +89,13 @@ export function nodeClient(f: NodeClientFlags): NodeClient {
   const get = async (path: string): Promise<unknown> => {
     const signal = AbortSignal.timeout(30_000);
     let res: Response;
-    // The nonce the request was signed with: the reply proof is bound to it (none with an API key, which proves nothing back).
-    let nonce: string | null = null;
+    // The nonces the request was signed with: the reply proof is bound to them (none with an API key, which proves nothing back).
+    let exchange: Exchange | null = null;
     try {
       if (client) {
         const sent = await client.send(addr, "GET", path, new Uint8Array(), { signal });
         res = sent.response;
-        nonce = sent.nonce;
+        exchange = { nonce: sent.nonce, callerNonce: sent.callerNonce };
       } else res = await fetch(`${url}${path}`, { headers: { authorization: `Bearer ${f.apiKey}` }, signal });
     } catch (e) {
       const code = e instanceof MeshClientError ? e.code : "unreachable";
@@ -104,14 +104,17 @@ export function nodeClient(f: NodeClientFlags): NodeClient {
     }
     const body = await readLimited(res.body, MAX_ANSWER_BYTES);
     if (res.status === 401) {
+      // A refusal cannot be proven (the node did not accept who we are), so it may come from anything on that port.
       throw new Error(
-        `the node at ${url} refused ${client ? `the mesh credentials in ${stateDir} (a node of another mesh?)` : "the API key"}`,
+        client
+          ? `${url} refused the mesh credentials in ${stateDir}: it is a node of another mesh, or not a mesh node at all`
+          : `the node at ${url} refused the API key`,
       );
     }
     if (body === null) throw new Error(`the node at ${url} sent an answer over ${MAX_ANSWER_BYTES} bytes to ${path}`);
-    if (keys && nonce !== null) {
+    if (keys && exchange !== null) {
       const proof = res.headers.get(AUTH_HEADER.replyProof) ?? "";
-      if (!proofsEqual(proof, replyProof(keys, { nonce, status: res.status, body }))) {
+      if (!proofsEqual(proof, replyProof(keys, { ...exchange, status: res.status, body }))) {
         throw new Error(
           `the answer at ${url} has no valid mesh proof (HTTP ${res.status}): whatever listens there is not a node of the mesh in ${stateDir}`,
         );

@@ -8,22 +8,37 @@
 // Its cost, an extra round trip, is paid only once per peer: every
 // authenticated reply hands the caller the nonce for its next request.
 //
-// A caller proves HMAC-SHA256(k_req, "mesh-req-v1" | nonce | METHOD | path |
-// sha256(body) | nodeId) and the server answers with
-// HMAC-SHA256(k_rep, "mesh-rep-v1" | nonce | status | sha256(body)), so a reply
-// is bound to its request and cannot be forged or replayed either.
+// Both sides pick a nonce. The server's nonce makes a request verify once; the
+// caller's own fresh random nonce makes a reply fit one request only: without
+// it, whoever recorded an exchange (traffic is not encrypted) could later hand
+// out the recorded server nonce as its challenge and send back the recorded
+// reply and proof, which would verify as a fresh answer.
+//
+// A caller proves HMAC-SHA256(k_req, "mesh-req-v2" | nonce | callerNonce | to |
+// METHOD | path | sha256(body) | nodeId), where `to` is the node id it means to
+// reach ("" for a bare address, as in a join): a server refuses a request
+// addressed to another node, so a request cannot be passed on to a node it was
+// not meant for and answered there in the intended node's name. The server
+// answers with HMAC-SHA256(k_rep, "mesh-rep-v2" | nonce | callerNonce | status |
+// sha256(body)), bound to that one request: it can be neither forged nor
+// replayed for another.
 //
 // A forwarded inference answer may be a stream whose body is unknown when its
-// headers leave, so its proof, HMAC-SHA256(k_rep, "mesh-fwd-v1" | nonce |
-// status), covers only the request's nonce and the status. It travels in its
-// own header and under its own label, so a body-less forward proof can never
-// stand in for a /mesh reply proof, nor a reply proof for a forward proof.
+// headers leave, so its proof, HMAC-SHA256(k_rep, "mesh-fwd-v2" | nonce |
+// callerNonce | status), covers only the request's two nonces and the status. It
+// travels in its own header and under its own label, so a body-less forward
+// proof can never stand in for a /mesh reply proof, nor a reply proof for a
+// forward proof.
 import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 
 /** Header names of the mesh authentication. */
 export const AUTH_HEADER = {
   node: "x-mesh-node",
   nonce: "x-mesh-nonce",
+  /** The caller's own fresh nonce: every reply proof is bound to it. */
+  callerNonce: "x-mesh-caller-nonce",
+  /** The node id the caller means to reach; absent only when it does not know it (a bare address). */
+  to: "x-mesh-to",
   proof: "x-mesh-proof",
   nextNonce: "x-mesh-next-nonce",
   nextNonceTtl: "x-mesh-next-nonce-ttl-ms",
@@ -32,10 +47,16 @@ export const AUTH_HEADER = {
 } as const;
 
 /** Why a request was refused; only logged, never told to the caller. */
-export type AuthFailure = "missing" | "malformed" | "unknown_nonce" | "bad_proof";
+export type AuthFailure = "missing" | "malformed" | "unknown_nonce" | "bad_proof" | "wrong_node";
 
 /** The outcome of verifying a request. */
-export type AuthResult = { ok: true; nodeId: string; nonce: string } | { ok: false; code: AuthFailure };
+export type AuthResult = ({ ok: true; nodeId: string; to: string | null } & Exchange) | { ok: false; code: AuthFailure };
+
+/** The two nonces of one request: the server's (used up by it) and the caller's (which binds the reply to it). */
+export interface Exchange {
+  nonce: string;
+  callerNonce: string;
+}
 
 /** A request as the verifier sees it. */
 export interface SignedRequest {
@@ -68,21 +89,29 @@ export function bodyHash(body: Uint8Array): string {
   return createHash("sha256").update(body).digest("hex");
 }
 
-/** The proof a caller sends with a request. */
-export function requestProof(keys: MeshKeys, p: { nonce: string; method: string; path: string; body: Uint8Array; nodeId: string }): string {
-  const text = ["mesh-req-v1", p.nonce, p.method.toUpperCase(), p.path, bodyHash(p.body), p.nodeId].join("\n");
+/** A fresh random nonce (16 bytes, base64url), as servers issue and callers add to each request. */
+export function newNonce(): string {
+  return randomBytes(16).toString("base64url");
+}
+
+/** The proof a caller sends with a request; `to` is the node it means to reach (null or absent when unknown). */
+export function requestProof(
+  keys: MeshKeys,
+  p: Exchange & { method: string; path: string; body: Uint8Array; nodeId: string; to?: string | null },
+): string {
+  const text = ["mesh-req-v2", p.nonce, p.callerNonce, p.to ?? "", p.method.toUpperCase(), p.path, bodyHash(p.body), p.nodeId].join("\n");
   return createHmac("sha256", keys.request).update(text).digest("base64url");
 }
 
-/** The proof a server sends with a reply to the request that used `nonce`. */
-export function replyProof(keys: MeshKeys, p: { nonce: string; status: number; body: Uint8Array }): string {
-  const text = ["mesh-rep-v1", p.nonce, String(p.status), bodyHash(p.body)].join("\n");
+/** The proof a server sends with its reply to the request of exchange `p`. */
+export function replyProof(keys: MeshKeys, p: Exchange & { status: number; body: Uint8Array }): string {
+  const text = ["mesh-rep-v2", p.nonce, p.callerNonce, String(p.status), bodyHash(p.body)].join("\n");
   return createHmac("sha256", keys.reply).update(text).digest("base64url");
 }
 
-/** The proof a server sends with its answer to a forwarded request that used `nonce` (headers only: the body may still be streaming). */
-export function forwardProof(keys: MeshKeys, p: { nonce: string; status: number }): string {
-  const text = ["mesh-fwd-v1", p.nonce, String(p.status)].join("\n");
+/** The proof a server sends with its answer to the forwarded request of exchange `p` (headers only: the body may still be streaming). */
+export function forwardProof(keys: MeshKeys, p: Exchange & { status: number }): string {
+  const text = ["mesh-fwd-v2", p.nonce, p.callerNonce, String(p.status)].join("\n");
   return createHmac("sha256", keys.reply).update(text).digest("base64url");
 }
 
@@ -114,7 +143,7 @@ export class NonceStore {
       const oldest = this.expires.keys().next().value as string;
       this.expires.delete(oldest);
     }
-    const nonce = randomBytes(16).toString("base64url");
+    const nonce = newNonce();
     this.expires.set(nonce, this.o.now() + this.o.ttlMs);
     return nonce;
   }
@@ -189,43 +218,53 @@ export class MeshAuthority {
 
   /** Cheap checks before a body is read: well-formed headers and a nonce we issued. Changes nothing. */
   precheck(headers: Headers): AuthFailure | null {
-    const nodeId = headers.get(AUTH_HEADER.node);
-    const nonce = headers.get(AUTH_HEADER.nonce);
-    const proof = headers.get(AUTH_HEADER.proof);
-    if (nodeId === null || nonce === null || proof === null) return "missing";
-    if (!NODE_ID.test(nodeId) || !NONCE.test(nonce) || !PROOF.test(proof)) return "malformed";
-    return this.challenges.has(nonce) || this.followUps.has(nonce) ? null : "unknown_nonce";
+    const h = authHeaders(headers);
+    if (typeof h === "string") return h;
+    return this.challenges.has(h.nonce) || this.followUps.has(h.nonce) ? null : "unknown_nonce";
   }
 
   /** Verify a request; on success its nonce is used up, on failure nothing changes. */
   verify(r: SignedRequest): AuthResult {
-    const nodeId = r.headers.get(AUTH_HEADER.node);
-    const nonce = r.headers.get(AUTH_HEADER.nonce);
-    const proof = r.headers.get(AUTH_HEADER.proof);
-    if (nodeId === null || nonce === null || proof === null) return { ok: false, code: "missing" };
-    if (!NODE_ID.test(nodeId) || !NONCE.test(nonce) || !PROOF.test(proof)) return { ok: false, code: "malformed" };
+    const h = authHeaders(r.headers);
+    if (typeof h === "string") return { ok: false, code: h };
+    const { nodeId, nonce, callerNonce, to, proof } = h;
     const store = this.challenges.has(nonce) ? this.challenges : this.followUps.has(nonce) ? this.followUps : null;
     if (!store) return { ok: false, code: "unknown_nonce" };
-    const expected = requestProof(this.keys, { nonce, method: r.method, path: r.path, body: r.body, nodeId });
+    const expected = requestProof(this.keys, { nonce, callerNonce, to, method: r.method, path: r.path, body: r.body, nodeId });
     if (!proofsEqual(expected, proof)) return { ok: false, code: "bad_proof" };
     store.take(nonce);
-    return { ok: true, nodeId, nonce };
+    return { ok: true, nodeId, nonce, callerNonce, to };
   }
 
   /** The proof to send with the reply to a verified request. */
-  replyProof(nonce: string, status: number, body: Uint8Array): string {
-    return replyProof(this.keys, { nonce, status, body });
+  replyProof(exchange: Exchange, status: number, body: Uint8Array): string {
+    return replyProof(this.keys, { ...exchange, status, body });
   }
 
   /** The proof to send with the answer to a verified forwarded request, before its body is known. */
-  forwardProof(nonce: string, status: number): string {
-    return forwardProof(this.keys, { nonce, status });
+  forwardProof(exchange: Exchange, status: number): string {
+    return forwardProof(this.keys, { ...exchange, status });
   }
 
   /** Nonces held, per store (for tests and metrics). */
   get sizes(): { challenges: number; followUps: number } {
     return { challenges: this.challenges.size, followUps: this.followUps.size };
   }
+}
+
+/** The authentication headers of a request, checked for form only, or why they are unusable. */
+function authHeaders(
+  headers: Headers,
+): { nodeId: string; nonce: string; callerNonce: string; to: string | null; proof: string } | "missing" | "malformed" {
+  const nodeId = headers.get(AUTH_HEADER.node);
+  const nonce = headers.get(AUTH_HEADER.nonce);
+  const callerNonce = headers.get(AUTH_HEADER.callerNonce);
+  const proof = headers.get(AUTH_HEADER.proof);
+  const to = headers.get(AUTH_HEADER.to);
+  if (nodeId === null || nonce === null || callerNonce === null || proof === null) return "missing";
+  if (!NODE_ID.test(nodeId) || !NONCE.test(nonce) || !NONCE.test(callerNonce) || !PROOF.test(proof)) return "malformed";
+  if (to !== null && !NODE_ID.test(to)) return "malformed";
+  return { nodeId, nonce, callerNonce, to, proof };
 }
 
 /** Whether a request carries mesh authentication headers at all. */

@@ -2,7 +2,10 @@
 // peer (each authenticated reply brings the next one), fetches a challenge when
 // it has none, signs, and retries once with a fresh challenge when a pooled
 // nonce was refused (expired or evicted on the peer; a 401 changed nothing).
-import { AUTH_HEADER, type MeshKeys, requestProof } from "./auth";
+// Every request also carries a fresh nonce of the caller's own, to which the
+// peer's reply proof is bound, and, when the caller knows it, the node id it
+// means to reach.
+import { AUTH_HEADER, type Exchange, type MeshKeys, newNonce, requestProof } from "./auth";
 import { readLimited } from "./body";
 
 /** Bounds and identity of a client. */
@@ -18,10 +21,17 @@ export interface MeshClientOptions {
   fetch?: typeof fetch;
 }
 
-/** A signed request's response and the nonce it used (to check the reply's proof). */
-export interface SentRequest {
+/** A signed request's response and the nonces it used (to check the reply's proof). */
+export interface SentRequest extends Exchange {
   response: Response;
-  nonce: string;
+}
+
+/** Options of one signed request. */
+export interface SendOptions {
+  signal?: AbortSignal;
+  headers?: Record<string, string>;
+  /** The node id meant to answer, when known: any other node refuses the request, so it cannot be passed on and answered elsewhere. */
+  to?: string;
 }
 
 /** Why a request could not be sent. */
@@ -76,13 +86,7 @@ export class MeshClient {
   }
 
   /** Send one signed request to `addr` ("host:port"); the caller reads (or cancels) the response body. */
-  async send(
-    addr: string,
-    method: string,
-    path: string,
-    body: Uint8Array,
-    o: { signal?: AbortSignal; headers?: Record<string, string> } = {},
-  ): Promise<SentRequest> {
+  async send(addr: string, method: string, path: string, body: Uint8Array, o: SendOptions = {}): Promise<SentRequest> {
     try {
       const pooled = this.takePooled(addr);
       const first = await this.attempt(addr, method, path, body, pooled ?? (await this.challenge(addr, o.signal)), o);
@@ -105,21 +109,18 @@ export class MeshClient {
     return this.pools.size;
   }
 
-  private async attempt(
-    addr: string,
-    method: string,
-    path: string,
-    body: Uint8Array,
-    nonce: string,
-    o: { signal?: AbortSignal; headers?: Record<string, string> },
-  ): Promise<SentRequest> {
-    const proof = requestProof(this.o.keys, { nonce, method, path, body, nodeId: this.o.nodeId });
+  private async attempt(addr: string, method: string, path: string, body: Uint8Array, nonce: string, o: SendOptions): Promise<SentRequest> {
+    // Fresh for every attempt: a reply proven for one request never passes for another.
+    const callerNonce = newNonce();
+    const proof = requestProof(this.o.keys, { nonce, callerNonce, to: o.to, method, path, body, nodeId: this.o.nodeId });
     const headers: Record<string, string> = {
       ...o.headers,
       [AUTH_HEADER.node]: this.o.nodeId,
       [AUTH_HEADER.nonce]: nonce,
+      [AUTH_HEADER.callerNonce]: callerNonce,
       [AUTH_HEADER.proof]: proof,
     };
+    if (o.to !== undefined) headers[AUTH_HEADER.to] = o.to;
     const response = await this.fetchFn(`http://${addr}${path}`, {
       method,
       headers,
@@ -127,7 +128,7 @@ export class MeshClient {
       signal: o.signal,
     });
     this.absorb(addr, response.headers);
-    return { response, nonce };
+    return { response, nonce, callerNonce };
   }
 
   private async challenge(addr: string, signal: AbortSignal | undefined): Promise<string> {

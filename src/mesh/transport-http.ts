@@ -1,9 +1,11 @@
 // The mesh core's Transport over HTTP: each message is one authenticated
-// POST /mesh/rpc, and the reply is accepted only with the peer's reply proof.
+// POST /mesh/rpc, and the reply is accepted only with the peer's reply proof,
+// which is bound to this request's own fresh nonce (a recorded reply never
+// passes for a new request).
 import { AUTH_HEADER, type MeshKeys, proofsEqual, replyProof } from "./auth";
 import { readLimited } from "./body";
 import { type MeshClient, MeshClientError } from "./client";
-import type { Transport, WireMessage } from "./wire";
+import type { NodeId, Transport, WireMessage } from "./wire";
 
 /** Largest message either way: gossip is small, and anything past this is a bug or an attack. */
 export const MAX_MESSAGE_BYTES = 1024 * 1024;
@@ -24,14 +26,18 @@ export class HttpTransport implements Transport {
     private readonly maxBytes = MAX_MESSAGE_BYTES,
   ) {}
 
-  /** Send `msg` to `addr`; rejects with a MeshClientError (timeout, unreachable, unauthorized, bad_reply). */
-  async request(addr: string, msg: WireMessage, timeoutMs: number): Promise<WireMessage> {
+  /**
+   * Send `msg` to `addr`, addressed to node `to` when known (any other node there refuses it);
+   * rejects with a MeshClientError (timeout, unreachable, unauthorized, bad_reply).
+   */
+  async request(addr: string, msg: WireMessage, timeoutMs: number, to?: NodeId): Promise<WireMessage> {
     const body = enc.encode(JSON.stringify(msg));
     if (body.byteLength > this.maxBytes) throw new MeshClientError("bad_reply", `message of ${body.byteLength} bytes is over the limit`);
     const signal = AbortSignal.timeout(timeoutMs);
-    const { response, nonce } = await this.client.send(addr, "POST", "/mesh/rpc", body, {
+    const { response, nonce, callerNonce } = await this.client.send(addr, "POST", "/mesh/rpc", body, {
       signal,
       headers: { "content-type": "application/json" },
+      to,
     });
     let reply: Uint8Array | null;
     try {
@@ -39,11 +45,14 @@ export class HttpTransport implements Transport {
     } catch (e) {
       throw new MeshClientError(signal.aborted ? "timeout" : "unreachable", `${addr} broke off its reply: ${(e as Error).message}`);
     }
-    if (response.status === 401) throw new MeshClientError("unauthorized", `${addr} refused the mesh credentials`);
+    if (response.status === 401) {
+      const unlike = to === undefined ? "" : ` (or is not node ${to.slice(0, 8)})`;
+      throw new MeshClientError("unauthorized", `${addr} refused the mesh credentials${unlike}`);
+    }
     if (reply === null) throw new MeshClientError("bad_reply", `${addr} sent a reply over ${this.maxBytes} bytes`);
     const proof = response.headers.get(AUTH_HEADER.replyProof) ?? "";
     // A reply without a valid proof may come from anyone on the path: it is dropped, whatever its status.
-    if (!proofsEqual(proof, replyProof(this.keys, { nonce, status: response.status, body: reply }))) {
+    if (!proofsEqual(proof, replyProof(this.keys, { nonce, callerNonce, status: response.status, body: reply }))) {
       throw new MeshClientError("bad_reply", `${addr} sent a reply without a valid mesh proof (HTTP ${response.status})`);
     }
     if (response.status !== 200)

@@ -4,7 +4,8 @@
 // replaced once by another; a client that goes away aborts the upstream request.
 // Nothing is relayed without the peer's forward proof (src/mesh/auth.ts): a
 // process that took over a dead peer's port, without the mesh secret, gets the
-// request but cannot answer in the peer's name.
+// request but cannot answer in the peer's name, nor pass it on to a live node
+// and relay that node's proven answer (the request names the node it is for).
 
 import type { Logger } from "../log";
 import { AUTH_HEADER, forwardProof, type MeshKeys, proofsEqual } from "../mesh/auth";
@@ -55,19 +56,27 @@ export interface ForwardStats {
   failed: number;
   active: number;
   /**
-   * Peer answers refused for a missing or wrong forward proof (each then
-   * retried or failed like any failure before the first byte). Absent in
-   * reports of nodes that predate the proof.
+   * Peer answers refused for a missing or wrong forward proof, whatever their
+   * status (each then retried or failed like any failure before the first
+   * byte); a 413 is not counted, since an honest peer's gate cannot prove it.
+   * Absent in reports of nodes that predate the proof.
    */
   unproven?: number;
 }
 
-// Statuses after which another peer may well succeed: the peer's auth state,
-// its stale worker record (404), overload, or its own failure.
+// Statuses of proven answers after which another peer may well succeed: the
+// peer's auth state, its stale worker record (404), overload, or its own failure.
 const RETRYABLE = new Set([401, 404, 429, 500, 502, 503, 504]);
 // Hop-by-hop and mesh headers stay on this hop.
 const PASSED_HEADERS = ["content-type", "cache-control", "retry-after", "x-accel-buffering"];
 const enc = new TextEncoder();
+
+/** This node's own 413 for a body a peer serving `model` refused (its refusal cannot be proven, so none of it is relayed). */
+function tooLarge(model: string, bytes: number): Response {
+  const message = `a node serving '${model}' refused the request body size (${bytes} bytes)`;
+  const error = { message, type: "invalid_request_error", param: null, code: "request_too_large" };
+  return new Response(JSON.stringify({ error }), { status: 413, headers: { "content-type": "application/json" } });
+}
 
 /** Forwards requests to peers. */
 export class Forwarder {
@@ -110,38 +119,45 @@ export class Forwarder {
       );
       this.begin(w.id);
       try {
-        const { response, nonce } = await this.o.client.send(w.addr, "POST", path, body, {
+        const { response, nonce, callerNonce } = await this.o.client.send(w.addr, "POST", path, body, {
           signal: upstream.signal,
           headers: { "content-type": "application/json" },
+          // Only that node may answer: whatever took its address cannot pass the request on to another node.
+          to: w.nodeId,
         });
         clearInterval(timer);
-        // A 401 here is the peer refusing this node's mesh credentials, not the
-        // client's key: never relay it, even from the last peer tried.
-        if (RETRYABLE.has(response.status) && (!last || response.status === 401)) {
-          lastError = response.status === 401 ? "a peer refused this node's mesh credentials" : `a peer answered HTTP ${response.status}`;
-          this.o.logger.warn("peer refused a forwarded request; trying another", { model, node: w.nodeId, status: response.status });
+        const status = response.status;
+        const drop = async () => {
           await response.body?.cancel().catch(() => {});
           this.end(w.id);
           client.removeEventListener("abort", onAbort);
+        };
+        // Checked first, on the headers, before a single byte is relayed: whoever answers at a peer's address without the
+        // mesh secret (a process that took over a dead peer's port) is a peer that failed before answering, whatever its status.
+        const proof = response.headers.get(AUTH_HEADER.forwardProof) ?? "";
+        if (!proofsEqual(proof, forwardProof(this.o.keys, { nonce, callerNonce, status }))) {
+          await drop();
+          if (status === 413) {
+            // A peer's gate answers an oversized body before it can verify this node (verifying needs the body), so an
+            // honest peer's 413 is never proven. Refusing a body is all anyone gains by sending it: relay it as this
+            // node's own 413 (nothing of the peer's answer goes through), and neither blame nor shun the peer.
+            this.o.logger.info("a peer refused a forwarded request's size", { model, node: w.nodeId, bytes: body.byteLength });
+            return tooLarge(model, body.byteLength);
+          }
+          this.counts.unproven++;
+          lastError =
+            status === 401
+              ? "a peer refused this node's mesh credentials: a node of another mesh, or not the node it was taken for"
+              : "a peer answered without a valid mesh proof";
+          this.o.logger.warn("a peer's answer has no valid mesh proof; not relayed", { model, node: w.nodeId, addr: w.addr, status });
+          this.o.onPeerFailure?.(w.id);
           continue;
         }
-        // Checked on the headers, before a single byte is relayed: whoever answers at a peer's address without the
-        // mesh secret (a process that took over a dead peer's port) is a peer that failed before answering.
-        if (
-          !proofsEqual(response.headers.get(AUTH_HEADER.forwardProof) ?? "", forwardProof(this.o.keys, { nonce, status: response.status }))
-        ) {
-          this.counts.unproven++;
-          lastError = "a peer answered without a valid mesh proof";
-          this.o.logger.warn("a peer's answer has no valid mesh proof; not relayed", {
-            model,
-            node: w.nodeId,
-            addr: w.addr,
-            status: response.status,
-          });
-          await response.body?.cancel().catch(() => {});
-          this.end(w.id);
-          client.removeEventListener("abort", onAbort);
-          this.o.onPeerFailure?.(w.id);
+        // A proven 401 is the peer refusing this node's mesh credentials, not the client's key: never relay it.
+        if (RETRYABLE.has(status) && (!last || status === 401)) {
+          lastError = `a peer answered HTTP ${status}`;
+          this.o.logger.warn("peer refused a forwarded request; trying another", { model, node: w.nodeId, status });
+          await drop();
           continue;
         }
         this.counts.forwarded++;

@@ -1,16 +1,16 @@
-// The server's door for mesh traffic: verifies a request's mesh proof before
-// any route runs, remembers who passed (per request), and signs replies: /mesh
-// replies over their whole body, forwarded answers over nonce and status.
+// The server's door for mesh traffic: refuses a request addressed to another
+// node, verifies a request's mesh proof before any route runs, remembers who
+// passed (per request), and signs replies: /mesh replies over their whole body,
+// forwarded answers over the request's nonces and status.
 
 import type { Logger } from "../log";
-import { AUTH_HEADER, type AuthResult, claimsMeshAuth, type MeshAuthority } from "../mesh/auth";
+import { AUTH_HEADER, type AuthResult, claimsMeshAuth, type Exchange, type MeshAuthority } from "../mesh/auth";
 import { readLimited } from "../mesh/body";
 import { ApiError } from "./errors";
 
 /** A request that passed mesh authentication. */
-export interface MeshCaller {
+export interface MeshCaller extends Exchange {
   nodeId: string;
-  nonce: string;
   /** The request body as verified (routes use it instead of reading the body again). */
   body: Uint8Array;
 }
@@ -24,6 +24,7 @@ export function meshUnauthorized(): ApiError {
 export class MeshGate {
   private readonly callers = new WeakMap<Request, MeshCaller>();
   private failures = 0;
+  private self: (() => string) | null = null;
 
   constructor(
     readonly authority: MeshAuthority,
@@ -31,6 +32,15 @@ export class MeshGate {
     private readonly maxBodyBytes: number,
     private readonly logger: Logger,
   ) {}
+
+  /**
+   * Name the node this gate guards: a request addressed to any other node id is
+   * refused. Until it is named, every addressed request is refused, so a gate
+   * nobody named fails closed.
+   */
+  guard(nodeId: () => string): void {
+    this.self = nodeId;
+  }
 
   /** Whether the request carries mesh credentials (then they must verify, whatever the route). */
   claims(request: Request): boolean {
@@ -43,8 +53,11 @@ export class MeshGate {
    */
   async check(request: Request): Promise<ApiError | null> {
     const url = new URL(request.url);
+    // A request meant for another node (passed on by whatever took that node's address) is refused before its
+    // nonce is used up, so this node never answers, in its own name, a request it was not meant to get.
+    const to = request.headers.get(AUTH_HEADER.to);
     // Refuse a request with no usable nonce before buffering its body: a stranger must not make us read anything.
-    const early = this.authority.precheck(request.headers);
+    const early = to !== null && to !== this.self?.() ? "wrong_node" : this.authority.precheck(request.headers);
     if (early) {
       this.failures++;
       this.logger.debug("mesh auth refused", { reason: early, path: url.pathname });
@@ -65,7 +78,7 @@ export class MeshGate {
       this.logger.debug("mesh auth refused", { reason: r.code, path: url.pathname });
       return meshUnauthorized();
     }
-    this.callers.set(request, { nodeId: r.nodeId, nonce: r.nonce, body });
+    this.callers.set(request, { nodeId: r.nodeId, nonce: r.nonce, callerNonce: r.callerNonce, body });
     return null;
   }
 
@@ -80,14 +93,14 @@ export class MeshGate {
     if (!c) return {};
     const next = this.authority.followUp();
     const h: Record<string, string> = { [AUTH_HEADER.nextNonce]: next.nonce, [AUTH_HEADER.nextNonceTtl]: String(next.ttlMs) };
-    if (body) h[AUTH_HEADER.replyProof] = this.authority.replyProof(c.nonce, status, body);
+    if (body) h[AUTH_HEADER.replyProof] = this.authority.replyProof(c, status, body);
     return h;
   }
 
   /**
    * `response` as sent to the verified caller of `request`, with its next nonce
    * and, unless a /mesh route already proved the whole body, a forward proof
-   * over nonce and status: a forwarding node relays nothing without it. Any
+   * over its nonces and status: a forwarding node relays nothing without it. Any
    * other request's response is returned as is.
    */
   signAnswer(request: Request, response: Response): Response {
@@ -99,7 +112,7 @@ export class MeshGate {
       headers.set(AUTH_HEADER.nextNonce, next.nonce);
       headers.set(AUTH_HEADER.nextNonceTtl, String(next.ttlMs));
     }
-    headers.set(AUTH_HEADER.forwardProof, this.authority.forwardProof(c.nonce, response.status));
+    headers.set(AUTH_HEADER.forwardProof, this.authority.forwardProof(c, response.status));
     // A new Response: the one given may have immutable headers; its body stream passes through untouched.
     return new Response(response.body, { status: response.status, statusText: response.statusText, headers });
   }

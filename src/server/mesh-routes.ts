@@ -52,6 +52,8 @@ export interface MeshInfo {
 
 /** What the routes need from the running mesh node. */
 export interface MeshService {
+  /** This node's id: mesh requests addressed to any other node are refused. */
+  nodeId(): string;
   /** Handle one inbound peer message from the authenticated node `from`; null while the node is still starting. */
   handler(): ((msg: WireMessage, from: string) => Promise<WireMessage>) | null;
   info(): MeshInfo;
@@ -76,6 +78,8 @@ export function meshRoutes(o: MeshRoutesOptions) {
     return new Response(body, { status, headers: { "content-type": "application/json", ...o.gate.replyHeaders(request, status, body) } });
   };
   const error = (request: Request, e: ApiError) => json(request, e.status, errorBody(e));
+  // The gate refuses requests addressed to another node: it must know which node it guards before the first one arrives.
+  o.gate.guard(() => o.service.nodeId());
   const refused = () => {
     const e = meshUnauthorized();
     return new Response(JSON.stringify(errorBody(e)), { status: e.status, headers: { "content-type": "application/json" } });

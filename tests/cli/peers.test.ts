@@ -4,6 +4,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { formatPeers } from "../../src/cli/peers";
 import { silentLogger } from "../../src/log";
+import { AUTH_HEADER, meshKeys } from "../../src/mesh/auth";
+import { MeshClient } from "../../src/mesh/client";
 import { newCredentials, saveCredentials } from "../../src/mesh/invite";
 import { startServer } from "../../src/server";
 import type { PeerRow } from "../../src/server/mesh-routes";
@@ -132,6 +134,82 @@ describe("mesh peers", () => {
     expect(r.err.trim().split("\n")).toEqual([
       `mesh: the answer at ${url} has no valid mesh proof (HTTP 200): whatever listens there is not a node of the mesh in ${state}`,
     ]);
+  });
+
+  test("a_recorded_answer_replayed_under_its_recorded_nonce_is_one_line_and_exit_1", async () => {
+    const creds = newCredentials();
+    const state = mkdtempSync(join(tmpdir(), "mesh-peers-"));
+    saveCredentials(state, creds);
+    const node = startServer({
+      host: "127.0.0.1",
+      port: 0,
+      models: [],
+      apiKeys: [],
+      maxBodyBytes: 1 << 20,
+      logger: silentLogger,
+      mesh: testMeshHooks({ nodeId: "abcd", secret: creds.secret }),
+    });
+    closeAfter.push(() => node.close());
+    // One genuine exchange, as anyone on the network could record it (traffic is not encrypted).
+    const recorded = await new MeshClient({ keys: meshKeys(creds.secret), nodeId: "cli-0000" }).send(
+      `127.0.0.1:${node.port}`,
+      "GET",
+      "/api/peers",
+      new Uint8Array(),
+    );
+    const body = await recorded.response.text();
+    const proof = recorded.response.headers.get(AUTH_HEADER.replyProof) ?? "";
+    expect(recorded.response.status).toBe(200);
+    // Later, on the node's port: the recorded nonce as its challenge, then the recorded answer and proof.
+    const replayer = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch: (req) =>
+        new URL(req.url).pathname === "/mesh/challenge"
+          ? Response.json({ nonce: recorded.nonce, ttl_ms: 30000 })
+          : new Response(body, { headers: { "content-type": "application/json", [AUTH_HEADER.replyProof]: proof } }),
+    });
+    closeAfter.push(() => replayer.stop(true));
+    const url = `http://127.0.0.1:${replayer.port}`;
+    const r = await cliAsync(["peers", "--state-dir", state, "--url", url]);
+    expect(r.code).toBe(1);
+    expect(r.out).toBe("");
+    expect(r.err.trim().split("\n")).toEqual([
+      `mesh: the answer at ${url} has no valid mesh proof (HTTP 200): whatever listens there is not a node of the mesh in ${state}`,
+    ]);
+  });
+
+  test("a_refusal_of_the_credentials_says_it_may_be_another_mesh_or_no_mesh_node_at_all", async () => {
+    const state = mkdtempSync(join(tmpdir(), "mesh-peers-"));
+    saveCredentials(state, newCredentials());
+    // A node of another mesh, and something that is no mesh node but answers 401: the CLI cannot tell them apart.
+    const other = startServer({
+      host: "127.0.0.1",
+      port: 0,
+      models: [],
+      apiKeys: [],
+      maxBodyBytes: 1 << 20,
+      logger: silentLogger,
+      mesh: testMeshHooks({ nodeId: "abcd", secret: newCredentials().secret }),
+    });
+    closeAfter.push(() => other.close());
+    const fake = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch: (req) =>
+        new URL(req.url).pathname === "/mesh/challenge"
+          ? Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 })
+          : Response.json({ error: { message: "nope" } }, { status: 401 }),
+    });
+    closeAfter.push(() => fake.stop(true));
+    for (const url of [other.url, `http://127.0.0.1:${fake.port}`]) {
+      const r = await cliAsync(["peers", "--state-dir", state, "--url", url]);
+      expect(r.code).toBe(1);
+      expect(r.out).toBe("");
+      expect(r.err.trim().split("\n")).toEqual([
+        `mesh: ${url} refused the mesh credentials in ${state}: it is a node of another mesh, or not a mesh node at all`,
+      ]);
+    }
   });
 
   test("no_credentials_is_one_line_and_exit_1", () => {

@@ -1,5 +1,15 @@
 import { describe, expect, test } from "bun:test";
-import { AUTH_HEADER, forwardProof, MeshAuthority, meshKeys, NonceStore, proofsEqual, replyProof, requestProof } from "../../src/mesh/auth";
+import {
+  AUTH_HEADER,
+  forwardProof,
+  MeshAuthority,
+  meshKeys,
+  NonceStore,
+  newNonce,
+  proofsEqual,
+  replyProof,
+  requestProof,
+} from "../../src/mesh/auth";
 
 const SECRET = "correct horse battery staple, long enough";
 const enc = new TextEncoder();
@@ -13,14 +23,31 @@ function authority(c = clock(), capacity = 64) {
   return new MeshAuthority(meshKeys(SECRET), { challengeCapacity: capacity, followUpCapacity: capacity, ttlMs: 30_000, now: c.now });
 }
 
-function signed(o: { nonce: string; secret?: string; body?: string; method?: string; path?: string; nodeId?: string }) {
+const CALLER_NONCE = "cccccccccccccccccccccc";
+
+function signed(o: { nonce: string; secret?: string; body?: string; method?: string; path?: string; nodeId?: string; to?: string }) {
   const body = enc.encode(o.body ?? '{"type":"ping"}');
   const method = o.method ?? "POST";
   const path = o.path ?? "/mesh/rpc";
   const nodeId = o.nodeId ?? "a1b2c3";
-  const proof = requestProof(meshKeys(o.secret ?? SECRET), { nonce: o.nonce, method, path, body, nodeId });
-  const headers = new Headers({ [AUTH_HEADER.node]: nodeId, [AUTH_HEADER.nonce]: o.nonce, [AUTH_HEADER.proof]: proof });
+  const callerNonce = CALLER_NONCE;
+  const proof = requestProof(meshKeys(o.secret ?? SECRET), { nonce: o.nonce, callerNonce, to: o.to, method, path, body, nodeId });
+  const headers = new Headers({
+    [AUTH_HEADER.node]: nodeId,
+    [AUTH_HEADER.nonce]: o.nonce,
+    [AUTH_HEADER.callerNonce]: callerNonce,
+    [AUTH_HEADER.proof]: proof,
+  });
+  if (o.to !== undefined) headers.set(AUTH_HEADER.to, o.to);
   return { method, path, headers, body };
+}
+
+/** `req` with header `name` set to `value` (or removed for null). */
+function withHeader<T extends { headers: Headers }>(req: T, name: string, value: string | null): T {
+  const headers = new Headers(req.headers);
+  if (value === null) headers.delete(name);
+  else headers.set(name, value);
+  return { ...req, headers };
 }
 
 describe("mesh authentication", () => {
@@ -28,7 +55,7 @@ describe("mesh authentication", () => {
     const a = authority();
     const { nonce } = a.challenge();
     const req = signed({ nonce });
-    expect(a.verify(req)).toEqual({ ok: true, nodeId: "a1b2c3", nonce });
+    expect(a.verify(req)).toEqual({ ok: true, nodeId: "a1b2c3", nonce, callerNonce: CALLER_NONCE, to: null });
     expect(a.sizes.challenges).toBe(0);
   });
 
@@ -48,15 +75,19 @@ describe("mesh authentication", () => {
     expect(a.verify(signed({ nonce })).ok).toBe(true);
   });
 
-  test("tampered_body_method_path_or_node_is_rejected", () => {
+  test("tampered_body_method_path_node_caller_nonce_or_target_is_rejected", () => {
     const a = authority();
     const { nonce } = a.challenge();
-    const good = signed({ nonce });
+    const good = signed({ nonce, to: "d0d0" });
     const tampered = [
       { ...good, body: enc.encode('{"type":"ping","x":1}') },
       { ...good, method: "PUT" },
       { ...good, path: "/mesh/other" },
-      { ...good, headers: new Headers({ ...Object.fromEntries(good.headers), [AUTH_HEADER.node]: "someone-else" }) },
+      withHeader(good, AUTH_HEADER.node, "someone-else"),
+      withHeader(good, AUTH_HEADER.callerNonce, "dddddddddddddddddddddd"),
+      // The target is part of what the caller signed: it can be neither changed nor dropped on the way.
+      withHeader(good, AUTH_HEADER.to, "e0e0"),
+      withHeader(good, AUTH_HEADER.to, null),
     ];
     for (const t of tampered) expect(a.verify(t)).toEqual({ ok: false, code: "bad_proof" });
     expect(a.verify(good).ok).toBe(true);
@@ -79,6 +110,17 @@ describe("mesh authentication", () => {
     expect(a.verify(bad)).toEqual({ ok: false, code: "malformed" });
     bad.headers.set(AUTH_HEADER.node, "UPPER CASE");
     expect(a.verify(bad)).toEqual({ ok: false, code: "malformed" });
+    const good = signed({ nonce: a.challenge().nonce });
+    expect(a.verify(withHeader(good, AUTH_HEADER.callerNonce, null))).toEqual({ ok: false, code: "missing" });
+    expect(a.verify(withHeader(good, AUTH_HEADER.callerNonce, "short"))).toEqual({ ok: false, code: "malformed" });
+    expect(a.verify(withHeader(good, AUTH_HEADER.to, "Not A Node"))).toEqual({ ok: false, code: "malformed" });
+    expect(a.verify(good).ok).toBe(true);
+  });
+
+  test("a_request_addressed_to_a_node_verifies_and_reports_its_target", () => {
+    const a = authority();
+    const { nonce } = a.challenge();
+    expect(a.verify(signed({ nonce, to: "d0d0" }))).toEqual({ ok: true, nodeId: "a1b2c3", nonce, callerNonce: CALLER_NONCE, to: "d0d0" });
   });
 
   test("follow_up_nonces_authenticate_like_challenges", () => {
@@ -98,29 +140,46 @@ describe("mesh authentication", () => {
     expect(a.verify(signed({ nonce: held })).ok).toBe(true);
   });
 
-  test("reply_proof_binds_nonce_status_and_body", () => {
+  test("reply_proof_binds_both_nonces_status_and_body", () => {
     const keys = meshKeys(SECRET);
     const body = enc.encode('{"type":"ack"}');
-    const p = replyProof(keys, { nonce: "n1", status: 200, body });
-    expect(proofsEqual(p, replyProof(keys, { nonce: "n1", status: 200, body }))).toBe(true);
-    expect(proofsEqual(p, replyProof(keys, { nonce: "n2", status: 200, body }))).toBe(false);
-    expect(proofsEqual(p, replyProof(keys, { nonce: "n1", status: 500, body }))).toBe(false);
-    expect(proofsEqual(p, replyProof(keys, { nonce: "n1", status: 200, body: enc.encode("{}") }))).toBe(false);
+    const x = { nonce: "n1", callerNonce: "c1" };
+    const p = replyProof(keys, { ...x, status: 200, body });
+    expect(proofsEqual(p, replyProof(keys, { ...x, status: 200, body }))).toBe(true);
+    expect(proofsEqual(p, replyProof(keys, { ...x, nonce: "n2", status: 200, body }))).toBe(false);
+    expect(proofsEqual(p, replyProof(keys, { ...x, callerNonce: "c2", status: 200, body }))).toBe(false);
+    expect(proofsEqual(p, replyProof(keys, { ...x, status: 500, body }))).toBe(false);
+    expect(proofsEqual(p, replyProof(keys, { ...x, status: 200, body: enc.encode("{}") }))).toBe(false);
     // A request proof over the same fields never passes as a reply proof (separate keys).
-    expect(proofsEqual(p, requestProof(keys, { nonce: "n1", method: "200", path: "", body, nodeId: "" }))).toBe(false);
+    expect(proofsEqual(p, requestProof(keys, { ...x, method: "200", path: "", body, nodeId: "" }))).toBe(false);
+  });
+
+  test("a_recorded_reply_never_verifies_for_a_new_request_even_under_the_recorded_server_nonce", () => {
+    // Whoever recorded an exchange can hand out its server nonce again as a challenge; the caller's fresh nonce still differs.
+    const keys = meshKeys(SECRET);
+    const body = enc.encode('{"type":"ack"}');
+    const recorded = { nonce: "n1", callerNonce: newNonce() };
+    const replay = { nonce: "n1", callerNonce: newNonce() };
+    expect(replay.callerNonce).not.toBe(recorded.callerNonce);
+    expect(proofsEqual(replyProof(keys, { ...recorded, status: 200, body }), replyProof(keys, { ...replay, status: 200, body }))).toBe(
+      false,
+    );
+    expect(proofsEqual(forwardProof(keys, { ...recorded, status: 200 }), forwardProof(keys, { ...replay, status: 200 }))).toBe(false);
   });
 });
 
 describe("forward proof", () => {
-  test("binds_nonce_and_status_under_the_mesh_secret", () => {
+  test("binds_both_nonces_and_status_under_the_mesh_secret", () => {
     const keys = meshKeys(SECRET);
-    const p = forwardProof(keys, { nonce: "n1", status: 200 });
-    expect(proofsEqual(p, forwardProof(keys, { nonce: "n1", status: 200 }))).toBe(true);
-    expect(proofsEqual(p, forwardProof(keys, { nonce: "n2", status: 200 }))).toBe(false);
-    expect(proofsEqual(p, forwardProof(keys, { nonce: "n1", status: 400 }))).toBe(false);
-    expect(proofsEqual(p, forwardProof(meshKeys("another mesh's secret, also long enough"), { nonce: "n1", status: 200 }))).toBe(false);
+    const x = { nonce: "n1", callerNonce: "c1" };
+    const p = forwardProof(keys, { ...x, status: 200 });
+    expect(proofsEqual(p, forwardProof(keys, { ...x, status: 200 }))).toBe(true);
+    expect(proofsEqual(p, forwardProof(keys, { ...x, nonce: "n2", status: 200 }))).toBe(false);
+    expect(proofsEqual(p, forwardProof(keys, { ...x, callerNonce: "c2", status: 200 }))).toBe(false);
+    expect(proofsEqual(p, forwardProof(keys, { ...x, status: 400 }))).toBe(false);
+    expect(proofsEqual(p, forwardProof(meshKeys("another mesh's secret, also long enough"), { ...x, status: 200 }))).toBe(false);
     // The server side signs with the same function.
-    expect(proofsEqual(authority().forwardProof("n1", 200), p)).toBe(true);
+    expect(proofsEqual(authority().forwardProof(x, 200), p)).toBe(true);
   });
 
   test("a_mesh_reply_proof_never_passes_as_a_forward_proof_nor_the_reverse", () => {
@@ -128,12 +187,13 @@ describe("forward proof", () => {
     // Same key, same nonce and status: only the label (and the body hash) tell them apart.
     for (const status of [200, 400, 500]) {
       for (const body of [new Uint8Array(), enc.encode('{"type":"ack"}')]) {
-        const reply = replyProof(keys, { nonce: "n1", status, body });
-        const forward = forwardProof(keys, { nonce: "n1", status });
+        const x = { nonce: "n1", callerNonce: "c1" };
+        const reply = replyProof(keys, { ...x, status, body });
+        const forward = forwardProof(keys, { ...x, status });
         // What the forwarder compares a forward-proof header against, given a reply proof ...
-        expect(proofsEqual(reply, forwardProof(keys, { nonce: "n1", status }))).toBe(false);
+        expect(proofsEqual(reply, forwardProof(keys, { ...x, status }))).toBe(false);
         // ... and what HttpTransport compares a reply-proof header against, given a forward proof.
-        expect(proofsEqual(forward, replyProof(keys, { nonce: "n1", status, body }))).toBe(false);
+        expect(proofsEqual(forward, replyProof(keys, { ...x, status, body }))).toBe(false);
       }
     }
     // They travel in different headers too.

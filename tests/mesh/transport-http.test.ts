@@ -1,6 +1,6 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { silentLogger } from "../../src/log";
-import { meshKeys } from "../../src/mesh/auth";
+import { AUTH_HEADER, meshKeys, newNonce, proofsEqual, replyProof, requestProof } from "../../src/mesh/auth";
 import { MeshClient, type MeshClientError } from "../../src/mesh/client";
 import { HttpTransport } from "../../src/mesh/transport-http";
 import type { WireMessage } from "../../src/mesh/wire";
@@ -210,6 +210,102 @@ describe("HTTP transport", () => {
     expect(withKey.status).toBe(200);
     const without = await fetch(`http://${n.addr}/api/peers`);
     expect(without.status).toBe(401);
+  });
+});
+
+describe("a message is for one node and one reply", () => {
+  test("a_message_addressed_to_the_node_there_is_delivered_and_one_for_another_node_is_refused", async () => {
+    const n = node();
+    const t = transport();
+    expect(await t.request(n.addr, { type: "ping", n: 1 }, 30_000, "aaaa")).toMatchObject({ type: "ack" });
+    const e = await rejection(t.request(n.addr, { type: "ping", n: 2 }, 30_000, "ffff"));
+    expect(e.code).toBe("unauthorized");
+    expect(n.seen).toEqual([{ type: "ping", n: 1 }]);
+  });
+
+  test("a_request_addressed_to_another_node_is_refused_and_leaves_its_nonce_usable", async () => {
+    const n = node();
+    const keys = meshKeys(SECRET);
+    const { nonce } = (await (await fetch(`http://${n.addr}/mesh/challenge`)).json()) as { nonce: string };
+    const body = new TextEncoder().encode('{"type":"ping"}');
+    const post = (to: string) => {
+      const callerNonce = newNonce();
+      const proof = requestProof(keys, { nonce, callerNonce, to, method: "POST", path: "/mesh/rpc", body, nodeId: "bbbb" });
+      return fetch(`http://${n.addr}/mesh/rpc`, {
+        method: "POST",
+        body,
+        headers: {
+          [AUTH_HEADER.node]: "bbbb",
+          [AUTH_HEADER.nonce]: nonce,
+          [AUTH_HEADER.callerNonce]: callerNonce,
+          [AUTH_HEADER.to]: to,
+          [AUTH_HEADER.proof]: proof,
+        },
+      });
+    };
+    // Correctly signed by a member, but for another node (passed on by whatever took that node's address).
+    const refused = await post("ffff");
+    expect(refused.status).toBe(401);
+    expect(refused.headers.has(AUTH_HEADER.replyProof)).toBe(false);
+    expect(n.seen).toEqual([]);
+    // The refusal used nothing up: the same nonce still opens the door for a request meant for this node.
+    const accepted = await post("aaaa");
+    expect(accepted.status).toBe(200);
+    expect(n.seen).toEqual([{ type: "ping" }]);
+  });
+
+  test("a_recorded_reply_replayed_under_its_recorded_nonce_is_rejected", async () => {
+    const n = node();
+    const keys = meshKeys(SECRET);
+    // One genuine exchange, as anyone on the network could record it (traffic is not encrypted).
+    const tape: { nonce?: string; body?: string; proof?: string } = {};
+    const sniff = (async (input: string | URL | Request, init?: RequestInit) => {
+      const r = await fetch(input, init);
+      const nonce = new Headers(init?.headers).get(AUTH_HEADER.nonce);
+      if (nonce && String(input).endsWith("/mesh/rpc")) {
+        Object.assign(tape, { nonce, body: await r.clone().text(), proof: r.headers.get(AUTH_HEADER.replyProof) ?? "" });
+      }
+      return r;
+    }) as typeof fetch;
+    const first = await new HttpTransport(new MeshClient({ keys, nodeId: "cccc", fetch: sniff }), keys).request(
+      n.addr,
+      { type: "ping" },
+      30_000,
+    );
+    expect(first).toMatchObject({ type: "ack" });
+    expect(tape.proof).toMatch(/^[A-Za-z0-9_-]{43}$/);
+    // The node is gone; something without the secret hands out the recorded nonce and sends back the recorded reply.
+    const replayer = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch: (r) =>
+        new URL(r.url).pathname === "/mesh/challenge"
+          ? Response.json({ nonce: tape.nonce, ttl_ms: 30000 })
+          : new Response(tape.body, { headers: { "content-type": "application/json", [AUTH_HEADER.replyProof]: tape.proof as string } }),
+    });
+    try {
+      const e = await rejection(transport().request(`127.0.0.1:${replayer.port}`, { type: "ping" }, 30_000));
+      expect(e.code).toBe("bad_reply");
+      expect(e.message).toContain("without a valid mesh proof");
+    } finally {
+      replayer.stop(true);
+    }
+  });
+
+  test("a_reply_proof_is_bound_to_the_requests_own_caller_nonce", async () => {
+    const n = node();
+    const keys = meshKeys(SECRET);
+    const { response, nonce, callerNonce } = await new MeshClient({ keys, nodeId: "bbbb" }).send(
+      n.addr,
+      "POST",
+      "/mesh/rpc",
+      new TextEncoder().encode('{"type":"ping"}'),
+      { to: "aaaa" },
+    );
+    const body = new Uint8Array(await response.arrayBuffer());
+    const proof = response.headers.get(AUTH_HEADER.replyProof) ?? "";
+    expect(proofsEqual(proof, replyProof(keys, { nonce, callerNonce, status: 200, body }))).toBe(true);
+    expect(proofsEqual(proof, replyProof(keys, { nonce, callerNonce: newNonce(), status: 200, body }))).toBe(false);
   });
 });
 

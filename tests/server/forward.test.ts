@@ -1,10 +1,21 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import OpenAI from "openai";
 import { silentLogger } from "../../src/log";
-import { AUTH_HEADER, forwardProof, meshKeys, proofsEqual, replyProof } from "../../src/mesh/auth";
+import {
+  AUTH_HEADER,
+  DEFAULT_AUTHORITY,
+  type Exchange,
+  forwardProof,
+  MeshAuthority,
+  meshKeys,
+  proofsEqual,
+  replyProof,
+} from "../../src/mesh/auth";
+import { MeshClient } from "../../src/mesh/client";
 import type { WorkerInfo } from "../../src/mesh/wire";
 import { type RunningServer, ServedModel, startServer } from "../../src/server";
 import { Forwarder } from "../../src/server/forward";
+import { MeshGate } from "../../src/server/mesh-gate";
 import { TEST_SECRET, testMeshHooks, workerRecord } from "../helpers/mesh";
 import { tinyModel } from "../helpers/model";
 
@@ -13,7 +24,10 @@ let model: ServedModel;
 let a: RunningServer;
 let b: RunningServer;
 let hooksA: ReturnType<typeof testMeshHooks>;
+let hooksB: ReturnType<typeof testMeshHooks>;
 let workers: WorkerInfo[] = [];
+/** Workers A's forwarder reported as failed (the registry would stop routing to them for a while). */
+const peerFailures: string[] = [];
 const closeAfter: Array<() => unknown> = [];
 
 async function closedPort(): Promise<number> {
@@ -26,7 +40,7 @@ async function closedPort(): Promise<number> {
 beforeAll(async () => {
   model = ServedModel.start({ modelPath: await tinyModel(), nCtx: 8192, nParallel: 2, threads: 2 });
   await model.ready;
-  const hooksB = testMeshHooks({ nodeId: "bbbb", apiKeyRequired: true });
+  hooksB = testMeshHooks({ nodeId: "bbbb", apiKeyRequired: true });
   b = startServer({
     host: "127.0.0.1",
     port: 0,
@@ -47,6 +61,7 @@ beforeAll(async () => {
       workers: () => workers,
       headersTimeoutMs: 60_000,
       logger: silentLogger,
+      onPeerFailure: (id) => peerFailures.push(id),
     }),
   };
   a = startServer({ host: "127.0.0.1", port: 0, models: [], apiKeys: ["ka"], maxBodyBytes: 1 << 20, logger: silentLogger, mesh: hooksA });
@@ -61,8 +76,14 @@ afterAll(async () => {
 
 const enc = new TextEncoder();
 
+/** The nonces a mesh request was signed with, as its receiver sees them. */
+const exchangeOf = (r: Request): Exchange => ({
+  nonce: r.headers.get(AUTH_HEADER.nonce) ?? "",
+  callerNonce: r.headers.get(AUTH_HEADER.callerNonce) ?? "",
+});
+
 /** A plain server on a worker's address that answers like an OpenAI server, with `proof` (if any) as its forward proof. */
-function impostor(proof: (nonce: string, status: number) => string | null = () => null) {
+function impostor(proof: (x: Exchange, status: number) => string | null = () => null, status = 200) {
   const seen: string[] = [];
   const server = Bun.serve({
     hostname: "127.0.0.1",
@@ -72,7 +93,7 @@ function impostor(proof: (nonce: string, status: number) => string | null = () =
       if (new URL(r.url).pathname === "/mesh/challenge") return Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 });
       const body = await r.text();
       seen.push(body);
-      const p = proof(r.headers.get(AUTH_HEADER.nonce) ?? "", 200);
+      const p = proof(exchangeOf(r), status);
       const headers: Record<string, string> = p === null ? {} : { [AUTH_HEADER.forwardProof]: p };
       if ((JSON.parse(body) as { stream?: boolean }).stream) {
         const chunk = {
@@ -83,6 +104,7 @@ function impostor(proof: (nonce: string, status: number) => string | null = () =
           choices: [{ index: 0, delta: { content: "IMPOSTOR" } }],
         };
         return new Response(`data: ${JSON.stringify(chunk)}\n\ndata: [DONE]\n\n`, {
+          status,
           headers: { ...headers, "content-type": "text/event-stream" },
         });
       }
@@ -95,7 +117,7 @@ function impostor(proof: (nonce: string, status: number) => string | null = () =
           choices: [{ index: 0, message: { role: "assistant", content: "IMPOSTOR" }, finish_reason: "stop" }],
           usage: { prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 },
         },
-        { headers },
+        { status, headers },
       );
     },
   });
@@ -243,6 +265,8 @@ describe("forwarding to the peer that serves the model", () => {
     const body = (await res.json()) as { error: { code: string; message: string } };
     expect(body.error.code).toBe("upstream_failed");
     expect(body.error.message).toContain("mesh credentials");
+    // Its 401 proves nothing (anything on that port could send one): the peer failed, like any unproven answer.
+    expect(peerFailures).toContain("w-c");
   });
 
   test("a_forwarded_request_is_never_forwarded_again", async () => {
@@ -313,7 +337,7 @@ describe("forwarding to the peer that serves the model", () => {
       port: 0,
       fetch: (r) => {
         if (new URL(r.url).pathname === "/mesh/challenge") return Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 });
-        const proof = forwardProof(meshKeys(TEST_SECRET), { nonce: r.headers.get(AUTH_HEADER.nonce) ?? "", status: 200 });
+        const proof = forwardProof(meshKeys(TEST_SECRET), { ...exchangeOf(r), status: 200 });
         let sent = false;
         const body = new ReadableStream({
           async pull(c) {
@@ -399,9 +423,9 @@ describe("answers must carry the peer's forward proof", () => {
     const other = meshKeys("another-mesh-secret-that-is-long-enough-0123456789");
     const mesh = meshKeys(TEST_SECRET);
     const fakes = [
-      impostor((nonce, status) => forwardProof(other, { nonce, status })),
+      impostor((x, status) => forwardProof(other, { ...x, status })),
       // Even with the secret, a /mesh reply proof is not a forward proof (domain separation).
-      impostor((nonce, status) => replyProof(mesh, { nonce, status, body: new Uint8Array() })),
+      impostor((x, status) => replyProof(mesh, { ...x, status, body: new Uint8Array() })),
     ];
     for (const fake of fakes) {
       workers = [workerRecord({ id: "w-fake", nodeId: "ffff", addr: fake.addr })];
@@ -411,7 +435,7 @@ describe("answers must carry the peer's forward proof", () => {
       expect(fake.seen.length).toBe(1);
     }
     // The same impostor with a real forward proof is relayed: the refusals above are the proof check's doing.
-    const genuine = impostor((nonce, status) => forwardProof(mesh, { nonce, status }));
+    const genuine = impostor((x, status) => forwardProof(mesh, { ...x, status }));
     workers = [workerRecord({ id: "w-fake", nodeId: "ffff", addr: genuine.addr })];
     const res = await ask(false);
     expect(res.status).toBe(200);
@@ -431,11 +455,11 @@ describe("answers must carry the peer's forward proof", () => {
       [{ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }], n: 3 }, 400],
       [{ model: "not-here", messages: [{ role: "user", content: "hi" }] }, 404],
     ] as Array<[unknown, number]>) {
-      const { response, nonce } = await send(body);
+      const { response, nonce, callerNonce } = await send(body);
       await response.arrayBuffer();
       expect(response.status).toBe(status);
       const proof = response.headers.get(AUTH_HEADER.forwardProof) ?? "";
-      expect(proofsEqual(proof, forwardProof(keys, { nonce, status }))).toBe(true);
+      expect(proofsEqual(proof, forwardProof(keys, { nonce, callerNonce, status }))).toBe(true);
       expect(response.headers.get(AUTH_HEADER.nextNonce)).toMatch(/^[A-Za-z0-9_-]{22}$/);
     }
     // A client's own request (no mesh credentials) gets no mesh headers, and neither does A's client.
@@ -451,6 +475,137 @@ describe("answers must carry the peer's forward proof", () => {
     await relayed.arrayBuffer();
     expect(relayed.status).toBe(200);
     expect(relayed.headers.has(AUTH_HEADER.forwardProof)).toBe(false);
+  });
+});
+
+describe("a forwarded request is meant for one node and one answer", () => {
+  const ask = (content = "secret plans") =>
+    fetch(`${a.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer ka", "content-type": "application/json" },
+      body: JSON.stringify({ model: "mesh-tiny", messages: [{ role: "user", content }], max_tokens: 1 }),
+    });
+  const forged = {
+    id: "x",
+    object: "chat.completion",
+    created: 0,
+    model: "mesh-tiny",
+    choices: [{ index: 0, message: { role: "assistant", content: "IMPOSTOR: wire the money" }, finish_reason: "stop" }],
+    usage: { prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 },
+  };
+
+  test("an_impostor_passing_the_request_on_to_a_live_node_gets_it_refused_there_and_nothing_is_relayed", async () => {
+    // On a dead peer's address: it fetches the live node B's challenge, passes A's signed request to B unchanged,
+    // keeps B's status and forward proof and swaps the body.
+    const genuine = `http://127.0.0.1:${b.port}`;
+    const addressedTo: Array<string | null> = [];
+    const relayer = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch: async (r) => {
+        const u = new URL(r.url);
+        if (u.pathname === "/mesh/challenge") return fetch(`${genuine}/mesh/challenge`);
+        addressedTo.push(r.headers.get(AUTH_HEADER.to));
+        const up = await fetch(`${genuine}${u.pathname}`, { method: r.method, headers: r.headers, body: await r.arrayBuffer() });
+        await up.arrayBuffer();
+        const headers = new Headers({ "content-type": "application/json" });
+        headers.set(AUTH_HEADER.forwardProof, up.headers.get(AUTH_HEADER.forwardProof) ?? "");
+        return new Response(JSON.stringify(forged), { status: up.status, headers });
+      },
+    });
+    closeAfter.push(() => relayer.stop(true));
+    workers = [workerRecord({ id: "w-dead", nodeId: "dddd", addr: `127.0.0.1:${relayer.port}` })];
+    const before = hooksA.forwarder.stats();
+    const refusedByB = hooksB.gate.refused;
+    const res = await ask();
+    const text = await res.text();
+    expect(text).not.toContain("IMPOSTOR");
+    expect(res.status).toBe(502);
+    // A named the node it meant, and B, not being it, refused before generating anything in its own name.
+    expect(addressedTo).toEqual(["dddd"]);
+    expect(hooksB.gate.refused - refusedByB).toBe(1);
+    expect((hooksA.forwarder.stats().unproven ?? 0) - (before.unproven ?? 0)).toBe(1);
+    expect(peerFailures).toContain("w-dead");
+  });
+
+  test("a_recorded_forward_answer_replayed_under_its_recorded_nonce_is_not_relayed", async () => {
+    // One genuine exchange with B, as anyone on the network could record it (traffic is not encrypted).
+    const keys = meshKeys(TEST_SECRET);
+    const body = enc.encode(JSON.stringify({ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }], max_tokens: 1 }));
+    const recorded = await new MeshClient({ keys, nodeId: "cccc" }).send(`127.0.0.1:${b.port}`, "POST", "/v1/chat/completions", body, {
+      headers: { "content-type": "application/json" },
+      to: "bbbb",
+    });
+    await recorded.response.arrayBuffer();
+    const proof = recorded.response.headers.get(AUTH_HEADER.forwardProof) ?? "";
+    expect(proofsEqual(proof, forwardProof(keys, { ...recorded, status: 200 }))).toBe(true);
+    // Later, on a dead peer's address: the recorded nonce as its challenge, the recorded status and proof with its own body.
+    const replayer = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch: (r) =>
+        new URL(r.url).pathname === "/mesh/challenge"
+          ? Response.json({ nonce: recorded.nonce, ttl_ms: 30000 })
+          : Response.json(forged, { status: recorded.response.status, headers: { [AUTH_HEADER.forwardProof]: proof } }),
+    });
+    closeAfter.push(() => replayer.stop(true));
+    workers = [workerRecord({ id: "w-replay", nodeId: "bbbb", addr: `127.0.0.1:${replayer.port}` })];
+    const before = hooksA.forwarder.stats();
+    const res = await ask();
+    expect(await res.text()).not.toContain("IMPOSTOR");
+    expect(res.status).toBe(502);
+    expect((hooksA.forwarder.stats().unproven ?? 0) - (before.unproven ?? 0)).toBe(1);
+  });
+
+  test("a_peers_413_for_an_oversized_body_is_this_nodes_413_and_the_peer_is_not_blamed", async () => {
+    // An honest peer with a smaller body limit: its gate answers 413 before it can verify A, so without a proof.
+    const small = 64 * 1024;
+    const base = testMeshHooks({ nodeId: "b2b2", apiKeyRequired: true });
+    const gate = new MeshGate(new MeshAuthority(meshKeys(TEST_SECRET), { ...DEFAULT_AUTHORITY, now: Date.now }), small, silentLogger);
+    const b2 = startServer({
+      host: "127.0.0.1",
+      port: 0,
+      models: [],
+      apiKeys: ["kb"],
+      maxBodyBytes: small,
+      logger: silentLogger,
+      mesh: { ...base, gate },
+    });
+    closeAfter.push(() => b2.close());
+    // Something without the secret answering 413 gets its refusal through, but none of its words.
+    const fake = impostor(() => null, 413);
+    for (const [id, addr] of [
+      ["w-b2", `127.0.0.1:${b2.port}`],
+      ["w-fake413", fake.addr],
+    ]) {
+      workers = [workerRecord({ id: id as string, nodeId: "b2b2", addr: addr as string })];
+      const before = hooksA.forwarder.stats();
+      const res = await ask("x".repeat(100_000));
+      const text = await res.text();
+      expect(res.status).toBe(413);
+      expect(text).not.toContain("IMPOSTOR");
+      const error = (JSON.parse(text) as { error: { code: string; message: string } }).error;
+      expect(error.code).toBe("request_too_large");
+      expect(error.message).toContain("a node serving 'mesh-tiny' refused the request body size");
+      const after = hooksA.forwarder.stats();
+      expect((after.unproven ?? 0) - (before.unproven ?? 0)).toBe(0);
+      expect(after.active).toBe(0);
+      expect(peerFailures).not.toContain(id);
+    }
+  });
+
+  test("an_unproven_retryable_status_is_counted_unproven_and_reported_before_the_retry", async () => {
+    // Tried first (it looks idler): an impostor answering 503 was once retried quietly, never counted nor reported.
+    const fake = impostor(() => null, 503);
+    workers = [{ ...onB(), slotsBusy: 1 }, workerRecord({ id: "w-fake503", nodeId: "ffff", addr: fake.addr })];
+    const before = hooksA.forwarder.stats();
+    const res = await ask("hi");
+    expect(res.status).toBe(200);
+    expect(await res.text()).not.toContain("IMPOSTOR");
+    const after = hooksA.forwarder.stats();
+    expect(after.retried - before.retried).toBe(1);
+    expect((after.unproven ?? 0) - (before.unproven ?? 0)).toBe(1);
+    expect(peerFailures).toContain("w-fake503");
   });
 });
 
