@@ -127,6 +127,10 @@ export interface MembershipStats {
   suspicions: number;
   deaths: number;
   refutations: number;
+  /** Refutations of a death: this node dropped what others wrote and took a new epoch. */
+  selfResets: number;
+  /** Members that outranked their death without resetting, kept dead until they hear of it. */
+  unresetReturns: number;
   forgedRecords: number;
   unsignedRecords: number;
   malformedRecords: number;
@@ -185,6 +189,8 @@ export class Membership {
     suspicions: 0,
     deaths: 0,
     refutations: 0,
+    selfResets: 0,
+    unresetReturns: 0,
     forgedRecords: 0,
     unsignedRecords: 0,
     malformedRecords: 0,
@@ -660,6 +666,18 @@ export class Membership {
       this.refused("forged");
       return;
     }
+    if (isSelfRecord(u) && cur.state === "dead" && u.epoch === cur.epoch) {
+      // It outranks its death with its own record but kept its epoch: it never reset, having
+      // refuted an older suspicion (a node frozen, thawed briefly, frozen again) without ever
+      // hearing it was declared dead. It may still hold keys whose tombstones the mesh has
+      // collected since. It stays dead here, at its new incarnation, until it hears so (the
+      // claim about it goes first in everything sent to it) and comes back with a new epoch.
+      cur.inc = u.inc;
+      cur.lastSeen = now;
+      this.stats.unresetReturns++;
+      this.piggyback.add(this.claimAbout(cur));
+      return;
+    }
     const prev = cur.state;
     const prevEpoch = cur.epoch;
     cur.inc = u.inc;
@@ -730,6 +748,7 @@ export class Membership {
   private refute(inc: number, declaredDead: boolean): void {
     this.stats.refutations++;
     if (declaredDead) {
+      this.stats.selfResets++;
       // Others have dropped our keys and may have collected tombstones we never saw: our copy of
       // their state can no longer be trusted, so it goes, and a new epoch makes everyone resend.
       this.o.onEvent?.({ kind: "self-reset" });

@@ -21,12 +21,19 @@ export function renderMeshMetrics(f: MeshFigures): string {
       ['{state="dead"}', members.dead],
       ['{state="left"}', members.left],
     ]),
-    family("mesh_membership_events_total", "counter", "Probes, suspicions, deaths and refutations seen by this node", [
-      ['{event="probe"}', m.probes],
-      ['{event="suspicion"}', m.suspicions],
-      ['{event="death"}', m.deaths],
-      ['{event="refutation"}', m.refutations],
-    ]),
+    family(
+      "mesh_membership_events_total",
+      "counter",
+      "Probes, suspicions, deaths, refutations, self-resets (this node declared dead) and members kept dead until they reset",
+      [
+        ['{event="probe"}', m.probes],
+        ['{event="suspicion"}', m.suspicions],
+        ['{event="death"}', m.deaths],
+        ['{event="refutation"}', m.refutations],
+        ['{event="self_reset"}', m.selfResets],
+        ['{event="unreset_return"}', m.unresetReturns],
+      ],
+    ),
     family("mesh_membership_records_rejected_total", "counter", "Membership records refused, by reason", [
       ['{reason="forged"}', m.forgedRecords],
       ['{reason="unsigned"}', m.unsignedRecords],

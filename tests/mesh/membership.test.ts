@@ -130,6 +130,47 @@ describe("SWIM failure detection", () => {
   });
 });
 
+describe("declared dead, back without a reset", () => {
+  test("a_member_that_outranks_its_death_without_resetting_stays_dead_until_it_resets", async () => {
+    const c = await meshOf(["a", "b", "c"]);
+    const b = c.node("b");
+    const stranger = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
+    const about = { id: b.identity.id, publicKey: b.identity.publicKey, inc: incarnationOf(c, "a", "b") as number };
+    // b refutes a suspicion (no reset: suspicion is not death) and freezes before it can gossip that.
+    const ack = await c.wait(
+      b.core.handle({
+        type: "ping",
+        from: stranger,
+        to: b.identity.id,
+        updates: [signClaim(c.node("c").identity, { ...about, state: "suspect" })],
+      }),
+    );
+    const refuted = ack.from;
+    c.pause("b");
+    expect(b.core.stats().membership.selfResets).toBe(0);
+    // Meanwhile a declares b dead at the old incarnation (the suspicion before the refutation timed out).
+    const a = c.node("a");
+    await c.wait(
+      a.core.handle({
+        type: "ping",
+        from: stranger,
+        to: a.identity.id,
+        updates: [signClaim(c.node("c").identity, { ...about, state: "dead" })],
+      }),
+    );
+    expect(c.stateOf("a", "b")).toBe("dead");
+    // b's refutation reaches a: it outranks the death, but b never reset (same epoch).
+    await c.wait(a.core.handle({ type: "ping", from: stranger, to: a.identity.id, updates: [refuted] }));
+    expect(c.stateOf("a", "b")).toBe("dead");
+    expect(a.core.stats().membership.unresetReturns).toBe(1);
+    // Thawed, b hears it was declared dead, drops what others wrote, and returns with a new epoch.
+    c.resume("b");
+    expect(await c.clock.until(() => b.core.stats().membership.selfResets > 0, 10 * ROUND)).not.toBeNull();
+    expect(await c.clock.until(() => c.allSee("b", "alive", ["a", "c"]), 20 * ROUND)).not.toBeNull();
+    expect(incarnationOf(c, "a", "b") as number).toBeGreaterThan(about.inc + 1);
+  });
+});
+
 describe("signed membership records", () => {
   test("alive_record_signed_by_the_wrong_key_is_rejected_and_counted", async () => {
     const c = await meshOf(["a", "b"]);
