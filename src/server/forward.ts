@@ -100,6 +100,7 @@ export class Forwarder {
     const second = ranked.find((w) => w.nodeId !== first.nodeId);
     const targets = second ? [first, second] : [first];
     let lastError = "";
+    let tooBig = false;
     for (let i = 0; i < targets.length; i++) {
       const w = targets[i] as WorkerInfo;
       const last = i === targets.length - 1;
@@ -139,10 +140,12 @@ export class Forwarder {
           await drop();
           if (status === 413) {
             // A peer's gate answers an oversized body before it can verify this node (verifying needs the body), so an
-            // honest peer's 413 is never proven. Refusing a body is all anyone gains by sending it: relay it as this
-            // node's own 413 (nothing of the peer's answer goes through), and neither blame nor shun the peer.
+            // honest peer's 413 is never proven. Neither blamed nor shunned, but not final either (whatever answers 413
+            // to everything must not hide the other node): the other node is tried, and only when every one refused
+            // the size does the client get this node's own 413 (nothing of a peer's answer goes through).
             this.o.logger.info("a peer refused a forwarded request's size", { model, node: w.nodeId, bytes: body.byteLength });
-            return tooLarge(model, body.byteLength);
+            tooBig = true;
+            continue;
           }
           this.counts.unproven++;
           lastError =
@@ -177,6 +180,7 @@ export class Forwarder {
       }
     }
     if (client.aborted) throw new ForwardError("cancelled", "the client went away", model);
+    if (tooBig) return tooLarge(model, body.byteLength);
     this.counts.failed++;
     throw new ForwardError("upstream_failed", `no peer serving '${model}' could take the request (${lastError})`, model);
   }

@@ -594,6 +594,15 @@ describe("a forwarded request is meant for one node and one answer", () => {
     }
   });
 
+  test("something_answering_413_to_everything_does_not_hide_the_other_node_serving_the_model", async () => {
+    // Tried first (it looks idler): its unprovable 413 is not final while another node can still answer.
+    const fake = impostor(() => null, 413);
+    workers = [{ ...onB(), slotsBusy: 1 }, workerRecord({ id: "w-fake413-first", nodeId: "ffff", addr: fake.addr })];
+    const res = await ask("hello");
+    expect(res.status).toBe(200);
+    expect(await res.text()).not.toContain("IMPOSTOR");
+  });
+
   test("an_unproven_retryable_status_is_counted_unproven_and_reported_before_the_retry", async () => {
     // Tried first (it looks idler): an impostor answering 503 was once retried quietly, never counted nor reported.
     const fake = impostor(() => null, 503);
