@@ -7,21 +7,14 @@ import { writeNodeRecord } from "../../src/cli/node-client";
 import { silentLogger } from "../../src/log";
 import { type MeshCredentials, newCredentials, parseInvite, saveCredentials } from "../../src/mesh/invite";
 import { type RunningServer, startServer } from "../../src/server";
+import { meshCliAsync } from "../helpers/cluster";
 import { testMeshHooks } from "../helpers/mesh";
 
-const MAIN = join(import.meta.dir, "..", "..", "src", "cli", "main.ts");
 const closeAfter: Array<() => unknown> = [];
 
 afterAll(async () => {
   for (const c of closeAfter) await c();
 });
-
-/** Run the CLI without blocking this process: the nodes it asks run in this process. */
-async function cli(args: string[]): Promise<{ code: number | null; out: string; err: string }> {
-  const p = Bun.spawn([process.execPath, MAIN, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore" });
-  const [out, err] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text()]);
-  return { code: await p.exited, out, err };
-}
 
 function stateWith(creds: MeshCredentials): string {
   const dir = mkdtempSync(join(tmpdir(), "mesh-invite-"));
@@ -61,7 +54,7 @@ describe("mesh invite", () => {
   test("a_running_node_on_loopback_prints_its_token_and_warns_that_other_machines_cannot_use_it", async () => {
     const creds = newCredentials();
     const n = node(creds, (port) => [`127.0.0.1:${port}`]);
-    const r = await cli(["invite", "--state-dir", stateWith(creds), "--url", n.url]);
+    const r = await meshCliAsync(["invite", "--state-dir", stateWith(creds), "--url", n.url]);
     expect(r.code).toBe(0);
     const parsed = parseInvite(r.out.trim());
     if (!parsed.ok) throw new Error(parsed.message);
@@ -76,7 +69,7 @@ describe("mesh invite", () => {
   test("a_node_with_a_reachable_address_prints_its_token_without_a_warning", async () => {
     const creds = newCredentials();
     const n = node(creds, (port) => ["10.1.2.3:9337", `127.0.0.1:${port}`]);
-    const r = await cli(["invite", "--state-dir", stateWith(creds), "--url", n.url]);
+    const r = await meshCliAsync(["invite", "--state-dir", stateWith(creds), "--url", n.url]);
     expect(r.code).toBe(0);
     const parsed = parseInvite(r.out.trim());
     expect(parsed.ok && parsed.value.addrs).toEqual(["10.1.2.3:9337", `127.0.0.1:${n.port}`]);
@@ -88,7 +81,7 @@ describe("mesh invite", () => {
     // The node ran once: its record names an address where nothing listens now.
     const port = await closedPort();
     writeNodeRecord(state, { url: `http://127.0.0.1:${port}`, addr: `10.9.8.7:${port}`, pid: 1 });
-    const r = await cli(["invite", "--state-dir", state]);
+    const r = await meshCliAsync(["invite", "--state-dir", state]);
     expect(r.code).toBe(1);
     expect(r.out).toBe("");
     expect(r.err.trim().split("\n")).toEqual([
@@ -108,7 +101,7 @@ describe("mesh invite", () => {
           : Response.json({ mesh_id: creds.meshId, node_id: "abcd", name: "n", addrs: ["10.6.6.6:9337"] }),
     });
     closeAfter.push(() => fake.stop(true));
-    const r = await cli(["invite", "--state-dir", stateWith(creds), "--url", `http://127.0.0.1:${fake.port}`]);
+    const r = await meshCliAsync(["invite", "--state-dir", stateWith(creds), "--url", `http://127.0.0.1:${fake.port}`]);
     expect(r.code).toBe(1);
     expect(r.out).toBe("");
     const lines = r.err.trim().split("\n");

@@ -9,22 +9,14 @@ import { MeshClient } from "../../src/mesh/client";
 import { newCredentials, saveCredentials } from "../../src/mesh/invite";
 import { startServer } from "../../src/server";
 import type { PeerRow } from "../../src/server/mesh-routes";
-import { meshCli } from "../helpers/cluster";
+import { meshCli, meshCliAsync } from "../helpers/cluster";
 import { TEST_MESH_ID, testMeshHooks } from "../helpers/mesh";
 
-const MAIN = join(import.meta.dir, "..", "..", "src", "cli", "main.ts");
 const closeAfter: Array<() => unknown> = [];
 
 afterAll(async () => {
   for (const c of closeAfter) await c();
 });
-
-/** Run the CLI without blocking this process, so a server in this process can answer it. */
-async function cliAsync(args: string[]): Promise<{ code: number | null; out: string; err: string }> {
-  const p = Bun.spawn([process.execPath, MAIN, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore" });
-  const [out, err] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text()]);
-  return { code: await p.exited, out, err };
-}
 
 function row(o: Partial<PeerRow>): PeerRow {
   return {
@@ -102,7 +94,7 @@ describe("mesh peers", () => {
       mesh: testMeshHooks({ nodeId: "abcd", secret: creds.secret }),
     });
     closeAfter.push(() => node.close());
-    const r = await cliAsync(["peers", "--state-dir", state, "--url", node.url]);
+    const r = await meshCliAsync(["peers", "--state-dir", state, "--url", node.url]);
     expect(r.err).toBe("");
     expect(r.code).toBe(0);
     expect(r.out).toContain(`mesh ${TEST_MESH_ID}: 0 of 0 members alive`);
@@ -128,7 +120,7 @@ describe("mesh peers", () => {
     });
     closeAfter.push(() => fake.stop(true));
     const url = `http://127.0.0.1:${fake.port}`;
-    const r = await cliAsync(["peers", "--state-dir", state, "--url", url]);
+    const r = await meshCliAsync(["peers", "--state-dir", state, "--url", url]);
     expect(r.code).toBe(1);
     expect(r.out).toBe("");
     expect(r.err.trim().split("\n")).toEqual([
@@ -171,7 +163,7 @@ describe("mesh peers", () => {
     });
     closeAfter.push(() => replayer.stop(true));
     const url = `http://127.0.0.1:${replayer.port}`;
-    const r = await cliAsync(["peers", "--state-dir", state, "--url", url]);
+    const r = await meshCliAsync(["peers", "--state-dir", state, "--url", url]);
     expect(r.code).toBe(1);
     expect(r.out).toBe("");
     expect(r.err.trim().split("\n")).toEqual([
@@ -203,7 +195,7 @@ describe("mesh peers", () => {
     });
     closeAfter.push(() => fake.stop(true));
     for (const url of [other.url, `http://127.0.0.1:${fake.port}`]) {
-      const r = await cliAsync(["peers", "--state-dir", state, "--url", url]);
+      const r = await meshCliAsync(["peers", "--state-dir", state, "--url", url]);
       expect(r.code).toBe(1);
       expect(r.out).toBe("");
       expect(r.err.trim().split("\n")).toEqual([

@@ -53,6 +53,13 @@ export function meshCli(args: string[]): { code: number | null; out: string; err
   return { code: r.exitCode, out: r.stdout.toString(), err: r.stderr.toString() };
 }
 
+/** Run the mesh CLI without blocking this process, so a server in this process can answer it. */
+export async function meshCliAsync(args: string[]): Promise<{ code: number | null; out: string; err: string }> {
+  const p = Bun.spawn([process.execPath, MAIN, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore" });
+  const [out, err] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text()]);
+  return { code: await p.exited, out, err };
+}
+
 /** Start `mesh serve` and wait until its model is ready (generous: the machine may be slow). */
 export async function spawnNode(o: { name: string; dir: string; model: string; args?: string[]; stateDir?: string }): Promise<NodeProc> {
   const stateDir = o.stateDir ?? join(o.dir, `state-${o.name}`);
