@@ -266,7 +266,7 @@ export class KvSync {
     this.count(own ? [own] : []);
     p.inFlight = true;
     try {
-      const reply = await this.o.transport.request(peer.addr, msg, this.config.syncTimeoutMs);
+      const reply = await this.o.transport.request(peer.addr, msg, this.config.syncTimeoutMs, id);
       if (!this.running || p.gen !== gen || this.peers.get(id) !== p) return;
       if (reply.type !== "kv-ack" || reply.ok !== true) {
         this.stats.refused++;

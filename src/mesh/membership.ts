@@ -314,7 +314,7 @@ export class Membership {
     this.stop();
     const msg = { type: "leave", from: this.record };
     const targets = [...this.members.values()].filter((m) => m.state === "alive" || m.state === "suspect");
-    await Promise.allSettled(targets.map((m) => this.o.transport.request(m.addr, msg, this.config.joinTimeoutMs)));
+    await Promise.allSettled(targets.map((m) => this.o.transport.request(m.addr, msg, this.config.joinTimeoutMs, m.id)));
   }
 
   /** Whether `type` is a membership message this class answers. */
@@ -488,7 +488,7 @@ export class Membership {
   private async ping(target: Member, timeoutMs: number): Promise<boolean> {
     const msg = { type: "ping", from: this.record, to: target.id, updates: this.outgoing(target.id) };
     try {
-      const reply = await this.o.transport.request(target.addr, msg, timeoutMs);
+      const reply = await this.o.transport.request(target.addr, msg, timeoutMs, target.id);
       if (!this.running || reply.type !== "ack") return false;
       if (this.observeSender(reply.from) !== target.id) return false;
       this.applyAll(reply.updates);
@@ -503,7 +503,7 @@ export class Membership {
     if (!relay) return false;
     const msg = { type: "ping-req", from: this.record, target, updates: this.outgoing(relayId) };
     try {
-      const reply = await this.o.transport.request(relay.addr, msg, timeoutMs);
+      const reply = await this.o.transport.request(relay.addr, msg, timeoutMs, relayId);
       if (!this.running || reply.type !== "ping-req-ack") return false;
       if (this.observeSender(reply.from) !== relayId) return false;
       this.applyAll(reply.updates);
@@ -529,6 +529,7 @@ export class Membership {
     return { type: "ping-req-ack", from: this.record, ok, updates: this.outgoing(sender) };
   }
 
+  // A seed is a bare address: which node answers there is only learnt from its reply, so the join names nobody.
   private async joinOne(addr: string): Promise<boolean> {
     try {
       const reply = await this.o.transport.request(addr, { type: "join", from: this.record }, this.config.joinTimeoutMs);
@@ -555,6 +556,7 @@ export class Membership {
         peer.addr,
         { type: "sync", from: this.record, digest: this.digest() },
         this.config.joinTimeoutMs,
+        peer.id,
       );
       if (!this.running || reply.type !== "sync-ack" || this.observeSender(reply.from) !== peer.id || reply.same === true) return;
       this.applyAll(reply.members, this.config.maxMembers * 2 + 1);
@@ -562,6 +564,7 @@ export class Membership {
         peer.addr,
         { type: "sync-push", from: this.record, members: this.snapshot() },
         this.config.joinTimeoutMs,
+        peer.id,
       );
     } catch {
       // Next time, with another member.

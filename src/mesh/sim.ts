@@ -1,8 +1,10 @@
 // A virtual clock and an in-process network for running many MeshCores in
 // one process: latency, message loss, partitions, one-way link failures and
 // killed nodes, with every byte counted. Time only moves when `advance` is
-// called, so a 100-node minute runs in a fraction of a second.
-import type { Clock, Transport, WireMessage } from "./wire";
+// called, so a 100-node minute runs in a fraction of a second. A node that
+// listens under its id refuses a message addressed to any other node, as the
+// HTTP gate does.
+import type { Clock, NodeId, Transport, WireMessage } from "./wire";
 
 interface Timer {
   at: number;
@@ -136,6 +138,9 @@ export function seededRandom(seed: number): () => number {
   };
 }
 
+// What a refusal weighs on the wire: the gate's one 401 body, the same every time.
+const REFUSAL: WireMessage = { type: "error", code: "mesh_unauthorized", message: "mesh authentication required" };
+
 /** Network conditions. */
 export interface SimNetworkOptions {
   /** One-way latency is uniform in [min, max] ms. */
@@ -156,9 +161,22 @@ export class SimTimeout extends Error {
   }
 }
 
+/** Thrown by a simulated request addressed to another node than the one listening at its address (the gate's 401). */
+export class SimRefused extends Error {
+  constructor(addr: string, to: NodeId) {
+    super(`${addr} refused a message for node ${to.slice(0, 8)}`);
+    this.name = "SimRefused";
+  }
+}
+
+interface Listener {
+  handler: Handler;
+  id: NodeId | undefined;
+}
+
 /** An in-process network of nodes, each at an address, with faults on demand. */
 export class SimNetwork {
-  private readonly handlers = new Map<string, Handler>();
+  private readonly listeners = new Map<string, Listener>();
   private readonly down = new Set<string>();
   private readonly cut = new Set<string>();
   private groups: Map<string, number> | null = null;
@@ -168,6 +186,8 @@ export class SimNetwork {
   readonly sent = new Map<string, number>();
   /** Messages each address sent. */
   readonly messages = new Map<string, number>();
+  /** Messages each address refused because they were addressed to another node. */
+  readonly refused = new Map<string, number>();
   /** Return true to drop a message: (from, to, msg). */
   dropIf: ((from: string, to: string, msg: WireMessage) => boolean) | null = null;
   loss: number;
@@ -181,9 +201,12 @@ export class SimNetwork {
     this.loss = o.loss ?? 0;
   }
 
-  /** Put a node's handler at `addr` (replacing a killed one: a restart). */
-  listen(addr: string, handler: Handler): void {
-    this.handlers.set(addr, handler);
+  /**
+   * Put a node's handler at `addr` (replacing a killed one: a restart). With its node `id`, messages addressed
+   * to any other node are refused there; without it, every message is taken, whoever it names.
+   */
+  listen(addr: string, handler: Handler, id?: NodeId): void {
+    this.listeners.set(addr, { handler, id });
     this.down.delete(addr);
   }
 
@@ -217,13 +240,14 @@ export class SimNetwork {
 
   /** The Transport a node at `from` uses. */
   transport(from: string): Transport {
-    return { request: (addr, msg, timeoutMs) => this.request(from, addr, msg, timeoutMs) };
+    return { request: (addr, msg, timeoutMs, to) => this.request(from, addr, msg, timeoutMs, to) };
   }
 
   /** Zero every counter. */
   resetCounters(): void {
     this.sent.clear();
     this.messages.clear();
+    this.refused.clear();
   }
 
   private reaches(from: string, to: string, msg: WireMessage): boolean {
@@ -244,7 +268,7 @@ export class SimNetwork {
     return lo + this.random() * (hi - lo);
   }
 
-  private request(from: string, to: string, msg: WireMessage, timeoutMs: number): Promise<WireMessage> {
+  private request(from: string, to: string, msg: WireMessage, timeoutMs: number, toNode?: NodeId): Promise<WireMessage> {
     const json = JSON.stringify(msg);
     this.count(from, json);
     return new Promise((resolve, reject) => {
@@ -254,22 +278,31 @@ export class SimNetwork {
         done = true;
         reject(new SimTimeout(to));
       }, timeoutMs);
-      const finish = (reply: WireMessage) => {
+      const finish = (outcome: () => void) => {
         if (done) return;
         done = true;
         this.clock.clearTimer(timer);
-        resolve(reply);
+        outcome();
       };
       if (!this.reaches(from, to, msg)) return;
       this.clock.setTimer(() => {
-        const handler = this.handlers.get(to);
-        if (!handler || this.down.has(to)) return;
+        const listener = this.listeners.get(to);
+        if (!listener || this.down.has(to)) return;
+        if (toNode !== undefined && listener.id !== undefined && toNode !== listener.id) {
+          // The gate refuses before any handler runs; the refusal itself travels back like any reply.
+          this.refused.set(to, (this.refused.get(to) ?? 0) + 1);
+          const back = JSON.stringify(REFUSAL);
+          this.count(to, back);
+          if (!this.reaches(to, from, REFUSAL)) return;
+          this.clock.setTimer(() => finish(() => reject(new SimRefused(to, toNode))), this.delay());
+          return;
+        }
         // Every message crosses as JSON, as on the wire: no object is shared between nodes.
-        void handler(JSON.parse(json), from).then((reply) => {
+        void listener.handler(JSON.parse(json), from).then((reply) => {
           const back = JSON.stringify(reply);
           this.count(to, back);
           if (!this.reaches(to, from, reply)) return;
-          this.clock.setTimer(() => finish(JSON.parse(back)), this.delay());
+          this.clock.setTimer(() => finish(() => resolve(JSON.parse(back))), this.delay());
         });
       }, this.delay());
     });

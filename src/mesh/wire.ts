@@ -16,8 +16,11 @@ export interface WireMessage {
 
 /** Carries one request to a peer and resolves with its reply. */
 export interface Transport {
-  /** Sends `msg` to the peer at `addr` ("host:port"); rejects on timeout, refusal (401) or network error. */
-  request(addr: string, msg: WireMessage, timeoutMs: number): Promise<WireMessage>;
+  /**
+   * Sends `msg` to the peer at `addr` ("host:port"), addressed to node `to` when the caller knows which node it
+   * means (any other node at that address refuses it); rejects on timeout, refusal (401) or network error.
+   */
+  request(addr: string, msg: WireMessage, timeoutMs: number, to?: NodeId): Promise<WireMessage>;
 }
 
 /** Time source and timers, so the core runs under virtual time in simulations. */

@@ -2,7 +2,9 @@ import { describe, expect, test } from "bun:test";
 import { generateIdentity } from "../../src/mesh/identity";
 import { signClaim, signSelf } from "../../src/mesh/member";
 import { failureDetectionBoundMs, MEMBERSHIP_DEFAULTS } from "../../src/mesh/membership";
+import { SimRefused } from "../../src/mesh/sim";
 import { SimCluster } from "../../src/mesh/sim-cluster";
+import type { WireMessage } from "../../src/mesh/wire";
 import { incarnationOf, meshOf, spec } from "./sim-helpers";
 
 const ROUND = MEMBERSHIP_DEFAULTS.roundMs;
@@ -298,6 +300,77 @@ describe("signed membership records", () => {
         .core.members()
         .map((m) => [m.id, m.state, m.incarnation]),
     ).toEqual(before.map((m) => [m.id, m.state, m.incarnation]));
+  });
+});
+
+// SimCluster listens without naming its nodes; this names node `name` at its address (as the HTTP gate
+// knows its own id), so messages addressed to another node are refused there, and records what gets in.
+function named(c: SimCluster, name: string): WireMessage[] {
+  const n = c.node(name);
+  const seen: WireMessage[] = [];
+  c.net.listen(
+    n.addr,
+    (msg, from) => {
+      seen.push(msg);
+      return n.core.handle(msg, c.idAt(from));
+    },
+    n.identity.id,
+  );
+  return seen;
+}
+
+describe("messages name the member they are for", () => {
+  test("a_membership_message_relayed_to_another_node_than_the_one_it_names_is_refused", async () => {
+    const c = await meshOf(["a", "b", "c"]);
+    for (const n of ["a", "b", "c"]) named(c, n);
+    const target = c.node("c");
+    const before = target.core.members().map((m) => [m.id, m.state, m.incarnation]);
+    // A newcomer's table push meant for b, handed to c instead (whatever sits at an address passes it on).
+    const stranger = signSelf(generateIdentity(), { name: "x", addr: "x:1", epoch: "e", inc: 0, state: "alive" });
+    const push = { type: "sync-push", from: stranger, members: [] };
+    const relayed = await c.wait(
+      c.net
+        .transport("x:1")
+        .request(target.addr, push, 1000, c.node("b").identity.id)
+        .then(
+          () => null,
+          (e: unknown) => e,
+        ),
+    );
+    expect(relayed).toBeInstanceOf(SimRefused);
+    expect(c.net.refused.get(target.addr)).toBe(1);
+    expect(target.core.members().map((m) => [m.id, m.state, m.incarnation])).toEqual(before);
+    // Addressed to c, the same push is taken: what is refused is the name, not the message.
+    const reply = await c.wait(c.net.transport("x:1").request(target.addr, push, 1000, target.identity.id));
+    expect(reply.type).toBe("ack");
+    expect(target.core.members().some((m) => m.id === stranger.id)).toBe(true);
+  });
+
+  test("a_node_that_took_a_dead_members_address_gets_no_message_meant_for_that_member", async () => {
+    const c = await meshOf(["a", "b", "c"]);
+    for (const n of ["a", "b", "c"]) named(c, n);
+    const oldB = c.node("b").identity.id;
+    c.kill("b");
+    // Another node starts on b's address before the others notice b is gone.
+    c.add("b", generateIdentity());
+    const seen = named(c, "b");
+    const sent = new Set<string>();
+    c.net.dropIf = (_from, to, msg) => {
+      if (to === "b:9337") sent.add(msg.type);
+      return false;
+    };
+    const deadEverywhere = () => ["a", "c"].every((o) => c.node(o).core.memberState(oldB)?.state === "dead");
+    expect(await c.clock.until(deadEverywhere, failureDetectionBoundMs(3))).not.toBeNull();
+    // Probes and store sync meant for b went to its address, and the node there refused every one of them.
+    expect(sent.has("ping")).toBe(true);
+    expect(sent.has("kv-sync")).toBe(true);
+    expect(seen).toEqual([]);
+    expect(c.net.refused.get("b:9337") ?? 0).toBeGreaterThanOrEqual(2);
+    expect(c.node("b").core.members()).toHaveLength(1);
+    // Joined under its own name, the newcomer is then reached at that same address.
+    await c.join("b", "a");
+    expect(await c.clock.until(() => c.converged(), 20 * ROUND)).not.toBeNull();
+    expect(seen.some((m) => m.type === "ping")).toBe(true);
   });
 });
 

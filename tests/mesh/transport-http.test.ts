@@ -2,8 +2,11 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { silentLogger } from "../../src/log";
 import { AUTH_HEADER, meshKeys, newNonce, proofsEqual, replyProof, requestProof } from "../../src/mesh/auth";
 import { MeshClient, type MeshClientError } from "../../src/mesh/client";
+import { generateIdentity } from "../../src/mesh/identity";
+import { signSelf } from "../../src/mesh/member";
+import { MeshCore } from "../../src/mesh/node";
 import { HttpTransport } from "../../src/mesh/transport-http";
-import type { WireMessage } from "../../src/mesh/wire";
+import type { Clock, WireMessage } from "../../src/mesh/wire";
 import { type RunningServer, startServer } from "../../src/server";
 import { TEST_MESH_ID, TEST_SECRET, testMeshHooks } from "../helpers/mesh";
 
@@ -11,11 +14,11 @@ const SECRET = TEST_SECRET;
 const MESH_ID = TEST_MESH_ID;
 
 /** A node with mesh routes and no model; its handler records what it was sent. */
-function node(o: { handle?: (m: WireMessage) => Promise<WireMessage>; ttlMs?: number } = {}) {
+function node(o: { handle?: (m: WireMessage) => Promise<WireMessage>; ttlMs?: number; nodeId?: string } = {}) {
   const seen: WireMessage[] = [];
   const senders: string[] = [];
   const mesh = testMeshHooks({
-    nodeId: "aaaa",
+    nodeId: o.nodeId ?? "aaaa",
     apiKeyRequired: true,
     ttlMs: o.ttlMs,
     handle: async (m, from) => {
@@ -34,7 +37,7 @@ function node(o: { handle?: (m: WireMessage) => Promise<WireMessage>; ttlMs?: nu
     mesh,
   });
   servers.push(server);
-  return { server, seen, senders, addr: `127.0.0.1:${server.port}` };
+  return { server, seen, senders, gate: mesh.gate, addr: `127.0.0.1:${server.port}` };
 }
 
 const servers: RunningServer[] = [];
@@ -306,6 +309,50 @@ describe("a message is for one node and one reply", () => {
     const proof = response.headers.get(AUTH_HEADER.replyProof) ?? "";
     expect(proofsEqual(proof, replyProof(keys, { nonce, callerNonce, status: 200, body }))).toBe(true);
     expect(proofsEqual(proof, replyProof(keys, { nonce, callerNonce: newNonce(), status: 200, body }))).toBe(false);
+  });
+});
+
+const wallClock: Clock = {
+  now: () => Date.now(),
+  setTimer: (fn, ms) => setTimeout(fn, ms),
+  clearTimer: (h) => clearTimeout(h as ReturnType<typeof setTimeout>),
+};
+
+describe("membership names the member it means", () => {
+  test("a_leave_sent_over_http_reaches_the_member_at_an_address_and_is_refused_for_another_member_listed_there", async () => {
+    const host = generateIdentity();
+    // A stale record of another member that gave the same address (it is gone; the host took its port).
+    const gone = generateIdentity();
+    let addr = "";
+    const n = node({
+      nodeId: host.id,
+      handle: async (m) =>
+        m.type === "join"
+          ? {
+              type: "join-ack",
+              from: signSelf(host, { name: "host", addr, epoch: "e1", inc: 0, state: "alive" }),
+              members: [signSelf(gone, { name: "gone", addr, epoch: "e2", inc: 0, state: "alive" })],
+            }
+          : { type: "ack", from: signSelf(host, { name: "host", addr, epoch: "e1", inc: 0, state: "alive" }), updates: [] },
+    });
+    addr = n.addr;
+    const me = generateIdentity();
+    const keys = meshKeys(SECRET);
+    const core = new MeshCore({
+      identity: me,
+      self: { name: "me", addr: "127.0.0.1:1" },
+      transport: new HttpTransport(new MeshClient({ keys, nodeId: me.id }), keys),
+      clock: wallClock,
+    });
+    // A join goes to a bare address: it names nobody, and whichever node is there answers.
+    expect(await core.join([addr])).toMatchObject({ ok: true });
+    expect(core.members().map((m) => m.id)).toEqual([me.id, host.id, gone.id]);
+    const refusedBefore = n.gate.refused;
+    await core.leave();
+    // Both members were told, at the same address: the host took its own leave and its gate refused the other's.
+    expect(n.seen.map((m) => m.type)).toEqual(["join", "leave"]);
+    expect(n.senders).toEqual([me.id, me.id]);
+    expect(n.gate.refused).toBe(refusedBefore + 1);
   });
 });
 
