@@ -44,7 +44,7 @@ export class SimCluster {
       config,
       random: this.random,
     });
-    this.net.listen(addr, (msg, from) => core.handle(msg, this.idAt(from)));
+    this.net.listen(addr, (msg, from) => core.handle(msg, this.idAt(from)), identity.id);
     core.start();
     const node = { name, addr, identity, core };
     this.nodes.set(name, node);
@@ -90,7 +90,7 @@ export class SimCluster {
   /** Thaw a frozen node (SIGCONT): it carries on with the state it had. */
   resume(name: string): void {
     const n = this.node(name);
-    this.net.listen(n.addr, (msg, from) => n.core.handle(msg, this.idAt(from)));
+    this.net.listen(n.addr, (msg, from) => n.core.handle(msg, this.idAt(from)), n.identity.id);
     n.core.start();
   }
 
