@@ -17,6 +17,8 @@ export interface NodeRecord {
   url: string;
   addr: string;
   pid: number;
+  /** The node's id: requests to it name it, so nothing on its port can pass them on to another node. */
+  id?: string;
 }
 
 const NODE_FILE = "node.json";
@@ -37,7 +39,8 @@ export function readNodeRecord(stateDir: string): NodeRecord | null {
   if (!existsSync(file)) return null;
   try {
     const r = JSON.parse(readFileSync(file, "utf8")) as Partial<NodeRecord>;
-    return typeof r.url === "string" && typeof r.addr === "string" ? { url: r.url, addr: r.addr, pid: Number(r.pid) } : null;
+    if (typeof r.url !== "string" || typeof r.addr !== "string") return null;
+    return { url: r.url, addr: r.addr, pid: Number(r.pid), ...(typeof r.id === "string" ? { id: r.id } : {}) };
   } catch {
     return null;
   }
@@ -86,6 +89,9 @@ export function nodeClient(f: NodeClientFlags): NodeClient {
   // A tool, not a member: a node id of its own so its requests are never mistaken for a peer's.
   const keys = creds ? meshKeys(creds.secret) : null;
   const client = keys ? new MeshClient({ keys, nodeId: `cli-${randomBytes(4).toString("hex")}` }) : null;
+  // Asking the node this state dir records, we know its id: the request names it, so whatever took its
+  // port cannot pass it on to another node of the mesh and have that node's proven answer believed.
+  const to = record?.id !== undefined && url === record.url.replace(/\/+$/, "") ? record.id : undefined;
   const get = async (path: string): Promise<unknown> => {
     const signal = AbortSignal.timeout(30_000);
     let res: Response;
@@ -93,7 +99,7 @@ export function nodeClient(f: NodeClientFlags): NodeClient {
     let exchange: Exchange | null = null;
     try {
       if (client) {
-        const sent = await client.send(addr, "GET", path, new Uint8Array(), { signal });
+        const sent = await client.send(addr, "GET", path, new Uint8Array(), { signal, to });
         res = sent.response;
         exchange = { nonce: sent.nonce, callerNonce: sent.callerNonce };
       } else res = await fetch(`${url}${path}`, { headers: { authorization: `Bearer ${f.apiKey}` }, signal });

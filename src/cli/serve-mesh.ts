@@ -19,6 +19,8 @@ export interface PreparedMesh {
   creds: MeshCredentials;
   created: boolean;
   node: MeshNode;
+  /** This node's id (its key's), which local commands name as the node they mean to reach. */
+  nodeId: string;
 }
 
 function pidAlive(pid: number): boolean {
@@ -55,14 +57,14 @@ export function prepareMesh(
     apiKeyRequired: o.apiKeyRequired,
     maxBodyBytes: o.maxBodyBytes,
   });
-  return { plan, creds: r.value.creds, created: r.value.created, node };
+  return { plan, creds: r.value.creds, created: r.value.created, node, nodeId: id.value.id };
 }
 
 /** Start the core at the advertised address and join; returns that address. */
 export async function startMesh(p: PreparedMesh, host: string, port: number, url: string, logger: Logger): Promise<string> {
   const addr = advertiseAddr(p.plan.advertise, host, port);
   p.node.start(addr);
-  writeNodeRecord(p.plan.stateDir, { url, addr, pid: process.pid });
+  writeNodeRecord(p.plan.stateDir, { url, addr, pid: process.pid, id: p.nodeId });
   if (p.created) {
     const token = encodeInvite({ ...p.creds, addrs: [addr] });
     process.stderr.write(`new mesh ${p.creds.meshId}; to add a machine, run there:\n  mesh serve --join ${token}\n`);

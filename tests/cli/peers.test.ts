@@ -2,6 +2,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { nodeClient, writeNodeRecord } from "../../src/cli/node-client";
 import { formatPeers } from "../../src/cli/peers";
 import { silentLogger } from "../../src/log";
 import { AUTH_HEADER, meshKeys } from "../../src/mesh/auth";
@@ -227,5 +228,41 @@ describe("mesh peers", () => {
       expect(r.err).toContain(needle);
       expect(r.err.trim().split("\n").length).toBe(1);
     }
+  });
+});
+
+describe("mesh peers through a relay", () => {
+  test("a_relay_on_the_recorded_nodes_port_cannot_pass_the_request_to_another_node", async () => {
+    const creds = newCredentials();
+    const state = mkdtempSync(join(tmpdir(), "mesh-peers-"));
+    saveCredentials(state, creds);
+    const other = startServer({
+      host: "127.0.0.1",
+      port: 0,
+      models: [],
+      apiKeys: [],
+      maxBodyBytes: 1 << 20,
+      logger: silentLogger,
+      mesh: testMeshHooks({ nodeId: "0ther", secret: creds.secret }),
+    });
+    closeAfter.push(() => other.close());
+    // Whatever took the recorded node's port, without the secret: it passes every request, headers and all, to a live node.
+    const relay = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch: async (r) => {
+        const u = new URL(r.url);
+        const res = await fetch(`${other.url}${u.pathname}${u.search}`, { method: r.method, headers: r.headers });
+        return new Response(await res.arrayBuffer(), { status: res.status, headers: res.headers });
+      },
+    });
+    closeAfter.push(() => relay.stop(true));
+    const url = `http://127.0.0.1:${relay.port}`;
+    writeNodeRecord(state, { url, addr: `127.0.0.1:${relay.port}`, pid: 1, id: "d3ad" });
+    const err = await nodeClient({ stateDir: state })
+      .get("/mesh/info")
+      .catch((e: Error) => e);
+    expect(err).toBeInstanceOf(Error);
+    expect((err as Error).message).toContain("refused the mesh credentials");
   });
 });
