@@ -658,7 +658,9 @@ export class Membership {
     // Only a node raises its own incarnation: a suspect/dead claim by anyone
     // else at a higher one would force a refutation past any bound.
     if (!isSelfRecord(u) && u.inc > cur.inc) {
-      this.refused("forged");
+      // A member's valid claim can be ahead of us honestly (a peer keeping a node dead at the
+      // incarnation it refuted with, which has not reached us yet): refused, but not counted as forged.
+      if (!this.verifiedClaim(u)) this.refused("forged");
       return;
     }
     if (!overrides(u, cur)) {
@@ -669,7 +671,7 @@ export class Membership {
       this.refused("forged");
       return;
     }
-    if (isSelfRecord(u) && cur.state === "dead" && u.epoch === cur.epoch) {
+    if (isSelfRecord(u) && u.state !== "left" && cur.state === "dead" && u.epoch === cur.epoch) {
       // It outranks its death with its own record but kept its epoch: it never reset, having
       // refuted an older suspicion (a node frozen, thawed briefly, frozen again) without ever
       // hearing it was declared dead. It may still hold keys whose tombstones the mesh has

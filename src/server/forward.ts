@@ -71,6 +71,10 @@ const RETRYABLE = new Set([401, 404, 429, 500, 502, 503, 504]);
 const PASSED_HEADERS = ["content-type", "cache-control", "retry-after", "x-accel-buffering"];
 const enc = new TextEncoder();
 
+/** How long a worker's 413 keeps bodies that large away from it, and how many workers are remembered. */
+const SIZE_REFUSAL_TTL_MS = 10 * 60_000;
+const MAX_SIZE_REFUSALS = 1024;
+
 /** This node's own 413 for a body a peer serving `model` refused (its refusal cannot be proven, so none of it is relayed). */
 function tooLarge(model: string, bytes: number): Response {
   const message = `a node serving '${model}' refused the request body size (${bytes} bytes)`;
@@ -83,6 +87,12 @@ export class Forwarder {
   // Bounded: an entry exists only while a request to that worker is unfinished.
   private readonly inflight = new Map<string, number>();
   private readonly counts = { forwarded: 0, retried: 0, failed: 0, unproven: 0 };
+  /**
+   * The smallest body each worker refused with an (unprovable) 413, and when: it is not sent bodies that
+   * large again for a while, so whatever answers 413 to everything soon gets nothing, while an honest
+   * node with a smaller body limit keeps getting what it can take. Bounded; entries expire.
+   */
+  private readonly sizeRefused = new Map<string, { bytes: number; at: number }>();
 
   constructor(private readonly o: ForwarderOptions) {}
 
@@ -93,14 +103,17 @@ export class Forwarder {
 
   /** Forward a POST of `body` to `path` on the best peer for `model`; throws ForwardError. */
   async forward(model: string, path: string, body: Uint8Array, client: AbortSignal): Promise<Response> {
-    const ranked = rankWorkers(this.o.workers(), model, { selfId: this.o.selfId, inflight: (id) => this.inflight.get(id) ?? 0 });
+    const all = rankWorkers(this.o.workers(), model, { selfId: this.o.selfId, inflight: (id) => this.inflight.get(id) ?? 0 });
+    if (all.length === 0) throw new ForwardError("no_route", `The model '${model}' does not exist`, model);
+    const ranked = all.filter((w) => !this.refusesSize(w.id, body.byteLength));
     const first = ranked[0];
-    if (!first) throw new ForwardError("no_route", `The model '${model}' does not exist`, model);
+    // Every node serving the model refused a body this large lately.
+    if (!first) return tooLarge(model, body.byteLength);
     // The retry goes to another node: a second worker on a node that just failed would likely fail too.
     const second = ranked.find((w) => w.nodeId !== first.nodeId);
     const targets = second ? [first, second] : [first];
     let lastError = "";
-    let tooBig = false;
+    let sizeRefusals = 0;
     for (let i = 0; i < targets.length; i++) {
       const w = targets[i] as WorkerInfo;
       const last = i === targets.length - 1;
@@ -144,7 +157,8 @@ export class Forwarder {
             // to everything must not hide the other node): the other node is tried, and only when every one refused
             // the size does the client get this node's own 413 (nothing of a peer's answer goes through).
             this.o.logger.info("a peer refused a forwarded request's size", { model, node: w.nodeId, bytes: body.byteLength });
-            tooBig = true;
+            this.noteSizeRefusal(w.id, body.byteLength);
+            sizeRefusals++;
             continue;
           }
           this.counts.unproven++;
@@ -180,9 +194,28 @@ export class Forwarder {
       }
     }
     if (client.aborted) throw new ForwardError("cancelled", "the client went away", model);
-    if (tooBig) return tooLarge(model, body.byteLength);
+    // A 413 only when every node tried refused the size; any other failure among them is a failure to answer.
+    if (sizeRefusals === targets.length) return tooLarge(model, body.byteLength);
     this.counts.failed++;
     throw new ForwardError("upstream_failed", `no peer serving '${model}' could take the request (${lastError})`, model);
+  }
+
+  private refusesSize(workerId: string, bytes: number): boolean {
+    const r = this.sizeRefused.get(workerId);
+    if (!r) return false;
+    if (Date.now() - r.at > SIZE_REFUSAL_TTL_MS) {
+      this.sizeRefused.delete(workerId);
+      return false;
+    }
+    return bytes >= r.bytes;
+  }
+
+  private noteSizeRefusal(workerId: string, bytes: number): void {
+    const r = this.sizeRefused.get(workerId);
+    this.sizeRefused.delete(workerId);
+    // Oldest first out: a Map iterates in insertion order.
+    if (this.sizeRefused.size >= MAX_SIZE_REFUSALS) this.sizeRefused.delete(this.sizeRefused.keys().next().value as string);
+    this.sizeRefused.set(workerId, { bytes: Math.min(bytes, r?.bytes ?? bytes), at: Date.now() });
   }
 
   /** Counters (forwarded, retried, failed) and requests still streaming. */

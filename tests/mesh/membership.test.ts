@@ -173,6 +173,56 @@ describe("declared dead, back without a reset", () => {
   });
 });
 
+describe("declared dead, then left or heard about late (review findings)", () => {
+  test("a_member_declared_dead_that_then_leaves_is_left_not_kept_dead", async () => {
+    const c = await meshOf(["a", "b", "c"]);
+    const [a, b] = [c.node("a"), c.node("b")];
+    const stranger = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
+    const about = { id: b.identity.id, publicKey: b.identity.publicKey, inc: incarnationOf(c, "a", "b") as number };
+    const rec = (await c.wait(b.core.handle({ type: "ping", from: stranger, to: b.identity.id }))).from as {
+      name: string;
+      addr: string;
+      epoch: string;
+      inc: number;
+    };
+    c.pause("b");
+    await c.wait(
+      a.core.handle({
+        type: "ping",
+        from: stranger,
+        to: a.identity.id,
+        updates: [signClaim(c.node("c").identity, { ...about, state: "dead" })],
+      }),
+    );
+    expect(c.stateOf("a", "b")).toBe("dead");
+    // b (same life, never reset) shuts down gracefully: its own signed "left" at the same incarnation.
+    const left = signSelf(b.identity, { name: rec.name, addr: rec.addr, epoch: rec.epoch, inc: rec.inc, state: "left" });
+    await c.wait(a.core.handle({ type: "leave", from: left }, b.identity.id));
+    expect(c.stateOf("a", "b")).toBe("left");
+    expect(a.core.stats().membership.unresetReturns).toBe(0);
+  });
+
+  test("a_peers_dead_claim_ahead_of_what_we_know_is_not_counted_as_forged", async () => {
+    const c = await meshOf(["a", "b", "c"]);
+    const [a, b, cc] = [c.node("a"), c.node("b"), c.node("c")];
+    const stranger = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
+    const about = { id: b.identity.id, publicKey: b.identity.publicKey, inc: incarnationOf(c, "a", "b") as number };
+    const ack = await c.wait(
+      b.core.handle({ type: "ping", from: stranger, to: b.identity.id, updates: [signClaim(cc.identity, { ...about, state: "suspect" })] }),
+    );
+    c.pause("b");
+    const dead = signClaim(cc.identity, { ...about, state: "dead" });
+    for (const n of [a, cc]) await c.wait(n.core.handle({ type: "ping", from: stranger, to: n.identity.id, updates: [dead] }));
+    // b's refutation reaches a only; a keeps b dead at the new incarnation and says so to c, which has not heard it.
+    await c.wait(a.core.handle({ type: "ping", from: stranger, to: a.identity.id, updates: [ack.from] }));
+    expect(a.core.stats().membership.unresetReturns).toBe(1);
+    const forged = cc.core.stats().membership.forgedRecords;
+    await c.clock.advance(20 * ROUND);
+    expect(cc.core.stats().membership.forgedRecords).toBe(forged);
+    expect(c.stateOf("c", "b")).toBe("dead");
+  });
+});
+
 describe("signed membership records", () => {
   test("alive_record_signed_by_the_wrong_key_is_rejected_and_counted", async () => {
     const c = await meshOf(["a", "b"]);

@@ -1,0 +1,111 @@
+// A 413 from a peer cannot be proven (a gate refuses an oversized body before it
+// can check who sent it), so the forwarder must neither trust it as final nor let
+// whatever answers 413 to everything keep receiving prompts.
+import { afterAll, describe, expect, test } from "bun:test";
+import { silentLogger } from "../../src/log";
+import { AUTH_HEADER, forwardProof, meshKeys } from "../../src/mesh/auth";
+import { MeshClient } from "../../src/mesh/client";
+import { Forwarder } from "../../src/server/forward";
+import { TEST_SECRET, workerRecord } from "../helpers/mesh";
+
+const closeAfter: Array<() => unknown> = [];
+afterAll(async () => {
+  for (const c of closeAfter) await c();
+});
+const keys = meshKeys(TEST_SECRET);
+
+/** A server at a worker address answering `status`, with a valid forward proof when `proven` (it holds the secret). */
+function peer(status: number, proven: boolean) {
+  let seen = 0;
+  const server = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    fetch: async (r) => {
+      if (new URL(r.url).pathname === "/mesh/challenge") return Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 });
+      await r.text();
+      seen++;
+      const x = { nonce: r.headers.get(AUTH_HEADER.nonce) ?? "", callerNonce: r.headers.get(AUTH_HEADER.callerNonce) ?? "" };
+      const headers: Record<string, string> = proven ? { [AUTH_HEADER.forwardProof]: forwardProof(keys, { ...x, status }) } : {};
+      return Response.json({ error: { message: `status ${status}` } }, { status, headers });
+    },
+  });
+  closeAfter.push(() => server.stop(true));
+  return { addr: `127.0.0.1:${server.port}`, seen: () => seen };
+}
+
+async function closedAddr(): Promise<string> {
+  const s = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response() });
+  const port = s.port as number;
+  s.stop(true);
+  return `127.0.0.1:${port}`;
+}
+
+function forwarder(workers: ReturnType<typeof workerRecord>[]) {
+  return new Forwarder({
+    client: new MeshClient({ keys, nodeId: "aaaa" }),
+    keys,
+    selfId: "aaaa",
+    workers: () => workers,
+    headersTimeoutMs: 10_000,
+    logger: silentLogger,
+  });
+}
+
+const body = new TextEncoder().encode(JSON.stringify({ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }] }));
+
+/** The status the client gets, or the forward error's code. */
+async function outcome(f: Forwarder, b: Uint8Array = body): Promise<number | string> {
+  try {
+    const r = await f.forward("mesh-tiny", "/v1/chat/completions", b, new AbortController().signal);
+    await r.arrayBuffer();
+    return r.status;
+  } catch (e) {
+    return (e as { code?: string }).code ?? String(e);
+  }
+}
+
+describe("an unprovable 413 from a peer", () => {
+  test("a_413_first_and_an_unreachable_second_is_upstream_failed_not_413", async () => {
+    const fake = peer(413, false);
+    const f = forwarder([
+      workerRecord({ id: "w-fake", nodeId: "ffff", addr: fake.addr }),
+      workerRecord({ id: "w-down", nodeId: "dddd", addr: await closedAddr(), slotsBusy: 1 }),
+    ]);
+    expect(await outcome(f)).toBe("upstream_failed");
+  });
+
+  test("a_proven_503_then_an_unproven_413_is_not_turned_into_a_413", async () => {
+    const busy = peer(503, true);
+    const fake = peer(413, false);
+    const f = forwarder([
+      workerRecord({ id: "w-busy", nodeId: "bbbb", addr: busy.addr }),
+      workerRecord({ id: "w-fake", nodeId: "ffff", addr: fake.addr, slotsBusy: 1 }),
+    ]);
+    expect(await outcome(f)).toBe("upstream_failed");
+  });
+
+  test("only_when_every_node_refused_the_size_is_it_a_413", async () => {
+    const f = forwarder([
+      workerRecord({ id: "w-small1", nodeId: "1111", addr: peer(413, false).addr }),
+      workerRecord({ id: "w-small2", nodeId: "2222", addr: peer(413, false).addr, slotsBusy: 1 }),
+    ]);
+    expect(await outcome(f)).toBe(413);
+    // Both refused this size lately: the next body as large is answered here, without sending it anywhere.
+    expect(await outcome(f)).toBe(413);
+  });
+
+  test("whatever_answers_413_to_everything_gets_one_prompt_of_a_size_not_every_prompt", async () => {
+    const fake = peer(413, false);
+    const good = peer(200, true);
+    const f = forwarder([
+      workerRecord({ id: "w-fake", nodeId: "ffff", addr: fake.addr }),
+      workerRecord({ id: "w-good", nodeId: "bbbb", addr: good.addr, slotsBusy: 1 }),
+    ]);
+    for (let i = 0; i < 5; i++) expect(await outcome(f)).toBe(200);
+    expect(fake.seen()).toBe(1);
+    expect(good.seen()).toBe(5);
+    // A smaller body may still fit a node whose limit is only smaller: it is tried again.
+    expect(await outcome(f, body.subarray(0, body.length - 8))).toBe(200);
+    expect(fake.seen()).toBe(2);
+  });
+});
