@@ -151,8 +151,8 @@ export async function metricOf(n: NodeProc, series: string): Promise<number> {
   return Number(line.slice(series.length + 1));
 }
 
-/** The mesh credentials in a node's state dir. */
-function secretOf(stateDir: string): string {
+/** The mesh secret in a node's state dir. */
+export function secretOf(stateDir: string): string {
   const creds = loadCredentials(stateDir);
   if (!creds.ok || !creds.value) throw new Error(`no credentials in ${stateDir}`);
   return creds.value.secret;

@@ -4,6 +4,8 @@
 // mesh the earlier ones leave; some send records from a member the test process
 // plays (TestMember), others freeze a node with SIGSTOP.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
 import OpenAI from "openai";
 import { meshKeys } from "../../src/mesh/auth";
 import { MeshClient } from "../../src/mesh/client";
@@ -24,6 +26,7 @@ import {
   modelsOf,
   type NodeProc,
   peersOf,
+  secretOf,
   spawnNode,
   TestMember,
   tokenOf,
@@ -134,6 +137,19 @@ describe("a mesh of separate processes", () => {
     expect(decoded.meshId).toBe(JSON.parse(Buffer.from(token, "base64url").toString()).meshId);
     expect(decoded.addrs[0]).toBe(b.addr);
   });
+
+  test("a_node_joins_with_a_members_address_and_a_secret_file_instead_of_a_token", async () => {
+    const secretFile = join(dir, "delta.secret");
+    writeFileSync(secretFile, `${secretOf(a.stateDir)}\n`, { mode: 0o600 });
+    const d = await start("d", "delta", ["--join", a.addr, "--mesh-secret-file", secretFile]);
+    // Same mesh: a lists d's model, and answers for it.
+    await waitFor("A to list delta", CONVERGE_MS, async () => ((await modelsOf(a)).has("delta") ? true : null));
+    const r = await client(a).completions.create({ model: "delta", prompt: "hi", max_tokens: 2 });
+    expect(r.model).toBe("delta");
+    d.proc.kill("SIGTERM");
+    expect(await d.proc.exited).toBe(0);
+    await waitFor("A to drop delta", CONVERGE_MS, async () => (!(await modelsOf(a)).has("delta") ? true : null));
+  }, 120_000);
 
   test("a_request_to_a_for_a_model_only_c_serves_is_answered_stream_and_not", async () => {
     const r = await client(a).chat.completions.create({ model: "gamma", messages: [{ role: "user", content: "hi" }], max_tokens: 4 });
