@@ -4,11 +4,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { isLoopbackAddr } from "../../src/cli/invite";
 import { writeNodeRecord } from "../../src/cli/node-client";
-import { silentLogger } from "../../src/log";
 import { type MeshCredentials, newCredentials, parseInvite, saveCredentials } from "../../src/mesh/invite";
-import { type RunningServer, startServer } from "../../src/server";
+import type { RunningServer } from "../../src/server";
 import { meshCliAsync } from "../helpers/cluster";
-import { testMeshHooks } from "../helpers/mesh";
+import { challengingServer, closedPort, meshOnlyServer } from "../helpers/mesh";
 
 const closeAfter: Array<() => unknown> = [];
 
@@ -24,30 +23,14 @@ function stateWith(creds: MeshCredentials): string {
 
 /** A running node of the mesh of `creds` (no model: only its mesh routes matter) that advertises `addrs(port)`. */
 function node(creds: MeshCredentials, addrs: (port: number) => string[]): RunningServer {
-  const hooks = testMeshHooks({ nodeId: "abcd", secret: creds.secret });
   let port = 0;
-  const server = startServer({
-    host: "127.0.0.1",
-    port: 0,
-    models: [],
-    apiKeys: [],
-    maxBodyBytes: 1 << 20,
-    logger: silentLogger,
-    mesh: {
-      ...hooks,
-      service: { ...hooks.service, info: () => ({ mesh_id: creds.meshId, node_id: "abcd", name: "n", addrs: addrs(port) }) },
-    },
-  });
+  const server = meshOnlyServer("abcd", creds.secret, (h) => ({
+    ...h,
+    service: { ...h.service, info: () => ({ mesh_id: creds.meshId, node_id: "abcd", name: "n", addrs: addrs(port) }) },
+  }));
   port = server.port;
   closeAfter.push(() => server.close());
   return server;
-}
-
-async function closedPort(): Promise<number> {
-  const s = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response() });
-  const port = s.port as number;
-  s.stop(true);
-  return port;
 }
 
 describe("mesh invite", () => {
@@ -92,14 +75,7 @@ describe("mesh invite", () => {
   test("whatever_listens_on_the_nodes_port_without_the_secret_gets_no_token_printed", async () => {
     const creds = newCredentials();
     // Answers like a node, with nonces and /mesh/info, but cannot prove its answers.
-    const fake = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch: (r) =>
-        new URL(r.url).pathname === "/mesh/challenge"
-          ? Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 })
-          : Response.json({ mesh_id: creds.meshId, node_id: "abcd", name: "n", addrs: ["10.6.6.6:9337"] }),
-    });
+    const fake = challengingServer(() => Response.json({ mesh_id: creds.meshId, node_id: "abcd", name: "n", addrs: ["10.6.6.6:9337"] }));
     closeAfter.push(() => fake.stop(true));
     const r = await meshCliAsync(["invite", "--state-dir", stateWith(creds), "--url", `http://127.0.0.1:${fake.port}`]);
     expect(r.code).toBe(1);

@@ -4,14 +4,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { nodeClient, writeNodeRecord } from "../../src/cli/node-client";
 import { formatPeers } from "../../src/cli/peers";
-import { silentLogger } from "../../src/log";
 import { AUTH_HEADER, meshKeys } from "../../src/mesh/auth";
 import { MeshClient } from "../../src/mesh/client";
 import { newCredentials, saveCredentials } from "../../src/mesh/invite";
-import { startServer } from "../../src/server";
 import type { PeerRow } from "../../src/server/mesh-routes";
 import { meshCli, meshCliAsync } from "../helpers/cluster";
-import { TEST_MESH_ID, testMeshHooks } from "../helpers/mesh";
+import { challengingServer, meshOnlyServer, TEST_MESH_ID } from "../helpers/mesh";
 
 const closeAfter: Array<() => unknown> = [];
 
@@ -85,15 +83,7 @@ describe("mesh peers", () => {
     const creds = newCredentials();
     const state = mkdtempSync(join(tmpdir(), "mesh-peers-"));
     saveCredentials(state, creds);
-    const node = startServer({
-      host: "127.0.0.1",
-      port: 0,
-      models: [],
-      apiKeys: [],
-      maxBodyBytes: 1 << 20,
-      logger: silentLogger,
-      mesh: testMeshHooks({ nodeId: "abcd", secret: creds.secret }),
-    });
+    const node = meshOnlyServer("abcd", creds.secret);
     closeAfter.push(() => node.close());
     const r = await meshCliAsync(["peers", "--state-dir", state, "--url", node.url]);
     expect(r.err).toBe("");
@@ -111,14 +101,7 @@ describe("mesh peers", () => {
       members: [],
       forwarding: { forwarded: 0, retried: 0, failed: 0, active: 0 },
     };
-    const fake = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch: (req) =>
-        new URL(req.url).pathname === "/mesh/challenge"
-          ? Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 })
-          : Response.json(report, { headers: { "x-mesh-reply-proof": "A".repeat(43) } }),
-    });
+    const fake = challengingServer(() => Response.json(report, { headers: { "x-mesh-reply-proof": "A".repeat(43) } }));
     closeAfter.push(() => fake.stop(true));
     const url = `http://127.0.0.1:${fake.port}`;
     const r = await meshCliAsync(["peers", "--state-dir", state, "--url", url]);
@@ -133,15 +116,7 @@ describe("mesh peers", () => {
     const creds = newCredentials();
     const state = mkdtempSync(join(tmpdir(), "mesh-peers-"));
     saveCredentials(state, creds);
-    const node = startServer({
-      host: "127.0.0.1",
-      port: 0,
-      models: [],
-      apiKeys: [],
-      maxBodyBytes: 1 << 20,
-      logger: silentLogger,
-      mesh: testMeshHooks({ nodeId: "abcd", secret: creds.secret }),
-    });
+    const node = meshOnlyServer("abcd", creds.secret);
     closeAfter.push(() => node.close());
     // One genuine exchange, as anyone on the network could record it (traffic is not encrypted).
     const recorded = await new MeshClient({ keys: meshKeys(creds.secret), nodeId: "cli-0000" }).send(
@@ -154,14 +129,10 @@ describe("mesh peers", () => {
     const proof = recorded.response.headers.get(AUTH_HEADER.replyProof) ?? "";
     expect(recorded.response.status).toBe(200);
     // Later, on the node's port: the recorded nonce as its challenge, then the recorded answer and proof.
-    const replayer = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch: (req) =>
-        new URL(req.url).pathname === "/mesh/challenge"
-          ? Response.json({ nonce: recorded.nonce, ttl_ms: 30000 })
-          : new Response(body, { headers: { "content-type": "application/json", [AUTH_HEADER.replyProof]: proof } }),
-    });
+    const replayer = challengingServer(
+      () => new Response(body, { headers: { "content-type": "application/json", [AUTH_HEADER.replyProof]: proof } }),
+      recorded.nonce,
+    );
     closeAfter.push(() => replayer.stop(true));
     const url = `http://127.0.0.1:${replayer.port}`;
     const r = await meshCliAsync(["peers", "--state-dir", state, "--url", url]);
@@ -176,24 +147,9 @@ describe("mesh peers", () => {
     const state = mkdtempSync(join(tmpdir(), "mesh-peers-"));
     saveCredentials(state, newCredentials());
     // A node of another mesh, and something that is no mesh node but answers 401: the CLI cannot tell them apart.
-    const other = startServer({
-      host: "127.0.0.1",
-      port: 0,
-      models: [],
-      apiKeys: [],
-      maxBodyBytes: 1 << 20,
-      logger: silentLogger,
-      mesh: testMeshHooks({ nodeId: "abcd", secret: newCredentials().secret }),
-    });
+    const other = meshOnlyServer("abcd", newCredentials().secret);
     closeAfter.push(() => other.close());
-    const fake = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch: (req) =>
-        new URL(req.url).pathname === "/mesh/challenge"
-          ? Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 })
-          : Response.json({ error: { message: "nope" } }, { status: 401 }),
-    });
+    const fake = challengingServer(() => Response.json({ error: { message: "nope" } }, { status: 401 }));
     closeAfter.push(() => fake.stop(true));
     for (const url of [other.url, `http://127.0.0.1:${fake.port}`]) {
       const r = await meshCliAsync(["peers", "--state-dir", state, "--url", url]);
@@ -236,15 +192,7 @@ describe("mesh peers through a relay", () => {
     const creds = newCredentials();
     const state = mkdtempSync(join(tmpdir(), "mesh-peers-"));
     saveCredentials(state, creds);
-    const other = startServer({
-      host: "127.0.0.1",
-      port: 0,
-      models: [],
-      apiKeys: [],
-      maxBodyBytes: 1 << 20,
-      logger: silentLogger,
-      mesh: testMeshHooks({ nodeId: "0ther", secret: creds.secret }),
-    });
+    const other = meshOnlyServer("0ther", creds.secret);
     closeAfter.push(() => other.close());
     // Whatever took the recorded node's port, without the secret: it passes every request, headers and all, to a live node.
     const relay = Bun.serve({

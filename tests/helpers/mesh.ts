@@ -1,7 +1,8 @@
 import { silentLogger } from "../../src/log";
-import { DEFAULT_AUTHORITY, MeshAuthority, meshKeys } from "../../src/mesh/auth";
+import { AUTH_HEADER, DEFAULT_AUTHORITY, type Exchange, MeshAuthority, meshKeys } from "../../src/mesh/auth";
 import { MeshClient } from "../../src/mesh/client";
 import type { WireMessage, WorkerInfo } from "../../src/mesh/wire";
+import { type RunningServer, startServer } from "../../src/server";
 import { Forwarder } from "../../src/server/forward";
 import type { MeshHooks } from "../../src/server/mesh";
 import { MeshGate } from "../../src/server/mesh-gate";
@@ -66,4 +67,38 @@ export function workerRecord(o: Partial<WorkerInfo> & { id: string; nodeId: stri
     health: "ready",
     ...o,
   };
+}
+
+/** A node with no model, only its mesh routes (hooks from testMeshHooks; `adjust` may change them). */
+export function meshOnlyServer(nodeId: string, secret: string, adjust: (h: MeshHooks) => MeshHooks = (h) => h): RunningServer {
+  const mesh = adjust(testMeshHooks({ nodeId, secret }));
+  return startServer({ host: "127.0.0.1", port: 0, models: [], apiKeys: [], maxBodyBytes: 1 << 20, logger: silentLogger, mesh });
+}
+
+/** A nonce anyone may hand out as a challenge. */
+export const ANY_NONCE = "AAAAAAAAAAAAAAAAAAAAAA";
+
+/**
+ * Something on a node's port without the mesh secret: it hands out `nonce` as its challenge, as a
+ * node would, and answers every other request with `answer`; it cannot prove anything.
+ */
+export function challengingServer(answer: (req: Request) => Response | Promise<Response>, nonce = ANY_NONCE): ReturnType<typeof Bun.serve> {
+  return Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    fetch: (req) => (new URL(req.url).pathname === "/mesh/challenge" ? Response.json({ nonce, ttl_ms: 30000 }) : answer(req)),
+  });
+}
+
+/** The nonces a mesh request was signed with, as its proofs must cover them. */
+export function exchangeOf(r: Request): Exchange {
+  return { nonce: r.headers.get(AUTH_HEADER.nonce) ?? "", callerNonce: r.headers.get(AUTH_HEADER.callerNonce) ?? "" };
+}
+
+/** A port nothing listens on (it was free a moment ago). */
+export async function closedPort(): Promise<number> {
+  const s = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response() });
+  const port = s.port as number;
+  s.stop(true);
+  return port;
 }

@@ -8,7 +8,7 @@ import { MeshCore } from "../../src/mesh/node";
 import { HttpTransport } from "../../src/mesh/transport-http";
 import type { Clock, WireMessage } from "../../src/mesh/wire";
 import { type RunningServer, startServer } from "../../src/server";
-import { TEST_MESH_ID, TEST_SECRET, testMeshHooks } from "../helpers/mesh";
+import { challengingServer, TEST_MESH_ID, TEST_SECRET, testMeshHooks } from "../helpers/mesh";
 
 const SECRET = TEST_SECRET;
 const MESH_ID = TEST_MESH_ID;
@@ -152,14 +152,7 @@ describe("HTTP transport", () => {
 
   test("a_reply_without_the_peers_proof_is_rejected", async () => {
     // Something on the path that answers like a mesh node but does not hold the secret.
-    const fake = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch: (r) =>
-        new URL(r.url).pathname === "/mesh/challenge"
-          ? Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 })
-          : Response.json({ type: "ack", members: ["forged"] }),
-    });
+    const fake = challengingServer(() => Response.json({ type: "ack", members: ["forged"] }));
     try {
       const e = await rejection(transport().request(`127.0.0.1:${fake.port}`, { type: "ping" }, 30_000));
       expect(e.code).toBe("bad_reply");
@@ -278,14 +271,10 @@ describe("a message is for one node and one reply", () => {
     expect(first).toMatchObject({ type: "ack" });
     expect(tape.proof).toMatch(/^[A-Za-z0-9_-]{43}$/);
     // The node is gone; something without the secret hands out the recorded nonce and sends back the recorded reply.
-    const replayer = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch: (r) =>
-        new URL(r.url).pathname === "/mesh/challenge"
-          ? Response.json({ nonce: tape.nonce, ttl_ms: 30000 })
-          : new Response(tape.body, { headers: { "content-type": "application/json", [AUTH_HEADER.replyProof]: tape.proof as string } }),
-    });
+    const replayer = challengingServer(
+      () => new Response(tape.body, { headers: { "content-type": "application/json", [AUTH_HEADER.replyProof]: tape.proof as string } }),
+      tape.nonce,
+    );
     try {
       const e = await rejection(transport().request(`127.0.0.1:${replayer.port}`, { type: "ping" }, 30_000));
       expect(e.code).toBe("bad_reply");

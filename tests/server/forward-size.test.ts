@@ -6,7 +6,7 @@ import { silentLogger } from "../../src/log";
 import { AUTH_HEADER, forwardProof, meshKeys } from "../../src/mesh/auth";
 import { MeshClient } from "../../src/mesh/client";
 import { Forwarder } from "../../src/server/forward";
-import { TEST_SECRET, workerRecord } from "../helpers/mesh";
+import { ANY_NONCE, closedPort, exchangeOf, TEST_SECRET, workerRecord } from "../helpers/mesh";
 
 const closeAfter: Array<() => unknown> = [];
 afterAll(async () => {
@@ -21,23 +21,17 @@ function peer(status: number, proven: boolean) {
     hostname: "127.0.0.1",
     port: 0,
     fetch: async (r) => {
-      if (new URL(r.url).pathname === "/mesh/challenge") return Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 });
+      if (new URL(r.url).pathname === "/mesh/challenge") return Response.json({ nonce: ANY_NONCE, ttl_ms: 30000 });
       await r.text();
       seen++;
-      const x = { nonce: r.headers.get(AUTH_HEADER.nonce) ?? "", callerNonce: r.headers.get(AUTH_HEADER.callerNonce) ?? "" };
-      const headers: Record<string, string> = proven ? { [AUTH_HEADER.forwardProof]: forwardProof(keys, { ...x, status }) } : {};
+      const headers: Record<string, string> = proven
+        ? { [AUTH_HEADER.forwardProof]: forwardProof(keys, { ...exchangeOf(r), status }) }
+        : {};
       return Response.json({ error: { message: `status ${status}` } }, { status, headers });
     },
   });
   closeAfter.push(() => server.stop(true));
   return { addr: `127.0.0.1:${server.port}`, seen: () => seen };
-}
-
-async function closedAddr(): Promise<string> {
-  const s = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response() });
-  const port = s.port as number;
-  s.stop(true);
-  return `127.0.0.1:${port}`;
 }
 
 function forwarder(workers: ReturnType<typeof workerRecord>[]) {
@@ -69,7 +63,7 @@ describe("an unprovable 413 from a peer", () => {
     const fake = peer(413, false);
     const f = forwarder([
       workerRecord({ id: "w-fake", nodeId: "ffff", addr: fake.addr }),
-      workerRecord({ id: "w-down", nodeId: "dddd", addr: await closedAddr(), slotsBusy: 1 }),
+      workerRecord({ id: "w-down", nodeId: "dddd", addr: `127.0.0.1:${await closedPort()}`, slotsBusy: 1 }),
     ]);
     expect(await outcome(f)).toBe("upstream_failed");
   });

@@ -16,7 +16,7 @@ import type { WorkerInfo } from "../../src/mesh/wire";
 import { type RunningServer, ServedModel, startServer } from "../../src/server";
 import { Forwarder } from "../../src/server/forward";
 import { MeshGate } from "../../src/server/mesh-gate";
-import { TEST_SECRET, testMeshHooks, workerRecord } from "../helpers/mesh";
+import { ANY_NONCE, challengingServer, closedPort, exchangeOf, TEST_SECRET, testMeshHooks, workerRecord } from "../helpers/mesh";
 import { tinyModel } from "../helpers/model";
 
 // A (no model, API key "ka") forwards to B (the tiny model, API key "kb").
@@ -29,13 +29,6 @@ let workers: WorkerInfo[] = [];
 /** Workers A's forwarder reported as failed (the registry would stop routing to them for a while). */
 const peerFailures: string[] = [];
 const closeAfter: Array<() => unknown> = [];
-
-async function closedPort(): Promise<number> {
-  const s = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response() });
-  const port = s.port as number;
-  s.stop(true);
-  return port;
-}
 
 beforeAll(async () => {
   model = ServedModel.start({ modelPath: await tinyModel(), nCtx: 8192, nParallel: 2, threads: 2 });
@@ -76,12 +69,6 @@ afterAll(async () => {
 
 const enc = new TextEncoder();
 
-/** The nonces a mesh request was signed with, as its receiver sees them. */
-const exchangeOf = (r: Request): Exchange => ({
-  nonce: r.headers.get(AUTH_HEADER.nonce) ?? "",
-  callerNonce: r.headers.get(AUTH_HEADER.callerNonce) ?? "",
-});
-
 /** A plain server on a worker's address that answers like an OpenAI server, with `proof` (if any) as its forward proof. */
 function impostor(proof: (x: Exchange, status: number) => string | null = () => null, status = 200) {
   const seen: string[] = [];
@@ -90,7 +77,7 @@ function impostor(proof: (x: Exchange, status: number) => string | null = () => 
     port: 0,
     fetch: async (r) => {
       // Anyone can hand out nonces; only the secret proves an answer.
-      if (new URL(r.url).pathname === "/mesh/challenge") return Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 });
+      if (new URL(r.url).pathname === "/mesh/challenge") return Response.json({ nonce: ANY_NONCE, ttl_ms: 30000 });
       const body = await r.text();
       seen.push(body);
       const p = proof(exchangeOf(r), status);
@@ -336,7 +323,7 @@ describe("forwarding to the peer that serves the model", () => {
       hostname: "127.0.0.1",
       port: 0,
       fetch: (r) => {
-        if (new URL(r.url).pathname === "/mesh/challenge") return Response.json({ nonce: "AAAAAAAAAAAAAAAAAAAAAA", ttl_ms: 30000 });
+        if (new URL(r.url).pathname === "/mesh/challenge") return Response.json({ nonce: ANY_NONCE, ttl_ms: 30000 });
         const proof = forwardProof(meshKeys(TEST_SECRET), { ...exchangeOf(r), status: 200 });
         let sent = false;
         const body = new ReadableStream({
@@ -540,14 +527,10 @@ describe("a forwarded request is meant for one node and one answer", () => {
     const proof = recorded.response.headers.get(AUTH_HEADER.forwardProof) ?? "";
     expect(proofsEqual(proof, forwardProof(keys, { ...recorded, status: 200 }))).toBe(true);
     // Later, on a dead peer's address: the recorded nonce as its challenge, the recorded status and proof with its own body.
-    const replayer = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch: (r) =>
-        new URL(r.url).pathname === "/mesh/challenge"
-          ? Response.json({ nonce: recorded.nonce, ttl_ms: 30000 })
-          : Response.json(forged, { status: recorded.response.status, headers: { [AUTH_HEADER.forwardProof]: proof } }),
-    });
+    const replayer = challengingServer(
+      () => Response.json(forged, { status: recorded.response.status, headers: { [AUTH_HEADER.forwardProof]: proof } }),
+      recorded.nonce,
+    );
     closeAfter.push(() => replayer.stop(true));
     workers = [workerRecord({ id: "w-replay", nodeId: "bbbb", addr: `127.0.0.1:${replayer.port}` })];
     const before = hooksA.forwarder.stats();
