@@ -1,26 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import type { DriveResult, RequestRecord } from "../../src/bench/drive";
 import { formatTable, isDecodeFailure, markdownTable, summarize } from "../../src/bench/report";
-
-function rec(p: Partial<RequestRecord> & Pick<RequestRecord, "loop" | "turn">): RequestRecord {
-  return {
-    kind: "turn",
-    stream: false,
-    startMs: 0,
-    endMs: 100,
-    attempts: 1,
-    status429: 0,
-    waitedMs: 0,
-    status: 200,
-    ok: true,
-    ttftMs: null,
-    e2eMs: 100,
-    usage: { promptTokens: 1000, cachedTokens: 0, completionTokens: 8 },
-    error: null,
-    streamError: false,
-    ...p,
-  };
-}
+import { requestRecord as rec } from "../helpers/bench";
 
 const u = (promptTokens: number, cachedTokens: number) => ({ promptTokens, cachedTokens, completionTokens: 8 });
 

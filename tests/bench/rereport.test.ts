@@ -6,27 +6,12 @@ import type { RequestRecord, Sample } from "../../src/bench/drive";
 import { type KvPressureReport, resolveKvPressureOptions, writeReport } from "../../src/bench/kv-pressure";
 import { summarize } from "../../src/bench/report";
 import { rejudge, withReservedCells } from "../../src/bench/rereport";
+import { requestRecord } from "../helpers/bench";
 import { xmlProblems } from "../helpers/xml";
 
-function rec(p: Partial<RequestRecord> & Pick<RequestRecord, "loop" | "turn">): RequestRecord {
-  return {
-    kind: "turn",
-    stream: false,
-    startMs: 0,
-    endMs: 100,
-    attempts: 1,
-    status429: 0,
-    waitedMs: 0,
-    status: 200,
-    ok: true,
-    ttftMs: null,
-    e2eMs: 100,
-    usage: { promptTokens: 3000, cachedTokens: 2500, completionTokens: 32 },
-    error: null,
-    streamError: false,
-    ...p,
-  };
-}
+// Turns that reused most of their prompt, as the stored runs' did.
+const rec = (p: Parameters<typeof requestRecord>[0]): RequestRecord =>
+  requestRecord({ usage: { promptTokens: 3000, cachedTokens: 2500, completionTokens: 32 }, ...p });
 
 // A sample as reports before reserved cells were recorded stored it.
 const oldSample = (tMs: number, running: number, resident: number, free: number) =>
