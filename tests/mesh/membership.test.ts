@@ -5,7 +5,7 @@ import { failureDetectionBoundMs, MEMBERSHIP_DEFAULTS } from "../../src/mesh/mem
 import { SimRefused } from "../../src/mesh/sim";
 import { SimCluster } from "../../src/mesh/sim-cluster";
 import type { WireMessage } from "../../src/mesh/wire";
-import { incarnationOf, meshOf, spec } from "./sim-helpers";
+import { incarnationOf, meshOf, pingWith, spec, strangerRecord } from "./sim-helpers";
 
 const ROUND = MEMBERSHIP_DEFAULTS.roundMs;
 
@@ -136,33 +136,19 @@ describe("declared dead, back without a reset", () => {
   test("a_member_that_outranks_its_death_without_resetting_stays_dead_until_it_resets", async () => {
     const c = await meshOf(["a", "b", "c"]);
     const b = c.node("b");
-    const stranger = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
+    const stranger = strangerRecord();
     const about = { id: b.identity.id, publicKey: b.identity.publicKey, inc: incarnationOf(c, "a", "b") as number };
     // b refutes a suspicion (no reset: suspicion is not death) and freezes before it can gossip that.
-    const ack = await c.wait(
-      b.core.handle({
-        type: "ping",
-        from: stranger,
-        to: b.identity.id,
-        updates: [signClaim(c.node("c").identity, { ...about, state: "suspect" })],
-      }),
-    );
+    const ack = await pingWith(c, "b", [signClaim(c.node("c").identity, { ...about, state: "suspect" })], stranger);
     const refuted = ack.from;
     c.pause("b");
     expect(b.core.stats().membership.selfResets).toBe(0);
     // Meanwhile a declares b dead at the old incarnation (the suspicion before the refutation timed out).
     const a = c.node("a");
-    await c.wait(
-      a.core.handle({
-        type: "ping",
-        from: stranger,
-        to: a.identity.id,
-        updates: [signClaim(c.node("c").identity, { ...about, state: "dead" })],
-      }),
-    );
+    await pingWith(c, "a", [signClaim(c.node("c").identity, { ...about, state: "dead" })], stranger);
     expect(c.stateOf("a", "b")).toBe("dead");
     // b's refutation reaches a: it outranks the death, but b never reset (same epoch).
-    await c.wait(a.core.handle({ type: "ping", from: stranger, to: a.identity.id, updates: [refuted] }));
+    await pingWith(c, "a", [refuted], stranger);
     expect(c.stateOf("a", "b")).toBe("dead");
     expect(a.core.stats().membership.unresetReturns).toBe(1);
     // Thawed, b hears it was declared dead, drops what others wrote, and returns with a new epoch.
@@ -177,7 +163,7 @@ describe("declared dead, then left or heard about late (review findings)", () =>
   test("a_member_declared_dead_that_then_leaves_is_left_not_kept_dead", async () => {
     const c = await meshOf(["a", "b", "c"]);
     const [a, b] = [c.node("a"), c.node("b")];
-    const stranger = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
+    const stranger = strangerRecord();
     const about = { id: b.identity.id, publicKey: b.identity.publicKey, inc: incarnationOf(c, "a", "b") as number };
     const rec = (await c.wait(b.core.handle({ type: "ping", from: stranger, to: b.identity.id }))).from as {
       name: string;
@@ -186,14 +172,7 @@ describe("declared dead, then left or heard about late (review findings)", () =>
       inc: number;
     };
     c.pause("b");
-    await c.wait(
-      a.core.handle({
-        type: "ping",
-        from: stranger,
-        to: a.identity.id,
-        updates: [signClaim(c.node("c").identity, { ...about, state: "dead" })],
-      }),
-    );
+    await pingWith(c, "a", [signClaim(c.node("c").identity, { ...about, state: "dead" })], stranger);
     expect(c.stateOf("a", "b")).toBe("dead");
     // b (same life, never reset) shuts down gracefully: its own signed "left" at the same incarnation.
     const left = signSelf(b.identity, { name: rec.name, addr: rec.addr, epoch: rec.epoch, inc: rec.inc, state: "left" });
@@ -205,16 +184,14 @@ describe("declared dead, then left or heard about late (review findings)", () =>
   test("a_peers_dead_claim_ahead_of_what_we_know_is_not_counted_as_forged", async () => {
     const c = await meshOf(["a", "b", "c"]);
     const [a, b, cc] = [c.node("a"), c.node("b"), c.node("c")];
-    const stranger = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
+    const stranger = strangerRecord();
     const about = { id: b.identity.id, publicKey: b.identity.publicKey, inc: incarnationOf(c, "a", "b") as number };
-    const ack = await c.wait(
-      b.core.handle({ type: "ping", from: stranger, to: b.identity.id, updates: [signClaim(cc.identity, { ...about, state: "suspect" })] }),
-    );
+    const ack = await pingWith(c, "b", [signClaim(cc.identity, { ...about, state: "suspect" })], stranger);
     c.pause("b");
     const dead = signClaim(cc.identity, { ...about, state: "dead" });
     for (const n of [a, cc]) await c.wait(n.core.handle({ type: "ping", from: stranger, to: n.identity.id, updates: [dead] }));
     // b's refutation reaches a only; a keeps b dead at the new incarnation and says so to c, which has not heard it.
-    await c.wait(a.core.handle({ type: "ping", from: stranger, to: a.identity.id, updates: [ack.from] }));
+    await pingWith(c, "a", [ack.from], stranger);
     expect(a.core.stats().membership.unresetReturns).toBe(1);
     const forged = cc.core.stats().membership.forgedRecords;
     await c.clock.advance(20 * ROUND);
@@ -231,9 +208,7 @@ describe("signed membership records", () => {
     const honest = signSelf(victim, { name: "b", addr: "evil:1", epoch: "x", inc: 99, state: "alive" });
     const forgedSig = signSelf(forger, { name: "b", addr: "evil:1", epoch: "x", inc: 99, state: "alive" }).sig;
     const from = signSelf(forger, { name: "forger", addr: "forger:1", epoch: "y", inc: 0, state: "alive" });
-    const reply = await c.wait(
-      c.node("a").core.handle({ type: "ping", from, to: c.node("a").identity.id, updates: [{ ...honest, sig: forgedSig }] }),
-    );
+    const reply = await pingWith(c, "a", [{ ...honest, sig: forgedSig }], from);
     expect(reply.type).toBe("ack");
     expect(c.node("a").core.stats().membership.forgedRecords).toBe(1);
     const b = c
@@ -249,9 +224,9 @@ describe("signed membership records", () => {
     // refutation past the largest safe integer and lock the node out.
     const c = await meshOf(["a", "b"]);
     const victim = c.node("b").identity;
-    const from = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
+    const from = strangerRecord();
     const claim = { id: victim.id, publicKey: victim.publicKey, inc: Number.MAX_SAFE_INTEGER, state: "dead" as const };
-    await c.wait(c.node("a").core.handle({ type: "ping", from, to: c.node("a").identity.id, updates: [claim] }));
+    await pingWith(c, "a", [claim], from);
     const b = c
       .node("a")
       .core.members()
@@ -290,8 +265,8 @@ describe("signed membership records", () => {
     const subject = c.node("b").identity;
     const inc = incarnationOf(c, "a", "b") as number;
     const claim = signClaim(c.node("c").identity, { id: subject.id, publicKey: subject.publicKey, inc, state: "suspect" });
-    const from = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
-    await c.wait(c.node("a").core.handle({ type: "ping", from, to: c.node("a").identity.id, updates: [claim] }));
+    const from = strangerRecord();
+    await pingWith(c, "a", [claim], from);
     expect(c.stateOf("a", "b")).toBe("suspect");
     expect(c.node("a").core.stats().membership.forgedRecords).toBe(0);
     // a passes the suspicion on under its own signature; b hears it and outranks it.
@@ -299,7 +274,7 @@ describe("signed membership records", () => {
     expect(await c.clock.until(() => ["a", "c", "d"].every((o) => (incarnationOf(c, o, "b") as number) > inc), 10 * ROUND)).not.toBeNull();
     expect(c.allSee("b", "alive", ["a", "c", "d"])).toBe(true);
     // Replaying the claim now says nothing new: it is outranked by b's refutation.
-    await c.wait(c.node("d").core.handle({ type: "ping", from, to: c.node("d").identity.id, updates: [claim] }));
+    await pingWith(c, "d", [claim], from);
     expect(c.stateOf("d", "b")).toBe("alive");
   });
 
@@ -315,8 +290,8 @@ describe("signed membership records", () => {
     });
     const otherSubject = { ...genuine, id: d.id, publicKey: d.publicKey, inc: incarnationOf(c, "a", "d") as number };
     const otherState = { ...genuine, state: "dead" as const };
-    const from = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
-    await c.wait(c.node("a").core.handle({ type: "ping", from, to: c.node("a").identity.id, updates: [otherSubject, otherState] }));
+    const from = strangerRecord();
+    await pingWith(c, "a", [otherSubject, otherState], from);
     expect(c.node("a").core.stats().membership.forgedRecords).toBe(2);
     expect(c.stateOf("a", "d")).toBe("alive");
     expect(c.stateOf("a", "b")).toBe("alive");
@@ -327,8 +302,8 @@ describe("signed membership records", () => {
     const stranger = generateIdentity();
     const rec = signSelf(stranger, { name: "s", addr: "s:1", epoch: "e", inc: 0, state: "alive" });
     const { sig: _sig, ...unsigned } = rec;
-    const from = signSelf(generateIdentity(), { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
-    await c.wait(c.node("a").core.handle({ type: "ping", from, to: c.node("a").identity.id, updates: [unsigned] }));
+    const from = strangerRecord();
+    await pingWith(c, "a", [unsigned], from);
     expect(c.node("a").core.stats().membership.unsignedRecords).toBe(1);
     expect(
       c

@@ -1,6 +1,9 @@
 // Helpers for the mesh tests: a small simulated cluster with one worker per node.
+import { generateIdentity, type Identity } from "../../src/mesh/identity";
+import { signSelf } from "../../src/mesh/member";
 import type { MeshConfig } from "../../src/mesh/node";
 import { SimCluster } from "../../src/mesh/sim-cluster";
+import type { WireMessage } from "../../src/mesh/wire";
 import type { LocalWorkerSpec } from "../../src/mesh/worker-info";
 
 /** A worker spec for node `name`. */
@@ -43,4 +46,15 @@ export function incarnationOf(c: SimCluster, observer: string, subject: string):
     .node(observer)
     .core.members()
     .find((m) => m.id === id)?.incarnation;
+}
+
+/** The signed alive record of a node nobody knows yet: a message from it introduces it. */
+export function strangerRecord(identity: Identity = generateIdentity()) {
+  return signSelf(identity, { name: "f", addr: "f:1", epoch: "e", inc: 0, state: "alive" });
+}
+
+/** Deliver `updates` to node `to` in a ping `from` a record (a stranger's by default); resolves with the reply. */
+export function pingWith(c: SimCluster, to: string, updates: unknown[], from: unknown = strangerRecord()): Promise<WireMessage> {
+  const n = c.node(to);
+  return c.wait(n.core.handle({ type: "ping", from, to: n.identity.id, updates }));
 }
