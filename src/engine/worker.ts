@@ -1,20 +1,15 @@
 // The engine Worker: the only place llama.cpp is called. It loads one model,
 // then loops: take messages, run one scheduler step, post that step's events.
-import type { Pointer } from "bun:ffi";
 import type { EngineErrorValue } from "./errors";
-import type { Native } from "./native";
-import { openModel, schedulerDeps } from "./open";
+import { closeModel, type OpenedModel, openModel, schedulerDeps } from "./open";
 import { CONTROL_FLAGS_OFFSET, type FromWorker, type LoadOptions, type TokenEvent, type ToWorker } from "./protocol";
 import { Scheduler } from "./scheduler";
 
 declare const self: Worker;
 
-let native: Native | null = null;
-let model: Pointer | null = null;
-let ctx: Pointer | null = null;
+let opened: OpenedModel | null = null;
 let scheduler: Scheduler | null = null;
 let running = false;
-let nVocab = 0;
 let closing = false;
 const inbox: ToWorker[] = [];
 
@@ -22,19 +17,18 @@ const post = (m: FromWorker) => self.postMessage(m);
 
 function load(libPath: string, o: LoadOptions, progress: SharedArrayBuffer, ctl: SharedArrayBuffer, logLevel: number): void {
   const control = new Int32Array(ctl);
-  const opened = openModel(libPath, o, new Float32Array(progress), control, logLevel);
-  if (!("ctx" in opened)) {
-    post({ type: "load_failed", error: opened });
+  const m = openModel(libPath, o, new Float32Array(progress), control, logLevel);
+  if (!("ctx" in m)) {
+    post({ type: "load_failed", error: m });
     return;
   }
-  ({ native, model, ctx } = opened);
-  scheduler = new Scheduler(schedulerDeps(opened, o, control, CONTROL_FLAGS_OFFSET));
-  nVocab = opened.info.nVocab;
-  post({ type: "loaded", info: opened.info });
+  opened = m;
+  scheduler = new Scheduler(schedulerDeps(m, o, control, CONTROL_FLAGS_OFFSET));
+  post({ type: "loaded", info: m.info });
 }
 
 function tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): number[] {
-  const n = native as Native;
+  const { native: n, model } = opened as OpenedModel;
   const bytes = Buffer.from(text, "utf8");
   let out = new Int32Array(bytes.length + 8);
   let count = n.mesh_tokenize(model, bytes, bytes.length, out, out.length, addSpecial ? 1 : 0, parseSpecial ? 1 : 0);
@@ -46,7 +40,7 @@ function tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): num
 }
 
 function detokenize(tokens: number[]): string {
-  const n = native as Native;
+  const { native: n, model } = opened as OpenedModel;
   const ids = new Int32Array(tokens);
   let buf = new Uint8Array(tokens.length * 8 + 16);
   let len = n.mesh_detokenize(model, ids, ids.length, buf, buf.length);
@@ -61,7 +55,7 @@ function detokenize(tokens: number[]): string {
 // std::out_of_range through the C boundary in detokenize (killing the process).
 function invalidTokens(tokens: unknown): string | null {
   if (!Array.isArray(tokens)) return "a prompt must be text or an array of token ids";
-  const n = nVocab;
+  const n = opened?.info.nVocab ?? 0;
   for (const t of tokens) {
     if (!Number.isInteger(t) || (t as number) < 0 || (t as number) >= n) return `token ids must be integers from 0 to ${n - 1}`;
   }
@@ -196,12 +190,8 @@ function shutdown(): void {
   scheduler?.cancelAll(events);
   scheduler?.dispose();
   flush(events);
-  if (native) {
-    if (ctx) native.mesh_context_free(ctx);
-    if (model) native.mesh_model_free(model);
-  }
-  ctx = null;
-  model = null;
+  if (opened) closeModel(opened);
+  opened = null;
   scheduler = null;
   post({ type: "closed" });
 }
