@@ -40,6 +40,31 @@ export interface MeshCoreOptions {
   random?: () => number;
 }
 
+/**
+ * Another protocol riding on this node (cache-aware routing's index sync): its
+ * message types reach `handle` after the transport authenticated them, and it
+ * hears every membership change. Registered before start; started and stopped
+ * with the node.
+ */
+export interface MeshExtension {
+  /** Message types it answers; must not clash with the core's own. */
+  readonly types: readonly string[];
+  handle(msg: WireMessage, from?: NodeId): WireMessage | Promise<WireMessage>;
+  onMembership?(e: MembershipEvent): void;
+  /** A record of the replicated store changed (owner's key): read it with `store.get(owner, key)`. */
+  onStoreChange?(owner: NodeId, key: string): void;
+  start?(): void;
+  stop?(): void;
+}
+
+/** Who is in the mesh, as an extension needs it (implemented by Membership). */
+export interface MeshDirectory {
+  readonly id: NodeId;
+  readonly self: { epoch: string };
+  liveIds(): NodeId[];
+  peer(id: NodeId): { publicKey: string; addr: string; epoch: string; state: string } | undefined;
+}
+
 /** Every counter of the node, for /metrics. */
 export interface MeshStats {
   members: Record<"alive" | "suspect" | "dead" | "left", number>;
@@ -61,6 +86,8 @@ export class MeshCore {
   private readonly log: Logger;
   private badMessages = 0;
   private running = false;
+  private readonly extensions: MeshExtension[] = [];
+  private readonly extensionTypes = new Map<string, MeshExtension>();
 
   constructor(o: MeshCoreOptions) {
     this.id = o.identity.id;
@@ -82,7 +109,10 @@ export class MeshCore {
       clock: o.clock,
       log: this.log,
       config: o.config?.kv,
-      onChange: (owner, key) => this.workers.onStoreChange(owner, key),
+      onChange: (owner, key) => {
+        this.workers.onStoreChange(owner, key);
+        for (const x of this.extensions) x.onStoreChange?.(owner, key);
+      },
     });
     this.sync = new KvSync({
       kv: this.kv,
@@ -103,6 +133,22 @@ export class MeshCore {
     this.membership.start();
     this.sync.start();
     this.workers.start();
+    for (const x of this.extensions) x.start?.();
+  }
+
+  /** Plug in another protocol (see MeshExtension); throws on a message type already taken. */
+  extend(x: MeshExtension): void {
+    for (const t of x.types) {
+      if (t === "kv-sync" || this.membership.handles(t) || this.extensionTypes.has(t)) throw new Error(`mesh message type ${t} is taken`);
+    }
+    for (const t of x.types) this.extensionTypes.set(t, x);
+    this.extensions.push(x);
+    if (this.running) x.start?.();
+  }
+
+  /** Live members and their addresses and epochs, for extensions. */
+  get directory(): MeshDirectory {
+    return this.membership;
   }
 
   /** Stop every timer; the node stops answering. */
@@ -111,12 +157,14 @@ export class MeshCore {
     this.membership.stop();
     this.sync.stop();
     this.workers.stop();
+    for (const x of this.extensions) x.stop?.();
   }
 
   /** Tell the mesh this node leaves (its workers disappear everywhere at once), then stop. */
   async leave(): Promise<void> {
     this.sync.stop();
     this.workers.stop();
+    for (const x of this.extensions) x.stop?.();
     await this.membership.leave();
     this.running = false;
   }
@@ -136,6 +184,8 @@ export class MeshCore {
     try {
       if (this.membership.handles(msg.type)) return await this.membership.handle(msg, from);
       if (msg.type === "kv-sync") return this.sync.handle(msg, from);
+      const x = this.extensionTypes.get(msg.type);
+      if (x) return await x.handle(msg, from);
       return this.bad("unknown_type", `unknown message type ${msg.type.slice(0, 40)}`);
     } catch (e) {
       this.log.error("mesh message handler failed", { type: msg.type.slice(0, 40), error: (e as Error).message });
@@ -179,6 +229,7 @@ export class MeshCore {
   }
 
   private onMembership(e: MembershipEvent): void {
+    for (const x of this.extensions) x.onMembership?.(e);
     switch (e.kind) {
       case "up":
       case "epoch":

@@ -1,0 +1,221 @@
+// The cache-aware routing index: per model, which nodes hold which prompt
+// prefixes in KV cache. Its entries are path hashes (routing/key.ts): a hash
+// stands for a whole prefix, and its parent link for the prefix one block
+// shorter, so the index is a radix tree whose edges are prompt blocks. It
+// stores hashes and node ids only, never prompt text.
+//
+// Bounded per model in entries and (estimated) bytes, and in models: the
+// least recently used entry goes first. Entries are touched leaf first, root
+// last, so an ancestor is always more recent than its descendants and the
+// budget trims branches from their tips. An entry nobody holds is deleted at
+// once: a node's eviction leaves no zombie tenant behind.
+
+/** Bounds of the index; every one has a default. */
+export interface IndexConfig {
+  maxEntriesPerModel: number;
+  maxBytesPerModel: number;
+  maxModels: number;
+}
+
+/** Defaults: 100 000 prefixes and 24 MiB per model, 64 models. */
+export const INDEX_DEFAULTS: IndexConfig = { maxEntriesPerModel: 100_000, maxBytesPerModel: 24 * 1024 * 1024, maxModels: 64 };
+
+// Estimated heap cost of an entry (map slot, 11-character key, entry object, holder array) and of each holder in it.
+const ENTRY_BYTES = 160;
+const HOLDER_BYTES = 8;
+
+interface Entry {
+  parent: string | null;
+  /** Node ids holding this prefix (usually one or a few). */
+  holders: string[];
+}
+
+/** One holder's longest match for a request. */
+export interface Match {
+  holder: string;
+  /** Blocks of the request's key that this holder holds (its matched prefix is key.ends[depth - 1] characters). */
+  depth: number;
+}
+
+/** Sizes of one model's index. */
+export interface ModelIndexStats {
+  entries: number;
+  bytes: number;
+  /** Entries dropped to stay within the budget. */
+  budgetEvictions: number;
+}
+
+/** One model's prefix index. */
+export class ModelIndex {
+  private readonly entries = new Map<string, Entry>();
+  private bytes = 0;
+  private budgetEvictions = 0;
+
+  constructor(private readonly c: Pick<IndexConfig, "maxEntriesPerModel" | "maxBytesPerModel"> = INDEX_DEFAULTS) {}
+
+  /**
+   * Record that `holder` holds each prefix of `path` ([hash, parent] pairs in chain order, a parent
+   * before its children). Returns the parents the index could not place (not held by `holder` here
+   * and not in `path`): the sender is asked for the path to them (layer 2 of the sync).
+   */
+  insertPath(holder: string, path: ReadonlyArray<readonly [string, string | null]>): string[] {
+    const dangling: string[] = [];
+    // Leaf first, so the ancestors end up most recently used.
+    for (let i = path.length - 1; i >= 0; i--) {
+      const [hash, parent] = path[i] as readonly [string, string | null];
+      this.add(holder, hash, parent);
+    }
+    for (let i = 0; i < path.length; i++) {
+      const parent = (path[i] as readonly [string, string | null])[1];
+      if (parent === null) continue;
+      if (i > 0 && (path[i - 1] as readonly [string, string | null])[0] === parent) continue;
+      if (!this.holds(holder, parent)) dangling.push(parent);
+    }
+    this.trim();
+    return dangling;
+  }
+
+  /** Record that `holder` no longer holds `hash`; true when it did. */
+  evict(holder: string, hash: string): boolean {
+    const e = this.entries.get(hash);
+    if (!e) return false;
+    const i = e.holders.indexOf(holder);
+    if (i < 0) return false;
+    e.holders.splice(i, 1);
+    this.bytes -= HOLDER_BYTES;
+    if (e.holders.length === 0) this.remove(hash, e);
+    return true;
+  }
+
+  /** Forget everything `holder` held (it died, left, or restarted with empty caches); returns the entries it left. */
+  dropHolder(holder: string): number {
+    let n = 0;
+    for (const [hash, e] of this.entries) {
+      const i = e.holders.indexOf(holder);
+      if (i < 0) continue;
+      n++;
+      e.holders.splice(i, 1);
+      this.bytes -= HOLDER_BYTES;
+      if (e.holders.length === 0) this.remove(hash, e);
+    }
+    return n;
+  }
+
+  /** Whether `holder` holds `hash`. */
+  holds(holder: string, hash: string): boolean {
+    return this.entries.get(hash)?.holders.includes(holder) ?? false;
+  }
+
+  /** The parent link of `hash`, or undefined when the index does not have it. */
+  parentOf(hash: string): string | null | undefined {
+    return this.entries.get(hash)?.parent;
+  }
+
+  /**
+   * Every holder's longest prefix of `hashes` (a request's key), longest first. With `touch`, the
+   * matched entries count as used (leaf first), so what routing still needs stays in the index.
+   */
+  match(hashes: readonly string[], touch = true): Match[] {
+    const out: Match[] = [];
+    const seen = new Set<string>();
+    let deepest = -1;
+    for (let i = hashes.length - 1; i >= 0; i--) {
+      const e = this.entries.get(hashes[i] as string);
+      if (!e) continue;
+      if (deepest < 0) deepest = i;
+      for (const h of e.holders) {
+        if (seen.has(h)) continue;
+        seen.add(h);
+        out.push({ holder: h, depth: i + 1 });
+      }
+    }
+    if (touch) {
+      for (let i = deepest; i >= 0; i--) {
+        const hash = hashes[i] as string;
+        const e = this.entries.get(hash);
+        if (!e) continue;
+        this.entries.delete(hash);
+        this.entries.set(hash, e);
+      }
+    }
+    return out;
+  }
+
+  /** Current sizes. */
+  stats(): ModelIndexStats {
+    return { entries: this.entries.size, bytes: this.bytes, budgetEvictions: this.budgetEvictions };
+  }
+
+  private add(holder: string, hash: string, parent: string | null): void {
+    let e = this.entries.get(hash);
+    if (e) this.entries.delete(hash);
+    else {
+      e = { parent, holders: [] };
+      this.bytes += ENTRY_BYTES;
+    }
+    // The first parent seen stays: a hash names one prefix, so its parent is the same from every holder.
+    this.entries.set(hash, e);
+    if (!e.holders.includes(holder)) {
+      e.holders.push(holder);
+      this.bytes += HOLDER_BYTES;
+    }
+  }
+
+  private remove(hash: string, e: Entry): void {
+    this.entries.delete(hash);
+    this.bytes -= ENTRY_BYTES + HOLDER_BYTES * e.holders.length;
+  }
+
+  // Oldest first: a Map iterates in insertion order, and every use re-inserts.
+  private trim(): void {
+    while (this.entries.size > this.c.maxEntriesPerModel || (this.bytes > this.c.maxBytesPerModel && this.entries.size > 0)) {
+      const [hash, e] = this.entries.entries().next().value as [string, Entry];
+      this.remove(hash, e);
+      this.budgetEvictions++;
+    }
+  }
+}
+
+/** The prefix indexes of every model, bounded in number. */
+export class RoutingIndex {
+  private readonly models = new Map<string, ModelIndex>();
+  private modelsDropped = 0;
+
+  constructor(readonly config: IndexConfig = INDEX_DEFAULTS) {}
+
+  /** The index of `model`, created on first use (the least recently used model's is dropped past the bound). */
+  model(model: string): ModelIndex {
+    let m = this.models.get(model);
+    if (m) {
+      this.models.delete(model);
+      this.models.set(model, m);
+      return m;
+    }
+    m = new ModelIndex(this.config);
+    if (this.models.size >= this.config.maxModels) {
+      this.models.delete(this.models.keys().next().value as string);
+      this.modelsDropped++;
+    }
+    this.models.set(model, m);
+    return m;
+  }
+
+  /** The index of `model` if it has one (no creation, no recency change). */
+  peek(model: string): ModelIndex | undefined {
+    return this.models.get(model);
+  }
+
+  /** Forget `holder` in every model. */
+  dropHolder(holder: string): number {
+    let n = 0;
+    for (const m of this.models.values()) n += m.dropHolder(holder);
+    return n;
+  }
+
+  /** Per-model sizes, and models dropped for the bound. */
+  stats(): { models: Record<string, ModelIndexStats>; modelsDropped: number } {
+    const models: Record<string, ModelIndexStats> = {};
+    for (const [id, m] of this.models) models[id] = m.stats();
+    return { models, modelsDropped: this.modelsDropped };
+  }
+}
