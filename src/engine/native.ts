@@ -18,6 +18,7 @@ const symbols = {
   mesh_tokenize: { args: [ptr, ptr, i32, ptr, i32, i32, i32], returns: i32 },
   mesh_token_to_piece: { args: [ptr, i32, ptr, i32, i32], returns: i32 },
   mesh_detokenize: { args: [ptr, ptr, i32, ptr, i32], returns: i32 },
+  mesh_token_byte_ends: { args: [ptr, ptr, i32, ptr], returns: i32 },
   mesh_context_new: { args: [ptr, ptr, ptr], returns: ptr },
   mesh_context_free: { args: [ptr], returns: v },
   mesh_context_info: { args: [ptr, ptr], returns: v },
@@ -38,7 +39,7 @@ const symbols = {
 } as const;
 
 /** The shim ABI version this TypeScript expects. */
-export const SHIM_VERSION = 4;
+export const SHIM_VERSION = 5;
 
 /** The loaded shim's callable symbols. */
 export type Native = ReturnType<typeof dlopen<typeof symbols>>["symbols"];

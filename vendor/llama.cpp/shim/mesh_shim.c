@@ -17,7 +17,7 @@
 #include <sys/mman.h>
 #endif
 
-#define MESH_SHIM_VERSION 4
+#define MESH_SHIM_VERSION 5
 
 static int g_log_min_level = GGML_LOG_LEVEL_WARN;
 static _Thread_local char g_last_error[512];
@@ -133,6 +133,54 @@ int32_t mesh_token_to_piece(const struct llama_model *model, int32_t token, char
 /** Detokenize a whole sequence (drops BOS/EOS and the SPM leading space); negative = needed capacity. */
 int32_t mesh_detokenize(const struct llama_model *model, const int32_t *tokens, int32_t n, char *buf, int32_t cap) {
     return llama_detokenize(llama_model_get_vocab(model), tokens, n, buf, cap, 1, 0);
+}
+
+/**
+ * Where each token of a tokenized prompt ends in the prompt text, in UTF-8
+ * bytes: out_ends[i] = bytes covered by tokens 0..i, pieces rendered with
+ * special tokens as text. Bytes the tokenizer added count 0: a BOS it put
+ * first, and the space an SPM tokenizer with add_space_prefix puts before the
+ * text at the start and after each special token (in the piece, not the text).
+ * One call per prompt, so prefix marks cost no FFI call per token.
+ * Returns the total, or -1 when n < 0.
+ */
+int32_t mesh_token_byte_ends(const struct llama_model *model, const int32_t *tokens, int32_t n, int32_t *out_ends) {
+    if (n < 0) return -1;
+    if (n == 0) return 0;
+    const struct llama_vocab *v = llama_model_get_vocab(model);
+    char buf[256];
+    // Whether this tokenizer prefixes text with a space is not in the public
+    // API: ask it, with one letter tokenized as plain text.
+    llama_token probe[8];
+    bool space_prefix = false;
+    if (llama_tokenize(v, "a", 1, probe, 8, false, false) > 0) {
+        int32_t k = llama_token_to_piece(v, probe[0], buf, (int32_t)sizeof buf, 0, true);
+        space_prefix = k >= 1 && buf[0] == ' ';
+    }
+    const uint32_t special = LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_USER_DEFINED | LLAMA_TOKEN_ATTR_UNKNOWN;
+    int32_t total = 0;
+    int32_t i = 0;
+    bool fragment_start = true;
+    if (llama_vocab_get_add_bos(v) && tokens[0] == llama_vocab_bos(v)) out_ends[i++] = 0;
+    for (; i < n; i++) {
+        int32_t len = llama_token_to_piece(v, tokens[i], buf, (int32_t)sizeof buf, 0, true);
+        bool leading_space = len > 0 && buf[0] == ' ';
+        if (len < 0) {
+            // Longer than buf: only its first byte matters besides its length.
+            char *big = (char *)malloc((size_t)-len);
+            if (!big) return -1;
+            len = llama_token_to_piece(v, tokens[i], big, -len, 0, true);
+            leading_space = len > 0 && big[0] == ' ';
+            free(big);
+            if (len < 0) len = 0;
+        }
+        bool is_special = (llama_vocab_get_attr(v, tokens[i]) & special) != 0;
+        if (space_prefix && fragment_start && !is_special && leading_space) len--;
+        fragment_start = is_special;
+        total += len;
+        out_ends[i] = total;
+    }
+    return total;
 }
 
 struct mesh_ctx {
