@@ -14,14 +14,18 @@ import {
   type GenerateRequest,
   type LoadOptions,
   type ModelInfo,
+  type PrefixMark,
   type SamplingOptions,
+  type TenancyDelta,
   type TokenEvent,
   type ToWorker,
 } from "./protocol";
+import { MAX_MARKS, TenancyFeed } from "./tenancy";
 
 export type { EngineErrorCode } from "./errors";
 export { EngineError } from "./errors";
-export type { EngineStats, FinishReason, LoadOptions, ModelInfo, SamplingOptions } from "./protocol";
+export type { EngineStats, FinishReason, LoadOptions, ModelInfo, PrefixMark, SamplingOptions, TenancyDelta } from "./protocol";
+export { MAX_MARKS, TenancyFeed } from "./tenancy";
 
 /** Options for Engine.load; everything but modelPath has a default. */
 export interface EngineOptions extends Partial<LoadOptions> {
@@ -52,6 +56,8 @@ export interface GenerateOptions {
   stop?: string[];
   ignoreEos?: boolean;
   signal?: AbortSignal;
+  /** Prefix marks of a text prompt, reported through onTenancy as the KV comes to hold them (ignored for token ids; at most MAX_MARKS). */
+  marks?: PrefixMark[];
 }
 
 /** Events of one generation, in order: start, text*, done. Errors are thrown from the iterator. */
@@ -108,13 +114,39 @@ export class Generation implements AsyncIterable<GenerationEvent> {
   }
 }
 
+/**
+ * What the server uses of an engine: the real one (llama.cpp in a Worker) or
+ * FakeEngine (engine/fake.ts) in tests that need HTTP behaviour only.
+ */
+export interface EngineLike {
+  readonly info: ModelInfo;
+  /** Text to token ids (special tokens in the text are parsed when parseSpecial). */
+  tokenize(text: string, opts?: { addSpecial?: boolean; parseSpecial?: boolean }): Promise<number[]>;
+  /** Token ids to text. */
+  detokenize(tokens: number[]): Promise<string>;
+  /** Current load: slots, queue, KV cells. */
+  stats(): Promise<EngineStats>;
+  /** Start generating; iterate the result for events. Throws engine_busy when too many are in flight. */
+  generate(opts: GenerateOptions): Generation;
+  /** Cancel a generation by id. */
+  cancel(id: number): void;
+  /** Number of generations not yet finished. */
+  readonly inFlight: number;
+  /** Cancel everything and free the model. */
+  close(): Promise<void>;
+  /** Attach the marks of the reply generation `id` produced to the end of its KV sequence, if that is still held (fire and forget). */
+  addMarks(id: number, marks: Array<[string, string | null]>): void;
+  /** Listen for changes in the prefix marks the KV holds; returns the unsubscribe function. */
+  onTenancy(listener: (delta: TenancyDelta) => void): () => void;
+}
+
 type WithoutRid<T> = T extends unknown ? Omit<T, "rid"> : never;
 
 // Concurrent dlopen from freshly started Workers has crashed Bun: start them one at a time.
 let startLock: Promise<unknown> = Promise.resolve();
 
 /** One loaded model in its own Worker. */
-export class Engine {
+export class Engine implements EngineLike {
   private nextId = 1;
   private nextRid = 1;
   private readonly replies = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
@@ -124,6 +156,7 @@ export class Engine {
   private closed = false;
   private closing: Promise<void> | null = null;
   private onClosed: (() => void) | null = null;
+  private readonly tenancy = new TenancyFeed();
 
   private constructor(
     private readonly worker: Worker,
@@ -139,6 +172,7 @@ export class Engine {
       // A dead Worker answers nothing: close the engine so every caller settles now and later calls fail fast.
       this.closed = true;
       worker.terminate();
+      this.tenancy.end();
       this.fail(new EngineError("engine_closed", `engine worker failed: ${e.message}`));
     };
   }
@@ -256,6 +290,7 @@ export class Engine {
       stop: (opts.stop ?? []).filter((s) => s.length > 0),
       ignoreEos: opts.ignoreEos ?? false,
     };
+    if (opts.marks && opts.marks.length > 0 && typeof opts.prompt === "string") request.marks = opts.marks.slice(0, MAX_MARKS);
     this.post({ type: "generate", id, flag, request });
     const signal = opts.signal;
     if (signal) {
@@ -284,9 +319,22 @@ export class Engine {
     return this.gens.size;
   }
 
+  /** Attach the marks of the reply generation `id` produced to the end of the KV sequence it left, if still held intact (fire and forget). */
+  addMarks(id: number, marks: Array<[string, string | null]>): void {
+    if (this.closing || marks.length === 0) return;
+    this.post({ type: "marks", id, marks: marks.slice(0, MAX_MARKS) });
+  }
+
+  /** Listen for the prefix marks the KV starts or stops holding; a closed engine sends one last delta evicting all. */
+  onTenancy(listener: (delta: TenancyDelta) => void): () => void {
+    return this.tenancy.listen(listener);
+  }
+
   /** Cancel everything, free the model and stop the Worker. */
   close(): Promise<void> {
     if (this.closing) return this.closing;
+    // Routing must stop sending this node prompts for what it is about to free.
+    this.tenancy.end();
     this.closing = new Promise<void>((resolve) => {
       this.onClosed = resolve;
       Atomics.store(this.control, CONTROL_ABORT, 1);
@@ -328,6 +376,9 @@ export class Engine {
         else r.reject(EngineError.from(m.error));
         return;
       }
+      case "tenancy":
+        this.tenancy.emit(m.delta);
+        return;
       case "closed":
         this.onClosed?.();
         return;

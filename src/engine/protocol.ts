@@ -53,6 +53,19 @@ export const DEFAULT_SAMPLING: SamplingOptions = {
   penaltyLastN: 64,
 };
 
+/** A prefix hash the server attaches to a prompt: the block ending `byteEnd` bytes (UTF-8) into the prompt text is held once the KV holds the tokens that cover those bytes. `parent` is the mark before it in the chain (null for the first). Opaque strings to the engine. */
+export interface PrefixMark {
+  hash: string;
+  parent: string | null;
+  byteEnd: number;
+}
+
+/** What the engine's KV started or stopped holding since the last report: inserts as [hash, parent], in chain order (a parent before its children); evicts as hashes. */
+export interface TenancyDelta {
+  inserts: Array<[string, string | null]>;
+  evicts: string[];
+}
+
 /** One generation request as the worker sees it. */
 export interface GenerateRequest {
   /** Text (tokenized with special tokens parsed) or token ids. */
@@ -63,6 +76,8 @@ export interface GenerateRequest {
   sampling: SamplingOptions;
   stop: string[];
   ignoreEos: boolean;
+  /** Prefix marks of a text prompt (ignored for token ids); at most MAX_MARKS are used. */
+  marks?: PrefixMark[];
 }
 
 /** Facts about the loaded model and context. */
@@ -133,6 +148,8 @@ export type ToWorker =
   | { type: "generate"; id: number; flag: number; request: GenerateRequest }
   | { type: "cancel"; id: number }
   | { type: "stats"; rid: number }
+  /** Marks of the reply generation `id` produced, attached at the end of the sequence it left, if that is still held intact. */
+  | { type: "marks"; id: number; marks: Array<[string, string | null]> }
   | { type: "shutdown" };
 
 export type FromWorker =
@@ -141,6 +158,8 @@ export type FromWorker =
   | { type: "reply"; rid: number; value: unknown }
   | { type: "reply_error"; rid: number; error: EngineErrorValue }
   | { type: "step"; events: TokenEvent[] }
+  /** Held marks changed; one per loop iteration at most, never empty. */
+  | { type: "tenancy"; delta: TenancyDelta }
   | { type: "closed" };
 
 /** Layout of the control SharedArrayBuffer: [0] abort-decode flag, then one cancel flag per in-flight request. */

@@ -5,8 +5,9 @@ import type { EngineErrorValue } from "./errors";
 import { HostCache, type HostEntry } from "./host-cache";
 import { type KvUsage, kvUsage, planEviction, reservation, type SlotUsage } from "./kv";
 import type { Native } from "./native";
-import type { EngineStats, FinishReason, GenerateRequest, TokenEvent } from "./protocol";
+import type { EngineStats, FinishReason, GenerateRequest, TenancyDelta, TokenEvent } from "./protocol";
 import { queueRefusals } from "./queue";
+import { MAX_MARKS, Tenancy, type TokenMark } from "./tenancy";
 import { StopMatcher, Utf8Stream } from "./text";
 
 /** A sequence's state saved by the shim in its own host buffer (freed when the cache drops it). */
@@ -16,6 +17,17 @@ interface HostState {
   bytes: number;
   /** What llama.cpp wrote, and a restore reads. */
   written: number;
+  /** Tokens of the saved sequence. */
+  tokens: number;
+}
+
+/** Where a finished generation that carried prefix marks left its sequence, so its reply's marks can follow. */
+interface Finished {
+  /** The slot, while its history still holds the sequence up to `end` unchanged; null once cut below it. */
+  slot: Slot | null;
+  end: number;
+  /** Host-RAM copies of that slot made since, holding at least `end` tokens. */
+  saved: HostState[];
 }
 
 /** A request that has been accepted by the scheduler. */
@@ -24,6 +36,8 @@ interface Active {
   flag: number;
   req: GenerateRequest;
   prompt: number[];
+  /** Prefix marks of the prompt, null without any. */
+  marks: TokenMark[] | null;
   cached: number;
   slot: Slot;
   sampler: Pointer;
@@ -57,6 +71,7 @@ interface Waiting {
   flag: number;
   req: GenerateRequest;
   prompt: number[];
+  marks: TokenMark[] | null;
   enqueuedAt: number;
   /** Counted as queued once it could not be admitted on arrival. */
   queued: boolean;
@@ -152,6 +167,8 @@ const HOST_MIN_TOKENS = 32;
 const MIN_REUSE_TOKENS = 16;
 /** A saved sequence is restored only when it serves at least this many more prompt tokens than the best resident slot. */
 const RESTORE_MIN_GAIN = 32;
+/** Finished generations remembered for their reply marks; the server sends those right after done, so a few per slot is plenty. */
+const MAX_FINISHED = 256;
 
 /** The idle slot holding the fewest cells, the least recently used among equals. */
 function emptiest(free: readonly Slot[]): Slot {
@@ -210,6 +227,10 @@ export class Scheduler {
   };
   private readonly host: HostCache<HostState>;
   private readonly savedSize = new BigUint64Array(2);
+  /** Which prefix marks each slot and host-RAM entry holds. */
+  private readonly tenancy = new Tenancy<Slot | HostState>();
+  /** Finished generations that carried marks, by id, oldest first. */
+  private readonly finished = new Map<number, Finished>();
 
   constructor(private readonly d: SchedulerDeps) {
     this.slots = Array.from({ length: d.nParallel }, (_, seq) => ({ seq, history: [], active: null, lastUsed: 0, savedAt: -1 }));
@@ -217,7 +238,11 @@ export class Scheduler {
     this.pos = new Int32Array(d.nBatch);
     this.seq = new Int32Array(d.nBatch);
     this.logits = new Int8Array(d.nBatch);
-    this.host = new HostCache<HostState>(d.hostCacheBytes, undefined, (st) => d.native.mesh_host_free(st.ptr, st.bytes));
+    this.host = new HostCache<HostState>(d.hostCacheBytes, undefined, (st) => {
+      this.tenancy.release(st);
+      if (this.finished.size > 0) this.forgetSaved(st);
+      d.native.mesh_host_free(st.ptr, st.bytes);
+    });
   }
 
   /** True when there is work for another step. */
@@ -225,8 +250,8 @@ export class Scheduler {
     return this.waiting.length > 0 || this.slots.some((s) => s.active !== null);
   }
 
-  /** Queue a request; an impossible one is answered at once with an error event. */
-  submit(id: number, flag: number, req: GenerateRequest, prompt: number[], out: TokenEvent[]): void {
+  /** Queue a request (with its prompt's prefix marks, if any); an impossible one is answered at once with an error event. */
+  submit(id: number, flag: number, req: GenerateRequest, prompt: number[], out: TokenEvent[], marks: TokenMark[] | null = null): void {
     if (prompt.length === 0) {
       out.push({ id, kind: "error", error: { code: "invalid_request", message: "the prompt is empty" } });
       return;
@@ -242,7 +267,7 @@ export class Scheduler {
       });
       return;
     }
-    this.waiting.push({ id, flag, req, prompt, enqueuedAt: this.d.now(), queued: false });
+    this.waiting.push({ id, flag, req, prompt, marks: marks && marks.length > 0 ? marks : null, enqueuedAt: this.d.now(), queued: false });
   }
 
   /** Mark a request cancelled; it is finished at the start of the next step. */
@@ -383,9 +408,37 @@ export class Scheduler {
     this.counters[f.cells] += cells;
   }
 
-  /** Free every state saved in host RAM (shutdown). */
+  /** Free every state saved in host RAM (shutdown); nothing holds a mark after it. */
   dispose(): void {
     this.host.clear();
+    for (const s of this.slots) this.tenancy.release(s);
+    this.finished.clear();
+  }
+
+  /**
+   * Attach the marks of the reply generation `id` produced at the end of the
+   * sequence it left, where that is still held intact (its slot, or host-RAM
+   * copies of it); otherwise, or when `id` carried no marks, drop them.
+   */
+  addMarks(id: number, pairs: ReadonlyArray<readonly [string, string | null]>): void {
+    const f = this.finished.get(id);
+    if (!f) return;
+    this.finished.delete(id);
+    const marks: TokenMark[] = [];
+    for (const p of pairs) {
+      if (marks.length >= MAX_MARKS) break;
+      if (Array.isArray(p) && typeof p[0] === "string" && (p[1] === null || typeof p[1] === "string")) {
+        marks.push({ hash: p[0], parent: p[1], tokenEnd: f.end });
+      }
+    }
+    if (marks.length === 0) return;
+    if (f.slot && f.slot.history.length >= f.end) this.tenancy.hold(f.slot, f.slot.history.length, marks);
+    for (const st of f.saved) this.tenancy.hold(st, st.tokens, marks);
+  }
+
+  /** What the KV started or stopped holding since the last call; null when nothing changed. */
+  drainTenancy(): TenancyDelta | null {
+    return this.tenancy.drain();
   }
 
   /** Cancel everything (shutdown). */
@@ -534,6 +587,7 @@ export class Scheduler {
         flag: w.flag,
         req: w.req,
         prompt: w.prompt,
+        marks: w.marks,
         cached,
         slot: best,
         sampler,
@@ -548,6 +602,8 @@ export class Scheduler {
       };
       best.active = a;
       best.lastUsed = ++this.clock;
+      // Held as prefill puts their tokens in the KV; the reused prefix already has.
+      if (w.marks) this.tenancy.hold(best, cached, w.marks);
       this.counters.admitted++;
       this.counters.promptTokens += w.prompt.length;
       this.counters.cachedTokens += cached;
@@ -692,8 +748,14 @@ export class Scheduler {
         const bytes = Number(this.savedSize[1]);
         // reserve() made the room and nothing has touched the cache since: storing cannot fail.
         if (ptr && written > 0) {
-          this.host.add(s.history, { ptr, bytes, written });
+          const state: HostState = { ptr, bytes, written, tokens: s.history.length };
+          this.host.add(s.history, state);
           this.counters.hostSaves++;
+          // The copy holds what the slot holds, for as long as the cache keeps it.
+          if (this.tenancy.active) this.tenancy.hold(state, state.tokens, this.tenancy.marks(s));
+          if (this.finished.size > 0) {
+            for (const f of this.finished.values()) if (f.slot === s && f.end <= state.tokens) f.saved.push(state);
+          }
         }
       }
     }
@@ -711,9 +773,12 @@ export class Scheduler {
     // Used now: more recent than the slot's own old conversation just saved.
     this.host.touch(entry);
     const got = Number(native.mesh_state_seq_set(ctx, entry.state.ptr, entry.state.written, s.seq));
+    this.cut(s, 0);
     if (got > 0 && native.mesh_seq_pos_max(ctx, s.seq) === entry.tokens.length - 1) {
       s.history = Array.from(entry.tokens);
       this.counters.hostRestores++;
+      // The slot now holds what the entry holds (the caller trims it to what the prompt keeps).
+      if (this.tenancy.active) this.tenancy.hold(s, s.history.length, this.tenancy.marks(entry.state));
       return;
     }
     // llama.cpp found no contiguous room (or the blob did not fit this context).
@@ -731,14 +796,54 @@ export class Scheduler {
   /** Drop a slot's KV from position keep on. */
   private truncate(s: Slot, keep: number, force = false): boolean {
     if (keep >= s.history.length && !force) return true;
+    const before = s.history.length;
     if (this.d.native.mesh_seq_rm(this.d.ctx, s.seq, keep, -1) !== 0) {
       s.history.length = keep;
+      // A forced call at the same length only clears stray cells: a running prompt keeps its marks.
+      if (keep < before) this.cut(s, keep);
       return true;
     }
     // Some memories cannot drop part of a sequence; dropping all of it never fails.
     this.d.native.mesh_seq_rm(this.d.ctx, s.seq, -1, -1);
     s.history.length = 0;
+    this.cut(s, 0);
     return false;
+  }
+
+  /** A slot's sequence is now at most keep tokens: its marks past keep, and finished sequences longer than that, are gone from it. */
+  private cut(s: Slot, keep: number): void {
+    if (this.tenancy.active) this.tenancy.trim(s, keep);
+    if (this.finished.size === 0) return;
+    for (const [id, f] of this.finished) {
+      if (f.slot !== s || f.end <= keep) continue;
+      f.slot = null;
+      if (f.saved.length === 0) this.finished.delete(id);
+    }
+  }
+
+  /** A host-RAM copy was dropped: finished sequences it held live on only where else they are. */
+  private forgetSaved(st: HostState): void {
+    for (const [id, f] of this.finished) {
+      const i = f.saved.indexOf(st);
+      if (i < 0) continue;
+      f.saved.splice(i, 1);
+      if (!f.slot && f.saved.length === 0) this.finished.delete(id);
+    }
+  }
+
+  /** A slot's request ended: marks whose tokens never reached its KV (cancelled or failed in prefill) are not its to hold later. */
+  private settle(s: Slot): void {
+    if (this.tenancy.active) this.tenancy.trim(s, s.history.length);
+  }
+
+  /** Remember where a generation that carried marks left its sequence, for its reply's marks. */
+  private rememberFinished(a: Active): void {
+    if (!a.marks) return;
+    this.finished.set(a.id, { slot: a.slot, end: a.slot.history.length, saved: [] });
+    if (this.finished.size > MAX_FINISHED) {
+      const oldest = this.finished.keys().next().value as number;
+      this.finished.delete(oldest);
+    }
   }
 
   // One token per decoding sequence first (decode latency), then prefill
@@ -794,6 +899,9 @@ export class Scheduler {
       }
     }
     for (const s of this.slots) if (s.active && s.active.pendingToken >= 0 && s.active.logitIndex >= 0) s.active.pendingToken = -1;
+    if (this.tenancy.active) {
+      for (const s of this.slots) if (s.active && this.tenancy.waiting(s)) this.tenancy.hold(s, s.history.length);
+    }
   }
 
   private sample(out: TokenEvent[]): void {
@@ -854,6 +962,8 @@ export class Scheduler {
     this.d.native.mesh_sampler_free(a.sampler);
     a.slot.active = null;
     a.slot.lastUsed = ++this.clock;
+    this.settle(a.slot);
+    this.rememberFinished(a);
     if (reason !== "cancelled") this.serviceMs = 0.8 * this.serviceMs + 0.2 * (this.d.now() - a.startedAt);
     out.push(doneEvent(a.id, reason, a.prompt.length, a.cached, a.generated));
   }
@@ -919,6 +1029,7 @@ export class Scheduler {
     if (!a) return;
     this.d.native.mesh_sampler_free(a.sampler);
     slot.active = null;
+    this.settle(slot);
     out.push({ id: a.id, kind: "error", error });
   }
 }

@@ -4,6 +4,7 @@ import type { EngineErrorValue } from "./errors";
 import { closeModel, type OpenedModel, openModel, schedulerDeps } from "./open";
 import { CONTROL_FLAGS_OFFSET, type FromWorker, type LoadOptions, type TokenEvent, type ToWorker } from "./protocol";
 import { Scheduler } from "./scheduler";
+import { type TokenMark, tokenMarks } from "./tenancy";
 
 declare const self: Worker;
 
@@ -51,6 +52,14 @@ function detokenize(tokens: number[]): string {
   return Buffer.from(buf.subarray(0, Math.max(0, len))).toString("utf8");
 }
 
+// Where each prompt token ends in the prompt text (UTF-8 bytes), in one FFI call.
+function byteEnds(tokens: number[]): Int32Array {
+  const { native: n, model } = opened as OpenedModel;
+  const ends = new Int32Array(tokens.length);
+  if (tokens.length > 0) n.mesh_token_byte_ends(model, new Int32Array(tokens), tokens.length, ends);
+  return ends;
+}
+
 // An out-of-range id would fail a whole batch in llama_decode, or throw
 // std::out_of_range through the C boundary in detokenize (killing the process).
 function invalidTokens(tokens: unknown): string | null {
@@ -78,7 +87,7 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
   if (!scheduler) {
     const error: EngineErrorValue = { code: "engine_closed", message: "no model is loaded" };
     if (m.type === "generate") events.push({ id: m.id, kind: "error", error });
-    else if (m.type !== "cancel") post({ type: "reply_error", rid: m.rid, error });
+    else if (m.type !== "cancel" && m.type !== "marks") post({ type: "reply_error", rid: m.rid, error });
     return;
   }
   switch (m.type) {
@@ -97,6 +106,9 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
     case "cancel":
       scheduler.cancel(m.id, events);
       return;
+    case "marks":
+      if (Array.isArray(m.marks)) scheduler.addMarks(m.id, m.marks);
+      return;
     case "generate": {
       const p = m.request.prompt;
       const bad = typeof p === "string" ? null : invalidTokens(p);
@@ -105,7 +117,11 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
         return;
       }
       const prompt = typeof p === "string" ? tokenize(p, true, true) : p;
-      scheduler.submit(m.id, m.flag, m.request, prompt, events);
+      // Byte offsets mean something only in a text prompt.
+      const given = m.request.marks;
+      let marks: TokenMark[] | null = null;
+      if (typeof p === "string" && Array.isArray(given) && given.length > 0) marks = tokenMarks(given, byteEnds(prompt));
+      scheduler.submit(m.id, m.flag, m.request, prompt, events, marks);
       return;
     }
   }
@@ -113,6 +129,13 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
 
 function flush(events: TokenEvent[]): void {
   if (events.length > 0) post({ type: "step", events });
+  flushTenancy();
+}
+
+// After the step's events, so a request's done arrives before the marks its end changed.
+function flushTenancy(): void {
+  const delta = scheduler?.drainTenancy();
+  if (delta) post({ type: "tenancy", delta });
 }
 
 // Yielding to the event loop between steps lets messages (new requests,
@@ -178,6 +201,7 @@ function idleSaveSoon(): void {
       try {
         again = scheduler.saveIdle();
       } catch {}
+      flushTenancy();
       if (again) idleSaveSoon();
     }
   }, wait);

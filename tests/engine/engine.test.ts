@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { collect, Engine, EngineError } from "../../src/engine/index";
+import { collect, Engine, EngineError, type TenancyDelta } from "../../src/engine/index";
 import { tinyModel } from "../helpers/model";
 
 const greedy = { temperature: 0 };
@@ -340,6 +340,106 @@ describe("engine input checks (review findings)", () => {
       expect(removed).toBe(3);
     } finally {
       await e.close();
+    }
+  });
+});
+
+/** What an engine's tenancy listeners were told: the deltas, and the hashes held by their sum. */
+function watchTenancy(e: Engine) {
+  const deltas: TenancyDelta[] = [];
+  const held = new Set<string>();
+  const off = e.onTenancy((d) => {
+    deltas.push(d);
+    for (const [h] of d.inserts) held.add(h);
+    for (const h of d.evicts) held.delete(h);
+  });
+  const until = async (ok: () => boolean) => {
+    for (let i = 0; i < 200 && !ok(); i++) await Bun.sleep(5);
+    expect(ok()).toBe(true);
+  };
+  return { deltas, held, off, until };
+}
+
+describe("KV tenancy through the worker", () => {
+  const user = "<|user|>\nHello there, how are you?<|end|>\n";
+  const text = `${user}<|assistant|>\n`;
+  const bytes = (s: string) => Buffer.byteLength(s, "utf8");
+
+  test("marks_of_a_text_prompt_are_reported_in_chain_order_and_reply_marks_attach_after_done", async () => {
+    const t = watchTenancy(engine);
+    try {
+      const marks = [
+        { hash: "w-user", parent: null, byteEnd: bytes(user) },
+        { hash: "w-turn", parent: "w-user", byteEnd: bytes(text) },
+      ];
+      const gen = engine.generate({ prompt: text, maxTokens: 4, sampling: greedy, ignoreEos: true, marks });
+      await collect(gen);
+      await t.until(() => t.held.has("w-turn"));
+      expect(t.deltas.flatMap((d) => d.inserts)).toEqual([
+        ["w-user", null],
+        ["w-turn", "w-user"],
+      ]);
+      engine.addMarks(gen.id, [["w-reply", "w-turn"]]);
+      await t.until(() => t.held.has("w-reply"));
+      expect(t.deltas.flatMap((d) => d.inserts)).toContainEqual(["w-reply", "w-turn"]);
+    } finally {
+      t.off();
+    }
+  });
+
+  test("a_mark_beyond_the_prompt_ends_at_the_prompt_end_and_is_held_after_prefill", async () => {
+    const t = watchTenancy(engine);
+    try {
+      await collect(
+        engine.generate({ prompt: "short prompt", maxTokens: 1, sampling: greedy, marks: [{ hash: "w-far", parent: null, byteEnd: 1e9 }] }),
+      );
+      await t.until(() => t.held.has("w-far"));
+    } finally {
+      t.off();
+    }
+  });
+
+  test("marks_on_a_token_id_prompt_are_ignored", async () => {
+    const t = watchTenancy(engine);
+    try {
+      const prompt = await engine.tokenize("token prompt");
+      await collect(engine.generate({ prompt, maxTokens: 1, sampling: greedy, marks: [{ hash: "w-ids", parent: null, byteEnd: 1 }] }));
+      // A later marked request's report would come after anything this one caused.
+      await collect(
+        engine.generate({ prompt: "x", maxTokens: 1, sampling: greedy, marks: [{ hash: "w-after", parent: null, byteEnd: 1 }] }),
+      );
+      await t.until(() => t.held.has("w-after"));
+      expect(t.deltas.flatMap((d) => d.inserts).map(([h]) => h)).not.toContain("w-ids");
+    } finally {
+      t.off();
+    }
+  });
+
+  test("closing_the_engine_evicts_everything_held", async () => {
+    const e = await Engine.load({ modelPath: await tinyModel(), nCtx: 1024, nParallel: 2, threads: 2 });
+    const t = watchTenancy(e);
+    let closedEngine = false;
+    try {
+      for (const [i, hash] of ["c-1", "c-2", "c-3"].entries()) {
+        const p = `conversation ${i}: ${"words ".repeat(40)}`;
+        await collect(e.generate({ prompt: p, maxTokens: 2, sampling: greedy, marks: [{ hash, parent: null, byteEnd: bytes(p) }] }));
+      }
+      await t.until(() => t.held.size === 3);
+      const before = t.deltas.length;
+      await e.close();
+      closedEngine = true;
+      expect(t.deltas.length).toBe(before + 1);
+      expect(t.deltas[before]).toEqual({ inserts: [], evicts: expect.arrayContaining(["c-1", "c-2", "c-3"]) });
+      expect(t.held.size).toBe(0);
+      // Nothing more, ever: not from the worker's own shutdown, not to a late listener.
+      await Bun.sleep(50);
+      e.onTenancy(() => {
+        throw new Error("a closed engine reported tenancy");
+      });
+      e.addMarks(1, [["late", null]]);
+      expect(t.deltas.length).toBe(before + 1);
+    } finally {
+      if (!closedEngine) await e.close();
     }
   });
 });

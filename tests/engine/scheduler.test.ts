@@ -7,6 +7,7 @@ import type { Native } from "../../src/engine/native";
 import { closeModel, type OpenedModel, openModel, schedulerDeps } from "../../src/engine/open";
 import { DEFAULT_SAMPLING, type LoadOptions, type TokenEvent } from "../../src/engine/protocol";
 import { commonPrefix, Scheduler } from "../../src/engine/scheduler";
+import type { TokenMark } from "../../src/engine/tenancy";
 import { tinyModel } from "../helpers/model";
 
 test("common_prefix_counts_matching_leading_tokens", () => {
@@ -195,5 +196,192 @@ describe("scheduler steps over the real library", () => {
     const after = drain(s);
     expect(after.get(9)?.end?.kind).toBe("done");
     expect(after.get(9)?.tokens).toHaveLength(4);
+  });
+});
+
+const at = (hash: string, tokenEnd: number, parent: string | null = null): TokenMark => ({ hash, parent, tokenEnd });
+
+/** Run one request to the end with marks; its generated tokens. */
+function runMarked(s: Scheduler, id: number, p: number[], marks: TokenMark[] | null, maxTokens = 2): number[] {
+  s.submit(id, FLAGS_OFFSET + id, request(p, maxTokens), p, [], marks);
+  return drain(s).get(id)?.tokens ?? [];
+}
+
+/** Hashes a drain reports held and evicted, sorted. */
+function delta(s: Scheduler): { held: string[]; evicted: string[] } {
+  const d = s.drainTenancy();
+  return { held: (d?.inserts ?? []).map(([h]) => h).sort(), evicted: [...(d?.evicts ?? [])].sort() };
+}
+const none = { held: [], evicted: [] };
+
+/** One slot and a host cache with room for one saved 60-token conversation (sized by saving one first). */
+function oneEntryScheduler(): Scheduler {
+  const probe = scheduler(opened.native, { hostCacheMiB: 64, nParallel: 1 });
+  runMarked(probe, 1, prompt(50, 60), null);
+  runMarked(probe, 2, prompt(51, 60), null);
+  const entryBytes = probe.stats().hostCacheBytes;
+  probe.dispose();
+  if (entryBytes <= 0) throw new Error("nothing was saved");
+  return scheduler(opened.native, { hostCacheMiB: (1.5 * entryBytes) / (1024 * 1024), nParallel: 1 });
+}
+
+describe("KV tenancy over the real library", () => {
+  test("token_byte_ends_add_up_to_the_prompt_text_with_special_tokens_a_bos_and_multibyte_text", () => {
+    const n = opened.native;
+    for (const text of ["Hello world", "<|user|>\nHi there<|end|>\n<|assistant|>\nHello!<|end|>\n", "你好 🎉 ok", " leading space"]) {
+      const bytes = Buffer.from(text, "utf8");
+      const out = new Int32Array(bytes.length + 8);
+      const count = n.mesh_tokenize(opened.model, bytes, bytes.length, out, out.length, 1, 1);
+      const ends = new Int32Array(count);
+      expect(n.mesh_token_byte_ends(opened.model, out.subarray(0, count), count, ends)).toBe(bytes.length);
+      // The BOS the tokenizer added covers no text.
+      expect(out[0]).toBe(opened.info.bos);
+      expect(ends[0]).toBe(0);
+      for (let i = 1; i < count; i++) expect(ends[i] as number).toBeGreaterThanOrEqual(ends[i - 1] as number);
+    }
+  });
+
+  test("marks_are_reported_once_their_tokens_are_in_kv", () => {
+    const s = scheduler();
+    const p = prompt(40, 700);
+    // nBatch is 512: the prefill takes two steps.
+    s.submit(1, FLAGS_OFFSET + 1, request(p, 2), p, [], [at("a", 100), at("b", 600, "a"), at("c", 700, "b")]);
+    expect(delta(s)).toEqual(none);
+    s.step([]);
+    expect(delta(s)).toEqual({ held: ["a"], evicted: [] });
+    s.step([]);
+    expect(s.drainTenancy()?.inserts).toEqual([
+      ["b", "a"],
+      ["c", "b"],
+    ]);
+    drain(s);
+    expect(delta(s)).toEqual(none);
+  });
+
+  test("a_reused_slot_trimmed_below_a_mark_evicts_it", () => {
+    const s = scheduler();
+    const first = prompt(41, 60);
+    runMarked(s, 1, first, [at("head", 20), at("tail", 50, "head")]);
+    expect(delta(s).held).toEqual(["head", "tail"]);
+    // Shares 30 tokens: the same slot is reused and cut to them.
+    runMarked(s, 2, [...first.slice(0, 30), ...prompt(42, 40)], null);
+    expect(delta(s)).toEqual({ held: [], evicted: ["tail"] });
+  });
+
+  test("a_request_cancelled_in_prefill_holds_only_what_reached_the_kv", () => {
+    const s = scheduler();
+    const p = prompt(43, 700);
+    s.submit(1, FLAGS_OFFSET + 1, request(p, 2), p, [], [at("early", 100), at("late", 650, "early")]);
+    s.step([]);
+    s.cancel(1, []);
+    expect(delta(s).held).toEqual(["early"]);
+    // The slot's next prompt happens to continue the same tokens: the cancelled request's mark is not claimed.
+    runMarked(s, 2, p, null);
+    expect(delta(s)).toEqual(none);
+  });
+
+  test("offloaded_sequence_keeps_its_marks_in_host_tier", () => {
+    const s = scheduler(opened.native, { hostCacheMiB: 64, nParallel: 1 });
+    try {
+      runMarked(s, 1, prompt(44, 60), [at("x", 60)]);
+      expect(delta(s).held).toEqual(["x"]);
+      // One slot: the next prompt takes it and the first conversation moves to host RAM.
+      runMarked(s, 2, prompt(45, 60), null);
+      expect(s.stats().hostCacheEntries).toBe(1);
+      expect(delta(s)).toEqual(none);
+      // Restored, trimmed to a shared head of 40 tokens: still held by the host entry.
+      runMarked(s, 3, [...prompt(44, 60).slice(0, 40), ...prompt(46, 30)], null);
+      expect(s.stats().hostRestores).toBe(1);
+      expect(delta(s)).toEqual(none);
+    } finally {
+      s.dispose();
+    }
+    expect(delta(s)).toEqual({ held: [], evicted: ["x"] });
+  });
+
+  test("host_eviction_evicts_marks_no_slot_holds", () => {
+    const s = oneEntryScheduler();
+    try {
+      runMarked(s, 1, prompt(50, 60), [at("first", 60)]);
+      runMarked(s, 2, prompt(51, 60), [at("second", 60)]);
+      expect(delta(s).held).toEqual(["first", "second"]);
+      runMarked(s, 3, prompt(52, 60), null);
+      expect(s.stats().hostCacheEvictions).toBe(1);
+      expect(delta(s)).toEqual({ held: [], evicted: ["first"] });
+    } finally {
+      s.dispose();
+    }
+  });
+
+  test("reply_marks_for_a_sequence_dropped_from_host_ram_are_dropped", () => {
+    const s = oneEntryScheduler();
+    try {
+      runMarked(s, 1, prompt(53, 60), [at("q", 60)], 4);
+      runMarked(s, 2, prompt(54, 60), null);
+      runMarked(s, 3, prompt(55, 60), null);
+      expect(s.stats().hostCacheEvictions).toBe(1);
+      delta(s);
+      s.addMarks(1, [["reply", "q"]]);
+      expect(delta(s)).toEqual(none);
+    } finally {
+      s.dispose();
+    }
+  });
+
+  test("reply_marks_attach_at_the_end_of_the_finished_sequence", () => {
+    const s = scheduler();
+    const p = prompt(60, 60);
+    // Four tokens generated: the last is sampled but never decoded, so the sequence ends 3 past the prompt.
+    const out = runMarked(s, 1, p, [at("q", 60)], 4);
+    expect(out).toHaveLength(4);
+    delta(s);
+    s.addMarks(1, [["reply", "q"]]);
+    expect(s.drainTenancy()?.inserts).toEqual([["reply", "q"]]);
+    const end = [...p, ...out.slice(0, 3)];
+    // A next turn that keeps the whole sequence keeps the reply's mark...
+    runMarked(s, 2, [...end, ...prompt(61, 20)], null);
+    expect(delta(s)).toEqual(none);
+    // ...one that keeps one token less does not.
+    runMarked(s, 3, [...end.slice(0, end.length - 1), ...prompt(62, 20)], null);
+    expect(delta(s)).toEqual({ held: [], evicted: ["reply"] });
+  });
+
+  test("reply_marks_for_a_reused_slot_are_dropped", () => {
+    const s = scheduler(opened.native, { nParallel: 1 });
+    const p = prompt(63, 60);
+    runMarked(s, 1, p, [at("q", 60)], 4);
+    runMarked(s, 2, [...p.slice(0, 30), ...prompt(64, 40)], null);
+    delta(s);
+    s.addMarks(1, [["reply", "q"]]);
+    expect(delta(s)).toEqual(none);
+  });
+
+  test("reply_marks_follow_a_sequence_saved_to_host_ram", () => {
+    const s = scheduler(opened.native, { hostCacheMiB: 64, nParallel: 1 });
+    try {
+      runMarked(s, 1, prompt(65, 60), [at("q", 60)], 4);
+      runMarked(s, 2, prompt(66, 60), null);
+      delta(s);
+      s.addMarks(1, [["reply", "q"]]);
+      expect(delta(s).held).toEqual(["reply"]);
+    } finally {
+      s.dispose();
+    }
+  });
+
+  test("requests_without_marks_report_nothing", () => {
+    const s = scheduler(opened.native, { hostCacheMiB: 64, nParallel: 2 });
+    try {
+      const p = prompt(70, 60);
+      runMarked(s, 1, p, null);
+      runMarked(s, 2, prompt(71, 60), null);
+      runMarked(s, 3, prompt(72, 60), null);
+      runMarked(s, 4, [...p, ...prompt(73, 10)], null);
+      s.addMarks(1, [["reply", null]]);
+      expect(s.drainTenancy()).toBeNull();
+    } finally {
+      s.dispose();
+    }
+    expect(s.drainTenancy()).toBeNull();
   });
 });
