@@ -3,7 +3,7 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import { Elysia } from "elysia";
 import type { Logger } from "../log";
 import { ApiError, badRequest, errorResponse, pointerToParam, toApiError } from "./errors";
-import { type MeshHooks, meshModelNodes, rawJson, remoteAnswer } from "./mesh";
+import { type MeshHooks, meshModelNodes, rawJson, routeRequest } from "./mesh";
 import { renderMeshMetrics } from "./mesh-metrics";
 import { meshRoutes } from "./mesh-routes";
 import type { GaugeValues, Metrics } from "./metrics";
@@ -174,10 +174,11 @@ export function createApp(o: AppOptions) {
     .post(
       "/v1/chat/completions",
       async ({ body, request, set }) => {
-        const here = o.models.some((m) => m.id === body.model);
-        const remote = await remoteAnswer(o.mesh, here, body.model, "/v1/chat/completions", request);
-        if (remote) return remote;
-        const result = await chatCompletion(findModel(body.model), body, o.metrics, request.signal, onStreamError);
+        const route = await routeRequest(o.mesh, body.model, "/v1/chat/completions", request, (k) =>
+          k.chat(body.model, body.messages, body.tools ?? undefined),
+        );
+        if (route.kind === "peer") return route.response;
+        const result = await chatCompletion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
         if (!(result instanceof Response)) set.status = 200;
         return result;
       },
@@ -186,9 +187,10 @@ export function createApp(o: AppOptions) {
     .post(
       "/v1/completions",
       async ({ body, request }) => {
-        const here = o.models.some((m) => m.id === body.model);
-        const remote = await remoteAnswer(o.mesh, here, body.model, "/v1/completions", request);
-        return remote ?? completion(findModel(body.model), body, o.metrics, request.signal, onStreamError);
+        const prompt = typeof body.prompt === "string" ? body.prompt : (body.prompt[0] ?? "");
+        const route = await routeRequest(o.mesh, body.model, "/v1/completions", request, (k) => k.completion(body.model, prompt));
+        if (route.kind === "peer") return route.response;
+        return completion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
       },
       { body: CompletionBody, parse: o.mesh ? rawJson : "json" },
     )

@@ -1,7 +1,8 @@
-// Forwarding: a request for a model this node does not serve goes, as mesh
-// traffic, to the least loaded peer that serves it, and its answer (SSE
+// Forwarding: a request routing sent to a peer (routing/ decides which, and
+// in what order to fall back) goes there as mesh traffic, and its answer (SSE
 // included) streams back unchanged. A peer that fails before answering is
-// replaced once by another; a client that goes away aborts the upstream request.
+// replaced once by the next on another node; a client that goes away aborts
+// the upstream request.
 // Nothing is relayed without the peer's forward proof (src/mesh/auth.ts): a
 // process that took over a dead peer's port, without the mesh secret, gets the
 // request but cannot answer in the peer's name, nor pass it on to a live node
@@ -11,7 +12,6 @@ import type { Logger } from "../log";
 import { AUTH_HEADER, forwardProof, type MeshKeys, proofsEqual } from "../mesh/auth";
 import type { MeshClient } from "../mesh/client";
 import type { NodeId, WorkerInfo } from "../mesh/wire";
-import { rankWorkers } from "../routing/policy";
 
 /** Why a request could not be forwarded. */
 export type ForwardErrorCode = "no_route" | "upstream_failed" | "cancelled";
@@ -34,8 +34,6 @@ export interface ForwarderOptions {
   /** The keys `client` signs with; a peer's answer is relayed only with a valid forward proof under them. */
   keys: MeshKeys;
   selfId: NodeId;
-  /** Every routable worker known to the mesh (this node's own are skipped). */
-  workers: () => readonly WorkerInfo[];
   /**
    * Longest wait for a peer's first byte. A non-streaming answer sends
    * nothing until it is complete, so this must be long; a peer that dies is
@@ -47,6 +45,8 @@ export interface ForwarderOptions {
   logger: Logger;
   /** Told when a worker could not be reached, so the registry stops routing to it for a while. */
   onPeerFailure?: (workerId: string) => void;
+  /** Told when a request to a worker starts and ends, so routing counts it in the worker's load until its figures catch up. */
+  inflight?: { begin(workerId: string): void; end(workerId: string): void };
 }
 
 /** Counters of the forwarder. */
@@ -96,14 +96,12 @@ export class Forwarder {
 
   constructor(private readonly o: ForwarderOptions) {}
 
-  /** Whether some peer serves `model` right now. */
-  serves(model: string): boolean {
-    return rankWorkers(this.o.workers(), model, { selfId: this.o.selfId }).length > 0;
-  }
-
-  /** Forward a POST of `body` to `path` on the best peer for `model`; throws ForwardError. */
-  async forward(model: string, path: string, body: Uint8Array, client: AbortSignal): Promise<Response> {
-    const all = rankWorkers(this.o.workers(), model, { selfId: this.o.selfId, inflight: (id) => this.inflight.get(id) ?? 0 });
+  /**
+   * Forward a POST of `body` to `path` on the first of `ranked` (peers serving `model`, best first, as
+   * routing ordered them), falling back once to the next one on another node; throws ForwardError.
+   */
+  async forward(order: readonly WorkerInfo[], model: string, path: string, body: Uint8Array, client: AbortSignal): Promise<Response> {
+    const all = order.filter((w) => w.nodeId !== this.o.selfId);
     if (all.length === 0) throw new ForwardError("no_route", `The model '${model}' does not exist`, model);
     const ranked = all.filter((w) => !this.refusesSize(w.id, body.byteLength));
     const first = ranked[0];
@@ -227,12 +225,14 @@ export class Forwarder {
 
   private begin(id: string): void {
     this.inflight.set(id, (this.inflight.get(id) ?? 0) + 1);
+    this.o.inflight?.begin(id);
   }
 
   private end(id: string): void {
     const n = (this.inflight.get(id) ?? 1) - 1;
     if (n <= 0) this.inflight.delete(id);
     else this.inflight.set(id, n);
+    this.o.inflight?.end(id);
   }
 
   // Streams the peer's answer through; ends the in-flight count exactly once however the stream ends.

@@ -11,6 +11,7 @@ import type { JoinResult } from "../mesh/membership";
 import { type MeshConfig, MeshCore } from "../mesh/node";
 import { HttpTransport } from "../mesh/transport-http";
 import type { Clock, WorkerInfo } from "../mesh/wire";
+import { RouteKeyer, Router, type RoutingMode } from "../routing";
 import { Forwarder } from "./forward";
 import type { MeshHooks } from "./mesh";
 import { MeshGate } from "./mesh-gate";
@@ -32,6 +33,8 @@ export interface MeshNodeOptions {
   forwardHeadersTimeoutMs?: number;
   /** How often engine stats are read into this node's worker record. */
   statsEveryMs?: number;
+  /** Cache-aware (default) or least-load routing. */
+  routing?: RoutingMode;
 }
 
 /** Real time for the core. */
@@ -47,6 +50,7 @@ const MAX_INFO_ADDRS = 8;
 /** The mesh side of a node. Create it before the server listens (the server mounts its hooks); start it once the address is known. */
 export class MeshNode {
   readonly hooks: MeshHooks;
+  readonly router: Router;
   private core: MeshCore | null = null;
   private readonly transport: HttpTransport;
   private readonly publishers = new Set<ReturnType<typeof setInterval>>();
@@ -56,11 +60,17 @@ export class MeshNode {
     const keys = meshKeys(o.creds.secret);
     const client = new MeshClient({ keys, nodeId: o.identity.id });
     this.transport = new HttpTransport(client, keys);
+    this.router = new Router({
+      selfId: o.identity.id,
+      workers: () => this.routableWorkers(),
+      rtt: (id) => this.core?.members().find((m) => m.id === id)?.rttMs ?? null,
+      mode: o.routing,
+    });
     const forwarder = new Forwarder({
       client,
       keys,
       selfId: o.identity.id,
-      workers: () => this.routableWorkers(),
+      inflight: this.router,
       // Non-streaming answers arrive whole, after the full generation: wait
       // long, and give up early only when membership says the peer is gone.
       headersTimeoutMs: o.forwardHeadersTimeoutMs ?? 30 * 60_000,
@@ -72,6 +82,8 @@ export class MeshNode {
       gate: new MeshGate(new MeshAuthority(keys, { ...DEFAULT_AUTHORITY, now: Date.now }), o.maxBodyBytes, o.logger),
       apiKeyRequired: o.apiKeyRequired,
       forwarder,
+      router: this.router,
+      keyer: new RouteKeyer(o.creds.secret),
       figures: () => (this.core ? { mesh: this.core.stats(), forwarding: forwarder.stats() } : null),
       service: {
         nodeId: () => o.identity.id,
@@ -146,7 +158,11 @@ export class MeshNode {
         busy = false;
       }
     };
-    void model.ready.then(publish);
+    void model.ready.then(() => {
+      // What the engine's KV holds feeds the routing index here and, through the sync, everywhere.
+      model.engine?.onTenancy((d) => this.router.onTenancy(model.id, d));
+      return publish();
+    });
     this.publishers.add(setInterval(() => void publish(), this.o.statsEveryMs ?? 1000));
   }
 

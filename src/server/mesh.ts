@@ -1,7 +1,8 @@
 // What the HTTP app needs from the mesh, and the few helpers that let the
 // OpenAI routes answer for models served elsewhere.
 import type { WorkerInfo } from "../mesh/wire";
-import type { Forwarder } from "./forward";
+import type { Decision, RouteKey, RouteKeyer, Router } from "../routing";
+import { ForwardError, type Forwarder } from "./forward";
 import type { MeshGate } from "./mesh-gate";
 import type { MeshFigures } from "./mesh-metrics";
 import type { MeshService } from "./mesh-routes";
@@ -16,6 +17,9 @@ export interface MeshHooks {
     workers(): readonly WorkerInfo[];
   };
   forwarder: Forwarder;
+  /** Where requests run (routing/), and the keys it routes by (under this mesh's secret). */
+  router: Router;
+  keyer: RouteKeyer;
   /** Whether an inference API key is configured. */
   apiKeyRequired: boolean;
   /** Figures for /metrics; null before the node has joined. */
@@ -35,22 +39,58 @@ export async function rawJson({ request }: { request: Request }): Promise<unknow
   return JSON.parse(dec.decode(raw));
 }
 
+/** How a generating request is answered: by a peer (its response, relayed), or here, with its key for the engine's marks. */
+export type Route =
+  | { kind: "peer"; response: Response; decision: Decision }
+  | { kind: "here"; key: RouteKey | null; decision: Decision | null; routing: LocalRouting | null };
+
+/** What a local run needs for routing: the key its marks come from, and where to report. */
+export interface LocalRouting {
+  key: RouteKey;
+  keyer: RouteKeyer;
+  router: Router;
+  /** This node's worker for the model, counted as busy while the request runs. */
+  workerId: string | null;
+}
+
 /**
- * The peer's answer when `model` is served elsewhere, else null (serve it here,
- * or 404). A request that came from a peer is never forwarded again, so two
- * nodes with stale views of each other cannot bounce a request between them.
+ * Route a generating request: compute its key, let routing decide, and forward it when a peer wins.
+ * A request that came from a peer is never forwarded again, so two nodes with stale views of each
+ * other cannot bounce a request between them. When every peer tried fails before answering and the
+ * model is served here, it runs here. `key` computes the request's routing key (only with a mesh).
  */
-export async function remoteAnswer(
+export async function routeRequest(
   mesh: MeshHooks | undefined,
-  servedHere: boolean,
   model: string,
   path: string,
   request: Request,
-): Promise<Response | null> {
-  if (servedHere || !mesh || mesh.gate.caller(request)) return null;
+  key: (keyer: RouteKeyer) => RouteKey,
+): Promise<Route> {
+  if (!mesh) return { kind: "here", key: null, decision: null, routing: null };
+  const k = key(mesh.keyer);
+  const local = (): LocalRouting => ({
+    key: k,
+    keyer: mesh.keyer,
+    router: mesh.router,
+    workerId: mesh.router.localWorker(model)?.id ?? null,
+  });
   const body = rawBodies.get(request);
-  if (!body) return null;
-  return mesh.forwarder.forward(model, path, body, request.signal);
+  if (mesh.gate.caller(request) || !body) {
+    mesh.router.countLocal();
+    return { kind: "here", key: k, decision: null, routing: local() };
+  }
+  const decision = mesh.router.decide(model, k);
+  if (!decision || decision.target.local) return { kind: "here", key: k, decision, routing: local() };
+  const peers = decision.ranked.filter((c) => !c.candidate.local).map((c) => c.candidate.worker);
+  try {
+    return { kind: "peer", response: await mesh.forwarder.forward(peers, model, path, body, request.signal), decision };
+  } catch (e) {
+    const fallback = decision.ranked.some((c) => c.candidate.local);
+    if (e instanceof ForwardError && e.code === "upstream_failed" && fallback) {
+      return { kind: "here", key: k, decision, routing: local() };
+    }
+    throw e;
+  }
 }
 
 /** One node serving a model, as listed by /v1/models. */

@@ -2,6 +2,7 @@ import { silentLogger } from "../../src/log";
 import { AUTH_HEADER, DEFAULT_AUTHORITY, type Exchange, MeshAuthority, meshKeys } from "../../src/mesh/auth";
 import { MeshClient } from "../../src/mesh/client";
 import type { WireMessage, WorkerInfo } from "../../src/mesh/wire";
+import { RouteKeyer, Router } from "../../src/routing";
 import { type RunningServer, startServer } from "../../src/server";
 import { Forwarder } from "../../src/server/forward";
 import type { MeshHooks } from "../../src/server/mesh";
@@ -26,17 +27,20 @@ export function testMeshHooks(o: {
   const authority = new MeshAuthority(keys, { ...DEFAULT_AUTHORITY, ttlMs: o.ttlMs ?? DEFAULT_AUTHORITY.ttlMs, now: Date.now });
   const client = new MeshClient({ keys, nodeId: o.nodeId });
   const workers = o.workers ?? (() => []);
+  const router = new Router({ selfId: o.nodeId, workers });
   return {
     client,
     gate: new MeshGate(authority, 8 * 1024 * 1024, silentLogger),
     apiKeyRequired: o.apiKeyRequired ?? false,
+    router,
+    keyer: new RouteKeyer(o.secret ?? TEST_SECRET),
     forwarder: new Forwarder({
       client,
       keys,
       selfId: o.nodeId,
-      workers,
       headersTimeoutMs: o.headersTimeoutMs ?? 60_000,
       logger: silentLogger,
+      inflight: router,
     }),
     figures: () => null,
     service: {

@@ -1,34 +1,93 @@
 import { describe, expect, test } from "bun:test";
 import type { WorkerInfo } from "../../src/mesh/wire";
-import { rankWorkers, workerLoad } from "../../src/routing/policy";
+import { type Candidate, decide, POLICY_DEFAULTS, workerLoad } from "../../src/routing/policy";
 import { workerRecord } from "../helpers/mesh";
 
 const w = (id: string, o: Partial<WorkerInfo> = {}): WorkerInfo =>
   workerRecord({ id, nodeId: `node-${id}`, addr: `127.0.0.1:${1000 + id.length}`, models: ["m"], slotsTotal: 4, ...o });
 
+const cand = (worker: WorkerInfo, o: Partial<Candidate> = {}): Candidate => ({
+  worker,
+  local: false,
+  inflight: 0,
+  depth: 0,
+  via: null,
+  leased: false,
+  rttMs: null,
+  ...o,
+});
+
+// A request of 40 blocks of 1000 characters: 10 000 estimated tokens at 4 characters a token.
+const req = { chars: 40_000, ends: Array.from({ length: 40 }, (_, i) => (i + 1) * 1000) };
+
 describe("routing policy", () => {
-  test("picks_the_least_loaded_by_slots_and_queue", () => {
-    const ws = [w("a", { slotsBusy: 4, queueDepth: 2 }), w("b", { slotsBusy: 3 }), w("c", { slotsBusy: 1, queueDepth: 1 })];
-    expect(rankWorkers(ws, "m", { selfId: "x" }).map((x) => x.id)).toEqual(["c", "b", "a"]);
+  test("without_a_holder_the_least_loaded_wins_by_slots_and_queue", () => {
+    const d = decide(req, [cand(w("a", { slotsBusy: 4, queueDepth: 2 })), cand(w("b", { slotsBusy: 3 })), cand(w("c", { slotsBusy: 1 }))]);
+    expect(d?.target.worker.id).toBe("c");
+    expect(d?.reason).toBe("load");
+    expect(d?.ranked.map((x) => x.candidate.worker.id)).toEqual(["c", "b", "a"]);
   });
 
   test("load_is_relative_to_slots_so_a_big_node_takes_more", () => {
     const big = w("big", { slotsTotal: 16, slotsBusy: 6 });
     const small = w("small", { slotsTotal: 2, slotsBusy: 1 });
     expect(workerLoad(big)).toBeLessThan(workerLoad(small));
-    expect(rankWorkers([small, big], "m", { selfId: "x" })[0]?.id).toBe("big");
+    expect(decide(req, [cand(small), cand(big)])?.target.worker.id).toBe("big");
   });
 
-  test("skips_unhealthy_other_models_and_this_node", () => {
-    const ws = [
-      w("loading", { health: "loading" }),
-      w("failed", { health: "failed" }),
-      w("other", { models: ["n"] }),
-      w("self", { nodeId: "me" }),
-      w("ok", { slotsBusy: 3 }),
-    ];
-    expect(rankWorkers(ws, "m", { selfId: "me" }).map((x) => x.id)).toEqual(["ok"]);
-    expect(rankWorkers(ws, "absent", { selfId: "me" })).toEqual([]);
+  test("the_longest_holder_wins_when_it_beats_a_cold_prefill", () => {
+    const d = decide(req, [cand(w("a")), cand(w("b"), { depth: 30, via: "index" }), cand(w("c"), { depth: 10, via: "index" })]);
+    expect(d?.target.worker.id).toBe("b");
+    expect(d?.reason).toBe("cache");
+    expect(d?.ranked[0]?.cachedTokens).toBe(7500);
+  });
+
+  test("running_locally_costs_no_hop_so_an_idle_tie_stays_here", () => {
+    const d = decide(req, [cand(w("peer")), cand(w("self"), { local: true })]);
+    expect(d?.target.worker.id).toBe("self");
+    expect(d?.ranked[0]?.hopMs).toBe(0);
+  });
+
+  test("a_short_match_is_not_worth_a_hop", () => {
+    // 100 characters = 25 tokens: under the minimum match.
+    const short = { chars: 40_000, ends: [100, ...req.ends.slice(1)] };
+    const d = decide(short, [cand(w("self"), { local: true }), cand(w("peer"), { depth: 1, via: "index" })]);
+    expect(d?.target.worker.id).toBe("self");
+    expect(d?.reason).toBe("load");
+  });
+
+  test("an_overloaded_holder_fails_the_load_gate", () => {
+    const busy = w("busy", { slotsBusy: 4, queueDepth: 12 });
+    const d = decide(req, [cand(busy, { depth: 40, via: "index" }), cand(w("idle1")), cand(w("idle2"))]);
+    expect(d?.ranked.find((x) => x.candidate.worker.id === "busy")?.gated).toBe(true);
+    expect(d?.target.worker.id).not.toBe("busy");
+  });
+
+  test("a_holder_that_must_wait_loses_when_a_cold_start_is_cheaper", () => {
+    // The holder has a queue; the prompt is short, so prefilling it elsewhere is cheaper than waiting.
+    const small = { chars: 800, ends: [400, 800] };
+    const queued = w("queued", { slotsBusy: 4, queueDepth: 2 });
+    const d = decide(small, [
+      cand(queued, { depth: 1, via: "index" }),
+      cand(w("queued2", { slotsBusy: 4, queueDepth: 2 })),
+      cand(w("free")),
+    ]);
+    expect(d?.target.worker.id).toBe("free");
+  });
+
+  test("a_holder_must_beat_cold_by_the_margin", () => {
+    // Cached prefix saves less than the hop plus the margin: stay cold (local).
+    const c = { ...POLICY_DEFAULTS, hopMs: 500 };
+    const d = decide(req, [cand(w("self"), { local: true }), cand(w("peer"), { depth: 1, via: "index" })], c);
+    expect(d?.target.worker.id).toBe("self");
+  });
+
+  test("the_lease_holder_keeps_a_near_tie", () => {
+    // Two holders of the same prefix, the other slightly less loaded: the leased one stays.
+    const leased = w("leased", { slotsBusy: 1 });
+    const other = w("other", { slotsBusy: 0 });
+    const d = decide(req, [cand(other, { depth: 40, via: "index" }), cand(leased, { depth: 40, via: "index", leased: true })]);
+    expect(d?.target.worker.id).toBe("leased");
   });
 
   test("counts_requests_this_node_already_sent_so_a_burst_spreads", () => {
@@ -36,16 +95,25 @@ describe("routing policy", () => {
     const inflight = new Map<string, number>();
     const picks: string[] = [];
     for (let i = 0; i < 4; i++) {
-      const best = rankWorkers(ws, "m", { selfId: "x", inflight: (id) => inflight.get(id) ?? 0 })[0] as WorkerInfo;
-      picks.push(best.id);
-      inflight.set(best.id, (inflight.get(best.id) ?? 0) + 1);
+      const d = decide(
+        req,
+        ws.map((x) => cand(x, { inflight: inflight.get(x.id) ?? 0 })),
+      );
+      const id = d?.target.worker.id as string;
+      picks.push(id);
+      inflight.set(id, (inflight.get(id) ?? 0) + 1);
     }
     expect(picks.filter((p) => p === "a").length).toBe(2);
     expect(picks.filter((p) => p === "b").length).toBe(2);
   });
 
   test("ties_go_to_more_free_kv_then_a_stable_order", () => {
-    const ws = [w("b"), w("a", { kvUsed: 3000 }), w("c")];
-    expect(rankWorkers(ws, "m", { selfId: "x" }).map((x) => x.id)).toEqual(["b", "c", "a"]);
+    const d = decide(req, [cand(w("b")), cand(w("a", { kvUsed: 3000 })), cand(w("c"))]);
+    expect(d?.ranked.map((x) => x.candidate.worker.id)).toEqual(["b", "c", "a"]);
+  });
+
+  test("a_single_candidate_is_only_and_none_is_null", () => {
+    expect(decide(req, [cand(w("a"))])?.reason).toBe("only");
+    expect(decide(req, [])).toBeNull();
   });
 });

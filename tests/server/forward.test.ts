@@ -51,10 +51,10 @@ beforeAll(async () => {
       client: base.client,
       keys: meshKeys(TEST_SECRET),
       selfId: "aaaa",
-      workers: () => workers,
       headersTimeoutMs: 60_000,
       logger: silentLogger,
       onPeerFailure: (id) => peerFailures.push(id),
+      inflight: base.router,
     }),
   };
   a = startServer({ host: "127.0.0.1", port: 0, models: [], apiKeys: ["ka"], maxBodyBytes: 1 << 20, logger: silentLogger, mesh: hooksA });

@@ -3,9 +3,11 @@
 import type { ChatMessage } from "../chat";
 import { type ParsedToolCall, ToolCallStream } from "../chat";
 import { type ApiError, badRequest, errorBody, toApiError } from "../errors";
+import type { LocalRouting } from "../mesh";
 import type { Metrics } from "../metrics";
 import type { ServedModel } from "../model";
 import { MAX_JSON_DEPTH, tooDeep } from "./depth";
+import { RoutedRun } from "./routed";
 import { beginRequest, checkCommon, engineOf, generateOptions, observed, primed, sseResponse, type Usage, usageOf } from "./run";
 import type { ChatBodyT } from "./schema";
 
@@ -49,6 +51,7 @@ export async function chatCompletion(
   metrics: Metrics,
   signal: AbortSignal,
   onStreamError: (e: unknown) => ApiError,
+  routing: LocalRouting | null = null,
 ): Promise<Response | object> {
   checkCommon(body);
   checkDepth(body);
@@ -57,13 +60,15 @@ export async function chatCompletion(
   const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined;
   const wantTools = (body.tools?.length ?? 0) > 0 && body.tool_choice !== "none";
   const { id, created, startedAt, abort } = beginRequest("chatcmpl", signal);
+  const routed = new RoutedRun(routing, model.id);
+  const options = generateOptions(body, prompt, maxTokens, abort.signal, routed.chatMarks(body.messages, prompt));
 
   if (!body.stream) {
-    const gen = engine.generate(generateOptions(body, prompt, maxTokens, abort.signal));
+    const gen = engine.generate(options);
     let text = "";
     let usage: Usage | null = null;
     let finish: FinishReason = "stop";
-    for await (const e of observed(gen, metrics, startedAt, abort.signal)) {
+    for await (const e of observed(gen, metrics, startedAt, abort.signal, routed.hooks())) {
       if (e.kind === "text") text += e.text;
       else if (e.kind === "done") {
         usage = usageOf(e);
@@ -83,6 +88,7 @@ export async function chatCompletion(
         if (content === "") content = null;
       }
     }
+    routed.reply(engine, gen.id, { role: "assistant", content, tool_calls: toolCallsJson(toolCalls) });
     return {
       id,
       object: "chat.completion",
@@ -100,9 +106,8 @@ export async function chatCompletion(
     };
   }
 
-  const events = await primed(
-    observed(engine.generate(generateOptions(body, prompt, maxTokens, abort.signal)), metrics, startedAt, abort.signal),
-  );
+  const gen = engine.generate(options);
+  const events = await primed(observed(gen, metrics, startedAt, abort.signal, routed.hooks()));
   const includeUsage = body.stream_options?.include_usage === true;
   const chunk = (delta: object, finish: FinishReason | null) => ({
     id,
@@ -118,11 +123,18 @@ export async function chatCompletion(
       const tools = wantTools ? new ToolCallStream() : null;
       let calls = 0;
       let finish: FinishReason = "stop";
-      const emit = (content: string, found: ParsedToolCall[]) => {
-        if (content.length > 0) send(chunk({ content }, null));
+      // The reply as the client will send it back, for its routing marks.
+      let content = "";
+      const sentCalls: ParsedToolCall[] = [];
+      const emit = (text: string, found: ParsedToolCall[]) => {
+        if (text.length > 0) {
+          send(chunk({ content: text }, null));
+          content += text;
+        }
         if (found.length > 0) {
           send(chunk({ tool_calls: toolCallsJson(found, calls) }, null));
           calls += found.length;
+          sentCalls.push(...found);
         }
       };
       for await (const e of events) {
@@ -138,6 +150,9 @@ export async function chatCompletion(
             emit(d.content, d.toolCalls);
           }
           finish = calls > 0 ? "tool_calls" : e.finishReason === "length" ? "length" : "stop";
+          if (e.finishReason !== "cancelled") {
+            routed.reply(engine, gen.id, { role: "assistant", content: content || null, tool_calls: toolCallsJson(sentCalls) });
+          }
           send(chunk({}, finish));
           if (includeUsage) send({ id, object: "chat.completion.chunk", created, model: model.id, choices: [], usage: usageOf(e) });
         }

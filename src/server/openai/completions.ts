@@ -1,7 +1,9 @@
 // POST /v1/completions: raw prompt in, text out (JSON or SSE).
 import { type ApiError, badRequest, errorBody } from "../errors";
+import type { LocalRouting } from "../mesh";
 import type { Metrics } from "../metrics";
 import type { ServedModel } from "../model";
+import { RoutedRun } from "./routed";
 import { beginRequest, checkCommon, engineOf, generateOptions, observed, primed, sseResponse, type Usage, usageOf } from "./run";
 import type { CompletionBodyT } from "./schema";
 
@@ -12,6 +14,7 @@ export async function completion(
   metrics: Metrics,
   signal: AbortSignal,
   onStreamError: (e: unknown) => ApiError,
+  routing: LocalRouting | null = null,
 ): Promise<Response | object> {
   checkCommon(body);
   if (body.echo) throw badRequest("echo is not supported", "echo", "unsupported_value");
@@ -20,31 +23,36 @@ export async function completion(
   // OpenAI's default for this endpoint is 16 tokens.
   const maxTokens = body.max_tokens ?? 16;
   const { id, created, startedAt, abort } = beginRequest("cmpl", signal);
-  const gen = engine.generate(generateOptions(body, prompt, maxTokens, abort.signal));
+  const routed = new RoutedRun(routing, model.id);
+  const gen = engine.generate(generateOptions(body, prompt, maxTokens, abort.signal, routed.completionMarks(prompt)));
   const choice = (text: string, finish: string | null) => ({ text, index: 0, logprobs: null, finish_reason: finish });
 
   if (!body.stream) {
     let text = "";
     let usage: Usage | null = null;
     let finish = "stop";
-    for await (const e of observed(gen, metrics, startedAt, abort.signal)) {
+    for await (const e of observed(gen, metrics, startedAt, abort.signal, routed.hooks())) {
       if (e.kind === "text") text += e.text;
       else if (e.kind === "done") {
         usage = usageOf(e);
         finish = e.finishReason === "length" ? "length" : "stop";
       }
     }
+    routed.continuation(engine, gen.id, model.id, prompt, text);
     return { id, object: "text_completion", created, model: model.id, choices: [choice(text, finish)], usage };
   }
   const includeUsage = body.stream_options?.include_usage === true;
-  const events = await primed(observed(gen, metrics, startedAt, abort.signal));
+  const events = await primed(observed(gen, metrics, startedAt, abort.signal, routed.hooks()));
   return sseResponse(
     abort,
     async (send) => {
+      let text = "";
       for await (const e of events) {
-        if (e.kind === "text" && e.text.length > 0)
+        if (e.kind === "text" && e.text.length > 0) {
           send({ id, object: "text_completion", created, model: model.id, choices: [choice(e.text, null)] });
-        else if (e.kind === "done") {
+          text += e.text;
+        } else if (e.kind === "done") {
+          if (e.finishReason !== "cancelled") routed.continuation(engine, gen.id, model.id, prompt, text);
           const finish = e.finishReason === "length" ? "length" : "stop";
           send({ id, object: "text_completion", created, model: model.id, choices: [choice("", finish)] });
           if (includeUsage) send({ id, object: "text_completion", created, model: model.id, choices: [], usage: usageOf(e) });

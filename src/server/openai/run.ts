@@ -37,9 +37,15 @@ export function checkCommon(b: Common): void {
 }
 
 /** Engine options for a request. */
-export function generateOptions(b: Common, prompt: string, maxTokens: number | undefined, signal: AbortSignal): GenerateOptions {
+export function generateOptions(
+  b: Common,
+  prompt: string,
+  maxTokens: number | undefined,
+  signal: AbortSignal,
+  marks?: GenerateOptions["marks"],
+): GenerateOptions {
   const stop = b.stop == null ? [] : typeof b.stop === "string" ? [b.stop] : b.stop;
-  return { prompt, maxTokens, sampling: samplingFrom(b), stop, ignoreEos: b.ignore_eos ?? false, signal };
+  return { prompt, maxTokens, sampling: samplingFrom(b), stop, ignoreEos: b.ignore_eos ?? false, signal, ...(marks ? { marks } : {}) };
 }
 
 /** Usage from a done event. */
@@ -52,31 +58,72 @@ export function usageOf(done: Extract<GenerationEvent, { kind: "done" }>): Usage
   };
 }
 
+/** What one finished generation showed: counts and times (performance.now() ms). */
+export interface RunReport {
+  promptTokens: number;
+  cachedTokens: number;
+  completionTokens: number;
+  /** When the engine admitted it (its start event), the first token came, and it ended. */
+  admittedAt: number;
+  firstTokenAt: number;
+  endedAt: number;
+}
+
+/** Hooks into a generation's life, for routing: what it showed when done, and its end whichever way it ends. */
+export interface RunHooks {
+  /** The generation is being iterated (paired with onEnd, whichever way it ends). */
+  onStart?(): void;
+  onDone?(r: RunReport): void;
+  onEnd?(): void;
+}
+
 /** Iterate a generation while recording token counts and latencies; a generation cut short by the server is an error. */
 export async function* observed(
   gen: Generation,
   metrics: Metrics,
   startedAt: number,
   client: AbortSignal,
+  hooks: RunHooks = {},
 ): AsyncGenerator<GenerationEvent> {
   let first = 0;
-  for await (const e of gen) {
-    // Cancelled without the client asking (shutdown): never pass partial text off as a finished answer.
-    if (e.kind === "done" && e.finishReason === "cancelled" && !client.aborted) {
-      throw new EngineError("engine_closed", "the server stopped this request before it finished (shutting down); retry");
+  let admitted = 0;
+  hooks.onStart?.();
+  try {
+    for await (const e of gen) {
+      // Cancelled without the client asking (shutdown): never pass partial text off as a finished answer.
+      if (e.kind === "done" && e.finishReason === "cancelled" && !client.aborted) {
+        throw new EngineError("engine_closed", "the server stopped this request before it finished (shutting down); retry");
+      }
+      if (e.kind === "start") {
+        admitted = performance.now();
+        metrics.queueWait.observe(e.waitedMs / 1000);
+      }
+      if (e.kind === "text" && e.tokens.length > 0 && first === 0) {
+        first = performance.now();
+        metrics.ttft.observe((first - startedAt) / 1000);
+      }
+      if (e.kind === "done") {
+        metrics.promptTokens.inc({}, e.promptTokens);
+        metrics.cachedTokens.inc({}, e.cachedTokens);
+        metrics.completionTokens.inc({}, e.completionTokens);
+        if (first > 0 && e.completionTokens > 1)
+          metrics.tokenLatency.observe((performance.now() - first) / 1000 / (e.completionTokens - 1));
+        if (e.finishReason !== "cancelled") {
+          const now = performance.now();
+          hooks.onDone?.({
+            promptTokens: e.promptTokens,
+            cachedTokens: e.cachedTokens,
+            completionTokens: e.completionTokens,
+            admittedAt: admitted || now,
+            firstTokenAt: first || now,
+            endedAt: now,
+          });
+        }
+      }
+      yield e;
     }
-    if (e.kind === "start") metrics.queueWait.observe(e.waitedMs / 1000);
-    if (e.kind === "text" && e.tokens.length > 0 && first === 0) {
-      first = performance.now();
-      metrics.ttft.observe((first - startedAt) / 1000);
-    }
-    if (e.kind === "done") {
-      metrics.promptTokens.inc({}, e.promptTokens);
-      metrics.cachedTokens.inc({}, e.cachedTokens);
-      metrics.completionTokens.inc({}, e.completionTokens);
-      if (first > 0 && e.completionTokens > 1) metrics.tokenLatency.observe((performance.now() - first) / 1000 / (e.completionTokens - 1));
-    }
-    yield e;
+  } finally {
+    hooks.onEnd?.();
   }
 }
 
