@@ -59,6 +59,11 @@ export function program(): Command {
     .option("--mesh-secret-file <path>", "file holding the mesh secret")
     .option("--advertise <host:port>", "address peers reach this node at (default: the listen address)")
     .option("--node-name <name>", "name shown in 'mesh peers' (default: the host name)")
+    .addOption(
+      new Option("--routing <policy>", "where requests run: the node holding their prompt prefix in KV cache, or the least loaded")
+        .choices(["cache", "load"])
+        .default("cache"),
+    )
     .option("--shutdown-grace <s>", "seconds to let running requests finish on SIGINT/SIGTERM", intOption("--shutdown-grace", 0, 3600), 10)
     .addOption(
       new Option("--log-format <format>", "log lines as readable text or one JSON object each").choices(["text", "json"]).default("text"),

@@ -14,6 +14,8 @@ export interface MeshFlags {
   meshSecretFile?: string;
   advertise?: string;
   nodeName?: string;
+  /** "cache" (default) or "load". */
+  routing?: string;
 }
 
 /** What the flags ask for. */
@@ -26,6 +28,7 @@ export interface MeshPlan {
   nodeName: string;
   /** --advertise as given ("host:port"), or null to derive it from the listen address. */
   advertise: string | null;
+  routing: "cache" | "load";
 }
 
 const MAX_NAME = 64;
@@ -53,17 +56,20 @@ export function planMesh(f: MeshFlags): MeshPlan {
     throw new UsageError(`--node-name must be 1-${MAX_NAME} letters, digits, '.', '_' or '-', got '${nodeName}'`);
   }
   if (f.advertise !== undefined) checkAdvertise(f.advertise);
+  const routing = f.routing ?? "cache";
+  if (routing !== "cache" && routing !== "load") throw new UsageError(`--routing must be 'cache' or 'load', got '${routing}'`);
   const given = readSecret(f);
-  if (f.join === undefined) return { stateDir, secret: given, seeds: [], nodeName, advertise: f.advertise ?? null };
+  const base = { stateDir, nodeName, advertise: f.advertise ?? null, routing } as const;
+  if (f.join === undefined) return { ...base, secret: given, seeds: [] };
   if (isAddr(f.join)) {
     if (given === null)
       throw new UsageError("--join host:port needs the mesh secret: --mesh-secret or --mesh-secret-file (or join with an invite token)");
-    return { stateDir, secret: given, seeds: [f.join], nodeName, advertise: f.advertise ?? null };
+    return { ...base, secret: given, seeds: [f.join] };
   }
   if (given !== null) throw new UsageError("an invite token carries the mesh secret: drop --mesh-secret/--mesh-secret-file");
   const invite = parseInvite(f.join);
   if (!invite.ok) throw new UsageError(`--join: ${invite.message}`);
-  return { stateDir, secret: invite.value.secret, seeds: invite.value.addrs, nodeName, advertise: f.advertise ?? null };
+  return { ...base, secret: invite.value.secret, seeds: invite.value.addrs };
 }
 
 function isUnspecified(host: string): boolean {

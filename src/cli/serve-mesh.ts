@@ -56,6 +56,7 @@ export function prepareMesh(
     logger: o.logger,
     apiKeyRequired: o.apiKeyRequired,
     maxBodyBytes: o.maxBodyBytes,
+    routing: plan.routing,
   });
   return { plan, creds: r.value.creds, created: r.value.created, node, nodeId: id.value.id };
 }

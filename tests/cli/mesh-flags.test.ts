@@ -24,7 +24,12 @@ const ifaces = (list: Array<{ address: string; family: "IPv4" | "IPv6"; internal
 describe("mesh flags of mesh serve", () => {
   test("first_node_needs_no_mesh_flags", () => {
     const p = planMesh({ stateDir: "/tmp/x", nodeName: "n1" });
-    expect(p).toEqual({ stateDir: "/tmp/x", secret: null, seeds: [], nodeName: "n1", advertise: null });
+    expect(p).toEqual({ stateDir: "/tmp/x", secret: null, seeds: [], nodeName: "n1", advertise: null, routing: "cache" });
+  });
+
+  test("routing_is_cache_or_load_and_nothing_else", () => {
+    expect(planMesh({ stateDir: "/tmp/x", nodeName: "n1", routing: "load" }).routing).toBe("load");
+    expect(usage(() => planMesh({ stateDir: "/tmp/x", nodeName: "n1", routing: "random" }))).toContain("--routing");
   });
 
   test("an_invite_token_gives_the_secret_and_seeds", () => {
