@@ -2,7 +2,7 @@
 // The server starts listening before the model is loaded, so /health and
 // /v1/models can say "loading" instead of refusing connections.
 import { basename } from "node:path";
-import { Engine, type EngineOptions, type ModelInfo } from "../engine";
+import { Engine, type EngineLike, type EngineOptions, type ModelInfo } from "../engine";
 import { ChatTemplate } from "./chat";
 
 export type ModelStatus = "loading" | "ready" | "failed";
@@ -10,7 +10,7 @@ export type ModelStatus = "loading" | "ready" | "failed";
 /** One locally served model. */
 export class ServedModel {
   status: ModelStatus = "loading";
-  engine: Engine | null = null;
+  engine: EngineLike | null = null;
   template: ChatTemplate | null = null;
   error: string | null = null;
   /** Settles when loading ends, either way. */
@@ -19,22 +19,15 @@ export class ServedModel {
   private constructor(
     readonly id: string,
     readonly path: string,
-    opts: EngineOptions,
+    engine: Promise<EngineLike> | EngineLike,
   ) {
-    this.ready = Engine.load(opts).then(
-      (engine) => {
-        this.engine = engine;
-        // A template that does not compile falls back to ours rather than making the model unusable.
-        // So is one our renderer cannot run even for a plain user turn (it would fail every request).
-        const tokens = { bosToken: engine.info.bosText, eosToken: engine.info.eosText };
-        try {
-          this.template = new ChatTemplate(engine.info.chatTemplate, tokens);
-          if (!this.template.caps.renders) this.template = new ChatTemplate(null, tokens);
-        } catch {
-          this.template = new ChatTemplate(null, tokens);
-        }
-        this.status = "ready";
-      },
+    if (!(engine instanceof Promise)) {
+      this.attach(engine);
+      this.ready = Promise.resolve();
+      return;
+    }
+    this.ready = engine.then(
+      (e) => this.attach(e),
       (e: Error) => {
         this.status = "failed";
         this.error = e.message;
@@ -44,7 +37,12 @@ export class ServedModel {
 
   /** Start loading a model; returns at once. */
   static start(opts: EngineOptions & { id?: string }): ServedModel {
-    return new ServedModel(opts.id ?? modelIdFromPath(opts.modelPath), opts.modelPath, opts);
+    return new ServedModel(opts.id ?? modelIdFromPath(opts.modelPath), opts.modelPath, Engine.load(opts));
+  }
+
+  /** Serve an engine that is already running (a FakeEngine in tests); ready at once. */
+  static fromEngine(id: string, engine: EngineLike): ServedModel {
+    return new ServedModel(id, engine.info.path, engine);
   }
 
   /** Model facts, once loaded. */
@@ -56,6 +54,20 @@ export class ServedModel {
   async close(): Promise<void> {
     await this.ready;
     await this.engine?.close();
+  }
+
+  private attach(engine: EngineLike): void {
+    this.engine = engine;
+    // A template that does not compile falls back to ours rather than making the model unusable.
+    // So is one our renderer cannot run even for a plain user turn (it would fail every request).
+    const tokens = { bosToken: engine.info.bosText, eosToken: engine.info.eosText };
+    try {
+      this.template = new ChatTemplate(engine.info.chatTemplate, tokens);
+      if (!this.template.caps.renders) this.template = new ChatTemplate(null, tokens);
+    } catch {
+      this.template = new ChatTemplate(null, tokens);
+    }
+    this.status = "ready";
   }
 }
 
