@@ -98,8 +98,8 @@ export class Router {
     this.o.sink?.noteRouted(model);
     const cache = this.mode === "cache";
     const depths = new Map<string, number>();
-    if (cache) for (const m of this.index.peek(model)?.match(key.hashes) ?? []) depths.set(m.holder, m.depth);
-    const lease = cache ? this.leases.longest(key.hashes, this.now()) : null;
+    if (cache) for (const m of this.index.peek(model)?.match(key) ?? []) depths.set(m.holder, m.depth);
+    const lease = cache ? this.leases.longest(key.prefixes, this.now()) : null;
     const cands: Candidate[] = workers.map((w) => {
       const fromIndex = depths.get(w.nodeId) ?? 0;
       const leased = lease !== null && lease.node === w.nodeId;
@@ -116,7 +116,7 @@ export class Router {
     });
     const d = decide({ chars: key.chars, ends: key.ends }, cands, this.policyFor(model));
     if (!d) return null;
-    if (cache) this.leases.set(key.hashes, d.target.worker.nodeId, this.now());
+    if (cache) this.leases.set(key.prefixes, d.target.worker.nodeId, this.now());
     this.counts.byReason[d.reason]++;
     if (d.target.local) this.counts.toSelf++;
     else this.counts.toPeer++;

@@ -5,17 +5,21 @@
 // A chat request is cut into blocks: one per message, and a long message's
 // content into chunks of CHUNK_CHARS characters, so a growing conversation or
 // a long tool result still matches its past block by block. Block i's path
-// hash covers the whole prefix up to it: h[i] = BLAKE3(h[i-1] || fp(block i)),
-// where h[-1] is a BLAKE3 keyed with a key derived from the mesh secret over
-// (kind, model, tool definitions). So the hashes mean nothing outside the mesh,
-// equal text under two models never collides, and changing the tools changes
-// every hash (the tools are rendered at the start of the prompt).
+// hash stands for the whole prefix up to it:
 //
-// fp(block) is a 64-bit wyhash of the block's UTF-8 (Bun.hash): BLAKE3 over
-// each 2 KiB block costs about 1.6 us through the addon (it cannot use its
-// SIMD lanes on small inputs), the chain over 8-byte fingerprints about 0.5 us
-// a block; docs/benchmarks.md has the figures. The secret enters through the
-// keyed root, so every published hash still depends on it.
+//   fp[i]   = wyhash(block i's UTF-8)                  (Bun.hash, 64 bits)
+//   c[i]    = wyhash(c[i-1] || fp[i])                  (the prefix's fingerprint; c[-1] from the root)
+//   root    = BLAKE3 keyed with a key derived from the mesh secret, over (kind, model, tool definitions)
+//   hash[i] = first 64 bits of BLAKE3(root || c[i])    (@napi-rs/blake-hash)
+//
+// Only hash[i] ever leaves the node, and it is a keyed function of the
+// prefix: it means nothing outside the mesh, equal text under two models (or
+// two tool sets, which render at the start of the prompt) never collides. The
+// fingerprints make the chain cheap: BLAKE3 through the addon costs about
+// 0.45 us a call whatever the input size (it cannot use its SIMD lanes on a
+// 2 KiB block), so it runs once per block over 40 bytes, and not at all for a
+// prefix seen recently (a bounded memo from c[i] to hash[i]: an agent's next
+// turn re-sends its whole past). docs/benchmarks.md has the figures.
 //
 // Only what rendering depends on is canonicalised ("developer" is rendered as
 // "system"); everything else is hashed as the client sent it, because the
@@ -37,20 +41,61 @@ export interface BlockSpan {
   last: boolean;
 }
 
-/** A request's routing key. */
-export interface RouteKey {
-  model: string;
-  /** Path hash of each block (11 base64url characters = 64 bits), the whole prefix up to that block. */
-  hashes: string[];
-  /** Canonical characters up to the end of each block: how much of the prompt a match on hashes[i] covers. */
-  ends: number[];
-  spans: BlockSpan[];
+/** Anything that yields a request's path hashes by block (a RouteKey, or a plain list of hashes in tests). */
+export interface PathKey {
+  readonly length: number;
+  hash(i: number): string;
+}
+
+/**
+ * A request's routing key. Block fingerprints are computed up front (cheap); the published path
+ * hashes are computed when asked for (one BLAKE3 each), so routing can probe the few it needs.
+ */
+export class RouteKey implements PathKey {
+  /** Canonical characters up to the end of each block: how much of the prompt a match on hash(i) covers. */
+  readonly ends: number[] = [];
+  readonly spans: BlockSpan[] = [];
+  /** Each block's prefix fingerprint c[i]: never published, it identifies the prefix on this node (leases). */
+  readonly prefixes: bigint[] = [];
   /** Canonical characters of the whole request (the prompt-size estimate of nodes without a tokenizer). */
-  chars: number;
-  /** The chain value after the last block, so blocks can be appended (the reply) without hashing again. */
-  tail: string;
+  chars = 0;
   /** Blocks past MAX_BLOCKS were left out. */
-  truncated: boolean;
+  truncated = false;
+  private readonly computed: string[] = [];
+
+  constructor(
+    readonly model: string,
+    /** The chain after the last block, so blocks can be appended (the reply) without hashing again. */
+    public tail: ChainState,
+    private readonly hasher: (root: Uint8Array, c: bigint) => string,
+  ) {}
+
+  /** Blocks in the key. */
+  get length(): number {
+    return this.prefixes.length;
+  }
+
+  /** Path hash of block i (11 base64url characters = 64 bits): the whole prefix up to that block. */
+  hash(i: number): string {
+    let h = this.computed[i];
+    if (h === undefined) {
+      h = this.hasher(this.tail.root, this.prefixes[i] as bigint);
+      this.computed[i] = h;
+    }
+    return h;
+  }
+
+  /** Every block's path hash, in order. */
+  get hashes(): readonly string[] {
+    for (let i = 0; i < this.prefixes.length; i++) this.hash(i);
+    return this.computed;
+  }
+}
+
+/** Where a chain stands: its root (secret-keyed, per model and tools) and the fingerprint of the prefix so far. */
+export interface ChainState {
+  root: Uint8Array;
+  c: bigint;
 }
 
 /** A message as the key reads it (the OpenAI shape, after schema validation). */
@@ -88,16 +133,24 @@ export function isPathHash(h: unknown): h is string {
 }
 
 const enc = new TextEncoder();
+/** Slots of the memo of path hashes by prefix fingerprint (direct-mapped: a slot holds the latest prefix that maps to it). */
+const MEMO_SLOTS = 65_536;
+const MEMO_MASK = BigInt(MEMO_SLOTS - 1);
 
-/** Computes routing keys under one mesh's secret. Not reentrant (one scratch buffer); cheap to keep one per node. */
+/** Computes routing keys under one mesh's secret. Not reentrant (shared scratch buffers); cheap to keep one per node. */
 export class RouteKeyer {
   private readonly key: Buffer;
   private scratch = new Uint8Array(4 * CHUNK_CHARS + 256);
   private used = 0;
-  private readonly mix = new Uint8Array(64);
-  private readonly mixView = new DataView(this.mix.buffer);
+  private readonly pair = new DataView(new ArrayBuffer(16));
+  private readonly pairBytes = new Uint8Array(this.pair.buffer);
+  private readonly hashInput = new Uint8Array(40);
+  private readonly hashInputView = new DataView(this.hashInput.buffer);
   // Roots of tool-less requests, per model: the common case costs no keyed hash.
-  private readonly roots = new Map<string, string>();
+  private readonly roots = new Map<string, Uint8Array>();
+  // Agents re-send their whole past every turn: its hashes come from here. Fixed size, no allocation per entry.
+  private readonly memoC = new BigUint64Array(MEMO_SLOTS);
+  private readonly memoH: string[] = new Array<string>(MEMO_SLOTS).fill("");
 
   constructor(secret: string | Uint8Array) {
     const material = typeof secret === "string" ? Buffer.from(secret, "utf8") : Buffer.from(secret);
@@ -127,10 +180,10 @@ export class RouteKeyer {
   /** The blocks a reply adds to `key` (the assistant message as the client will send it back), as [hash, parent] pairs. */
   extend(key: RouteKey, reply: KeyMessage): Array<[string, string | null]> {
     if (key.truncated) return [];
-    const k: RouteKey = { ...key, hashes: [], ends: [], spans: [] };
+    const k = new RouteKey(key.model, { ...key.tail }, this.hasher);
     this.message(k, reply, 0);
-    let parent = key.hashes.length > 0 ? (key.hashes[key.hashes.length - 1] as string) : null;
-    return k.hashes.slice(0, MAX_BLOCKS - key.hashes.length).map((h) => {
+    let parent = key.length > 0 ? key.hash(key.length - 1) : null;
+    return k.hashes.slice(0, MAX_BLOCKS - key.length).map((h) => {
       const pair: [string, string | null] = [h, parent];
       parent = h;
       return pair;
@@ -144,14 +197,15 @@ export class RouteKeyer {
       const h = Blake3Hasher.newKeyed(this.key);
       h.update(`mesh/route/v1\0${kind}\0${model}\0`);
       if (toolText !== "") h.update(toolText);
-      root = h.digest("base64");
+      root = new Uint8Array(h.digestBuffer());
       if (toolText === "") {
         // Bounded: one entry per model name seen; a flood of names only refills it.
         if (this.roots.size >= 256) this.roots.clear();
         this.roots.set(`${kind}\0${model}`, root);
       }
     }
-    return { model, hashes: [], ends: [], spans: [], chars: 0, tail: root, truncated: false };
+    const c = new DataView(root.buffer, root.byteOffset, 32).getBigUint64(0, true);
+    return new RouteKey(model, { root, c }, this.hasher);
   }
 
   private message(k: RouteKey, m: KeyMessage, index: number): void {
@@ -196,26 +250,40 @@ export class RouteKeyer {
       bigger.set(this.scratch.subarray(0, this.used));
       this.scratch = bigger;
     }
-    this.used += enc.encodeInto(s, this.scratch.subarray(this.used)).written;
+    this.used += enc.encodeInto(s, this.used === 0 ? this.scratch : this.scratch.subarray(this.used)).written;
   }
 
-  // Close the block fed so far: fingerprint it and chain it onto the key.
+  // Close the block fed so far: fingerprint it, chain it, and publish its keyed hash.
   private push(k: RouteKey, span: BlockSpan, chars: number): void {
-    if (k.hashes.length >= MAX_BLOCKS) {
+    if (k.length >= MAX_BLOCKS) {
       k.truncated = true;
       return;
     }
+    // wyhash gives an unsigned 64-bit BigInt: no masking needed.
     const fp = Bun.hash(this.scratch.subarray(0, this.used)) as bigint;
-    const n = enc.encodeInto(k.tail, this.mix).written;
-    this.mixView.setBigUint64(n, BigInt.asUintN(64, fp), true);
-    k.tail = blake3UrlSafeBase64(this.mix.subarray(0, n + 8));
+    this.pair.setBigUint64(0, k.tail.c, true);
+    this.pair.setBigUint64(8, fp, true);
+    const c = Bun.hash(this.pairBytes) as bigint;
+    k.tail.c = c;
     k.chars += chars;
-    k.hashes.push(pathHash(k.tail));
+    k.prefixes.push(c);
     k.ends.push(k.chars);
     k.spans.push(span);
     // A huge header or media digest list must not keep a huge scratch alive.
     if (this.scratch.length > 64 * CHUNK_CHARS) this.scratch = new Uint8Array(4 * CHUNK_CHARS + 256);
   }
+
+  // hash = BLAKE3(root || c), memoised by c (which depends on the root through its seed).
+  private readonly hasher = (root: Uint8Array, c: bigint): string => {
+    const slot = Number(c & MEMO_MASK);
+    if (this.memoC[slot] === c && this.memoH[slot] !== "") return this.memoH[slot] as string;
+    this.hashInput.set(root, 0);
+    this.hashInputView.setBigUint64(32, c, true);
+    const h = pathHash(blake3UrlSafeBase64(this.hashInput));
+    this.memoC[slot] = c;
+    this.memoH[slot] = h;
+    return h;
+  };
 }
 
 /** End of the chunk starting at `from`: CHUNK_CHARS on, never splitting a surrogate pair. */

@@ -3,6 +3,7 @@
 // what it now holds, and keep near-ties from flapping a conversation between
 // nodes. A lease is a guess from this node's own routing, so it only ever
 // tops up what the index knows, and expires on its own.
+import { LruMap } from "../lru";
 
 /** One lease: the node and how many blocks of the key it covers. */
 export interface Lease {
@@ -14,30 +15,29 @@ interface Entry extends Lease {
   until: number;
 }
 
-/** Leases by path hash, bounded (least recently set first out) and expiring. */
+/** Leases by prefix fingerprint (RouteKey.prefixes: local, never published), bounded (least recently set first out) and expiring. */
 export class Leases {
-  private readonly map = new Map<string, Entry>();
+  private readonly map = new LruMap<bigint, Entry>();
 
   constructor(
     private readonly ttlMs = 15_000,
     private readonly max = 8192,
   ) {}
 
-  /** Lease the prefix ending in hashes[depth - 1] to `node` until now + ttl. */
-  set(hashes: readonly string[], node: string, now: number): void {
-    const depth = hashes.length;
+  /** Lease the whole prefix `prefixes` stands for to `node` until now + ttl. */
+  set(prefixes: readonly bigint[], node: string, now: number): void {
+    const depth = prefixes.length;
     if (depth === 0) return;
-    const hash = hashes[depth - 1] as string;
-    this.map.delete(hash);
-    if (this.map.size >= this.max) this.map.delete(this.map.keys().next().value as string);
+    const hash = prefixes[depth - 1] as bigint;
+    if (!this.map.has(hash) && this.map.size >= this.max) this.map.shift();
     this.map.set(hash, { node, depth, until: now + this.ttlMs });
   }
 
-  /** The lease on the longest prefix of `hashes` that has a live one; expired leases met on the way are dropped. */
-  longest(hashes: readonly string[], now: number): Lease | null {
-    for (let i = hashes.length - 1; i >= 0; i--) {
-      const hash = hashes[i] as string;
-      const e = this.map.get(hash);
+  /** The lease on the longest prefix of `prefixes` that has a live one; expired leases met on the way are dropped. */
+  longest(prefixes: readonly bigint[], now: number): Lease | null {
+    for (let i = prefixes.length - 1; i >= 0; i--) {
+      const hash = prefixes[i] as bigint;
+      const e = this.map.peek(hash);
       if (!e) continue;
       if (e.until <= now) {
         this.map.delete(hash);
@@ -50,7 +50,7 @@ export class Leases {
 
   /** Drop every lease on `node` (it left the mesh). */
   dropNode(node: string): void {
-    for (const [h, e] of this.map) if (e.node === node) this.map.delete(h);
+    for (const [h, e] of this.map.entries()) if (e.node === node) this.map.delete(h);
   }
 
   /** Leases held (expired ones included until met). */

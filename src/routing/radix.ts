@@ -4,6 +4,9 @@
 // shorter, so the index is a radix tree whose edges are prompt blocks. It
 // stores hashes and node ids only, never prompt text.
 //
+import { LruMap } from "../lru";
+import type { PathKey } from "./key";
+
 // Bounded per model in entries and (estimated) bytes, and in models: the
 // least recently used entry goes first. Entries are touched leaf first, root
 // last, so an ancestor is always more recent than its descendants and the
@@ -45,9 +48,14 @@ export interface ModelIndexStats {
   budgetEvictions: number;
 }
 
+/** A plain list of path hashes as a PathKey. */
+export function pathKey(hashes: readonly string[]): PathKey {
+  return { length: hashes.length, hash: (i) => hashes[i] as string };
+}
+
 /** One model's prefix index. */
 export class ModelIndex {
-  private readonly entries = new Map<string, Entry>();
+  private readonly entries = new LruMap<string, Entry>();
   private bytes = 0;
   private budgetEvictions = 0;
 
@@ -77,7 +85,7 @@ export class ModelIndex {
 
   /** Record that `holder` no longer holds `hash`; true when it did. */
   evict(holder: string, hash: string): boolean {
-    const e = this.entries.get(hash);
+    const e = this.entries.peek(hash);
     if (!e) return false;
     const i = e.holders.indexOf(holder);
     if (i < 0) return false;
@@ -90,7 +98,7 @@ export class ModelIndex {
   /** Forget everything `holder` held (it died, left, or restarted with empty caches); returns the entries it left. */
   dropHolder(holder: string): number {
     let n = 0;
-    for (const [hash, e] of this.entries) {
+    for (const [hash, e] of this.entries.entries()) {
       const i = e.holders.indexOf(holder);
       if (i < 0) continue;
       n++;
@@ -103,40 +111,58 @@ export class ModelIndex {
 
   /** Whether `holder` holds `hash`. */
   holds(holder: string, hash: string): boolean {
-    return this.entries.get(hash)?.holders.includes(holder) ?? false;
+    return this.entries.peek(hash)?.holders.includes(holder) ?? false;
   }
 
   /** The parent link of `hash`, or undefined when the index does not have it. */
   parentOf(hash: string): string | null | undefined {
-    return this.entries.get(hash)?.parent;
+    return this.entries.peek(hash)?.parent;
   }
 
   /**
-   * Every holder's longest prefix of `hashes` (a request's key), longest first. With `touch`, the
-   * matched entries count as used (leaf first), so what routing still needs stays in the index.
+   * Every holder's longest prefix of `key` (a request's key), longest first. Each holder's prefixes
+   * are prefix-closed (a KV holding a prefix holds every shorter one), and so is the union over any
+   * set of holders, so each round is a binary search for the deepest block a not-yet-found holder
+   * has: a few path hashes computed per round, not one per block (they cost a BLAKE3 each). At most
+   * `maxRounds` depths are found (the deepest). With `touch`, the matched entries and their
+   * ancestors count as used (leaf first), so what routing still needs stays in the index.
    */
-  match(hashes: readonly string[], touch = true): Match[] {
+  match(key: PathKey, touch = true, maxRounds = 16): Match[] {
     const out: Match[] = [];
-    const seen = new Set<string>();
-    let deepest = -1;
-    for (let i = hashes.length - 1; i >= 0; i--) {
-      const e = this.entries.get(hashes[i] as string);
-      if (!e) continue;
-      if (deepest < 0) deepest = i;
+    const found = new Set<string>();
+    const fresh = (i: number): Entry | null => {
+      const e = this.entries.peek(key.hash(i));
+      return e && e.holders.some((h) => !found.has(h)) ? e : null;
+    };
+    let below = key.length;
+    let deepest: string | null = null;
+    for (let round = 0; round < maxRounds && below > 0; round++) {
+      // The deepest i < below where a holder not found yet holds block i; most requests hit at the last block or nowhere.
+      let lo = -1;
+      let hi = below;
+      if (fresh(hi - 1)) lo = hi - 1;
+      else {
+        hi--;
+        while (hi - lo > 1) {
+          const mid = (lo + hi) >> 1;
+          if (fresh(mid)) lo = mid;
+          else hi = mid;
+        }
+      }
+      if (lo < 0) break;
+      const e = fresh(lo) as Entry;
+      if (deepest === null) deepest = key.hash(lo);
       for (const h of e.holders) {
-        if (seen.has(h)) continue;
-        seen.add(h);
-        out.push({ holder: h, depth: i + 1 });
+        if (found.has(h)) continue;
+        found.add(h);
+        out.push({ holder: h, depth: lo + 1 });
       }
+      below = lo;
     }
-    if (touch) {
-      for (let i = deepest; i >= 0; i--) {
-        const hash = hashes[i] as string;
-        const e = this.entries.get(hash);
-        if (!e) continue;
-        this.entries.delete(hash);
-        this.entries.set(hash, e);
-      }
+    // Leaf first, up the parent links (no hashing): the ancestors end up most recently used.
+    if (touch && deepest !== null) {
+      let hash: string | null = deepest;
+      for (let n = 0; hash !== null && n < 4096; n++) hash = this.entries.get(hash)?.parent ?? null;
     }
     return out;
   }
@@ -147,14 +173,13 @@ export class ModelIndex {
   }
 
   private add(holder: string, hash: string, parent: string | null): void {
+    // The first parent seen stays: a hash names one prefix, so its parent is the same from every holder.
     let e = this.entries.get(hash);
-    if (e) this.entries.delete(hash);
-    else {
+    if (!e) {
       e = { parent, holders: [] };
       this.bytes += ENTRY_BYTES;
+      this.entries.set(hash, e);
     }
-    // The first parent seen stays: a hash names one prefix, so its parent is the same from every holder.
-    this.entries.set(hash, e);
     if (!e.holders.includes(holder)) {
       e.holders.push(holder);
       this.bytes += HOLDER_BYTES;
@@ -166,10 +191,9 @@ export class ModelIndex {
     this.bytes -= ENTRY_BYTES + HOLDER_BYTES * e.holders.length;
   }
 
-  // Oldest first: a Map iterates in insertion order, and every use re-inserts.
   private trim(): void {
     while (this.entries.size > this.c.maxEntriesPerModel || (this.bytes > this.c.maxBytesPerModel && this.entries.size > 0)) {
-      const [hash, e] = this.entries.entries().next().value as [string, Entry];
+      const [hash, e] = this.entries.oldest() as [string, Entry];
       this.remove(hash, e);
       this.budgetEvictions++;
     }
@@ -178,7 +202,7 @@ export class ModelIndex {
 
 /** The prefix indexes of every model, bounded in number. */
 export class RoutingIndex {
-  private readonly models = new Map<string, ModelIndex>();
+  private readonly models = new LruMap<string, ModelIndex>();
   private modelsDropped = 0;
 
   constructor(readonly config: IndexConfig = INDEX_DEFAULTS) {}
@@ -186,14 +210,10 @@ export class RoutingIndex {
   /** The index of `model`, created on first use (the least recently used model's is dropped past the bound). */
   model(model: string): ModelIndex {
     let m = this.models.get(model);
-    if (m) {
-      this.models.delete(model);
-      this.models.set(model, m);
-      return m;
-    }
+    if (m) return m;
     m = new ModelIndex(this.config);
     if (this.models.size >= this.config.maxModels) {
-      this.models.delete(this.models.keys().next().value as string);
+      this.models.shift();
       this.modelsDropped++;
     }
     this.models.set(model, m);
@@ -202,20 +222,20 @@ export class RoutingIndex {
 
   /** The index of `model` if it has one (no creation, no recency change). */
   peek(model: string): ModelIndex | undefined {
-    return this.models.get(model);
+    return this.models.peek(model);
   }
 
   /** Forget `holder` in every model. */
   dropHolder(holder: string): number {
     let n = 0;
-    for (const m of this.models.values()) n += m.dropHolder(holder);
+    for (const [, m] of this.models.entries()) n += m.dropHolder(holder);
     return n;
   }
 
   /** Per-model sizes, and models dropped for the bound. */
   stats(): { models: Record<string, ModelIndexStats>; modelsDropped: number } {
     const models: Record<string, ModelIndexStats> = {};
-    for (const [id, m] of this.models) models[id] = m.stats();
+    for (const [id, m] of this.models.entries()) models[id] = m.stats();
     return { models, modelsDropped: this.modelsDropped };
   }
 }

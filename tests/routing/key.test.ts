@@ -19,7 +19,7 @@ describe("routing key", () => {
     const keyer = new RouteKeyer(SECRET);
     const turn1 = keyer.chat("m", [sys, user("list the files")]);
     const turn2 = keyer.chat("m", [sys, user("list the files"), { role: "assistant", content: "ok" }, user("now read one")]);
-    expect(turn2.hashes.slice(0, 2)).toEqual(turn1.hashes);
+    expect(turn2.hashes.slice(0, 2)).toEqual([...turn1.hashes]);
   });
 
   test("a_long_tool_result_is_chunked_so_a_shared_beginning_still_matches", () => {

@@ -1,10 +1,10 @@
 import { describe, expect, test } from "bun:test";
-import { ModelIndex, RoutingIndex } from "../../src/routing/radix";
+import { ModelIndex, pathKey, RoutingIndex } from "../../src/routing/radix";
 
 /** A chain of n hashes named p0..p(n-1) under `tag`, as [hash, parent] pairs. */
 const chain = (tag: string, n: number, from = 0): Array<[string, string | null]> =>
   Array.from({ length: n - from }, (_, i) => [`${tag}${i + from}`, i + from === 0 ? null : `${tag}${i + from - 1}`]);
-const hashes = (tag: string, n: number) => chain(tag, n).map((p) => p[0]);
+const hashes = (tag: string, n: number) => pathKey(chain(tag, n).map((p) => p[0]));
 
 describe("routing index", () => {
   test("each_holder_matches_its_longest_prefix", () => {
@@ -65,6 +65,25 @@ describe("routing index", () => {
     for (let i = 0; i < 2000; i++) m.insertPath(`n${i % 7}`, chain(`c${i}-`, 20));
     expect(m.stats().bytes).toBeLessThanOrEqual(64 * 1024);
     expect(m.stats().entries).toBeGreaterThan(0);
+  });
+
+  test("a_binary_search_finds_every_holders_depth", () => {
+    const m = new ModelIndex();
+    const depths = [1, 3, 4, 9, 17, 30, 31];
+    depths.forEach((d, i) => m.insertPath(`H${i}`, chain("p", d)));
+    const got = m.match(hashes("p", 40));
+    expect(got.map((x) => x.depth)).toEqual([...depths].reverse());
+    expect(got.map((x) => x.holder)).toEqual(depths.map((_, i) => `H${i}`).reverse());
+  });
+
+  test("a_match_computes_few_path_hashes", () => {
+    const m = new ModelIndex();
+    m.insertPath("A", chain("p", 50));
+    const asked = new Set<number>();
+    const all = chain("p", 64).map((x) => x[0]);
+    const got = m.match({ length: all.length, hash: (i) => (asked.add(i), all[i] as string) });
+    expect(got).toEqual([{ holder: "A", depth: 50 }]);
+    expect(asked.size).toBeLessThanOrEqual(16);
   });
 
   test("matching_keeps_what_routing_uses", () => {

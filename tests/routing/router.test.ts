@@ -103,19 +103,19 @@ describe("router", () => {
 describe("leases", () => {
   test("the_longest_live_lease_wins_and_expired_ones_go", () => {
     const l = new Leases(1000, 10);
-    l.set(["a", "b"], "N1", 0);
-    l.set(["a", "b", "c", "d"], "N2", 500);
-    expect(l.longest(["a", "b", "c", "d", "e"], 900)).toEqual({ node: "N2", depth: 4 });
-    expect(l.longest(["a", "b", "c", "d", "e"], 1200)).toEqual({ node: "N2", depth: 4 });
-    expect(l.longest(["a", "b", "x"], 1200)).toBeNull();
-    expect(l.longest(["a", "b", "c", "d"], 1600)).toBeNull();
+    l.set([1n, 2n], "N1", 0);
+    l.set([1n, 2n, 3n, 4n], "N2", 500);
+    expect(l.longest([1n, 2n, 3n, 4n, 5n], 900)).toEqual({ node: "N2", depth: 4 });
+    expect(l.longest([1n, 2n, 3n, 4n, 5n], 1200)).toEqual({ node: "N2", depth: 4 });
+    expect(l.longest([1n, 2n, 9n], 1200)).toBeNull();
+    expect(l.longest([1n, 2n, 3n, 4n], 1600)).toBeNull();
   });
 
   test("leases_are_bounded", () => {
     const l = new Leases(60_000, 100);
-    for (let i = 0; i < 1000; i++) l.set([`h${i}`], "N", 0);
+    for (let i = 0; i < 1000; i++) l.set([BigInt(i)], "N", 0);
     expect(l.size).toBe(100);
-    expect(l.longest(["h999"], 1)).toEqual({ node: "N", depth: 1 });
-    expect(l.longest(["h0"], 1)).toBeNull();
+    expect(l.longest([999n], 1)).toEqual({ node: "N", depth: 1 });
+    expect(l.longest([0n], 1)).toBeNull();
   });
 });
