@@ -132,7 +132,7 @@ export class ModelIndex {
     const found = new Set<string>();
     const fresh = (i: number): Entry | null => {
       const e = this.entries.peek(key.hash(i));
-      return e && e.holders.some((h) => !found.has(h)) ? e : null;
+      return e?.holders.some((h) => !found.has(h)) ? e : null;
     };
     let below = key.length;
     let deepest: string | null = null;

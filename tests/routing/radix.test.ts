@@ -81,7 +81,11 @@ describe("routing index", () => {
     m.insertPath("A", chain("p", 50));
     const asked = new Set<number>();
     const all = chain("p", 64).map((x) => x[0]);
-    const got = m.match({ length: all.length, hash: (i) => (asked.add(i), all[i] as string) });
+    const hash = (i: number) => {
+      asked.add(i);
+      return all[i] as string;
+    };
+    const got = m.match({ length: all.length, hash });
     expect(got).toEqual([{ holder: "A", depth: 50 }]);
     expect(asked.size).toBeLessThanOrEqual(16);
   });
