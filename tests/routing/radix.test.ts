@@ -70,7 +70,9 @@ describe("routing index", () => {
   test("a_binary_search_finds_every_holders_depth", () => {
     const m = new ModelIndex();
     const depths = [1, 3, 4, 9, 17, 30, 31];
-    depths.forEach((d, i) => m.insertPath(`H${i}`, chain("p", d)));
+    depths.forEach((d, i) => {
+      m.insertPath(`H${i}`, chain("p", d));
+    });
     const got = m.match(hashes("p", 40));
     expect(got.map((x) => x.depth)).toEqual([...depths].reverse());
     expect(got.map((x) => x.holder)).toEqual(depths.map((_, i) => `H${i}`).reverse());
