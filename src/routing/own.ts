@@ -1,0 +1,248 @@
+// This node's own tenancy: per model, which path hashes its engines' KV
+// really holds, with each hash's parent link. It is the source of truth for
+// what the sync tells peers: a full resync streams it (a peer that joined
+// late, restarted, or started wanting the model), and a path request is
+// answered from it. Bounded per model and in models; what does not fit is
+// refused and counted, never silently half-kept.
+import { isPathHash } from "./key";
+
+/** What an engine reports its KV started or stopped holding: inserts as [hash, parent] in chain order, evicts as hashes. */
+export interface TenancyDelta {
+  inserts: ReadonlyArray<readonly [string, string | null]>;
+  evicts: readonly string[];
+}
+
+/** Bounds of the own tenancy; every one has a default. */
+export interface OwnConfig {
+  maxHashesPerModel: number;
+  maxModels: number;
+}
+
+/** Defaults: 200 000 hashes per model, 64 models. */
+export const OWN_DEFAULTS: OwnConfig = { maxHashesPerModel: 200_000, maxModels: 64 };
+
+/** What one `apply` did. */
+export interface ApplyResult {
+  inserted: number;
+  evicted: number;
+  /** Inserts refused: malformed hash or parent, or past the per-model bound. */
+  refused: number;
+}
+
+/** Counters for metrics. */
+export interface OwnStats {
+  models: number;
+  hashes: number;
+  /** Inserts refused over the node's life (bounds or malformed). */
+  refused: number;
+  /** Models refused past `maxModels`. */
+  modelsRefused: number;
+}
+
+/** Whether `m` can name a model on the wire: 1..128 printable ASCII characters, no spaces. */
+export function isModelName(m: unknown): m is string {
+  return typeof m === "string" && m.length > 0 && m.length <= 128 && /^[!-~]+$/.test(m);
+}
+
+interface Held {
+  parent: string | null;
+  /** Position in insertion order: the map iterates in it, and the cursor compares it (parents first). */
+  seq: number;
+}
+
+/** One model's tenancy; replaced, never reused, when the model is dropped (so a cursor over the old one notices). */
+export class OwnModel {
+  readonly held = new Map<string, Held>();
+  nextSeq = 0;
+}
+
+// An ancestor chain longer than a request's blocks is not a real prefix chain: the walk stops there.
+const MAX_DEPTH = 1024;
+
+/** This node's own tenancy per model. */
+export class OwnTenancy {
+  readonly config: OwnConfig;
+  private readonly byModel = new Map<string, OwnModel>();
+  private hashes = 0;
+  private refusedTotal = 0;
+  private modelsRefused = 0;
+
+  constructor(config: Partial<OwnConfig> = {}) {
+    this.config = { ...OWN_DEFAULTS, ...config };
+  }
+
+  /** Apply an engine's change for `model`: evicts first, then inserts (in chain order), as the index does. */
+  apply(model: string, delta: TenancyDelta): ApplyResult {
+    const r: ApplyResult = { inserted: 0, evicted: 0, refused: 0 };
+    let m = this.byModel.get(model);
+    if (m) {
+      for (const h of delta.evicts) {
+        if (m.held.delete(h)) {
+          r.evicted++;
+          this.hashes--;
+        }
+      }
+    }
+    if (delta.inserts.length > 0 && !m) {
+      if (!isModelName(model) || this.byModel.size >= this.config.maxModels) {
+        this.modelsRefused++;
+        r.refused = delta.inserts.length;
+        this.refusedTotal += r.refused;
+        return r;
+      }
+      m = new OwnModel();
+      this.byModel.set(model, m);
+    }
+    if (!m) return r;
+    for (const [hash, parent] of delta.inserts) {
+      if (m.held.has(hash)) continue;
+      if (!isPathHash(hash) || (parent !== null && !isPathHash(parent)) || m.held.size >= this.config.maxHashesPerModel) {
+        r.refused++;
+        continue;
+      }
+      m.held.set(hash, { parent, seq: m.nextSeq++ });
+      r.inserted++;
+      this.hashes++;
+    }
+    this.refusedTotal += r.refused;
+    if (m.held.size === 0) this.byModel.delete(model);
+    return r;
+  }
+
+  /** Forget all of `model` (its engine stopped); the sync must then resync it to peers. Returns whether it had any. */
+  dropModel(model: string): boolean {
+    const m = this.byModel.get(model);
+    if (!m) return false;
+    this.hashes -= m.held.size;
+    this.byModel.delete(model);
+    return true;
+  }
+
+  /** Whether this node holds `hash` for `model`. */
+  has(model: string, hash: string): boolean {
+    return this.byModel.get(model)?.held.has(hash) ?? false;
+  }
+
+  /** The parent link of a held hash; undefined when not held. */
+  parentOf(model: string, hash: string): string | null | undefined {
+    return this.byModel.get(model)?.held.get(hash)?.parent;
+  }
+
+  /** Hashes held for `model`. */
+  size(model: string): number {
+    return this.byModel.get(model)?.held.size ?? 0;
+  }
+
+  /** Models with any tenancy. */
+  models(): string[] {
+    return [...this.byModel.keys()];
+  }
+
+  /** The current tenancy object of `model` (a cursor keeps it to notice a drop); undefined when none. */
+  modelOf(model: string): OwnModel | undefined {
+    return this.byModel.get(model);
+  }
+
+  /** A cursor over `model`'s [hash, parent] pairs, parents before children; it follows changes made while it runs. */
+  cursor(model: string): OwnCursor {
+    return new OwnCursor(this, model);
+  }
+
+  /** Every [hash, parent] pair of `model`, parents before children (a snapshot; tests and diagnostics). */
+  entries(model: string): Array<[string, string | null]> {
+    const out: Array<[string, string | null]> = [];
+    const c = this.cursor(model);
+    for (let e: [string, string | null] | null = c.peek(); e !== null; e = c.peek()) {
+      out.push(e);
+      c.take();
+    }
+    return out;
+  }
+
+  /** The chain root..hash through parent links, at most `max` pairs (the root side is cut); [] when `hash` is not held. */
+  pathTo(model: string, hash: string, max: number): Array<[string, string | null]> {
+    const m = this.byModel.get(model);
+    const out: Array<[string, string | null]> = [];
+    let h: string | null = hash;
+    while (h !== null && out.length < Math.min(max, MAX_DEPTH)) {
+      const e: Held | undefined = m?.held.get(h);
+      if (!e) break;
+      out.push([h, e.parent]);
+      h = e.parent;
+    }
+    return out.reverse();
+  }
+
+  /** Sizes and refusals. */
+  stats(): OwnStats {
+    return { models: this.byModel.size, hashes: this.hashes, refused: this.refusedTotal, modelsRefused: this.modelsRefused };
+  }
+}
+
+/**
+ * Streams one model's tenancy over many rounds, parents before children, while it keeps changing: an
+ * entry removed before the cursor reaches it is never yielded, one added meanwhile is (a Map iterator
+ * is live). An entry whose held parent comes later in insertion order (the parent was evicted and
+ * inserted again) is preceded by that parent chain, so a receiver never sees a child before its parent;
+ * the parent is yielded again later, which a receiver takes as a no-op. `stale` turns true when the
+ * model was dropped and created anew: what it would still yield belongs to the dropped one.
+ */
+export class OwnCursor {
+  private readonly m: OwnModel | undefined;
+  private readonly it: Iterator<[string, Held]> | undefined;
+  private readonly ahead: Array<[string, string | null]> = [];
+  private done = false;
+
+  constructor(
+    private readonly own: OwnTenancy,
+    private readonly model: string,
+  ) {
+    this.m = own.modelOf(model);
+    this.it = this.m?.held.entries();
+    if (!this.it) this.done = true;
+  }
+
+  /** Whether the model's tenancy was replaced since the cursor began. */
+  get stale(): boolean {
+    return this.m !== undefined && this.own.modelOf(this.model) !== this.m;
+  }
+
+  /** The next pair without consuming it; null when the cursor is finished. */
+  peek(): [string, string | null] | null {
+    if (this.stale) this.ahead.length = 0;
+    if (this.ahead.length === 0) this.fill();
+    return this.ahead[this.ahead.length - 1] ?? null;
+  }
+
+  /** Consume the pair `peek` returned. */
+  take(): void {
+    this.ahead.pop();
+  }
+
+  /** Whether nothing is left to yield. */
+  get finished(): boolean {
+    return this.peek() === null;
+  }
+
+  // `ahead` is a stack: the entry itself at the bottom, its not-yet-yielded ancestors above it, the root-most on top.
+  private fill(): void {
+    if (this.done || !this.it || !this.m || this.stale) {
+      this.done = true;
+      return;
+    }
+    const n = this.it.next();
+    if (n.done) {
+      this.done = true;
+      return;
+    }
+    const [hash, e] = n.value;
+    this.ahead.push([hash, e.parent]);
+    let p = e.parent;
+    for (let depth = 0; p !== null && depth < MAX_DEPTH; depth++) {
+      const pe = this.m.held.get(p);
+      if (!pe || pe.seq < e.seq) break;
+      this.ahead.push([p, pe.parent]);
+      p = pe.parent;
+    }
+  }
+}
