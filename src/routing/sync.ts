@@ -180,7 +180,7 @@ interface ModelOut {
   ops: Map<string, Op>;
   /** A full sync streaming the own tenancy. */
   cursor: OwnCursor | null;
-  /** Bumped by every full resync: a failed batch built before it is not put back. */
+  /** Changed by every full resync (and new for every new stream): a failed batch built before it is not put back. */
   gen: number;
 }
 
@@ -238,6 +238,8 @@ export class RouteSync implements MeshExtension {
     too_large: 0,
   };
   private seq = 0;
+  /** Generations of ModelOut streams, never reused: a batch built for a stream that was replaced is never put back into its successor. */
+  private gens = 0;
   private running = false;
   private roundTimer: unknown = null;
   private expiryTimer: unknown = null;
@@ -451,9 +453,13 @@ export class RouteSync implements MeshExtension {
     for (const id of this.dirty) {
       const p = this.peers.get(id);
       const info = this.o.directory.peer(id);
-      if (!p || !info || !live(info.state)) {
-        // Its down event drops it; until then nothing goes to it.
-        if (!p) this.dirty.delete(id);
+      if (!p) {
+        this.dirty.delete(id);
+        continue;
+      }
+      if (!info || !live(info.state)) {
+        // Gone from the table, or down: what its down event does, in case that event never comes.
+        this.forgetNode(id);
         continue;
       }
       if (info.epoch !== p.epoch) {
@@ -660,7 +666,7 @@ export class RouteSync implements MeshExtension {
     mo.ops = new Map();
     mo.reset = true;
     mo.cursor = this.o.own.cursor(model);
-    mo.gen++;
+    mo.gen = ++this.gens;
     this.s.resyncs++;
     this.markDirty(p);
   }
@@ -682,7 +688,7 @@ export class RouteSync implements MeshExtension {
   private modelOut(p: Peer, model: string): ModelOut {
     let mo = p.out.get(model);
     if (!mo) {
-      mo = { reset: false, resetNext: false, ops: new Map(), cursor: null, gen: 0 };
+      mo = { reset: false, resetNext: false, ops: new Map(), cursor: null, gen: ++this.gens };
       p.out.set(model, mo);
     }
     return mo;
@@ -756,8 +762,10 @@ export class RouteSync implements MeshExtension {
     p.inEpoch = epoch;
     p.inSeq = 0;
     p.inModels.clear();
-    this.s.pathHashesGivenUp += p.pathQueue.size;
+    this.s.pathHashesGivenUp += p.pathQueue.size + (p.pathInFlight?.length ?? 0);
     p.pathQueue.clear();
+    // An answer still on its way is about the earlier life: it is dropped when it lands.
+    p.pathInFlight = null;
   }
 
   // ---- layer 2: paths to missing parents ---------------------------------------------------------

@@ -129,6 +129,34 @@ describe("routing sync: layer 1 deltas", () => {
     expect(m.node("b").sync.stats().refused.too_large).toBe(a.batchesSent);
   });
 
+  test("a_batch_that_fails_after_its_stream_was_replaced_is_not_put_back", async () => {
+    const m = await routeMesh(["a", "b"], { per: { b: { config: { wantTtlMs: 5000 } } } });
+    await wantEverywhere(m, ["b"]);
+    const [x] = m.chain(1) as Array<[string, string | null]>;
+    // a's batch carrying x is held on its way; it will fail.
+    let fail: (() => void) | null = null;
+    m.intercept = (node, msg, send) => {
+      if (node === "a" && msg.type === "route-sync" && fail === null)
+        return new Promise((_, reject) => (fail = () => reject(new Error("lost"))));
+      return send();
+    };
+    m.report("a", M, { inserts: [x as [string, string | null]], evicts: [] });
+    expect(await m.until(() => fail !== null, 5000)).toBe(true);
+    // Meanwhile x is evicted, and b stops wanting the model and wants it again: a new stream.
+    m.report("a", M, { inserts: [], evicts: [(x as [string, string | null])[0]] });
+    expect(await m.until(() => !m.knowsWant("a", "b", M), 20_000)).toBe(true);
+    // Wanted again, now for good (served: no TTL).
+    m.node("b").sync.setServed([M]);
+    expect(await m.until(() => m.knowsWant("a", "b", M), 20_000)).toBe(true);
+    (fail as unknown as () => void)();
+    const y = m.chain(2);
+    m.report("a", M, { inserts: y, evicts: [] });
+    expect(await m.until(() => m.mirrors("b", "a", M, hashesOf(y)), 20_000)).toBe(true);
+    await m.advance(10_000);
+    // Put back into the new stream, x would follow its reset: a zombie of a tenancy long gone.
+    expect(m.mirrors("b", "a", M, [(x as [string, string | null])[0], ...hashesOf(y)])).toBe(true);
+  });
+
   test("evictions_propagate_no_zombie_tenant", async () => {
     const m = await routeMesh(["a", "b"]);
     await wantEverywhere(m, ["b"]);
