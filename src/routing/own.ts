@@ -50,10 +50,12 @@ interface Held {
   seq: number;
 }
 
-/** One model's tenancy; replaced, never reused, when the model is dropped (so a cursor over the old one notices). */
+/** One model's tenancy; never reused once the model is dropped or emptied. */
 export class OwnModel {
   readonly held = new Map<string, Held>();
   nextSeq = 0;
+  /** Dropped wholesale (not emptied by evictions, each of which peers hear of): a cursor over it is stale. */
+  dropped = false;
 }
 
 // An ancestor chain longer than a request's blocks is not a real prefix chain: the walk stops there.
@@ -114,6 +116,7 @@ export class OwnTenancy {
     const m = this.byModel.get(model);
     if (!m) return false;
     this.hashes -= m.held.size;
+    m.dropped = true;
     this.byModel.delete(model);
     return true;
   }
@@ -185,7 +188,8 @@ export class OwnTenancy {
  * is live). An entry whose held parent comes later in insertion order (the parent was evicted and
  * inserted again) is preceded by that parent chain, so a receiver never sees a child before its parent;
  * the parent is yielded again later, which a receiver takes as a no-op. `stale` turns true when the
- * model was dropped and created anew: what it would still yield belongs to the dropped one.
+ * model was dropped: what it would still yield belongs to the dropped tenancy. (A model emptied by
+ * evictions is not stale: the cursor just finishes, and what comes after reaches peers as changes.)
  */
 export class OwnCursor {
   private readonly m: OwnModel | undefined;
@@ -193,18 +197,15 @@ export class OwnCursor {
   private readonly ahead: Array<[string, string | null]> = [];
   private done = false;
 
-  constructor(
-    private readonly own: OwnTenancy,
-    private readonly model: string,
-  ) {
+  constructor(own: OwnTenancy, model: string) {
     this.m = own.modelOf(model);
     this.it = this.m?.held.entries();
     if (!this.it) this.done = true;
   }
 
-  /** Whether the model's tenancy was replaced since the cursor began. */
+  /** Whether the model's tenancy was dropped wholesale since the cursor began (what it streams is void). */
   get stale(): boolean {
-    return this.m !== undefined && this.own.modelOf(this.model) !== this.m;
+    return this.m?.dropped === true;
   }
 
   /** The next pair without consuming it; null when the cursor is finished. */

@@ -227,7 +227,7 @@ export class RouteSync implements MeshExtension {
   private readonly peers = new Map<NodeId, Peer>();
   /** Peers with something to send or ask. */
   private readonly dirty = new Set<NodeId>();
-  private readonly s: Omit<RouteSyncStats, "unresolved" | "pendingOps" | "wanted" | "badWantRecords" | "refused">;
+  private readonly s: Omit<RouteSyncStats, "bytesLastRound" | "unresolved" | "pendingOps" | "wanted" | "badWantRecords" | "refused">;
   private readonly refused: Record<RefuseReason, number> = {
     malformed: 0,
     wrong_sender: 0,
@@ -244,6 +244,7 @@ export class RouteSync implements MeshExtension {
   private roundTimer: unknown = null;
   private expiryTimer: unknown = null;
   private roundBytes = 0;
+  private lastRoundAt = Number.NEGATIVE_INFINITY;
   private readonly maxInboundB64: number;
 
   constructor(private readonly o: RouteSyncOptions) {
@@ -254,7 +255,6 @@ export class RouteSync implements MeshExtension {
     this.wantsOf = new Wants({ selfId: o.selfId, store: o.store, now: () => o.clock.now(), config: this.config });
     this.s = {
       rounds: 0,
-      bytesLastRound: 0,
       bytesSent: 0,
       batchesSent: 0,
       batchesAcked: 0,
@@ -405,8 +405,11 @@ export class RouteSync implements MeshExtension {
       unresolved += p.pathQueue.size + (p.pathInFlight?.length ?? 0);
       pendingOps += p.ops;
     }
+    // No round runs while idle: the last round's bytes stand for a round ago at most, then for nothing.
+    const recent = this.o.clock.now() - this.lastRoundAt <= this.config.roundMs;
     return {
       ...this.s,
+      bytesLastRound: recent ? this.roundBytes : 0,
       unresolved,
       pendingOps,
       wanted: this.wantsOf.mine().size,
@@ -473,7 +476,7 @@ export class RouteSync implements MeshExtension {
       if (p.pathQueue.size > 0 && p.pathInFlight === null) this.askPaths(p, info.addr);
       if (!sendWork && p.pathQueue.size === 0) this.dirty.delete(id);
     }
-    this.s.bytesLastRound = this.roundBytes;
+    this.lastRoundAt = now;
     if (this.dirty.size > 0) this.armRound();
   }
 

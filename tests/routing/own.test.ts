@@ -118,6 +118,12 @@ describe("own tenancy", () => {
     // Not even the pair it had looked at: it belongs to the dropped tenancy.
     expect(cur.peek()).toBeNull();
     expect(own.cursor("m").finished).toBe(false);
+    // Emptied by evictions (each one a change peers hear of) is not dropped: the cursor just ends.
+    const c2 = own.cursor("m");
+    own.apply("m", { inserts: [], evicts: own.entries("m").map(([x]) => x) });
+    own.apply("m", { inserts: chain(1), evicts: [] });
+    expect(c2.stale).toBe(false);
+    expect(c2.peek()).toBeNull();
   });
 
   test("path_to_walks_parent_links_root_first_and_is_bounded", () => {

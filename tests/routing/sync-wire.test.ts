@@ -1,7 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import { seededRandom } from "../../src/mesh/sim";
 import { hashFromBytes } from "../../src/routing/key";
-import { compress, decodeSections, decompress, encodedSize, encodeSections, type Section } from "../../src/routing/sync-wire";
+import { compress, decodeSections, decompress, encodedSize, encodeSections, MAX_SECTIONS, type Section } from "../../src/routing/sync-wire";
 
 const rnd = seededRandom(7);
 function h(): string {
@@ -71,6 +71,12 @@ describe("routing sync wire format", () => {
       { model: "m", reset: false, syncing: false, evicts: [h()], inserts: [] },
     ];
     expect(decodeSections(encodeSections(twice))).toMatchObject({ ok: false, message: "a model appears twice" });
+    const many = Array.from(
+      { length: MAX_SECTIONS + 1 },
+      (_, i): Section => ({ model: `m${i}`, reset: true, syncing: false, evicts: [], inserts: [] }),
+    );
+    expect(decodeSections(encodeSections(many))).toMatchObject({ ok: false, message: "bad section count" });
+    expect(decodeSections(encodeSections(many.slice(1))).ok).toBe(true);
     const bad = encodeSections([{ model: "m", reset: false, syncing: false, evicts: [], inserts: [] }]);
     bad[4] = 0x80; // an unknown flag
     expect(decodeSections(bad).ok).toBe(false);

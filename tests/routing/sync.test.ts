@@ -157,6 +157,22 @@ describe("routing sync: layer 1 deltas", () => {
     expect(m.mirrors("b", "a", M, [(x as [string, string | null])[0], ...hashesOf(y)])).toBe(true);
   });
 
+  test("a_model_dropped_wholesale_is_reset_at_every_peer_wanting_it", async () => {
+    const m = await routeMesh(["a", "b", "c"]);
+    await wantEverywhere(m, ["b", "c"]);
+    const chain = m.chain(40);
+    m.report("a", M, { inserts: chain, evicts: [] });
+    expect(await m.until(() => ["b", "c"].every((n) => m.mirrors(n, "a", M, hashesOf(chain))), 10_000)).toBe(true);
+    // a's engine for the model stopped: no eviction per hash, one reset per peer.
+    const a = m.node("a");
+    a.index.peek(M)?.dropHolder(a.id);
+    a.own.dropModel(M);
+    a.sync.resync(M);
+    expect(await m.until(() => ["b", "c"].every((n) => m.mirrors(n, "a", M, hashesOf(chain))), 10_000)).toBe(true);
+    for (const n of ["b", "c"]) for (const [h] of chain) expect(m.node(n).index.peek(M)?.holds(a.id, h) ?? false).toBe(false);
+    expect(a.sync.stats().evictsSent).toBe(0);
+  });
+
   test("evictions_propagate_no_zombie_tenant", async () => {
     const m = await routeMesh(["a", "b"]);
     await wantEverywhere(m, ["b"]);
@@ -405,6 +421,25 @@ describe("routing sync: layer 2 paths", () => {
     expect(b.sync.stats().pathHashesGivenUp).toBe(1);
     expect(b.sync.stats().unresolved).toBe(0);
   });
+  test("a_path_request_past_its_bounds_or_from_another_sender_is_refused", async () => {
+    const m = await routeMesh(["a", "b", "c"]);
+    const a = m.node("a");
+    const b = m.node("b");
+    const chain = m.chain(3);
+    a.own.apply(M, { inserts: chain, evicts: [] });
+    const base = { type: "route-path", id: b.id, epoch: epochOf(b), toEpoch: epochOf(a) };
+    const ask = (want: unknown, from: string | undefined = b.id, over = {}) => a.sync.handle({ ...base, want, ...over }, from);
+    const ok = await ask([[M, [chain[2]?.[0]]]]);
+    expect(ok).toMatchObject({ type: "route-paths", ok: true, id: a.id });
+    const many = Array.from({ length: 129 }, () => m.hash());
+    expect((await ask([[M, many]])).code).toBe("malformed");
+    expect((await ask(Array.from({ length: 5 }, () => [M, many.slice(0, 30)]))).code).toBe("too_large");
+    expect((await ask([[M, ["not-a-hash"]]])).code).toBe("malformed");
+    expect((await ask([["bad model", [chain[0]?.[0]]]])).code).toBe("malformed");
+    expect((await ask([[M, [chain[2]?.[0]]]], m.node("c").id)).code).toBe("wrong_sender");
+    expect((await ask([[M, [chain[2]?.[0]]]], b.id, { toEpoch: "old" })).code).toBe("stale_epoch");
+    expect(a.sync.stats().refused).toMatchObject({ malformed: 3, too_large: 1, wrong_sender: 1, stale_epoch: 1 });
+  });
 });
 
 describe("routing sync: costs", () => {
@@ -427,6 +462,7 @@ describe("routing sync: costs", () => {
     expect(snap()).toEqual(before);
     expect(m.seen.length).toBe(seen);
     for (const s of before) expect(s.pending + s.unresolved).toBe(0);
+    for (const n of names) expect(m.node(n).sync.stats().bytesLastRound).toBe(0);
   });
 
   test("bytes_per_insert_on_the_wire_are_at_most_32", async () => {
@@ -450,6 +486,9 @@ describe("routing sync: costs", () => {
       `route sync: ${sent.length} batch(es), ${bytes} bytes on the wire for ${inserts} inserts = ${perInsert.toFixed(2)} bytes/insert`,
     );
     expect(perInsert).toBeLessThanOrEqual(32);
+    // The node's own count agrees with what the network carried.
+    const st = m.node("a").sync.stats();
+    expect(st.bytesSent).toBeGreaterThanOrEqual(bytes);
   });
 
   test("pending_per_peer_is_bounded_and_overflow_resyncs", async () => {
