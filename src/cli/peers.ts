@@ -1,5 +1,5 @@
 // `mesh peers`: who is in the mesh, what they serve, how loaded they are.
-import type { PeerRow, PeersReport } from "../server/mesh-routes";
+import type { PeerRow, PeersReport, RoutingReport } from "../server/mesh-routes";
 import { type NodeClientFlags, nodeClient } from "./node-client";
 import { UsageError } from "./usage";
 
@@ -44,7 +44,35 @@ export function formatPeers(report: PeersReport): string {
       .join("  ")
       .trimEnd();
   const alive = report.members.filter((m) => m.state === "alive").length;
-  return [`mesh ${report.mesh_id}: ${alive} of ${report.members.length} members alive`, line(header), ...rows.map(line)].join("\n");
+  return [
+    `mesh ${report.mesh_id}: ${alive} of ${report.members.length} members alive`,
+    line(header),
+    ...rows.map(line),
+    ...(report.routing ? routingLines(report.routing) : []),
+  ].join("\n");
+}
+
+function bytes(n: number): string {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MiB`;
+}
+
+/** What this node's routing did and knows, under the member table. */
+function routingLines(r: RoutingReport): string[] {
+  const d = r.decisions.byReason;
+  const lines = [
+    "",
+    `routing: ${r.mode === "cache" ? "cache-aware" : "least load"}; decisions by cache ${d.cache}, by load ${d.load}, only candidate ${d.only}, local ${d.local}; ran here ${r.decisions.toSelf}, on peers ${r.decisions.toPeer}`,
+  ];
+  const index = r.index.map((m) => `${m.model} ${m.entries} prefixes (${bytes(m.bytes)})`);
+  lines.push(`index: ${index.length > 0 ? index.join(", ") : "empty"}`);
+  if (r.sync) {
+    lines.push(
+      `sync: ${bytes(r.sync.bytesLastRound)} last round, ${bytes(r.sync.bytesSent)} in all; ${r.sync.unresolved} unresolved hashes; ${r.sync.pendingOps} changes pending`,
+    );
+  }
+  return lines;
 }
 
 function watchSeconds(w: boolean | string | undefined): number | null {

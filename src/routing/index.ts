@@ -84,7 +84,10 @@ export class Router {
   private readonly counts: RoutingCounts = { byReason: { cache: 0, load: 0, only: 0, local: 0 }, toSelf: 0, toPeer: 0, viaLease: 0 };
   private readonly now: () => number;
 
-  constructor(private readonly o: RouterOptions) {
+  private readonly o: RouterOptions;
+
+  constructor(o: RouterOptions) {
+    this.o = { ...o };
     this.index = o.index ?? new RoutingIndex();
     this.mode = o.mode ?? "cache";
     this.leases = new Leases(o.leaseMs);
@@ -138,6 +141,12 @@ export class Router {
   /** A request to `workerId` started (a forward, or a local run): it counts towards that worker's load until `end`. */
   begin(workerId: string): void {
     this.inflight.set(workerId, (this.inflight.get(workerId) ?? 0) + 1);
+  }
+
+  /** Where this node's own tenancy goes from now on (the sync is built once the mesh core exists). */
+  connect(own: RouterOptions["own"], sink: TenancySink): void {
+    this.o.own = own;
+    this.o.sink = sink;
   }
 
   /** A request started with `begin` finished. */

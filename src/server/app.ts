@@ -3,7 +3,7 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import { Elysia } from "elysia";
 import type { Logger } from "../log";
 import { ApiError, badRequest, errorResponse, pointerToParam, toApiError } from "./errors";
-import { type MeshHooks, meshModelNodes, rawJson, routeRequest } from "./mesh";
+import { type MeshHooks, meshModelNodes, ROUTE_HEADER, type Route, rawJson, routeRequest } from "./mesh";
 import { renderMeshMetrics } from "./mesh-metrics";
 import { meshRoutes } from "./mesh-routes";
 import type { GaugeValues, Metrics } from "./metrics";
@@ -47,6 +47,21 @@ function keyChecker(keys: string[]): (header: string | null) => boolean {
   };
 }
 
+/**
+ * Say where a generating request ran and why, for operators and tests: `x-mesh-served-by` is the
+ * node that ran it (a peer's own header passes through a forward), `x-mesh-route` this node's
+ * routing decision (cache, load, only; local when it came from a peer or no choice was made).
+ */
+function labelled<T>(result: T, route: Route, servedBy: string | null, set: { headers: Record<string, string | number> }): T {
+  const headers: Record<string, string> = {};
+  if (servedBy) headers[ROUTE_HEADER.servedBy] = servedBy;
+  if (route.decision || route.kind === "peer") headers[ROUTE_HEADER.route] = route.decision?.reason ?? "local";
+  else if (route.kind === "here" && route.routing) headers[ROUTE_HEADER.route] = "local";
+  if (result instanceof Response) for (const [k, v] of Object.entries(headers)) result.headers.set(k, v);
+  else Object.assign(set.headers, headers);
+  return result;
+}
+
 /** Build the Elysia app. */
 export function createApp(o: AppOptions) {
   const authorized = o.apiKeys.length > 0 ? keyChecker(o.apiKeys) : () => true;
@@ -73,6 +88,7 @@ export function createApp(o: AppOptions) {
     return g;
   };
   const started = new WeakMap<Request, number>();
+  const selfId = o.mesh?.service.nodeId() ?? null;
 
   return new Elysia()
     .onRequest(async ({ request }) => {
@@ -177,20 +193,21 @@ export function createApp(o: AppOptions) {
         const route = await routeRequest(o.mesh, body.model, "/v1/chat/completions", request, (k) =>
           k.chat(body.model, body.messages, body.tools ?? undefined),
         );
-        if (route.kind === "peer") return route.response;
+        if (route.kind === "peer") return labelled(route.response, route, null, set);
         const result = await chatCompletion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
         if (!(result instanceof Response)) set.status = 200;
-        return result;
+        return labelled(result, route, selfId, set);
       },
       { body: ChatBody, parse: o.mesh ? rawJson : "json" },
     )
     .post(
       "/v1/completions",
-      async ({ body, request }) => {
+      async ({ body, request, set }) => {
         const prompt = typeof body.prompt === "string" ? body.prompt : (body.prompt[0] ?? "");
         const route = await routeRequest(o.mesh, body.model, "/v1/completions", request, (k) => k.completion(body.model, prompt));
-        if (route.kind === "peer") return route.response;
-        return completion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
+        if (route.kind === "peer") return labelled(route.response, route, null, set);
+        const result = await completion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
+        return labelled(result, route, selfId, set);
       },
       { body: CompletionBody, parse: o.mesh ? rawJson : "json" },
     )

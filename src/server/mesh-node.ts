@@ -12,10 +12,12 @@ import { type MeshConfig, MeshCore } from "../mesh/node";
 import { HttpTransport } from "../mesh/transport-http";
 import type { Clock, WorkerInfo } from "../mesh/wire";
 import { RouteKeyer, Router, type RoutingMode } from "../routing";
+import { OwnTenancy } from "../routing/own";
+import { RouteSync } from "../routing/sync";
 import { Forwarder } from "./forward";
 import type { MeshHooks } from "./mesh";
 import { MeshGate } from "./mesh-gate";
-import type { MeshInfo, PeerRow, PeersReport } from "./mesh-routes";
+import type { MeshInfo, PeerRow, PeersReport, RoutingReport } from "./mesh-routes";
 import type { ServedModel } from "./model";
 
 /** How to run a node's mesh side. */
@@ -52,6 +54,8 @@ export class MeshNode {
   readonly hooks: MeshHooks;
   readonly router: Router;
   private core: MeshCore | null = null;
+  private routeSync: RouteSync | null = null;
+  private readonly served = new Set<string>();
   private readonly transport: HttpTransport;
   private readonly publishers = new Set<ReturnType<typeof setInterval>>();
   private readonly leaving: Array<() => void> = [];
@@ -84,7 +88,7 @@ export class MeshNode {
       forwarder,
       router: this.router,
       keyer: new RouteKeyer(o.creds.secret),
-      figures: () => (this.core ? { mesh: this.core.stats(), forwarding: forwarder.stats() } : null),
+      figures: () => (this.core ? { mesh: this.core.stats(), forwarding: forwarder.stats(), routing: this.routingReport() } : null),
       service: {
         nodeId: () => o.identity.id,
         workers: () => this.core?.workers.list().map((e) => e.info) ?? [],
@@ -109,6 +113,21 @@ export class MeshNode {
       config: this.o.config,
       log: this.o.logger,
     });
+    // The routing index's sync rides on the core: it learns members and wants from it and talks over the same transport.
+    const own = new OwnTenancy();
+    this.routeSync = new RouteSync({
+      selfId: this.o.identity.id,
+      identity: this.o.identity,
+      directory: this.core.directory,
+      store: this.core.store,
+      transport: this.transport,
+      clock: realClock,
+      index: this.router.index,
+      own,
+      log: this.o.logger,
+    });
+    this.core.extend(this.routeSync);
+    this.router.connect(own, this.routeSync);
     this.core.start();
     return this.core;
   }
@@ -142,6 +161,8 @@ export class MeshNode {
       return;
     }
     const id = reg.value.id;
+    this.served.add(model.id);
+    this.routeSync?.setServed([...this.served]);
     let last = "";
     let busy = false;
     const publish = async () => {
@@ -192,6 +213,23 @@ export class MeshNode {
   private stopPublishing(): void {
     for (const t of this.publishers) clearInterval(t);
     this.publishers.clear();
+  }
+
+  /** What routing did and holds: decisions, the index per model, the sync. */
+  routingReport(): RoutingReport {
+    const r = this.router.stats();
+    const idx = this.router.index.stats();
+    return {
+      mode: this.router.mode,
+      decisions: r,
+      index: Object.entries(idx.models).map(([model, m]) => ({
+        model,
+        entries: m.entries,
+        bytes: m.bytes,
+        budget_evictions: m.budgetEvictions,
+      })),
+      sync: this.routeSync?.stats() ?? null,
+    };
   }
 
   // Suspect still counts as alive: it may refute, and the forward may yet finish.
@@ -246,7 +284,13 @@ export class MeshNode {
         workers: ws.map((w) => w.id),
       };
     });
-    return { mesh_id: this.o.creds.meshId, node_id: this.o.identity.id, members, forwarding: this.hooks.forwarder.stats() };
+    return {
+      mesh_id: this.o.creds.meshId,
+      node_id: this.o.identity.id,
+      members,
+      forwarding: this.hooks.forwarder.stats(),
+      routing: this.routingReport(),
+    };
   }
 }
 

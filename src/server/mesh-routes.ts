@@ -7,6 +7,8 @@ import { Elysia } from "elysia";
 import type { Logger } from "../log";
 import { isWireMessage, MAX_MESSAGE_BYTES } from "../mesh/transport-http";
 import type { WireMessage } from "../mesh/wire";
+import type { RoutingCounts, RoutingMode } from "../routing";
+import type { RouteSyncStats } from "../routing/sync";
 import { ApiError, errorBody } from "./errors";
 import type { ForwardStats } from "./forward";
 import { type MeshGate, meshUnauthorized } from "./mesh-gate";
@@ -32,6 +34,17 @@ export interface PeerRow {
   workers: string[];
 }
 
+/** What cache-aware routing did on this node and what it knows. */
+export interface RoutingReport {
+  mode: RoutingMode;
+  /** Decisions by what won (cache, load, only; local: no choice made), and where they ran. */
+  decisions: RoutingCounts;
+  /** The prefix index per model: entries (path hashes) and their estimated bytes. */
+  index: Array<{ model: string; entries: number; bytes: number; budget_evictions: number }>;
+  /** The index sync; null before the node started. */
+  sync: RouteSyncStats | null;
+}
+
 /** The answer of GET /api/peers. */
 export interface PeersReport {
   mesh_id: string;
@@ -39,6 +52,8 @@ export interface PeersReport {
   members: PeerRow[];
   /** Requests this node forwarded to peers. */
   forwarding: ForwardStats;
+  /** Absent in reports of nodes that predate cache-aware routing. */
+  routing?: RoutingReport;
 }
 
 /** Where a node can be reached and which mesh it belongs to. */

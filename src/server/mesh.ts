@@ -39,6 +39,9 @@ export async function rawJson({ request }: { request: Request }): Promise<unknow
   return JSON.parse(dec.decode(raw));
 }
 
+/** Response headers that tell where a request ran and why. */
+export const ROUTE_HEADER = { servedBy: "x-mesh-served-by", route: "x-mesh-route" } as const;
+
 /** How a generating request is answered: by a peer (its response, relayed), or here, with its key for the engine's marks. */
 export type Route =
   | { kind: "peer"; response: Response; decision: Decision }
