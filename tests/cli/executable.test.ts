@@ -1,51 +1,116 @@
-import { expect, test } from "bun:test";
+import { afterAll, beforeAll, expect, test } from "bun:test";
 import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import OpenAI from "openai";
 import { compileExecutable, executableName } from "../../build";
 
+let work: string;
+let built: string;
+
+beforeAll(() => {
+  work = mkdtempSync(join(tmpdir(), "mesh-exe-"));
+  built = compileExecutable({ variant: "cpu", portable: false, withLlamaServer: false, jobs: cpus().length }, join(work, "dist"));
+});
+
+afterAll(() => {
+  rmSync(work, { recursive: true, force: true });
+});
+
+/** The executable alone in an empty directory with a fresh HOME: no repo, no node_modules. */
+function isolated(name: string): { exe: string; run: string; home: string; env: Record<string, string> } {
+  const run = join(work, `run-${name}`);
+  const home = join(work, `home-${name}`);
+  mkdirSync(run);
+  mkdirSync(home);
+  const exe = join(run, "mesh");
+  copyFileSync(built, exe);
+  return { exe, run, home, env: { PATH: "/usr/bin:/bin", HOME: home } };
+}
+
+/** Read a process's stderr until `marker` appears; returns what was read and the reader, still open. */
+async function until(proc: { stderr: ReadableStream<Uint8Array> }, marker: string): Promise<string> {
+  const reader = proc.stderr.getReader();
+  let log = "";
+  while (!log.includes(marker)) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error(`exited early: ${log}`);
+    log += new TextDecoder().decode(value);
+  }
+  reader.releaseLock();
+  return log;
+}
+
 test("compiled_executable_serves_the_demo_model_from_an_empty_directory", async () => {
-  const work = mkdtempSync(join(tmpdir(), "mesh-exe-"));
+  expect(built.endsWith(executableName("cpu"))).toBe(true);
+  const { exe, run, home, env } = isolated("one");
+  const proc = Bun.spawn([exe, "serve", "--port", "0", "--ctx-size", "1024", "--parallel", "1"], {
+    cwd: run,
+    env,
+    stderr: "pipe",
+    stdout: "pipe",
+  });
   try {
-    const built = compileExecutable({ variant: "cpu", portable: false, withLlamaServer: false, jobs: cpus().length }, join(work, "dist"));
-    expect(built.endsWith(executableName("cpu"))).toBe(true);
-    // Nothing but the file itself: no repo, no node_modules, a fresh HOME.
-    const run = join(work, "run");
-    const home = join(work, "home");
-    mkdirSync(run);
-    mkdirSync(home);
-    const exe = join(run, "mesh");
-    copyFileSync(built, exe);
-    const env = { PATH: "/usr/bin:/bin", HOME: home };
-    const proc = Bun.spawn([exe, "serve", "--port", "0", "--ctx-size", "1024", "--parallel", "1"], {
-      cwd: run,
-      env,
+    const log = await until(proc, "ready: POST");
+    expect(log).toContain("RANDOM WEIGHTS");
+    const url = /listening on (http:\/\/[^\s]+)/.exec(log)?.[1] as string;
+    const client = new OpenAI({ baseURL: `${url}/v1`, apiKey: "x", maxRetries: 0 });
+    const r = await client.chat.completions.create({ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }], max_tokens: 3 });
+    expect(r.usage?.completion_tokens).toBe(3);
+    proc.kill("SIGTERM");
+    expect(await proc.exited).toBe(0);
+    // The native library went to the user's cache dir, not the working directory.
+    expect(await Bun.file(join(run, "libmeshllama.so")).exists()).toBe(false);
+    expect(new Bun.Glob("**/libmeshllama.so").scanSync({ cwd: join(home, ".cache", "mesh", "native") }).next().value).toBeString();
+  } finally {
+    proc.kill("SIGKILL");
+  }
+});
+
+// Routing keys hash with BLAKE3 (@napi-rs/blake-hash) and the index sync compresses with LZ4 (lz4-napi):
+// both are native addons, which must load from inside the single file as they do from node_modules.
+test("compiled_executable_keys_and_syncs_the_routing_index_between_two_nodes", async () => {
+  const first = isolated("a");
+  const second = isolated("b");
+  const args = ["serve", "--port", "0", "--ctx-size", "1024", "--parallel", "1"];
+  const a = Bun.spawn([first.exe, ...args, "--node-name", "a"], { cwd: first.run, env: first.env, stderr: "pipe", stdout: "pipe" });
+  let b: ReturnType<typeof Bun.spawn> | null = null;
+  try {
+    const logA = await until(a, "ready: POST");
+    const urlA = /listening on (http:\/\/[^\s]+)/.exec(logA)?.[1] as string;
+    const token = /mesh serve --join (\S+)/.exec(logA)?.[1] as string;
+    b = Bun.spawn([second.exe, ...args, "--node-name", "b", "--join", token], {
+      cwd: second.run,
+      env: second.env,
       stderr: "pipe",
       stdout: "pipe",
     });
-    try {
-      const reader = proc.stderr.getReader();
-      let log = "";
-      while (!log.includes("ready: POST")) {
-        const { value, done } = await reader.read();
-        if (done) throw new Error(`exited early: ${log}`);
-        log += new TextDecoder().decode(value);
-      }
-      expect(log).toContain("RANDOM WEIGHTS");
-      const url = /listening on (http:\/\/[^\s]+)/.exec(log)?.[1] as string;
-      const client = new OpenAI({ baseURL: `${url}/v1`, apiKey: "x", maxRetries: 0 });
-      const r = await client.chat.completions.create({ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }], max_tokens: 3 });
-      expect(r.usage?.completion_tokens).toBe(3);
-      proc.kill("SIGTERM");
-      expect(await proc.exited).toBe(0);
-      // The native library went to the user's cache dir, not the working directory.
-      expect(await Bun.file(join(run, "libmeshllama.so")).exists()).toBe(false);
-      expect(new Bun.Glob("**/libmeshllama.so").scanSync({ cwd: join(home, ".cache", "mesh", "native") }).next().value).toBeString();
-    } finally {
-      proc.kill("SIGKILL");
+    const logB = await until(b as { stderr: ReadableStream<Uint8Array> }, "ready: POST");
+    const urlB = /listening on (http:\/\/[^\s]+)/.exec(logB)?.[1] as string;
+    const system = "You are a careful agent. ".repeat(40);
+    const client = new OpenAI({ baseURL: `${urlA}/v1`, apiKey: "x", maxRetries: 0 });
+    const applied = async () => {
+      const text = await (await fetch(`${urlB}/metrics`)).text();
+      const line = text.split("\n").find((l) => l.startsWith('mesh_routing_sync_ops_total{op="insert",dir="applied"} '));
+      return Number(line?.split(" ")[1] ?? 0);
+    };
+    const deadline = Date.now() + 60_000;
+    // B learns A's cached prefixes through the sync (an LZ4 batch of BLAKE3 path hashes) once it sees A as a member.
+    while ((await applied()) === 0) {
+      if (Date.now() > deadline) throw new Error("B never applied A's routing index");
+      await client.chat.completions.create({
+        model: "mesh-tiny",
+        messages: [
+          { role: "system", content: system },
+          { role: "user", content: `question ${Date.now()}` },
+        ],
+        max_tokens: 2,
+      });
+      await Bun.sleep(500);
     }
+    expect(await applied()).toBeGreaterThan(0);
   } finally {
-    rmSync(work, { recursive: true, force: true });
+    a.kill("SIGKILL");
+    b?.kill("SIGKILL");
   }
 });
