@@ -66,6 +66,25 @@ describe("mesh peers", () => {
     expect(lines[3]).toMatch(/^ffff0000\s+beta\s+10\.0\.0\.2:9337\s+suspect\s+3\s+65s ago\s+-\s+-\s+-\s+1ms$/);
   });
 
+  test("routing_is_shown_under_the_table", () => {
+    const out = formatPeers({
+      mesh_id: "feedfacefeedface",
+      node_id: "0123",
+      forwarding: { forwarded: 0, retried: 0, failed: 0, active: 0 },
+      members: [row({ self: true })],
+      routing: {
+        mode: "cache",
+        decisions: { byReason: { cache: 12, load: 3, only: 1, local: 5 }, toSelf: 9, toPeer: 12, viaLease: 2 },
+        index: [{ model: "qwen", entries: 1234, bytes: 200_000, budget_evictions: 0 }],
+        sync: { bytesLastRound: 2150, bytesSent: 3 * 1024 * 1024, unresolved: 4, pendingOps: 7 } as never,
+      },
+    });
+    const lines = out.split("\n");
+    expect(lines).toContain("routing: cache-aware; decisions by cache 12, by load 3, only candidate 1, local 5; ran here 9, on peers 12");
+    expect(lines).toContain("index: qwen 1234 prefixes (195.3 KiB)");
+    expect(lines).toContain("sync: 2.1 KiB last round, 3.0 MiB in all; 4 unresolved hashes; 7 changes pending");
+  });
+
   test("no_node_running_is_one_line_and_exit_1", () => {
     const state = mkdtempSync(join(tmpdir(), "mesh-peers-"));
     saveCredentials(state, newCredentials());
