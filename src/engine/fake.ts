@@ -16,7 +16,7 @@
 import { EngineError } from "./errors";
 import { type EngineLike, type GenerateOptions, Generation, type GenerationEvent } from "./index";
 import type { EngineStats, FinishReason, ModelInfo, TenancyDelta } from "./protocol";
-import { commonPrefix } from "./scheduler";
+import { commonPrefix } from "./slot-choice";
 import { MAX_MARKS, Tenancy, TenancyFeed, type TokenMark, tokenMarks } from "./tenancy";
 import { StopMatcher, Utf8Stream } from "./text";
 

@@ -7,6 +7,7 @@ import { type KvUsage, kvUsage, planEviction, reservation, type SlotUsage } from
 import type { Native } from "./native";
 import type { EngineStats, FinishReason, GenerateRequest, TenancyDelta, TokenEvent } from "./protocol";
 import { queueRefusals } from "./queue";
+import { chooseSlot, commonPrefix } from "./slot-choice";
 import { MAX_MARKS, Tenancy, type TokenMark } from "./tenancy";
 import { StopMatcher, Utf8Stream } from "./text";
 
@@ -159,31 +160,8 @@ export function evictionFields(r: EvictionReason): {
 
 /** Shorter idle sequences are dropped rather than saved: prefilling them again costs about as much as the copy. */
 const HOST_MIN_TOKENS = 32;
-/**
- * Fewer cached tokens than this are not reused: prefilling them costs nothing
- * measurable, while keeping them would pin the new prompt's cells behind
- * them instead of at the start of an empty pool.
- */
-const MIN_REUSE_TOKENS = 16;
-/** A saved sequence is restored only when it serves at least this many more prompt tokens than the best resident slot. */
-const RESTORE_MIN_GAIN = 32;
 /** Finished generations remembered for their reply marks; the server sends those right after done, so a few per slot is plenty. */
 const MAX_FINISHED = 256;
-
-/** The idle slot holding the fewest cells, the least recently used among equals. */
-function emptiest(free: readonly Slot[]): Slot {
-  return free.reduce((a, b) =>
-    b.history.length < a.history.length || (b.history.length === a.history.length && b.lastUsed < a.lastUsed) ? b : a,
-  );
-}
-
-/** Length of the common prefix of two token arrays. */
-export function commonPrefix(a: readonly number[], b: readonly number[]): number {
-  const n = Math.min(a.length, b.length);
-  let i = 0;
-  while (i < n && a[i] === b[i]) i++;
-  return i;
-}
 
 /** Owns slots, the waiting queue and one decode per step for all live sequences. */
 export class Scheduler {
@@ -483,35 +461,19 @@ export class Scheduler {
       const free = this.slots.filter((s) => s.active === null);
       if (free.length === 0) break;
       const w = this.waiting[0] as Waiting;
-      let best = free[0] as Slot;
-      let bestLcp = -1;
-      for (const s of free) {
-        const lcp = commonPrefix(s.history, w.prompt);
-        if (lcp > bestLcp || (lcp === bestLcp && s.lastUsed < best.lastUsed)) {
-          best = s;
-          bestLcp = lcp;
-        }
-      }
-      let restore: HostEntry<HostState> | null = null;
+      const saved = this.host.enabled ? this.host.best(w.prompt) : null;
+      const choice = chooseSlot(free, w.prompt, saved?.lcp ?? null);
+      const best = choice.reuse;
+      let keep = choice.keep;
       let target = best;
-      let keep = Math.min(bestLcp, w.prompt.length - 1);
-      if (keep < MIN_REUSE_TOKENS) {
-        keep = 0;
-        // Nothing worth reusing: take the emptiest idle slot (then the
-        // coldest) instead of wiping a conversation a later turn may continue.
-        best = emptiest(free);
-        target = best;
-      }
+      let restore: HostEntry<HostState> | null = null;
       if (this.host.enabled) {
-        const saved = this.host.best(w.prompt);
-        // Compared with the reuse the slot really gives (0 under MIN_REUSE_TOKENS), not its raw match.
-        if (saved && saved.lcp >= keep + RESTORE_MIN_GAIN) {
+        if (saved && choice.restoreInto) {
           restore = saved.entry;
           // The saves below must not drop (and free) the state about to be copied back.
           this.host.touch(restore);
           this.host.pin(restore);
-          // Restore into the emptiest idle slot (then the coldest): the least to save first.
-          target = emptiest(free);
+          target = choice.restoreInto;
         }
         for (const s of free) if (s !== target && s !== best) this.offload(s);
       }
@@ -559,8 +521,7 @@ export class Scheduler {
       // An empty pool: start placing cells from the first one again, so the
       // attention window (up to the highest cell in use) is as short as it can be.
       if (this.slots.every((x) => x.history.length === 0)) this.d.native.mesh_memory_clear(this.d.ctx, 0);
-      best = target;
-      const cached = best.history.length;
+      const cached = target.history.length;
       const { sampling } = w.req;
       const sampler = this.d.native.mesh_sampler_new(
         this.d.model,
@@ -589,7 +550,7 @@ export class Scheduler {
         prompt: w.prompt,
         marks: w.marks,
         cached,
-        slot: best,
+        slot: target,
         sampler,
         fed: cached,
         pendingToken: -1,
@@ -600,15 +561,15 @@ export class Scheduler {
         reserve,
         startedAt: this.d.now(),
       };
-      best.active = a;
-      best.lastUsed = ++this.clock;
+      target.active = a;
+      target.lastUsed = ++this.clock;
       // Held as prefill puts their tokens in the KV; the reused prefix already has.
-      if (w.marks) this.tenancy.hold(best, cached, w.marks);
+      if (w.marks) this.tenancy.hold(target, cached, w.marks);
       this.counters.admitted++;
       this.counters.promptTokens += w.prompt.length;
       this.counters.cachedTokens += cached;
       const waitedMs = Math.max(0, a.startedAt - w.enqueuedAt);
-      out.push({ id: w.id, kind: "start", promptTokens: w.prompt.length, cachedTokens: cached, slot: best.seq, waitedMs });
+      out.push({ id: w.id, kind: "start", promptTokens: w.prompt.length, cachedTokens: cached, slot: target.seq, waitedMs });
     }
   }
 

@@ -6,7 +6,8 @@ import { findNativeLib } from "../../src/engine/library";
 import type { Native } from "../../src/engine/native";
 import { closeModel, type OpenedModel, openModel, schedulerDeps } from "../../src/engine/open";
 import { DEFAULT_SAMPLING, type LoadOptions, type TokenEvent } from "../../src/engine/protocol";
-import { commonPrefix, Scheduler } from "../../src/engine/scheduler";
+import { Scheduler } from "../../src/engine/scheduler";
+import { commonPrefix } from "../../src/engine/slot-choice";
 import type { TokenMark } from "../../src/engine/tenancy";
 import { tinyModel } from "../helpers/model";
 
