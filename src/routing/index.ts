@@ -54,6 +54,8 @@ export interface RouterOptions {
 export interface Observation {
   /** Canonical characters of its key, and its prompt and cached tokens as the engine counted them. */
   chars: number;
+  /** The key left blocks out (MAX_BLOCKS): its characters undercount the prompt. */
+  truncated?: boolean;
   promptTokens: number;
   cachedTokens: number;
   /** From admission to the first token (prefill of the uncached part), and from admission to the end. */
@@ -73,12 +75,19 @@ export interface RoutingCounts {
 // Observations move the estimates by this much each, so one odd request cannot swing them.
 const LEARN = 0.2;
 
+/**
+ * How long a worker's published load can lag a request that reached it: its node reads engine
+ * figures every second and the replicated store carries them within about a round.
+ */
+export const RECORD_LAG_MS = 2500;
+
 /** The routing decision for one node. */
 export class Router {
   readonly index: RoutingIndex;
   readonly mode: RoutingMode;
   private readonly leases: Leases;
-  private readonly inflight = new Map<string, number>();
+  // Start times of the unfinished requests this node sent each worker (a forward, or a local run).
+  private readonly inflight = new Map<string, number[]>();
   // Per-model estimates learnt from local runs; bounded by the models served here.
   private readonly learnt = new Map<string, Pick<PolicyConfig, "charsPerToken" | "prefillMsPerToken" | "serviceMs">>();
   private readonly counts: RoutingCounts = { byReason: { cache: 0, load: 0, only: 0, local: 0 }, toSelf: 0, toPeer: 0, viaLease: 0 };
@@ -110,7 +119,7 @@ export class Router {
       return {
         worker: w,
         local: w.nodeId === this.o.selfId,
-        inflight: this.inflight.get(w.id) ?? 0,
+        inflight: this.inflightOf(w.id),
         depth: Math.max(fromIndex, fromLease),
         via: fromIndex >= fromLease ? (fromIndex > 0 ? "index" : null) : "lease",
         leased,
@@ -132,15 +141,27 @@ export class Router {
     return this.o.workers().find((w) => w.nodeId === this.o.selfId && w.models.includes(model));
   }
 
+  /** Lease `key`'s conversation to `node` (it ran there after all: a fallback, or a retry on another node). */
+  lease(key: RouteKey, node: NodeId): void {
+    if (this.mode === "cache") this.leases.set(key.prefixes, node, this.now());
+  }
+
   /** Count a request this node ran without a choice (it came from a peer, or routing is off for it). */
   countLocal(): void {
     this.counts.byReason.local++;
     this.counts.toSelf++;
   }
 
-  /** A request to `workerId` started (a forward, or a local run): it counts towards that worker's load until `end`. */
+  /**
+   * A request to `workerId` started (a forward, or a local run): it counts towards that worker's
+   * load until its published figures can show it (RECORD_LAG_MS) or it ends, whichever is first.
+   * Counting it for longer would count it twice, and this node's own worker (whose every request
+   * shows in its figures) would always look busier than an equally busy peer.
+   */
   begin(workerId: string): void {
-    this.inflight.set(workerId, (this.inflight.get(workerId) ?? 0) + 1);
+    const list = this.inflight.get(workerId);
+    if (list) list.push(this.now());
+    else this.inflight.set(workerId, [this.now()]);
   }
 
   /** Where this node's own tenancy goes from now on (the sync is built once the mesh core exists). */
@@ -149,16 +170,27 @@ export class Router {
     this.o.sink = sink;
   }
 
-  /** A request started with `begin` finished. */
+  /** A request started with `begin` finished (the oldest is taken: which one does not matter for the count). */
   end(workerId: string): void {
-    const n = (this.inflight.get(workerId) ?? 1) - 1;
-    if (n <= 0) this.inflight.delete(workerId);
-    else this.inflight.set(workerId, n);
+    const list = this.inflight.get(workerId);
+    if (!list) return;
+    list.shift();
+    if (list.length === 0) this.inflight.delete(workerId);
   }
 
-  /** Unfinished requests this node sent to `workerId`. */
+  /** Unfinished requests this node sent to `workerId` that its published figures cannot show yet. */
   inflightOf(workerId: string): number {
-    return this.inflight.get(workerId) ?? 0;
+    const list = this.inflight.get(workerId);
+    if (!list) return 0;
+    const since = this.now() - RECORD_LAG_MS;
+    let n = 0;
+    for (let i = list.length - 1; i >= 0 && (list[i] as number) > since; i--) n++;
+    return n;
+  }
+
+  /** Unfinished requests this node sent to `workerId`, however old. */
+  unfinished(workerId: string): number {
+    return this.inflight.get(workerId)?.length ?? 0;
   }
 
   /** This node's engine for `model` reported a change in what its KV holds. */
@@ -174,7 +206,7 @@ export class Router {
   observe(model: string, s: Observation): void {
     const cur = this.policyFor(model);
     const next = { charsPerToken: cur.charsPerToken, prefillMsPerToken: cur.prefillMsPerToken, serviceMs: cur.serviceMs };
-    if (s.promptTokens > 0 && s.chars > 0) next.charsPerToken = mix(cur.charsPerToken, s.chars / s.promptTokens);
+    if (s.promptTokens > 0 && s.chars > 0 && !s.truncated) next.charsPerToken = mix(cur.charsPerToken, s.chars / s.promptTokens);
     const prefilled = s.promptTokens - s.cachedTokens;
     // A handful of tokens says more about per-step overhead than about prefill speed.
     if (prefilled >= 16 && s.prefillMs > 0) next.prefillMsPerToken = mix(cur.prefillMsPerToken, s.prefillMs / prefilled);

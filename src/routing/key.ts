@@ -222,9 +222,10 @@ export class RouteKeyer {
       charsIn += to - from;
       const last = to >= text.length;
       if (last) {
+        // Media is fingerprinted with the block; its size in the prompt is not knowable here, so it counts as a fixed amount.
         for (const p of media) {
           this.feed(p, 0, p.length);
-          charsIn += p.length;
+          charsIn += MEDIA_CHARS;
         }
         for (const c of m.tool_calls ?? []) {
           const s = `\u001c${c.id}\u001f${c.function.name}\u001f${c.function.arguments}`;
@@ -296,7 +297,10 @@ function chunkEnd(text: string, from: number): number {
   return to;
 }
 
-/** A message's text as templates see it (text parts concatenated) and a digest per other part. */
+/** Characters a non-text content part counts for in the prompt-size estimate. */
+const MEDIA_CHARS = 256;
+
+/** A message's text as templates see it (text parts concatenated) and each other part as JSON (fingerprinted, not hashed apart). */
 function contentOf(content: KeyMessage["content"]): { text: string; media: string[] } {
   if (content === null || content === undefined) return { text: "", media: [] };
   if (typeof content === "string") return { text: content, media: [] };
@@ -304,8 +308,7 @@ function contentOf(content: KeyMessage["content"]): { text: string; media: strin
   const media: string[] = [];
   for (const part of content) {
     if (part.type === "text" && typeof part.text === "string") text += part.text;
-    // Media by digest: a data URL can be megabytes, and only its identity matters.
-    else media.push(`\u001d${blake3UrlSafeBase64(JSON.stringify(part))}`);
+    else media.push(`\u001d${JSON.stringify(part)}`);
   }
   return { text, media };
 }

@@ -3,13 +3,13 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import { Elysia } from "elysia";
 import type { Logger } from "../log";
 import { ApiError, badRequest, errorResponse, pointerToParam, toApiError } from "./errors";
-import { type MeshHooks, meshModelNodes, ROUTE_HEADER, type Route, rawJson, routeRequest } from "./mesh";
+import { type MeshHooks, meshModelNodes, rawJson, routeLabels, routeRequest } from "./mesh";
 import { renderMeshMetrics } from "./mesh-metrics";
 import { meshRoutes } from "./mesh-routes";
 import type { GaugeValues, Metrics } from "./metrics";
 import type { ServedModel } from "./model";
-import { chatCompletion } from "./openai/chat";
-import { completion } from "./openai/completions";
+import { chatCompletion, checkChatBody } from "./openai/chat";
+import { checkCompletionBody, completion } from "./openai/completions";
 import { ChatBody, CompletionBody } from "./openai/schema";
 
 /** What the app needs from the node. */
@@ -47,18 +47,12 @@ function keyChecker(keys: string[]): (header: string | null) => boolean {
   };
 }
 
-/**
- * Say where a generating request ran and why, for operators and tests: `x-mesh-served-by` is the
- * node that ran it (a peer's own header passes through a forward), `x-mesh-route` this node's
- * routing decision (cache, load, only; local when it came from a peer or no choice was made).
- */
-function labelled<T>(result: T, route: Route, servedBy: string | null, set: { headers: Record<string, string | number> }): T {
-  const headers: Record<string, string> = {};
-  if (servedBy) headers[ROUTE_HEADER.servedBy] = servedBy;
-  if (route.decision || route.kind === "peer") headers[ROUTE_HEADER.route] = route.decision?.reason ?? "local";
-  else if (route.kind === "here" && route.routing) headers[ROUTE_HEADER.route] = "local";
-  if (result instanceof Response) for (const [k, v] of Object.entries(headers)) result.headers.set(k, v);
-  else Object.assign(set.headers, headers);
+/** Put a request's routing labels (routeLabels) on its answer: a Response's headers, or Elysia's for an object. */
+function labelled<T>(result: T, request: Request, set: { headers: Record<string, string | number> }): T {
+  const labels = routeLabels.get(request);
+  if (!labels) return result;
+  if (result instanceof Response) for (const [k, v] of Object.entries(labels)) result.headers.set(k, v);
+  else Object.assign(set.headers, labels);
   return result;
 }
 
@@ -88,7 +82,6 @@ export function createApp(o: AppOptions) {
     return g;
   };
   const started = new WeakMap<Request, number>();
-  const selfId = o.mesh?.service.nodeId() ?? null;
 
   return new Elysia()
     .onRequest(async ({ request }) => {
@@ -116,10 +109,10 @@ export function createApp(o: AppOptions) {
         return early(new ApiError(413, "invalid_request_error", message, null, "request_too_large"));
       }
     })
-    .onError(({ code, error, set }) => {
+    .onError(({ code, error, set, request }) => {
       const reply = (e: ApiError) => {
         set.status = e.status; // so request metrics and logs see the status actually sent
-        return errorResponse(e);
+        return labelled(errorResponse(e), request, set);
       };
       if (code === "PARSE") return reply(badRequest("the request body is not valid JSON", null, "invalid_json"));
       if (code === "VALIDATION") {
@@ -190,24 +183,26 @@ export function createApp(o: AppOptions) {
     .post(
       "/v1/chat/completions",
       async ({ body, request, set }) => {
+        checkChatBody(body);
         const route = await routeRequest(o.mesh, body.model, "/v1/chat/completions", request, (k) =>
           k.chat(body.model, body.messages, body.tools ?? undefined),
         );
-        if (route.kind === "peer") return labelled(route.response, route, null, set);
+        if (route.kind === "peer") return labelled(route.response, request, set);
         const result = await chatCompletion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
         if (!(result instanceof Response)) set.status = 200;
-        return labelled(result, route, selfId, set);
+        return labelled(result, request, set);
       },
       { body: ChatBody, parse: o.mesh ? rawJson : "json" },
     )
     .post(
       "/v1/completions",
       async ({ body, request, set }) => {
+        checkCompletionBody(body);
         const prompt = typeof body.prompt === "string" ? body.prompt : (body.prompt[0] ?? "");
         const route = await routeRequest(o.mesh, body.model, "/v1/completions", request, (k) => k.completion(body.model, prompt));
-        if (route.kind === "peer") return labelled(route.response, route, null, set);
+        if (route.kind === "peer") return labelled(route.response, request, set);
         const result = await completion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
-        return labelled(result, route, selfId, set);
+        return labelled(result, request, set);
       },
       { body: CompletionBody, parse: o.mesh ? rawJson : "json" },
     )

@@ -62,6 +62,8 @@ export interface ForwardStats {
    * Absent in reports of nodes that predate the proof.
    */
   unproven?: number;
+  /** Requests that ran on this node after the peers ranked before it failed or refused them. */
+  ranHere?: number;
 }
 
 // Statuses of proven answers after which another peer may well succeed: the
@@ -86,7 +88,7 @@ function tooLarge(model: string, bytes: number): Response {
 export class Forwarder {
   // Bounded: an entry exists only while a request to that worker is unfinished.
   private readonly inflight = new Map<string, number>();
-  private readonly counts = { forwarded: 0, retried: 0, failed: 0, unproven: 0 };
+  private readonly counts = { forwarded: 0, retried: 0, failed: 0, unproven: 0, ranHere: 0 };
   /**
    * The smallest body each worker refused with an (unprovable) 413, and when: it is not sent bodies that
    * large again for a while, so whatever answers 413 to everything soon gets nothing, while an honest
@@ -97,16 +99,30 @@ export class Forwarder {
   constructor(private readonly o: ForwarderOptions) {}
 
   /**
-   * Forward a POST of `body` to `path` on the first of `ranked` (peers serving `model`, best first, as
-   * routing ordered them), falling back once to the next one on another node; throws ForwardError.
+   * Forward a POST of `body` to `path` on the first of `order` (the workers serving `model`, best
+   * first, as routing ordered them), falling back once to the next one on another node. When this
+   * node's own worker is in `order`, only the peers ranked before it are tried, and instead of
+   * relaying a refusal or failing, the answer is null: run it here. Returns the answer and the
+   * worker that gave it (null for this node's own 413); throws ForwardError.
    */
-  async forward(order: readonly WorkerInfo[], model: string, path: string, body: Uint8Array, client: AbortSignal): Promise<Response> {
-    const all = order.filter((w) => w.nodeId !== this.o.selfId);
-    if (all.length === 0) throw new ForwardError("no_route", `The model '${model}' does not exist`, model);
+  async forward(
+    order: readonly WorkerInfo[],
+    model: string,
+    path: string,
+    body: Uint8Array,
+    client: AbortSignal,
+  ): Promise<{ response: Response; worker: WorkerInfo | null } | null> {
+    const self = order.findIndex((w) => w.nodeId === this.o.selfId);
+    const here = self >= 0;
+    const all = here ? order.slice(0, self) : order;
+    if (all.length === 0) {
+      if (here) return null;
+      throw new ForwardError("no_route", `The model '${model}' does not exist`, model);
+    }
     const ranked = all.filter((w) => !this.refusesSize(w.id, body.byteLength));
     const first = ranked[0];
     // Every node serving the model refused a body this large lately.
-    if (!first) return tooLarge(model, body.byteLength);
+    if (!first) return here ? null : { response: tooLarge(model, body.byteLength), worker: null };
     // The retry goes to another node: a second worker on a node that just failed would likely fail too.
     const second = ranked.find((w) => w.nodeId !== first.nodeId);
     const targets = second ? [first, second] : [first];
@@ -169,14 +185,15 @@ export class Forwarder {
           continue;
         }
         // A proven 401 is the peer refusing this node's mesh credentials, not the client's key: never relay it.
-        if (RETRYABLE.has(status) && (!last || status === 401)) {
+        // With this node serving the model, no refusal is relayed: it runs here instead.
+        if (RETRYABLE.has(status) && (!last || here || status === 401)) {
           lastError = `a peer answered HTTP ${status}`;
           this.o.logger.warn("peer refused a forwarded request; trying another", { model, node: w.nodeId, status });
           await drop();
           continue;
         }
         this.counts.forwarded++;
-        return this.relay(response, w.id, upstream, () => client.removeEventListener("abort", onAbort));
+        return { response: this.relay(response, w.id, upstream, () => client.removeEventListener("abort", onAbort)), worker: w };
       } catch (e) {
         clearInterval(timer);
         this.end(w.id);
@@ -192,8 +209,12 @@ export class Forwarder {
       }
     }
     if (client.aborted) throw new ForwardError("cancelled", "the client went away", model);
+    if (here) {
+      this.counts.ranHere++;
+      return null;
+    }
     // A 413 only when every node tried refused the size; any other failure among them is a failure to answer.
-    if (sizeRefusals === targets.length) return tooLarge(model, body.byteLength);
+    if (sizeRefusals === targets.length) return { response: tooLarge(model, body.byteLength), worker: null };
     this.counts.failed++;
     throw new ForwardError("upstream_failed", `no peer serving '${model}' could take the request (${lastError})`, model);
   }

@@ -135,12 +135,13 @@ export function renderMeshMetrics(f: MeshFigures): string {
     family(
       "mesh_forwarded_requests_total",
       "counter",
-      "Requests sent to a peer serving the model: forwarded, retried on another peer, failed; peer answers refused for lacking a valid mesh proof",
+      "Requests sent to a peer serving the model: forwarded, retried on another peer, failed, run here instead (the peers failed or refused, and this node serves the model); peer answers refused for lacking a valid mesh proof",
       [
         ['{result="forwarded"}', f.forwarding.forwarded],
         ['{result="retried"}', f.forwarding.retried],
         ['{result="failed"}', f.forwarding.failed],
         ['{result="unproven"}', f.forwarding.unproven ?? 0],
+        ['{result="ran_here"}', f.forwarding.ranHere ?? 0],
       ],
     ),
     family("mesh_forwarded_requests_active", "gauge", "Forwarded requests in flight", [["", f.forwarding.active]]),

@@ -128,6 +128,14 @@ export class MeshNode {
     });
     this.core.extend(this.routeSync);
     this.router.connect(own, this.routeSync);
+    // A member that died, left or restarted holds none of what this node's leases say it does.
+    this.core.extend({
+      types: [],
+      handle: () => ({ type: "error", code: "unknown_type", message: "no such message" }),
+      onMembership: (e) => {
+        if (e.kind === "down" || e.kind === "epoch") this.router.dropNode(e.id);
+      },
+    });
     this.core.start();
     return this.core;
   }

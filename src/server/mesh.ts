@@ -2,7 +2,8 @@
 // OpenAI routes answer for models served elsewhere.
 import type { WorkerInfo } from "../mesh/wire";
 import type { Decision, RouteKey, RouteKeyer, Router } from "../routing";
-import { ForwardError, type Forwarder } from "./forward";
+import { ApiError, badRequest } from "./errors";
+import type { Forwarder } from "./forward";
 import type { MeshGate } from "./mesh-gate";
 import type { MeshFigures } from "./mesh-metrics";
 import type { MeshService } from "./mesh-routes";
@@ -42,6 +43,16 @@ export async function rawJson({ request }: { request: Request }): Promise<unknow
 /** Response headers that tell where a request ran and why. */
 export const ROUTE_HEADER = { servedBy: "x-mesh-served-by", route: "x-mesh-route" } as const;
 
+/**
+ * Where each generating request ran and why, as response headers, errors included: `x-mesh-served-by`
+ * (the node that ran it: this one, or as the peer said) and `x-mesh-route` (this node's decision:
+ * cache, load, only; local when it came from a peer or no choice was made).
+ */
+export const routeLabels = new WeakMap<Request, Record<string, string>>();
+
+function label(request: Request, route: string, servedBy: string | null): void {
+  routeLabels.set(request, { [ROUTE_HEADER.route]: route, ...(servedBy ? { [ROUTE_HEADER.servedBy]: servedBy } : {}) });
+}
 /** How a generating request is answered: by a peer (its response, relayed), or here, with its key for the engine's marks. */
 export type Route =
   | { kind: "peer"; response: Response; decision: Decision }
@@ -59,8 +70,10 @@ export interface LocalRouting {
 /**
  * Route a generating request: compute its key, let routing decide, and forward it when a peer wins.
  * A request that came from a peer is never forwarded again, so two nodes with stale views of each
- * other cannot bounce a request between them. When every peer tried fails before answering and the
- * model is served here, it runs here. `key` computes the request's routing key (only with a mesh).
+ * other cannot bounce a request between them. When the peers ranked before this node fail or refuse
+ * and the model is served here, it runs here. `key` computes the request's routing key (only with a
+ * mesh); the body has passed every check that does not need the model, so a request that will be
+ * refused never moves a lease or a counter.
  */
 export async function routeRequest(
   mesh: MeshHooks | undefined,
@@ -70,7 +83,13 @@ export async function routeRequest(
   key: (keyer: RouteKeyer) => RouteKey,
 ): Promise<Route> {
   if (!mesh) return { kind: "here", key: null, decision: null, routing: null };
-  const k = key(mesh.keyer);
+  let k: RouteKey;
+  try {
+    k = key(mesh.keyer);
+  } catch (e) {
+    // Checked bodies key without error; this only keeps an unforeseen shape from becoming a 500.
+    throw badRequest(`the request could not be keyed for routing: ${(e as Error)?.message ?? e}`);
+  }
   const local = (): LocalRouting => ({
     key: k,
     keyer: mesh.keyer,
@@ -78,22 +97,33 @@ export async function routeRequest(
     workerId: mesh.router.localWorker(model)?.id ?? null,
   });
   const body = rawBodies.get(request);
+  const self = mesh.service.nodeId();
   if (mesh.gate.caller(request) || !body) {
     mesh.router.countLocal();
+    label(request, "local", self);
     return { kind: "here", key: k, decision: null, routing: local() };
   }
   const decision = mesh.router.decide(model, k);
-  if (!decision || decision.target.local) return { kind: "here", key: k, decision, routing: local() };
-  const peers = decision.ranked.filter((c) => !c.candidate.local).map((c) => c.candidate.worker);
-  try {
-    return { kind: "peer", response: await mesh.forwarder.forward(peers, model, path, body, request.signal), decision };
-  } catch (e) {
-    const fallback = decision.ranked.some((c) => c.candidate.local);
-    if (e instanceof ForwardError && e.code === "upstream_failed" && fallback) {
-      return { kind: "here", key: k, decision, routing: local() };
+  label(request, decision?.reason ?? "local", decision === null || decision.target.local ? self : null);
+  if (!decision) {
+    // Served somewhere, but nowhere ready yet: say so rather than "does not exist".
+    const served = mesh.service.workers().some((w) => w.models.includes(model));
+    if (served && !mesh.router.localWorker(model)) {
+      throw new ApiError(503, "server_error", `model '${model}' is loading on every node that serves it`, null, "model_unavailable", 5);
     }
-    throw e;
+    return { kind: "here", key: k, decision, routing: local() };
   }
+  if (decision.target.local) return { kind: "here", key: k, decision, routing: local() };
+  const order = decision.ranked.map((c) => c.candidate.worker);
+  const answer = await mesh.forwarder.forward(order, model, path, body, request.signal);
+  const ranOn = answer === null ? self : answer.worker?.nodeId;
+  // The conversation's lease follows where it really ran, not where routing first sent it.
+  if (ranOn && ranOn !== decision.target.worker.nodeId) mesh.router.lease(k, ranOn);
+  if (answer === null) {
+    label(request, decision.reason, self);
+    return { kind: "here", key: k, decision, routing: local() };
+  }
+  return { kind: "peer", response: answer.response, decision };
 }
 
 /** One node serving a model, as listed by /v1/models. */

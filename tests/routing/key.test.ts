@@ -77,6 +77,25 @@ describe("routing key", () => {
     expect(parts.hashes).toEqual(keyer.chat("m", [user("abcd")]).hashes);
   });
 
+  test("media_parts_count_in_the_key_without_a_hash_each", () => {
+    const keyer = new RouteKeyer(SECRET);
+    const img = (url: string): KeyMessage => ({
+      role: "user",
+      content: [
+        { type: "text", text: "see" },
+        { type: "image_url", image_url: { url } },
+      ],
+    });
+    const a = keyer.chat("m", [img("data:image/png;base64,AAAA")]);
+    expect(keyer.chat("m", [img("data:image/png;base64,AAAA")]).hashes).toEqual([...a.hashes]);
+    expect(keyer.chat("m", [img("data:image/png;base64,BBBB")]).hashes[0]).not.toBe(a.hashes[0] as string);
+    // Many parts cost one block, not one hash per part.
+    const many = keyer.chat("m", [
+      { role: "user", content: Array.from({ length: 5000 }, (_, i) => ({ type: "image_url", image_url: { url: `u${i}` } })) },
+    ]);
+    expect(many.length).toBe(1);
+  });
+
   test("the_reply_extends_the_key_as_the_next_turn_will_send_it", () => {
     const keyer = new RouteKeyer(SECRET);
     const call = { id: "call_1", type: "function", function: { name: "read", arguments: '{"path":"a"}' } };

@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import type { WorkerInfo } from "../../src/mesh/wire";
-import { type KeyMessage, RouteKeyer, Router } from "../../src/routing";
+import { type KeyMessage, RECORD_LAG_MS, RouteKeyer, Router } from "../../src/routing";
 import { Leases } from "../../src/routing/lease";
 import { workerRecord } from "../helpers/mesh";
 
@@ -86,6 +86,19 @@ describe("router", () => {
     expect(picks.sort()).toEqual(["A", "A", "B", "B"]);
     for (const id of ["w-A", "w-A", "w-B", "w-B"]) r.end(id);
     expect(r.inflightOf("w-A")).toBe(0);
+  });
+
+  test("a_request_counts_towards_load_only_until_the_workers_figures_can_show_it_regression_double_count", () => {
+    let now = 0;
+    const r = new Router({ selfId: "A", workers: () => [w("A", { slotsBusy: 1 })], now: () => now });
+    r.begin("w-A");
+    expect(r.inflightOf("w-A")).toBe(1);
+    // The node's own figures include it after a publish: counting it on top would count it twice.
+    now += RECORD_LAG_MS + 1;
+    expect(r.inflightOf("w-A")).toBe(0);
+    expect(r.unfinished("w-A")).toBe(1);
+    r.end("w-A");
+    expect(r.unfinished("w-A")).toBe(0);
   });
 
   test("observations_refine_the_speed_estimates", () => {

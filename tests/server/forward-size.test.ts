@@ -55,8 +55,9 @@ const body = new TextEncoder().encode(JSON.stringify({ model: "mesh-tiny", messa
 async function outcome(f: Forwarder, b: Uint8Array = body): Promise<number | string> {
   try {
     const r = await f.forward(orderOf.get(f) ?? [], "mesh-tiny", "/v1/chat/completions", b, new AbortController().signal);
-    await r.arrayBuffer();
-    return r.status;
+    if (!r) return "ran_here";
+    await r.response.arrayBuffer();
+    return r.response.status;
   } catch (e) {
     return (e as { code?: string }).code ?? String(e);
   }

@@ -34,6 +34,12 @@ export function renderChatPrompt(model: ServedModel, body: ChatBodyT): string {
   return prompt;
 }
 
+/** The checks a chat body passes before it is routed anywhere (400 naming the field): the same wherever it runs. */
+export function checkChatBody(body: ChatBodyT): void {
+  checkCommon(body);
+  checkDepth(body);
+}
+
 /** Refuse free-form JSON nested too deeply for the template to walk (400 naming the field). */
 function checkDepth(body: ChatBodyT): void {
   const deep = tooDeep(body.tools, "tools") ?? tooDeep(body.tool_choice, "tool_choice") ?? tooDeep(body.messages, "messages");
@@ -53,8 +59,7 @@ export async function chatCompletion(
   onStreamError: (e: unknown) => ApiError,
   routing: LocalRouting | null = null,
 ): Promise<Response | object> {
-  checkCommon(body);
-  checkDepth(body);
+  checkChatBody(body);
   const engine = engineOf(model);
   const prompt = renderChatPrompt(model, body);
   const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined;

@@ -7,6 +7,12 @@ import { RoutedRun } from "./routed";
 import { beginRequest, checkCommon, engineOf, generateOptions, observed, primed, sseResponse, type Usage, usageOf } from "./run";
 import type { CompletionBodyT } from "./schema";
 
+/** The checks a completions body passes before it is routed anywhere (400 naming the field). */
+export function checkCompletionBody(body: CompletionBodyT): void {
+  checkCommon(body);
+  if (body.echo) throw badRequest("echo is not supported", "echo", "unsupported_value");
+}
+
 /** Handle a validated completions request. */
 export async function completion(
   model: ServedModel,
@@ -16,8 +22,7 @@ export async function completion(
   onStreamError: (e: unknown) => ApiError,
   routing: LocalRouting | null = null,
 ): Promise<Response | object> {
-  checkCommon(body);
-  if (body.echo) throw badRequest("echo is not supported", "echo", "unsupported_value");
+  checkCompletionBody(body);
   const engine = engineOf(model);
   const prompt = typeof body.prompt === "string" ? body.prompt : (body.prompt[0] as string);
   // OpenAI's default for this endpoint is 16 tokens.

@@ -43,6 +43,7 @@ export class RoutedRun {
       onDone: (x) =>
         r.router.observe(this.modelId, {
           chars: r.key.chars,
+          truncated: r.key.truncated,
           promptTokens: x.promptTokens,
           cachedTokens: x.cachedTokens,
           prefillMs: x.firstTokenAt - x.admittedAt,
