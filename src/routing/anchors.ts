@@ -2,10 +2,10 @@
 // so the engine can tell which blocks its KV holds (a block is held once the
 // tokens covering its end are in KV). Chat templates wrap messages in their
 // own markup and some trim or rewrite content, so each message's text is
-// looked for in the rendered prompt, in order. A block whose end cannot be
-// placed exactly is placed at the next end that can (at the latest, the end
-// of the prompt): later, never earlier, so a node never claims a block its KV
-// does not hold.
+// looked for in the rendered prompt. A block whose end cannot be placed
+// exactly is placed at the next end that can (at the latest, the end of the
+// prompt): later, never earlier, so a node never claims a block its KV does
+// not hold.
 import type { KeyMessage, RouteKey } from "./key";
 
 /** A block's hash, the hash before it, and the UTF-8 byte offset in the prompt where it ends. */
@@ -15,35 +15,38 @@ export interface BlockAnchor {
   byteEnd: number;
 }
 
-/** Anchors of a chat key's blocks in `rendered` (the prompt produced from the same messages). */
+/**
+ * Anchors of a chat key's blocks in `rendered` (the prompt produced from the same messages).
+ * Messages are looked for from the last to the first, each at its last occurrence ending before
+ * where the next one was found: the text of a short message ("ok", "user", a number) also occurs
+ * in the template's markup and in tool calls before it, and a forward search would take that
+ * earlier occurrence. Looking backwards, each message is found at or after where it really is
+ * (by induction from the end), so no block is ever placed before its real end.
+ */
 export function chatAnchors(key: RouteKey, messages: readonly KeyMessage[], rendered: string): BlockAnchor[] {
-  // Where each message's text starts in the rendered prompt (-1: not found), searched in order.
-  const starts: number[] = [];
-  const found: number[] = [];
-  let cursor = 0;
-  for (const m of messages) {
-    const text = textOf(m.content);
-    let start = -1;
-    let len = 0;
-    if (text.length > 0) {
-      let at = rendered.indexOf(text, cursor);
-      if (at >= 0) {
-        start = at;
-        len = text.length;
-      } else {
-        // Templates often trim content: find the trimmed text, and count offsets from where the untrimmed one would start.
-        const trimmed = text.trim();
-        const lead = text.length - text.trimStart().length;
-        at = trimmed.length > 0 ? rendered.indexOf(trimmed, cursor) : -1;
-        if (at >= 0) {
-          start = at - lead;
-          len = trimmed.length + lead;
-        }
-      }
-      if (start >= 0) cursor = start + len;
+  // Where each message's text starts in the rendered prompt (-1: not found), and its length there.
+  const starts: number[] = new Array(messages.length).fill(-1);
+  const found: number[] = new Array(messages.length).fill(0);
+  let bound = rendered.length;
+  for (let i = messages.length - 1; i >= 0; i--) {
+    const text = textOf((messages[i] as KeyMessage).content);
+    if (text.length === 0) continue;
+    let at = lastBefore(rendered, text, bound);
+    if (at >= 0) {
+      starts[i] = at;
+      found[i] = text.length;
+      bound = at;
+      continue;
     }
-    starts.push(start);
-    found.push(len);
+    // Templates often trim content: find the trimmed text, and count offsets from where the untrimmed one would start.
+    const trimmed = text.trim();
+    const lead = text.length - text.trimStart().length;
+    at = trimmed.length > 0 ? lastBefore(rendered, trimmed, bound) : -1;
+    if (at >= 0) {
+      starts[i] = at - lead;
+      found[i] = trimmed.length + lead;
+      bound = at;
+    }
   }
   const ends: number[] = key.spans.map((s) => {
     if (s.message < 0) return -1;
@@ -56,6 +59,12 @@ export function chatAnchors(key: RouteKey, messages: readonly KeyMessage[], rend
     return start + Math.min(s.to, found[s.message] ?? 0);
   });
   return toAnchors(key, ends, rendered);
+}
+
+/** Start of the last occurrence of `text` in `s` that ends at or before `bound`, or -1. */
+function lastBefore(s: string, text: string, bound: number): number {
+  const from = bound - text.length;
+  return from < 0 ? -1 : s.lastIndexOf(text, from);
 }
 
 /** Anchors of a completion key's blocks: the prompt is the text itself. */

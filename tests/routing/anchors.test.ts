@@ -1,6 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import { chatAnchors, completionAnchors } from "../../src/routing/anchors";
 import { CHUNK_CHARS, type KeyMessage, RouteKeyer } from "../../src/routing/key";
+import { type ChatMessage, ChatTemplate, type ChatTool } from "../../src/server/chat";
 
 const keyer = new RouteKeyer("a mesh secret of at least thirty-two characters");
 const chatml = (ms: KeyMessage[]) =>
@@ -63,6 +64,35 @@ describe("anchors of a key in the rendered prompt", () => {
     const toolEnd = prompt.indexOf("file body") + "file body".length;
     expect(a[1]?.byteEnd).toBe(toolEnd);
     expect(a[2]?.byteEnd).toBe(toolEnd);
+  });
+
+  test("a_tool_result_that_also_occurs_in_the_tool_call_before_it_is_not_placed_early_regression", () => {
+    // A forward search found "ok" inside the call's arguments ("lookup cookbook"): the block ended before its real end.
+    const t = new ChatTemplate(null, { bosToken: "", eosToken: "" });
+    const tools: ChatTool[] = [{ type: "function", function: { name: "search", parameters: { type: "object" } } }];
+    const ms: KeyMessage[] = [
+      { role: "user", content: "Find the cookbook" },
+      {
+        role: "assistant",
+        content: null,
+        tool_calls: [{ id: "call_1", type: "function", function: { name: "search", arguments: '{"q": "lookup cookbook"}' } }],
+      },
+      { role: "tool", tool_call_id: "call_1", content: "ok" },
+    ];
+    const prompt = t.render(ms as ChatMessage[], { tools });
+    const a = chatAnchors(keyer.chat("m", ms, tools), ms, prompt);
+    expect(a[2]?.byteEnd).toBeGreaterThanOrEqual(bytes(prompt.slice(0, prompt.lastIndexOf("ok") + 2)));
+  });
+
+  test("a_message_whose_text_is_a_role_name_is_not_placed_on_the_role_header_regression", () => {
+    const t = new ChatTemplate(null, { bosToken: "", eosToken: "" });
+    const ms: KeyMessage[] = [
+      { role: "system", content: "Answer with one word." },
+      { role: "user", content: "user" },
+    ];
+    const prompt = t.render(ms as ChatMessage[], {});
+    const a = chatAnchors(keyer.chat("m", ms), ms, prompt);
+    expect(a[1]?.byteEnd).toBeGreaterThanOrEqual(bytes(prompt.slice(0, prompt.indexOf("user<|im_end|>") + 4)));
   });
 
   test("completion_anchors_are_byte_offsets_of_its_chunks", () => {
