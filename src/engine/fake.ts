@@ -83,6 +83,8 @@ export class FakeEngine implements EngineLike {
   private readonly feed = new TenancyFeed();
   /** Finished generations that carried marks: where their sequence ended, for reply marks. */
   private readonly finished = new Map<number, { seq: Seq; end: number }>();
+  /** Counts clearMarks calls: a generation admitted before one gets no reply marks. */
+  private markEpoch = 0;
   private nextId = 1;
   private nextSeq = 0;
   private clock = 0;
@@ -250,8 +252,20 @@ export class FakeEngine implements EngineLike {
     if (this.closed || !f) return;
     this.finished.delete(id);
     if (!this.seqs.includes(f.seq) || f.seq.tokens.length < f.end) return;
+    // As in the real engine: the reply extends a chain this sequence must hold.
+    const parent = marks[0]?.[1] ?? null;
+    if (parent !== null && !this.tenancy.heldBy(f.seq, parent, f.end)) return;
     const held: TokenMark[] = marks.slice(0, MAX_MARKS).map(([hash, parent]) => ({ hash, parent, tokenEnd: f.end }));
     this.tenancy.hold(f.seq, f.seq.tokens.length, held);
+    this.flushSoon();
+  }
+
+  /** Forget every mark (held, of running generations, awaiting reply marks) and report the held ones evicted; the cache stays. */
+  clearMarks(): void {
+    if (this.closed) return;
+    this.tenancy.clear();
+    this.finished.clear();
+    this.markEpoch++;
     this.flushSoon();
   }
 
@@ -287,6 +301,7 @@ export class FakeEngine implements EngineLike {
           )
         : null;
     const { seq, cached } = this.admit(prompt, marks);
+    const epoch = this.markEpoch;
     this.counters.admitted++;
     this.counters.prompt += prompt.length;
     this.counters.cached += cached;
@@ -331,7 +346,8 @@ export class FakeEngine implements EngineLike {
     }
     seq.busy = false;
     seq.lastUsed = ++this.clock;
-    if (marks) this.remember(id, seq);
+    // A cancelled generation's sequence ends short of the reply the server marks.
+    if (marks && reason !== "cancelled" && epoch === this.markEpoch) this.remember(id, seq);
     this.shrink();
     push({ kind: "done", finishReason: reason, promptTokens: prompt.length, cachedTokens: cached, completionTokens: generated });
   }

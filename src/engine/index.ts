@@ -136,6 +136,8 @@ export interface EngineLike {
   close(): Promise<void>;
   /** Attach the marks of the reply generation `id` produced to the end of its KV sequence, if that is still held (fire and forget). */
   addMarks(id: number, marks: Array<[string, string | null]>): void;
+  /** Forget every prefix mark the KV holds or was told of, reporting the held ones evicted, and keep the KV (fire and forget): prompts marked so far would now render differently. */
+  clearMarks(): void;
   /** Listen for changes in the prefix marks the KV holds; returns the unsubscribe function. */
   onTenancy(listener: (delta: TenancyDelta) => void): () => void;
 }
@@ -323,6 +325,12 @@ export class Engine implements EngineLike {
   addMarks(id: number, marks: Array<[string, string | null]>): void {
     if (this.closing || marks.length === 0) return;
     this.post({ type: "marks", id, marks: marks.slice(0, MAX_MARKS) });
+  }
+
+  /** Forget every prefix mark (held, of running and queued prompts, awaiting reply marks) and report the held ones evicted; the KV stays (fire and forget). */
+  clearMarks(): void {
+    if (this.closing) return;
+    this.post({ type: "clear_marks" });
   }
 
   /** Listen for the prefix marks the KV starts or stops holding; a closed engine sends one last delta evicting all. */

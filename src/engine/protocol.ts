@@ -150,6 +150,8 @@ export type ToWorker =
   | { type: "stats"; rid: number }
   /** Marks of the reply generation `id` produced, attached at the end of the sequence it left, if that is still held intact. */
   | { type: "marks"; id: number; marks: Array<[string, string | null]> }
+  /** Forget every mark of every holder (slots, host-RAM copies, running and queued prompts), reporting the held ones evicted; the KV stays. */
+  | { type: "clear_marks" }
   | { type: "shutdown" };
 
 export type FromWorker =

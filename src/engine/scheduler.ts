@@ -410,8 +410,27 @@ export class Scheduler {
       }
     }
     if (marks.length === 0) return;
-    if (f.slot && f.slot.history.length >= f.end) this.tenancy.hold(f.slot, f.slot.history.length, marks);
-    for (const st of f.saved) this.tenancy.hold(st, st.tokens, marks);
+    // The reply's hashes stand for the prefix its first parent stands for plus the reply: a holder
+    // that does not hold that parent within the sequence does not hold the chain they extend.
+    const parent = (marks[0] as TokenMark).parent;
+    const extendsHeld = (holder: Slot | HostState) => parent === null || this.tenancy.heldBy(holder, parent, f.end);
+    if (f.slot && f.slot.history.length >= f.end && extendsHeld(f.slot)) this.tenancy.hold(f.slot, f.slot.history.length, marks);
+    for (const st of f.saved) if (extendsHeld(st)) this.tenancy.hold(st, st.tokens, marks);
+  }
+
+  /**
+   * Forget every mark, keeping the KV: those slots and host-RAM copies hold
+   * (each reported evicted at the next drain), those of running and queued
+   * prompts not yet held, and finished generations still waiting for their
+   * reply's marks. The server calls it when prompts it already marked would
+   * now render differently, so none of them may be claimed any more.
+   */
+  clearMarks(): void {
+    this.tenancy.clear();
+    this.finished.clear();
+    // Given before the clear: they may describe the old rendering too.
+    for (const s of this.slots) if (s.active) s.active.marks = null;
+    for (const w of this.waiting) w.marks = null;
   }
 
   /** What the KV started or stopped holding since the last call; null when nothing changed. */
@@ -756,7 +775,13 @@ export class Scheduler {
 
   /** Drop a slot's KV from position keep on. */
   private truncate(s: Slot, keep: number, force = false): boolean {
-    if (keep >= s.history.length && !force) return true;
+    if (keep >= s.history.length && !force) {
+      // An empty history holds nothing, whatever marks were left waiting on it (a request shed or
+      // failed before any of its tokens reached the KV): without this, the slot's next prompt would
+      // hold them as its own prefill went past their ends.
+      if (s.history.length === 0) this.cut(s, 0);
+      return true;
+    }
     const before = s.history.length;
     if (this.d.native.mesh_seq_rm(this.d.ctx, s.seq, keep, -1) !== 0) {
       s.history.length = keep;
@@ -797,9 +822,13 @@ export class Scheduler {
     if (this.tenancy.active) this.tenancy.trim(s, s.history.length);
   }
 
-  /** Remember where a generation that carried marks left its sequence, for its reply's marks. */
-  private rememberFinished(a: Active): void {
-    if (!a.marks) return;
+  /**
+   * Remember where a generation that carried marks left its sequence, for its reply's marks; only
+   * one whose whole prompt reached the KV and that ended on its own: a cancelled one's sequence ends
+   * short of the reply the server marks (or of the prompt that reply extends, when cancelled in prefill).
+   */
+  private rememberFinished(a: Active, reason: FinishReason): void {
+    if (!a.marks || reason === "cancelled" || a.fed < a.prompt.length) return;
     this.finished.set(a.id, { slot: a.slot, end: a.slot.history.length, saved: [] });
     if (this.finished.size > MAX_FINISHED) {
       const oldest = this.finished.keys().next().value as number;
@@ -924,7 +953,7 @@ export class Scheduler {
     a.slot.active = null;
     a.slot.lastUsed = ++this.clock;
     this.settle(a.slot);
-    this.rememberFinished(a);
+    this.rememberFinished(a, reason);
     if (reason !== "cancelled") this.serviceMs = 0.8 * this.serviceMs + 0.2 * (this.d.now() - a.startedAt);
     out.push(doneEvent(a.id, reason, a.prompt.length, a.cached, a.generated));
   }

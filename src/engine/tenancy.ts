@@ -113,21 +113,21 @@ export class Tenancy<H> {
    */
   hold(holder: H, length: number, marks: readonly TokenMark[] = []): void {
     let h = this.holdings.get(holder);
+    if (h && length < h.length) {
+      this.trim(holder, length);
+      h = this.holdings.get(holder);
+    }
     if (!h) {
       if (marks.length === 0) return;
       h = { marks: [], byHash: new Map(), held: 0, length };
       this.holdings.set(holder, h);
-    } else if (length < h.length) {
-      this.trim(holder, length);
-      h = this.holdings.get(holder);
-      if (!h) {
-        if (marks.length === 0) return;
-        h = { marks: [], byHash: new Map(), held: 0, length };
-        this.holdings.set(holder, h);
-      }
     }
-    h.length = length;
+    // Attach at the length already recorded, where the first `held` marks are
+    // exactly those it covers, and only then grow: attaching at the new length
+    // would count a new covered mark held while older waiting marks before it
+    // are not yet, and the loop below would then count it a second time.
     for (const m of marks) this.attach(h, m);
+    h.length = length;
     while (h.held < h.marks.length && (h.marks[h.held] as TokenMark).tokenEnd <= length) {
       this.ref(h.marks[h.held] as TokenMark);
       h.held++;
@@ -156,6 +156,23 @@ export class Tenancy<H> {
     if (!h) return;
     this.holdings.delete(holder);
     for (let i = 0; i < h.held; i++) this.unref((h.marks[i] as TokenMark).hash);
+  }
+
+  /** True when holder holds hash, within its first upTo tokens (anywhere by default). */
+  heldBy(holder: H, hash: string, upTo = Number.POSITIVE_INFINITY): boolean {
+    const h = this.holdings.get(holder);
+    const m = h?.byHash.get(hash);
+    return h !== undefined && m !== undefined && m.tokenEnd <= Math.min(upTo, h.length);
+  }
+
+  /**
+   * Forget every holder's marks, held or waiting (the tokens stay where they
+   * are): each hash reported held is reported evicted at the next drain.
+   */
+  clear(): void {
+    for (const hash of this.refs.keys()) this.changed.add(hash);
+    this.refs.clear();
+    this.holdings.clear();
   }
 
   /**

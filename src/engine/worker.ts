@@ -87,7 +87,7 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
   if (!scheduler) {
     const error: EngineErrorValue = { code: "engine_closed", message: "no model is loaded" };
     if (m.type === "generate") events.push({ id: m.id, kind: "error", error });
-    else if (m.type !== "cancel" && m.type !== "marks") post({ type: "reply_error", rid: m.rid, error });
+    else if (m.type !== "cancel" && m.type !== "marks" && m.type !== "clear_marks") post({ type: "reply_error", rid: m.rid, error });
     return;
   }
   switch (m.type) {
@@ -108,6 +108,10 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
       return;
     case "marks":
       if (Array.isArray(m.marks)) scheduler.addMarks(m.id, m.marks);
+      return;
+    case "clear_marks":
+      // The evicts go out with this loop iteration's flush.
+      scheduler.clearMarks();
       return;
     case "generate": {
       const p = m.request.prompt;

@@ -442,4 +442,30 @@ describe("KV tenancy through the worker", () => {
       if (!closedEngine) await e.close();
     }
   });
+
+  test("clear_marks_evicts_every_held_mark_and_the_kv_is_still_reused", async () => {
+    const e = await Engine.load({ modelPath: await tinyModel(), nCtx: 1024, nParallel: 2, threads: 2, hostCacheMiB: 0 });
+    const t = watchTenancy(e);
+    try {
+      const p = `conversation: ${"words ".repeat(40)}`;
+      const mark = { hash: "k-1", parent: null, byteEnd: bytes(p) };
+      const gen = e.generate({ prompt: p, maxTokens: 2, sampling: greedy, ignoreEos: true, marks: [mark] });
+      await collect(gen);
+      await t.until(() => t.held.has("k-1"));
+      e.clearMarks();
+      await t.until(() => t.held.size === 0);
+      expect(t.deltas.at(-1)).toEqual({ inserts: [], evicts: ["k-1"] });
+      // A reply marked after the clear, for a generation that ended before it, is not claimed; a later
+      // marked request's report would come after anything it caused.
+      e.addMarks(gen.id, [["k-reply", "k-1"]]);
+      const again = await collect(e.generate({ prompt: `${p} and more`, maxTokens: 1, sampling: greedy, marks: [mark] }));
+      await t.until(() => t.held.has("k-1"));
+      expect(t.held.has("k-reply")).toBe(false);
+      // The KV was kept: the next turn reused the conversation.
+      expect(again.done.cachedTokens).toBeGreaterThan(40);
+    } finally {
+      t.off();
+      await e.close();
+    }
+  });
 });

@@ -164,6 +164,62 @@ describe("fake engine", () => {
     expect(t.held.has("p")).toBe(true);
   });
 
+  test("reply_marks_of_a_cancelled_generation_are_not_claimed", async () => {
+    // Review finding (as in the real engine): the sequence ends short of the reply the server marks.
+    const e = new FakeEngine({ reply: "a long reply that is cut short", tokenDelayMs: 1 });
+    const t = watch(e);
+    const gen = e.generate({ prompt: "question", marks: [{ hash: "q", parent: null, byteEnd: 8 }] });
+    const done = collect(gen);
+    await Bun.sleep(5);
+    gen.cancel();
+    expect((await done).done.finishReason).toBe("cancelled");
+    e.addMarks(gen.id, [["reply", "q"]]);
+    await settle();
+    expect([...t.held]).toEqual(["q"]);
+  });
+
+  test("reply_marks_whose_first_parent_the_sequence_does_not_hold_are_dropped", async () => {
+    const e = new FakeEngine({ reply: "ok" });
+    const t = watch(e);
+    const a = e.generate({ prompt: "first question", marks: [{ hash: "a", parent: null, byteEnd: 14 }] });
+    await collect(a);
+    const b = e.generate({ prompt: "second question", marks: [{ hash: "b", parent: null, byteEnd: 15 }] });
+    await collect(b);
+    // "b" is held, but by the other sequence.
+    e.addMarks(a.id, [["a-reply", "b"]]);
+    e.addMarks(b.id, [["b-reply", "b"]]);
+    await settle();
+    expect([...t.held].sort()).toEqual(["a", "b", "b-reply"]);
+  });
+
+  test("clear_marks_reports_every_held_mark_evicted_and_keeps_the_cache", async () => {
+    const e = new FakeEngine({ reply: "ok", tokenDelayMs: 1 });
+    const t = watch(e);
+    const first = "first question";
+    const a = e.generate({ prompt: first, marks: [{ hash: "a", parent: null, byteEnd: bytes(first) }] });
+    await collect(a);
+    const running = e.generate({ prompt: "still running", marks: [{ hash: "r", parent: null, byteEnd: 5 }] });
+    const runningDone = collect(running);
+    await Bun.sleep(2);
+    await settle();
+    expect([...t.held].sort()).toEqual(["a", "r"]);
+    e.clearMarks();
+    await settle();
+    expect(t.held.size).toBe(0);
+    expect(t.deltas.at(-1)?.evicts.sort()).toEqual(["a", "r"]);
+    // Generations from before the clear get no reply marks, even one that ends after it.
+    await runningDone;
+    e.addMarks(a.id, [["a-reply", "a"]]);
+    e.addMarks(running.id, [["r-reply", null]]);
+    await settle();
+    expect(t.held.size).toBe(0);
+    // The cached sequences stay, and marks given now are reported.
+    const next = await collect(e.generate({ prompt: `${first}ok more`, marks: [{ hash: "a", parent: null, byteEnd: bytes(first) }] }));
+    expect(next.done.cachedTokens).toBe(bytes(`${first}ok`));
+    await settle();
+    expect([...t.held]).toEqual(["a"]);
+  });
+
   test("closing_the_fake_evicts_everything_held_and_ends_running_generations", async () => {
     const e = new FakeEngine({ reply: "z".repeat(500), tokenDelayMs: 1 });
     const t = watch(e);

@@ -50,9 +50,12 @@ afterAll(() => {
 });
 
 // Each test starts from an empty pool, so KV placement (and greedy output) is the same every time.
+// The context has options.nParallel sequences; a scheduler may use fewer of them (schedulerDeps
+// takes the slot count from the context, so it is set here).
 function scheduler(native: Native = opened.native, o: Partial<LoadOptions> = {}): Scheduler {
   opened.native.mesh_memory_clear(opened.ctx, 1);
-  return new Scheduler({ ...schedulerDeps(opened, { ...options, ...o }, control, FLAGS_OFFSET), native });
+  const deps = schedulerDeps(opened, { ...options, ...o }, control, FLAGS_OFFSET);
+  return new Scheduler({ ...deps, native, nParallel: Math.min(deps.nParallel, o.nParallel ?? deps.nParallel) });
 }
 
 /** Run one request of 2 tokens to the end; the cached tokens its start reported. */
@@ -384,5 +387,107 @@ describe("KV tenancy over the real library", () => {
       s.dispose();
     }
     expect(s.drainTenancy()).toBeNull();
+  });
+
+  test("a_request_shed_for_lack_of_kv_leaves_no_marks_behind", () => {
+    // Review finding: the shed request's waiting marks stayed on its slot (its history was already
+    // empty, so cutting it to 0 did nothing) and the slot's next prompt then held them.
+    const real = opened.native;
+    const POISON = 77;
+    // llama.cpp refuses (KV exhausted, rc 1) every batch that holds the first request's first token.
+    const full = {
+      ...real,
+      mesh_decode: (ctx: never, tokens: Int32Array, pos: never, seq: never, logits: never, n: number) =>
+        tokens.subarray(0, n).includes(POISON) ? 1 : real.mesh_decode(ctx, tokens, pos, seq, logits, n),
+    } as unknown as Native;
+    const s = scheduler(full, { nParallel: 1 });
+    const shed = [POISON, ...prompt(80, 59)];
+    const out: TokenEvent[] = [];
+    s.submit(1, FLAGS_OFFSET + 1, request(shed, 2), shed, out, [at("shed", 30)]);
+    s.step(out);
+    expect(out).toContainEqual(expect.objectContaining({ id: 1, kind: "error", error: expect.objectContaining({ code: "kv_exhausted" }) }));
+    // An unrelated prompt without marks takes the same (only) slot: nothing of request 1 is in the KV.
+    runMarked(s, 2, prompt(81, 60), null);
+    expect(delta(s)).toEqual(none);
+  });
+
+  test("reply_marks_of_a_generation_cancelled_in_prefill_are_not_claimed", () => {
+    // Review finding: it was remembered as finished at its partial length, so its reply's marks were
+    // held on a sequence that lacks the end of the prompt they extend.
+    const s = scheduler();
+    const p = prompt(82, 700);
+    s.submit(1, FLAGS_OFFSET + 1, request(p, 4), p, [], [at("p0", 100), at("p1", 700, "p0")]);
+    s.step([]); // 512 of the 700 prompt tokens reach the KV
+    const out: TokenEvent[] = [];
+    s.cancel(1, out);
+    expect(out).toContainEqual(expect.objectContaining({ id: 1, kind: "done", finishReason: "cancelled" }));
+    expect(delta(s).held).toEqual(["p0"]);
+    s.addMarks(1, [["reply", "p1"]]);
+    expect(delta(s)).toEqual(none);
+  });
+
+  test("reply_marks_of_a_generation_cancelled_after_its_prompt_are_not_claimed", () => {
+    // The whole prompt is in the KV, but not the reply the server marks (it would have been longer).
+    const s = scheduler();
+    const p = prompt(83, 60);
+    s.submit(1, FLAGS_OFFSET + 1, request(p, 20), p, [], [at("q", 60)]);
+    s.step([]);
+    s.step([]);
+    s.cancel(1, []);
+    expect(delta(s).held).toEqual(["q"]);
+    s.addMarks(1, [["reply", "q"]]);
+    expect(delta(s)).toEqual(none);
+  });
+
+  test("reply_marks_whose_first_parent_the_sequence_does_not_hold_are_dropped", () => {
+    const s = scheduler();
+    runMarked(s, 1, prompt(84, 60), [at("q", 60)], 4);
+    runMarked(s, 2, prompt(85, 60), [at("r", 60)], 4);
+    expect(delta(s).held).toEqual(["q", "r"]);
+    // "r" is held, but by another sequence: the reply would claim a chain this one does not have.
+    s.addMarks(1, [
+      ["reply", "r"],
+      ["reply-2", "reply"],
+    ]);
+    expect(delta(s)).toEqual(none);
+    // A chain that starts with the reply (no parent) has nothing to check.
+    s.addMarks(2, [["root-reply", null]]);
+    expect(delta(s).held).toEqual(["root-reply"]);
+  });
+
+  test("clear_marks_reports_every_held_mark_evicted_and_keeps_the_kv", () => {
+    const s = scheduler(opened.native, { hostCacheMiB: 64, nParallel: 1 });
+    try {
+      const first = prompt(86, 60);
+      runMarked(s, 1, first, [at("x", 60)], 4);
+      // One slot: the first conversation moves to host RAM, the second holds the slot.
+      runMarked(s, 2, prompt(87, 60), [at("y", 60)], 4);
+      expect(s.stats().hostCacheEntries).toBe(1);
+      // A long prompt in prefill with a mark still waiting, and a marked request queued behind it.
+      const long = prompt(88, 700);
+      s.submit(3, FLAGS_OFFSET + 3, request(long, 2), long, [], [at("z0", 100), at("z1", 700, "z0")]);
+      s.submit(4, FLAGS_OFFSET + 4, request(prompt(89, 60), 2), prompt(89, 60), [], [at("w", 60)]);
+      s.step([]);
+      expect(delta(s).held).toEqual(["x", "y", "z0"]);
+      s.clearMarks();
+      expect(delta(s)).toEqual({ held: [], evicted: ["x", "y", "z0"] });
+      // Marks given before the clear are never claimed: not the running prompt's, not the queued one's,
+      // not the replies of generations that ended before it.
+      drain(s);
+      s.addMarks(1, [["x-reply", null]]);
+      s.addMarks(2, [["y-reply", "y"]]);
+      s.addMarks(3, [["z-reply", null]]);
+      expect(delta(s)).toEqual(none);
+      // The KV itself stays: the first conversation is reused, and marks given now are reported.
+      const again = [...first, ...prompt(90, 20)];
+      const out: TokenEvent[] = [];
+      s.submit(5, FLAGS_OFFSET + 5, request(again, 2), again, out, [at("x", 60)]);
+      s.step(out);
+      expect(out).toContainEqual(expect.objectContaining({ id: 5, kind: "start", cachedTokens: 60 }));
+      drain(s);
+      expect(delta(s)).toEqual({ held: ["x"], evicted: [] });
+    } finally {
+      s.dispose();
+    }
   });
 });

@@ -116,44 +116,69 @@ describe("tenancy bookkeeping", () => {
     expect(t.drain()).toBeNull();
   });
 
+  test("a_hold_that_covers_waiting_marks_and_adds_new_ones_counts_each_mark_once", () => {
+    // Review finding: the new mark was counted held twice and the waiting one never, so after a
+    // release the new one stayed held forever (a false claim) and the old one was never reported.
+    const t = new Tenancy<string>();
+    t.hold("s", 0, [mark("A", 10)]);
+    t.hold("s", 20, [mark("B", 15, "A"), mark("C", 5)]);
+    expect(t.drain()?.inserts.map(([h]) => h)).toEqual(["C", "A", "B"]);
+    expect(t.marks("s").map((m) => m.hash)).toEqual(["C", "A", "B"]);
+    t.release("s");
+    expect(t.heldCount).toBe(0);
+    expect(t.drain()?.evicts.sort()).toEqual(["A", "B", "C"]);
+  });
+
+  test("clear_forgets_every_holder_and_reports_each_held_mark_evicted_once", () => {
+    const t = new Tenancy<string>();
+    t.hold("slot", 20, chain(10, 20));
+    t.hold("entry", 20, t.marks("slot"));
+    t.hold("waiting", 5, [mark("w", 50)]);
+    t.drain();
+    // Held since the last drain and gone again at the clear: never reported either way.
+    t.hold("new", 5, [mark("n", 5)]);
+    t.clear();
+    expect(t.active).toBe(false);
+    expect(t.heldCount).toBe(0);
+    expect(t.marks("slot")).toEqual([]);
+    expect(t.drain()).toEqual({ inserts: [], evicts: ["m0", "m1"] });
+    // The holders' tokens are still there, but the waiting mark is gone with the rest.
+    t.hold("waiting", 60);
+    t.hold("slot", 30);
+    expect(t.drain()).toBeNull();
+    // New marks after the clear are reported as usual.
+    t.hold("slot", 30, [mark("m0", 10)]);
+    expect(t.drain()).toEqual({ inserts: [["m0", null]], evicts: [] });
+  });
+
+  test("a_holder_holds_a_mark_only_once_its_tokens_reach_it", () => {
+    const t = new Tenancy<string>();
+    t.hold("s", 10, chain(10, 20));
+    expect(t.heldBy("s", "m0")).toBe(true);
+    expect(t.heldBy("s", "m1")).toBe(false);
+    expect(t.heldBy("other", "m0")).toBe(false);
+    expect(t.heldBy("s", "m0", 9)).toBe(false);
+  });
+
   test("refcounts_match_a_recount_after_any_sequence_of_operations", () => {
     // A brute-force model: each holder's marks and length; held = attached and tokenEnd <= length.
-    let seed = 7;
-    const rnd = (n: number) => {
-      seed = (seed * 1103515245 + 12345) % 2147483648;
-      return seed % n;
-    };
-    const t = new Tenancy<number>();
-    const model = new Map<number, { length: number; marks: Map<string, number> }>();
-    const reported = new Set<string>();
-    const heldNow = () => {
-      const s = new Set<string>();
-      for (const h of model.values()) for (const [hash, end] of h.marks) if (end <= h.length) s.add(hash);
-      return s;
-    };
-    for (let step = 0; step < 5000; step++) {
-      const holder = rnd(5);
-      const h = model.get(holder) ?? { length: 0, marks: new Map() };
-      const op = rnd(4);
-      if (op === 0) {
-        const length = h.length + rnd(20);
-        const marks = Array.from({ length: rnd(3) }, () => mark(`h${rnd(12)}`, 1 + rnd(60)));
-        t.hold(holder, length, marks);
-        for (const m of marks) {
-          const old = h.marks.get(m.hash);
-          if (old === undefined || m.tokenEnd < old) h.marks.set(m.hash, m.tokenEnd);
-        }
-        h.length = length;
-      } else if (op === 1) {
-        const keep = rnd(h.length + 1);
-        t.trim(holder, keep);
-        for (const [hash, end] of h.marks) if (end > keep) h.marks.delete(hash);
-        h.length = Math.min(h.length, keep);
-      } else if (op === 2) {
-        t.release(holder);
-        h.marks.clear();
-        h.length = 0;
-      } else {
+    // hold() comes in every shape the engine uses: marks waiting on a short history, a history that
+    // grows over waiting marks (prefill), both at once, and a shorter length that trims first.
+    for (const start of [7, 11, 42, 1234, 99991]) {
+      let seed = start;
+      const rnd = (n: number) => {
+        seed = (seed * 1103515245 + 12345) % 2147483648;
+        return seed % n;
+      };
+      const t = new Tenancy<number>();
+      const model = new Map<number, { length: number; marks: Map<string, number> }>();
+      const reported = new Set<string>();
+      const heldNow = () => {
+        const s = new Set<string>();
+        for (const h of model.values()) for (const [hash, end] of h.marks) if (end <= h.length) s.add(hash);
+        return s;
+      };
+      const drainAndCheck = () => {
         const d = t.drain();
         for (const [hash] of d?.inserts ?? []) {
           expect(reported.has(hash)).toBe(false);
@@ -164,10 +189,45 @@ describe("tenancy bookkeeping", () => {
           reported.delete(hash);
         }
         expect([...reported].sort()).toEqual([...heldNow()].sort());
+      };
+      for (let step = 0; step < 5000; step++) {
+        const holder = rnd(5);
+        const h = model.get(holder) ?? { length: 0, marks: new Map() };
+        const op = rnd(5);
+        if (op === 0 || op === 4) {
+          // op 4: a jump past the holder's waiting marks, often with new marks at once.
+          const length = op === 4 ? h.length + rnd(80) : rnd(3) === 0 ? rnd(h.length + 1) : h.length + rnd(20);
+          const marks = Array.from({ length: rnd(op === 4 ? 4 : 3) }, () => mark(`h${rnd(12)}`, 1 + rnd(60)));
+          t.hold(holder, length, marks);
+          if (length < h.length) for (const [hash, end] of h.marks) if (end > length) h.marks.delete(hash);
+          for (const m of marks) {
+            const old = h.marks.get(m.hash);
+            if (old === undefined || m.tokenEnd < old) h.marks.set(m.hash, m.tokenEnd);
+          }
+          h.length = length;
+          if (h.marks.size === 0) h.length = 0;
+        } else if (op === 1) {
+          const keep = rnd(h.length + 1);
+          t.trim(holder, keep);
+          for (const [hash, end] of h.marks) if (end > keep) h.marks.delete(hash);
+          h.length = Math.min(h.length, keep);
+          if (h.marks.size === 0) h.length = 0;
+        } else if (op === 2) {
+          t.release(holder);
+          h.marks.clear();
+          h.length = 0;
+        } else drainAndCheck();
+        model.set(holder, h);
+        for (const hash of heldNow()) expect(t.holds(hash)).toBe(true);
+        expect(t.heldCount).toBe(heldNow().size);
       }
-      model.set(holder, h);
-      for (const hash of heldNow()) expect(t.holds(hash)).toBe(true);
-      expect(t.heldCount).toBe(heldNow().size);
+      // Every holder gone: nothing may stay held (a mark counted twice would).
+      for (const holder of model.keys()) t.release(holder);
+      model.clear();
+      expect(t.heldCount).toBe(0);
+      expect(t.active).toBe(false);
+      drainAndCheck();
+      expect(reported.size).toBe(0);
     }
   });
 });
