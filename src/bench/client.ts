@@ -27,6 +27,10 @@ export interface AttemptResult {
   error: string | null;
   /** True when the error arrived inside a 200 event stream. */
   streamError: boolean;
+  /** The node that ran the request (`x-mesh-served-by`), when the endpoint is a mesh node. */
+  servedBy: string | null;
+  /** Why it ran there (`x-mesh-route`: cache, load, only, local), when the endpoint is a mesh node. */
+  route: string | null;
 }
 
 /** Where and how to send. */
@@ -115,6 +119,8 @@ export async function sendChat(ep: Endpoint, body: object, timeoutMs: number): P
     usage: null,
     error: null,
     streamError: false,
+    servedBy: null,
+    route: null,
   };
   try {
     const res = await fetch(`${ep.url}/v1/chat/completions`, {
@@ -126,6 +132,8 @@ export async function sendChat(ep: Endpoint, body: object, timeoutMs: number): P
     r.ttfbMs = since();
     r.status = res.status;
     r.retryAfterS = parseRetryAfter(res.headers.get("retry-after"));
+    r.servedBy = res.headers.get("x-mesh-served-by");
+    r.route = res.headers.get("x-mesh-route");
     const isSse = (res.headers.get("content-type") ?? "").includes("text/event-stream");
     if (!res.body) {
       r.error = res.ok ? "the response has no body" : `HTTP ${res.status}`;

@@ -33,6 +33,12 @@ export interface RequestRecord {
   usage: UsageCounts | null;
   error: string | null;
   streamError: boolean;
+  /** Index of the endpoint the request entered at, when the target has several (DriveOptions.entry). */
+  entry?: number;
+  /** The node that ran the last attempt (`x-mesh-served-by`); null when the endpoint does not say. */
+  servedBy?: string | null;
+  /** Why it ran there (`x-mesh-route`); null when the endpoint does not say. */
+  route?: string | null;
 }
 
 /** The node and the client at one moment of the run. */
@@ -60,6 +66,15 @@ export interface DriveOptions {
   maxSamples: number;
   progressIntervalMs: number;
   onProgress: (line: string) => void;
+  /**
+   * Where each request enters, for a target with several entry points (the nodes of a mesh); the
+   * warm-up and /metrics still use `endpoint`. Absent: every request goes to `endpoint`.
+   */
+  entry?: (loop: number, turn: number, kind: "turn" | "repeat") => { index: number; endpoint: Endpoint };
+  /** Pause before each request of a loop after its first: the agent running its tool. Default 0. */
+  toolMs?: number;
+  /** Runs once the warm-up succeeded, just before the loops start (e.g. to read other nodes' counters). */
+  beforeLoops?: () => Promise<void>;
 }
 
 /** Everything one target did. */
@@ -120,6 +135,8 @@ export async function requestWithRetries(
     usage: last.usage,
     error: last.error,
     streamError: last.streamError,
+    servedBy: last.servedBy,
+    route: last.route,
   };
 }
 
@@ -139,6 +156,7 @@ export async function drive(w: Workload, o: DriveOptions): Promise<DriveResult> 
     throw new ProbeError(`${o.name}: the warm-up request failed (HTTP ${probe.status}): ${probe.error ?? "no usage in the answer"}`);
   }
 
+  if (o.beforeLoops) await o.beforeLoops();
   const before = await scrape(o.endpoint.url, o.endpoint.apiKey);
   const total = w.loops.reduce((n, l) => n + l.turns.length + 1, 0);
   const records: RequestRecord[] = [];
@@ -172,17 +190,25 @@ export async function drive(w: Workload, o: DriveOptions): Promise<DriveResult> 
   const one = async (loop: LoopPlan, turn: number, kind: "turn" | "repeat") => {
     const plan = loop.turns[turn] as TurnPlan;
     const body = requestBody(w, o.model, turnMessages(w, loop, turn), plan.stream);
+    const at = o.entry?.(loop.index, turn, kind);
     inFlight++;
-    const r = await requestWithRetries(o, body, since);
+    const r = await requestWithRetries(at ? { ...o, endpoint: at.endpoint } : o, body, since);
     inFlight--;
-    records.push({ loop: loop.index, turn, kind, stream: plan.stream, ...r });
+    records.push({ loop: loop.index, turn, kind, stream: plan.stream, ...(at ? { entry: at.index } : {}), ...r });
   };
+  const toolMs = o.toolMs ?? 0;
   const runLoop = async (loop: LoopPlan) => {
     const wait = loop.startMs - since();
     if (wait > 0) await sleep(wait);
-    for (let k = 0; k < loop.turns.length; k++) await one(loop, k, "turn");
+    for (let k = 0; k < loop.turns.length; k++) {
+      if (k > 0 && toolMs > 0) await sleep(toolMs);
+      await one(loop, k, "turn");
+    }
     // The identical last request once more: a cache that kept it prefills almost nothing.
-    if (loop.turns.length > 0) await one(loop, loop.turns.length - 1, "repeat");
+    if (loop.turns.length > 0) {
+      if (toolMs > 0) await sleep(toolMs);
+      await one(loop, loop.turns.length - 1, "repeat");
+    }
   };
   try {
     await Promise.all(w.loops.map(runLoop));

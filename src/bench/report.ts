@@ -253,7 +253,15 @@ export function tableRows(ts: TargetSummary[]): Array<[string, ...string[]]> {
 
 /** A fixed-width table for the terminal. */
 export function formatTable(ts: TargetSummary[]): string {
-  const rows: string[][] = [["", ...ts.map((t) => t.name)], ...tableRows(ts)];
+  return formatColumns(
+    ts.map((t) => t.name),
+    tableRows(ts),
+  );
+}
+
+/** Rows of a label and one cell per column, laid out fixed-width under `heads` (one per column). */
+export function formatColumns(heads: readonly string[], cells: ReadonlyArray<readonly string[]>): string {
+  const rows: string[][] = [["", ...heads], ...cells.map((r) => [...r])];
   const widths = rows[0]?.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? "").length))) ?? [];
   const line = (r: string[]) => r.map((cell, c) => (c === 0 ? cell.padEnd(widths[c] ?? 0) : cell.padStart(widths[c] ?? 0))).join("  ");
   const [head, ...body] = rows;
