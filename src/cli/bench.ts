@@ -10,6 +10,8 @@ import {
 } from "../bench/engine";
 import { type KvPressureOptions, runKvPressure } from "../bench/kv-pressure";
 import { formatTable } from "../bench/report";
+import { parsePolicies, type RoutingBenchOptions, runRoutingBench } from "../bench/routing";
+import { formatRoutingTable } from "../bench/routing-report";
 import { intOption, UsageError } from "./usage";
 
 function collect(v: string, prev: string[]): string[] {
@@ -45,6 +47,33 @@ Examples:
   mesh bench kv-pressure --model ./qwen2.5-7b-q4_k_m.gguf --ctx-size 32768 --parallel 8 --turns 10
   mesh bench kv-pressure --serve-arg=--queue-capacity --serve-arg=16   # extra flags for the mesh node`;
 
+const ROUTING_HELP = `
+Starts N mesh serve nodes on 127.0.0.1 that form one mesh (the first node's
+invite token; a fresh state dir each; the same model file), runs the
+kv-pressure agent loops with every request entering at a node drawn from the
+seed, and records which node served it (x-mesh-served-by) and its cached
+tokens. Then stops them and does the same on a fresh mesh with --routing load.
+Policies never overlap; the same seed gives byte-identical requests entering
+at the same nodes under both. A pause before each follow-up turn (--tool-ms)
+stands for the agent running its tool.
+
+Reports per policy, side by side: requests, 429s/5xx, cached-token ratio
+(overall, follow-up turns, per turn), TTFT and end-to-end p50/p95, requests
+served and entered per node, the share served on another node than the entry,
+routing decisions by reason (every node's mesh_routing_decisions_total);
+writes summary.json, summary.md and chart.svg to --out.
+
+Nodes share this machine: --threads defaults to the cores divided among the
+nodes (at least 1 each), so 3 nodes on 2 cores get 1 thread each.
+
+Examples:
+  mesh bench routing                                # 3 nodes, bench model, 8 loops, cache then load
+  mesh bench routing --tiny --out /tmp/routing      # CI-sized, tiny model (under a minute)
+  mesh bench routing --nodes 4 --loops 12 --turns 4 --json > routing.json
+  mesh bench routing --policies load,cache          # least-load first
+  mesh bench routing --model ./qwen2.5-7b-q4_k_m.gguf --ctx-size 32768 --threads 4
+  mesh bench routing --serve-arg=--cache-ram --serve-arg=0   # extra flags for every node`;
+
 const ENGINE_HELP = `
 Loads mesh's engine in-process and llama-server (built from the same vendored
 llama.cpp) side by side, on the same GGUF, threads, context, slots and batch
@@ -62,13 +91,16 @@ Examples:
 export function registerBench(p: Command): void {
   const bench = p
     .command("bench")
-    .description("benchmarks: overlapping agent loops under KV pressure, and the engine against llama-server")
+    .description(
+      "benchmarks: agent loops under KV pressure, cache-aware vs least-load routing across nodes, the engine against llama-server",
+    )
     .addHelpText(
       "after",
       `
 Examples:
   mesh bench kv-pressure --help
   mesh bench kv-pressure --compare llama-server
+  mesh bench routing --tiny
   mesh bench engine --repeats 5`,
     );
 
@@ -131,6 +163,70 @@ Examples:
       for (const k of Object.keys(o) as Array<keyof KvPressureOptions>) if (o[k] === undefined) delete o[k];
       const { report, outDir } = await asUsage(() => runKvPressure(o));
       process.stdout.write(json(opts) ? `${JSON.stringify(report, null, 2)}\n` : `${formatTable(report.targets)}\nreport: ${outDir}\n`);
+    });
+
+  bench
+    .command("routing")
+    .description("N nodes on loopback, agent loops entering at random nodes: cache-aware vs least-load routing, side by side")
+    .option("--nodes <n>", "mesh serve nodes (default 3)", intOption("--nodes", 2, 32))
+    .option("-m, --model <path|name>", "GGUF file or generated model (bench, tiny) every node serves (default bench)")
+    .option("-c, --ctx-size <n>", "KV cells of each node (default 8192)", intOption("--ctx-size", 64))
+    .option("-n, --parallel <n>", "slots of each node (default 4)", intOption("--parallel", 1, 256))
+    .option(
+      "-t, --threads <n>",
+      "CPU threads of each node (default: the cores divided among the nodes, at least 1)",
+      intOption("--threads", 1, 1024),
+    )
+    .option("--loops <n>", "agent loops at once (default 8)", intOption("--loops", 1, 256))
+    .option("--turns <n>", "turns per loop (default: as many as fit the context)", intOption("--turns", 1, 256))
+    .option("--system-tokens <n>", "shared system prefix, approx. tokens (default 2500)", intOption("--system-tokens", 1))
+    .option("--tool-result-tokens <n>", "each tool result, approx. tokens (default 600)", intOption("--tool-result-tokens", 1))
+    .option("--user-tokens <n>", "each user message, approx. tokens (default 24)", intOption("--user-tokens", 1))
+    .option("--max-tokens <n>", "tokens generated per request, end-of-generation ignored (default 32)", intOption("--max-tokens", 1))
+    .option("--stagger-ms <n>", "delay between loop starts (default 2000)", intOption("--stagger-ms", 0))
+    .option(
+      "--tool-ms <n>",
+      "pause before each follow-up turn: the agent running its tool (default 1000)",
+      intOption("--tool-ms", 0, 600_000),
+    )
+    .option("--seed <n>", "workload and entry-node seed (default 1)", intOption("--seed", 0, 0xffffffff))
+    .option("--policies <list>", "routing policies to run, in order (default cache,load)")
+    .option("--max-retries <n>", "429 retries per request (default 20)", intOption("--max-retries", 0, 1000))
+    .option("--request-timeout <s>", "give up on one request after this long (default 900)", intOption("--request-timeout", 1))
+    .option("--serve-arg <arg>", "extra flag for every node (repeatable)", collect, [])
+    .option("--out <dir>", "output directory (default: bench-out/routing-<timestamp>)")
+    .option("--json", "print summary.json on stdout instead of the table")
+    .option("--tiny", "tiny test model with CI-sized defaults (ctx 4096, 2 slots, 4 loops x 4 turns, small prompts)")
+    .addHelpText("after", ROUTING_HELP)
+    .action(async (opts) => {
+      const o: RoutingBenchOptions = {
+        nodes: opts.nodes,
+        model: opts.model,
+        ctxSize: opts.ctxSize,
+        parallel: opts.parallel,
+        threads: opts.threads,
+        loops: opts.loops,
+        turns: opts.turns,
+        systemTokens: opts.systemTokens,
+        toolResultTokens: opts.toolResultTokens,
+        userTokens: opts.userTokens,
+        maxTokens: opts.maxTokens,
+        staggerMs: opts.staggerMs,
+        toolMs: opts.toolMs,
+        seed: opts.seed,
+        maxRetries: opts.maxRetries,
+        requestTimeoutS: opts.requestTimeout,
+        serveArgs: opts.serveArg,
+        out: opts.out,
+        tiny: opts.tiny === true,
+        command: ["mesh", ...process.argv.slice(process.argv.indexOf("bench"))].join(" "),
+      };
+      if (opts.policies !== undefined) o.policies = await asUsage(async () => parsePolicies(opts.policies));
+      for (const k of Object.keys(o) as Array<keyof RoutingBenchOptions>) if (o[k] === undefined) delete o[k];
+      const { report, outDir } = await asUsage(() => runRoutingBench(o));
+      process.stdout.write(
+        json(opts) ? `${JSON.stringify(report, null, 2)}\n` : `${formatRoutingTable(report.policies)}\nreport: ${outDir}\n`,
+      );
     });
 
   bench
