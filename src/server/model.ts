@@ -45,6 +45,19 @@ export class ServedModel {
     return new ServedModel(id, engine.info.path, engine);
   }
 
+  private templateDate: string | null = null;
+
+  /**
+   * A template that prints today's date renders every prompt differently from midnight on: the
+   * prefixes the engine holds are no longer what requests need, so it stops claiming them.
+   */
+  noteTemplateDate(): void {
+    if (!this.template?.stability.dateDependent || !this.engine) return;
+    const day = this.template.dateKey();
+    if (this.templateDate !== null && this.templateDate !== day) this.engine.clearMarks();
+    this.templateDate = day;
+  }
+
   /** Model facts, once loaded. */
   get info(): ModelInfo | null {
     return this.engine?.info ?? null;

@@ -37,6 +37,21 @@ export interface RenderOptions {
   toolChoice?: unknown;
   /** Append the assistant turn header so the model answers next. Default true. */
   addGenerationPrompt?: boolean;
+  /** The date strftime_now and date_string print; default: the template's clock. */
+  now?: Date;
+}
+
+/**
+ * Whether a conversation renders the same way as it grows, probed once at compile time. Prefix
+ * caching (and routing by it) assumes the prompt of one turn is a prefix of the next turn's; some
+ * templates break that: they print the system prompt in the last user turn (Mistral-Nemo), or
+ * today's date at the top (Llama 3.x), so what a KV holds is not what the next request needs.
+ */
+export interface TemplateStability {
+  /** A conversation's rendering up to its last message is a prefix of the rendering of its continuation. */
+  prefixStable: boolean;
+  /** The rendering depends on the date (it changes at midnight). */
+  dateDependent: boolean;
 }
 
 /** Why rendering failed: a broken template, the template refusing the conversation, or content we cannot render. */
@@ -351,6 +366,8 @@ export class ChatTemplate {
   readonly usesFallback: boolean;
   /** What the template shows by itself, probed once at compile time. */
   readonly caps: TemplateCaps;
+  /** Whether growing conversations render as growing prompts, probed once at compile time. */
+  readonly stability: TemplateStability;
   private readonly template: Template;
   private readonly bosToken: string;
   private readonly eosToken: string;
@@ -368,6 +385,60 @@ export class ChatTemplate {
       throw new TemplateError("parse", `chat template could not be parsed: ${errorMessage(e)}`);
     }
     this.caps = this.usesFallback ? ALL_CAPS : this.probe();
+    this.stability = this.usesFallback ? { prefixStable: true, dateDependent: false } : this.probeStability();
+  }
+
+  /** The day the template would print now, for templates that print the date: a change means every prompt changed. */
+  dateKey(): string {
+    return strftime(this.now(), "%Y-%m-%d");
+  }
+
+  // Render two-turn conversations and their continuations with probe strings; a template that
+  // cannot render them counts as unstable (the server then checks each request instead).
+  private probeStability(): TemplateStability {
+    const stable = (first: ChatMessage[], next: ChatMessage[], tools?: ChatTool[]): boolean => {
+      try {
+        const a = this.render(first, { tools });
+        const last = first[first.length - 1]?.content;
+        const end = typeof last === "string" && last !== "" ? a.lastIndexOf(last) + last.length : -1;
+        if (end < 0) return false;
+        return this.render([...first, ...next], { tools }).startsWith(a.slice(0, end));
+      } catch {
+        return false;
+      }
+    };
+    const tool: ChatTool = { type: "function", function: { name: PROBE.fn, parameters: { type: "object", properties: {} } } };
+    const call = { id: PROBE_CALL_ID, type: "function" as const, function: { name: PROBE.fn, arguments: "{}" } };
+    const more: ChatMessage[] = [
+      { role: "assistant", content: "mesh_probe_reply_7f3a" },
+      { role: "user", content: "mesh_probe_next_7f3a" },
+    ];
+    const plain = stable(
+      [
+        { role: "system", content: PROBE.system },
+        { role: "user", content: "mesh_probe_user_7f3a" },
+      ],
+      more,
+    );
+    const tools = stable(
+      [
+        { role: "user", content: "mesh_probe_user_7f3a" },
+        { role: "assistant", content: "", tool_calls: [call] },
+        { role: "tool", content: PROBE.result, tool_call_id: PROBE_CALL_ID },
+      ],
+      more,
+      [tool],
+    );
+    let dateDependent = false;
+    try {
+      const hello: ChatMessage[] = [{ role: "user", content: "hello" }];
+      dateDependent =
+        this.render(hello, { now: new Date(Date.UTC(2024, 0, 15, 12)) }) !==
+        this.render(hello, { now: new Date(Date.UTC(2025, 6, 26, 12)) });
+    } catch {
+      dateDependent = false;
+    }
+    return { prefixStable: plain && tools, dateDependent };
   }
 
   // Render small conversations carrying probe strings; a probe that raises
@@ -421,7 +492,7 @@ export class ChatTemplate {
 
   private renderRaw(messages: TemplateMessage[], opts: RenderOptions): string {
     try {
-      const now = this.now();
+      const now = opts.now ?? this.now();
       const context: Record<string, unknown> = {
         ...JINJA_GLOBALS,
         messages,

@@ -7,6 +7,20 @@ import { chatAnchors, completionAnchors, type KeyMessage } from "../../routing";
 import type { LocalRouting } from "../mesh";
 import type { RunHooks } from "./run";
 
+/** Length of the common prefix of two strings. */
+export function commonPrefixLength(a: string, b: string): number {
+  const n = Math.min(a.length, b.length);
+  let i = 0;
+  while (i < n && a.charCodeAt(i) === b.charCodeAt(i)) i++;
+  return i;
+}
+
+/** The marks of `prompt` that end within its common prefix with `other` (the rest renders differently there). */
+export function withinPrefix(marks: PrefixMark[], prompt: string, other: string): PrefixMark[] {
+  const limit = Buffer.byteLength(prompt.slice(0, commonPrefixLength(prompt, other)), "utf8");
+  return marks.filter((m) => m.byteEnd <= limit);
+}
+
 /** One local run's routing bookkeeping; a no-op without a mesh. */
 export class RoutedRun {
   private started = false;
@@ -15,6 +29,11 @@ export class RoutedRun {
     private readonly r: LocalRouting | null,
     private readonly modelId: string,
   ) {}
+
+  /** Whether this run reports to routing at all (a node in a mesh). */
+  get active(): boolean {
+    return this.r !== null;
+  }
 
   /** Marks of a chat prompt rendered from `messages`. */
   chatMarks(messages: readonly KeyMessage[], rendered: string): PrefixMark[] | undefined {

@@ -364,3 +364,20 @@ describe("templates that lack a capability (polyfill)", () => {
     expect(template("ByteDance-Seed-OSS.jinja").caps.renders).toBe(false);
   });
 });
+
+describe("template stability (what prefix caching may rely on)", () => {
+  const load = (name: string) => new ChatTemplate(fixture(name), { bosToken: "<s>", eosToken: "</s>" });
+
+  test("a_chatml_template_renders_growing_conversations_as_growing_prompts", () => {
+    expect(load("Qwen-Qwen2.5-7B-Instruct.jinja").stability).toEqual({ prefixStable: true, dateDependent: false });
+    expect(new ChatTemplate(null, { bosToken: "", eosToken: "" }).stability).toEqual({ prefixStable: true, dateDependent: false });
+  });
+
+  test("a_template_that_prints_the_system_prompt_in_the_last_user_turn_is_not_prefix_stable", () => {
+    expect(load("mistralai-Mistral-Nemo-Instruct-2407.jinja").stability.prefixStable).toBe(false);
+  });
+
+  test("a_template_that_prints_today_is_date_dependent", () => {
+    expect(load("meta-llama-Llama-3.1-8B-Instruct.jinja").stability.dateDependent).toBe(true);
+  });
+});
