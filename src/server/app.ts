@@ -184,7 +184,8 @@ export function createApp(o: AppOptions) {
       "/v1/chat/completions",
       async ({ body, request, set }) => {
         checkChatBody(body);
-        const route = await routeRequest(o.mesh, body.model, "/v1/chat/completions", request, (k) =>
+        const here = o.models.some((m) => m.id === body.model);
+        const route = await routeRequest(o.mesh, body.model, here, "/v1/chat/completions", request, (k) =>
           k.chat(body.model, body.messages, body.tools ?? undefined),
         );
         if (route.kind === "peer") return labelled(route.response, request, set);
@@ -199,7 +200,8 @@ export function createApp(o: AppOptions) {
       async ({ body, request, set }) => {
         checkCompletionBody(body);
         const prompt = typeof body.prompt === "string" ? body.prompt : (body.prompt[0] ?? "");
-        const route = await routeRequest(o.mesh, body.model, "/v1/completions", request, (k) => k.completion(body.model, prompt));
+        const here = o.models.some((m) => m.id === body.model);
+        const route = await routeRequest(o.mesh, body.model, here, "/v1/completions", request, (k) => k.completion(body.model, prompt));
         if (route.kind === "peer") return labelled(route.response, request, set);
         const result = await completion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
         return labelled(result, request, set);

@@ -78,6 +78,7 @@ export interface LocalRouting {
 export async function routeRequest(
   mesh: MeshHooks | undefined,
   model: string,
+  servedHere: boolean,
   path: string,
   request: Request,
   key: (keyer: RouteKeyer) => RouteKey,
@@ -107,8 +108,9 @@ export async function routeRequest(
   label(request, decision?.reason ?? "local", decision === null || decision.target.local ? self : null);
   if (!decision) {
     // Served somewhere, but nowhere ready yet: say so rather than "does not exist".
+    // (Served here, the local path answers: it runs, or says the model is still loading.)
     const served = mesh.service.workers().some((w) => w.models.includes(model));
-    if (served && !mesh.router.localWorker(model)) {
+    if (served && !servedHere) {
       throw new ApiError(503, "server_error", `model '${model}' is loading on every node that serves it`, null, "model_unavailable", 5);
     }
     return { kind: "here", key: k, decision, routing: local() };

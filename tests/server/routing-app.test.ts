@@ -6,6 +6,7 @@ import { FakeEngine } from "../../src/engine/fake";
 import { silentLogger } from "../../src/log";
 import { DEFAULT_AUTHORITY, MeshAuthority, meshKeys } from "../../src/mesh/auth";
 import type { WorkerInfo } from "../../src/mesh/wire";
+import { Router } from "../../src/routing";
 import { type RunningServer, ServedModel, startServer } from "../../src/server";
 import { createApp } from "../../src/server/app";
 import { MeshGate } from "../../src/server/mesh-gate";
@@ -136,6 +137,16 @@ describe("routing through the app", () => {
     expect(r.status).toBe(429);
     expect(r.headers.get("x-mesh-served-by")).toBe(SELF);
     expect(r.headers.get("x-mesh-route")).toBe("only");
+  });
+
+  test("a_request_while_this_nodes_own_worker_record_still_says_loading_runs_here_regression_503", async () => {
+    // The first request right after the engine is ready can beat the worker record's update: the record is
+    // listed (loading) but, as on a real node, not routable, so routing sees no worker at all.
+    const { post, mesh } = node(() => [workerRecord({ id: `${SELF}-w`, nodeId: SELF, addr: "127.0.0.1:1", health: "loading" })]);
+    mesh.router = new Router({ selfId: SELF, workers: () => [] });
+    const r = await post(chat);
+    expect(r.status).toBe(200);
+    expect(r.headers.get("x-mesh-served-by")).toBe(SELF);
   });
 
   test("a_model_served_only_by_loading_peers_is_503_model_unavailable_not_404", async () => {
