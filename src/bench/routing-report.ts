@@ -304,7 +304,7 @@ export function routingSummaryMarkdown(info: RoutingRunInfo, ps: readonly Policy
     `- machine: ${info.machine.cores} cores, ${info.machine.cpu}, ${info.machine.platform}/${info.machine.arch}`,
     `- mesh: ${info.nodes} \`mesh serve\` nodes on 127.0.0.1, each: ${info.model}, ctx ${info.ctxSize}, ${info.parallel} slots, ${info.threads} thread${info.threads === 1 ? "" : "s"}${info.threadsDefaulted ? ` (the cores shared among the nodes)` : ""}`,
     `- workload: ${w.loops} agent loops started ${w.staggerMs} ms apart, ${w.turns} turns each + 1 exact repeat, ${info.toolMs} ms of tool time before each follow-up; system prefix ~${w.systemTokens} tokens, tool results ~${w.toolResultTokens}, user messages ~${w.userTokens}, ${w.maxTokens} tokens generated per request; seed ${w.seed}`,
-    "- every request enters at a node drawn from the seed (the same node for the same request under every policy); policies ran one after the other, each on a fresh mesh alone on the machine",
+    "- every request enters at a node drawn from the seed (the same node for the same request under every policy); policies ran one after the other, each on a fresh mesh, never at the same time",
     "",
     routingMarkdownTable(ps),
     "",
