@@ -146,7 +146,7 @@ export class OwnTenancy {
     return this.byModel.get(model);
   }
 
-  /** A cursor over `model`'s [hash, parent] pairs, parents before children; it follows changes made while it runs. */
+  /** A cursor over `model`'s [hash, parent] pairs as held now, parents before children; what it reaches is checked against what is held then. */
   cursor(model: string): OwnCursor {
     return new OwnCursor(this, model);
   }
@@ -183,24 +183,32 @@ export class OwnTenancy {
 }
 
 /**
- * Streams one model's tenancy over many rounds, parents before children, while it keeps changing: an
- * entry removed before the cursor reaches it is never yielded, one added meanwhile is (a Map iterator
- * is live). An entry whose held parent comes later in insertion order (the parent was evicted and
- * inserted again) is preceded by that parent chain, so a receiver never sees a child before its parent;
- * the parent is yielded again later, which a receiver takes as a no-op. `stale` turns true when the
- * model was dropped: what it would still yield belongs to the dropped tenancy. (A model emptied by
- * evictions is not stale: the cursor just finishes, and what comes after reaches peers as changes.)
+ * Streams one model's tenancy over many rounds, parents before children, while it keeps changing: it
+ * yields what was held when it began and is still held when reached (an entry removed before the
+ * cursor reaches it is never yielded). An entry added after it began is not yielded: the sync queues
+ * every later change for the peer anyway. An entry whose held parent comes later in insertion order
+ * (the parent was evicted and inserted again) is preceded by that parent chain, so a receiver never
+ * sees a child before its parent; the parent is yielded again later, which a receiver takes as a no-op.
+ * `stale` turns true when the model was dropped: what it would still yield belongs to the dropped
+ * tenancy. (A model emptied by evictions is not stale: the cursor just finishes, and what comes after
+ * reaches peers as changes.)
+ *
+ * It walks a snapshot of the keys, not a live Map iterator: in Bun (JSC) a live iterator keeps every
+ * entry deleted after its position reachable, so a cursor that a busy peer's backlog kept from
+ * finishing grew the heap by about 200 bytes per eviction, without bound (the routing soak in
+ * docs/benchmarks.md: 380 MB in two simulated minutes on two nodes).
  */
 export class OwnCursor {
   private readonly m: OwnModel | undefined;
-  private readonly it: Iterator<[string, Held]> | undefined;
+  private keys: string[] | null;
+  private at = 0;
   private readonly ahead: Array<[string, string | null]> = [];
   private done = false;
 
   constructor(own: OwnTenancy, model: string) {
     this.m = own.modelOf(model);
-    this.it = this.m?.held.entries();
-    if (!this.it) this.done = true;
+    this.keys = this.m ? [...this.m.held.keys()] : null;
+    if (!this.keys) this.done = true;
   }
 
   /** Whether the model's tenancy was dropped wholesale since the cursor began (what it streams is void). */
@@ -227,23 +235,34 @@ export class OwnCursor {
 
   // `ahead` is a stack: the entry itself at the bottom, its not-yet-yielded ancestors above it, the root-most on top.
   private fill(): void {
-    if (this.done || !this.it || !this.m || this.stale) {
-      this.done = true;
+    if (this.done || !this.keys || !this.m || this.stale) {
+      this.finish();
       return;
     }
-    const n = this.it.next();
-    if (n.done) {
-      this.done = true;
+    for (;;) {
+      if (this.at >= this.keys.length) {
+        this.finish();
+        return;
+      }
+      const hash = this.keys[this.at++] as string;
+      // Gone since the snapshot: its eviction reaches the peer as a change (or it never had it).
+      const e = this.m.held.get(hash);
+      if (!e) continue;
+      this.ahead.push([hash, e.parent]);
+      let p = e.parent;
+      for (let depth = 0; p !== null && depth < MAX_DEPTH; depth++) {
+        const pe = this.m.held.get(p);
+        if (!pe || pe.seq < e.seq) break;
+        this.ahead.push([p, pe.parent]);
+        p = pe.parent;
+      }
       return;
     }
-    const [hash, e] = n.value;
-    this.ahead.push([hash, e.parent]);
-    let p = e.parent;
-    for (let depth = 0; p !== null && depth < MAX_DEPTH; depth++) {
-      const pe = this.m.held.get(p);
-      if (!pe || pe.seq < e.seq) break;
-      this.ahead.push([p, pe.parent]);
-      p = pe.parent;
-    }
+  }
+
+  private finish(): void {
+    this.done = true;
+    // The snapshot can be large (a model's whole tenancy): let it go as soon as it is walked.
+    this.keys = null;
   }
 }

@@ -86,7 +86,7 @@ describe("own tenancy", () => {
     expect(new Set(out.map(([x]) => x))).toEqual(new Set(c.map(([x]) => x)));
   });
 
-  test("a_cursor_follows_changes_made_while_it_runs", () => {
+  test("a_cursor_yields_what_was_held_when_it_began_and_is_still_held_when_reached", () => {
     const own = new OwnTenancy();
     const c = chain(10);
     own.apply("m", { inserts: c, evicts: [] });
@@ -103,7 +103,8 @@ describe("own tenancy", () => {
       cur.take();
     }
     expect(got).not.toContain((c[6] as [string, string])[0]);
-    expect(got).toEqual([...c.filter((_, i) => i !== 6), ...later].map(([x]) => x));
+    // What was added after it began is not its to yield: the sync queues those changes for the peer itself.
+    expect(got).toEqual(c.filter((_, i) => i !== 6).map(([x]) => x));
     expect(cur.finished).toBe(true);
   });
 
