@@ -54,6 +54,8 @@ interface Held {
 export class OwnModel {
   readonly held = new Map<string, Held>();
   nextSeq = 0;
+  /** nextSeq when the latest `apply` began: an entry with seq at or past it is new from that apply. */
+  applyFrom = 0;
   /** Dropped wholesale (not emptied by evictions, each of which peers hear of): a cursor over it is stale. */
   dropped = false;
 }
@@ -96,6 +98,7 @@ export class OwnTenancy {
       this.byModel.set(model, m);
     }
     if (!m) return r;
+    m.applyFrom = m.nextSeq;
     for (const [hash, parent] of delta.inserts) {
       if (m.held.has(hash)) continue;
       if (!isPathHash(hash) || (parent !== null && !isPathHash(parent)) || m.held.size >= this.config.maxHashesPerModel) {
@@ -124,6 +127,13 @@ export class OwnTenancy {
   /** Whether this node holds `hash` for `model`. */
   has(model: string, hash: string): boolean {
     return this.byModel.get(model)?.held.has(hash) ?? false;
+  }
+
+  /** Whether the latest `apply` for `model` is what made `hash` held (it was not held just before). */
+  addedByLastApply(model: string, hash: string): boolean {
+    const m = this.byModel.get(model);
+    const e = m?.held.get(hash);
+    return e !== undefined && e.seq >= (m as OwnModel).applyFrom;
   }
 
   /** The parent link of a held hash; undefined when not held. */

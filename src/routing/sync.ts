@@ -15,6 +15,14 @@
 // restarts, or lost its base): there is no periodic snapshot or checkpoint,
 // and an idle mesh runs no round at all.
 //
+// Under a sustained backlog a peer gets more than one batch a round: when an
+// ack comes back and more is pending, the next batch goes at once (still one
+// in flight), up to `burstBatches` a round. A full resync's cursor always gets
+// half of a batch, so a backlog of changes cannot keep it from finishing. An
+// insert still pending when its own eviction comes is dropped with it, when
+// the peer cannot hold it (it was new to this node and nothing about it was
+// pending): a prefix cached and evicted between two rounds costs no bytes.
+//
 // Layer 2, on demand: a receiver that gets a chain whose parent it does not
 // hold (it joined late, or its index budget dropped the ancestor) asks the
 // sender for the path root..parent, rate-limited per peer; the sender answers
@@ -84,9 +92,11 @@ export interface RouteSyncConfig extends WantsConfig {
   pathMaxDepth: number;
   /** Times a hash is asked for before it is given up. */
   pathTries: number;
+  /** Batches one peer gets per round, at most: after an ack, more pending goes at once, one in flight. */
+  burstBatches: number;
 }
 
-/** Defaults: 1 s rounds, 32 KiB batches (floor 1 KiB), 50 000 pending changes per peer, 32 path hashes per peer a round. */
+/** Defaults: 1 s rounds, 32 KiB batches (floor 1 KiB) and up to 4 a round per peer, 50 000 pending changes per peer, 32 path hashes per peer a round. */
 export const ROUTE_SYNC_DEFAULTS: RouteSyncConfig = {
   ...WANTS_DEFAULTS,
   roundMs: 1000,
@@ -100,6 +110,7 @@ export const ROUTE_SYNC_DEFAULTS: RouteSyncConfig = {
   pathPerRound: 32,
   pathMaxDepth: 1024,
   pathTries: 2,
+  burstBatches: 4,
 };
 
 /** Why an inbound message was refused. */
@@ -123,6 +134,10 @@ export interface RouteSyncStats {
   encodes: number;
   insertsSent: number;
   evictsSent: number;
+  /** Pending inserts dropped with their eviction before they were sent (the peer never held them). */
+  cancelled: number;
+  /** Batches sent right after an ack, before the next round (a backlog draining). */
+  burstSent: number;
   insertsApplied: number;
   evictsApplied: number;
   /** Full resyncs started (per peer and model), and those a receiver asked for. */
@@ -178,6 +193,11 @@ interface ModelOut {
   resetNext: boolean;
   /** The last change of each hash, in the order first changed (chain order for inserts). */
   ops: Map<string, Op>;
+  /**
+   * Pending inserts the peer cannot hold: new to this node's tenancy, with nothing about them pending or
+   * unacked before. Their eviction drops them instead of queueing an evict.
+   */
+  fresh: Set<string>;
   /** A full sync streaming the own tenancy. */
   cursor: OwnCursor | null;
   /** Changed by every full resync (and new for every new stream): a failed batch built before it is not put back. */
@@ -215,6 +235,9 @@ interface Peer {
   inModels: Map<string, ModelIndex | null>;
   pathQueue: Map<string, PathAsk>;
   pathInFlight: PathAsk[] | null;
+  /** Batches sent in round `burstRound`. */
+  burst: number;
+  burstRound: number;
 }
 
 const live = (state: string) => state === "alive" || state === "suspect";
@@ -264,6 +287,8 @@ export class RouteSync implements MeshExtension {
       encodes: 0,
       insertsSent: 0,
       evictsSent: 0,
+      cancelled: 0,
+      burstSent: 0,
       insertsApplied: 0,
       evictsApplied: 0,
       resyncs: 0,
@@ -302,19 +327,36 @@ export class RouteSync implements MeshExtension {
     // What goes out is what `own` holds now: a change it refused (bound, malformed hash) is not claimed.
     const own = this.o.own;
     const inserts: Array<[string, string | null]> = [];
+    // Whether each insert is new to this node (not held before this change): only those can be fresh.
+    const isNew: boolean[] = [];
     const evicts: string[] = [];
     for (const h of delta.evicts) if (!own.has(model, h)) evicts.push(h);
     for (const [h] of delta.inserts) {
       const parent = own.parentOf(model, h);
-      if (parent !== undefined) inserts.push([h, parent]);
+      if (parent === undefined) continue;
+      inserts.push([h, parent]);
+      isNew.push(own.addedByLastApply(model, h));
     }
     if (inserts.length === 0 && evicts.length === 0) return;
     for (const id of peers) {
       const p = this.peerFor(id);
       if (!p) continue;
       const mo = this.modelOut(p, model);
-      for (const h of evicts) this.setOp(p, mo, h, EVICT);
-      for (const [h, parent] of inserts) this.setOp(p, mo, h, parent);
+      for (const h of evicts) {
+        if (mo.fresh.delete(h)) {
+          // Never sent, and the peer cannot hold it from before: the insert and its eviction cancel out.
+          mo.ops.delete(h);
+          p.ops--;
+          this.s.cancelled++;
+        } else this.setOp(p, mo, h, EVICT);
+      }
+      for (let i = 0; i < inserts.length; i++) {
+        const [h, parent] = inserts[i] as [string, string | null];
+        const pending = mo.ops.has(h);
+        this.setOp(p, mo, h, parent);
+        // Nothing about it pending, nothing unacked (a failed batch puts its changes back and unmarks these): the peer lacks it.
+        if (!pending && isNew[i]) mo.fresh.add(h);
+      }
       if (p.ops > this.config.maxPendingOps) this.overflow(p);
       this.markDirty(p);
     }
@@ -495,6 +537,11 @@ export class RouteSync implements MeshExtension {
   private send(p: Peer, addr: string): void {
     const sections = this.build(p);
     if (sections.length === 0) return;
+    if (p.burstRound !== this.s.rounds) {
+      p.burstRound = this.s.rounds;
+      p.burst = 0;
+    }
+    p.burst++;
     const payload = encodeSections(sections);
     this.s.encodes++;
     const data = compress(payload);
@@ -537,6 +584,21 @@ export class RouteSync implements MeshExtension {
           this.s.resyncsAsked++;
           this.scheduleFull(p, m);
         }
+      }
+      // A backlog drains at once, one batch in flight, up to burstBatches a round; the rest waits for the next round.
+      const info = this.o.directory.peer(p.id);
+      if (
+        this.running &&
+        p.burstRound === this.s.rounds &&
+        p.burst < this.config.burstBatches &&
+        info !== undefined &&
+        live(info.state) &&
+        info.epoch === p.epoch &&
+        this.hasSendWork(p)
+      ) {
+        this.s.burstSent++;
+        this.send(p, info.addr);
+        if (p.inFlight !== null) return;
       }
     } else {
       this.s.batchesFailed++;
@@ -581,9 +643,11 @@ export class RouteSync implements MeshExtension {
       mo.resetNext = false;
       let last: string | null = null;
       let taken = 0;
+      // A full sync streaming gets at least half of what is left, so a steady backlog cannot starve it.
+      const opsBudget = mo.cursor !== null ? used + Math.floor((budget - used) / 2) : budget;
       for (const [h, op] of mo.ops) {
         const cost = op === EVICT || (op !== null && op === last) ? HASH_SIZE : HASH_SIZE + RUN_HEADER_BYTES;
-        if (used + cost > budget) {
+        if (used + cost > opsBudget) {
           more = true;
           break;
         }
@@ -597,17 +661,23 @@ export class RouteSync implements MeshExtension {
       }
       p.ops -= taken;
       // Taking them all is the common case: a fresh map leaves no deleted slots for the next walk.
-      if (taken === mo.ops.size) mo.ops = new Map();
-      else {
+      if (taken === mo.ops.size) {
+        mo.ops = new Map();
+        mo.fresh = new Set();
+      } else {
         for (const h of sec.evicts) mo.ops.delete(h);
-        for (const [h] of sec.inserts) mo.ops.delete(h);
+        for (const [h] of sec.inserts) {
+          mo.ops.delete(h);
+          mo.fresh.delete(h);
+        }
       }
-      if (!more && mo.cursor !== null) {
+      if (mo.cursor !== null) {
         const c = mo.cursor;
+        let left = false;
         for (let e = c.peek(); e !== null; e = c.peek()) {
           const cost = e[1] !== null && e[1] === last ? HASH_SIZE : HASH_SIZE + RUN_HEADER_BYTES;
           if (used + cost > budget) {
-            more = true;
+            left = true;
             break;
           }
           used += cost;
@@ -615,7 +685,8 @@ export class RouteSync implements MeshExtension {
           sec.inserts.push(e);
           last = e[0];
         }
-        if (!more) mo.cursor = null;
+        if (left) more = true;
+        else mo.cursor = null;
       }
       sec.syncing = mo.cursor !== null;
       // A cursor that found nothing left (its model emptied meanwhile) makes no section.
@@ -635,8 +706,16 @@ export class RouteSync implements MeshExtension {
       if (!mo || mo.gen !== sec.gen) continue;
       if (sec.reset) mo.reset = true;
       const merged = new Map<string, Op>();
-      for (const h of sec.evicts) if (!mo.ops.has(h)) merged.set(h, EVICT);
-      for (const [h, parent] of sec.inserts) if (!mo.ops.has(h)) merged.set(h, parent);
+      // The batch may have applied (only its ack was lost): a newer pending insert of one of its hashes
+      // is no longer one the peer cannot hold.
+      for (const h of sec.evicts) {
+        if (!mo.ops.has(h)) merged.set(h, EVICT);
+        else mo.fresh.delete(h);
+      }
+      for (const [h, parent] of sec.inserts) {
+        if (!mo.ops.has(h)) merged.set(h, parent);
+        else mo.fresh.delete(h);
+      }
       p.ops += merged.size;
       for (const [h, op] of mo.ops) merged.set(h, op);
       mo.ops = merged;
@@ -667,6 +746,7 @@ export class RouteSync implements MeshExtension {
     const mo = this.modelOut(p, model);
     p.ops -= mo.ops.size;
     mo.ops = new Map();
+    mo.fresh = new Set();
     mo.reset = true;
     mo.cursor = this.o.own.cursor(model);
     mo.gen = ++this.gens;
@@ -691,7 +771,7 @@ export class RouteSync implements MeshExtension {
   private modelOut(p: Peer, model: string): ModelOut {
     let mo = p.out.get(model);
     if (!mo) {
-      mo = { reset: false, resetNext: false, ops: new Map(), cursor: null, gen: ++this.gens };
+      mo = { reset: false, resetNext: false, ops: new Map(), fresh: new Set(), cursor: null, gen: ++this.gens };
       p.out.set(model, mo);
     }
     return mo;
@@ -949,6 +1029,8 @@ export class RouteSync implements MeshExtension {
       inModels: new Map(),
       pathQueue: new Map(),
       pathInFlight: null,
+      burst: 0,
+      burstRound: -1,
     };
     this.peers.set(id, p);
     return p;
