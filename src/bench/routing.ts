@@ -283,6 +283,7 @@ async function metricsOf(url: string): Promise<PromSample[] | null> {
   }
 }
 
+/** A node's routing counters now; null when its /metrics cannot be read. */
 async function countersOf(url: string): Promise<RoutingCounters | null> {
   const s = await metricsOf(url);
   return s ? routingCounters(s) : null;
@@ -305,12 +306,14 @@ async function startMesh(c: RoutingBenchConfig, policy: RoutingPolicy, modelPath
   // An interrupted run: llama-server.ts kills the nodes on exit or signal; this removes their state with them.
   process.on("exit", removeRoot);
   const procs: LlamaServer[] = [];
+  // Names beside procs: a node that failed to start leaves no entry, so positions are not names.
+  const names: string[] = [];
   const stop = async () => {
     await Promise.all(procs.map((p) => p.stop(STOP_GRACE_MS)));
     removeRoot();
     process.off("exit", removeRoot);
   };
-  const logTails = () => procs.map((p, i) => `node-${i + 1} log (last lines):\n${p.logTail(LOG_TAIL_LINES)}`).join("\n");
+  const logTails = () => procs.map((p, i) => `${names[i]} log (last lines):\n${p.logTail(LOG_TAIL_LINES)}`).join("\n");
   const [binary, ...pre] = meshCommand();
   const args = (i: number, token: string | null) => [
     ...pre,
@@ -339,9 +342,14 @@ async function startMesh(c: RoutingBenchConfig, policy: RoutingPolicy, modelPath
   try {
     const first = await start(1, null);
     procs.push(first);
+    names.push("node-1");
     const token = await inviteToken(first);
     const rest = await Promise.allSettled(Array.from({ length: c.nodes - 1 }, (_, k) => start(k + 2, token)));
-    for (const r of rest) if (r.status === "fulfilled") procs.push(r.value);
+    rest.forEach((r, k) => {
+      if (r.status !== "fulfilled") return;
+      procs.push(r.value);
+      names.push(`node-${k + 2}`);
+    });
     const failed = rest.find((r) => r.status === "rejected");
     if (failed) throw (failed as PromiseRejectedResult).reason;
     return { procs, logTails, stop };
