@@ -4,21 +4,18 @@
 // Multi-turn agent conversations arrive at random entry nodes; a follow-up
 // turn is a hit when the worker it is sent to still holds the conversation's
 // previous turn (prompt + reply) in its KV. The same traffic (same seed) runs
-// under five variants of what the entry nodes know:
+// under four variants of what the entry nodes know:
 //
-//   mesh         the real RouteSync: workers' engines report tenancy, the sync carries it (and the
-//                workers' records, so their load) to the entries
-//   mesh-gossip  the same with the sync's worker records off: load only as the store's gossip spreads it
-//   shared       one RoutingIndex for every entry, updated at once by every worker, and every worker's
-//                load as it is now (the upper bound of what any sync could tell the entries)
-//   local        each entry's own index learns only from its own decisions (a gateway without sync;
-//                load from the store)
-//   random       a uniformly random worker
+//   mesh    the real RouteSync: workers' engines report tenancy, the sync carries it to the entries
+//   shared  one RoutingIndex for every entry, updated at once by every worker, and every worker's
+//           load as it is now (the upper bound of what any sync could tell the entries)
+//   local   each entry's own index learns only from its own decisions (a gateway without sync)
+//   random  a uniformly random worker
 //
-// Every entry sees load through its worker registry (the store's records, as `mesh serve` does; under
-// mesh the sync brings the records too), except the upper bound. Misses are split by why: evicted
-// everywhere, unknown to the entry's index (for local: it never learns replies), or known and passed
-// over by the policy (its load gate or its cost).
+// Every entry but the upper bound's sees load through its worker registry: the store's records,
+// republished once a second, as `mesh serve` does. Misses are split by why: evicted everywhere,
+// unknown to the entry's index (for local: it never learns replies), or known and passed over by
+// the policy (its load gate or its cost).
 //
 //   bun run src/bench/routing-sim.ts [--entries 8] [--workers 240] [--seed 1] [--json]
 //   bun run src/bench/routing-sim.ts --soak [...]   (src/bench/routing-soak.ts)
@@ -37,10 +34,10 @@ import { RoutingIndex } from "../routing/radix";
 import { RouteSync, type RouteSyncConfig } from "../routing/sync";
 import { type EngineShape, SimEngine } from "./routing-sim-engine";
 
-/** What the entries know of the workers' caches (and load). */
-export type Variant = "mesh" | "mesh-gossip" | "shared" | "local" | "random";
+/** What the entries know of the workers' caches. */
+export type Variant = "mesh" | "shared" | "local" | "random";
 /** Every variant, in report order. */
-export const VARIANTS: readonly Variant[] = ["mesh", "mesh-gossip", "shared", "local", "random"];
+export const VARIANTS: readonly Variant[] = ["mesh", "shared", "local", "random"];
 
 /** The conversations: sizes in characters, times in virtual ms, [min, max] uniform. */
 export interface TrafficShape {
@@ -111,10 +108,9 @@ export interface SyncFigures {
   batchesSplit: number;
   insertsSent: number;
   evictsSent: number;
-  /** Inserts dropped with their eviction before being sent; batches sent right after an ack; worker records carried. */
+  /** Inserts dropped with their eviction before being sent, and batches sent right after an ack. */
   cancelled: number;
   burstSent: number;
-  recordsSent: number;
   resyncs: number;
   pendingOverflows: number;
   pathRequests: number;
@@ -262,7 +258,7 @@ export async function runVariant(variant: Variant, o: RoutingSimOptions): Promis
   const t0 = clock.now();
   const keyer = new RouteKeyer(SECRET);
   const shared = variant === "shared" ? new RoutingIndex() : null;
-  const synced = variant === "mesh" || variant === "mesh-gossip";
+  const synced = variant === "mesh";
   // Entries serve nothing, so they never learn the engines' speed: they are told it, as an operator would configure it.
   const policy = { prefillMsPerToken: shape.prefillMsPerToken, serviceMs: 3000 };
 
@@ -289,7 +285,7 @@ export async function runVariant(variant: Variant, o: RoutingSimOptions): Promis
       clock,
       index,
       own,
-      config: { ...o.sync, wantServed, ...(variant === "mesh-gossip" ? { workerRecords: false } : {}) },
+      config: { ...o.sync, wantServed },
       log: silentLogger,
       random: seededRandom(o.seed ^ Number(Bun.hash(node.name) & 0xffffffffn)),
     });
@@ -559,7 +555,6 @@ export async function runVariant(variant: Variant, o: RoutingSimOptions): Promis
       evictsSent: sum((s) => s.evictsSent),
       cancelled: sum((s) => s.cancelled),
       burstSent: sum((s) => s.burstSent),
-      recordsSent: sum((s) => s.recordsSent),
       resyncs: sum((s) => s.resyncs),
       pendingOverflows: sum((s) => s.pendingOverflows),
       pathRequests: sum((s) => s.pathRequestsSent),
@@ -646,7 +641,7 @@ export function routingSimTable(r: RoutingSimReport): string {
       `  route sync, entries ${sp(s.routeBytesPerNodeRound.entries)}; workers ${sp(s.routeBytesPerNodeRound.workers)}`,
       `  all mesh traffic, entries ${sp(s.totalBytesPerNodeRound.entries)}; workers ${sp(s.totalBytesPerNodeRound.workers)}`,
       `  route sync once idle ${sp(s.idleRouteBytesPerNodeRound)}`,
-      `  batches ${s.batchesSent} (failed ${s.batchesFailed}, split ${s.batchesSplit}, right after an ack ${s.burstSent}), inserts ${s.insertsSent}, evicts ${s.evictsSent}, cancelled ${s.cancelled}, worker records ${s.recordsSent}`,
+      `  batches ${s.batchesSent} (failed ${s.batchesFailed}, split ${s.batchesSplit}, right after an ack ${s.burstSent}), inserts ${s.insertsSent}, evicts ${s.evictsSent}, cancelled ${s.cancelled}`,
       `  resyncs ${s.resyncs}, pending overflows ${s.pendingOverflows}, path requests ${s.pathRequests}, unresolved ${s.unresolved}`,
       `  entry index entries ${sp(s.indexEntries)}, budget evictions ${s.budgetEvictions}`,
     );

@@ -23,13 +23,6 @@
 // the peer cannot hold it (it was new to this node and nothing about it was
 // pending): a prefix cached and evicted between two rounds costs no bytes.
 //
-// This node's worker records (its load figures, republished each second by
-// the worker registry) ride the batches to the peers that want a model the
-// worker serves: those are the nodes that route it, and they get its load a
-// round old instead of after the store's gossip reaches them (several rounds
-// in a large mesh). A record is the owner's signed store record, applied
-// through the receiver's store like any other.
-//
 // Layer 2, on demand: a receiver that gets a chain whose parent it does not
 // hold (it joined late, or its index budget dropped the ancestor) asks the
 // sender for the path root..parent, rate-limited per peer; the sender answers
@@ -41,13 +34,12 @@
 // model); eviction is an explicit list, never a sentinel hash.
 
 import type { Logger } from "../log";
-import { isCount, isList, isNodeId, isObject, isStr } from "../mesh/check";
+import { isCount, isList, isNodeId, isStr } from "../mesh/check";
 import { type Identity, verifySignature } from "../mesh/identity";
 import type { Kv } from "../mesh/kv";
 import type { MembershipEvent } from "../mesh/membership";
 import type { MeshDirectory, MeshExtension } from "../mesh/node";
 import type { Clock, NodeId, Transport, WireMessage } from "../mesh/wire";
-import { WORKER_PREFIX } from "../mesh/worker-info";
 import { isPathHash } from "./key";
 import { isModelName, type OwnCursor, type OwnTenancy, type TenancyDelta } from "./own";
 import type { ModelIndex, RoutingIndex } from "./radix";
@@ -102,11 +94,9 @@ export interface RouteSyncConfig extends WantsConfig {
   pathTries: number;
   /** Batches one peer gets per round, at most: after an ack, more pending goes at once, one in flight. */
   burstBatches: number;
-  /** Whether this node's worker records ride its batches to the peers that want a model they serve. */
-  workerRecords: boolean;
 }
 
-/** Defaults: 1 s rounds, 32 KiB batches (floor 1 KiB) and up to 4 a round per peer, 50 000 pending changes per peer, 32 path hashes per peer a round, worker records carried. */
+/** Defaults: 1 s rounds, 32 KiB batches (floor 1 KiB) and up to 4 a round per peer, 50 000 pending changes per peer, 32 path hashes per peer a round. */
 export const ROUTE_SYNC_DEFAULTS: RouteSyncConfig = {
   ...WANTS_DEFAULTS,
   roundMs: 1000,
@@ -121,7 +111,6 @@ export const ROUTE_SYNC_DEFAULTS: RouteSyncConfig = {
   pathMaxDepth: 1024,
   pathTries: 2,
   burstBatches: 4,
-  workerRecords: true,
 };
 
 /** Why an inbound message was refused. */
@@ -149,9 +138,6 @@ export interface RouteSyncStats {
   cancelled: number;
   /** Batches sent right after an ack, before the next round (a backlog draining). */
   burstSent: number;
-  /** This node's worker records sent with batches, and peers' records applied from theirs. */
-  recordsSent: number;
-  recordsApplied: number;
   insertsApplied: number;
   evictsApplied: number;
   /** Full resyncs started (per peer and model), and those a receiver asked for. */
@@ -224,8 +210,6 @@ interface SentSection extends Section {
 
 interface InFlight {
   sections: SentSection[];
-  /** Keys of the worker records it carried. */
-  records: string[];
 }
 
 interface PathAsk {
@@ -251,15 +235,10 @@ interface Peer {
   inModels: Map<string, ModelIndex | null>;
   pathQueue: Map<string, PathAsk>;
   pathInFlight: PathAsk[] | null;
-  /** Keys of this node's worker records to carry with the next batch. */
-  records: Set<string>;
   /** Batches sent in round `burstRound`. */
   burst: number;
   burstRound: number;
 }
-
-// Worker records one batch carries, at most (a node runs a worker per model it serves).
-const MAX_RECORDS = 64;
 
 const live = (state: string) => state === "alive" || state === "suspect";
 
@@ -310,8 +289,6 @@ export class RouteSync implements MeshExtension {
       evictsSent: 0,
       cancelled: 0,
       burstSent: 0,
-      recordsSent: 0,
-      recordsApplied: 0,
       insertsApplied: 0,
       evictsApplied: 0,
       resyncs: 0,
@@ -443,10 +420,6 @@ export class RouteSync implements MeshExtension {
 
   /** A record of the store changed: a peer's (or our own) wanted set. */
   onStoreChange(owner: NodeId, key: string): void {
-    if (owner === this.o.selfId && key.startsWith(WORKER_PREFIX)) {
-      this.ownRecordChanged(key);
-      return;
-    }
     if (key !== WANT_KEY) return;
     if (owner === this.o.selfId) {
       // An earlier life's record came back, or ours was overwritten: re-assert the current set.
@@ -491,29 +464,6 @@ export class RouteSync implements MeshExtension {
   peerState(id: NodeId): { ops: number; budget: number; inFlight: boolean; queuedPaths: number } | undefined {
     const p = this.peers.get(id);
     return p && { ops: p.ops, budget: p.budget, inFlight: p.inFlight !== null, queuedPaths: p.pathQueue.size };
-  }
-
-  // A worker of this node was republished (its load, mostly): the peers routing a model it serves get the record next round.
-  private ownRecordChanged(key: string): void {
-    if (!this.config.workerRecords) return;
-    const value = this.o.store.get(this.o.selfId, key)?.value;
-    // A removed worker's tombstone travels by the store's gossip: only load needs to be fresh.
-    if (typeof value !== "string") return;
-    let models: unknown;
-    try {
-      models = (JSON.parse(value) as { models?: unknown }).models;
-    } catch {
-      return;
-    }
-    if (!isList(models, MAX_SECTIONS)) return;
-    const to = new Set<NodeId>();
-    for (const m of models) if (typeof m === "string") for (const id of this.wantsOf.wanting(m)) to.add(id);
-    for (const id of to) {
-      const p = this.peerFor(id);
-      if (!p || (p.records.size >= MAX_RECORDS && !p.records.has(key))) continue;
-      p.records.add(key);
-      this.markDirty(p);
-    }
   }
 
   // ---- rounds ------------------------------------------------------------------------------------
@@ -580,20 +530,13 @@ export class RouteSync implements MeshExtension {
   // ---- sending -----------------------------------------------------------------------------------
 
   private hasSendWork(p: Peer): boolean {
-    if (p.records.size > 0) return true;
     for (const mo of p.out.values()) if (mo.reset || mo.ops.size > 0 || mo.cursor !== null) return true;
     return false;
   }
 
   private send(p: Peer, addr: string): void {
     const sections = this.build(p);
-    const keys = [...p.records];
-    p.records.clear();
-    const records = keys.flatMap((k) => {
-      const r = this.o.store.get(this.o.selfId, k);
-      return r && r.value !== null ? [r] : [];
-    });
-    if (sections.length === 0 && records.length === 0) return;
+    if (sections.length === 0) return;
     if (p.burstRound !== this.s.rounds) {
       p.burstRound = this.s.rounds;
       p.burst = 0;
@@ -607,8 +550,6 @@ export class RouteSync implements MeshExtension {
     const myEpoch = this.o.directory.self.epoch;
     const sig = this.o.identity.sign(signedBytes(BATCH_DOMAIN, me, myEpoch, p.id, p.epoch, seq, data));
     const msg: WireMessage = { type: ROUTE_SYNC, id: me, epoch: myEpoch, toEpoch: p.epoch, seq, data: data.toString("base64"), sig };
-    // Each record is signed by this node as the store's owner: the batch's signature need not cover it.
-    if (records.length > 0) msg.records = records;
     const bytes = wireBytes(msg);
     this.roundBytes += bytes;
     this.s.bytesSent += bytes;
@@ -617,8 +558,7 @@ export class RouteSync implements MeshExtension {
       this.s.insertsSent += s.inserts.length;
       this.s.evictsSent += s.evicts.length;
     }
-    this.s.recordsSent += records.length;
-    const sent: InFlight = { sections, records: keys };
+    const sent: InFlight = { sections };
     p.inFlight = sent;
     void this.exchange(p, addr, msg, sent);
   }
@@ -670,7 +610,6 @@ export class RouteSync implements MeshExtension {
         halved = true;
       }
       this.mergeBack(p, sent);
-      for (const k of sent.records) p.records.add(k);
       p.fails++;
       // A smaller budget is tried next round; anything else backs off, so a refusing peer costs little.
       const backoff = Math.min(this.config.maxBackoffMs, this.config.roundMs * 2 ** (p.fails - 1));
@@ -846,8 +785,6 @@ export class RouteSync implements MeshExtension {
       return this.refuse("malformed", "id, epoch, toEpoch, seq and sig are required");
     }
     if (typeof msg.data !== "string") return this.refuse("malformed", "data must be base64");
-    if (msg.records !== undefined && !isList(msg.records, MAX_RECORDS))
-      return this.refuse("malformed", `records is a list of at most ${MAX_RECORDS}`);
     if (from !== id || id === this.o.selfId) {
       this.o.log.warn("route sync refused a batch sent on behalf of another node", { id: id.slice(0, 8), from: from?.slice(0, 8) });
       return this.refuse("wrong_sender", "the batch's id is not the authenticated sender");
@@ -875,13 +812,6 @@ export class RouteSync implements MeshExtension {
     if (!p) return this.refuse("not_member", "you are not a live member here");
     if (p.inEpoch !== msg.epoch) this.newSenderLife(p, msg.epoch);
     p.inSeq = msg.seq;
-    // The sender's own worker records, each checked by the store against its owner's signature and
-    // its version (an older one than the store holds is ignored). Only the sender's own: a node
-    // cannot relay, let alone forge, another's load this way.
-    for (const r of (msg.records as unknown[] | undefined) ?? []) {
-      if (!isObject(r) || r.owner !== id || typeof r.key !== "string" || !r.key.startsWith(WORKER_PREFIX)) continue;
-      if (this.o.store.applyRemote(r)) this.s.recordsApplied++;
-    }
     const resync: string[] = [];
     for (const sec of dec.value) {
       if (!this.wantsOf.has(sec.model)) {
@@ -1099,7 +1029,6 @@ export class RouteSync implements MeshExtension {
       inModels: new Map(),
       pathQueue: new Map(),
       pathInFlight: null,
-      records: new Set(),
       burst: 0,
       burstRound: -1,
     };
