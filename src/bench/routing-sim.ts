@@ -310,6 +310,8 @@ export async function runVariant(variant: Variant, o: RoutingSimOptions): Promis
         }),
       index,
       now: () => clock.now(),
+      // Near-ties broken at random as on a real node, seeded so a run is reproducible.
+      random: seededRandom(o.seed ^ 0x71e5 ^ Number(Bun.hash(node.name) & 0xffffn)),
       policy,
     });
     let sync: RouteSync | null = null;

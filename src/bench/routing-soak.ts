@@ -145,6 +145,7 @@ export async function runSoak(opts: Partial<SoakOptions> = {}): Promise<SoakRepo
       index,
       now: () => clock.now(),
       policy: { prefillMsPerToken: shape.prefillMsPerToken, serviceMs: 100 },
+      random: seededRandom(0x50a4 ^ Number(Bun.hash(node.name) & 0xffffn)),
     });
     const sync = new RouteSync({
       selfId: node.identity.id,

@@ -44,6 +44,8 @@ export interface RouterOptions {
   mode?: RoutingMode;
   policy?: Partial<PolicyConfig>;
   leaseMs?: number;
+  /** Breaks near-ties between peers at random, so entry nodes deciding from the same figures do not herd (default Math.random; simulations pass a seeded one). */
+  random?: () => number;
   /** This node's own tenancy, as the source of full resyncs and path answers. */
   own?: { apply(model: string, change: TenancyChange): void };
   /** This node's own tenancy changes also go here: the sync to peers. */
@@ -126,7 +128,7 @@ export class Router {
         rttMs: this.o.rtt?.(w.nodeId) ?? null,
       };
     });
-    const d = decide({ chars: key.chars, ends: key.ends }, cands, this.policyFor(model));
+    const d = decide({ chars: key.chars, ends: key.ends }, cands, this.policyFor(model), this.o.random ?? Math.random);
     if (!d) return null;
     if (cache) this.leases.set(key.prefixes, d.target.worker.nodeId, this.now());
     this.counts.byReason[d.reason]++;

@@ -154,17 +154,51 @@ function coldCost(x: CandidateCost, c: PolicyConfig): number {
 }
 
 /**
+ * Among candidates whose cost is within the margin of the best (`best` first), the one to take: this
+ * node when it is among them (no hop), else, with `random`, the less loaded of two of them picked at
+ * random. Several entry nodes deciding from the same (seconds-old) figures would otherwise all break
+ * near-ties the same way and herd onto one worker, while two random choices still spread a burst by
+ * load; without `random`, the deterministic order (tests, reproducibility).
+ */
+function pickNear(
+  best: CandidateCost,
+  costOf: (x: CandidateCost) => number,
+  pool: readonly CandidateCost[],
+  c: PolicyConfig,
+  random?: () => number,
+): CandidateCost {
+  const limit = costOf(best) * (1 + c.margin) + NEAR_MS;
+  const near = pool.filter((x) => costOf(x) <= limit);
+  const local = near.find((x) => x.candidate.local);
+  if (local) return local;
+  if (!random || near.length < 2) return best;
+  const i = Math.min(near.length - 1, Math.floor(random() * near.length));
+  const j = (i + 1 + Math.min(near.length - 2, Math.floor(random() * (near.length - 1)))) % near.length;
+  const a = near[i] as CandidateCost;
+  const b = near[j] as CandidateCost;
+  return tieBreak(a, b) <= 0 ? a : b;
+}
+
+// Costs this close are equal for all purposes (a millisecond is below any estimate's precision).
+const NEAR_MS = 1;
+
+/**
  * Pick where a request runs; null when there is no candidate. The cheapest holder of a long enough
  * prefix that passes the load gate wins when it beats the cheapest cold start by the margin; else
- * the cheapest cold start (least load).
+ * the cheapest cold start (least load). With `random`, near-ties are broken at random (see pickNear).
  */
-export function decide(req: RequestShape, cands: readonly Candidate[], c: PolicyConfig = POLICY_DEFAULTS): Decision | null {
+export function decide(
+  req: RequestShape,
+  cands: readonly Candidate[],
+  c: PolicyConfig = POLICY_DEFAULTS,
+  random?: () => number,
+): Decision | null {
   if (cands.length === 0) return null;
   const all = costs(req, cands, c);
   const promptTokens = Math.max(1, Math.ceil(req.chars / c.charsPerToken));
+  const holders = all.filter((x) => !x.gated && x.candidate.depth > 0 && x.cachedTokens >= c.minMatchTokens);
   let holder: CandidateCost | null = null;
-  for (const x of all) {
-    if (x.gated || x.candidate.depth === 0 || x.cachedTokens < c.minMatchTokens) continue;
+  for (const x of holders) {
     if (!holder || x.costMs < holder.costMs || (x.costMs === holder.costMs && tieBreak(x, holder) < 0)) holder = x;
   }
   let cold = all[0] as CandidateCost;
@@ -177,7 +211,9 @@ export function decide(req: RequestShape, cands: readonly Candidate[], c: Policy
     }
   }
   const useHolder = holder !== null && holder.costMs * (1 + c.margin) < coldMs;
-  const target = useHolder ? (holder as CandidateCost) : cold;
+  const target = useHolder
+    ? pickNear(holder as CandidateCost, (x) => x.costMs, holders, c, random)
+    : pickNear(cold, (x) => coldCost(x, c), all, c, random);
   const reason: RouteReason = cands.length === 1 ? "only" : useHolder ? "cache" : "load";
   const rest = all.filter((x) => x !== target).sort((a, b) => a.costMs - b.costMs || tieBreak(a, b));
   return { target: target.candidate, reason, promptTokens, ranked: [target, ...rest] };

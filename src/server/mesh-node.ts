@@ -313,7 +313,9 @@ async function loadOf(model: ServedModel): Promise<LoadPatch> {
     health: "ready",
     slotsTotal: s.slotsTotal,
     slotsBusy: s.slotsBusy,
-    kvUsed: s.kvCellsUsed,
+    // Cells committed to running requests (held or promised): idle cached prefixes are freed as needed, so a node
+    // whose KV is full of cache is not full for routing's load gate.
+    kvUsed: s.kvCellsRunning + s.kvCellsReserved,
     kvTotal: s.kvCellsTotal,
     queueDepth: s.waiting,
     ...(model.info ? { ctxSize: model.info.nCtxSeq } : {}),

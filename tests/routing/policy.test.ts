@@ -112,6 +112,30 @@ describe("routing policy", () => {
     expect(d?.ranked.map((x) => x.candidate.worker.id)).toEqual(["b", "c", "a"]);
   });
 
+  test("entry_nodes_break_near_ties_at_random_instead_of_herding_onto_one_worker", () => {
+    // Ten idle workers, none local: without randomness every entry picks the same one.
+    const ws = Array.from({ length: 10 }, (_, i) => cand(w(`w${i}`)));
+    const fixed = new Set(Array.from({ length: 20 }, () => decide(req, ws)?.target.worker.id));
+    expect(fixed.size).toBe(1);
+    let s = 7;
+    const random = () => {
+      s = (s * 1103515245 + 12345) % 2 ** 31;
+      return s / 2 ** 31;
+    };
+    const spread = new Set(Array.from({ length: 20 }, () => decide(req, ws, POLICY_DEFAULTS, random)?.target.worker.id));
+    expect(spread.size).toBeGreaterThan(3);
+    // This node among the near-ties still wins: no hop.
+    const withSelf = [...ws, cand(w("self"), { local: true })];
+    expect(new Set(Array.from({ length: 20 }, () => decide(req, withSelf, POLICY_DEFAULTS, random)?.target.worker.id))).toEqual(
+      new Set(["self"]),
+    );
+    // A clearly cheaper worker is never traded for a random one.
+    const busy = Array.from({ length: 5 }, (_, i) => cand(w(`b${i}`, { slotsBusy: 4, queueDepth: 4 })));
+    expect(
+      new Set(Array.from({ length: 20 }, () => decide(req, [...busy, cand(w("free"))], POLICY_DEFAULTS, random)?.target.worker.id)),
+    ).toEqual(new Set(["free"]));
+  });
+
   test("a_single_candidate_is_only_and_none_is_null", () => {
     expect(decide(req, [cand(w("a"))])?.reason).toBe("only");
     expect(decide(req, [])).toBeNull();
