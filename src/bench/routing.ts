@@ -27,7 +27,7 @@ import {
   routingSummaryMarkdown,
   summarizePolicy,
 } from "./routing-report";
-import { MAX_METRICS_BYTES, metricValue, type PromSample, parsePrometheus } from "./scrape";
+import { metricValue, scrapeSamples } from "./scrape";
 import {
   buildWorkload,
   type ChatMessage,
@@ -255,37 +255,9 @@ export function resolveRoutingOptions(o: RoutingBenchOptions = {}): RoutingBench
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
-/** A node's /metrics, parsed; null when it cannot be read. Bounded like scrape.ts. */
-async function metricsOf(url: string): Promise<PromSample[] | null> {
-  try {
-    const res = await fetch(`${url}/metrics`, { signal: AbortSignal.timeout(5000) });
-    if (!res.ok || !res.body) {
-      await res.body?.cancel();
-      return null;
-    }
-    const reader = res.body.getReader();
-    const decoder = new TextDecoder();
-    let text = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      text += decoder.decode(value, { stream: true });
-      if (text.length > MAX_METRICS_BYTES) {
-        await reader.cancel();
-        // Drop the line cut in half.
-        text = text.slice(0, text.lastIndexOf("\n") + 1);
-        break;
-      }
-    }
-    return parsePrometheus(text);
-  } catch {
-    return null;
-  }
-}
-
 /** A node's routing counters now; null when its /metrics cannot be read. */
 async function countersOf(url: string): Promise<RoutingCounters | null> {
-  const s = await metricsOf(url);
+  const s = await scrapeSamples(url);
   return s ? routingCounters(s) : null;
 }
 
@@ -442,7 +414,7 @@ async function settle(nodes: BenchNode[]): Promise<boolean> {
   let last = Number.NaN;
   let quietSince = start;
   for (;;) {
-    const all = await Promise.all(nodes.map((n) => metricsOf(n.url)));
+    const all = await Promise.all(nodes.map((n) => scrapeSamples(n.url)));
     const traffic = all.reduce(
       (s, m) => s + (m ? (metricValue(m, "mesh_routing_sync_ops_total") ?? 0) + (metricValue(m, "mesh_routing_sync_bytes_total") ?? 0) : 0),
       0,

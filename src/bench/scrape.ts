@@ -108,8 +108,8 @@ export function nodeFigures(s: PromSample[]): NodeFigures {
   };
 }
 
-/** Fetch and parse a target's /metrics; null when it has none (404, not Prometheus, unreachable). */
-export async function scrape(url: string, apiKey?: string, timeoutMs = 5000): Promise<NodeFigures | null> {
+/** Fetch a target's /metrics as parsed samples, reading at most MAX_METRICS_BYTES; null when it has none (404, unreachable). */
+export async function scrapeSamples(url: string, apiKey?: string, timeoutMs = 5000): Promise<PromSample[] | null> {
   try {
     const res = await fetch(`${url}/metrics`, {
       headers: apiKey ? { authorization: `Bearer ${apiKey}` } : {},
@@ -133,10 +133,16 @@ export async function scrape(url: string, apiKey?: string, timeoutMs = 5000): Pr
         break;
       }
     }
-    return nodeFigures(parsePrometheus(text));
+    return parsePrometheus(text);
   } catch {
     return null;
   }
+}
+
+/** Fetch and parse a target's /metrics into its figures; null when it has none (404, not Prometheus, unreachable). */
+export async function scrape(url: string, apiKey?: string, timeoutMs = 5000): Promise<NodeFigures | null> {
+  const samples = await scrapeSamples(url, apiKey, timeoutMs);
+  return samples ? nodeFigures(samples) : null;
 }
 
 /** b - a for counters, null when either side is unknown. */

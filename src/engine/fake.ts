@@ -16,6 +16,7 @@
 import { EngineError } from "./errors";
 import { type EngineLike, type GenerateOptions, Generation, type GenerationEvent } from "./index";
 import type { EngineStats, FinishReason, ModelInfo, TenancyDelta } from "./protocol";
+import { zeroCounters } from "./scheduler";
 import { commonPrefix } from "./slot-choice";
 import { MAX_MARKS, Tenancy, TenancyFeed, type TokenMark, tokenMarks } from "./tenancy";
 import { StopMatcher, Utf8Stream } from "./text";
@@ -167,32 +168,13 @@ export class FakeEngine implements EngineLike {
       hostCacheEvictions: 0,
       evictions: 0,
       evictedCells: 0,
+      ...zeroCounters(),
       decodeSteps: c.generated,
-      decodeFailures: 0,
-      decodeKvFailures: 0,
       prefillTokens: c.prompt - c.cached,
       promptTokens: c.prompt,
       cachedTokens: c.cached,
       generatedTokens: c.generated,
       admitted: c.admitted,
-      queued: 0,
-      rejectedQueueFull: 0,
-      rejectedQueueTimeout: 0,
-      evictionsBudget: 0,
-      evictionsOffload: 0,
-      evictionsDivergent: 0,
-      evictionsReplaced: 0,
-      evictionsRetry: 0,
-      evictedCellsBudget: 0,
-      evictedCellsOffload: 0,
-      evictedCellsDivergent: 0,
-      evictedCellsReplaced: 0,
-      evictedCellsRetry: 0,
-      stoppedAtPoolLimit: 0,
-      hostSaves: 0,
-      hostRestores: 0,
-      hostRestoredTokens: 0,
-      hostRestoreFailures: 0,
     });
   }
 

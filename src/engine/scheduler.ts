@@ -163,19 +163,9 @@ const HOST_MIN_TOKENS = 32;
 /** Finished generations remembered for their reply marks; the server sends those right after done, so a few per slot is plenty. */
 const MAX_FINISHED = 256;
 
-/** Owns slots, the waiting queue and one decode per step for all live sequences. */
-export class Scheduler {
-  private readonly slots: Slot[];
-  private waiting: Waiting[] = [];
-  private readonly tokens: Int32Array;
-  private readonly pos: Int32Array;
-  private readonly seq: Int32Array;
-  private readonly logits: Int8Array;
-  private readonly pieceBuf = new Uint8Array(256);
-  private clock = 0;
-  /** Smoothed time a request holds a slot, for Retry-After. */
-  private serviceMs = 1000;
-  private readonly counters: SchedulerCounters = {
+/** Every counter at zero. */
+export function zeroCounters(): SchedulerCounters {
+  return {
     decodeSteps: 0,
     decodeFailures: 0,
     decodeKvFailures: 0,
@@ -203,6 +193,22 @@ export class Scheduler {
     hostRestoredTokens: 0,
     hostRestoreFailures: 0,
   };
+}
+
+/** Owns slots, the waiting queue and one decode per step for all live sequences. */
+export class Scheduler {
+  private readonly slots: Slot[];
+  private waiting: Waiting[] = [];
+  private readonly tokens: Int32Array;
+  private readonly pos: Int32Array;
+  private readonly seq: Int32Array;
+  private readonly logits: Int8Array;
+  private readonly pieceBuf = new Uint8Array(256);
+  private clock = 0;
+  /** Smoothed time a request holds a slot, for Retry-After. */
+  private serviceMs = 1000;
+  private readonly counters: SchedulerCounters = zeroCounters();
+
   private readonly host: HostCache<HostState>;
   private readonly savedSize = new BigUint64Array(2);
   /** Which prefix marks each slot and host-RAM entry holds. */
