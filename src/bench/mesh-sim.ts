@@ -48,7 +48,7 @@ export interface MeshSimOptions {
   latencyMs?: [number, number];
 }
 
-const SPEC = { ctxSize: 4096, slotsTotal: 4, slotsBusy: 0, kvUsed: 0, kvTotal: 4096, queueDepth: 0, health: "ready" as const };
+const SPEC = { ctxSize: 4096, slotsTotal: 4, slotsBusy: 0, kvUsed: 0, kvCached: 0, kvTotal: 4096, queueDepth: 0, health: "ready" as const };
 
 function perNodeRound(c: SimCluster, names: string[], rounds: number): { mean: number; max: number } {
   const per = names.map((n) => (c.net.sent.get(c.node(n).addr) ?? 0) / rounds);

@@ -100,6 +100,7 @@ export function runDecisionBench(o: DecisionOptions): DecisionReport {
     slotsTotal: 8,
     slotsBusy: i % 8,
     kvUsed: 1000 * i,
+    kvCached: 4000 * i,
     kvTotal: 262144,
     queueDepth: 0,
     health: "ready",

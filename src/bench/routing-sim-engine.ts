@@ -72,6 +72,8 @@ export class SimEngine {
   private head = 0;
   private running = 0;
   private used = 0;
+  /** Tokens of running requests (prompt and reply): what a real node publishes as KV use. */
+  private committed = 0;
 
   constructor(
     readonly shape: EngineShape,
@@ -91,8 +93,14 @@ export class SimEngine {
   }
 
   /** The load figures a worker record publishes. */
-  load(): { slotsBusy: number; queueDepth: number; kvUsed: number; kvTotal: number } {
-    return { slotsBusy: this.running, queueDepth: this.queue.length - this.head, kvUsed: this.used, kvTotal: this.shape.kvTokens };
+  load(): { slotsBusy: number; queueDepth: number; kvUsed: number; kvCached: number; kvTotal: number } {
+    return {
+      slotsBusy: this.running,
+      queueDepth: this.queue.length - this.head,
+      kvUsed: this.committed,
+      kvCached: this.used,
+      kvTotal: this.shape.kvTokens,
+    };
   }
 
   /** Queue a request; it runs when a slot frees. */
@@ -143,6 +151,7 @@ export class SimEngine {
       this.evict(victim[0]);
     }
     this.running++;
+    this.committed += total;
     this.counts.admitted++;
     this.flush();
     const prefillMs = (promptTokens - cachedTokens) * s.prefillMsPerToken;
@@ -165,6 +174,7 @@ export class SimEngine {
         seq.running = false;
         this.idle.set(seq, true);
         this.running--;
+        this.committed -= total;
         this.counts.busyMs += this.clock.now() - startedAt;
         this.flush();
         job.done({ promptTokens, cachedTokens, queuedMs: startedAt - submittedAt, prefillMs });

@@ -18,13 +18,13 @@ function ago(ms: number | null): string {
   return `${Math.round(ms / 3_600_000)}h ago`;
 }
 
-function kvPercent(r: PeerRow): string {
-  return r.kv_total > 0 ? `${Math.round((100 * r.kv_used) / r.kv_total)}%` : "-";
+function kvPercent(r: PeerRow, cells: number): string {
+  return r.kv_total > 0 ? `${Math.round((100 * cells) / r.kv_total)}%` : "-";
 }
 
 /** The table `mesh peers` prints: one line per member, this node marked with '*'. */
 export function formatPeers(report: PeersReport): string {
-  const header = ["NODE", "NAME", "ADDRESS", "STATE", "INC", "LAST SEEN", "MODELS", "SLOTS", "KV", "RTT"];
+  const header = ["NODE", "NAME", "ADDRESS", "STATE", "INC", "LAST SEEN", "MODELS", "SLOTS", "KV USED", "CACHED", "RTT"];
   const rows = report.members.map((m) => [
     `${m.id.slice(0, 8)}${m.self ? "*" : ""}`,
     m.name,
@@ -34,7 +34,8 @@ export function formatPeers(report: PeersReport): string {
     m.self ? "-" : ago(m.last_seen_ms),
     m.models.length > 0 ? m.models.join(",") : "-",
     m.slots_total > 0 ? `${m.slots_busy}/${m.slots_total}` : "-",
-    kvPercent(m),
+    kvPercent(m, m.kv_used),
+    kvPercent(m, m.kv_cached),
     m.rtt_ms === null ? "-" : `${Math.round(m.rtt_ms)}ms`,
   ]);
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] as string).length)));

@@ -46,7 +46,10 @@ export interface WorkerInfo {
   ctxSize: number;
   slotsTotal: number;
   slotsBusy: number;
+  /** KV cells committed to running requests (held or reserved): what the load gate reads. */
   kvUsed: number;
+  /** KV cells holding any prefix, running or idle cache: how much cache the worker keeps. */
+  kvCached: number;
   kvTotal: number;
   queueDepth: number;
   health: "loading" | "ready" | "failed";

@@ -35,6 +35,7 @@ export function serializeWorker(w: WorkerInfo): string {
     slotsTotal: w.slotsTotal,
     slotsBusy: w.slotsBusy,
     kvUsed: w.kvUsed,
+    kvCached: w.kvCached,
     kvTotal: w.kvTotal,
     queueDepth: w.queueDepth,
     health: w.health,
@@ -48,7 +49,7 @@ export function checkSpec(v: unknown): string | null {
     return `models must be 1 to ${MAX_MODELS} non-empty names`;
   }
   if (!isStr(v.addr, MAX_ADDR)) return "addr must be host:port";
-  for (const f of ["ctxSize", "slotsTotal", "slotsBusy", "kvUsed", "kvTotal", "queueDepth"] as const) {
+  for (const f of ["ctxSize", "slotsTotal", "slotsBusy", "kvUsed", "kvCached", "kvTotal", "queueDepth"] as const) {
     if (!isCount(v[f])) return `${f} must be a non-negative integer`;
   }
   if (typeof v.health !== "string" || !HEALTH.has(v.health)) return "health must be loading, ready or failed";

@@ -98,7 +98,7 @@ interface Entry {
   loadTimer?: unknown;
 }
 
-const LOAD_FIELDS = new Set(["slotsBusy", "kvUsed", "queueDepth"]);
+const LOAD_FIELDS = new Set(["slotsBusy", "kvUsed", "kvCached", "queueDepth"]);
 
 /** Options of a registry. */
 export interface WorkersOptions {
@@ -440,6 +440,7 @@ function placeholder(id: string, owner: NodeId): WorkerInfo {
     slotsTotal: 0,
     slotsBusy: 0,
     kvUsed: 0,
+    kvCached: 0,
     kvTotal: 0,
     queueDepth: 0,
     health: "failed",

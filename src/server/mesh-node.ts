@@ -160,6 +160,7 @@ export class MeshNode {
       slotsTotal: shape.slotsTotal,
       slotsBusy: 0,
       kvUsed: 0,
+      kvCached: 0,
       kvTotal: 0,
       queueDepth: 0,
       health: "loading",
@@ -287,6 +288,7 @@ export class MeshNode {
         slots_busy: sum((w) => w.slotsBusy),
         slots_total: sum((w) => w.slotsTotal),
         kv_used: sum((w) => w.kvUsed),
+        kv_cached: sum((w) => w.kvCached),
         kv_total: sum((w) => w.kvTotal),
         queue_depth: sum((w) => w.queueDepth),
         workers: ws.map((w) => w.id),
@@ -316,6 +318,7 @@ async function loadOf(model: ServedModel): Promise<LoadPatch> {
     // Cells committed to running requests (held or promised): idle cached prefixes are freed as needed, so a node
     // whose KV is full of cache is not full for routing's load gate.
     kvUsed: s.kvCellsRunning + s.kvCellsReserved,
+    kvCached: s.kvCellsUsed,
     kvTotal: s.kvCellsTotal,
     queueDepth: s.waiting,
     ...(model.info ? { ctxSize: model.info.nCtxSeq } : {}),

@@ -27,7 +27,10 @@ export interface PeerRow {
   models: string[];
   slots_busy: number;
   slots_total: number;
+  /** KV cells committed to running requests. */
   kv_used: number;
+  /** KV cells holding a prefix, running or idle cache. */
+  kv_cached: number;
   kv_total: number;
   queue_depth: number;
   /** Ids of the member's workers (stable across its restarts). */

@@ -31,6 +31,7 @@ function row(o: Partial<PeerRow>): PeerRow {
     slots_busy: 0,
     slots_total: 0,
     kv_used: 0,
+    kv_cached: 0,
     kv_total: 0,
     queue_depth: 0,
     workers: [],
@@ -54,6 +55,7 @@ describe("mesh peers", () => {
           slots_busy: 1,
           slots_total: 4,
           kv_used: 512,
+          kv_cached: 1536,
           kv_total: 2048,
         }),
         row({ id: "ffff0000ffff0000", name: "beta", addr: "10.0.0.2:9337", state: "suspect", incarnation: 3, last_seen_ms: 65_000 }),
@@ -61,9 +63,9 @@ describe("mesh peers", () => {
     });
     const lines = out.split("\n");
     expect(lines[0]).toBe("mesh feedfacefeedface: 1 of 2 members alive");
-    expect(lines[1]).toMatch(/^NODE\s+NAME\s+ADDRESS\s+STATE\s+INC\s+LAST SEEN\s+MODELS\s+SLOTS\s+KV\s+RTT$/);
-    expect(lines[2]).toMatch(/^01234567\*\s+alpha\s+10\.0\.0\.1:9337\s+alive\s+0\s+-\s+qwen\s+1\/4\s+25%\s+-$/);
-    expect(lines[3]).toMatch(/^ffff0000\s+beta\s+10\.0\.0\.2:9337\s+suspect\s+3\s+65s ago\s+-\s+-\s+-\s+1ms$/);
+    expect(lines[1]).toMatch(/^NODE\s+NAME\s+ADDRESS\s+STATE\s+INC\s+LAST SEEN\s+MODELS\s+SLOTS\s+KV USED\s+CACHED\s+RTT$/);
+    expect(lines[2]).toMatch(/^01234567\*\s+alpha\s+10\.0\.0\.1:9337\s+alive\s+0\s+-\s+qwen\s+1\/4\s+25%\s+75%\s+-$/);
+    expect(lines[3]).toMatch(/^ffff0000\s+beta\s+10\.0\.0\.2:9337\s+suspect\s+3\s+65s ago\s+-\s+-\s+-\s+-\s+1ms$/);
   });
 
   test("routing_is_shown_under_the_table", () => {

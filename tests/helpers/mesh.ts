@@ -66,6 +66,7 @@ export function workerRecord(o: Partial<WorkerInfo> & { id: string; nodeId: stri
     slotsTotal: 2,
     slotsBusy: 0,
     kvUsed: 0,
+    kvCached: 0,
     kvTotal: 4096,
     queueDepth: 0,
     health: "ready",

@@ -367,6 +367,7 @@ function workerValue(id: string, owner: string, addr: string, model: string, hea
     slotsTotal: 2,
     slotsBusy: 0,
     kvUsed: 0,
+    kvCached: 0,
     kvTotal: 0,
     queueDepth: 0,
     health,
@@ -466,28 +467,40 @@ describe("what a running node refuses and repairs", () => {
     }
   }, 120_000);
 
+  test("published_kv_use_counts_running_requests_not_idle_cache", async () => {
+    // The load gate reads kv_used: a node whose KV is full of idle cache, freed as needed, is not loaded.
+    await client(a).completions.create({ model: "alpha", prompt: "y ".repeat(200), max_tokens: 1 });
+    // Once the request is done (a record published while it ran may still be the latest for a second), the
+    // cache stays and the use is gone. Counting cache as use never gets here.
+    const row = await waitFor("A to publish its cached conversation with nothing running", CONVERGE_MS, async () => {
+      const r = member(await peersOf(b), "a");
+      return r && r.kv_cached > 100 && r.kv_used === 0 ? r : null;
+    });
+    expect(row.kv_cached).toBeGreaterThan(row.kv_used);
+  }, 60_000);
+
   test("a_node_frozen_while_a_peer_changed_its_worker_catches_up_when_it_resumes", async () => {
     const own = async () => member(await peersOf(a), "a") as PeerRow;
     const seenByB = async () => member(await peersOf(b), "a");
     const agreed = await waitFor("B to agree with A on A's worker", CONVERGE_MS, async () => {
       const [mine, theirs] = await Promise.all([own(), seenByB()]);
-      return theirs?.kv_used === mine.kv_used ? mine : null;
+      return theirs?.kv_cached === mine.kv_cached ? mine : null;
     });
     b.proc.kill("SIGSTOP");
     const frozenAt = Date.now();
     let changed: PeerRow;
     try {
-      // The KV cells a conversation leaves on A depend on its prompt's length: a new length changes
+      // The KV cells a finished conversation leaves cached on A depend on its prompt's length: a new length changes
       // A's worker record, which A publishes within a second.
       changed = await waitFor(
-        "A's KV use to change while B is frozen",
+        "A's cached KV to change while B is frozen",
         20_000,
         async () => {
           const prompt = "x ".repeat(20 + Math.floor(Math.random() * 300));
           await client(a).completions.create({ model: "alpha", prompt, max_tokens: 1 });
           await Bun.sleep(1_200);
           const row = await own();
-          return row.kv_used !== agreed.kv_used ? row : null;
+          return row.kv_cached !== agreed.kv_cached ? row : null;
         },
         0,
       );
@@ -499,10 +512,10 @@ describe("what a running node refuses and repairs", () => {
     // Only a record A wrote after B froze carries the new figure.
     const caught = await waitFor("B to hold A's current worker record", CONVERGE_MS, async () => {
       const [mine, theirs] = await Promise.all([own(), seenByB()]);
-      return theirs && mine.kv_used !== agreed.kv_used && theirs.kv_used === mine.kv_used ? theirs : null;
+      return theirs && mine.kv_cached !== agreed.kv_cached && theirs.kv_cached === mine.kv_cached ? theirs : null;
     });
-    expect(caught.kv_used).not.toBe(agreed.kv_used);
-    expect(changed.kv_used).not.toBe(agreed.kv_used);
+    expect(caught.kv_cached).not.toBe(agreed.kv_cached);
+    expect(changed.kv_cached).not.toBe(agreed.kv_cached);
     expect(caught.workers).toEqual(agreed.workers);
   }, 120_000);
 

@@ -15,6 +15,7 @@ export function spec(name: string, over: Partial<LocalWorkerSpec> = {}): LocalWo
     slotsTotal: 4,
     slotsBusy: 0,
     kvUsed: 0,
+    kvCached: 0,
     kvTotal: 4096,
     queueDepth: 0,
     health: "ready",
