@@ -4,6 +4,7 @@ import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import OpenAI from "openai";
 import { compileExecutable, executableName } from "../../build";
+import type { KvPressureReport } from "../../src/bench/kv-pressure";
 
 let work: string;
 let built: string;
@@ -114,3 +115,48 @@ test("compiled_executable_keys_and_syncs_the_routing_index_between_two_nodes", a
     b?.kill("SIGKILL");
   }
 });
+
+// The bench model borrows llama.cpp's llama-spm tokenizer: the file must carry it, since an empty
+// directory has no llama.cpp source tree to take it from.
+test("compiled_executable_runs_the_kv_pressure_bench_on_the_bench_model_from_an_empty_directory", async () => {
+  const { exe, run, home, env } = isolated("bench");
+  const out = join(run, "out");
+  const proc = Bun.spawn(
+    [
+      exe,
+      "bench",
+      "kv-pressure",
+      "--ctx-size",
+      "2048",
+      "--parallel",
+      "2",
+      "--loops",
+      "2",
+      "--turns",
+      "2",
+      "--system-tokens",
+      "300",
+      "--tool-result-tokens",
+      "60",
+      "--max-tokens",
+      "4",
+      "--stagger-ms",
+      "0",
+      "--json",
+      "--out",
+      out,
+    ],
+    { cwd: run, env, stderr: "pipe", stdout: "pipe" },
+  );
+  const [code, stdout, stderr] = await Promise.all([proc.exited, new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
+  if (code !== 0) throw new Error(`bench exited ${code}: ${stderr.slice(-2000)}`);
+  const summary = JSON.parse(stdout) as KvPressureReport;
+  expect(summary.kind).toBe("mesh-bench-kv-pressure");
+  expect(summary.config.modelPath).toEndWith("mesh-bench.gguf");
+  // The generated model went to the fresh HOME's cache, not the working directory.
+  expect(summary.config.modelPath?.startsWith(join(home, ".cache", "mesh"))).toBe(true);
+  const t = summary.targets[0] as KvPressureReport["targets"][number];
+  // Two loops of two turns plus one exact repeat each.
+  expect(t).toMatchObject({ name: "mesh", model: "mesh-bench", requests: 6, successes: 6, status5xx: 0, transportErrors: 0 });
+  expect(await Bun.file(join(out, "summary.json")).exists()).toBe(true);
+}, 600_000);
