@@ -1,7 +1,7 @@
 // runRoutingSim is the code behind the routing simulation's figures in docs/benchmarks.md. At CI size
 // (3 entries, 12 workers, a minute of virtual traffic) what must hold whatever the size: the real
 // sync lets entries route follow-ups to the worker holding them far more often than chance or a
-// gateway that only knows its own decisions, the instant shared index is at least as good, the
+// gateway that only knows its own decisions, the sync comes close to the instant shared index, the
 // index knows every prefix a worker holds by the next turn, and an idle mesh sends no sync bytes.
 import { describe, expect, test } from "bun:test";
 import { type RoutingSimReport, runRoutingSim, runVariant, type VariantReport } from "../../src/bench/routing-sim";
@@ -66,8 +66,13 @@ describe("routing simulation benchmark", () => {
       const local = await variant("local");
       expect(mesh.hitRate).toBeGreaterThan((await variant("random")).hitRate + 0.3);
       expect(mesh.hitRate).toBeGreaterThan(local.hitRate + 0.2);
-      // The upper bound knows everything at once; a few hundredths of noise either way at this size.
-      expect((await variant("shared")).hitRate).toBeGreaterThanOrEqual(mesh.hitRate - 0.03);
+      // The upper bound knows every holder and every load at once: never a miss for not knowing. Its hit
+      // rate is no strict bound (exact load makes the gate pass over a busy holder more often), and at this
+      // size (about 150 follow-ups) the two differ by up to 0.12 either way over seeds 1-4; the sync must
+      // stay within reach of it.
+      const shared = await variant("shared");
+      expect(shared.misses.unknown).toBe(0);
+      expect(mesh.hitRate).toBeGreaterThan(shared.hitRate - 0.15);
       // What a worker holds reaches the entries before the conversation's next turn (think time >= 2 s).
       expect(mesh.misses.unknown).toBeLessThanOrEqual(Math.ceil(0.02 * mesh.followUps));
       // A gateway that only knows its own decisions misses by not knowing.
