@@ -15,6 +15,8 @@ export interface DecisionFigures {
   indexEntries: number;
   /** A prompt never seen before (every block hashed). */
   cold: Latency;
+  /** A new task under a system prompt the index holds: the lookup searches for where the match ends. */
+  newTask: Latency;
   /** An agent's next turn: its past was keyed before. */
   followUp: Latency;
 }
@@ -147,12 +149,18 @@ export function runDecisionBench(o: DecisionOptions): DecisionReport {
     const first = JSON.parse(JSON.stringify({ role: "system", content: `session ${unique++}: ${p[0]?.content as string}` }));
     return [first, ...p.slice(1)];
   };
+  const task = (i: number): KeyMessage[] => {
+    const p = probes[i % probes.length] as KeyMessage[];
+    const second = JSON.parse(JSON.stringify({ role: "user", content: `task ${unique++}: ${p[1]?.content as string}` }));
+    return [p[0] as KeyMessage, second, ...p.slice(2)];
+  };
   const measure = (indexed: number): DecisionFigures => {
     for (let i = 0; i < 500; i++) router.decide("m", keyer.chat("m", fresh(i)));
     return {
       indexedPrompts: indexed,
       indexEntries: index.stats().entries,
       cold: time(fresh),
+      newTask: time(task),
       followUp: time((i) => probes[i % probes.length] as KeyMessage[]),
     };
   };
@@ -180,9 +188,10 @@ export function runDecisionBench(o: DecisionOptions): DecisionReport {
 
 /** The report as a table. */
 export function formatDecisionReport(r: DecisionReport): string {
-  const row = (name: string, f: DecisionFigures, kind: "cold" | "followUp") => {
+  const label = { cold: "new prompt", newTask: "new task, held system prompt", followUp: "next turn" };
+  const row = (name: string, f: DecisionFigures, kind: "cold" | "newTask" | "followUp") => {
     const l = f[kind];
-    return `| ${name} | ${kind === "cold" ? "new prompt" : "next turn"} | ${f.indexedPrompts} | ${f.indexEntries} | ${l.keyP50Us} | ${l.p50Us} | ${l.p99Us} | ${l.maxUs} |`;
+    return `| ${name} | ${label[kind]} | ${f.indexedPrompts} | ${f.indexEntries} | ${l.keyP50Us} | ${l.p50Us} | ${l.p99Us} | ${l.maxUs} |`;
   };
   return [
     `prompt: ${r.promptChars} characters, ${r.blocks} blocks; ${r.workers} workers; ${r.samples} decisions per row (${r.wallSeconds} s)`,
@@ -190,8 +199,10 @@ export function formatDecisionReport(r: DecisionReport): string {
     "| index | request | prompts through it | entries | key p50 (us) | decision p50 (us) | p99 (us) | max (us) |",
     "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     row("few", r.few, "cold"),
+    row("few", r.few, "newTask"),
     row("few", r.few, "followUp"),
     row("many", r.many, "cold"),
+    row("many", r.many, "newTask"),
     row("many", r.many, "followUp"),
   ].join("\n");
 }

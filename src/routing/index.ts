@@ -113,7 +113,9 @@ export class Router {
     const cache = this.mode === "cache";
     const depths = new Map<string, number>();
     if (cache) for (const m of this.index.peek(model)?.match(key) ?? []) depths.set(m.holder, m.depth);
-    const lease = cache ? this.leases.longest(key.prefixes, this.now()) : null;
+    // A leased request's key ended where a message ended (or anywhere, for a completion's chunks).
+    const spans = key.spans;
+    const lease = cache ? this.leases.longest(key.prefixes, this.now(), (i) => spans[i]?.last !== false || spans[i]?.message === -1) : null;
     const cands: Candidate[] = workers.map((w) => {
       const fromIndex = depths.get(w.nodeId) ?? 0;
       const leased = lease !== null && lease.node === w.nodeId;

@@ -7,15 +7,19 @@
 // a long tool result still matches its past block by block. Block i's path
 // hash stands for the whole prefix up to it:
 //
-//   fp[i]   = wyhash(block i's UTF-8)                  (Bun.hash, 64 bits)
-//   c[i]    = wyhash(c[i-1] || fp[i])                  (the prefix's fingerprint; c[-1] from the root)
+//   c[i]    = wyhash over block i's pieces, seeded    (Bun.hash of each piece's UTF-8, 64 bits, the first
+//             with c[i-1], each next with the last     piece seeded with c[i-1]: the prefix's fingerprint;
+//                                                      c[-1] from the root)
 //   root    = BLAKE3 keyed with a key derived from the mesh secret, over (kind, model, tool definitions)
 //   hash[i] = first 64 bits of BLAKE3(root || c[i])    (@napi-rs/blake-hash)
 //
 // Only hash[i] ever leaves the node, and it is a keyed function of the
 // prefix: it means nothing outside the mesh, equal text under two models (or
 // two tool sets, which render at the start of the prompt) never collides. The
-// fingerprints make the chain cheap: BLAKE3 through the addon costs about
+// fingerprints make the chain cheap (strings are hashed as they are, never
+// copied into a buffer: Bun.hash reads a string as its UTF-8 whatever its
+// representation, and the chain allocates nothing but the 64-bit results):
+// BLAKE3 through the addon costs about
 // 0.45 us a call whatever the input size (it cannot use its SIMD lanes on a
 // 2 KiB block), so it runs once per block over 40 bytes, and not at all for a
 // prefix seen recently (a bounded memo from c[i] to hash[i]: an agent's next
@@ -132,7 +136,6 @@ export function isPathHash(h: unknown): h is string {
   return typeof h === "string" && h.length === 11 && /^[A-Za-z0-9_-]{10}[AEIMQUYcgkosw048]$/.test(h);
 }
 
-const enc = new TextEncoder();
 /** Slots of the memo of path hashes by prefix fingerprint (direct-mapped: a slot holds the latest prefix that maps to it). */
 const MEMO_SLOTS = 65_536;
 const MEMO_MASK = BigInt(MEMO_SLOTS - 1);
@@ -140,10 +143,8 @@ const MEMO_MASK = BigInt(MEMO_SLOTS - 1);
 /** Computes routing keys under one mesh's secret. Not reentrant (shared scratch buffers); cheap to keep one per node. */
 export class RouteKeyer {
   private readonly key: Buffer;
-  private scratch = new Uint8Array(4 * CHUNK_CHARS + 256);
-  private used = 0;
-  private readonly pair = new DataView(new ArrayBuffer(16));
-  private readonly pairBytes = new Uint8Array(this.pair.buffer);
+  // The fingerprint of the block fed so far, seeded with the prefix's before it.
+  private acc = 0n;
   private readonly hashInput = new Uint8Array(40);
   private readonly hashInputView = new DataView(this.hashInput.buffer);
   // Roots of tool-less requests, per model: the common case costs no keyed hash.
@@ -169,7 +170,7 @@ export class RouteKeyer {
     const k = this.begin("completion", model, undefined);
     for (let from = 0; from < prompt.length && !k.truncated; ) {
       const to = chunkEnd(prompt, from);
-      this.used = 0;
+      this.acc = k.tail.c;
       this.feed(prompt, from, to);
       this.push(k, { message: -1, to, last: to >= prompt.length }, to - from);
       from = to;
@@ -210,9 +211,15 @@ export class RouteKeyer {
 
   private message(k: RouteKey, m: KeyMessage, index: number): void {
     const role = m.role === "developer" ? "system" : m.role;
-    const header = `\u001e${role}\u001f${m.name ?? ""}\u001f${m.tool_call_id ?? ""}\u001f`;
-    const { text, media } = contentOf(m.content);
-    this.used = 0;
+    const header =
+      m.name === undefined && m.tool_call_id === undefined
+        ? (PLAIN_HEADERS.get(role) ?? headerOf(role, "", ""))
+        : headerOf(role, m.name ?? "", m.tool_call_id ?? "");
+    // Most messages are one string: no parts to join, no media (and nothing allocated for them).
+    const parts = typeof m.content === "string" ? null : contentOf(m.content);
+    const text = parts === null ? (m.content as string) : parts.text;
+    const media = parts === null ? NO_MEDIA : parts.media;
+    this.acc = k.tail.c;
     this.feed(header, 0, header.length);
     let from = 0;
     let charsIn = header.length;
@@ -227,7 +234,7 @@ export class RouteKeyer {
           this.feed(p, 0, p.length);
           charsIn += MEDIA_CHARS;
         }
-        for (const c of m.tool_calls ?? []) {
+        for (const c of m.tool_calls ?? NO_CALLS) {
           const s = `\u001c${c.id}\u001f${c.function.name}\u001f${c.function.arguments}`;
           this.feed(s, 0, s.length);
           charsIn += s.length;
@@ -236,22 +243,15 @@ export class RouteKeyer {
       this.push(k, { message: index, to, last }, charsIn);
       if (last || k.truncated) return;
       from = to;
-      this.used = 0;
+      this.acc = k.tail.c;
       charsIn = 0;
     }
   }
 
-  // Append text[from, to) as UTF-8 to the block being fingerprinted.
+  // Chain text[from, to)'s UTF-8 into the block being fingerprinted.
   private feed(text: string, from: number, to: number): void {
     if (to <= from) return;
-    const s = from === 0 && to === text.length ? text : text.slice(from, to);
-    const need = this.used + 3 * s.length;
-    if (need > this.scratch.length) {
-      const bigger = new Uint8Array(Math.max(need, 2 * this.scratch.length));
-      bigger.set(this.scratch.subarray(0, this.used));
-      this.scratch = bigger;
-    }
-    this.used += enc.encodeInto(s, this.used === 0 ? this.scratch : this.scratch.subarray(this.used)).written;
+    this.acc = Bun.hash.wyhash(from === 0 && to === text.length ? text : text.slice(from, to), this.acc) as bigint;
   }
 
   // Close the block fed so far: fingerprint it, chain it, and publish its keyed hash.
@@ -261,17 +261,12 @@ export class RouteKeyer {
       return;
     }
     // wyhash gives an unsigned 64-bit BigInt: no masking needed.
-    const fp = Bun.hash(this.scratch.subarray(0, this.used)) as bigint;
-    this.pair.setBigUint64(0, k.tail.c, true);
-    this.pair.setBigUint64(8, fp, true);
-    const c = Bun.hash(this.pairBytes) as bigint;
+    const c = this.acc;
     k.tail.c = c;
     k.chars += chars;
     k.prefixes.push(c);
     k.ends.push(k.chars);
     k.spans.push(span);
-    // A huge header or media digest list must not keep a huge scratch alive.
-    if (this.scratch.length > 64 * CHUNK_CHARS) this.scratch = new Uint8Array(4 * CHUNK_CHARS + 256);
   }
 
   // hash = BLAKE3(root || c), memoised by c (which depends on the root through its seed).
@@ -296,6 +291,14 @@ function chunkEnd(text: string, from: number): number {
   }
   return to;
 }
+
+/** A message's header block text: its role, name and tool call id between separators. */
+function headerOf(role: string, name: string, toolCallId: string): string {
+  return `\u001e${role}\u001f${name}\u001f${toolCallId}\u001f`;
+}
+const PLAIN_HEADERS = new Map(["system", "user", "assistant", "tool"].map((r) => [r, headerOf(r, "", "")]));
+const NO_MEDIA: readonly string[] = [];
+const NO_CALLS: NonNullable<KeyMessage["tool_calls"]> = [];
 
 /** Characters a non-text content part counts for in the prompt-size estimate. */
 const MEDIA_CHARS = 256;

@@ -33,9 +33,14 @@ export class Leases {
     this.map.set(hash, { node, depth, until: now + this.ttlMs });
   }
 
-  /** The lease on the longest prefix of `prefixes` that has a live one; expired leases met on the way are dropped. */
-  longest(prefixes: readonly bigint[], now: number): Lease | null {
+  /**
+   * The lease on the longest prefix of `prefixes` that has a live one; expired leases met on the way are dropped.
+   * `canEnd(i)` says whether a leased request can have ended at block i (a chat request ends at a message's
+   * end): the others are not looked up.
+   */
+  longest(prefixes: readonly bigint[], now: number, canEnd: (i: number) => boolean = () => true): Lease | null {
     for (let i = prefixes.length - 1; i >= 0; i--) {
+      if (!canEnd(i)) continue;
       const hash = prefixes[i] as bigint;
       const e = this.map.peek(hash);
       if (!e) continue;

@@ -141,7 +141,10 @@ export class ModelIndex {
       let lo = -1;
       let hi = below;
       if (fresh(hi - 1)) lo = hi - 1;
+      // Holders of a prefix hold its first block: none there (a new conversation), none anywhere.
+      else if (!fresh(0)) break;
       else {
+        lo = 0;
         hi--;
         while (hi - lo > 1) {
           const mid = (lo + hi) >> 1;
