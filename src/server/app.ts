@@ -1,4 +1,4 @@
-// The HTTP surface of a node: /v1 (OpenAI API), /health, /metrics.
+// The HTTP surface of a node: /v1 (OpenAI API, Anthropic Messages), /health, /metrics.
 import { createHash, timingSafeEqual } from "node:crypto";
 import { Elysia } from "elysia";
 import type { Logger } from "../log";
