@@ -331,7 +331,14 @@ export class FakeEngine implements EngineLike {
     // A cancelled generation's sequence ends short of the reply the server marks.
     if (marks && reason !== "cancelled" && epoch === this.markEpoch) this.remember(id, seq);
     this.shrink();
-    push({ kind: "done", finishReason: reason, promptTokens: prompt.length, cachedTokens: cached, completionTokens: generated });
+    const done = {
+      kind: "done" as const,
+      finishReason: reason,
+      promptTokens: prompt.length,
+      cachedTokens: cached,
+      completionTokens: generated,
+    };
+    push(reason === "stop" && stops.matched !== null ? { ...done, stopSequence: stops.matched } : done);
   }
 
   // The idle sequence sharing the longest prefix is continued (cut to what

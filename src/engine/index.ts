@@ -64,7 +64,15 @@ export interface GenerateOptions {
 export type GenerationEvent =
   | { kind: "start"; promptTokens: number; cachedTokens: number; slot: number; waitedMs: number }
   | { kind: "text"; text: string; tokens: number[] }
-  | { kind: "done"; finishReason: FinishReason; promptTokens: number; cachedTokens: number; completionTokens: number };
+  | {
+      kind: "done";
+      finishReason: FinishReason;
+      promptTokens: number;
+      cachedTokens: number;
+      completionTokens: number;
+      /** The stop string that ended it (finishReason "stop"); absent when it ended otherwise. */
+      stopSequence?: string;
+    };
 
 /** A running generation: iterate it for events, or cancel it. */
 export class Generation implements AsyncIterable<GenerationEvent> {

@@ -138,7 +138,16 @@ export type FinishReason = "stop" | "length" | "cancelled";
 export type TokenEvent =
   | { id: number; kind: "start"; promptTokens: number; cachedTokens: number; slot: number; waitedMs: number }
   | { id: number; kind: "text"; text: string; tokens: number[] }
-  | { id: number; kind: "done"; finishReason: FinishReason; promptTokens: number; cachedTokens: number; completionTokens: number }
+  | {
+      id: number;
+      kind: "done";
+      finishReason: FinishReason;
+      promptTokens: number;
+      cachedTokens: number;
+      completionTokens: number;
+      /** The stop string that ended it (finishReason "stop"); absent when it ended otherwise. */
+      stopSequence?: string;
+    }
   | { id: number; kind: "error"; error: EngineErrorValue };
 
 export type ToWorker =

@@ -961,7 +961,7 @@ export class Scheduler {
     this.settle(a.slot);
     this.rememberFinished(a, reason);
     if (reason !== "cancelled") this.serviceMs = 0.8 * this.serviceMs + 0.2 * (this.d.now() - a.startedAt);
-    out.push(doneEvent(a.id, reason, a.prompt.length, a.cached, a.generated));
+    out.push(doneEvent(a.id, reason, a.prompt.length, a.cached, a.generated, reason === "stop" ? a.stops.matched : null));
   }
 
   // The decode failed: nothing of this batch is in KV. Drop what llama.cpp may
@@ -1042,6 +1042,8 @@ function doneEvent(
   promptTokens: number,
   cachedTokens: number,
   completionTokens: number,
+  stopSequence: string | null = null,
 ): TokenEvent {
-  return { id, kind: "done", finishReason, promptTokens, cachedTokens, completionTokens };
+  const done: TokenEvent = { id, kind: "done", finishReason, promptTokens, cachedTokens, completionTokens };
+  return stopSequence === null ? done : { ...done, stopSequence };
 }

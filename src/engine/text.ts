@@ -51,6 +51,8 @@ export interface StopResult {
 /** Holds back text that could still become a stop string; cuts the output before the first one found. */
 export class StopMatcher {
   private held = "";
+  /** The stop string that cut the output, once one has. */
+  matched: string | null = null;
   constructor(private readonly stops: readonly string[]) {}
 
   /** Feed new text. */
@@ -60,7 +62,10 @@ export class StopMatcher {
     let first = -1;
     for (const s of this.stops) {
       const i = buf.indexOf(s);
-      if (i >= 0 && (first < 0 || i < first)) first = i;
+      if (i >= 0 && (first < 0 || i < first)) {
+        first = i;
+        this.matched = s;
+      }
     }
     if (first >= 0) {
       this.held = "";

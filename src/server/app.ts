@@ -1,9 +1,11 @@
-// The HTTP surface of a node: /v1 (OpenAI API), /health, /metrics.
+// The HTTP surface of a node: /v1 (OpenAI API, Anthropic Messages), /health, /metrics.
 import { createHash, timingSafeEqual } from "node:crypto";
 import { Elysia } from "elysia";
 import type { Logger } from "../log";
-import { ApiError, badRequest, errorResponse, pointerToParam, toApiError } from "./errors";
-import { type MeshHooks, meshModelNodes, rawJson, routeLabels, routeRequest } from "./mesh";
+import { anthropicMessages, checkCountTokensBody, checkMessagesBody, countTokens } from "./anthropic/messages";
+import { CountTokensBody, MessagesBody } from "./anthropic/schema";
+import { ApiError, badRequest, dialectOf, errorResponse, forwardShape, pointerToParam, toApiError } from "./errors";
+import { forwardToServer, type MeshHooks, meshModelNodes, rawJson, routeLabels, routeRequest } from "./mesh";
 import { renderMeshMetrics } from "./mesh-metrics";
 import { meshRoutes } from "./mesh-routes";
 import type { GaugeValues, Metrics } from "./metrics";
@@ -15,7 +17,7 @@ import { ChatBody, CompletionBody } from "./openai/schema";
 /** What the app needs from the node. */
 export interface AppOptions {
   models: ServedModel[];
-  /** Bearer keys accepted on everything but /health; empty means no auth. */
+  /** API keys (Authorization: Bearer, or x-api-key) accepted on everything but /health; empty means no auth. */
   apiKeys: string[];
   maxBodyBytes: number;
   logger: Logger;
@@ -27,6 +29,8 @@ export interface AppOptions {
 const ROUTES = new Set([
   "/v1/chat/completions",
   "/v1/completions",
+  "/v1/messages",
+  "/v1/messages/count_tokens",
   "/v1/models",
   "/health",
   "/metrics",
@@ -35,15 +39,20 @@ const ROUTES = new Set([
   "/mesh/challenge",
 ]);
 
-function keyChecker(keys: string[]): (header: string | null) => boolean {
+/** Whether a request carries one of `keys`, as `Authorization: Bearer <key>` (OpenAI's clients) or `x-api-key: <key>` (Anthropic's). */
+function keyChecker(keys: string[]): (headers: Headers) => boolean {
   // Compare digests so the comparison time does not depend on the key's length or content.
   const digests = keys.map((k) => createHash("sha256").update(k).digest());
-  return (header) => {
-    if (!header?.startsWith("Bearer ")) return false;
-    const d = createHash("sha256").update(header.slice(7).trim()).digest();
+  const known = (key: string) => {
+    const d = createHash("sha256").update(key.trim()).digest();
     let ok = false;
     for (const k of digests) ok = timingSafeEqual(k, d) || ok;
     return ok;
+  };
+  return (headers) => {
+    const bearer = headers.get("authorization");
+    const apiKey = headers.get("x-api-key");
+    return (bearer?.startsWith("Bearer ") === true && known(bearer.slice(7))) || (apiKey !== null && known(apiKey));
   };
 }
 
@@ -64,7 +73,7 @@ export function createApp(o: AppOptions) {
     if (!m) throw new ApiError(404, "invalid_request_error", `The model '${id}' does not exist`, "model", "model_not_found");
     return m;
   };
-  const onStreamError = (e: unknown) => {
+  const onStreamError = (e: unknown): ApiError => {
     const api = toApiError(e);
     if (api.status >= 500) o.logger.error("stream failed", { status: api.status, code: api.code, error: (e as Error)?.message });
     return api;
@@ -92,16 +101,15 @@ export function createApp(o: AppOptions) {
         const route = ROUTES.has(path) ? path : "other";
         o.metrics.requests.inc({ route, status: String(e.status) });
         o.logger.info("request", { method: request.method, route, status: String(e.status), ms: 0 });
-        return errorResponse(e);
+        return errorResponse(e, dialectOf(path));
       };
       if (o.mesh?.gate.claims(request)) {
         // Mesh credentials stand in for the API key (a forwarded request); when present they must verify.
         const refused = await o.mesh.gate.check(request);
         if (refused) return early(refused);
-      } else if (path !== "/health" && !path.startsWith("/mesh/") && !authorized(request.headers.get("authorization"))) {
-        return early(
-          new ApiError(401, "invalid_request_error", "a valid API key is required (Authorization: Bearer <key>)", null, "invalid_api_key"),
-        );
+      } else if (path !== "/health" && !path.startsWith("/mesh/") && !authorized(request.headers)) {
+        const message = "a valid API key is required (Authorization: Bearer <key>, or x-api-key: <key>)";
+        return early(new ApiError(401, "invalid_request_error", message, null, "invalid_api_key"));
       }
       const length = Number(request.headers.get("content-length") ?? 0);
       if (length > o.maxBodyBytes) {
@@ -112,7 +120,7 @@ export function createApp(o: AppOptions) {
     .onError(({ code, error, set, request }) => {
       const reply = (e: ApiError) => {
         set.status = e.status; // so request metrics and logs see the status actually sent
-        return labelled(errorResponse(e), request, set);
+        return labelled(errorResponse(e, dialectOf(new URL(request.url).pathname)), request, set);
       };
       if (code === "PARSE") return reply(badRequest("the request body is not valid JSON", null, "invalid_json"));
       if (code === "VALIDATION") {
@@ -207,6 +215,40 @@ export function createApp(o: AppOptions) {
         return labelled(result, request, set);
       },
       { body: CompletionBody, parse: o.mesh ? rawJson : "json" },
+    )
+    .post(
+      "/v1/messages",
+      async ({ body, request, set }) => {
+        // Checked and translated before anything moves: routed, keyed and run as the equivalent chat request.
+        const chat = checkMessagesBody(body);
+        const here = o.models.some((m) => m.id === chat.model);
+        const route = await routeRequest(
+          o.mesh,
+          chat.model,
+          here,
+          "/v1/messages",
+          request,
+          (k) => k.chat(chat.model, chat.messages, chat.tools ?? undefined),
+          forwardShape("anthropic"),
+        );
+        if (route.kind === "peer") return labelled(route.response, request, set);
+        const result = await anthropicMessages(findModel(chat.model), body, chat, o.metrics, request.signal, onStreamError, route.routing);
+        if (!(result instanceof Response)) set.status = 200;
+        return labelled(result, request, set);
+      },
+      { body: MessagesBody, parse: o.mesh ? rawJson : "json" },
+    )
+    .post(
+      "/v1/messages/count_tokens",
+      async ({ body, request }) => {
+        const chat = checkCountTokensBody(body);
+        const here = o.models.some((m) => m.id === chat.model);
+        // Counting needs the model's tokenizer and template, not its cache: any node serving it answers.
+        const peer = await forwardToServer(o.mesh, chat.model, here, "/v1/messages/count_tokens", request, forwardShape("anthropic"));
+        if (peer) return peer;
+        return countTokens(findModel(chat.model), chat);
+      },
+      { body: CountTokensBody, parse: o.mesh ? rawJson : "json" },
     )
     .use(
       o.mesh

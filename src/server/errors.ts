@@ -1,8 +1,9 @@
-// The one place where error values become HTTP responses in OpenAI's shape:
-// {"error": {"message", "type", "param", "code"}}. Nothing here ever puts a
-// stack trace in a response.
+// The one place where error values become HTTP responses: in OpenAI's shape
+// {"error": {"message", "type", "param", "code"}}, or on Anthropic's routes in
+// its shape {"type": "error", "error": {"type", "message"}}. Nothing here ever
+// puts a stack trace in a response.
 import { EngineError } from "../engine/errors";
-import { ForwardError } from "./forward";
+import { type ErrorFields, ForwardError, type ForwardShape } from "./forward";
 
 /** An error that knows its HTTP status and OpenAI error fields. */
 export class ApiError extends Error {
@@ -93,11 +94,80 @@ export function errorBody(e: ApiError): { error: { message: string; type: string
   return { error: { message: e.message, type: e.type, param: e.param, code: e.code } };
 }
 
+/** Whose error shape an answer takes: the API the route belongs to. */
+export type ErrorDialect = "openai" | "anthropic";
+
+/** The dialect of a request path: Anthropic's Messages routes answer in its shape, everything else in OpenAI's. */
+export function dialectOf(path: string): ErrorDialect {
+  return path === "/v1/messages" || path.startsWith("/v1/messages/") ? "anthropic" : "openai";
+}
+
+/**
+ * Anthropic's error type for a status. Overload keeps its HTTP status (429 with Retry-After for a full
+ * queue, 503 for a node out of KV room or without the model loaded) rather than Anthropic's 529: the
+ * mesh's forwarder and any proxy in between know 429/503 and retry them elsewhere, and Anthropic's SDK
+ * retries them exactly as it does 529; the type still says overloaded_error.
+ */
+export function anthropicErrorType(status: number): string {
+  switch (status) {
+    case 400:
+      return "invalid_request_error";
+    case 401:
+      return "authentication_error";
+    case 403:
+      return "permission_error";
+    case 404:
+      return "not_found_error";
+    case 413:
+      return "request_too_large";
+    case 429:
+      return "rate_limit_error";
+    case 503:
+    case 529:
+      return "overloaded_error";
+    case 504:
+      return "timeout_error";
+    default:
+      return status >= 500 ? "api_error" : "invalid_request_error";
+  }
+}
+
+/** A field path in Anthropic's style: messages[0].content[1].type -> messages.0.content.1.type. */
+export function anthropicParam(param: string): string {
+  return param.replace(/\[(\d+)\]/g, ".$1");
+}
+
+/** The Anthropic error body; the message names the offending field (in Anthropic's path style) when there is one. */
+export function anthropicErrorBody(e: ApiError): { type: "error"; error: { type: string; message: string } } {
+  let message = e.message;
+  if (e.param) {
+    const field = anthropicParam(e.param);
+    message = message.replaceAll(e.param, field);
+    if (!message.includes(field)) message = `${field}: ${message}`;
+  }
+  return { type: "error", error: { type: anthropicErrorType(e.status), message } };
+}
+
+/** The error body in a dialect. */
+export function errorBodyIn(dialect: ErrorDialect, e: ApiError): object {
+  return dialect === "anthropic" ? anthropicErrorBody(e) : errorBody(e);
+}
+
 /** A JSON Response for an ApiError, with Retry-After where it applies. */
-export function errorResponse(e: ApiError): Response {
+export function errorResponse(e: ApiError, dialect: ErrorDialect = "openai"): Response {
   const headers: Record<string, string> = { "content-type": "application/json" };
   if (e.retryAfter !== null) headers["retry-after"] = String(e.retryAfter);
-  return new Response(JSON.stringify(errorBody(e)), { status: e.status, headers });
+  return new Response(JSON.stringify(errorBodyIn(dialect, e)), { status: e.status, headers });
+}
+
+/** How the forwarder words the answers it makes itself (a 413, a stream a peer broke off) on a route of `dialect`. */
+export function forwardShape(dialect: ErrorDialect): ForwardShape | undefined {
+  if (dialect === "openai") return undefined; // the forwarder's own default
+  const api = (f: ErrorFields) => new ApiError(f.status, f.type, f.message, null, f.code);
+  return {
+    json: (f) => anthropicErrorBody(api(f)),
+    sse: (f) => `event: error\ndata: ${JSON.stringify(anthropicErrorBody(api(f)))}\n\n`,
+  };
 }
 
 /** JSON pointer (/messages/0/role) to OpenAI's param style (messages[0].role). */

@@ -28,6 +28,26 @@ export class ForwardError extends Error {
   }
 }
 
+/** An error the forwarder answers with itself. */
+export interface ErrorFields {
+  status: number;
+  type: string;
+  message: string;
+  code: string;
+}
+
+/** The words of those answers on one route: its API's error body, and the SSE event that ends a stream with an error. */
+export interface ForwardShape {
+  json(e: ErrorFields): unknown;
+  sse(e: ErrorFields): string;
+}
+
+/** OpenAI's shapes: the default. */
+const OPENAI_SHAPE: ForwardShape = {
+  json: (e) => ({ error: { message: e.message, type: e.type, param: null, code: e.code } }),
+  sse: (e) => `data: ${JSON.stringify({ error: { message: e.message, type: e.type, param: null, code: e.code } })}\n\n`,
+};
+
 /** What the forwarder needs from the node. */
 export interface ForwarderOptions {
   client: MeshClient;
@@ -78,10 +98,10 @@ const SIZE_REFUSAL_TTL_MS = 10 * 60_000;
 const MAX_SIZE_REFUSALS = 1024;
 
 /** This node's own 413 for a body a peer serving `model` refused (its refusal cannot be proven, so none of it is relayed). */
-function tooLarge(model: string, bytes: number): Response {
+function tooLarge(model: string, bytes: number, shape: ForwardShape): Response {
   const message = `a node serving '${model}' refused the request body size (${bytes} bytes)`;
-  const error = { message, type: "invalid_request_error", param: null, code: "request_too_large" };
-  return new Response(JSON.stringify({ error }), { status: 413, headers: { "content-type": "application/json" } });
+  const body = shape.json({ status: 413, message, type: "invalid_request_error", code: "request_too_large" });
+  return new Response(JSON.stringify(body), { status: 413, headers: { "content-type": "application/json" } });
 }
 
 /** Forwards requests to peers. */
@@ -103,7 +123,8 @@ export class Forwarder {
    * first, as routing ordered them), falling back once to the next one on another node. When this
    * node's own worker is in `order`, only the peers ranked before it are tried, and instead of
    * relaying a refusal or failing, the answer is null: run it here. Returns the answer and the
-   * worker that gave it (null for this node's own 413); throws ForwardError.
+   * worker that gave it (null for this node's own 413); throws ForwardError. `shape` words the answers
+   * this node makes itself in the route's API (OpenAI's by default).
    */
   async forward(
     order: readonly WorkerInfo[],
@@ -111,6 +132,7 @@ export class Forwarder {
     path: string,
     body: Uint8Array,
     client: AbortSignal,
+    shape: ForwardShape = OPENAI_SHAPE,
   ): Promise<{ response: Response; worker: WorkerInfo | null } | null> {
     const self = order.findIndex((w) => w.nodeId === this.o.selfId);
     const here = self >= 0;
@@ -122,7 +144,7 @@ export class Forwarder {
     const ranked = all.filter((w) => !this.refusesSize(w.id, body.byteLength));
     const first = ranked[0];
     // Every node serving the model refused a body this large lately.
-    if (!first) return here ? null : { response: tooLarge(model, body.byteLength), worker: null };
+    if (!first) return here ? null : { response: tooLarge(model, body.byteLength, shape), worker: null };
     // The retry goes to another node: a second worker on a node that just failed would likely fail too.
     const second = ranked.find((w) => w.nodeId !== first.nodeId);
     const targets = second ? [first, second] : [first];
@@ -193,7 +215,10 @@ export class Forwarder {
           continue;
         }
         this.counts.forwarded++;
-        return { response: this.relay(response, w.id, upstream, () => client.removeEventListener("abort", onAbort)), worker: w };
+        return {
+          response: this.relay(response, w.id, upstream, () => client.removeEventListener("abort", onAbort), shape),
+          worker: w,
+        };
       } catch (e) {
         clearInterval(timer);
         this.end(w.id);
@@ -214,7 +239,7 @@ export class Forwarder {
       return null;
     }
     // A 413 only when every node tried refused the size; any other failure among them is a failure to answer.
-    if (sizeRefusals === targets.length) return { response: tooLarge(model, body.byteLength), worker: null };
+    if (sizeRefusals === targets.length) return { response: tooLarge(model, body.byteLength, shape), worker: null };
     this.counts.failed++;
     throw new ForwardError("upstream_failed", `no peer serving '${model}' could take the request (${lastError})`, model);
   }
@@ -257,7 +282,7 @@ export class Forwarder {
   }
 
   // Streams the peer's answer through; ends the in-flight count exactly once however the stream ends.
-  private relay(upstream: Response, workerId: string, ctrl: AbortController, detach: () => void): Response {
+  private relay(upstream: Response, workerId: string, ctrl: AbortController, detach: () => void, shape: ForwardShape): Response {
     let done = false;
     const finish = () => {
       if (done) return;
@@ -290,13 +315,8 @@ export class Forwarder {
           this.o.logger.warn("peer broke off a forwarded answer", { error: (e as Error)?.message });
           // Cut short mid-answer: an SSE client gets an error event (and no [DONE]), never a stream that looks finished.
           if (sse) {
-            const error = {
-              message: "the peer serving this request failed mid-answer",
-              type: "server_error",
-              param: null,
-              code: "upstream_failed",
-            };
-            c.enqueue(enc.encode(`data: ${JSON.stringify({ error })}\n\n`));
+            const message = "the peer serving this request failed mid-answer";
+            c.enqueue(enc.encode(shape.sse({ status: 502, message, type: "server_error", code: "upstream_failed" })));
             c.close();
           } else c.error(e);
         }

@@ -3,7 +3,7 @@
 import type { WorkerInfo } from "../mesh/wire";
 import type { Decision, RouteKey, RouteKeyer, Router } from "../routing";
 import { ApiError, badRequest } from "./errors";
-import type { Forwarder } from "./forward";
+import type { Forwarder, ForwardShape } from "./forward";
 import type { MeshGate } from "./mesh-gate";
 import type { MeshFigures } from "./mesh-metrics";
 import type { MeshService } from "./mesh-routes";
@@ -82,6 +82,7 @@ export async function routeRequest(
   path: string,
   request: Request,
   key: (keyer: RouteKeyer) => RouteKey,
+  shape?: ForwardShape,
 ): Promise<Route> {
   if (!mesh) return { kind: "here", key: null, decision: null, routing: null };
   let k: RouteKey;
@@ -117,7 +118,7 @@ export async function routeRequest(
   }
   if (decision.target.local) return { kind: "here", key: k, decision, routing: local() };
   const order = decision.ranked.map((c) => c.candidate.worker);
-  const answer = await mesh.forwarder.forward(order, model, path, body, request.signal);
+  const answer = await mesh.forwarder.forward(order, model, path, body, request.signal, shape);
   const ranOn = answer === null ? self : answer.worker?.nodeId;
   // The conversation's lease follows where it really ran, not where routing first sent it.
   if (ranOn && ranOn !== decision.target.worker.nodeId) mesh.router.lease(k, ranOn);
@@ -126,6 +127,33 @@ export async function routeRequest(
     return { kind: "here", key: k, decision, routing: local() };
   }
   return { kind: "peer", response: answer.response, decision };
+}
+
+/**
+ * Send a request that needs a model but not its cache (counting tokens) to a node that serves it, the
+ * least busy first: null when it runs here (the model is served here, the request came from a peer, or
+ * no node serves the model, which the local path answers with a 404).
+ */
+export async function forwardToServer(
+  mesh: MeshHooks | undefined,
+  model: string,
+  servedHere: boolean,
+  path: string,
+  request: Request,
+  shape?: ForwardShape,
+): Promise<Response | null> {
+  const body = rawBodies.get(request);
+  if (!mesh || servedHere || !body || mesh.gate.caller(request)) return null;
+  const serving = mesh.service.workers().filter((w) => w.models.includes(model));
+  const ready = serving.filter((w) => w.health === "ready");
+  if (ready.length === 0) {
+    if (serving.length === 0) return null;
+    throw new ApiError(503, "server_error", `model '${model}' is loading on every node that serves it`, null, "model_unavailable", 5);
+  }
+  const load = (w: WorkerInfo) => w.slotsBusy + w.queueDepth + mesh.router.inflightOf(w.id);
+  const order = [...ready].sort((a, b) => load(a) - load(b));
+  const answer = await mesh.forwarder.forward(order, model, path, body, request.signal, shape);
+  return answer?.response ?? null;
 }
 
 /** One node serving a model, as listed by /v1/models. */

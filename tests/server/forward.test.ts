@@ -317,8 +317,8 @@ describe("forwarding to the peer that serves the model", () => {
     expect(hooksA.forwarder.stats().active).toBe(0);
   });
 
-  test("a_peer_that_breaks_off_mid_stream_ends_the_stream_with_an_error_event", async () => {
-    // A peer (it holds the secret: its answer is proven) that starts an SSE answer and then drops the connection.
+  /** A peer (it holds the secret: its answer is proven) that starts an SSE answer with `first` and then drops the connection. */
+  function breaksOffMidStream(first: string) {
     const broken = Bun.serve({
       hostname: "127.0.0.1",
       port: 0,
@@ -335,7 +335,7 @@ describe("forwarding to the peer that serves the model", () => {
               return;
             }
             sent = true;
-            c.enqueue(new TextEncoder().encode('data: {"id":"x","object":"chat.completion.chunk","choices":[]}\n\n'));
+            c.enqueue(new TextEncoder().encode(first));
           },
         });
         return new Response(body, { headers: { "content-type": "text/event-stream", [AUTH_HEADER.forwardProof]: proof } });
@@ -343,6 +343,10 @@ describe("forwarding to the peer that serves the model", () => {
     });
     closeAfter.push(() => broken.stop(true));
     workers = [workerRecord({ id: "w-broken", nodeId: "eeee", addr: `127.0.0.1:${broken.port}` })];
+  }
+
+  test("a_peer_that_breaks_off_mid_stream_ends_the_stream_with_an_error_event", async () => {
+    breaksOffMidStream('data: {"id":"x","object":"chat.completion.chunk","choices":[]}\n\n');
     const res = await fetch(`${a.url}/v1/chat/completions`, {
       method: "POST",
       headers: { authorization: "Bearer ka", "content-type": "application/json" },
@@ -352,6 +356,21 @@ describe("forwarding to the peer that serves the model", () => {
     expect(text).toContain("chat.completion.chunk");
     expect(text).toContain("upstream_failed");
     expect(text).not.toContain("[DONE]");
+  });
+
+  test("a_peer_that_breaks_off_an_anthropic_stream_ends_it_with_an_anthropic_error_event", async () => {
+    breaksOffMidStream('event: message_start\ndata: {"type":"message_start","message":{}}\n\n');
+    const res = await fetch(`${a.url}/v1/messages`, {
+      method: "POST",
+      headers: { "x-api-key": "ka", "content-type": "application/json" },
+      body: JSON.stringify({ model: "mesh-tiny", max_tokens: 4, messages: [{ role: "user", content: "hi" }], stream: true }),
+    });
+    const events = (await res.text()).split("\n\n").filter((e) => e !== "");
+    expect(events[0]).toStartWith("event: message_start");
+    const last = events.at(-1) as string;
+    expect(last).toStartWith("event: error\n");
+    const data = JSON.parse(last.slice(last.indexOf("data: ") + 6)) as { type: string; error: { type: string; message: string } };
+    expect(data).toEqual({ type: "error", error: { type: "api_error", message: "the peer serving this request failed mid-answer" } });
   });
 });
 
@@ -575,6 +594,21 @@ describe("a forwarded request is meant for one node and one answer", () => {
       expect(after.active).toBe(0);
       expect(peerFailures).not.toContain(id);
     }
+  });
+
+  test("this_nodes_own_413_for_a_forwarded_messages_request_is_in_anthropics_shape", async () => {
+    const fake = impostor(() => null, 413);
+    workers = [workerRecord({ id: "w-fake413-messages", nodeId: "b3b3", addr: fake.addr })];
+    const res = await fetch(`${a.url}/v1/messages`, {
+      method: "POST",
+      headers: { "x-api-key": "ka", "content-type": "application/json" },
+      body: JSON.stringify({ model: "mesh-tiny", max_tokens: 1, messages: [{ role: "user", content: "x".repeat(100_000) }] }),
+    });
+    expect(res.status).toBe(413);
+    const body = (await res.json()) as { type: string; error: { type: string; message: string } };
+    expect(body.type).toBe("error");
+    expect(body.error.type).toBe("request_too_large");
+    expect(body.error.message).toContain("a node serving 'mesh-tiny' refused the request body size");
   });
 
   test("something_answering_413_to_everything_does_not_hide_the_other_node_serving_the_model", async () => {

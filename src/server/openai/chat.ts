@@ -10,12 +10,25 @@ import type { Metrics } from "../metrics";
 import type { ServedModel } from "../model";
 import { MAX_JSON_DEPTH, tooDeep } from "./depth";
 import { commonPrefixLength, RoutedRun, withinPrefix } from "./routed";
-import { beginRequest, checkCommon, engineOf, generateOptions, observed, primed, sseResponse, type Usage, usageOf } from "./run";
+import {
+  beginRequest,
+  checkCommon,
+  engineOf,
+  generateOptions,
+  observed,
+  primed,
+  type RequestStart,
+  sseResponse,
+  type Usage,
+  usageOf,
+} from "./run";
 import type { ChatBodyT } from "./schema";
 
-type FinishReason = "stop" | "length" | "tool_calls";
+/** How a chat reply ended, in OpenAI's words. */
+export type FinishReason = "stop" | "length" | "tool_calls";
 
-function toolCallsJson(calls: ParsedToolCall[], offset = 0) {
+/** Parsed tool calls as OpenAI `tool_calls` (indices from `offset`). */
+export function toolCallsJson(calls: ParsedToolCall[], offset = 0) {
   return calls.map((c, i) => ({
     index: offset + i,
     id: c.id,
@@ -108,6 +121,98 @@ function checkDepth(body: ChatBodyT): void {
   }
 }
 
+/** A chat generation's events, whichever API answers it: admission, reply text and completed tool calls as they come, then its end. */
+export type ChatEvent =
+  | { kind: "start"; promptTokens: number; cachedTokens: number }
+  | { kind: "text"; text: string }
+  | { kind: "tool_calls"; calls: ParsedToolCall[] }
+  | {
+      kind: "done";
+      finish: FinishReason;
+      /** The stop string that ended the reply, if one did. */
+      stopSequence: string | null;
+      /** The client went away before the end. */
+      cancelled: boolean;
+      usage: Usage;
+      promptTokens: number;
+      cachedTokens: number;
+      completionTokens: number;
+    };
+
+/** A chat generation under way: its request bookkeeping and its events (iterate once). */
+export interface ChatRun extends RequestStart {
+  events: AsyncGenerator<ChatEvent>;
+}
+
+/**
+ * Start a validated chat request on `model`: the one pipeline behind every chat-shaped API (render the
+ * template, generate with metrics and routing marks, parse tool calls as text streams in, mark the reply
+ * for the next turn). Resolves once the engine admitted it, so admission errors keep their HTTP status.
+ */
+export async function runChat(
+  model: ServedModel,
+  body: ChatBodyT,
+  metrics: Metrics,
+  signal: AbortSignal,
+  routing: LocalRouting | null,
+  idPrefix: string,
+): Promise<ChatRun> {
+  checkChatBody(body);
+  const engine = engineOf(model);
+  const prompt = renderChatPrompt(model, body);
+  const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined;
+  const wantTools = (body.tools?.length ?? 0) > 0 && body.tool_choice !== "none";
+  const start = beginRequest(idPrefix, signal);
+  const routed = new RoutedRun(routing, model.id);
+  if (routing) model.noteTemplateDate();
+  const options = generateOptions(body, prompt, maxTokens, start.abort.signal, chatMarks(model, body, prompt, routed));
+  const gen = engine.generate(options);
+  const generated = await primed(observed(gen, metrics, start.startedAt, start.abort.signal, routed.hooks()));
+  async function* events(): AsyncGenerator<ChatEvent> {
+    const tools = wantTools ? new ToolCallStream() : null;
+    // The reply as the client will send it back, and as the engine produced it, for its routing marks.
+    let content = "";
+    let raw = "";
+    const calls: ParsedToolCall[] = [];
+    const found = function* (d: { content: string; toolCalls: ParsedToolCall[] }): Generator<ChatEvent> {
+      if (d.content.length > 0) {
+        content += d.content;
+        yield { kind: "text", text: d.content };
+      }
+      if (d.toolCalls.length > 0) {
+        calls.push(...d.toolCalls);
+        yield { kind: "tool_calls", calls: d.toolCalls };
+      }
+    };
+    for await (const e of generated) {
+      if (e.kind === "start") yield { kind: "start", promptTokens: e.promptTokens, cachedTokens: e.cachedTokens };
+      else if (e.kind === "text") {
+        raw += e.text;
+        yield* found(tools ? tools.push(e.text) : { content: e.text, toolCalls: [] });
+      } else if (e.kind === "done") {
+        if (tools) yield* found(tools.finish());
+        const cancelled = e.finishReason === "cancelled";
+        // A cancelled generation left a partial sequence: nothing of a reply to mark.
+        if (!cancelled) {
+          const reply: KeyMessage = { role: "assistant", content: content || null, tool_calls: toolCallsJson(calls) };
+          replyMarks(model, engine, body, prompt, raw, reply, gen.id, routed);
+        }
+        yield {
+          kind: "done",
+          finish: calls.length > 0 ? "tool_calls" : e.finishReason === "length" ? "length" : "stop",
+          stopSequence: e.stopSequence ?? null,
+          cancelled,
+          usage: usageOf(e),
+          promptTokens: e.promptTokens,
+          cachedTokens: e.cachedTokens,
+          completionTokens: e.completionTokens,
+        };
+      }
+    }
+  }
+  return { ...start, events: events() };
+}
+
 /** Handle a validated chat request. */
 export async function chatCompletion(
   model: ServedModel,
@@ -117,46 +222,22 @@ export async function chatCompletion(
   onStreamError: (e: unknown) => ApiError,
   routing: LocalRouting | null = null,
 ): Promise<Response | object> {
-  checkChatBody(body);
-  const engine = engineOf(model);
-  const prompt = renderChatPrompt(model, body);
-  const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? undefined;
-  const wantTools = (body.tools?.length ?? 0) > 0 && body.tool_choice !== "none";
-  const { id, created, startedAt, abort } = beginRequest("chatcmpl", signal);
-  const routed = new RoutedRun(routing, model.id);
-  if (routing) model.noteTemplateDate();
-  const options = generateOptions(body, prompt, maxTokens, abort.signal, chatMarks(model, body, prompt, routed));
+  const { id, created, abort, events } = await runChat(model, body, metrics, signal, routing, "chatcmpl");
 
   if (!body.stream) {
-    const gen = engine.generate(options);
-    let text = "";
+    let content: string | null = "";
+    const toolCalls: ParsedToolCall[] = [];
     let usage: Usage | null = null;
     let finish: FinishReason = "stop";
-    let cancelled = false;
-    for await (const e of observed(gen, metrics, startedAt, abort.signal, routed.hooks())) {
-      if (e.kind === "text") text += e.text;
+    for await (const e of events) {
+      if (e.kind === "text") content += e.text;
+      else if (e.kind === "tool_calls") toolCalls.push(...e.calls);
       else if (e.kind === "done") {
-        cancelled = e.finishReason === "cancelled";
-        usage = usageOf(e);
-        finish = e.finishReason === "length" ? "length" : "stop";
+        usage = e.usage;
+        finish = e.finish;
       }
     }
-    let content: string | null = text;
-    let toolCalls: ParsedToolCall[] = [];
-    if (wantTools) {
-      const s = new ToolCallStream();
-      const a = s.push(text);
-      const b = s.finish();
-      toolCalls = [...a.toolCalls, ...b.toolCalls];
-      content = a.content + b.content;
-      if (toolCalls.length > 0) {
-        finish = "tool_calls";
-        if (content === "") content = null;
-      }
-    }
-    // A cancelled generation left a partial sequence: nothing of a reply to mark.
-    if (!cancelled)
-      replyMarks(model, engine, body, prompt, text, { role: "assistant", content, tool_calls: toolCallsJson(toolCalls) }, gen.id, routed);
+    if (toolCalls.length > 0 && content === "") content = null;
     return {
       id,
       object: "chat.completion",
@@ -174,8 +255,6 @@ export async function chatCompletion(
     };
   }
 
-  const gen = engine.generate(options);
-  const events = await primed(observed(gen, metrics, startedAt, abort.signal, routed.hooks()));
   const includeUsage = body.stream_options?.include_usage === true;
   const chunk = (delta: object, finish: FinishReason | null) => ({
     id,
@@ -188,44 +267,15 @@ export async function chatCompletion(
     abort,
     async (send) => {
       send(chunk({ role: "assistant", content: "" }, null));
-      const tools = wantTools ? new ToolCallStream() : null;
       let calls = 0;
-      let finish: FinishReason = "stop";
-      // The reply as the client will send it back, and as the engine produced it, for its routing marks.
-      let content = "";
-      let raw = "";
-      const sentCalls: ParsedToolCall[] = [];
-      const emit = (text: string, found: ParsedToolCall[]) => {
-        if (text.length > 0) {
-          send(chunk({ content: text }, null));
-          content += text;
-        }
-        if (found.length > 0) {
-          send(chunk({ tool_calls: toolCallsJson(found, calls) }, null));
-          calls += found.length;
-          sentCalls.push(...found);
-        }
-      };
       for await (const e of events) {
-        if (e.kind === "text") {
-          raw += e.text;
-          if (!tools) emit(e.text, []);
-          else {
-            const d = tools.push(e.text);
-            emit(d.content, d.toolCalls);
-          }
+        if (e.kind === "text") send(chunk({ content: e.text }, null));
+        else if (e.kind === "tool_calls") {
+          send(chunk({ tool_calls: toolCallsJson(e.calls, calls) }, null));
+          calls += e.calls.length;
         } else if (e.kind === "done") {
-          if (tools) {
-            const d = tools.finish();
-            emit(d.content, d.toolCalls);
-          }
-          finish = calls > 0 ? "tool_calls" : e.finishReason === "length" ? "length" : "stop";
-          if (e.finishReason !== "cancelled") {
-            const reply: KeyMessage = { role: "assistant", content: content || null, tool_calls: toolCallsJson(sentCalls) };
-            replyMarks(model, engine, body, prompt, raw, reply, gen.id, routed);
-          }
-          send(chunk({}, finish));
-          if (includeUsage) send({ id, object: "chat.completion.chunk", created, model: model.id, choices: [], usage: usageOf(e) });
+          send(chunk({}, e.finish));
+          if (includeUsage) send({ id, object: "chat.completion.chunk", created, model: model.id, choices: [], usage: e.usage });
         }
       }
     },

@@ -157,16 +157,33 @@ const enc = new TextEncoder();
 /** How long a stream may stay silent before an SSE comment is sent to keep the connection alive. */
 export const SSE_KEEPALIVE_MS = 15_000;
 
+/** How events are written on an SSE stream: one event, the end of the stream, and the keep-alive. */
+export interface SseFraming {
+  frame(data: unknown): string;
+  /** Written after the last event (and after an error event); null for nothing. */
+  end: string | null;
+  /** Sent when the stream has been silent for a while. */
+  keepAlive: string;
+}
+
+/** OpenAI's framing: `data:` lines, a final `[DONE]`, comments as keep-alive. */
+export const OPENAI_SSE: SseFraming = {
+  frame: (data) => `data: ${JSON.stringify(data)}\n\n`,
+  end: "data: [DONE]\n\n",
+  keepAlive: ": keep-alive\n\n",
+};
+
 /**
  * A text/event-stream Response. `produce` writes events with send(); a client
  * that disconnects aborts `controller`, which cancels the generation; a
- * stream silent for `keepAliveMs` gets an SSE comment (ignored by clients).
+ * stream silent for `keepAliveMs` gets the framing's keep-alive (ignored by clients).
  */
 export function sseResponse(
   abort: AbortController,
   produce: (send: (data: unknown) => void) => Promise<void>,
   onError: (e: unknown) => unknown,
   keepAliveMs = SSE_KEEPALIVE_MS,
+  framing: SseFraming = OPENAI_SSE,
 ): Response {
   let timer: ReturnType<typeof setInterval> | null = null;
   const stop = () => {
@@ -178,12 +195,12 @@ export function sseResponse(
       let quiet = true;
       const send = (data: unknown) => {
         quiet = false;
-        if (!abort.signal.aborted) c.enqueue(enc.encode(`data: ${JSON.stringify(data)}\n\n`));
+        if (!abort.signal.aborted) c.enqueue(enc.encode(framing.frame(data)));
       };
-      // A request may wait minutes for KV room before its first token: an SSE
-      // comment now and then keeps proxies and idle timeouts from cutting it.
+      // A request may wait minutes for KV room before its first token: a
+      // keep-alive now and then keeps proxies and idle timeouts from cutting it.
       timer = setInterval(() => {
-        if (quiet && !abort.signal.aborted) c.enqueue(enc.encode(": keep-alive\n\n"));
+        if (quiet && !abort.signal.aborted) c.enqueue(enc.encode(framing.keepAlive));
         quiet = true;
       }, keepAliveMs);
       try {
@@ -195,7 +212,7 @@ export function sseResponse(
         stop();
       }
       if (!abort.signal.aborted) {
-        c.enqueue(enc.encode("data: [DONE]\n\n"));
+        if (framing.end !== null) c.enqueue(enc.encode(framing.end));
         c.close();
       }
     },
