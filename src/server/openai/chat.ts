@@ -161,7 +161,8 @@ export async function chatCompletion(
       id,
       object: "chat.completion",
       created,
-      model: model.id,
+      // The name the client asked for: a request by alias is answered under the alias, as OpenAI clients expect.
+      model: body.model,
       choices: [
         {
           index: 0,
@@ -181,7 +182,7 @@ export async function chatCompletion(
     id,
     object: "chat.completion.chunk",
     created,
-    model: model.id,
+    model: body.model,
     choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }],
   });
   return sseResponse(
@@ -225,7 +226,7 @@ export async function chatCompletion(
             replyMarks(model, engine, body, prompt, raw, reply, gen.id, routed);
           }
           send(chunk({}, finish));
-          if (includeUsage) send({ id, object: "chat.completion.chunk", created, model: model.id, choices: [], usage: usageOf(e) });
+          if (includeUsage) send({ id, object: "chat.completion.chunk", created, model: body.model, choices: [], usage: usageOf(e) });
         }
       }
     },
