@@ -60,6 +60,7 @@ function labelled<T>(result: T, request: Request, set: { headers: Record<string,
   return result;
 }
 
+// The tokenizer routes parse with rawJson even without a mesh, and check the body as sent before validation normalises it (sentBody).
 const checkBodySent = ({ request }: { request: Request }) => checkSent(sentBody(request));
 
 /** Build the Elysia app. */
@@ -110,174 +111,165 @@ export function createApp(o: AppOptions) {
   };
   const started = new WeakMap<Request, number>();
 
-  return (
-    new Elysia()
-      .onRequest(async ({ request }) => {
-        started.set(request, performance.now());
-        const path = new URL(request.url).pathname;
-        // Answered here, before routing: onAfterResponse never sees these, so count and log them now.
-        const early = (e: ApiError) => {
-          const route = ROUTES.has(path) ? path : "other";
-          o.metrics.requests.inc({ route, status: String(e.status) });
-          o.logger.info("request", { method: request.method, route, status: String(e.status), ms: 0 });
-          return errorResponse(e);
-        };
-        if (o.mesh?.gate.claims(request)) {
-          // Mesh credentials stand in for the API key (a forwarded request); when present they must verify.
-          const refused = await o.mesh.gate.check(request);
-          if (refused) return early(refused);
-        } else if (path !== "/health" && !path.startsWith("/mesh/") && !authorized(request.headers.get("authorization"))) {
-          return early(
-            new ApiError(
-              401,
-              "invalid_request_error",
-              "a valid API key is required (Authorization: Bearer <key>)",
-              null,
-              "invalid_api_key",
-            ),
-          );
-        }
-        const length = Number(request.headers.get("content-length") ?? 0);
-        if (length > o.maxBodyBytes) {
-          const message = `the request body is ${length} bytes; the limit is ${o.maxBodyBytes}`;
-          return early(new ApiError(413, "invalid_request_error", message, null, "request_too_large"));
-        }
-      })
-      .onError(({ code, error, set, request }) => {
-        const reply = (e: ApiError) => {
-          set.status = e.status; // so request metrics and logs see the status actually sent
-          return labelled(errorResponse(e), request, set);
-        };
-        if (code === "PARSE") return reply(badRequest("the request body is not valid JSON", null, "invalid_json"));
-        if (code === "VALIDATION") {
-          const ve = (error as { valueError?: { path?: string; message?: string; schema?: { error?: unknown } } }).valueError;
-          const param = ve?.path ? pointerToParam(ve.path) : null;
-          const custom = ve?.schema?.error;
-          const detail = typeof custom === "string" ? custom : (ve?.message ?? "invalid value");
-          const missing = ve?.message?.startsWith("Expected required property");
-          return reply(badRequest(missing ? `missing required parameter '${param}'` : `invalid '${param}': ${detail}`, param));
-        }
-        if (code === "NOT_FOUND") return reply(new ApiError(404, "invalid_request_error", "unknown route", null, "not_found"));
-        const api = toApiError(error);
-        // The engine refuses these before its own admission counters see them.
-        if (api.code === "server_busy") o.metrics.rejectedServerBusy();
-        if (api.status >= 500) o.logger.error("request failed", { status: api.status, code: api.code, error: (error as Error)?.message });
-        return reply(api);
-      })
-      .onBeforeHandle(({ request, server }) => {
-        // The listener's idle timeout guards against clients that stall before
-        // their body is read; once a request is parsed, a long generation with
-        // sparse output must never be cut. Bun 1.4 already spares a request
-        // awaiting its response; this keeps that true whatever Bun does next.
-        server?.timeout(request, 0);
-      })
-      .onAfterResponse(({ request, set }) => {
-        const path = new URL(request.url).pathname;
+  return new Elysia()
+    .onRequest(async ({ request }) => {
+      started.set(request, performance.now());
+      const path = new URL(request.url).pathname;
+      // Answered here, before routing: onAfterResponse never sees these, so count and log them now.
+      const early = (e: ApiError) => {
         const route = ROUTES.has(path) ? path : "other";
-        const status = String(typeof set.status === "number" ? set.status : 200);
-        o.metrics.requests.inc({ route, status });
-        const t0 = started.get(request);
-        // Peer traffic (probes every second) would drown the log at info; its failures still show at info.
-        const quiet = path.startsWith("/mesh/") && status === "200";
-        o.logger[quiet ? "debug" : "info"]("request", {
-          method: request.method,
-          route,
-          status,
-          ms: t0 ? Math.round(performance.now() - t0) : undefined,
+        o.metrics.requests.inc({ route, status: String(e.status) });
+        o.logger.info("request", { method: request.method, route, status: String(e.status), ms: 0 });
+        return errorResponse(e);
+      };
+      if (o.mesh?.gate.claims(request)) {
+        // Mesh credentials stand in for the API key (a forwarded request); when present they must verify.
+        const refused = await o.mesh.gate.check(request);
+        if (refused) return early(refused);
+      } else if (path !== "/health" && !path.startsWith("/mesh/") && !authorized(request.headers.get("authorization"))) {
+        return early(
+          new ApiError(401, "invalid_request_error", "a valid API key is required (Authorization: Bearer <key>)", null, "invalid_api_key"),
+        );
+      }
+      const length = Number(request.headers.get("content-length") ?? 0);
+      if (length > o.maxBodyBytes) {
+        const message = `the request body is ${length} bytes; the limit is ${o.maxBodyBytes}`;
+        return early(new ApiError(413, "invalid_request_error", message, null, "request_too_large"));
+      }
+    })
+    .onError(({ code, error, set, request }) => {
+      const reply = (e: ApiError) => {
+        set.status = e.status; // so request metrics and logs see the status actually sent
+        return labelled(errorResponse(e), request, set);
+      };
+      if (code === "PARSE") return reply(badRequest("the request body is not valid JSON", null, "invalid_json"));
+      if (code === "VALIDATION") {
+        const ve = (error as { valueError?: { path?: string; message?: string; schema?: { error?: unknown } } }).valueError;
+        const param = ve?.path ? pointerToParam(ve.path) : null;
+        const custom = ve?.schema?.error;
+        const detail = typeof custom === "string" ? custom : (ve?.message ?? "invalid value");
+        const missing = ve?.message?.startsWith("Expected required property");
+        return reply(badRequest(missing ? `missing required parameter '${param}'` : `invalid '${param}': ${detail}`, param));
+      }
+      if (code === "NOT_FOUND") return reply(new ApiError(404, "invalid_request_error", "unknown route", null, "not_found"));
+      const api = toApiError(error);
+      // The engine refuses these before its own admission counters see them.
+      if (api.code === "server_busy") o.metrics.rejectedServerBusy();
+      if (api.status >= 500) o.logger.error("request failed", { status: api.status, code: api.code, error: (error as Error)?.message });
+      return reply(api);
+    })
+    .onBeforeHandle(({ request, server }) => {
+      // The listener's idle timeout guards against clients that stall before
+      // their body is read; once a request is parsed, a long generation with
+      // sparse output must never be cut. Bun 1.4 already spares a request
+      // awaiting its response; this keeps that true whatever Bun does next.
+      server?.timeout(request, 0);
+    })
+    .onAfterResponse(({ request, set }) => {
+      const path = new URL(request.url).pathname;
+      const route = ROUTES.has(path) ? path : "other";
+      const status = String(typeof set.status === "number" ? set.status : 200);
+      o.metrics.requests.inc({ route, status });
+      const t0 = started.get(request);
+      // Peer traffic (probes every second) would drown the log at info; its failures still show at info.
+      const quiet = path.startsWith("/mesh/") && status === "200";
+      o.logger[quiet ? "debug" : "info"]("request", {
+        method: request.method,
+        route,
+        status,
+        ms: t0 ? Math.round(performance.now() - t0) : undefined,
+      });
+    })
+    .get("/health", ({ set }) => {
+      const states = o.models.map((m) => ({ id: m.id, status: m.status, ...(m.error ? { error: m.error } : {}) }));
+      const ready = o.models.length > 0 && o.models.every((m) => m.status === "ready");
+      set.status = ready ? 200 : 503;
+      return { status: ready ? "ok" : o.models.some((m) => m.status === "failed") ? "failed" : "loading", models: states };
+    })
+    .get("/v1/models", () => {
+      // Each alias is an entry of its own (clients look their model name up in this list), saying whose alias it is.
+      const nodes = meshModelNodes(o.mesh);
+      const local = o.models.flatMap((m) => {
+        const entry = (id: string, alias: boolean) => ({
+          id,
+          object: "model",
+          created: 0,
+          owned_by: "mesh",
+          status: m.status,
+          context_length: m.info?.nCtxSeq ?? null,
+          random_weights: m.info?.randomWeights ?? null,
+          ...(alias ? { alias_of: m.id } : m.aliases.length > 0 ? { aliases: [...m.aliases] } : {}),
+          ...(o.mesh ? { nodes: nodes.get(id) ?? [] } : {}),
         });
-      })
-      .get("/health", ({ set }) => {
-        const states = o.models.map((m) => ({ id: m.id, status: m.status, ...(m.error ? { error: m.error } : {}) }));
-        const ready = o.models.length > 0 && o.models.every((m) => m.status === "ready");
-        set.status = ready ? 200 : 503;
-        return { status: ready ? "ok" : o.models.some((m) => m.status === "failed") ? "failed" : "loading", models: states };
-      })
-      .get("/v1/models", () => {
-        // Each alias is an entry of its own (clients look their model name up in this list), saying whose alias it is.
-        const nodes = meshModelNodes(o.mesh);
-        const local = o.models.flatMap((m) => {
-          const entry = (id: string, alias: boolean) => ({
-            id,
-            object: "model",
-            created: 0,
-            owned_by: "mesh",
-            status: m.status,
-            context_length: m.info?.nCtxSeq ?? null,
-            random_weights: m.info?.randomWeights ?? null,
-            ...(alias ? { alias_of: m.id } : m.aliases.length > 0 ? { aliases: [...m.aliases] } : {}),
-            ...(o.mesh ? { nodes: nodes.get(id) ?? [] } : {}),
-          });
-          return [entry(m.id, false), ...m.aliases.map((a) => entry(a, true))];
-        });
-        const remote = [...nodes].filter(([name]) => !o.models.some((m) => m.answersTo(name)));
-        const elsewhere = remote.map(([name, on]) => {
-          const id = meshModelOf(o.mesh, name);
-          return {
-            id: name,
-            object: "model",
-            created: 0,
-            owned_by: "mesh",
-            status: "remote",
-            ...(id !== name ? { alias_of: id } : {}),
-            nodes: on,
-          };
-        });
-        return { object: "list", data: [...local, ...elsewhere] };
-      })
-      .get("/metrics", async ({ set }) => {
-        set.headers["content-type"] = "text/plain; version=0.0.4";
-        const text = o.metrics.render(await gauges());
-        const mesh = o.mesh?.figures();
-        return mesh ? `${text}${renderMeshMetrics(mesh)}\n` : text;
-      })
-      .post(
-        "/v1/chat/completions",
-        async ({ body, request, set }) => {
-          checkChatBody(body);
-          const { id, here } = resolve(body.model);
-          const route = await routeRequest(
-            o.mesh,
-            id,
-            here,
-            "/v1/chat/completions",
-            request,
-            (k) => k.chat(id, body.messages, body.tools ?? undefined),
-            body.model,
-          );
-          if (route.kind === "peer") return labelled(route.response, request, set);
-          const result = await chatCompletion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
-          if (!(result instanceof Response)) set.status = 200;
-          return labelled(result, request, set);
-        },
-        { body: ChatBody, parse: o.mesh ? rawJson : "json" },
-      )
-      .post(
-        "/v1/completions",
-        async ({ body, request, set }) => {
-          checkCompletionBody(body);
-          const prompt = typeof body.prompt === "string" ? body.prompt : (body.prompt[0] ?? "");
-          const { id, here } = resolve(body.model);
-          const route = await routeRequest(o.mesh, id, here, "/v1/completions", request, (k) => k.completion(id, prompt), body.model);
-          if (route.kind === "peer") return labelled(route.response, request, set);
-          const result = await completion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
-          return labelled(result, request, set);
-        },
-        { body: CompletionBody, parse: o.mesh ? rawJson : "json" },
-      )
-      // Parsed with rawJson even without a mesh, and checked as sent before validation normalises it (sentBody).
-      .post("/tokenize", tokenizerRoute("/tokenize", tokenize), { body: TokenizeBody, parse: rawJson, transform: checkBodySent })
-      .post("/detokenize", tokenizerRoute("/detokenize", detokenize), { body: DetokenizeBody, parse: rawJson, transform: checkBodySent })
-      .post("/apply-template", tokenizerRoute("/apply-template", applyTemplate), {
-        body: ApplyTemplateBody,
-        parse: rawJson,
-        transform: checkBodySent,
-      })
-      .use(
-        o.mesh
-          ? meshRoutes({ gate: o.mesh.gate, service: o.mesh.service, apiKeyRequired: o.mesh.apiKeyRequired, logger: o.logger })
-          : new Elysia(),
-      )
-  );
+        return [entry(m.id, false), ...m.aliases.map((a) => entry(a, true))];
+      });
+      const remote = [...nodes].filter(([name]) => !o.models.some((m) => m.answersTo(name)));
+      const elsewhere = remote.map(([name, on]) => {
+        const id = meshModelOf(o.mesh, name);
+        return {
+          id: name,
+          object: "model",
+          created: 0,
+          owned_by: "mesh",
+          status: "remote",
+          ...(id !== name ? { alias_of: id } : {}),
+          nodes: on,
+        };
+      });
+      return { object: "list", data: [...local, ...elsewhere] };
+    })
+    .get("/metrics", async ({ set }) => {
+      set.headers["content-type"] = "text/plain; version=0.0.4";
+      const text = o.metrics.render(await gauges());
+      const mesh = o.mesh?.figures();
+      return mesh ? `${text}${renderMeshMetrics(mesh)}\n` : text;
+    })
+    .post(
+      "/v1/chat/completions",
+      async ({ body, request, set }) => {
+        checkChatBody(body);
+        const { id, here } = resolve(body.model);
+        const route = await routeRequest(
+          o.mesh,
+          id,
+          here,
+          "/v1/chat/completions",
+          request,
+          (k) => k.chat(id, body.messages, body.tools ?? undefined),
+          body.model,
+        );
+        if (route.kind === "peer") return labelled(route.response, request, set);
+        const result = await chatCompletion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
+        if (!(result instanceof Response)) set.status = 200;
+        return labelled(result, request, set);
+      },
+      { body: ChatBody, parse: o.mesh ? rawJson : "json" },
+    )
+    .post(
+      "/v1/completions",
+      async ({ body, request, set }) => {
+        checkCompletionBody(body);
+        const prompt = typeof body.prompt === "string" ? body.prompt : (body.prompt[0] ?? "");
+        const { id, here } = resolve(body.model);
+        const route = await routeRequest(o.mesh, id, here, "/v1/completions", request, (k) => k.completion(id, prompt), body.model);
+        if (route.kind === "peer") return labelled(route.response, request, set);
+        const result = await completion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
+        return labelled(result, request, set);
+      },
+      { body: CompletionBody, parse: o.mesh ? rawJson : "json" },
+    )
+    .post("/tokenize", tokenizerRoute("/tokenize", tokenize), { body: TokenizeBody, parse: rawJson, transform: checkBodySent })
+    .post("/detokenize", tokenizerRoute("/detokenize", detokenize), { body: DetokenizeBody, parse: rawJson, transform: checkBodySent })
+    .post("/apply-template", tokenizerRoute("/apply-template", applyTemplate), {
+      body: ApplyTemplateBody,
+      parse: rawJson,
+      transform: checkBodySent,
+    })
+    .use(
+      o.mesh
+        ? meshRoutes({ gate: o.mesh.gate, service: o.mesh.service, apiKeyRequired: o.mesh.apiKeyRequired, logger: o.logger })
+        : new Elysia(),
+    );
 }
 
 /** The Elysia app type, for tests. */
