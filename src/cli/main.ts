@@ -24,6 +24,7 @@ export function program(): Command {
   p.command("serve")
     .description("serve a GGUF model over an OpenAI-compatible HTTP API")
     .option("-m, --model <path>", "GGUF model file (default: a built-in demo model with random weights)")
+    .option("--alias <name>", "another model name requests may use for the model, e.g. gpt-4o (repeatable)", collect, [])
     .option("--host <addr>", "address to listen on (0.0.0.0 for all interfaces)", "127.0.0.1")
     .option("-p, --port <n>", "HTTP port", intOption("--port", 0, 65535), 9337)
     .option("-c, --ctx-size <n>", "KV cache size in tokens, shared by all slots", intOption("--ctx-size", 64, 1 << 24), 16384)

@@ -22,6 +22,11 @@ function kvPercent(r: PeerRow, cells: number): string {
   return r.kv_total > 0 ? `${Math.round((100 * cells) / r.kv_total)}%` : "-";
 }
 
+/** A model with the other names it answers to: `qwen (gpt-4o,gpt-4)`. */
+function withAliases(id: string, aliases: string[] | undefined): string {
+  return aliases && aliases.length > 0 ? `${id} (${aliases.join(",")})` : id;
+}
+
 /** The table `mesh peers` prints: one line per member, this node marked with '*'. */
 export function formatPeers(report: PeersReport): string {
   const header = ["NODE", "NAME", "ADDRESS", "STATE", "INC", "LAST SEEN", "MODELS", "SLOTS", "KV USED", "CACHED", "RTT"];
@@ -32,7 +37,7 @@ export function formatPeers(report: PeersReport): string {
     m.state,
     String(m.incarnation),
     m.self ? "-" : ago(m.last_seen_ms),
-    m.models.length > 0 ? m.models.join(",") : "-",
+    m.models.length > 0 ? m.models.map((id) => withAliases(id, m.aliases?.[id])).join(",") : "-",
     m.slots_total > 0 ? `${m.slots_busy}/${m.slots_total}` : "-",
     kvPercent(m, m.kv_used),
     kvPercent(m, m.kv_cached),

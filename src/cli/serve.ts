@@ -6,6 +6,7 @@ import { ensureModel } from "../gguf/models";
 import { GGUF_MAGIC } from "../gguf/types";
 import { createLogger, type LogFormat } from "../log";
 import { ServedModel, startServer } from "../server";
+import { checkAliases, modelIdFromPath } from "../server/model";
 import type { MeshFlags } from "./mesh-flags";
 import { prepareMesh, startMesh } from "./serve-mesh";
 import { UsageError } from "./usage";
@@ -13,6 +14,7 @@ import { UsageError } from "./usage";
 /** Options of `mesh serve`, as parsed by commander. */
 export interface ServeOptions extends MeshFlags {
   model?: string;
+  alias: string[];
   host: string;
   port: number;
   ctxSize: number;
@@ -92,9 +94,12 @@ export async function serve(o: ServeOptions): Promise<number> {
     demo = true;
     modelPath = await ensureModel(TINY);
   }
+  const aliasError = checkAliases(o.alias, [modelIdFromPath(modelPath)]);
+  if (aliasError) throw new UsageError(aliasError);
   const threads = o.threads ?? Math.max(1, cpus().length);
   const model = ServedModel.start({
     modelPath,
+    aliases: o.alias,
     nCtx: o.ctxSize,
     nParallel: o.parallel,
     nBatch: o.batchSize,
@@ -124,8 +129,9 @@ export async function serve(o: ServeOptions): Promise<number> {
     if (code === "EADDRINUSE") throw new UsageError(`port ${o.port} on ${o.host} is already in use (choose another with --port)`);
     throw new UsageError(`cannot listen on ${o.host}:${o.port}: ${(e as Error).message}`);
   }
+  const aka = model.aliases.length > 0 ? ` (also answers to ${model.aliases.map((a) => `'${a}'`).join(", ")})` : "";
   process.stderr.write(
-    `mesh listening on ${server.url} — model '${model.id}'${demo ? " (built-in demo model: RANDOM WEIGHTS, its text is meaningless; pass --model to serve a real GGUF)" : ""}\n`,
+    `mesh listening on ${server.url} — model '${model.id}'${aka}${demo ? " (built-in demo model: RANDOM WEIGHTS, its text is meaningless; pass --model to serve a real GGUF)" : ""}\n`,
   );
 
   const addr = await startMesh(mesh, o.host, server.port, server.url, logger);

@@ -134,11 +134,19 @@ export class FakeEngine implements EngineLike {
     return Promise.resolve(Array.from(enc.encode(text)));
   }
 
-  /** Byte tokens back to text (BOS and EOS render as nothing). */
-  detokenize(tokens: number[]): Promise<string> {
+  /** Byte tokens back to text (BOS and EOS render as nothing, `special` or not: the fake has no special text). */
+  detokenize(tokens: number[], _opts: { special?: boolean } = {}): Promise<string> {
     if (this.closed) return Promise.reject(new EngineError("engine_closed", "the engine is closed"));
     const bad = this.invalidTokens(tokens);
     return bad ? Promise.reject(new EngineError("invalid_request", bad)) : Promise.resolve(textOf(tokens));
+  }
+
+  /** Each token's byte (BOS and EOS: none). */
+  pieces(tokens: number[]): Promise<Uint8Array[]> {
+    if (this.closed) return Promise.reject(new EngineError("engine_closed", "the engine is closed"));
+    const bad = this.invalidTokens(tokens);
+    if (bad) return Promise.reject(new EngineError("invalid_request", bad));
+    return Promise.resolve(tokens.map((t) => (t < 256 ? Uint8Array.of(t) : new Uint8Array(0))));
   }
 
   /** Figures in the real shape: cells are the cached sequences' tokens; no queue, no host tier. */

@@ -130,8 +130,13 @@ export interface EngineLike {
   readonly info: ModelInfo;
   /** Text to token ids (special tokens in the text are parsed when parseSpecial). */
   tokenize(text: string, opts?: { addSpecial?: boolean; parseSpecial?: boolean }): Promise<number[]>;
-  /** Token ids to text. */
-  detokenize(tokens: number[]): Promise<string>;
+  /**
+   * Token ids to text. With `special`, control tokens (BOS, chat markers) render as their text, so
+   * a tokenized prompt comes back whole; otherwise they render as nothing.
+   */
+  detokenize(tokens: number[], opts?: { special?: boolean }): Promise<string>;
+  /** Each token's text (control tokens rendered) as UTF-8 bytes: a piece may be part of a character. */
+  pieces(tokens: number[]): Promise<Uint8Array[]>;
   /** Current load: slots, queue, KV cells. */
   stats(): Promise<EngineStats>;
   /** Start generating; iterate the result for events. Throws engine_busy when too many are in flight. */
@@ -268,9 +273,14 @@ export class Engine implements EngineLike {
     >;
   }
 
-  /** Token ids to text. */
-  detokenize(tokens: number[]): Promise<string> {
-    return this.call({ type: "detokenize", tokens }) as Promise<string>;
+  /** Token ids to text; with `special`, control tokens render as their text. */
+  detokenize(tokens: number[], opts: { special?: boolean } = {}): Promise<string> {
+    return this.call({ type: "detokenize", tokens, special: opts.special ?? false }) as Promise<string>;
+  }
+
+  /** Each token's text (control tokens rendered) as UTF-8 bytes. */
+  pieces(tokens: number[]): Promise<Uint8Array[]> {
+    return this.call({ type: "pieces", tokens }) as Promise<Uint8Array[]>;
   }
 
   /** Current load: slots, queue, KV cells. */

@@ -153,7 +153,10 @@ export type TokenEvent =
 export type ToWorker =
   | { type: "load"; libPath: string; options: LoadOptions; progress: SharedArrayBuffer; control: SharedArrayBuffer; logLevel: number }
   | { type: "tokenize"; rid: number; text: string; addSpecial: boolean; parseSpecial: boolean }
-  | { type: "detokenize"; rid: number; tokens: number[] }
+  /** `special`: render control tokens as their text (as llama-server's /detokenize does); otherwise they render as nothing. */
+  | { type: "detokenize"; rid: number; tokens: number[]; special?: boolean }
+  /** Each token's text, control tokens rendered, as UTF-8 bytes (replies Uint8Array[]). */
+  | { type: "pieces"; rid: number; tokens: number[] }
   | { type: "generate"; id: number; flag: number; request: GenerateRequest }
   | { type: "cancel"; id: number }
   | { type: "stats"; rid: number }

@@ -41,6 +41,10 @@ function tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): num
 }
 
 function detokenize(tokens: number[]): string {
+  return Buffer.from(detokenizeBytes(tokens)).toString("utf8");
+}
+
+function detokenizeBytes(tokens: number[]): Uint8Array {
   const { native: n, model } = opened as OpenedModel;
   const ids = new Int32Array(tokens);
   let buf = new Uint8Array(tokens.length * 8 + 16);
@@ -49,7 +53,49 @@ function detokenize(tokens: number[]): string {
     buf = new Uint8Array(-len);
     len = n.mesh_detokenize(model, ids, ids.length, buf, buf.length);
   }
-  return Buffer.from(buf.subarray(0, Math.max(0, len))).toString("utf8");
+  return buf.subarray(0, Math.max(0, len));
+}
+
+const pieceBuf = new Uint8Array(256);
+
+// One token's text as bytes; `special` renders control tokens (otherwise they are empty).
+function piece(token: number, special: boolean): Uint8Array {
+  const { native: n, model } = opened as OpenedModel;
+  let buf = pieceBuf;
+  let len = n.mesh_token_to_piece(model, token, buf, buf.length, special ? 1 : 0);
+  if (len < 0) {
+    buf = new Uint8Array(-len);
+    len = n.mesh_token_to_piece(model, token, buf, buf.length, special ? 1 : 0);
+  }
+  return buf.slice(0, Math.max(0, len));
+}
+
+function pieces(tokens: number[]): Uint8Array[] {
+  return tokens.map((t) => piece(t, true));
+}
+
+// Text with control tokens rendered: each run of other tokens is detokenized as llama.cpp does (an
+// SPM tokenizer's leading space dropped: it puts one before the text at the start and after every
+// control token), each control token is its text. A tokenized prompt comes back as it was written.
+function detokenizeSpecial(tokens: number[]): string {
+  const parts: Uint8Array[] = [];
+  let start = 0;
+  const run = (end: number) => {
+    if (end > start) parts.push(detokenizeBytes(tokens.slice(start, end)));
+  };
+  const { native: n, model } = opened as OpenedModel;
+  for (let i = 0; i < tokens.length; i++) {
+    const t = tokens[i] as number;
+    // Not a control token: it has text without `special` (a negative length says it has more than fits).
+    if (n.mesh_token_to_piece(model, t, pieceBuf, pieceBuf.length, 0) !== 0) continue;
+    const text = piece(t, true);
+    if (text.length === 0) continue;
+    run(i);
+    parts.push(text);
+    start = i + 1;
+  }
+  run(tokens.length);
+  return Buffer.concat(parts).toString("utf8");
 }
 
 // Where each prompt token ends in the prompt text (UTF-8 bytes), in one FFI call.
@@ -97,7 +143,13 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
     case "detokenize": {
       const bad = invalidTokens(m.tokens);
       if (bad) post({ type: "reply_error", rid: m.rid, error: badRequest(bad) });
-      else post({ type: "reply", rid: m.rid, value: detokenize(m.tokens) });
+      else post({ type: "reply", rid: m.rid, value: m.special ? detokenizeSpecial(m.tokens) : detokenize(m.tokens) });
+      return;
+    }
+    case "pieces": {
+      const bad = invalidTokens(m.tokens);
+      if (bad) post({ type: "reply_error", rid: m.rid, error: badRequest(bad) });
+      else post({ type: "reply", rid: m.rid, value: pieces(m.tokens) });
       return;
     }
     case "stats":

@@ -41,7 +41,7 @@ export interface WorkerInfo {
   nodeId: NodeId;
   /** "host:port" where the owner serves the OpenAI API for this model. */
   addr: string;
-  /** Model ids this worker answers to. */
+  /** Model ids this worker answers to: the model it serves first (its id derives from it), then that model's aliases. */
   models: string[];
   ctxSize: number;
   slotsTotal: number;

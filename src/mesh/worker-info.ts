@@ -6,8 +6,9 @@ import type { NodeId, WorkerInfo } from "./wire";
 
 /** Key prefix of worker records in the replicated store. */
 export const WORKER_PREFIX = "worker:";
-const MAX_MODELS = 16;
-const MAX_MODEL = 256;
+/** Most names in a worker record (its model and that model's aliases), and the longest name. */
+export const MAX_MODELS = 16;
+export const MAX_MODEL = 256;
 const MAX_ADDR = 300;
 const HEALTH = new Set(["loading", "ready", "failed"]);
 

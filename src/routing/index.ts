@@ -105,9 +105,21 @@ export class Router {
     this.now = o.now ?? Date.now;
   }
 
-  /** Decide where a request for `model` with routing key `key` runs; null when no worker of the mesh serves it. */
-  decide(model: string, key: RouteKey): Decision | null {
-    const workers = this.o.workers().filter((w) => w.health === "ready" && w.models.includes(model));
+  /**
+   * Ready workers of `model` (the first name in their record) that answer to `name` (the model's id,
+   * or an alias some of them carry).
+   */
+  workersFor(model: string, name = model): WorkerInfo[] {
+    return this.o.workers().filter((w) => w.health === "ready" && w.models[0] === model && w.models.includes(name));
+  }
+
+  /**
+   * Decide where a request for `model` with routing key `key` runs; null when no worker of the mesh serves it.
+   * A request that named the model by an alias (`name`) runs only where that alias is served; its key and the
+   * index are the model's, so requests by either name share cache.
+   */
+  decide(model: string, key: RouteKey, name = model): Decision | null {
+    const workers = this.workersFor(model, name);
     if (workers.length === 0) return null;
     this.o.sink?.noteRouted(model);
     const cache = this.mode === "cache";
@@ -142,7 +154,7 @@ export class Router {
 
   /** This node's worker for `model`, if it serves it. */
   localWorker(model: string): WorkerInfo | undefined {
-    return this.o.workers().find((w) => w.nodeId === this.o.selfId && w.models.includes(model));
+    return this.o.workers().find((w) => w.nodeId === this.o.selfId && w.models[0] === model);
   }
 
   /** Lease `key`'s conversation to `node` (it ran there after all: a fallback, or a retry on another node). */

@@ -5,7 +5,7 @@ import type { Logger } from "../log";
 import { anthropicMessages, checkCountTokensBody, checkMessagesBody, countTokens } from "./anthropic/messages";
 import { CountTokensBody, MessagesBody } from "./anthropic/schema";
 import { ApiError, badRequest, dialectOf, errorResponse, forwardShape, pointerToParam, toApiError } from "./errors";
-import { forwardToServer, type MeshHooks, meshModelNodes, rawJson, routeLabels, routeRequest } from "./mesh";
+import { forwardToPeer, type MeshHooks, meshModelNodes, meshModelOf, rawJson, routeLabels, routeRequest, sentBody } from "./mesh";
 import { renderMeshMetrics } from "./mesh-metrics";
 import { meshRoutes } from "./mesh-routes";
 import type { GaugeValues, Metrics } from "./metrics";
@@ -13,6 +13,7 @@ import type { ServedModel } from "./model";
 import { chatCompletion, checkChatBody } from "./openai/chat";
 import { checkCompletionBody, completion } from "./openai/completions";
 import { ChatBody, CompletionBody } from "./openai/schema";
+import { ApplyTemplateBody, applyTemplate, checkSent, DetokenizeBody, detokenize, TokenizeBody, tokenize } from "./tokenize";
 
 /** What the app needs from the node. */
 export interface AppOptions {
@@ -37,6 +38,9 @@ const ROUTES = new Set([
   "/api/peers",
   "/mesh/rpc",
   "/mesh/challenge",
+  "/tokenize",
+  "/detokenize",
+  "/apply-template",
 ]);
 
 /** Whether a request carries one of `keys`, as `Authorization: Bearer <key>` (OpenAI's clients) or `x-api-key: <key>` (Anthropic's). */
@@ -65,15 +69,39 @@ function labelled<T>(result: T, request: Request, set: { headers: Record<string,
   return result;
 }
 
+// The tokenizer routes parse with rawJson even without a mesh, and check the body as sent before validation normalises it (sentBody).
+const checkBodySent = ({ request }: { request: Request }) => checkSent(sentBody(request));
+
 /** Build the Elysia app. */
 export function createApp(o: AppOptions) {
   const authorized = o.apiKeys.length > 0 ? keyChecker(o.apiKeys) : () => true;
-  const findModel = (id: string): ServedModel => {
-    const m = o.models.find((x) => x.id === id);
-    if (!m) throw new ApiError(404, "invalid_request_error", `The model '${id}' does not exist`, "model", "model_not_found");
+  const findModel = (name: string): ServedModel => {
+    const m = o.models.find((x) => x.answersTo(name));
+    if (!m) throw new ApiError(404, "invalid_request_error", `The model '${name}' does not exist`, "model", "model_not_found");
     return m;
   };
-  const onStreamError = (e: unknown): ApiError => {
+  /**
+   * The model a requested name (an id or an alias) stands for: served here, or its id in the mesh. The
+   * routing key is computed under that id, so a conversation by alias and by id shares cache.
+   */
+  const resolve = (name: string): { id: string; here: boolean } => {
+    const local = o.models.find((x) => x.answersTo(name));
+    return local ? { id: local.id, here: true } : { id: meshModelOf(o.mesh, name) ?? name, here: false };
+  };
+  /**
+   * A tokenizer endpoint: run `handle` on the model named (default: this node's first), or forward the
+   * request to a peer serving it.
+   */
+  const tokenizerRoute =
+    <B extends { model?: string }>(path: string, handle: (m: ServedModel, body: B) => Promise<object> | object) =>
+    async ({ body, request }: { body: B; request: Request }) => {
+      const name = body.model ?? o.models[0]?.id;
+      if (name === undefined) throw badRequest("missing required parameter 'model': this node serves no model", "model");
+      const { id, here } = resolve(name);
+      if (!here) return forwardToPeer(o.mesh, id, name, path, request);
+      return handle(findModel(name), body);
+    };
+  const onStreamError = (e: unknown) => {
     const api = toApiError(e);
     if (api.status >= 500) o.logger.error("stream failed", { status: api.status, code: api.code, error: (e as Error)?.message });
     return api;
@@ -167,19 +195,35 @@ export function createApp(o: AppOptions) {
       return { status: ready ? "ok" : o.models.some((m) => m.status === "failed") ? "failed" : "loading", models: states };
     })
     .get("/v1/models", () => {
+      // Each alias is an entry of its own (clients look their model name up in this list), saying whose alias it is.
       const nodes = meshModelNodes(o.mesh);
-      const local = o.models.map((m) => ({
-        id: m.id,
-        object: "model",
-        created: 0,
-        owned_by: "mesh",
-        status: m.status,
-        context_length: m.info?.nCtxSeq ?? null,
-        random_weights: m.info?.randomWeights ?? null,
-        ...(o.mesh ? { nodes: nodes.get(m.id) ?? [] } : {}),
-      }));
-      const remote = [...nodes].filter(([id]) => !o.models.some((m) => m.id === id));
-      const elsewhere = remote.map(([id, on]) => ({ id, object: "model", created: 0, owned_by: "mesh", status: "remote", nodes: on }));
+      const local = o.models.flatMap((m) => {
+        const entry = (id: string, alias: boolean) => ({
+          id,
+          object: "model",
+          created: 0,
+          owned_by: "mesh",
+          status: m.status,
+          context_length: m.info?.nCtxSeq ?? null,
+          random_weights: m.info?.randomWeights ?? null,
+          ...(alias ? { alias_of: m.id } : m.aliases.length > 0 ? { aliases: [...m.aliases] } : {}),
+          ...(o.mesh ? { nodes: nodes.get(id) ?? [] } : {}),
+        });
+        return [entry(m.id, false), ...m.aliases.map((a) => entry(a, true))];
+      });
+      const remote = [...nodes].filter(([name]) => !o.models.some((m) => m.answersTo(name)));
+      const elsewhere = remote.map(([name, on]) => {
+        const id = meshModelOf(o.mesh, name);
+        return {
+          id: name,
+          object: "model",
+          created: 0,
+          owned_by: "mesh",
+          status: "remote",
+          ...(id !== name ? { alias_of: id } : {}),
+          nodes: on,
+        };
+      });
       return { object: "list", data: [...local, ...elsewhere] };
     })
     .get("/metrics", async ({ set }) => {
@@ -192,9 +236,15 @@ export function createApp(o: AppOptions) {
       "/v1/chat/completions",
       async ({ body, request, set }) => {
         checkChatBody(body);
-        const here = o.models.some((m) => m.id === body.model);
-        const route = await routeRequest(o.mesh, body.model, here, "/v1/chat/completions", request, (k) =>
-          k.chat(body.model, body.messages, body.tools ?? undefined),
+        const { id, here } = resolve(body.model);
+        const route = await routeRequest(
+          o.mesh,
+          id,
+          here,
+          "/v1/chat/completions",
+          request,
+          (k) => k.chat(id, body.messages, body.tools ?? undefined),
+          body.model,
         );
         if (route.kind === "peer") return labelled(route.response, request, set);
         const result = await chatCompletion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
@@ -208,8 +258,8 @@ export function createApp(o: AppOptions) {
       async ({ body, request, set }) => {
         checkCompletionBody(body);
         const prompt = typeof body.prompt === "string" ? body.prompt : (body.prompt[0] ?? "");
-        const here = o.models.some((m) => m.id === body.model);
-        const route = await routeRequest(o.mesh, body.model, here, "/v1/completions", request, (k) => k.completion(body.model, prompt));
+        const { id, here } = resolve(body.model);
+        const route = await routeRequest(o.mesh, id, here, "/v1/completions", request, (k) => k.completion(id, prompt), body.model);
         if (route.kind === "peer") return labelled(route.response, request, set);
         const result = await completion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
         return labelled(result, request, set);
@@ -221,14 +271,15 @@ export function createApp(o: AppOptions) {
       async ({ body, request, set }) => {
         // Checked and translated before anything moves: routed, keyed and run as the equivalent chat request.
         const chat = checkMessagesBody(body);
-        const here = o.models.some((m) => m.id === chat.model);
+        const { id, here } = resolve(chat.model);
         const route = await routeRequest(
           o.mesh,
-          chat.model,
+          id,
           here,
           "/v1/messages",
           request,
-          (k) => k.chat(chat.model, chat.messages, chat.tools ?? undefined),
+          (k) => k.chat(id, chat.messages, chat.tools ?? undefined),
+          chat.model,
           forwardShape("anthropic"),
         );
         if (route.kind === "peer") return labelled(route.response, request, set);
@@ -242,14 +293,20 @@ export function createApp(o: AppOptions) {
       "/v1/messages/count_tokens",
       async ({ body, request }) => {
         const chat = checkCountTokensBody(body);
-        const here = o.models.some((m) => m.id === chat.model);
+        const { id, here } = resolve(chat.model);
         // Counting needs the model's tokenizer and template, not its cache: any node serving it answers.
-        const peer = await forwardToServer(o.mesh, chat.model, here, "/v1/messages/count_tokens", request, forwardShape("anthropic"));
-        if (peer) return peer;
+        if (!here) return forwardToPeer(o.mesh, id, chat.model, "/v1/messages/count_tokens", request, forwardShape("anthropic"));
         return countTokens(findModel(chat.model), chat);
       },
       { body: CountTokensBody, parse: o.mesh ? rawJson : "json" },
     )
+    .post("/tokenize", tokenizerRoute("/tokenize", tokenize), { body: TokenizeBody, parse: rawJson, transform: checkBodySent })
+    .post("/detokenize", tokenizerRoute("/detokenize", detokenize), { body: DetokenizeBody, parse: rawJson, transform: checkBodySent })
+    .post("/apply-template", tokenizerRoute("/apply-template", applyTemplate), {
+      body: ApplyTemplateBody,
+      parse: rawJson,
+      transform: checkBodySent,
+    })
     .use(
       o.mesh
         ? meshRoutes({ gate: o.mesh.gate, service: o.mesh.service, apiKeyRequired: o.mesh.apiKeyRequired, logger: o.logger })

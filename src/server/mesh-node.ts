@@ -155,7 +155,7 @@ export class MeshNode {
     if (!core) throw new Error("start the mesh node before serving a model");
     const reg = core.workers.register({
       addr,
-      models: [model.id],
+      models: [model.id, ...model.aliases],
       ctxSize: shape.ctxSize,
       slotsTotal: shape.slotsTotal,
       slotsBusy: 0,
@@ -284,7 +284,8 @@ export class MeshNode {
         last_seen_ms: m.self ? null : Math.max(0, now - m.lastSeen),
         rtt_ms: m.rttMs,
         self: m.self,
-        models: ws.flatMap((w) => w.models),
+        models: ws.map((w) => w.models[0] as string),
+        aliases: Object.fromEntries(ws.filter((w) => w.models.length > 1).map((w) => [w.models[0], w.models.slice(1)])),
         slots_busy: sum((w) => w.slotsBusy),
         slots_total: sum((w) => w.slotsTotal),
         kv_used: sum((w) => w.kvUsed),

@@ -25,6 +25,8 @@ export interface PeerRow {
   rtt_ms: number | null;
   self: boolean;
   models: string[];
+  /** Other names each model answers to (`mesh serve --alias`), by model; absent from nodes that predate aliases. */
+  aliases?: Record<string, string[]>;
   slots_busy: number;
   slots_total: number;
   /** KV cells committed to running requests. */

@@ -3,7 +3,7 @@
 import type { WorkerInfo } from "../mesh/wire";
 import type { Decision, RouteKey, RouteKeyer, Router } from "../routing";
 import { ApiError, badRequest } from "./errors";
-import type { Forwarder, ForwardShape } from "./forward";
+import { ForwardError, type Forwarder, type ForwardShape } from "./forward";
 import type { MeshGate } from "./mesh-gate";
 import type { MeshFigures } from "./mesh-metrics";
 import type { MeshService } from "./mesh-routes";
@@ -28,6 +28,7 @@ export interface MeshHooks {
 }
 
 const rawBodies = new WeakMap<Request, Uint8Array>();
+const sentBodies = new WeakMap<Request, unknown>();
 const dec = new TextDecoder();
 
 /**
@@ -37,7 +38,18 @@ const dec = new TextDecoder();
 export async function rawJson({ request }: { request: Request }): Promise<unknown> {
   const raw = new Uint8Array(await request.arrayBuffer());
   rawBodies.set(request, raw);
-  return JSON.parse(dec.decode(raw));
+  const value = JSON.parse(dec.decode(raw)) as unknown;
+  sentBodies.set(request, value);
+  return value;
+}
+
+/**
+ * The body as parsed, before Elysia's normalisation: that rebuilds a string where the schema wants an
+ * array as an array of its characters (`"1 2"` passes as `[1, 0, 2]`), so a route that must refuse it
+ * checks here. Undefined unless the route parsed with rawJson.
+ */
+export function sentBody(request: Request): unknown {
+  return sentBodies.get(request);
 }
 
 /** Response headers that tell where a request ran and why. */
@@ -82,6 +94,9 @@ export async function routeRequest(
   path: string,
   request: Request,
   key: (keyer: RouteKeyer) => RouteKey,
+  /** The name the request used: the model's id (`model`, which the key must be computed under), or an alias of it. */
+  name = model,
+  /** How forwarded answers and the forwarder's own errors are worded (the route's API). */
   shape?: ForwardShape,
 ): Promise<Route> {
   if (!mesh) return { kind: "here", key: null, decision: null, routing: null };
@@ -105,20 +120,17 @@ export async function routeRequest(
     label(request, "local", self);
     return { kind: "here", key: k, decision: null, routing: local() };
   }
-  const decision = mesh.router.decide(model, k);
+  const decision = mesh.router.decide(model, k, name);
   label(request, decision?.reason ?? "local", decision === null || decision.target.local ? self : null);
   if (!decision) {
     // Served somewhere, but nowhere ready yet: say so rather than "does not exist".
     // (Served here, the local path answers: it runs, or says the model is still loading.)
-    const served = mesh.service.workers().some((w) => w.models.includes(model));
-    if (served && !servedHere) {
-      throw new ApiError(503, "server_error", `model '${model}' is loading on every node that serves it`, null, "model_unavailable", 5);
-    }
+    if (!servedHere) loadingElsewhere(mesh, name);
     return { kind: "here", key: k, decision, routing: local() };
   }
   if (decision.target.local) return { kind: "here", key: k, decision, routing: local() };
   const order = decision.ranked.map((c) => c.candidate.worker);
-  const answer = await mesh.forwarder.forward(order, model, path, body, request.signal, shape);
+  const answer = await mesh.forwarder.forward(order, name, path, body, request.signal, shape);
   const ranOn = answer === null ? self : answer.worker?.nodeId;
   // The conversation's lease follows where it really ran, not where routing first sent it.
   if (ranOn && ranOn !== decision.target.worker.nodeId) mesh.router.lease(k, ranOn);
@@ -129,31 +141,60 @@ export async function routeRequest(
   return { kind: "peer", response: answer.response, decision };
 }
 
+/** Served somewhere, but nowhere ready yet: say so (503) rather than "does not exist". */
+function loadingElsewhere(mesh: MeshHooks, name: string): void {
+  if (mesh.service.workers().some((w) => w.models.includes(name))) {
+    throw new ApiError(503, "server_error", `model '${name}' is loading on every node that serves it`, null, "model_unavailable", 5);
+  }
+}
+
 /**
- * Send a request that needs a model but not its cache (counting tokens) to a node that serves it, the
- * least busy first: null when it runs here (the model is served here, the request came from a peer, or
- * no node serves the model, which the local path answers with a 404).
+ * The model id `name` stands for in the mesh: itself when a worker serves a model of that id, else the
+ * model of the workers that carry it as an alias (the first in order of model id, should two nodes give
+ * the same alias to different models); null when no worker answers to it. A worker record lists its
+ * model first, then the model's aliases.
  */
-export async function forwardToServer(
+export function meshModelOf(mesh: MeshHooks | undefined, name: string): string | null {
+  if (!mesh) return null;
+  let alias: string | null = null;
+  for (const w of mesh.service.workers()) {
+    if (w.models[0] === name) return name;
+    const id = w.models[0] as string;
+    if (w.models.includes(name) && (alias === null || id < alias)) alias = id;
+  }
+  return alias;
+}
+
+/**
+ * Send a request that needs a model but not its cache (the tokenizer endpoints, counting tokens) to a ready peer serving `model`
+ * under `name`, least loaded first, and relay its answer. A request that came from a peer is never
+ * forwarded again. Throws ForwardError (no_route: 404) when no peer serves it, ApiError 503 while
+ * every one is still loading.
+ */
+export async function forwardToPeer(
   mesh: MeshHooks | undefined,
   model: string,
-  servedHere: boolean,
+  name: string,
   path: string,
   request: Request,
   shape?: ForwardShape,
-): Promise<Response | null> {
+): Promise<Response> {
   const body = rawBodies.get(request);
-  if (!mesh || servedHere || !body || mesh.gate.caller(request)) return null;
-  const serving = mesh.service.workers().filter((w) => w.models.includes(model));
-  const ready = serving.filter((w) => w.health === "ready");
-  if (ready.length === 0) {
-    if (serving.length === 0) return null;
-    throw new ApiError(503, "server_error", `model '${model}' is loading on every node that serves it`, null, "model_unavailable", 5);
-  }
+  const missing = new ForwardError("no_route", `The model '${name}' does not exist`, name);
+  if (!mesh || !body || mesh.gate.caller(request)) throw missing;
+  const self = mesh.service.nodeId();
   const load = (w: WorkerInfo) => w.slotsBusy + w.queueDepth + mesh.router.inflightOf(w.id);
-  const order = [...ready].sort((a, b) => load(a) - load(b));
-  const answer = await mesh.forwarder.forward(order, model, path, body, request.signal, shape);
-  return answer?.response ?? null;
+  const order = mesh.router
+    .workersFor(model, name)
+    .filter((w) => w.nodeId !== self)
+    .sort((a, b) => load(a) - load(b));
+  if (order.length === 0) {
+    loadingElsewhere(mesh, name);
+    throw missing;
+  }
+  const answer = await mesh.forwarder.forward(order, name, path, body, request.signal, shape);
+  if (!answer) throw missing; // only a list holding this node's own worker answers null
+  return answer.response;
 }
 
 /** One node serving a model, as listed by /v1/models. */

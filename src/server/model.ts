@@ -3,6 +3,7 @@
 // /v1/models can say "loading" instead of refusing connections.
 import { basename } from "node:path";
 import { Engine, type EngineLike, type EngineOptions, type ModelInfo } from "../engine";
+import { MAX_MODEL, MAX_MODELS } from "../mesh/worker-info";
 import { ChatTemplate } from "./chat";
 
 export type ModelStatus = "loading" | "ready" | "failed";
@@ -20,6 +21,8 @@ export class ServedModel {
     readonly id: string,
     readonly path: string,
     engine: Promise<EngineLike> | EngineLike,
+    /** Other names requests may use for this model (checked with checkAliases). */
+    readonly aliases: readonly string[],
   ) {
     if (!(engine instanceof Promise)) {
       this.attach(engine);
@@ -36,13 +39,18 @@ export class ServedModel {
   }
 
   /** Start loading a model; returns at once. */
-  static start(opts: EngineOptions & { id?: string }): ServedModel {
-    return new ServedModel(opts.id ?? modelIdFromPath(opts.modelPath), opts.modelPath, Engine.load(opts));
+  static start(opts: EngineOptions & { id?: string; aliases?: readonly string[] }): ServedModel {
+    return new ServedModel(opts.id ?? modelIdFromPath(opts.modelPath), opts.modelPath, Engine.load(opts), opts.aliases ?? []);
   }
 
   /** Serve an engine that is already running (a FakeEngine in tests); ready at once. */
-  static fromEngine(id: string, engine: EngineLike): ServedModel {
-    return new ServedModel(id, engine.info.path, engine);
+  static fromEngine(id: string, engine: EngineLike, aliases: readonly string[] = []): ServedModel {
+    return new ServedModel(id, engine.info.path, engine, aliases);
+  }
+
+  /** Whether a request naming `name` (the id or an alias) is for this model. */
+  answersTo(name: string): boolean {
+    return name === this.id || this.aliases.includes(name);
   }
 
   private templateDate: string | null = null;
@@ -87,4 +95,22 @@ export class ServedModel {
 /** The id a model file is served under: its file name without .gguf. */
 export function modelIdFromPath(path: string): string {
   return basename(path).replace(/\.gguf$/i, "");
+}
+
+/**
+ * Why a list of aliases for the models `ids` cannot be served, or null when it can: every alias
+ * non-empty, at most MAX_MODEL characters, given once, not the id of a served model, and few enough
+ * for a worker record to carry with its model.
+ */
+export function checkAliases(aliases: readonly string[], ids: readonly string[]): string | null {
+  const seen = new Set<string>();
+  for (const a of aliases) {
+    if (a.trim() === "") return "--alias must not be empty";
+    if (a.length > MAX_MODEL) return `--alias '${a.slice(0, 32)}...' is ${a.length} characters; the limit is ${MAX_MODEL}`;
+    if (seen.has(a)) return `--alias '${a}' is given twice`;
+    if (ids.includes(a)) return `--alias '${a}' is the id of a served model`;
+    seen.add(a);
+  }
+  if (aliases.length > MAX_MODELS - 1) return `at most ${MAX_MODELS - 1} aliases per model (got ${aliases.length})`;
+  return null;
 }

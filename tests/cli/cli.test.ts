@@ -26,6 +26,7 @@ describe("mesh command line", () => {
     expect(s.code).toBe(0);
     for (const flag of [
       "--model",
+      "--alias",
       "--host",
       "--port",
       "--ctx-size",
@@ -82,6 +83,27 @@ describe("mesh command line", () => {
       expect(r.err).toContain(needle);
       expect(r.err.trim().split("\n").length).toBe(1);
       expect(r.err).not.toContain("    at ");
+    }
+  });
+});
+
+describe("mesh serve --alias", () => {
+  test("bad_aliases_are_one_line_on_stderr_and_exit_code_2", async () => {
+    const model = await tinyModel(); // served as mesh-tiny
+    const many = Array.from({ length: 16 }, (_, i) => ["--alias", `a${i}`]).flat();
+    const cases: Array<[string[], string]> = [
+      [["--alias", ""], "must not be empty"],
+      [["--alias", "  "], "must not be empty"],
+      [["--alias", "x".repeat(300)], "the limit is 256"],
+      [["--alias", "gpt-4o", "--alias", "gpt-4o"], "'gpt-4o' is given twice"],
+      [["--alias", "mesh-tiny"], "'mesh-tiny' is the id of a served model"],
+      [many, "at most 15 aliases"],
+    ];
+    for (const [args, needle] of cases) {
+      const r = mesh(["serve", "--model", model, "--port", "0", ...args]);
+      expect({ args: args.slice(0, 4), code: r.code }).toEqual({ args: args.slice(0, 4), code: 2 });
+      expect(r.err).toContain(needle);
+      expect(r.err.trim().split("\n").length).toBe(1);
     }
   });
 });

@@ -68,6 +68,21 @@ describe("mesh peers", () => {
     expect(lines[3]).toMatch(/^ffff0000\s+beta\s+10\.0\.0\.2:9337\s+suspect\s+3\s+65s ago\s+-\s+-\s+-\s+-\s+1ms$/);
   });
 
+  test("a_models_aliases_are_shown_beside_it", () => {
+    const out = formatPeers({
+      mesh_id: "feedfacefeedface",
+      node_id: "0123",
+      forwarding: { forwarded: 0, retried: 0, failed: 0, active: 0 },
+      members: [
+        row({ self: true, models: ["qwen", "llama"], aliases: { qwen: ["gpt-4o", "gpt-4"] } }),
+        row({ name: "old", models: ["phi"] }),
+      ],
+    });
+    const lines = out.split("\n");
+    expect(lines[2]).toContain(" qwen (gpt-4o,gpt-4),llama ");
+    expect(lines[3]).toContain(" phi ");
+  });
+
   test("routing_is_shown_under_the_table", () => {
     const out = formatPeers({
       mesh_id: "feedfacefeedface",

@@ -32,6 +32,19 @@ describe("engine on the tiny model", () => {
     }
   });
 
+  test("detokenize_with_special_renders_control_tokens_and_pieces_are_each_tokens_text", async () => {
+    const text = "<|user|>\nHi there<|end|>\n<|assistant|>\n";
+    const tokens = await engine.tokenize(text, { addSpecial: true, parseSpecial: true });
+    expect(await engine.detokenize(tokens, { special: true })).toBe(`${engine.info.addBos ? engine.info.bosText : ""}${text}`);
+    // Without `special`, control tokens render as nothing.
+    expect(await engine.detokenize(tokens)).not.toContain(engine.info.bosText || "<s>");
+    const pieces = await engine.pieces(tokens);
+    expect(pieces).toHaveLength(tokens.length);
+    if (engine.info.addBos) expect(Buffer.from(pieces[0] as Uint8Array).toString()).toBe(engine.info.bosText);
+    expect(Buffer.concat(pieces).toString()).toContain("there");
+    expect(await engine.pieces([engine.info.nVocab]).catch((e) => (e as EngineError).code)).toBe("invalid_request");
+  });
+
   test("model_info_reports_the_random_weights_and_context", () => {
     expect(engine.info.randomWeights).toBe(true);
     expect(engine.info.nCtx).toBe(8192);

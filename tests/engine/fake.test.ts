@@ -116,6 +116,14 @@ describe("fake engine", () => {
     expect(await e.detokenize([300]).catch((x) => (x as EngineError).code)).toBe("invalid_request");
   });
 
+  test("pieces_are_each_tokens_byte_and_bos_eos_have_none", async () => {
+    const e = new FakeEngine();
+    const p = await e.pieces([97, 0xc3, e.info.bos, e.info.eos]);
+    expect(p.map((x) => Array.from(x))).toEqual([[97], [0xc3], [], []]);
+    expect(await e.detokenize([e.info.bos, 97], { special: true })).toBe("a");
+    expect(await e.pieces([300]).catch((x) => (x as EngineError).code)).toBe("invalid_request");
+  });
+
   test("cached_tokens_count_the_prefix_shared_with_a_recent_prompt_and_reply", async () => {
     const e = new FakeEngine({ reply: "the answer", cacheSequences: 2 });
     const first = await collect(e.generate({ prompt: "question one" }));

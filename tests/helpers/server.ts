@@ -14,10 +14,19 @@ export interface TestServer {
 
 /** Start a server; options override the defaults (small context, 2 slots). */
 export async function startTestServer(
-  o: { apiKeys?: string[]; maxBodyBytes?: number; nCtx?: number; nParallel?: number; queueCapacity?: number; queueTimeoutMs?: number } = {},
+  o: {
+    apiKeys?: string[];
+    maxBodyBytes?: number;
+    nCtx?: number;
+    nParallel?: number;
+    queueCapacity?: number;
+    queueTimeoutMs?: number;
+    aliases?: string[];
+  } = {},
 ): Promise<TestServer> {
   const model = ServedModel.start({
     modelPath: await tinyModel(),
+    aliases: o.aliases,
     nCtx: o.nCtx ?? 4096,
     nParallel: o.nParallel ?? 2,
     threads: 2,

@@ -249,7 +249,7 @@ export async function anthropicMessages(
     id,
     type: "message",
     role: "assistant",
-    model: model.id,
+    model: body.model,
     content,
     stop_reason: stop,
     stop_sequence: stopSequence,

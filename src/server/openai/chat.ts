@@ -242,7 +242,8 @@ export async function chatCompletion(
       id,
       object: "chat.completion",
       created,
-      model: model.id,
+      // The name the client asked for: a request by alias is answered under the alias, as OpenAI clients expect.
+      model: body.model,
       choices: [
         {
           index: 0,
@@ -260,7 +261,7 @@ export async function chatCompletion(
     id,
     object: "chat.completion.chunk",
     created,
-    model: model.id,
+    model: body.model,
     choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }],
   });
   return sseResponse(
@@ -275,7 +276,7 @@ export async function chatCompletion(
           calls += e.calls.length;
         } else if (e.kind === "done") {
           send(chunk({}, e.finish));
-          if (includeUsage) send({ id, object: "chat.completion.chunk", created, model: model.id, choices: [], usage: e.usage });
+          if (includeUsage) send({ id, object: "chat.completion.chunk", created, model: body.model, choices: [], usage: e.usage });
         }
       }
     },

@@ -44,7 +44,7 @@ export async function completion(
       }
     }
     routed.continuation(engine, gen.id, model.id, prompt, text);
-    return { id, object: "text_completion", created, model: model.id, choices: [choice(text, finish)], usage };
+    return { id, object: "text_completion", created, model: body.model, choices: [choice(text, finish)], usage };
   }
   const includeUsage = body.stream_options?.include_usage === true;
   const events = await primed(observed(gen, metrics, startedAt, abort.signal, routed.hooks()));
@@ -54,13 +54,13 @@ export async function completion(
       let text = "";
       for await (const e of events) {
         if (e.kind === "text" && e.text.length > 0) {
-          send({ id, object: "text_completion", created, model: model.id, choices: [choice(e.text, null)] });
+          send({ id, object: "text_completion", created, model: body.model, choices: [choice(e.text, null)] });
           text += e.text;
         } else if (e.kind === "done") {
           if (e.finishReason !== "cancelled") routed.continuation(engine, gen.id, model.id, prompt, text);
           const finish = e.finishReason === "length" ? "length" : "stop";
-          send({ id, object: "text_completion", created, model: model.id, choices: [choice("", finish)] });
-          if (includeUsage) send({ id, object: "text_completion", created, model: model.id, choices: [], usage: usageOf(e) });
+          send({ id, object: "text_completion", created, model: body.model, choices: [choice("", finish)] });
+          if (includeUsage) send({ id, object: "text_completion", created, model: body.model, choices: [], usage: usageOf(e) });
         }
       }
     },

@@ -40,7 +40,8 @@ const toolCall = t.Object({
   function: t.Object({ name: t.String(), arguments: t.String() }),
 });
 
-const message = t.Object(
+/** One chat message. */
+export const message = t.Object(
   {
     role: t.Union([t.Literal("system"), t.Literal("developer"), t.Literal("user"), t.Literal("assistant"), t.Literal("tool")], {
       error: "role must be one of system, developer, user, assistant, tool",
@@ -53,7 +54,8 @@ const message = t.Object(
   { additionalProperties: true },
 );
 
-const tool = t.Object({
+/** One tool definition. */
+export const tool = t.Object({
   type: t.Literal("function", { error: "tools[].type must be 'function'" }),
   function: t.Object({
     name: t.String({ minLength: 1, error: "tools[].function.name must be a non-empty string" }),
