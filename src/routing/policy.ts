@@ -83,7 +83,10 @@ export interface CandidateCost {
   promptTokens: number;
   cachedTokens: number;
   load: number;
+  /** KV committed to running requests, as a fraction of the pool: what the load gate reads. */
   kvFill: number;
+  /** KV holding any prefix (idle cache too), as a fraction: a new conversation placed where it is lowest evicts the least. */
+  cacheFill: number;
   /** Failed the load gate: not considered as a holder. */
   gated: boolean;
   waitMs: number;
@@ -111,6 +114,10 @@ function kvFill(w: WorkerInfo): number {
   return w.kvTotal > 0 ? w.kvUsed / w.kvTotal : 0;
 }
 
+function cacheFill(w: WorkerInfo): number {
+  return w.kvTotal > 0 ? Math.max(w.kvUsed, w.kvCached) / w.kvTotal : 0;
+}
+
 /** Estimate every candidate's cost for a request. */
 export function costs(req: RequestShape, cands: readonly Candidate[], c: PolicyConfig = POLICY_DEFAULTS): CandidateCost[] {
   const promptTokens = Math.max(1, Math.ceil(req.chars / c.charsPerToken));
@@ -132,18 +139,22 @@ export function costs(req: RequestShape, cands: readonly Candidate[], c: PolicyC
     const prefillMs = (promptTokens - cachedTokens) * c.prefillMsPerToken * slow;
     const restoreMs = cachedTokens * c.prefillMsPerToken * c.restoreFraction;
     const hopMs = x.local ? 0 : c.hopMs + (x.rttMs ?? 0);
-    const gated = load > Math.max(1, c.gateLoadFactor * meanLoad) || fill > Math.max(0.9, meanFill + c.gateKvSlack);
+    // KV gates only a worker the prompt does not fit beside what its running requests hold (it would wait
+    // for them), and only when it is fuller than the rest: a cached prefix there is already in KV, and
+    // idle cache is freed as needed.
+    const fits = w.kvTotal <= 0 || w.kvUsed + promptTokens <= w.kvTotal;
+    const gated = load > Math.max(1, c.gateLoadFactor * meanLoad) || (!fits && fill > Math.max(0.9, meanFill + c.gateKvSlack));
     let costMs = waitMs + prefillMs + restoreMs + hopMs;
     // Stickiness against flapping: the lease holder stays unless beaten by more than the margin.
     if (x.leased) costMs *= 1 - c.margin;
-    return { candidate: x, promptTokens, cachedTokens, load, kvFill: fill, gated, waitMs, prefillMs, restoreMs, hopMs, costMs };
+    return { candidate: x, promptTokens, cachedTokens, load, kvFill: fill, cacheFill: cacheFill(w), gated, waitMs, prefillMs, restoreMs, hopMs, costMs };
   });
 }
 
-/** Order of candidates when costs tie: this node first (no hop), then the less loaded, the emptier KV, the id. */
+/** Order of candidates when costs tie: this node first (no hop), then the less loaded, the emptier cache, the id. */
 function tieBreak(a: CandidateCost, b: CandidateCost): number {
   if (a.candidate.local !== b.candidate.local) return a.candidate.local ? -1 : 1;
-  return a.load - b.load || a.kvFill - b.kvFill || (a.candidate.worker.id < b.candidate.worker.id ? -1 : 1);
+  return a.load - b.load || a.cacheFill - b.cacheFill || (a.candidate.worker.id < b.candidate.worker.id ? -1 : 1);
 }
 
 /** Cold cost: as if nothing were cached anywhere (the lease discount kept: it stands for what the index has not heard yet). */

@@ -107,6 +107,39 @@ describe("routing policy", () => {
     expect(picks.filter((p) => p === "b").length).toBe(2);
   });
 
+  test("a_holder_full_of_idle_cache_passes_the_kv_gate", () => {
+    // Its KV is all cache (the conversation's own prefix among it), nothing committed: freed as needed.
+    const holder = w("holder", { kvTotal: 16_384, kvUsed: 0, kvCached: 16_384 });
+    const d = decide(req, [cand(holder, { depth: 30, via: "index" }), cand(w("cold", { kvTotal: 16_384 }))]);
+    expect(d?.target.worker.id).toBe("holder");
+    expect(d?.ranked[0]?.gated).toBe(false);
+  });
+
+  test("a_holder_with_room_for_the_prompt_passes_the_kv_gate_however_full", () => {
+    // 91 % committed, but a 1 000-token prompt fits beside it (its cached prefix is in KV already).
+    const small = { chars: 4000, ends: Array.from({ length: 4 }, (_, i) => (i + 1) * 1000) };
+    const busy = w("busy", { kvTotal: 16_384, kvUsed: 14_900, kvCached: 16_384 });
+    const d = decide(small, [cand(busy, { depth: 3, via: "index" }), cand(w("cold", { kvTotal: 16_384 }))]);
+    expect(d?.ranked.find((x) => x.candidate.worker.id === "busy")?.gated).toBe(false);
+    expect(d?.target.worker.id).toBe("busy");
+  });
+
+  test("a_holder_whose_running_requests_leave_no_room_for_the_prompt_fails_the_kv_gate", () => {
+    // 10 000 prompt tokens do not fit beside 15 000 committed cells of 16 384: the request would wait.
+    const full = w("full", { kvTotal: 16_384, kvUsed: 15_000, kvCached: 16_384 });
+    const d = decide(req, [cand(full, { depth: 30, via: "index" }), cand(w("cold", { kvTotal: 16_384 }))]);
+    expect(d?.target.worker.id).toBe("cold");
+    expect(d?.ranked.find((x) => x.candidate.worker.id === "full")?.gated).toBe(true);
+    // Every worker as full: nowhere is better, so the holder keeps it.
+    const alike = w("alike", { kvTotal: 16_384, kvUsed: 15_000 });
+    expect(decide(req, [cand(full, { depth: 30, via: "index" }), cand(alike)])?.target.worker.id).toBe("full");
+  });
+
+  test("near_ties_between_idle_workers_go_to_the_emptier_cache", () => {
+    const d = decide(req, [cand(w("b", { kvTotal: 16_384, kvCached: 9000 })), cand(w("a", { kvTotal: 16_384, kvCached: 12_000 }))]);
+    expect(d?.target.worker.id).toBe("b");
+  });
+
   test("ties_go_to_more_free_kv_then_a_stable_order", () => {
     const d = decide(req, [cand(w("b")), cand(w("a", { kvUsed: 3000 })), cand(w("c"))]);
     expect(d?.ranked.map((x) => x.candidate.worker.id)).toEqual(["b", "c", "a"]);
