@@ -1,11 +1,11 @@
 // The HTTP surface of a node: /v1 (OpenAI API, Anthropic Messages), /health, /metrics.
 import { createHash, timingSafeEqual } from "node:crypto";
-import { Elysia } from "elysia";
+import { Elysia, type TSchema } from "elysia";
 import type { Logger } from "../log";
 import { anthropicMessages, checkCountTokensBody, checkMessagesBody, countTokens } from "./anthropic/messages";
 import { CountTokensBody, MessagesBody } from "./anthropic/schema";
 import { ApiError, badRequest, dialectOf, errorResponse, forwardShape, pointerToParam, toApiError } from "./errors";
-import { forwardToPeer, type MeshHooks, meshModelNodes, meshModelOf, rawJson, routeLabels, routeRequest, sentBody } from "./mesh";
+import { forwardToPeer, type MeshHooks, meshModelNodes, meshModelOf, rawJson, routeLabels, routeRequest } from "./mesh";
 import { renderMeshMetrics } from "./mesh-metrics";
 import { meshRoutes } from "./mesh-routes";
 import type { GaugeValues, Metrics } from "./metrics";
@@ -13,7 +13,8 @@ import type { ServedModel } from "./model";
 import { chatCompletion, checkChatBody } from "./openai/chat";
 import { checkCompletionBody, completion } from "./openai/completions";
 import { ChatBody, CompletionBody } from "./openai/schema";
-import { ApplyTemplateBody, applyTemplate, checkSent, DetokenizeBody, detokenize, TokenizeBody, tokenize } from "./tokenize";
+import { checkSentBody } from "./sent";
+import { ApplyTemplateBody, applyTemplate, DetokenizeBody, detokenize, TokenizeBody, tokenize } from "./tokenize";
 
 /** What the app needs from the node. */
 export interface AppOptions {
@@ -69,9 +70,6 @@ function labelled<T>(result: T, request: Request, set: { headers: Record<string,
   return result;
 }
 
-// The tokenizer routes parse with rawJson even without a mesh, and check the body as sent before validation normalises it (sentBody).
-const checkBodySent = ({ request }: { request: Request }) => checkSent(sentBody(request));
-
 /** Build the Elysia app. */
 export function createApp(o: AppOptions) {
   const authorized = o.apiKeys.length > 0 ? keyChecker(o.apiKeys) : () => true;
@@ -119,6 +117,15 @@ export function createApp(o: AppOptions) {
     return g;
   };
   const started = new WeakMap<Request, number>();
+  /**
+   * A route's body options: its schema, its parser (rawJson keeps the bytes a peer is sent; the tokenizer
+   * routes use it even without a mesh), and the check of the body as sent, before validation coerces it.
+   */
+  const bodyOf = <S extends TSchema>(schema: S, parse: "json" | typeof rawJson = o.mesh ? rawJson : "json") => ({
+    body: schema,
+    parse,
+    transform: checkSentBody(schema),
+  });
 
   return new Elysia()
     .onRequest(async ({ request }) => {
@@ -251,7 +258,7 @@ export function createApp(o: AppOptions) {
         if (!(result instanceof Response)) set.status = 200;
         return labelled(result, request, set);
       },
-      { body: ChatBody, parse: o.mesh ? rawJson : "json" },
+      bodyOf(ChatBody),
     )
     .post(
       "/v1/completions",
@@ -264,7 +271,7 @@ export function createApp(o: AppOptions) {
         const result = await completion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
         return labelled(result, request, set);
       },
-      { body: CompletionBody, parse: o.mesh ? rawJson : "json" },
+      bodyOf(CompletionBody),
     )
     .post(
       "/v1/messages",
@@ -287,7 +294,7 @@ export function createApp(o: AppOptions) {
         if (!(result instanceof Response)) set.status = 200;
         return labelled(result, request, set);
       },
-      { body: MessagesBody, parse: o.mesh ? rawJson : "json" },
+      bodyOf(MessagesBody),
     )
     .post(
       "/v1/messages/count_tokens",
@@ -298,15 +305,11 @@ export function createApp(o: AppOptions) {
         if (!here) return forwardToPeer(o.mesh, id, chat.model, "/v1/messages/count_tokens", request, forwardShape("anthropic"));
         return countTokens(findModel(chat.model), chat);
       },
-      { body: CountTokensBody, parse: o.mesh ? rawJson : "json" },
+      bodyOf(CountTokensBody),
     )
-    .post("/tokenize", tokenizerRoute("/tokenize", tokenize), { body: TokenizeBody, parse: rawJson, transform: checkBodySent })
-    .post("/detokenize", tokenizerRoute("/detokenize", detokenize), { body: DetokenizeBody, parse: rawJson, transform: checkBodySent })
-    .post("/apply-template", tokenizerRoute("/apply-template", applyTemplate), {
-      body: ApplyTemplateBody,
-      parse: rawJson,
-      transform: checkBodySent,
-    })
+    .post("/tokenize", tokenizerRoute("/tokenize", tokenize), bodyOf(TokenizeBody, rawJson))
+    .post("/detokenize", tokenizerRoute("/detokenize", detokenize), bodyOf(DetokenizeBody, rawJson))
+    .post("/apply-template", tokenizerRoute("/apply-template", applyTemplate), bodyOf(ApplyTemplateBody, rawJson))
     .use(
       o.mesh
         ? meshRoutes({ gate: o.mesh.gate, service: o.mesh.service, apiKeyRequired: o.mesh.apiKeyRequired, logger: o.logger })
