@@ -50,6 +50,7 @@ describe("the body as sent", () => {
         ["/v1/chat/completions", { model: MODEL, messages: "hi" }, "messages"],
         ["/v1/chat/completions", { model: MODEL, messages: user, tools: "get_weather" }, "tools"],
         ["/v1/chat/completions", { model: MODEL, messages: [{ role: "user", content: "x", tool_calls: "ab" }] }, "messages[0].tool_calls"],
+        ["/v1/responses", { model: MODEL, input: "hi", tools: "get_weather" }, "tools"],
         ["/apply-template", { messages: "hi" }, "messages"],
         ["/detokenize", { tokens: "1 2" }, "tokens"],
       ];
@@ -76,6 +77,7 @@ describe("the body as sent", () => {
     const cases: Array<[string, unknown, string]> = [
       ["/v1/chat/completions", { model: MODEL, messages: user, max_tokens: "5" }, "max_tokens"],
       ["/v1/completions", { model: MODEL, prompt: "Hi", max_tokens: "5" }, "max_tokens"],
+      ["/v1/responses", { model: MODEL, input: "Hi", max_output_tokens: "5" }, "max_output_tokens"],
       ["/detokenize", { tokens: [104, "105"] }, "tokens[1]"],
     ];
     for (const [path, body, param] of cases) {
