@@ -292,6 +292,15 @@ describe("OpenAI Responses over the fake engine", () => {
     const again = await handle("http://localhost/v1/responses/nope", { method: "DELETE" });
     expect(again.status).toBe(404);
     expect(((await again.json()) as OpenAiError).error.type).toBe("invalid_request_error");
+    // Every id counts under one route label, not one per id.
+    const counted = 'mesh_http_requests_total{route="/v1/responses/{id}",status="404"} 2';
+    let metrics = "";
+    for (let i = 0; i < 100 && !metrics.includes(counted); i++) {
+      await Bun.sleep(10);
+      metrics = await (await handle("http://localhost/metrics")).text();
+    }
+    expect(metrics).toContain(counted);
+    expect(metrics).not.toContain(kept.id);
   });
 
   test("the_store_keeps_the_most_recently_used_responses_within_its_byte_bound", async () => {
