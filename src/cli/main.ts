@@ -3,6 +3,7 @@
 import { Command, CommanderError, Option } from "commander";
 import pkg from "../../package.json" with { type: "json" };
 import { HOST_CACHE_DEFAULT_MIB } from "../engine/index";
+import { RESPONSE_STORE_DEFAULT_MIB } from "../server/responses/store";
 import { registerBench } from "./bench";
 import { invite } from "./invite";
 import { peers } from "./peers";
@@ -54,6 +55,12 @@ export function program(): Command {
     .option("--api-key <key>", "require 'Authorization: Bearer <key>' (repeatable)", collect, [])
     .option("--api-key-file <path>", "file with one API key per line")
     .option("--max-body-bytes <n>", "largest request body accepted (413 above)", intOption("--max-body-bytes", 1024), 8 * 1024 * 1024)
+    .option(
+      "--responses-store <MiB>",
+      "memory for past /v1/responses answers that previous_response_id continues (least recently used dropped first; 0 keeps none)",
+      intOption("--responses-store", 0, 1 << 20),
+      RESPONSE_STORE_DEFAULT_MIB,
+    )
     .option("--state-dir <dir>", "node key and mesh credentials (default: $MESH_STATE_DIR or ~/.local/share/mesh)")
     .option("--join <token|host:port>", "join a mesh: an invite token, or a member's host:port with --mesh-secret")
     .option("--mesh-secret <secret>", "the mesh secret (32+ characters) to create or join a mesh with")

@@ -29,6 +29,7 @@ export interface ServeOptions extends MeshFlags {
   apiKey: string[];
   apiKeyFile?: string;
   maxBodyBytes: number;
+  responsesStore: number;
   shutdownGrace: number;
   logFormat: string;
 }
@@ -120,6 +121,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       models: [model],
       apiKeys,
       maxBodyBytes: o.maxBodyBytes,
+      responseStoreBytes: o.responsesStore * 1024 * 1024,
       logger,
       mesh: mesh.node.hooks,
     });

@@ -1,11 +1,11 @@
-// The HTTP surface of a node: /v1 (OpenAI API, Anthropic Messages), /health, /metrics.
+// The HTTP surface of a node: /v1 (OpenAI API, OpenAI Responses, Anthropic Messages), /health, /metrics.
 import { createHash, timingSafeEqual } from "node:crypto";
-import { Elysia } from "elysia";
+import { Elysia, type TSchema } from "elysia";
 import type { Logger } from "../log";
 import { anthropicMessages, checkCountTokensBody, checkMessagesBody, countTokens } from "./anthropic/messages";
 import { CountTokensBody, MessagesBody } from "./anthropic/schema";
 import { ApiError, badRequest, dialectOf, errorResponse, forwardShape, pointerToParam, toApiError } from "./errors";
-import { forwardToPeer, type MeshHooks, meshModelNodes, meshModelOf, rawJson, routeLabels, routeRequest, sentBody } from "./mesh";
+import { forwardToPeer, type MeshHooks, meshModelNodes, meshModelOf, ROUTE_HEADER, rawJson, routeLabels, routeRequest } from "./mesh";
 import { renderMeshMetrics } from "./mesh-metrics";
 import { meshRoutes } from "./mesh-routes";
 import type { GaugeValues, Metrics } from "./metrics";
@@ -13,7 +13,13 @@ import type { ServedModel } from "./model";
 import { chatCompletion, checkChatBody } from "./openai/chat";
 import { checkCompletionBody, completion } from "./openai/completions";
 import { ChatBody, CompletionBody } from "./openai/schema";
-import { ApplyTemplateBody, applyTemplate, checkSent, DetokenizeBody, detokenize, TokenizeBody, tokenize } from "./tokenize";
+import { chatEventsOf, forwardedChatBody } from "./responses/remote";
+import { answerResponse, remoteStart, runResponse } from "./responses/responses";
+import { ResponsesBody } from "./responses/schema";
+import { RESPONSE_STORE_DEFAULT_MIB, ResponseStore } from "./responses/store";
+import { checkResponsesBody } from "./responses/translate";
+import { checkSentBody } from "./sent";
+import { ApplyTemplateBody, applyTemplate, DetokenizeBody, detokenize, TokenizeBody, tokenize } from "./tokenize";
 
 /** What the app needs from the node. */
 export interface AppOptions {
@@ -25,6 +31,8 @@ export interface AppOptions {
   metrics: Metrics;
   /** The mesh this node belongs to; absent when it runs alone. */
   mesh?: MeshHooks;
+  /** Past /v1/responses answers kept for previous_response_id (default: RESPONSE_STORE_DEFAULT_MIB MiB). */
+  responseStore?: ResponseStore;
 }
 
 const ROUTES = new Set([
@@ -32,6 +40,8 @@ const ROUTES = new Set([
   "/v1/completions",
   "/v1/messages",
   "/v1/messages/count_tokens",
+  "/v1/responses",
+  "/v1/responses/{id}",
   "/v1/models",
   "/health",
   "/metrics",
@@ -42,6 +52,12 @@ const ROUTES = new Set([
   "/detokenize",
   "/apply-template",
 ]);
+
+/** A request path as the route label of its metrics and log line: a known route, or "other". */
+function routeOf(path: string): string {
+  if (ROUTES.has(path)) return path;
+  return /^\/v1\/responses\/[^/]+$/.test(path) ? "/v1/responses/{id}" : "other";
+}
 
 /** Whether a request carries one of `keys`, as `Authorization: Bearer <key>` (OpenAI's clients) or `x-api-key: <key>` (Anthropic's). */
 function keyChecker(keys: string[]): (headers: Headers) => boolean {
@@ -69,8 +85,17 @@ function labelled<T>(result: T, request: Request, set: { headers: Record<string,
   return result;
 }
 
-// The tokenizer routes parse with rawJson even without a mesh, and check the body as sent before validation normalises it (sentBody).
-const checkBodySent = ({ request }: { request: Request }) => checkSent(sentBody(request));
+/** 404 for a response id this node does not hold. */
+function responseNotFound(id: string): ApiError {
+  return new ApiError(404, "invalid_request_error", `Response with id '${id}' not found.`, "response_id", "not_found");
+}
+
+/** On /v1/responses the conversation is `input`: an error about the prompt (too long for the context) names it. */
+function inputParam(e: unknown): unknown {
+  const api = toApiError(e);
+  if (api.param !== "messages") return e; // anything else goes on as it was thrown (a 500 is logged with its cause)
+  return new ApiError(api.status, api.type, api.message, "input", api.code, api.retryAfter);
+}
 
 /** Build the Elysia app. */
 export function createApp(o: AppOptions) {
@@ -119,6 +144,16 @@ export function createApp(o: AppOptions) {
     return g;
   };
   const started = new WeakMap<Request, number>();
+  const responses = o.responseStore ?? new ResponseStore(RESPONSE_STORE_DEFAULT_MIB * 1024 * 1024);
+  /**
+   * A route's body options: its schema, its parser (rawJson keeps the bytes a peer is sent; the tokenizer
+   * routes use it even without a mesh), and the check of the body as sent, before validation coerces it.
+   */
+  const bodyOf = <S extends TSchema>(schema: S, parse: "json" | typeof rawJson = o.mesh ? rawJson : "json") => ({
+    body: schema,
+    parse,
+    transform: checkSentBody(schema),
+  });
 
   return new Elysia()
     .onRequest(async ({ request }) => {
@@ -126,7 +161,7 @@ export function createApp(o: AppOptions) {
       const path = new URL(request.url).pathname;
       // Answered here, before routing: onAfterResponse never sees these, so count and log them now.
       const early = (e: ApiError) => {
-        const route = ROUTES.has(path) ? path : "other";
+        const route = routeOf(path);
         o.metrics.requests.inc({ route, status: String(e.status) });
         o.logger.info("request", { method: request.method, route, status: String(e.status), ms: 0 });
         return errorResponse(e, dialectOf(path));
@@ -175,7 +210,7 @@ export function createApp(o: AppOptions) {
     })
     .onAfterResponse(({ request, set }) => {
       const path = new URL(request.url).pathname;
-      const route = ROUTES.has(path) ? path : "other";
+      const route = routeOf(path);
       const status = String(typeof set.status === "number" ? set.status : 200);
       o.metrics.requests.inc({ route, status });
       const t0 = started.get(request);
@@ -251,7 +286,7 @@ export function createApp(o: AppOptions) {
         if (!(result instanceof Response)) set.status = 200;
         return labelled(result, request, set);
       },
-      { body: ChatBody, parse: o.mesh ? rawJson : "json" },
+      bodyOf(ChatBody),
     )
     .post(
       "/v1/completions",
@@ -264,7 +299,7 @@ export function createApp(o: AppOptions) {
         const result = await completion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
         return labelled(result, request, set);
       },
-      { body: CompletionBody, parse: o.mesh ? rawJson : "json" },
+      bodyOf(CompletionBody),
     )
     .post(
       "/v1/messages",
@@ -287,8 +322,63 @@ export function createApp(o: AppOptions) {
         if (!(result instanceof Response)) set.status = 200;
         return labelled(result, request, set);
       },
-      { body: MessagesBody, parse: o.mesh ? rawJson : "json" },
+      bodyOf(MessagesBody),
     )
+    .post(
+      "/v1/responses",
+      async ({ body, request, set }) => {
+        // Checked and translated before anything moves (previous_response_id expanded from this node's store),
+        // then routed, keyed and run as the equivalent chat request. A peer is sent that chat request, whole and
+        // self-contained, and this node answers and stores the response from the peer's chat stream.
+        const req = checkResponsesBody(body, responses);
+        const { chat } = req;
+        const ctx = { body, req, store: responses, onStreamError };
+        const { id, here } = resolve(chat.model);
+        const route = await routeRequest(
+          o.mesh,
+          id,
+          here,
+          "/v1/responses",
+          request,
+          (k) => k.chat(id, chat.messages, chat.tools ?? undefined),
+          chat.model,
+          undefined,
+          { path: "/v1/chat/completions", body: () => forwardedChatBody(chat) },
+        );
+        if (route.kind === "peer") {
+          // A refusal (429, 413, a 400 of the peer's) is relayed as it is: OpenAI's error shape, as here.
+          if (route.response.status !== 200) return labelled(route.response, request, set);
+          const served = route.response.headers.get(ROUTE_HEADER.servedBy);
+          const start = remoteStart(request.signal);
+          const result = await answerResponse(
+            ctx,
+            start,
+            chatEventsOf(route.response, start.abort.signal),
+            served ? { [ROUTE_HEADER.servedBy]: served } : {},
+          );
+          if (!(result instanceof Response)) {
+            set.status = 200;
+            if (served) set.headers[ROUTE_HEADER.servedBy] = served;
+          }
+          return labelled(result, request, set);
+        }
+        const result = await runResponse(ctx, findModel(chat.model), o.metrics, request.signal, route.routing).catch((e: unknown) => {
+          throw inputParam(e);
+        });
+        if (!(result instanceof Response)) set.status = 200;
+        return labelled(result, request, set);
+      },
+      bodyOf(ResponsesBody),
+    )
+    .get("/v1/responses/:id", ({ params }) => {
+      const stored = responses.get(params.id);
+      if (!stored) throw responseNotFound(params.id);
+      return stored.response;
+    })
+    .delete("/v1/responses/:id", ({ params }) => {
+      if (!responses.delete(params.id)) throw responseNotFound(params.id);
+      return { id: params.id, object: "response.deleted", deleted: true };
+    })
     .post(
       "/v1/messages/count_tokens",
       async ({ body, request }) => {
@@ -298,15 +388,11 @@ export function createApp(o: AppOptions) {
         if (!here) return forwardToPeer(o.mesh, id, chat.model, "/v1/messages/count_tokens", request, forwardShape("anthropic"));
         return countTokens(findModel(chat.model), chat);
       },
-      { body: CountTokensBody, parse: o.mesh ? rawJson : "json" },
+      bodyOf(CountTokensBody),
     )
-    .post("/tokenize", tokenizerRoute("/tokenize", tokenize), { body: TokenizeBody, parse: rawJson, transform: checkBodySent })
-    .post("/detokenize", tokenizerRoute("/detokenize", detokenize), { body: DetokenizeBody, parse: rawJson, transform: checkBodySent })
-    .post("/apply-template", tokenizerRoute("/apply-template", applyTemplate), {
-      body: ApplyTemplateBody,
-      parse: rawJson,
-      transform: checkBodySent,
-    })
+    .post("/tokenize", tokenizerRoute("/tokenize", tokenize), bodyOf(TokenizeBody, rawJson))
+    .post("/detokenize", tokenizerRoute("/detokenize", detokenize), bodyOf(DetokenizeBody, rawJson))
+    .post("/apply-template", tokenizerRoute("/apply-template", applyTemplate), bodyOf(ApplyTemplateBody, rawJson))
     .use(
       o.mesh
         ? meshRoutes({ gate: o.mesh.gate, service: o.mesh.service, apiKeyRequired: o.mesh.apiKeyRequired, logger: o.logger })

@@ -4,6 +4,7 @@ import { type App, createApp } from "./app";
 import type { MeshHooks } from "./mesh";
 import { Metrics } from "./metrics";
 import type { ServedModel } from "./model";
+import { ResponseStore } from "./responses/store";
 
 export { ServedModel } from "./model";
 
@@ -19,6 +20,8 @@ export interface ServerOptions {
   mesh?: MeshHooks;
   /** Seconds a connection may sit idle before a request is parsed (default 60; Bun caps it at 255). */
   idleTimeoutSeconds?: number;
+  /** Bytes of past responses kept for previous_response_id (default 64 MiB). */
+  responseStoreBytes?: number;
 }
 
 /** A running server. */
@@ -41,6 +44,7 @@ export function startServer(o: ServerOptions): RunningServer {
     logger: o.logger,
     metrics: new Metrics(),
     mesh: o.mesh,
+    ...(o.responseStoreBytes !== undefined ? { responseStore: new ResponseStore(o.responseStoreBytes) } : {}),
   });
   // idleTimeout: a client that sends headers and stalls is dropped after this
   // long; every parsed request lifts it for itself (app.ts onBeforeHandle), so

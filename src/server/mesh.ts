@@ -28,7 +28,6 @@ export interface MeshHooks {
 }
 
 const rawBodies = new WeakMap<Request, Uint8Array>();
-const sentBodies = new WeakMap<Request, unknown>();
 const dec = new TextDecoder();
 
 /**
@@ -38,18 +37,17 @@ const dec = new TextDecoder();
 export async function rawJson({ request }: { request: Request }): Promise<unknown> {
   const raw = new Uint8Array(await request.arrayBuffer());
   rawBodies.set(request, raw);
-  const value = JSON.parse(dec.decode(raw)) as unknown;
-  sentBodies.set(request, value);
-  return value;
+  return JSON.parse(dec.decode(raw)) as unknown;
 }
 
 /**
- * The body as parsed, before Elysia's normalisation: that rebuilds a string where the schema wants an
- * array as an array of its characters (`"1 2"` passes as `[1, 0, 2]`), so a route that must refuse it
- * checks here. Undefined unless the route parsed with rawJson.
+ * What a peer is sent instead of the client's own body: another route's request (built only when a
+ * peer is chosen). A route whose body does not stand alone (a Responses request naming a stored
+ * response this node holds) forwards the self-contained request it translates to.
  */
-export function sentBody(request: Request): unknown {
-  return sentBodies.get(request);
+export interface ForwardAs {
+  path: string;
+  body: () => Uint8Array;
 }
 
 /** Response headers that tell where a request ran and why. */
@@ -98,6 +96,8 @@ export async function routeRequest(
   name = model,
   /** How forwarded answers and the forwarder's own errors are worded (the route's API). */
   shape?: ForwardShape,
+  /** Forward this request instead of the client's body. */
+  as?: ForwardAs,
 ): Promise<Route> {
   if (!mesh) return { kind: "here", key: null, decision: null, routing: null };
   let k: RouteKey;
@@ -115,7 +115,7 @@ export async function routeRequest(
   });
   const body = rawBodies.get(request);
   const self = mesh.service.nodeId();
-  if (mesh.gate.caller(request) || !body) {
+  if (mesh.gate.caller(request) || (!body && !as)) {
     mesh.router.countLocal();
     label(request, "local", self);
     return { kind: "here", key: k, decision: null, routing: local() };
@@ -130,7 +130,8 @@ export async function routeRequest(
   }
   if (decision.target.local) return { kind: "here", key: k, decision, routing: local() };
   const order = decision.ranked.map((c) => c.candidate.worker);
-  const answer = await mesh.forwarder.forward(order, name, path, body, request.signal, shape);
+  const sent = as ? as.body() : (body as Uint8Array);
+  const answer = await mesh.forwarder.forward(order, name, as?.path ?? path, sent, request.signal, shape);
   const ranOn = answer === null ? self : answer.worker?.nodeId;
   // The conversation's lease follows where it really ran, not where routing first sent it.
   if (ranOn && ranOn !== decision.target.worker.nodeId) mesh.router.lease(k, ranOn);

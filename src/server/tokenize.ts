@@ -45,22 +45,6 @@ export type TokenizeBodyT = typeof TokenizeBody.static;
 export type DetokenizeBodyT = typeof DetokenizeBody.static;
 export type ApplyTemplateBodyT = typeof ApplyTemplateBody.static;
 
-/**
- * What validation alone lets through, checked on the body as sent (see sentBody in ./mesh): array
- * fields sent as strings, token ids sent as strings. 400 naming the first bad field.
- */
-export function checkSent(sent: unknown): void {
-  if (typeof sent !== "object" || sent === null) return;
-  const body = sent as Record<string, unknown>;
-  for (const field of ["tokens", "messages", "tools"]) {
-    const v = body[field];
-    if (v !== undefined && v !== null && !Array.isArray(v)) throw badRequest(`invalid '${field}': ${field} must be an array`, field);
-  }
-  if (!Array.isArray(body.tokens)) return;
-  const bad = body.tokens.findIndex((id) => !Number.isInteger(id));
-  if (bad >= 0) throw badRequest(`invalid 'tokens[${bad}]': token ids must be integers`, `tokens[${bad}]`);
-}
-
 const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
 
 /** A piece as llama-server shows it: its text when it is valid UTF-8, else its bytes (part of a character). */
