@@ -147,7 +147,20 @@ export function costs(req: RequestShape, cands: readonly Candidate[], c: PolicyC
     let costMs = waitMs + prefillMs + restoreMs + hopMs;
     // Stickiness against flapping: the lease holder stays unless beaten by more than the margin.
     if (x.leased) costMs *= 1 - c.margin;
-    return { candidate: x, promptTokens, cachedTokens, load, kvFill: fill, cacheFill: cacheFill(w), gated, waitMs, prefillMs, restoreMs, hopMs, costMs };
+    return {
+      candidate: x,
+      promptTokens,
+      cachedTokens,
+      load,
+      kvFill: fill,
+      cacheFill: cacheFill(w),
+      gated,
+      waitMs,
+      prefillMs,
+      restoreMs,
+      hopMs,
+      costMs,
+    };
   });
 }
 
