@@ -396,7 +396,8 @@ export class JsonGrammar {
           lit(":"),
           mm,
           lit(":"),
-          mm,
+          // RFC 3339: a leap second is :60.
+          alt(mm, lit("60")),
           opt(seq(lit("."), rep(cls("[0-9]"), 1, 9))),
           alt(lit("Z"), seq(cls("[+-]"), hh, lit(":"), mm)),
         );
