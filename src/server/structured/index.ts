@@ -28,6 +28,18 @@ function schemaRefused(e: unknown): never {
 export function responseFormatGrammar(rf: unknown): string | null {
   if (rf === undefined || rf === null) return null;
   if (!isObject(rf)) throw badRequest("response_format must be an object with a type", "response_format");
+  // A request is checked before routing and converted again to run: convert its schema once.
+  const known = converted.get(rf);
+  if (known !== undefined) return known;
+  const grammar = convertResponseFormat(rf);
+  converted.set(rf, grammar);
+  return grammar;
+}
+
+/** Grammars of response_format objects already converted (only successes: a refusal is thrown each time). */
+const converted = new WeakMap<object, string | null>();
+
+function convertResponseFormat(rf: Record<string, unknown>): string | null {
   const type = rf.type;
   if (typeof type !== "string" || !RESPONSE_TYPES.includes(type)) {
     throw badRequest(

@@ -2,6 +2,7 @@
 // rejects what it does not (checked with a small GBNF matcher), each refused feature is named with
 // its path, and the grammar's size is bounded.
 import { describe, expect, test } from "bun:test";
+import { parseToolCalls } from "../../../src/server/chat";
 import { ApiError } from "../../../src/server/errors";
 import { CompletionLogprobs, chatLogprobs, forcedTool, responseFormatGrammar, toolCallGrammar } from "../../../src/server/structured";
 import { MAX_GRAMMAR_BYTES, SchemaError, schemaGrammar } from "../../../src/server/structured/json-schema";
@@ -291,4 +292,16 @@ test("completion_logprobs_legacy_shape_and_offsets", () => {
   const b = lp.of([{ ...tok("!", -0.1), top: [] }]);
   expect(a).toEqual({ tokens: [" there"], token_logprobs: [-0.5], top_logprobs: [{ " there": -0.5, " you": -1 }], text_offset: [2] });
   expect(b.text_offset).toEqual([8]);
+});
+
+test("what_a_forced_call_grammar_writes_the_chat_parser_reads_as_a_call", () => {
+  const tools = [{ function: { name: "f", parameters: { type: "object", properties: { a: { type: "integer" } }, required: ["a"] } } }];
+  for (const [syntax, text] of [
+    ["hermes", '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'],
+    ["llama3", '{"name": "f", "parameters": {"a": 1}}'],
+  ] as const) {
+    expect(gbnfAccepts(toolCallGrammar(tools, "required", syntax) as string, text)).toBe(true);
+    const parsed = parseToolCalls(text);
+    expect(parsed.toolCalls.map((c) => [c.name, JSON.parse(c.arguments)])).toEqual([["f", { a: 1 }]]);
+  }
 });
