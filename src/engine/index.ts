@@ -17,14 +17,27 @@ import {
   type PrefixMark,
   type SamplingOptions,
   type TenancyDelta,
+  TOP_LOGPROBS_MAX,
   type TokenEvent,
+  type TokenLogprob,
   type ToWorker,
 } from "./protocol";
 import { MAX_MARKS, TenancyFeed } from "./tenancy";
 
 export type { EngineErrorCode } from "./errors";
 export { EngineError } from "./errors";
-export type { EngineStats, FinishReason, LoadOptions, ModelInfo, PrefixMark, SamplingOptions, TenancyDelta } from "./protocol";
+export type {
+  EngineStats,
+  FinishReason,
+  LoadOptions,
+  ModelInfo,
+  PrefixMark,
+  SamplingOptions,
+  TenancyDelta,
+  TokenAlternative,
+  TokenLogprob,
+} from "./protocol";
+export { TOP_LOGPROBS_MAX } from "./protocol";
 export { MAX_MARKS, TenancyFeed } from "./tenancy";
 
 /** Options for Engine.load; everything but modelPath has a default. */
@@ -58,12 +71,20 @@ export interface GenerateOptions {
   signal?: AbortSignal;
   /** Prefix marks of a text prompt, reported through onTenancy as the KV comes to hold them (ignored for token ids; at most MAX_MARKS). */
   marks?: PrefixMark[];
+  /** GBNF (start rule `root`) constraining the output; a grammar that does not parse fails the request (invalid_request). */
+  grammar?: string;
+  /** Log-probability of each generated token plus this many (0..20) most probable alternatives, on its text event. */
+  logprobs?: number;
 }
+
+/** Longest grammar text generate() accepts. */
+export const MAX_GRAMMAR_CHARS = 256 * 1024;
 
 /** Events of one generation, in order: start, text*, done. Errors are thrown from the iterator. */
 export type GenerationEvent =
   | { kind: "start"; promptTokens: number; cachedTokens: number; slot: number; waitedMs: number }
-  | { kind: "text"; text: string; tokens: number[] }
+  /** Text and the tokens it came from; with logprobs asked for, one entry per token (a token whose text is held back, by a stop string that may follow, still has its entry here). */
+  | { kind: "text"; text: string; tokens: number[]; logprobs?: TokenLogprob[] }
   | {
       kind: "done";
       finishReason: FinishReason;
@@ -295,6 +316,12 @@ export class Engine implements EngineLike {
     if (opts.maxTokens !== undefined && !(Number.isFinite(opts.maxTokens) && opts.maxTokens >= 1)) {
       throw new EngineError("invalid_request", "maxTokens must be a finite number of at least 1");
     }
+    if (opts.logprobs !== undefined && !(Number.isInteger(opts.logprobs) && opts.logprobs >= 0 && opts.logprobs <= TOP_LOGPROBS_MAX)) {
+      throw new EngineError("invalid_request", `logprobs must be an integer from 0 to ${TOP_LOGPROBS_MAX}`);
+    }
+    if (opts.grammar !== undefined && opts.grammar.length > MAX_GRAMMAR_CHARS) {
+      throw new EngineError("invalid_request", `the grammar is longer than ${MAX_GRAMMAR_CHARS} characters`);
+    }
     const flag = this.freeFlags.pop();
     if (flag === undefined) throw new EngineError("engine_busy", "too many requests in flight on this engine");
     const id = this.nextId++;
@@ -311,6 +338,8 @@ export class Engine implements EngineLike {
       ignoreEos: opts.ignoreEos ?? false,
     };
     if (opts.marks && opts.marks.length > 0 && typeof opts.prompt === "string") request.marks = opts.marks.slice(0, MAX_MARKS);
+    if (opts.grammar) request.grammar = opts.grammar;
+    if (opts.logprobs !== undefined) request.logprobs = opts.logprobs;
     this.post({ type: "generate", id, flag, request });
     const signal = opts.signal;
     if (signal) {

@@ -31,15 +31,15 @@ const symbols = {
   mesh_state_seq_set: { args: [ptr, ptr, u64, i32], returns: u64 },
   mesh_state_seq_save: { args: [ptr, i32, ptr], returns: ptr },
   mesh_host_free: { args: [ptr, u64], returns: v },
-  mesh_sampler_new: { args: [ptr, ptr, ptr], returns: ptr },
+  mesh_sampler_new: { args: [ptr, ptr, ptr, ptr], returns: ptr },
   mesh_sampler_free: { args: [ptr], returns: v },
   mesh_sampler_accept: { args: [ptr, ptr, i32], returns: v },
-  mesh_sample_many: { args: [ptr, ptr, ptr, ptr, i32], returns: v },
+  mesh_sample_many: { args: [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32], returns: v },
   mesh_system_info: { args: [], returns: cstring },
 } as const;
 
 /** The shim ABI version this TypeScript expects. */
-export const SHIM_VERSION = 5;
+export const SHIM_VERSION = 6;
 
 /** The loaded shim's callable symbols. */
 export type Native = ReturnType<typeof dlopen<typeof symbols>>["symbols"];

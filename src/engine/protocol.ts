@@ -78,6 +78,29 @@ export interface GenerateRequest {
   ignoreEos: boolean;
   /** Prefix marks of a text prompt (ignored for token ids); at most MAX_MARKS are used. */
   marks?: PrefixMark[];
+  /** GBNF (rule `root`) every generated token must keep the output within; absent: unconstrained. */
+  grammar?: string;
+  /** Report each generated token's log-probability and this many (0..20) most probable alternatives; absent: none. */
+  logprobs?: number;
+}
+
+/** Most alternatives a generated token's logprobs can list (MESH_TOP_MAX in the shim). */
+export const TOP_LOGPROBS_MAX = 20;
+
+/** One alternative of a generated token: its id, bytes (UTF-8, maybe part of a character) and log-probability. */
+export interface TokenAlternative {
+  token: number;
+  bytes: number[];
+  logprob: number;
+}
+
+/**
+ * A generated token's log-probability and its most probable alternatives (most probable first):
+ * log-softmax of the model's logits over the tokens the grammar allows (all without a grammar),
+ * before penalties, temperature and top-k/top-p/min-p.
+ */
+export interface TokenLogprob extends TokenAlternative {
+  top: TokenAlternative[];
 }
 
 /** Facts about the loaded model and context. */
@@ -137,7 +160,7 @@ export type FinishReason = "stop" | "length" | "cancelled";
 /** Per-request events, grouped per step into one message. */
 export type TokenEvent =
   | { id: number; kind: "start"; promptTokens: number; cachedTokens: number; slot: number; waitedMs: number }
-  | { id: number; kind: "text"; text: string; tokens: number[] }
+  | { id: number; kind: "text"; text: string; tokens: number[]; logprobs?: TokenLogprob[] }
   | {
       id: number;
       kind: "done";

@@ -5,7 +5,16 @@ import type { EngineErrorValue } from "./errors";
 import { HostCache, type HostEntry } from "./host-cache";
 import { type KvUsage, kvUsage, planEviction, reservation, type SlotUsage } from "./kv";
 import type { Native } from "./native";
-import type { EngineStats, FinishReason, GenerateRequest, TenancyDelta, TokenEvent } from "./protocol";
+import {
+  type EngineStats,
+  type FinishReason,
+  type GenerateRequest,
+  type TenancyDelta,
+  TOP_LOGPROBS_MAX,
+  type TokenAlternative,
+  type TokenEvent,
+  type TokenLogprob,
+} from "./protocol";
 import { queueRefusals } from "./queue";
 import { chooseSlot, commonPrefix } from "./slot-choice";
 import { MAX_MARKS, Tenancy, type TokenMark } from "./tenancy";
@@ -42,6 +51,8 @@ interface Active {
   cached: number;
   slot: Slot;
   sampler: Pointer;
+  /** Alternatives to report with each token's log-probability; -1: no logprobs. */
+  logprobs: number;
   /** Prompt tokens already in KV (prefill progress). */
   fed: number;
   /** Last sampled token, not yet in KV; -1 while prefilling. */
@@ -548,6 +559,7 @@ export class Scheduler {
       if (this.slots.every((x) => x.history.length === 0)) this.d.native.mesh_memory_clear(this.d.ctx, 0);
       const cached = target.history.length;
       const { sampling } = w.req;
+      const grammar = w.req.grammar ? Buffer.from(`${w.req.grammar}\0`) : null;
       const sampler = this.d.native.mesh_sampler_new(
         this.d.model,
         new Float32Array([
@@ -559,9 +571,11 @@ export class Scheduler {
           sampling.presencePenalty,
         ]),
         new Int32Array([sampling.topK, sampling.penaltyLastN, sampling.seed | 0]),
+        grammar,
       ) as Pointer | null;
       if (!sampler) {
-        out.push({ id: w.id, kind: "error", error: { code: "invalid_request", message: "could not build the sampler" } });
+        const why = grammar ? `the grammar could not be used: ${this.lastError() || "it does not parse"}` : "could not build the sampler";
+        out.push({ id: w.id, kind: "error", error: { code: "invalid_request", message: why } });
         continue;
       }
       if (sampling.penaltyLastN !== 0) {
@@ -577,6 +591,7 @@ export class Scheduler {
         cached,
         slot: target,
         sampler,
+        logprobs: w.req.logprobs === undefined ? -1 : Math.max(0, Math.min(TOP_LOGPROBS_MAX, Math.floor(w.req.logprobs))),
         fed: cached,
         pendingToken: -1,
         generated: 0,
@@ -906,18 +921,57 @@ export class Scheduler {
     if (ready.length === 0) return;
     const samplers = new BigUint64Array(ready.length);
     const idx = new Int32Array(ready.length);
+    const nTop = new Int32Array(ready.length);
     const picked = new Int32Array(ready.length);
+    const stride = 1 + TOP_LOGPROBS_MAX;
+    const wantLogprobs = ready.some((a) => a.logprobs >= 0);
+    // Only requests that asked get entries; the others' rows stay unread.
+    const lpIds = new Int32Array(wantLogprobs ? ready.length * stride : 1);
+    const lpVals = new Float32Array(wantLogprobs ? ready.length * stride : 1);
     ready.forEach((a, k) => {
       samplers[k] = BigInt(a.sampler as unknown as number);
       idx[k] = a.logitIndex;
+      nTop[k] = wantLogprobs ? a.logprobs : -1;
     });
-    this.d.native.mesh_sample_many(this.d.ctx, samplers, idx, picked, ready.length);
+    this.d.native.mesh_sample_many(this.d.ctx, samplers, idx, nTop, picked, lpIds, lpVals, ready.length);
     ready.forEach((a, k) => {
-      this.accept(a, picked[k] as number, out);
+      const token = picked[k] as number;
+      if (token < 0) {
+        // The grammar leaves no token the vocabulary can write here (or sampling failed): end it rather than write past the grammar.
+        this.counters.decodeFailures++;
+        a.logitIndex = -1;
+        this.failSlot(
+          a.slot,
+          {
+            code: "decode_failed",
+            message: "no token the model can generate continues the constrained output (grammar dead end)",
+          },
+          out,
+        );
+        return;
+      }
+      this.accept(a, token, out, a.logprobs >= 0 ? this.logprobEntry(lpIds, lpVals, k * stride, a.logprobs) : undefined);
     });
   }
 
-  private accept(a: Active, token: number, out: TokenEvent[]): void {
+  /** The logprobs row at `at`: the picked token, then up to `n` alternatives (the shim ends a short list with id -1). */
+  private logprobEntry(ids: Int32Array, vals: Float32Array, at: number, n: number): TokenLogprob {
+    const alt = (i: number): TokenAlternative => {
+      const token = ids[i] as number;
+      return { token, bytes: Array.from(this.piece(token)), logprob: vals[i] as number };
+    };
+    const top: TokenAlternative[] = [];
+    for (let j = 1; j <= n && (ids[at + j] as number) >= 0; j++) top.push(alt(at + j));
+    return { ...alt(at), top };
+  }
+
+  private lastError(): string {
+    const buf = new Uint8Array(512);
+    const n = this.d.native.mesh_last_error(buf, buf.length);
+    return Buffer.from(buf.subarray(0, Math.max(0, Math.min(n, buf.length)))).toString("utf8");
+  }
+
+  private accept(a: Active, token: number, out: TokenEvent[], logprob?: TokenLogprob): void {
     a.logitIndex = -1;
     a.generated++;
     this.counters.generatedTokens++;
@@ -926,7 +980,9 @@ export class Scheduler {
       return;
     }
     const r = a.stops.push(a.utf8.push(this.piece(token)));
-    out.push({ id: a.id, kind: "text", text: r.text, tokens: [token] });
+    const event: TokenEvent = { id: a.id, kind: "text", text: r.text, tokens: [token] };
+    if (logprob) event.logprobs = [logprob];
+    out.push(event);
     if (r.stopped) {
       // Text after a stop string is never emitted, so nothing is flushed.
       this.finish(a, "stop", out, false);

@@ -13,6 +13,7 @@ import { type ChatEvent, checkChatBody, renderChatPrompt, runChat } from "../ope
 import { MAX_JSON_DEPTH, tooDeep } from "../openai/depth";
 import { engineOf, SSE_KEEPALIVE_MS, type SseFraming, sseResponse } from "../openai/run";
 import type { ChatBodyT } from "../openai/schema";
+import { SchemaError, schemaGrammar } from "../structured";
 import type { CountTokensBodyT, MessagesBodyT } from "./schema";
 
 type ChatMessageT = ChatBodyT["messages"][number];
@@ -130,6 +131,7 @@ function checkDepth(body: CountTokensBodyT): void {
     tooDeep(body.tools, "tools") ??
     tooDeep(body.tool_choice, "tool_choice") ??
     tooDeep(body.system, "system") ??
+    tooDeep((body as { output_config?: unknown }).output_config, "output_config") ??
     tooDeep(body.messages, "messages");
   if (deep) {
     const field = deep.split(/[.[]/, 1)[0] ?? "messages";
@@ -182,8 +184,32 @@ export function checkMessagesBody(body: MessagesBodyT): ChatBodyT {
   if (body.top_p !== undefined) chat.top_p = body.top_p;
   if (body.top_k !== undefined) chat.top_k = body.top_k;
   if (body.stream) chat.stream = true;
+  const format = outputFormat(body.output_config);
+  if (format) chat.response_format = format;
   checkChatBody(chat);
   return chat;
+}
+
+/** `output_config.format` as the equivalent chat response_format (its schema checked here, so a 400 names Anthropic's field). */
+function outputFormat(config: unknown): ChatBodyT["response_format"] {
+  if (config === undefined || config === null) return undefined;
+  if (typeof config !== "object" || Array.isArray(config)) throw badRequest("output_config must be an object", "output_config");
+  const format = (config as { format?: unknown }).format;
+  if (format === undefined || format === null) return undefined;
+  const f = format as { type?: unknown; schema?: unknown };
+  if (typeof format !== "object" || f.type !== "json_schema") {
+    throw badRequest("output_config.format.type: only 'json_schema' is supported", "output_config.format.type");
+  }
+  if (f.schema === null || typeof f.schema !== "object" || Array.isArray(f.schema)) {
+    throw badRequest("output_config.format.schema: must be a JSON schema object", "output_config.format.schema");
+  }
+  try {
+    schemaGrammar(f.schema, "output_config.format.schema");
+  } catch (e) {
+    if (e instanceof SchemaError) throw badRequest(e.message, e.path);
+    throw e;
+  }
+  return { type: "json_schema", json_schema: { name: "output", schema: f.schema, strict: true } };
 }
 
 /** A count_tokens body as the equivalent chat request. */

@@ -61,6 +61,8 @@ export const MessagesBody = t.Object(
     top_p: t.Optional(num(0, 1, "top_p")),
     top_k: t.Optional(t.Integer({ minimum: 0, error: "top_k must be an integer >= 0" })),
     metadata: t.Optional(t.Object({ user_id: t.Optional(t.Nullable(t.String())) }, { additionalProperties: true })),
+    // Structured output ({format: {type: "json_schema", schema}}); checked in messages.ts, naming the field.
+    output_config: t.Optional(t.Unknown()),
   },
   { additionalProperties: true },
 );

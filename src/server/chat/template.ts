@@ -361,6 +361,12 @@ export function polyfill(messages: TemplateMessage[], caps: TemplateCaps, tools:
   return merged;
 }
 
+/** The tool-call form a template teaches (see ChatTemplate.toolCallFormat). */
+export function toolCallFormatOf(source: string | null, caps: TemplateCaps): "hermes" | "llama3" {
+  if (source === null || !caps.toolCalls || source.includes("<tool_call>")) return "hermes";
+  return source.includes("<|python_tag|>") || source.includes('"parameters": dictionary') ? "llama3" : "hermes";
+}
+
 /** A compiled chat template; compile once per model and render per request. */
 export class ChatTemplate {
   readonly usesFallback: boolean;
@@ -368,6 +374,12 @@ export class ChatTemplate {
   readonly caps: TemplateCaps;
   /** Whether growing conversations render as growing prompts, probed once at compile time. */
   readonly stability: TemplateStability;
+  /**
+   * How this model writes a tool call, as far as our parser reads them: Llama 3.x JSON when the
+   * template teaches that form, else Hermes `<tool_call>` blocks (also what a template without tool
+   * calls is shown, see adaptConversation). A forced tool call is constrained to this form.
+   */
+  readonly toolCallFormat: "hermes" | "llama3";
   private readonly template: Template;
   private readonly bosToken: string;
   private readonly eosToken: string;
@@ -385,6 +397,7 @@ export class ChatTemplate {
       throw new TemplateError("parse", `chat template could not be parsed: ${errorMessage(e)}`);
     }
     this.caps = this.usesFallback ? ALL_CAPS : this.probe();
+    this.toolCallFormat = toolCallFormatOf(source, this.caps);
     this.stability = this.usesFallback ? { prefixStable: true, dateDependent: false } : this.probeStability();
   }
 

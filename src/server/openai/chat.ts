@@ -1,6 +1,6 @@
 // POST /v1/chat/completions: render the model's chat template, generate, and
 // answer as OpenAI does (JSON or SSE), with tool calls parsed from the output.
-import type { EngineLike, PrefixMark } from "../../engine";
+import type { EngineLike, PrefixMark, TokenLogprob } from "../../engine";
 import type { KeyMessage } from "../../routing";
 import type { ChatMessage } from "../chat";
 import { type ParsedToolCall, ToolCallStream } from "../chat";
@@ -8,6 +8,14 @@ import { type ApiError, badRequest, errorBody, toApiError } from "../errors";
 import type { LocalRouting } from "../mesh";
 import type { Metrics } from "../metrics";
 import type { ServedModel } from "../model";
+import {
+  type ChatLogprobEntry,
+  chatLogprobEntry,
+  chatLogprobs,
+  checkForcedTool,
+  responseFormatGrammar,
+  toolCallGrammar,
+} from "../structured";
 import { MAX_JSON_DEPTH, tooDeep } from "./depth";
 import { commonPrefixLength, RoutedRun, withinPrefix } from "./routed";
 import {
@@ -109,11 +117,31 @@ function replyMarks(
 export function checkChatBody(body: ChatBodyT): void {
   checkCommon(body);
   checkDepth(body);
+  chatLogprobs(body.logprobs, body.top_logprobs);
+  checkForcedTool(body.tools, body.tool_choice);
+  // Converting it is checking it: an unsupported schema feature is a 400 naming its path before anything is routed.
+  responseFormatGrammar(body.response_format);
+}
+
+/**
+ * The grammar a chat request runs under on `model`: the tool call tool_choice forces (in the form the
+ * model's template teaches), else its response_format, else none.
+ */
+export function chatGrammar(model: ServedModel, body: ChatBodyT): string | null {
+  if ((body.tools?.length ?? 0) > 0) {
+    const tool = toolCallGrammar(body.tools, body.tool_choice, model.template?.toolCallFormat ?? "hermes");
+    if (tool) return tool;
+  }
+  return responseFormatGrammar(body.response_format);
 }
 
 /** Refuse free-form JSON nested too deeply for the template to walk (400 naming the field). */
 function checkDepth(body: ChatBodyT): void {
-  const deep = tooDeep(body.tools, "tools") ?? tooDeep(body.tool_choice, "tool_choice") ?? tooDeep(body.messages, "messages");
+  const deep =
+    tooDeep(body.tools, "tools") ??
+    tooDeep(body.tool_choice, "tool_choice") ??
+    tooDeep(body.response_format, "response_format") ??
+    tooDeep(body.messages, "messages");
   if (deep) {
     const field = deep.split(/[.[]/, 1)[0] ?? "messages";
     const where = deep.length > 160 ? `${deep.slice(0, 160)}...` : deep;
@@ -125,6 +153,8 @@ function checkDepth(body: ChatBodyT): void {
 export type ChatEvent =
   | { kind: "start"; promptTokens: number; cachedTokens: number }
   | { kind: "text"; text: string }
+  /** Log-probabilities of the tokens behind the text that follows (only when the body asked for logprobs; other APIs skip them). */
+  | { kind: "logprobs"; entries: TokenLogprob[] }
   | { kind: "tool_calls"; calls: ParsedToolCall[] }
   | {
       kind: "done";
@@ -166,6 +196,10 @@ export async function runChat(
   const routed = new RoutedRun(routing, model.id);
   if (routing) model.noteTemplateDate();
   const options = generateOptions(body, prompt, maxTokens, start.abort.signal, chatMarks(model, body, prompt, routed));
+  const grammar = chatGrammar(model, body);
+  if (grammar) options.grammar = grammar;
+  const logprobs = chatLogprobs(body.logprobs, body.top_logprobs);
+  if (logprobs !== undefined) options.logprobs = logprobs;
   const gen = engine.generate(options);
   const generated = await primed(observed(gen, metrics, start.startedAt, start.abort.signal, routed.hooks()));
   async function* events(): AsyncGenerator<ChatEvent> {
@@ -188,6 +222,7 @@ export async function runChat(
       if (e.kind === "start") yield { kind: "start", promptTokens: e.promptTokens, cachedTokens: e.cachedTokens };
       else if (e.kind === "text") {
         raw += e.text;
+        if (e.logprobs && e.logprobs.length > 0) yield { kind: "logprobs", entries: e.logprobs };
         yield* found(tools ? tools.push(e.text) : { content: e.text, toolCalls: [] });
       } else if (e.kind === "done") {
         if (tools) yield* found(tools.finish());
@@ -229,8 +264,10 @@ export async function chatCompletion(
     const toolCalls: ParsedToolCall[] = [];
     let usage: Usage | null = null;
     let finish: FinishReason = "stop";
+    const logprobs: ChatLogprobEntry[] | null = body.logprobs === true ? [] : null;
     for await (const e of events) {
       if (e.kind === "text") content += e.text;
+      else if (e.kind === "logprobs") logprobs?.push(...e.entries.map(chatLogprobEntry));
       else if (e.kind === "tool_calls") toolCalls.push(...e.calls);
       else if (e.kind === "done") {
         usage = e.usage;
@@ -248,7 +285,7 @@ export async function chatCompletion(
         {
           index: 0,
           message: { role: "assistant", content, ...(toolCalls.length > 0 ? { tool_calls: toolCallsJson(toolCalls) } : {}) },
-          logprobs: null,
+          logprobs: logprobs ? { content: logprobs, refusal: null } : null,
           finish_reason: finish,
         },
       ],
@@ -257,13 +294,20 @@ export async function chatCompletion(
   }
 
   const includeUsage = body.stream_options?.include_usage === true;
-  const chunk = (delta: object, finish: FinishReason | null) => ({
-    id,
-    object: "chat.completion.chunk",
-    created,
-    model: body.model,
-    choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }],
-  });
+  // Each chunk carries the logprobs of the tokens that arrived since the last one (text a tool call
+  // or a stop string held back still had its tokens counted): concatenated, they are the non-streamed list.
+  let pending: ChatLogprobEntry[] = [];
+  const chunk = (delta: object, finish: FinishReason | null) => {
+    const logprobs = pending.length > 0 ? { content: pending, refusal: null } : null;
+    pending = [];
+    return {
+      id,
+      object: "chat.completion.chunk",
+      created,
+      model: body.model,
+      choices: [{ index: 0, delta, logprobs, finish_reason: finish }],
+    };
+  };
   return sseResponse(
     abort,
     async (send) => {
@@ -271,6 +315,7 @@ export async function chatCompletion(
       let calls = 0;
       for await (const e of events) {
         if (e.kind === "text") send(chunk({ content: e.text }, null));
+        else if (e.kind === "logprobs") pending.push(...e.entries.map(chatLogprobEntry));
         else if (e.kind === "tool_calls") {
           send(chunk({ tool_calls: toolCallsJson(e.calls, calls) }, null));
           calls += e.calls.length;

@@ -1,8 +1,10 @@
 // POST /v1/completions: raw prompt in, text out (JSON or SSE).
+import type { TokenLogprob } from "../../engine";
 import { type ApiError, badRequest, errorBody } from "../errors";
 import type { LocalRouting } from "../mesh";
 import type { Metrics } from "../metrics";
 import type { ServedModel } from "../model";
+import { CompletionLogprobs } from "../structured";
 import { RoutedRun } from "./routed";
 import { beginRequest, checkCommon, engineOf, generateOptions, observed, primed, sseResponse, type Usage, usageOf } from "./run";
 import type { CompletionBodyT } from "./schema";
@@ -29,16 +31,27 @@ export async function completion(
   const maxTokens = body.max_tokens ?? 16;
   const { id, created, startedAt, abort } = beginRequest("cmpl", signal);
   const routed = new RoutedRun(routing, model.id);
-  const gen = engine.generate(generateOptions(body, prompt, maxTokens, abort.signal, routed.completionMarks(prompt)));
-  const choice = (text: string, finish: string | null) => ({ text, index: 0, logprobs: null, finish_reason: finish });
+  const options = generateOptions(body, prompt, maxTokens, abort.signal, routed.completionMarks(prompt));
+  if (body.logprobs != null) options.logprobs = body.logprobs;
+  const gen = engine.generate(options);
+  // Legacy logprobs: per chunk, the tokens since the last chunk (text a stop string held back still had its tokens).
+  const lp = body.logprobs != null ? new CompletionLogprobs(prompt) : null;
+  let pending: TokenLogprob[] = [];
+  const choice = (text: string, finish: string | null) => {
+    const logprobs = lp ? lp.of(pending) : null;
+    pending = [];
+    return { text, index: 0, logprobs, finish_reason: finish };
+  };
 
   if (!body.stream) {
     let text = "";
     let usage: Usage | null = null;
     let finish = "stop";
     for await (const e of observed(gen, metrics, startedAt, abort.signal, routed.hooks())) {
-      if (e.kind === "text") text += e.text;
-      else if (e.kind === "done") {
+      if (e.kind === "text") {
+        text += e.text;
+        if (e.logprobs) pending.push(...e.logprobs);
+      } else if (e.kind === "done") {
         usage = usageOf(e);
         finish = e.finishReason === "length" ? "length" : "stop";
       }
@@ -53,6 +66,7 @@ export async function completion(
     async (send) => {
       let text = "";
       for await (const e of events) {
+        if (e.kind === "text" && e.logprobs) pending.push(...e.logprobs);
         if (e.kind === "text" && e.text.length > 0) {
           send({ id, object: "text_completion", created, model: body.model, choices: [choice(e.text, null)] });
           text += e.text;

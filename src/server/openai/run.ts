@@ -7,7 +7,7 @@ import type { Metrics } from "../metrics";
 import type { ServedModel } from "../model";
 import type { CompletionBodyT } from "./schema";
 
-type Common = Omit<CompletionBodyT, "prompt" | "echo">;
+type Common = Omit<CompletionBodyT, "prompt" | "echo" | "logprobs">;
 
 /** OpenAI usage, with cached prompt tokens. */
 export interface Usage {

@@ -73,6 +73,10 @@ export const ChatBody = t.Object(
     max_completion_tokens: t.Optional(t.Nullable(int(1, "max_completion_tokens"))),
     tools: t.Optional(t.Nullable(t.Array(tool))),
     tool_choice: t.Optional(t.Unknown()),
+    // Checked field by field in structured/ (a 400 names e.g. response_format.json_schema.schema.properties.x.pattern).
+    response_format: t.Optional(t.Unknown()),
+    logprobs: t.Optional(t.Nullable(t.Boolean({ error: "logprobs must be a boolean" }))),
+    top_logprobs: t.Optional(t.Nullable(t.Integer({ minimum: 0, maximum: 20, error: "top_logprobs must be an integer from 0 to 20" }))),
   },
   { additionalProperties: true },
 );
@@ -85,6 +89,7 @@ export const CompletionBody = t.Object(
       error: "prompt must be a string (or an array holding one string)",
     }),
     echo: t.Optional(t.Boolean()),
+    logprobs: t.Optional(t.Nullable(t.Integer({ minimum: 0, maximum: 20, error: "logprobs must be an integer from 0 to 20" }))),
   },
   { additionalProperties: true },
 );

@@ -381,3 +381,25 @@ describe("template stability (what prefix caching may rely on)", () => {
     expect(load("meta-llama-Llama-3.1-8B-Instruct.jinja").stability.dateDependent).toBe(true);
   });
 });
+
+describe("tool-call format a forced call is constrained to", () => {
+  test("tool_call_format_follows_the_template", () => {
+    expect(template(null).toolCallFormat).toBe("hermes");
+    for (const f of [
+      "Qwen-Qwen2.5-7B-Instruct.jinja",
+      "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja",
+      "mistralai-Mistral-Nemo-Instruct-2407.jinja",
+    ]) {
+      expect({ f, format: template(f).toolCallFormat }).toEqual({ f, format: "hermes" });
+    }
+    for (const f of [
+      "meta-llama-Llama-3.1-8B-Instruct.jinja",
+      "meta-llama-Llama-3.2-3B-Instruct.jinja",
+      "meta-llama-Llama-3.3-70B-Instruct.jinja",
+    ]) {
+      expect({ f, format: template(f, "<|begin_of_text|>", "<|eot_id|>").toolCallFormat }).toEqual({ f, format: "llama3" });
+    }
+    // A template that shows no tool calls is shown Hermes blocks (the polyfill), so that is what it is held to.
+    expect(template("google-gemma-2-2b-it.jinja", "<bos>", "<eos>").toolCallFormat).toBe("hermes");
+  });
+});

@@ -7,6 +7,7 @@
 #include "llama.h"
 #include "ggml-cpu.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -17,7 +18,7 @@
 #include <sys/mman.h>
 #endif
 
-#define MESH_SHIM_VERSION 5
+#define MESH_SHIM_VERSION 6
 
 static int g_log_min_level = GGML_LOG_LEVEL_WARN;
 static _Thread_local char g_last_error[512];
@@ -189,6 +190,9 @@ struct mesh_ctx {
     int32_t batch_cap;
     struct ggml_threadpool *tp;
     struct ggml_threadpool *tp_batch;
+    /** Candidates of one sampling (n_vocab entries), reused across calls. */
+    llama_token_data *cur;
+    int32_t cur_cap;
 };
 
 // Persistent CPU thread pools, as llama.cpp's own server attaches: without
@@ -250,6 +254,7 @@ struct mesh_ctx *mesh_context_new(struct llama_model *model, const int32_t *para
 void mesh_context_free(struct mesh_ctx *m) {
     if (!m) return;
     llama_batch_free(m->batch);
+    free(m->cur);
     llama_free(m->ctx);
     if (m->tp) ggml_threadpool_free(m->tp);
     if (m->tp_batch) ggml_threadpool_free(m->tp_batch);
@@ -382,18 +387,35 @@ uint64_t mesh_state_seq_set(struct mesh_ctx *m, const uint8_t *src, uint64_t siz
     return (uint64_t)llama_state_seq_set_data(m->ctx, src, (size_t)size, seq);
 }
 
+static bool mesh_is_grammar(const struct llama_sampler *s) {
+    const char *name = s ? llama_sampler_name(s) : NULL;
+    return name != NULL && strcmp(name, "grammar") == 0;
+}
+
 /**
  * Build a sampler chain. f: temperature, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty.
  * i: top_k, penalty_last_n, seed (as uint32 bits). Temperature <= 0 means greedy.
+ * grammar (NULL or "" for none): GBNF with a `root` rule; it runs first, so every later sampler
+ * only sees tokens the grammar allows. NULL when the grammar does not parse (the reason is the
+ * thread's last error line).
  */
-struct llama_sampler *mesh_sampler_new(const struct llama_model *model, const float *f, const int32_t *i) {
+struct llama_sampler *mesh_sampler_new(const struct llama_model *model, const float *f, const int32_t *i, const char *grammar) {
     struct llama_sampler_chain_params cp = llama_sampler_chain_default_params();
     cp.no_perf = true;
     struct llama_sampler *chain = llama_sampler_chain_init(cp);
-    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    const struct llama_vocab *vocab = llama_model_get_vocab(model);
+    const int32_t n_vocab = llama_vocab_n_tokens(vocab);
     const float temp = f[0], top_p = f[1], min_p = f[2], rep = f[3], freq = f[4], pres = f[5];
     const int32_t top_k = i[0], last_n = i[1];
     const uint32_t seed = (uint32_t)i[2];
+    if (grammar && grammar[0]) {
+        struct llama_sampler *g = llama_sampler_init_grammar(vocab, grammar, "root");
+        if (!g) {
+            llama_sampler_free(chain);
+            return NULL;
+        }
+        llama_sampler_chain_add(chain, g);
+    }
     if (last_n != 0 && (rep != 1.0f || freq != 0.0f || pres != 0.0f)) {
         llama_sampler_chain_add(chain, llama_sampler_init_penalties(n_vocab, last_n, rep, freq, pres));
     }
@@ -412,14 +434,141 @@ struct llama_sampler *mesh_sampler_new(const struct llama_model *model, const fl
 /** Free a sampler chain. */
 void mesh_sampler_free(struct llama_sampler *s) { llama_sampler_free(s); }
 
-/** Feed tokens to a sampler's history (prompt tokens count for repetition penalties). */
+/** Feed prompt tokens to a sampler's history (they count for repetition penalties); a grammar sees only generated tokens. */
 void mesh_sampler_accept(struct llama_sampler *s, const int32_t *tokens, int32_t n) {
-    for (int32_t k = 0; k < n; k++) llama_sampler_accept(s, tokens[k]);
+    const int32_t n_chain = llama_sampler_chain_n(s);
+    for (int32_t c = 0; c < n_chain; c++) {
+        struct llama_sampler *one = llama_sampler_chain_get(s, c);
+        if (mesh_is_grammar(one)) continue;
+        for (int32_t k = 0; k < n; k++) llama_sampler_accept(one, tokens[k]);
+    }
 }
 
-/** Sample n sequences in one call: samplers[k] picks from the logits at batch index idx[k]. */
-void mesh_sample_many(struct mesh_ctx *m, struct llama_sampler **samplers, const int32_t *idx, int32_t *out, int32_t n) {
-    for (int32_t k = 0; k < n; k++) out[k] = llama_sampler_sample(samplers[k], m->ctx, idx[k]);
+/** Most alternatives mesh_sample_many reports per token. */
+#define MESH_TOP_MAX 20
+
+/**
+ * Log-probabilities over cur (tokens at -inf excluded): the log of the sum of exp(logits) into
+ * *lse_out, and the n_top most probable tokens (ties: lower id first) into ids/vals, most probable
+ * first, -1 ids after the last when fewer tokens are possible.
+ */
+static void mesh_top_logprobs(const llama_token_data_array *cur, int32_t n_top, int32_t *ids, float *vals, float *lse_out) {
+    float max = -INFINITY;
+    for (size_t t = 0; t < cur->size; t++) {
+        if (cur->data[t].logit > max) max = cur->data[t].logit;
+    }
+    double sum = 0.0;
+    for (size_t t = 0; t < cur->size; t++) {
+        const float l = cur->data[t].logit;
+        if (l != -INFINITY) sum += exp((double)(l - max));
+    }
+    const float lse = max == -INFINITY ? -INFINITY : max + (float)log(sum);
+    *lse_out = lse;
+    int32_t have = 0;
+    for (size_t t = 0; t < cur->size && n_top > 0; t++) {
+        const float l = cur->data[t].logit;
+        if (l == -INFINITY) continue;
+        const llama_token id = cur->data[t].id;
+        if (have == n_top && l <= vals[have - 1]) continue;
+        // Insert keeping the list sorted (strictly greater moves up, so an earlier equal stays first).
+        int32_t at = have < n_top ? have : n_top - 1;
+        while (at > 0 && l > vals[at - 1]) {
+            vals[at] = vals[at - 1];
+            ids[at] = ids[at - 1];
+            at--;
+        }
+        vals[at] = l;
+        ids[at] = id;
+        if (have < n_top) have++;
+    }
+    for (int32_t k = 0; k < have; k++) vals[k] -= lse;
+    for (int32_t k = have; k < n_top; k++) {
+        ids[k] = -1;
+        vals[k] = -INFINITY;
+    }
+}
+
+/**
+ * Run samplers [from, to) of a chain over fresh candidates from logits; the picked token, or -1.
+ * Nothing is accepted (the caller decides).
+ */
+static llama_token mesh_pick(struct llama_sampler *chain, int32_t from, int32_t to, const float *logits, int32_t n_vocab, llama_token_data *cur) {
+    for (int32_t t = 0; t < n_vocab; t++) cur[t] = (llama_token_data){t, logits[t], 0.0f};
+    llama_token_data_array cur_p = {cur, (size_t)n_vocab, -1, false};
+    for (int32_t c = from; c < to; c++) llama_sampler_apply(llama_sampler_chain_get(chain, c), &cur_p);
+    if (cur_p.selected < 0 || (size_t)cur_p.selected >= cur_p.size) return -1;
+    return cur_p.data[cur_p.selected].id;
+}
+
+/**
+ * Sample n sequences in one call: samplers[k] picks from the logits at batch index idx[k]; out[k]
+ * is the token, or -1 when the grammar leaves no token to pick (nothing is accepted then).
+ * n_top[k] >= 0 asks for log-probabilities, written at lp_ids/lp_vals[k * (1 + MESH_TOP_MAX)]:
+ * first the picked token's, then the n_top[k] (at most MESH_TOP_MAX) most probable tokens'. They
+ * are log-softmax of the model's logits over the tokens the grammar allows (all tokens without a
+ * grammar), before penalties, temperature and top-k/top-p/min-p.
+ */
+void mesh_sample_many(struct mesh_ctx *m, struct llama_sampler **samplers, const int32_t *idx, const int32_t *n_top, int32_t *out,
+                      int32_t *lp_ids, float *lp_vals, int32_t n) {
+    const struct llama_vocab *vocab = llama_model_get_vocab(llama_get_model(m->ctx));
+    const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+    if (m->cur_cap < n_vocab) {
+        llama_token_data *grown = (llama_token_data *)realloc(m->cur, sizeof *grown * (size_t)n_vocab);
+        if (!grown) {
+            for (int32_t k = 0; k < n; k++) out[k] = -1;
+            return;
+        }
+        m->cur = grown;
+        m->cur_cap = n_vocab;
+    }
+    for (int32_t k = 0; k < n; k++) {
+        struct llama_sampler *chain = samplers[k];
+        const float *logits = llama_get_logits_ith(m->ctx, idx[k]);
+        if (!logits) {
+            out[k] = -1;
+            continue;
+        }
+        const int32_t n_chain = llama_sampler_chain_n(chain);
+        const bool grammar = n_chain > 0 && mesh_is_grammar(llama_sampler_chain_get(chain, 0));
+        const int32_t want = n_top[k] > MESH_TOP_MAX ? MESH_TOP_MAX : n_top[k];
+        if (grammar && want < 0) {
+            // Checking every token against the grammar costs far more than a decode step of a small
+            // model: first pick as if unconstrained, and check only that token. When the grammar
+            // allows it, it is what picking among the allowed tokens gives (for greedy exactly; for
+            // sampling, p(t) / p(allowed), up to where top-k/top-p cut); otherwise pick again below.
+            llama_token picked = mesh_pick(chain, 1, n_chain, logits, n_vocab, m->cur);
+            if (picked >= 0) {
+                llama_token_data one = {picked, logits[picked], 0.0f};
+                llama_token_data_array one_p = {&one, 1, -1, false};
+                llama_sampler_apply(llama_sampler_chain_get(chain, 0), &one_p);
+                if (one.logit != -INFINITY) {
+                    llama_sampler_accept(chain, picked);
+                    out[k] = picked;
+                    continue;
+                }
+            }
+        }
+        for (int32_t t = 0; t < n_vocab; t++) m->cur[t] = (llama_token_data){t, logits[t], 0.0f};
+        llama_token_data_array cur_p = {m->cur, (size_t)n_vocab, -1, false};
+        int32_t c = 0;
+        if (grammar) llama_sampler_apply(llama_sampler_chain_get(chain, c++), &cur_p);
+        float lse = 0.0f;
+        const size_t at = (size_t)k * (1 + MESH_TOP_MAX);
+        if (want >= 0) mesh_top_logprobs(&cur_p, want, lp_ids + at + 1, lp_vals + at + 1, &lse);
+        for (; c < n_chain; c++) llama_sampler_apply(llama_sampler_chain_get(chain, c), &cur_p);
+        if (cur_p.selected < 0 || (size_t)cur_p.selected >= cur_p.size || (grammar && cur_p.data[cur_p.selected].logit == -INFINITY)) {
+            // Accepting a token the grammar rejects would abort the process inside llama.cpp.
+            out[k] = -1;
+            continue;
+        }
+        const llama_token token = cur_p.data[cur_p.selected].id;
+        llama_sampler_accept(chain, token);
+        out[k] = token;
+        if (want >= 0) {
+            lp_ids[at] = token;
+            lp_vals[at] = logits[token] - lse;
+        }
+    }
 }
 
 /** Identity of the compiled backends, e.g. "CPU : AVX2 = 1 | ..." */
