@@ -103,7 +103,7 @@ export class SimEngine {
     };
   }
 
-  /** Queue a request; it runs when a slot frees. */
+  /** Queue a request; it runs when a slot and KV room free (as `mesh serve` admits: first in, first out). */
   submit(job: EngineJob): void {
     this.queue.push({ job, at: this.clock.now() });
     this.pump();
@@ -112,6 +112,9 @@ export class SimEngine {
   private pump(): void {
     while (this.running < this.shape.slots && this.head < this.queue.length) {
       const q = this.queue[this.head] as { job: EngineJob; at: number };
+      // Running requests' cells cannot be evicted: a request that does not fit beside them waits for one to end.
+      const need = Math.max(1, Math.ceil(q.job.key.chars / this.shape.charsPerToken)) + q.job.replyTokens;
+      if (this.running > 0 && this.committed + need > this.shape.kvTokens) break;
       this.head++;
       this.admit(q.job, q.at);
     }
