@@ -62,6 +62,30 @@ describe("response_format on /v1/chat/completions", () => {
     });
   }
 
+  test("responses_text_format_json_schema_reply_parses_and_validates_and_is_echoed", async () => {
+    const schema = SCHEMAS.person as Record<string, unknown>;
+    const r = await s.client.responses.create({
+      model: MODEL,
+      temperature: 0,
+      max_output_tokens: 400,
+      input: "Describe it as JSON.",
+      store: false,
+      text: { format: { type: "json_schema", name: "person", schema, strict: true } },
+    });
+    expect(r.status).toBe("completed");
+    expect(validate(JSON.parse(r.output_text), schema)).toEqual([]);
+    expect(r.text?.format?.type).toBe("json_schema");
+    // The same format through chat gives the same greedy reply.
+    const chat = await s.client.chat.completions.create({
+      model: MODEL,
+      temperature: 0,
+      max_tokens: 400,
+      messages: user("Describe it as JSON."),
+      response_format: { type: "json_schema", json_schema: { name: "person", schema, strict: true } },
+    });
+    expect(r.output_text).toBe(chat.choices[0]?.message.content ?? "");
+  });
+
   test("json_object_reply_is_a_json_object", async () => {
     // Any JSON may nest on and on; on these random weights this conversation's greedy object closes.
     const r = await s.client.chat.completions.create({
@@ -282,6 +306,35 @@ describe("bad values are 400s naming the field, and change nothing", () => {
     // Nothing reached the engine.
     const after = await s.model.engine?.stats();
     expect(after?.admitted).toBe(before?.admitted as number);
+  });
+
+  test("responses_text_format_refusal_names_its_field_and_stores_nothing", async () => {
+    const before = await s.model.engine?.stats();
+    const e = await s.client.responses
+      .create({
+        model: MODEL,
+        input: "x",
+        text: {
+          format: { type: "json_schema", name: "x", schema: { type: "object", properties: { x: { type: "string", pattern: "a+" } } } },
+        },
+      })
+      .then(
+        () => null,
+        (err) => err,
+      );
+    expect({ status: e?.status, param: e?.param }).toEqual({ status: 400, param: "text.format.schema.properties.x.pattern" });
+    const unknown = await s.client.responses
+      .create({
+        model: MODEL,
+        input: "x",
+        text: { format: { type: "yaml" } },
+      } as unknown as OpenAI.Responses.ResponseCreateParamsNonStreaming)
+      .then(
+        () => null,
+        (err) => err,
+      );
+    expect({ status: unknown?.status, param: unknown?.param }).toEqual({ status: 400, param: "text.format.type" });
+    expect((await s.model.engine?.stats())?.admitted).toBe(before?.admitted as number);
   });
 
   test("anthropic_output_config_refusal_names_its_field", async () => {

@@ -84,7 +84,8 @@ function responseObject(
     reasoning: { effort: null, summary: null },
     store: body.store !== false,
     temperature: body.temperature ?? null,
-    text: { format: { type: "text" as const } },
+    // The format asked for, as OpenAI echoes it (checked and enforced by the grammar when not text).
+    text: { format: (body as { text?: { format?: unknown } }).text?.format ?? { type: "text" as const } },
     tool_choice: body.tool_choice ?? "auto",
     tools: body.tools ?? [],
     top_p: body.top_p ?? null,

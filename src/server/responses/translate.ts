@@ -10,6 +10,7 @@ import { ApiError, badRequest } from "../errors";
 import { checkChatBody } from "../openai/chat";
 import { MAX_JSON_DEPTH, tooDeep } from "../openai/depth";
 import type { ChatBodyT } from "../openai/schema";
+import { SchemaError, schemaGrammar } from "../structured";
 import type { ResponsesBodyT } from "./schema";
 import type { ChatMessageT, ResponseStore, StoredResponse } from "./store";
 
@@ -191,10 +192,38 @@ function refuseUnsupported(body: Item): void {
     throw unsupported("conversation", "there is no Conversations API here; chain responses with previous_response_id");
   }
   if (body.prompt !== undefined && body.prompt !== null) throw unsupported("prompt", "there are no stored prompt templates here");
-  const format = (body.text as { format?: { type?: unknown } } | undefined | null)?.format;
-  if (format !== undefined && format !== null && format.type !== "text") {
-    throw unsupported("text.format", 'structured output is not available on /v1/responses; only {"type": "text"}');
+}
+
+/**
+ * `text.format` as the equivalent chat response_format: `json_object`, or `json_schema` (flat here:
+ * `name`, `schema`, `strict`), its schema checked here so a 400 names the Responses field.
+ */
+function textFormat(text: unknown): ChatBodyT["response_format"] {
+  if (text === undefined || text === null) return undefined;
+  if (typeof text !== "object" || Array.isArray(text)) throw badRequest("text must be an object", "text");
+  const format = (text as { format?: unknown }).format;
+  if (format === undefined || format === null) return undefined;
+  const f = format as { type?: unknown; name?: unknown; schema?: unknown; strict?: unknown };
+  if (typeof format !== "object" || Array.isArray(format)) throw badRequest("text.format must be an object", "text.format");
+  if (f.type === "text") return undefined;
+  if (f.type === "json_object") return { type: "json_object" };
+  if (f.type !== "json_schema") {
+    throw badRequest("text.format.type: must be 'text', 'json_object' or 'json_schema'", "text.format.type");
   }
+  if (f.schema === null || typeof f.schema !== "object" || Array.isArray(f.schema)) {
+    throw badRequest("text.format.schema: must be a JSON schema object", "text.format.schema");
+  }
+  if (f.name !== undefined && (typeof f.name !== "string" || !/^[A-Za-z0-9_-]{1,64}$/.test(f.name))) {
+    throw badRequest("text.format.name: 1 to 64 letters, digits, '_' or '-'", "text.format.name");
+  }
+  try {
+    schemaGrammar(f.schema, "text.format.schema");
+  } catch (e) {
+    if (e instanceof SchemaError) throw badRequest(e.message, e.path);
+    throw e;
+  }
+  const name = typeof f.name === "string" ? f.name : "output";
+  return { type: "json_schema", json_schema: { name, schema: f.schema as Record<string, unknown>, strict: f.strict !== false } };
 }
 
 /** Refuse free-form JSON nested too deeply to translate or render (400 naming the field). */
@@ -244,6 +273,8 @@ export function checkResponsesBody(body: ResponsesBodyT, store: ResponseStore): 
   if (body.max_output_tokens != null) chat.max_tokens = body.max_output_tokens;
   if (body.temperature != null) chat.temperature = body.temperature;
   if (body.top_p != null) chat.top_p = body.top_p;
+  const format = textFormat((body as Item).text);
+  if (format) chat.response_format = format;
   checkChatBody(chat);
   return { chat, input, prior };
 }

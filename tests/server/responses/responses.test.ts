@@ -406,7 +406,7 @@ describe("OpenAI Responses over the fake engine", () => {
       ["temperature above 2", { ...ok, temperature: 2.5 }, "temperature"],
       ["store of the wrong type", { ...ok, store: "no" }, "store"],
       ["metadata values that are not strings", { ...ok, metadata: { a: 1 } }, "metadata"],
-      ["structured output", { ...ok, text: { format: { type: "json_object" } } }, "text.format", "unsupported_value"],
+      ["a text format of an unknown type", { ...ok, text: { format: { type: "yaml" } } }, "text.format.type", "invalid_value"],
       ["background", { ...ok, background: true }, "background", "unsupported_value"],
       ["a conversation", { ...ok, conversation: "conv_1" }, "conversation", "unsupported_value"],
       [
