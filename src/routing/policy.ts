@@ -83,9 +83,9 @@ export interface CandidateCost {
   promptTokens: number;
   cachedTokens: number;
   load: number;
-  /** KV committed to running requests, as a fraction of the pool: what the load gate reads. */
+  /** KV committed to running requests, as a fraction of the pool. */
   kvFill: number;
-  /** KV holding any prefix (idle cache too), as a fraction: a new conversation placed where it is lowest evicts the least. */
+  /** KV holding any prefix (idle cache too), as a fraction: what the KV gate and near-ties read. */
   cacheFill: number;
   /** Failed the load gate: not considered as a holder. */
   gated: boolean;
@@ -122,7 +122,7 @@ function cacheFill(w: WorkerInfo): number {
 export function costs(req: RequestShape, cands: readonly Candidate[], c: PolicyConfig = POLICY_DEFAULTS): CandidateCost[] {
   const promptTokens = Math.max(1, Math.ceil(req.chars / c.charsPerToken));
   const loads = cands.map((x) => workerLoad(x.worker, x.inflight));
-  const fills = cands.map((x) => kvFill(x.worker));
+  const fills = cands.map((x) => cacheFill(x.worker));
   const meanLoad = loads.reduce((s, l) => s + l, 0) / Math.max(1, cands.length);
   const meanFill = fills.reduce((s, f) => s + f, 0) / Math.max(1, cands.length);
   return cands.map((x, i) => {
@@ -139,10 +139,11 @@ export function costs(req: RequestShape, cands: readonly Candidate[], c: PolicyC
     const prefillMs = (promptTokens - cachedTokens) * c.prefillMsPerToken * slow;
     const restoreMs = cachedTokens * c.prefillMsPerToken * c.restoreFraction;
     const hopMs = x.local ? 0 : c.hopMs + (x.rttMs ?? 0);
-    // KV gates only a worker the prompt does not fit beside what its running requests hold (it would wait
-    // for them), and only when it is fuller than the rest: a cached prefix there is already in KV, and
-    // idle cache is freed as needed.
-    const fits = w.kvTotal <= 0 || w.kvUsed + promptTokens <= w.kvTotal;
+    // KV use (cache included) gates a worker only when it is fuller than the rest of the mesh and the prompt
+    // does not fit beside it: running there would evict other conversations while emptier workers exist.
+    // Where every cache is as full, nothing is gated for it. (Gating on the cells of running requests
+    // alone, or sparing holders of most of the prompt, measured worse: docs/benchmarks.md.)
+    const fits = w.kvTotal <= 0 || Math.max(w.kvUsed, w.kvCached) + promptTokens <= w.kvTotal;
     const gated = load > Math.max(1, c.gateLoadFactor * meanLoad) || (!fits && fill > Math.max(0.9, meanFill + c.gateKvSlack));
     let costMs = waitMs + prefillMs + restoreMs + hopMs;
     // Stickiness against flapping: the lease holder stays unless beaten by more than the margin.
@@ -152,8 +153,8 @@ export function costs(req: RequestShape, cands: readonly Candidate[], c: PolicyC
       promptTokens,
       cachedTokens,
       load,
-      kvFill: fill,
-      cacheFill: cacheFill(w),
+      kvFill: kvFill(w),
+      cacheFill: fill,
       gated,
       waitMs,
       prefillMs,

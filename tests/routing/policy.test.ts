@@ -107,18 +107,26 @@ describe("routing policy", () => {
     expect(picks.filter((p) => p === "b").length).toBe(2);
   });
 
-  test("a_holder_full_of_idle_cache_passes_the_kv_gate", () => {
-    // Its KV is all cache (the conversation's own prefix among it), nothing committed: freed as needed.
+  test("a_holder_whose_cache_is_no_fuller_than_the_rest_passes_the_kv_gate", () => {
+    // Its KV is all cache, nothing committed, and every worker's is as full: nowhere is better.
     const holder = w("holder", { kvTotal: 16_384, kvUsed: 0, kvCached: 16_384 });
-    const d = decide(req, [cand(holder, { depth: 30, via: "index" }), cand(w("cold", { kvTotal: 16_384 }))]);
+    const d = decide(req, [cand(holder, { depth: 30, via: "index" }), cand(w("cold", { kvTotal: 16_384, kvCached: 15_000 }))]);
     expect(d?.target.worker.id).toBe("holder");
     expect(d?.ranked[0]?.gated).toBe(false);
   });
 
+  test("a_holder_that_would_evict_others_while_the_rest_have_room_fails_the_kv_gate", () => {
+    // Full of cache, the rest nearly empty: the prompt does not fit without evicting other conversations there.
+    const holder = w("holder", { kvTotal: 16_384, kvUsed: 0, kvCached: 16_384 });
+    const d = decide(req, [cand(holder, { depth: 30, via: "index" }), cand(w("cold", { kvTotal: 16_384, kvCached: 1000 }))]);
+    expect(d?.ranked.find((x) => x.candidate.worker.id === "holder")?.gated).toBe(true);
+    expect(d?.target.worker.id).toBe("cold");
+  });
+
   test("a_holder_with_room_for_the_prompt_passes_the_kv_gate_however_full", () => {
-    // 91 % committed, but a 1 000-token prompt fits beside it (its cached prefix is in KV already).
+    // 91 % full, but a 1 000-token prompt fits beside it.
     const small = { chars: 4000, ends: Array.from({ length: 4 }, (_, i) => (i + 1) * 1000) };
-    const busy = w("busy", { kvTotal: 16_384, kvUsed: 14_900, kvCached: 16_384 });
+    const busy = w("busy", { kvTotal: 16_384, kvUsed: 14_900, kvCached: 14_900 });
     const d = decide(small, [cand(busy, { depth: 3, via: "index" }), cand(w("cold", { kvTotal: 16_384 }))]);
     expect(d?.ranked.find((x) => x.candidate.worker.id === "busy")?.gated).toBe(false);
     expect(d?.target.worker.id).toBe("busy");
@@ -133,6 +141,25 @@ describe("routing policy", () => {
     // Every worker as full: nowhere is better, so the holder keeps it.
     const alike = w("alike", { kvTotal: 16_384, kvUsed: 15_000 });
     expect(decide(req, [cand(full, { depth: 30, via: "index" }), cand(alike)])?.target.worker.id).toBe("full");
+  });
+
+  test("a_new_conversation_under_a_shared_system_prompt_avoids_a_holder_whose_cache_is_full", () => {
+    // All three hold the system prompt (5 blocks of 40); A's cache is full: the rest of the prompt would evict others.
+    const full = w("a", { kvTotal: 16_384, kvCached: 16_000 });
+    const roomy = (id: string) => w(id, { kvTotal: 16_384, kvCached: 2000 });
+    const d = decide(req, [
+      cand(full, { depth: 5, via: "index" }),
+      cand(roomy("b"), { depth: 5, via: "index" }),
+      cand(roomy("c"), { depth: 5, via: "index" }),
+    ]);
+    expect(d?.ranked.find((x) => x.candidate.worker.id === "a")?.gated).toBe(true);
+    expect(d?.target.worker.id).not.toBe("a");
+    // Every cache as full: nowhere is better, so nothing is gated for it.
+    const alike = decide(req, [
+      cand(full, { depth: 5, via: "index" }),
+      cand(w("d", { kvTotal: 16_384, kvCached: 16_000 }), { depth: 5, via: "index" }),
+    ]);
+    expect(alike?.ranked.every((x) => !x.gated)).toBe(true);
   });
 
   test("near_ties_between_idle_workers_go_to_the_emptier_cache", () => {
