@@ -86,6 +86,30 @@ describe("response_format on /v1/chat/completions", () => {
     expect(r.output_text).toBe(chat.choices[0]?.message.content ?? "");
   });
 
+  test("completions_response_format_json_schema_text_parses_and_validates", async () => {
+    const schema = SCHEMAS.person as Record<string, unknown>;
+    const r = await s.client.completions.create({
+      model: MODEL,
+      temperature: 0,
+      max_tokens: 400,
+      prompt: "A person as JSON:",
+      response_format: { type: "json_schema", json_schema: { name: "person", schema, strict: true } },
+    } as unknown as OpenAI.CompletionCreateParamsNonStreaming);
+    expect(r.choices[0]?.finish_reason).toBe("stop");
+    expect(validate(JSON.parse(r.choices[0]?.text ?? ""), schema)).toEqual([]);
+    const bad = await s.client.completions
+      .create({
+        model: MODEL,
+        prompt: "x",
+        response_format: { type: "json_schema", json_schema: { name: "x", schema: { type: "string", pattern: "a" } } },
+      } as unknown as OpenAI.CompletionCreateParamsNonStreaming)
+      .then(
+        () => null,
+        (err) => err,
+      );
+    expect({ status: bad?.status, param: bad?.param }).toEqual({ status: 400, param: "response_format.json_schema.schema.pattern" });
+  });
+
   test("json_object_reply_is_a_json_object", async () => {
     // Any JSON may nest on and on; on these random weights this conversation's greedy object closes.
     const r = await s.client.chat.completions.create({

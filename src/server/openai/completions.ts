@@ -4,7 +4,7 @@ import { type ApiError, badRequest, errorBody } from "../errors";
 import type { LocalRouting } from "../mesh";
 import type { Metrics } from "../metrics";
 import type { ServedModel } from "../model";
-import { CompletionLogprobs } from "../structured";
+import { CompletionLogprobs, responseFormatGrammar } from "../structured";
 import { RoutedRun } from "./routed";
 import { beginRequest, checkCommon, engineOf, generateOptions, observed, primed, sseResponse, type Usage, usageOf } from "./run";
 import type { CompletionBodyT } from "./schema";
@@ -13,6 +13,8 @@ import type { CompletionBodyT } from "./schema";
 export function checkCompletionBody(body: CompletionBodyT): void {
   checkCommon(body);
   if (body.echo) throw badRequest("echo is not supported", "echo", "unsupported_value");
+  // Converting it is checking it: an unsupported schema feature is a 400 naming its path before routing.
+  responseFormatGrammar(body.response_format);
 }
 
 /** Handle a validated completions request. */
@@ -33,6 +35,8 @@ export async function completion(
   const routed = new RoutedRun(routing, model.id);
   const options = generateOptions(body, prompt, maxTokens, abort.signal, routed.completionMarks(prompt));
   if (body.logprobs != null) options.logprobs = body.logprobs;
+  const grammar = responseFormatGrammar(body.response_format);
+  if (grammar) options.grammar = grammar;
   const gen = engine.generate(options);
   // Legacy logprobs: per chunk, the tokens since the last chunk (text a stop string held back still had its tokens).
   const lp = body.logprobs != null ? new CompletionLogprobs(prompt) : null;

@@ -90,6 +90,8 @@ export const CompletionBody = t.Object(
     }),
     echo: t.Optional(t.Boolean()),
     logprobs: t.Optional(t.Nullable(t.Integer({ minimum: 0, maximum: 20, error: "logprobs must be an integer from 0 to 20" }))),
+    // As on chat: checked in structured/, so a 400 names the schema path.
+    response_format: t.Optional(t.Unknown()),
   },
   { additionalProperties: true },
 );
