@@ -91,7 +91,7 @@ export class MeshNode {
       figures: () => (this.core ? { mesh: this.core.stats(), forwarding: forwarder.stats(), routing: this.routingReport() } : null),
       service: {
         nodeId: () => o.identity.id,
-        workers: () => this.core?.workers.list().map((e) => e.info) ?? [],
+        workers: () => this.liveWorkers().map((e) => e.info),
         handler: () => {
           const core = this.core;
           return core ? (m, from) => core.handle(m, from) : null;
@@ -248,7 +248,20 @@ export class MeshNode {
   }
 
   private routableWorkers(): WorkerInfo[] {
-    return this.core?.workers.list().flatMap((e) => (e.routable ? [e.info] : [])) ?? [];
+    return this.liveWorkers().flatMap((e) => (e.routable ? [e.info] : []));
+  }
+
+  /**
+   * Workers whose owner membership does not know to be gone. A peer that has not yet heard of a
+   * node's leave can gossip its worker record back for a moment after this node dropped it; a
+   * request must not be sent to it (or answered "loading") meanwhile.
+   */
+  private liveWorkers(): ReturnType<MeshCore["workers"]["list"]> {
+    const core = this.core;
+    if (!core) return [];
+    const gone = new Set(core.members().flatMap((m) => (m.state === "left" || m.state === "dead" ? [m.id] : [])));
+    const all = core.workers.list();
+    return gone.size === 0 ? all : all.filter((e) => !gone.has(e.info.nodeId));
   }
 
   private info(): MeshInfo {
