@@ -9,7 +9,6 @@ import {
   CONTROL_FLAGS_OFFSET,
   DEFAULT_SAMPLING,
   type EngineStats,
-  type FinishReason,
   type FromWorker,
   type GenerateRequest,
   type LoadOptions,
@@ -19,7 +18,6 @@ import {
   type TenancyDelta,
   TOP_LOGPROBS_MAX,
   type TokenEvent,
-  type TokenLogprob,
   type ToWorker,
 } from "./protocol";
 import { MAX_MARKS, TenancyFeed } from "./tenancy";
@@ -80,20 +78,8 @@ export interface GenerateOptions {
 /** Longest grammar text generate() accepts. */
 export const MAX_GRAMMAR_CHARS = 256 * 1024;
 
-/** Events of one generation, in order: start, text*, done. Errors are thrown from the iterator. */
-export type GenerationEvent =
-  | { kind: "start"; promptTokens: number; cachedTokens: number; slot: number; waitedMs: number }
-  /** Text and the tokens it came from; with logprobs asked for, one entry per token (a token whose text is held back, by a stop string that may follow, still has its entry here). */
-  | { kind: "text"; text: string; tokens: number[]; logprobs?: TokenLogprob[] }
-  | {
-      kind: "done";
-      finishReason: FinishReason;
-      promptTokens: number;
-      cachedTokens: number;
-      completionTokens: number;
-      /** The stop string that ended it (finishReason "stop"); absent when it ended otherwise. */
-      stopSequence?: string;
-    };
+/** Events of one generation, in order: start, text*, done (the Worker's events without their request id). Errors are thrown from the iterator. */
+export type GenerationEvent = TokenEvent extends infer E ? (E extends { kind: "error" } ? never : Omit<E, "id">) : never;
 
 /** A running generation: iterate it for events, or cancel it. */
 export class Generation implements AsyncIterable<GenerationEvent> {

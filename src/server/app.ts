@@ -5,14 +5,25 @@ import type { Logger } from "../log";
 import { anthropicMessages, checkCountTokensBody, checkMessagesBody, countTokens } from "./anthropic/messages";
 import { CountTokensBody, MessagesBody } from "./anthropic/schema";
 import { ApiError, badRequest, dialectOf, errorResponse, forwardShape, pointerToParam, toApiError } from "./errors";
-import { forwardToPeer, type MeshHooks, meshModelNodes, meshModelOf, ROUTE_HEADER, rawJson, routeLabels, routeRequest } from "./mesh";
+import type { ForwardShape } from "./forward";
+import {
+  type ForwardAs,
+  forwardToPeer,
+  type MeshHooks,
+  meshModelNodes,
+  meshModelOf,
+  ROUTE_HEADER,
+  rawJson,
+  routeLabels,
+  routeRequest,
+} from "./mesh";
 import { renderMeshMetrics } from "./mesh-metrics";
 import { meshRoutes } from "./mesh-routes";
 import type { GaugeValues, Metrics } from "./metrics";
 import type { ServedModel } from "./model";
 import { chatCompletion, checkChatBody } from "./openai/chat";
 import { checkCompletionBody, completion } from "./openai/completions";
-import { ChatBody, CompletionBody } from "./openai/schema";
+import { ChatBody, type ChatBodyT, CompletionBody } from "./openai/schema";
 import { chatEventsOf, forwardedChatBody } from "./responses/remote";
 import { answerResponse, remoteStart, runResponse } from "./responses/responses";
 import { ResponsesBody } from "./responses/schema";
@@ -112,6 +123,11 @@ export function createApp(o: AppOptions) {
   const resolve = (name: string): { id: string; here: boolean } => {
     const local = o.models.find((x) => x.answersTo(name));
     return local ? { id: local.id, here: true } : { id: meshModelOf(o.mesh, name) ?? name, here: false };
+  };
+  /** Route a request that runs as the chat request `chat`: keyed under the model's id, forwarded as `shape` (or `as`). */
+  const routeChat = (chat: ChatBodyT, path: string, request: Request, shape?: ForwardShape, as?: ForwardAs) => {
+    const { id, here } = resolve(chat.model);
+    return routeRequest(o.mesh, id, here, path, request, (k) => k.chat(id, chat.messages, chat.tools ?? undefined), chat.model, shape, as);
   };
   /**
    * A tokenizer endpoint: run `handle` on the model named (default: this node's first), or forward the
@@ -271,16 +287,7 @@ export function createApp(o: AppOptions) {
       "/v1/chat/completions",
       async ({ body, request, set }) => {
         checkChatBody(body);
-        const { id, here } = resolve(body.model);
-        const route = await routeRequest(
-          o.mesh,
-          id,
-          here,
-          "/v1/chat/completions",
-          request,
-          (k) => k.chat(id, body.messages, body.tools ?? undefined),
-          body.model,
-        );
+        const route = await routeChat(body, "/v1/chat/completions", request);
         if (route.kind === "peer") return labelled(route.response, request, set);
         const result = await chatCompletion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
         if (!(result instanceof Response)) set.status = 200;
@@ -306,17 +313,7 @@ export function createApp(o: AppOptions) {
       async ({ body, request, set }) => {
         // Checked and translated before anything moves: routed, keyed and run as the equivalent chat request.
         const chat = checkMessagesBody(body);
-        const { id, here } = resolve(chat.model);
-        const route = await routeRequest(
-          o.mesh,
-          id,
-          here,
-          "/v1/messages",
-          request,
-          (k) => k.chat(id, chat.messages, chat.tools ?? undefined),
-          chat.model,
-          forwardShape("anthropic"),
-        );
+        const route = await routeChat(chat, "/v1/messages", request, forwardShape("anthropic"));
         if (route.kind === "peer") return labelled(route.response, request, set);
         const result = await anthropicMessages(findModel(chat.model), body, chat, o.metrics, request.signal, onStreamError, route.routing);
         if (!(result instanceof Response)) set.status = 200;
@@ -333,18 +330,10 @@ export function createApp(o: AppOptions) {
         const req = checkResponsesBody(body, responses);
         const { chat } = req;
         const ctx = { body, req, store: responses, onStreamError };
-        const { id, here } = resolve(chat.model);
-        const route = await routeRequest(
-          o.mesh,
-          id,
-          here,
-          "/v1/responses",
-          request,
-          (k) => k.chat(id, chat.messages, chat.tools ?? undefined),
-          chat.model,
-          undefined,
-          { path: "/v1/chat/completions", body: () => forwardedChatBody(chat) },
-        );
+        const route = await routeChat(chat, "/v1/responses", request, undefined, {
+          path: "/v1/chat/completions",
+          body: () => forwardedChatBody(chat),
+        });
         if (route.kind === "peer") {
           // A refusal (429, 413, a 400 of the peer's) is relayed as it is: OpenAI's error shape, as here.
           if (route.response.status !== 200) return labelled(route.response, request, set);
