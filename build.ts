@@ -2,15 +2,20 @@
 // the pinned source package, and the single-file executables.
 //
 //   bun run build.ts native [--cuda] [--portable] [--with-llama-server] [--jobs N]
+//   bun run build.ts compile [--target linux-arm64] [--vulkan | --cuda-prebuilt]
 //
 // The source is the git bundle that the npm package node-llama-cpp ships;
 // nothing of llama.cpp is committed. A build is skipped when its stamp (pin,
-// shim, CMake wrapper, options) is unchanged.
+// shim, CMake wrapper, options) is unchanged. GPU backends that cannot be
+// compiled here (Vulkan: Debian's glslc and headers are too old; CUDA: no
+// toolkit) come prebuilt from the same llama.cpp release (prebuilt.json), are
+// checked against a pinned integrity like the source, and are loaded at run
+// time through ggml's backend registry.
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { cpus } from "node:os";
-import { join } from "node:path";
+import { basename, join } from "node:path";
 
 const ROOT = import.meta.dir;
 const VENDOR = join(ROOT, "vendor", "llama.cpp");
@@ -23,6 +28,7 @@ interface Pin {
   integrity: string;
   bundle: string;
   commit: string;
+  llamaCppTag: string;
 }
 
 /** Options of a native build. */
@@ -33,7 +39,33 @@ export interface NativeOptions {
   jobs: number;
   /** CMAKE_CUDA_ARCHITECTURES for --cuda (e.g. "86" or "89-real"); ggml's own list when absent. */
   cudaArch?: string;
+  /** The platform to build for, e.g. "linux-arm64" cross-compiled on linux-x64; the host when absent. */
+  target?: string;
+  /** A prebuilt GPU backend of the pinned release to ship beside the CPU library (compile only). */
+  prebuilt?: PrebuiltName;
 }
+
+/** The GPU backends taken prebuilt from the pinned release. */
+export type PrebuiltName = "vulkan" | "cuda";
+
+/** One prebuilt backend: the npm package that ships it, its integrity, the library inside, what it needs at run time. */
+export interface Prebuilt {
+  package: string;
+  version: string;
+  integrity: string;
+  file: string;
+  needs: string;
+}
+
+/** The platform this build runs on, as "<os>-<arch>". */
+export function hostTarget(): string {
+  return `${process.platform}-${process.arch}`;
+}
+
+// Cross builds this host can make: the platform, the GNU toolchain prefix, CMake's processor name.
+const CROSS: Record<string, { from: string; prefix: string; processor: string; bun: string }> = {
+  "linux-arm64": { from: "linux-x64", prefix: "aarch64-linux-gnu", processor: "aarch64", bun: "bun-linux-arm64" },
+};
 
 function log(msg: string): void {
   process.stderr.write(`[build] ${msg}\n`);
@@ -59,6 +91,42 @@ function run(cmd: string, args: string[], cwd = ROOT, quiet = false): void {
 
 function readPin(): Pin {
   return JSON.parse(readFileSync(join(VENDOR, "pin.json"), "utf8")) as Pin;
+}
+
+/** The prebuilt backends of the pinned release (vendor/llama.cpp/prebuilt.json). */
+export function readPrebuilt(vendor = VENDOR): Record<PrebuiltName, Prebuilt> {
+  return JSON.parse(readFileSync(join(vendor, "prebuilt.json"), "utf8")) as Record<PrebuiltName, Prebuilt>;
+}
+
+/** The prebuilt backend library, fetched with npm pack, integrity-checked and unpacked into the cache; returns its path. */
+export function fetchPrebuilt(name: PrebuiltName): string {
+  const p = readPrebuilt()[name];
+  const pin = readPin();
+  // A backend from another release would not match our ggml's internal structures.
+  if (p.version !== pin.version) fail(`prebuilt ${name} is ${p.package}@${p.version} but the source pin is ${pin.version}`);
+  mkdirSync(CACHE, { recursive: true });
+  const tgz = join(CACHE, `${p.package.replace(/^@/, "").replace("/", "-")}-${p.version}.tgz`);
+  if (!existsSync(tgz)) {
+    log(`fetching ${p.package}@${p.version} from the npm registry`);
+    run("npm", ["pack", `${p.package}@${p.version}`, "--pack-destination", CACHE, "--silent"], ROOT, true);
+  }
+  const actual = integrityMismatch(readFileSync(tgz), p.integrity);
+  if (actual !== null) {
+    rmSync(tgz, { force: true });
+    fail(`${tgz} does not match the pinned integrity (got ${actual}); it was removed, run again`);
+  }
+  const dir = join(CACHE, "prebuilt", `${name}-${p.version}`);
+  const lib = join(dir, basename(p.file));
+  if (!existsSync(lib)) {
+    const unpack = `${dir}.tmp-${process.pid}`;
+    rmSync(unpack, { recursive: true, force: true });
+    mkdirSync(unpack, { recursive: true });
+    run("tar", ["xzf", tgz, "-C", unpack, p.file]);
+    mkdirSync(dir, { recursive: true });
+    renameSync(join(unpack, p.file), lib);
+    rmSync(unpack, { recursive: true, force: true });
+  }
+  return lib;
 }
 
 // Fetch the pinned package tarball from the npm registry and check its integrity.
@@ -110,7 +178,9 @@ export function ensureSource(): void {
 export function stampOf(o: NativeOptions, vendor = VENDOR): string {
   const h = createHash("sha256");
   for (const f of ["pin.json", "CMakeLists.txt", join("shim", "mesh_shim.c")]) h.update(readFileSync(join(vendor, f)));
-  h.update(JSON.stringify({ variant: o.variant, portable: o.portable, cudaArch: o.cudaArch ?? null }));
+  for (const f of [join("shim", "exports.map")]) if (existsSync(join(vendor, f))) h.update(readFileSync(join(vendor, f)));
+  const target = o.target && o.target !== hostTarget() ? o.target : null;
+  h.update(JSON.stringify({ variant: o.variant, portable: o.portable, cudaArch: o.cudaArch ?? null, ...(target ? { target } : {}) }));
   return h.digest("hex");
 }
 
@@ -131,7 +201,22 @@ export function cmakeFlags(o: NativeOptions, dir: string): string[] {
   if (o.variant === "metal") flags.push("-DGGML_METAL_EMBED_LIBRARY=ON");
   // One architecture compiles several times faster than ggml's default list.
   if (o.variant === "cuda" && o.cudaArch) flags.push(`-DCMAKE_CUDA_ARCHITECTURES=${o.cudaArch}`);
-  if (o.portable && process.arch === "x64") {
+  const cross = o.target && o.target !== hostTarget() ? CROSS[o.target] : undefined;
+  if (cross) {
+    // GNU cross toolchain (Debian: g++-aarch64-linux-gnu); no host CPU flags can apply.
+    flags.push(
+      "-DCMAKE_SYSTEM_NAME=Linux",
+      `-DCMAKE_SYSTEM_PROCESSOR=${cross.processor}`,
+      `-DCMAKE_C_COMPILER=${cross.prefix}-gcc`,
+      `-DCMAKE_CXX_COMPILER=${cross.prefix}-g++`,
+      `-DCMAKE_FIND_ROOT_PATH=/usr/${cross.prefix}`,
+      "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER",
+      "-DCMAKE_FIND_ROOT_PATH_MODE_LIBRARY=ONLY",
+      "-DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=ONLY",
+    );
+    flags[flags.indexOf("-DGGML_NATIVE=ON")] = "-DGGML_NATIVE=OFF";
+  }
+  if (o.portable && (o.target ?? hostTarget()).endsWith("-x64")) {
     // Release builds must run on any x86-64 CPU of the last decade: AVX2/FMA/F16C
     // would exclude some, so the portable baseline stops at SSE4.2.
     flags.push("-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_FMA=OFF", "-DGGML_F16C=OFF", "-DGGML_AVX512=OFF", "-DGGML_BMI2=OFF");
@@ -142,11 +227,21 @@ export function cmakeFlags(o: NativeOptions, dir: string): string[] {
 /** Build the native library variant (and llama-server when asked); returns the build directory. */
 export function buildNative(o: NativeOptions): string {
   ensureSource();
-  const dir = join(VENDOR, "build", o.portable ? `${o.variant}-portable` : o.variant);
+  const dir = join(VENDOR, "build", buildDirName(o));
   const stampFile = join(dir, "mesh-build.stamp");
   const stamp = stampOf(o);
   const serverBin = join(dir, "bin", "llama-server");
   const needServer = o.withLlamaServer && !existsSync(serverBin);
+  const cross = o.target && o.target !== hostTarget() ? CROSS[o.target] : undefined;
+  if (o.target && o.target !== hostTarget() && !cross)
+    usage(`cannot build for ${o.target} on ${hostTarget()} (cross builds: ${crossTargets()})`);
+  if (cross && cross.from !== hostTarget()) usage(`${o.target} is cross-built on ${cross.from} only`);
+  if (cross && o.withLlamaServer) usage("--with-llama-server is for benchmarks on the host; it cannot be cross-built");
+  if (cross && spawnSync(`${cross.prefix}-g++`, ["--version"]).status !== 0) {
+    fail(
+      `${cross.prefix}-g++ not found: install the cross toolchain (Debian: apt-get install g++-${cross.prefix} libc6-${o.target?.split("-")[1]}-cross)`,
+    );
+  }
   if (existsSync(stampFile) && readFileSync(stampFile, "utf8") === stamp && !needServer) {
     log(`native ${o.variant} library is up to date (${dir})`);
     return dir;
@@ -162,21 +257,62 @@ export function buildNative(o: NativeOptions): string {
   return dir;
 }
 
-/** The executable name for this host and variant, e.g. mesh-linux-x64 or mesh-linux-x64-cuda. */
-export function executableName(variant: NativeOptions["variant"]): string {
-  return `mesh-${process.platform}-${process.arch}${variant === "cuda" ? "-cuda" : ""}`;
+/** The build directory's name for a variant: cpu, cpu-portable, cpu-linux-arm64, cuda... */
+export function buildDirName(o: Pick<NativeOptions, "variant" | "portable" | "target">): string {
+  const cross = o.target && o.target !== hostTarget() ? `-${o.target}` : "";
+  return `${o.variant}${o.portable ? "-portable" : ""}${cross}`;
 }
 
-// Other platforms' native libraries need their own toolchains and hosts.
-const ALL_TARGETS = ["linux-x64", "linux-x64-cuda", "linux-arm64", "darwin-arm64", "darwin-x64"];
+function crossTargets(): string {
+  return Object.entries(CROSS)
+    .map(([t, c]) => `${t} on ${c.from}`)
+    .join(", ");
+}
+
+/** The executable name for a variant, e.g. mesh-linux-x64, mesh-linux-x64-cuda, mesh-linux-x64-vulkan, mesh-linux-arm64. */
+export function executableName(variant: NativeOptions["variant"], target = hostTarget(), prebuilt?: PrebuiltName): string {
+  const gpu = prebuilt ?? (variant === "cuda" ? "cuda" : null);
+  return `mesh-${target}${gpu ? `-${gpu}` : ""}`;
+}
+
+// Every file of a release, and what builds each (see .github/workflows/release.yml).
+const ALL_TARGETS = ["linux-x64", "linux-x64-vulkan", "linux-x64-cuda", "linux-arm64", "darwin-arm64", "darwin-x64"];
+
+/** What `mesh --version` reports for a compiled file: the llama.cpp release and commit, the backend, the build flags. */
+export function buildInfoOf(o: NativeOptions, flags: string[]): Record<string, unknown> {
+  const pin = readPin();
+  const version = (JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string }).version;
+  const target = o.target ?? hostTarget();
+  const backend = o.prebuilt
+    ? `${o.prebuilt} (prebuilt ${readPrebuilt()[o.prebuilt].package}@${readPrebuilt()[o.prebuilt].version}, loaded at run time) + cpu`
+    : o.variant === "cpu"
+      ? "cpu"
+      : `${o.variant} + cpu`;
+  const shown = flags.filter(
+    (f) => f.startsWith("-DGGML_") || f.startsWith("-DCMAKE_CUDA_ARCH") || f.startsWith("-DCMAKE_SYSTEM_PROCESSOR"),
+  );
+  return {
+    version,
+    llamaCpp: { release: pin.llamaCppTag, commit: pin.commit, source: `${pin.package}@${pin.version}` },
+    target,
+    backend,
+    buildFlags: shown.map((f) => f.replace(/^-D/, "")),
+  };
+}
 
 /**
  * Build dist/mesh-<os>-<arch>[-cuda]: one executable embedding the native
  * library, the demo and bench models' vocabularies and the engine Worker.
  */
 export function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist")): string {
+  const target = o.target ?? hostTarget();
+  if (o.prebuilt && target !== "linux-x64") usage(`the prebuilt ${o.prebuilt} backend is for linux-x64 only`);
+  if (o.prebuilt && o.variant !== "cpu")
+    usage(`--${o.prebuilt === "cuda" ? "cuda-prebuilt" : o.prebuilt} ships beside the CPU library; drop --cuda`);
   const dir = buildNative(o);
-  const lib = join(dir, process.platform === "darwin" ? "libmeshllama.dylib" : "libmeshllama.so");
+  const backends = o.prebuilt ? [fetchPrebuilt(o.prebuilt)] : [];
+  const lib = join(dir, target.startsWith("darwin") ? "libmeshllama.dylib" : "libmeshllama.so");
+  const info = buildInfoOf(o, cmakeFlags(o, dir));
   // The tiny model's tokenizer and the bench model's: `mesh bench` generates its model from the file alone.
   const vocab = join(SRC, "models", "ggml-vocab-phi-3.gguf");
   const benchVocab = join(SRC, "models", "ggml-vocab-llama-spm.gguf");
@@ -189,31 +325,48 @@ export function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist"))
       `import lib from ${JSON.stringify(lib)} with { type: "file" };`,
       `import vocab from ${JSON.stringify(vocab)} with { type: "file" };`,
       `import benchVocab from ${JSON.stringify(benchVocab)} with { type: "file" };`,
+      ...backends.map((b, i) => `import backend${i} from ${JSON.stringify(b)} with { type: "file" };`),
       'import { installEmbedded } from "./src/cli/embedded";',
-      'await installEmbedded(lib, { "phi-3": vocab, "llama-spm": benchVocab }, new URL("./src/engine/worker.ts", import.meta.url).href);',
+      'import { setBuildInfo } from "./src/cli/build-info";',
+      `setBuildInfo(${JSON.stringify(info)});`,
+      `await installEmbedded(lib, { "phi-3": vocab, "llama-spm": benchVocab }, new URL("./src/engine/worker.ts", import.meta.url).href, [${backends.map((_, i) => `backend${i}`).join(", ")}]);`,
       'const { main } = await import("./src/cli/main");',
       "await main(process.argv);",
       "",
     ].join("\n"),
   );
   mkdirSync(outDir, { recursive: true });
-  const out = join(outDir, executableName(o.variant));
+  const out = join(outDir, executableName(o.variant, target, o.prebuilt));
+  const cross = target !== hostTarget() ? CROSS[target] : undefined;
   try {
     log(`compiling ${out}`);
     run(
       process.execPath,
-      ["build", "--compile", "--minify-syntax", entry, join(ROOT, "src", "engine", "worker.ts"), "--outfile", out],
+      [
+        "build",
+        "--compile",
+        ...(cross ? [`--target=${cross.bun}`] : []),
+        "--minify-syntax",
+        entry,
+        join(ROOT, "src", "engine", "worker.ts"),
+        "--outfile",
+        out,
+      ],
       ROOT,
       true,
     );
   } finally {
     rmSync(entry, { force: true });
   }
-  const here = executableName(o.variant).replace(/^mesh-/, "");
+  const here = executableName(o.variant, target, o.prebuilt).replace(/^mesh-/, "");
   for (const t of ALL_TARGETS) {
     if (t === here) continue;
-    if (t === `${here}-cuda`) log(`skipped mesh-${t}: add --cuda on a machine with the CUDA toolkit`);
-    else log(`skipped mesh-${t}: its native library must be built on a ${t} host`);
+    if (t === "linux-x64-vulkan") log("other file mesh-linux-x64-vulkan: compile --vulkan on linux-x64");
+    else if (t === "linux-x64-cuda")
+      log("other file mesh-linux-x64-cuda: compile --cuda-prebuilt on linux-x64 (or --cuda with the CUDA toolkit)");
+    else if (t === "linux-arm64")
+      log("other file mesh-linux-arm64: compile --target linux-arm64 on linux-x64 (cross toolchain) or on an arm64 host");
+    else log(`other file mesh-${t}: its native library must be built on a ${t} host (release workflow)`);
   }
   log(`built ${out}`);
   return out;
@@ -231,7 +384,13 @@ export function parseArgs(argv: string[]): { command: string; native: NativeOpti
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i] as string;
     if (a === "--cuda") native.variant = "cuda";
-    else if (a === "--portable") native.portable = true;
+    else if (a === "--vulkan") native.prebuilt = "vulkan";
+    else if (a === "--cuda-prebuilt") native.prebuilt = "cuda";
+    else if (a === "--target") {
+      const v = argv[++i] ?? "";
+      if (v !== hostTarget() && !CROSS[v]) usage(`--target takes ${hostTarget()} or a cross target (${crossTargets()})`);
+      native.target = v;
+    } else if (a === "--portable") native.portable = true;
     else if (a === "--with-llama-server") native.withLlamaServer = true;
     else if (a === "--cuda-arch") {
       const v = argv[++i] ?? "";
@@ -260,7 +419,11 @@ if (import.meta.main) {
         "  compile              build dist/mesh-<os>-<arch>: one file with everything inside",
         "                       (use --portable for a file that runs on any CPU of the platform)",
         "",
-        "  --cuda               build the CUDA variant (needs the CUDA toolkit)",
+        "  --cuda               build the CUDA variant from source (needs the CUDA toolkit)",
+        "  --cuda-prebuilt      compile: ship the pinned release's prebuilt CUDA backend (no toolkit needed",
+        "                       here; users need the NVIDIA driver and the CUDA 13 runtime)",
+        "  --vulkan             compile: ship the pinned release's prebuilt Vulkan backend",
+        "  --target linux-arm64 cross-build for another platform (needs g++-aarch64-linux-gnu)",
         "  --cuda-arch LIST     only these GPU architectures (e.g. 86, or 86,89); much faster to compile",
         "  --portable           no host-specific CPU instructions (release builds)",
         "  --with-llama-server  also build llama-server, for side-by-side benchmarks",

@@ -1,10 +1,10 @@
 #!/usr/bin/env bun
 // The `mesh` command line: parses, runs a command, prints, exits.
 import { Command, CommanderError, Option } from "commander";
-import pkg from "../../package.json" with { type: "json" };
 import { HOST_CACHE_DEFAULT_MIB } from "../engine/index";
 import { RESPONSE_STORE_DEFAULT_MIB } from "../server/responses/store";
 import { registerBench } from "./bench";
+import { buildInfo, formatBuildInfo } from "./build-info";
 import { invite } from "./invite";
 import { peers } from "./peers";
 import { serve } from "./serve";
@@ -18,7 +18,7 @@ function collect(v: string, prev: string[]): string[] {
 export function program(): Command {
   const p = new Command("mesh")
     .description("One executable that pools machines into a single OpenAI-compatible LLM inference mesh.")
-    .version(pkg.version, "-V, --version", "print the version")
+    .version(formatBuildInfo(buildInfo()).trimEnd(), "-V, --version", "print the version, llama.cpp commit, backend and build flags")
     .exitOverride()
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
 
@@ -107,6 +107,14 @@ Then:
     .addHelpText("after", "\nExamples:\n  mesh peers\n  mesh peers --watch\n  mesh peers --url http://10.0.0.2:9337 --json")
     .action(async (opts) => {
       process.exitCode = await peers(opts);
+    });
+
+  p.command("version")
+    .description("print the version, llama.cpp release and commit, backend and build flags (as mesh --version)")
+    .option("--json", "one JSON object instead of lines")
+    .action((opts: { json?: boolean }) => {
+      const b = buildInfo();
+      process.stdout.write(opts.json ? `${JSON.stringify(b)}\n` : formatBuildInfo(b));
     });
 
   nodeFlags(p.command("invite").description("print the token another machine joins this node's mesh with"))

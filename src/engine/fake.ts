@@ -119,6 +119,9 @@ export class FakeEngine implements EngineLike {
       bosText: "",
       eosText: "",
       systemInfo: "fake engine (no native code)",
+      backends: [],
+      devices: [],
+      offload: { requested: 0, layers: 0, of: 0, note: "fake engine" },
       ...o.info,
     };
     const r = o.reply ?? fakeReply;

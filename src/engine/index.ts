@@ -2,8 +2,9 @@
 // model. Nothing here calls llama.cpp; the Worker does, so the event loop
 // never waits on a decode.
 import { cpus } from "node:os";
+import { readModelShape } from "./devices";
 import { EngineError } from "./errors";
-import { engineWorkerUrl, findNativeLib } from "./library";
+import { engineWorkerUrl, findBackendLibs, findNativeLib } from "./library";
 import {
   CONTROL_ABORT,
   CONTROL_FLAGS_OFFSET,
@@ -229,6 +230,8 @@ export class Engine implements EngineLike {
       threads,
       threadsBatch: opts.threadsBatch ?? threads,
       nGpuLayers: opts.nGpuLayers ?? -1,
+      backendLibs: opts.backendLibs ?? findBackendLibs(),
+      modelShape: opts.modelShape !== undefined ? opts.modelShape : await readModelShape(opts.modelPath),
       flashAttn: opts.flashAttn ?? -1,
       useMmap: opts.useMmap ?? true,
       queueCapacity: opts.queueCapacity ?? QUEUE_DEFAULTS.capacity,

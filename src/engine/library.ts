@@ -35,6 +35,24 @@ export function findNativeLib(buildDir: (variant: string) => string = nativeBuil
   return null;
 }
 
+let embeddedBackends: string[] = [];
+
+/** Register the GPU backend libraries bundled into a compiled executable (extracted beside the native library). */
+export function setEmbeddedBackends(paths: string[]): void {
+  embeddedBackends = [...paths];
+}
+
+/**
+ * GPU backend libraries (prebuilt libggml-<name>.so) to load into ggml's registry:
+ * MESH_BACKEND_LIBS (colon-separated paths) when set, else those embedded in
+ * the executable, else none (a source build links its backends in).
+ */
+export function findBackendLibs(): string[] {
+  const env = process.env.MESH_BACKEND_LIBS;
+  if (env !== undefined) return env.split(":").filter((p) => p !== "");
+  return embeddedBackends;
+}
+
 let workerUrl: string | null = null;
 
 /** Where the engine Worker's code is; a compiled executable sets it to its bundled copy. */

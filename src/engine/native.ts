@@ -36,10 +36,13 @@ const symbols = {
   mesh_sampler_accept: { args: [ptr, ptr, i32], returns: v },
   mesh_sample_many: { args: [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32], returns: v },
   mesh_system_info: { args: [], returns: cstring },
+  mesh_backend_load: { args: [ptr, ptr, i32], returns: i32 },
+  mesh_device_count: { args: [], returns: i32 },
+  mesh_device_info: { args: [i32, ptr, i32, ptr], returns: i32 },
 } as const;
 
 /** The shim ABI version this TypeScript expects. */
-export const SHIM_VERSION = 6;
+export const SHIM_VERSION = 7;
 
 /** The loaded shim's callable symbols. */
 export type Native = ReturnType<typeof dlopen<typeof symbols>>["symbols"];

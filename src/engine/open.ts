@@ -2,6 +2,7 @@
 // Worker (and by tests that drive a Scheduler directly): it blocks for as
 // long as llama.cpp takes to load the file.
 import type { Pointer } from "bun:ffi";
+import { type BackendLoad, type DeviceInfo, fitGpuLayers, listDevices, loadBackends, type Offload } from "./devices";
 import type { EngineErrorValue } from "./errors";
 import { type Native, openNative } from "./native";
 import { CONTROL_ABORT, type LoadOptions, type ModelInfo } from "./protocol";
@@ -55,7 +56,11 @@ export function openModel(
     return { code: "model_load_failed", message: `cannot load the native library: ${(e as Error).message}` };
   }
   n.mesh_init(logLevel);
-  const model = n.mesh_model_load(cstr(o.modelPath), o.nGpuLayers, o.useMmap ? 1 : 0, progress) as Pointer | null;
+  const backends = loadBackends(n, o.backendLibs);
+  const devices = listDevices(n);
+  const offload = fitGpuLayers(o.nGpuLayers, o.modelShape, devices);
+  if ("code" in offload) return offload;
+  const model = n.mesh_model_load(cstr(o.modelPath), offload.layers, o.useMmap ? 1 : 0, progress) as Pointer | null;
   if (!model) return { code: "model_load_failed", message: lastError(n, `llama.cpp could not load ${o.modelPath}`) };
   const params = new Int32Array([o.nCtx, o.nBatch, o.nUbatch, o.nParallel, o.threads, o.threadsBatch, 1, o.flashAttn, 1]);
   const ctx = n.mesh_context_new(model, params, control.subarray(CONTROL_ABORT, CONTROL_ABORT + 1)) as Pointer | null;
@@ -63,7 +68,8 @@ export function openModel(
     n.mesh_model_free(model);
     return { code: "context_create_failed", message: lastError(n, `could not create a context of ${o.nCtx} tokens`) };
   }
-  return { native: n, model, ctx, info: modelInfo(n, model, ctx, o.modelPath) };
+  // Memory as it stands with the weights and KV placed: what the mesh plans with.
+  return { native: n, model, ctx, info: modelInfo(n, model, ctx, o.modelPath, { backends, devices: listDevices(n), offload }) };
 }
 
 /** What a Scheduler over an opened model needs; the per-request cancel flags sit in control after flagsOffset. */
@@ -92,7 +98,13 @@ export function closeModel(m: OpenedModel): void {
   m.native.mesh_model_free(m.model);
 }
 
-function modelInfo(n: Native, model: Pointer, ctx: Pointer, path: string): ModelInfo {
+function modelInfo(
+  n: Native,
+  model: Pointer,
+  ctx: Pointer,
+  path: string,
+  placed: { backends: BackendLoad[]; devices: DeviceInfo[]; offload: Offload },
+): ModelInfo {
   const mi = new Int32Array(9);
   n.mesh_model_info(model, mi);
   const sizes = new BigUint64Array(2);
@@ -124,6 +136,7 @@ function modelInfo(n: Native, model: Pointer, ctx: Pointer, path: string): Model
     bosText: tokenText(n, model, mi[1] as number),
     eosText: tokenText(n, model, mi[2] as number),
     systemInfo: String(n.mesh_system_info()),
+    ...placed,
   };
 }
 

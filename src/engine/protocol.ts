@@ -1,4 +1,5 @@
 // Messages between the main thread and the engine Worker. Plain data only.
+import type { BackendLoad, DeviceInfo, Offload } from "./devices";
 import type { EngineErrorValue } from "./errors";
 import type { SchedulerCounters } from "./scheduler";
 
@@ -14,6 +15,10 @@ export interface LoadOptions {
   threads: number;
   threadsBatch: number;
   nGpuLayers: number;
+  /** Prebuilt GPU backend libraries to load into ggml before the model (see findBackendLibs). */
+  backendLibs: string[];
+  /** Block count and tensor bytes from the GGUF header, for fitting layers to GPU memory; null when unknown. */
+  modelShape: { nLayer: number; weightBytes: number } | null;
   /** -1 auto, 0 off, 1 on. */
   flashAttn: -1 | 0 | 1;
   useMmap: boolean;
@@ -129,6 +134,12 @@ export interface ModelInfo {
   bosText: string;
   eosText: string;
   systemInfo: string;
+  /** GPU backend libraries loaded at start (empty when the build links its backends in). */
+  backends: BackendLoad[];
+  /** Every device ggml could use (CPU included), memory as of the load. */
+  devices: DeviceInfo[];
+  /** Layers on GPUs and why. */
+  offload: Offload;
 }
 
 /** Engine load at a moment, plus the scheduler's cumulative counters. */

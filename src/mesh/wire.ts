@@ -53,4 +53,15 @@ export interface WorkerInfo {
   kvTotal: number;
   queueDepth: number;
   health: "loading" | "ready" | "failed";
+  /** The compute devices the worker's engine loaded on (absent while loading, and from older nodes). */
+  devices?: WorkerDevice[];
+}
+
+/** A compute device in a worker record: ggml's name, its backend, its type, memory in bytes as of the model load. */
+export interface WorkerDevice {
+  name: string;
+  backend: string;
+  type: "cpu" | "gpu" | "igpu" | "accel";
+  free: number;
+  total: number;
 }

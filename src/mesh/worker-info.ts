@@ -11,6 +11,11 @@ export const MAX_MODELS = 16;
 export const MAX_MODEL = 256;
 const MAX_ADDR = 300;
 const HEALTH = new Set(["loading", "ready", "failed"]);
+/** Most devices a worker record lists, and the longest device and backend names. */
+export const MAX_DEVICES = 8;
+const MAX_DEVICE_NAME = 64;
+const MAX_BACKEND_NAME = 32;
+const DEVICE_TYPES = new Set(["cpu", "gpu", "igpu", "accel"]);
 
 /** What a node says about one of its own workers; id and nodeId are derived. */
 export type LocalWorkerSpec = Omit<WorkerInfo, "id" | "nodeId">;
@@ -40,6 +45,9 @@ export function serializeWorker(w: WorkerInfo): string {
     kvTotal: w.kvTotal,
     queueDepth: w.queueDepth,
     health: w.health,
+    ...(w.devices
+      ? { devices: w.devices.map((d) => ({ name: d.name, backend: d.backend, type: d.type, free: d.free, total: d.total })) }
+      : {}),
   });
 }
 
@@ -54,6 +62,15 @@ export function checkSpec(v: unknown): string | null {
     if (!isCount(v[f])) return `${f} must be a non-negative integer`;
   }
   if (typeof v.health !== "string" || !HEALTH.has(v.health)) return "health must be loading, ready or failed";
+  if (v.devices !== undefined) {
+    if (!isList(v.devices, MAX_DEVICES)) return `devices must be a list of at most ${MAX_DEVICES}`;
+    for (const d of v.devices) {
+      if (!isObject(d) || !isStr(d.name, MAX_DEVICE_NAME) || !isStr(d.backend, MAX_BACKEND_NAME))
+        return "a device needs a name and a backend";
+      if (typeof d.type !== "string" || !DEVICE_TYPES.has(d.type)) return "a device's type must be cpu, gpu, igpu or accel";
+      if (!isCount(d.free) || !isCount(d.total)) return "a device's free and total memory must be non-negative integers";
+    }
+  }
   return null;
 }
 

@@ -4,6 +4,7 @@ import { Elysia, type TSchema } from "elysia";
 import type { Logger } from "../log";
 import { anthropicMessages, checkCountTokensBody, checkMessagesBody, countTokens } from "./anthropic/messages";
 import { CountTokensBody, MessagesBody } from "./anthropic/schema";
+import { backendOf, deviceEntry, renderDeviceMetrics } from "./devices";
 import { ApiError, badRequest, dialectOf, errorResponse, forwardShape, pointerToParam, toApiError } from "./errors";
 import type { ForwardShape } from "./forward";
 import {
@@ -257,6 +258,7 @@ export function createApp(o: AppOptions) {
           status: m.status,
           context_length: m.info?.nCtxSeq ?? null,
           random_weights: m.info?.randomWeights ?? null,
+          ...(m.info ? { backend: backendOf(m.info), devices: m.info.devices.map(deviceEntry), gpu_layers: m.info.offload.layers } : {}),
           ...(alias ? { alias_of: m.id } : m.aliases.length > 0 ? { aliases: [...m.aliases] } : {}),
           ...(o.mesh ? { nodes: nodes.get(id) ?? [] } : {}),
         });
@@ -279,7 +281,7 @@ export function createApp(o: AppOptions) {
     })
     .get("/metrics", async ({ set }) => {
       set.headers["content-type"] = "text/plain; version=0.0.4";
-      const text = o.metrics.render(await gauges());
+      const text = o.metrics.render(await gauges()) + renderDeviceMetrics(o.models);
       const mesh = o.mesh?.figures();
       return mesh ? `${text}${renderMeshMetrics(mesh)}\n` : text;
     })

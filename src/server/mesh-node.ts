@@ -10,10 +10,12 @@ import type { MeshCredentials } from "../mesh/invite";
 import type { JoinResult } from "../mesh/membership";
 import { type MeshConfig, MeshCore } from "../mesh/node";
 import { HttpTransport } from "../mesh/transport-http";
-import type { Clock, WorkerInfo } from "../mesh/wire";
+import type { Clock, WorkerDevice, WorkerInfo } from "../mesh/wire";
+import { MAX_DEVICES } from "../mesh/worker-info";
 import { RouteKeyer, Router, type RoutingMode } from "../routing";
 import { OwnTenancy } from "../routing/own";
 import { RouteSync } from "../routing/sync";
+import { wireDevice } from "./devices";
 import { Forwarder } from "./forward";
 import type { MeshHooks } from "./mesh";
 import { MeshGate } from "./mesh-gate";
@@ -191,6 +193,9 @@ export class MeshNode {
     void model.ready.then(() => {
       // What the engine's KV holds feeds the routing index here and, through the sync, everywhere.
       model.engine?.onTenancy((d) => this.router.onTenancy(model.id, d));
+      // Devices are published once, as of the load: peers (and stage planning) see what each node computes on.
+      const devices = model.info?.devices;
+      if (devices && devices.length > 0) core.workers.update(id, { devices: devices.slice(0, MAX_DEVICES).map(wireDevice) });
       return publish();
     });
     this.publishers.add(setInterval(() => void publish(), this.o.statsEveryMs ?? 1000));
@@ -306,6 +311,7 @@ export class MeshNode {
         kv_total: sum((w) => w.kvTotal),
         queue_depth: sum((w) => w.queueDepth),
         workers: ws.map((w) => w.id),
+        devices: nodeDevices(ws),
       };
     });
     return {
@@ -319,6 +325,13 @@ export class MeshNode {
 }
 
 type LoadPatch = Parameters<MeshCore["workers"]["update"]>[1];
+
+/** A node's devices: those its workers report, each named once. */
+function nodeDevices(ws: WorkerInfo[]): WorkerDevice[] {
+  const byName = new Map<string, WorkerDevice>();
+  for (const w of ws) for (const d of w.devices ?? []) if (!byName.has(d.name)) byName.set(d.name, d);
+  return [...byName.values()];
+}
 
 /** A model's load figures for its worker record. */
 async function loadOf(model: ServedModel): Promise<LoadPatch> {

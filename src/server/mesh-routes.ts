@@ -6,7 +6,7 @@
 import { Elysia } from "elysia";
 import type { Logger } from "../log";
 import { isWireMessage, MAX_MESSAGE_BYTES } from "../mesh/transport-http";
-import type { WireMessage } from "../mesh/wire";
+import type { WireMessage, WorkerDevice } from "../mesh/wire";
 import type { RoutingCounts, RoutingMode } from "../routing";
 import type { RouteSyncStats } from "../routing/sync";
 import { ApiError, errorBody } from "./errors";
@@ -37,6 +37,8 @@ export interface PeerRow {
   queue_depth: number;
   /** Ids of the member's workers (stable across its restarts). */
   workers: string[];
+  /** Compute devices its workers loaded on (memory as of the load); empty while loading, absent from older nodes. */
+  devices?: WorkerDevice[];
 }
 
 /** What cache-aware routing did on this node and what it knows. */

@@ -1,6 +1,6 @@
 // What the HTTP app needs from the mesh, and the few helpers that let the
 // OpenAI routes answer for models served elsewhere.
-import type { WorkerInfo } from "../mesh/wire";
+import type { WorkerDevice, WorkerInfo } from "../mesh/wire";
 import type { Decision, RouteKey, RouteKeyer, Router } from "../routing";
 import { ApiError, badRequest } from "./errors";
 import { ForwardError, type Forwarder, type ForwardShape } from "./forward";
@@ -204,6 +204,8 @@ export interface ModelNode {
   addr: string;
   status: string;
   local: boolean;
+  /** The compute devices the node's worker loaded on; absent while loading and from older nodes. */
+  devices?: WorkerDevice[];
 }
 
 /** The nodes serving each model in the mesh (this node's own included), by model id. */
@@ -214,7 +216,13 @@ export function meshModelNodes(mesh: MeshHooks | undefined): Map<string, ModelNo
   for (const w of mesh.service.workers()) {
     for (const m of w.models) {
       const list = out.get(m) ?? [];
-      list.push({ node_id: w.nodeId, addr: w.addr, status: w.health, local: w.nodeId === self });
+      list.push({
+        node_id: w.nodeId,
+        addr: w.addr,
+        status: w.health,
+        local: w.nodeId === self,
+        ...(w.devices ? { devices: w.devices } : {}),
+      });
       out.set(m, list);
     }
   }

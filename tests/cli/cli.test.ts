@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import OpenAI from "openai";
@@ -44,10 +44,19 @@ describe("mesh command line", () => {
     }
   });
 
-  test("version_prints_the_package_version", () => {
+  test("version_prints_the_package_version_the_llama_cpp_commit_and_the_backend", () => {
     const r = mesh(["--version"]);
     expect(r.code).toBe(0);
-    expect(r.out.trim()).toMatch(/^\d+\.\d+\.\d+$/);
+    const pin = JSON.parse(readFileSync(join(import.meta.dir, "..", "..", "vendor", "llama.cpp", "pin.json"), "utf8"));
+    const lines = r.out.trim().split("\n");
+    expect(lines[0]).toMatch(/^mesh \d+\.\d+\.\d+$/);
+    expect(r.out).toContain(`commit ${pin.commit.slice(0, 12)}`);
+    expect(r.out).toMatch(/^backend /m);
+    const j = mesh(["version", "--json"]);
+    expect(j.code).toBe(0);
+    const info = JSON.parse(j.out);
+    expect(info.llamaCpp.commit).toBe(pin.commit);
+    expect(info.version).toBe(lines[0]?.slice("mesh ".length));
   });
 
   test("bad_input_is_one_line_on_stderr_and_exit_code_2", () => {

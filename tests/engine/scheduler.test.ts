@@ -33,6 +33,8 @@ beforeAll(async () => {
     threads: 2,
     threadsBatch: 2,
     nGpuLayers: 0,
+    backendLibs: [],
+    modelShape: null,
     flashAttn: -1,
     useMmap: true,
     queueCapacity: QUEUE_DEFAULTS.capacity,

@@ -5,6 +5,7 @@
 // engine Worker is the only caller; one model + one context per Worker.
 
 #include "llama.h"
+#include "ggml-backend.h"
 #include "ggml-cpu.h"
 
 #include <math.h>
@@ -17,8 +18,12 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__linux__) || defined(__APPLE__)
+#include <dlfcn.h>
+#include <pthread.h>
+#endif
 
-#define MESH_SHIM_VERSION 6
+#define MESH_SHIM_VERSION 7
 
 static int g_log_min_level = GGML_LOG_LEVEL_WARN;
 static _Thread_local char g_last_error[512];
@@ -61,6 +66,90 @@ int32_t mesh_last_error(char *buf, int32_t cap) {
     int32_t n = (int32_t)strlen(buf);
     g_last_error[0] = 0;
     return n;
+}
+
+#define MESH_BACKENDS_MAX 8
+
+#if defined(__linux__) || defined(__APPLE__)
+static pthread_mutex_t g_backend_lock = PTHREAD_MUTEX_INITIALIZER;
+static char g_backend_paths[MESH_BACKENDS_MAX][1024];
+static int32_t g_backend_devices[MESH_BACKENDS_MAX];
+static int g_backend_count = 0;
+#endif
+
+/**
+ * Load a prebuilt ggml backend library (libggml-vulkan.so, libggml-cuda.so) into
+ * ggml's device registry. Returns the number of devices it brought (0: the
+ * backend loaded but found no device), or -1 with the reason in err (e.g. the
+ * dynamic linker's message for a missing libcudart.so.13). Each Worker of a
+ * process calls it; a path already loaded is not loaded twice.
+ */
+int32_t mesh_backend_load(const char *path, char *err, int32_t cap) {
+#if defined(__linux__) || defined(__APPLE__)
+    if (cap > 0) err[0] = 0;
+    pthread_mutex_lock(&g_backend_lock);
+    for (int i = 0; i < g_backend_count; i++) {
+        if (strcmp(g_backend_paths[i], path) == 0) {
+            int32_t n = g_backend_devices[i];
+            pthread_mutex_unlock(&g_backend_lock);
+            return n;
+        }
+    }
+    if (g_backend_count >= MESH_BACKENDS_MAX || strlen(path) >= sizeof g_backend_paths[0]) {
+        pthread_mutex_unlock(&g_backend_lock);
+        if (cap > 0) snprintf(err, (size_t)cap, "too many backends or too long a path");
+        return -1;
+    }
+    // Our own dlopen first: ggml only logs why a library would not load, the
+    // dynamic linker's message (which dependency is missing) is what a user needs.
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        const char *why = dlerror();
+        pthread_mutex_unlock(&g_backend_lock);
+        if (cap > 0) snprintf(err, (size_t)cap, "%s", why ? why : "dlopen failed");
+        return -1;
+    }
+    size_t before = ggml_backend_dev_count();
+    g_last_error[0] = 0;
+    ggml_backend_reg_t reg = ggml_backend_load(path);
+    dlclose(h); // ggml holds its own handle for as long as the backend is registered
+    if (!reg) {
+        pthread_mutex_unlock(&g_backend_lock);
+        if (cap > 0) snprintf(err, (size_t)cap, "%s", g_last_error[0] ? g_last_error : "ggml could not initialise the backend");
+        return -1;
+    }
+    int32_t n = (int32_t)(ggml_backend_dev_count() - before);
+    snprintf(g_backend_paths[g_backend_count], sizeof g_backend_paths[0], "%s", path);
+    g_backend_devices[g_backend_count++] = n;
+    pthread_mutex_unlock(&g_backend_lock);
+    return n;
+#else
+    (void)path;
+    if (cap > 0) snprintf(err, (size_t)cap, "loading backends is not supported on this platform");
+    return -1;
+#endif
+}
+
+/** Number of devices in ggml's registry (CPU included). */
+int32_t mesh_device_count(void) { return (int32_t)ggml_backend_dev_count(); }
+
+/**
+ * Device i: name and description ("name\tdescription\tbackend" in buf), and as
+ * int64s in out: type (0 CPU, 1 GPU, 2 integrated GPU, 3 accelerator), free
+ * bytes, total bytes. Returns the text's length, or -1 when i is out of range.
+ */
+int32_t mesh_device_info(int32_t i, char *buf, int32_t cap, int64_t *out) {
+    if (i < 0 || (size_t)i >= ggml_backend_dev_count()) return -1;
+    ggml_backend_dev_t dev = ggml_backend_dev_get((size_t)i);
+    struct ggml_backend_dev_props props;
+    ggml_backend_dev_get_props(dev, &props);
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    out[0] = (int64_t)props.type;
+    out[1] = (int64_t)props.memory_free;
+    out[2] = (int64_t)props.memory_total;
+    int n = snprintf(buf, cap > 0 ? (size_t)cap : 0, "%s\t%s\t%s", props.name ? props.name : "",
+                     props.description ? props.description : "", reg ? ggml_backend_reg_name(reg) : "");
+    return n < 0 ? 0 : (int32_t)n;
 }
 
 static bool mesh_progress_cb(float progress, void *user) {
