@@ -276,7 +276,15 @@ export function executableName(variant: NativeOptions["variant"], target = hostT
 }
 
 // Every file of a release, and what builds each (see .github/workflows/release.yml).
-const ALL_TARGETS = ["linux-x64", "linux-x64-vulkan", "linux-x64-cuda", "linux-arm64", "darwin-arm64", "darwin-x64"];
+const HOW: Record<string, string> = {
+  "linux-x64": "compile on linux-x64",
+  "linux-x64-vulkan": "compile --vulkan on linux-x64",
+  "linux-x64-cuda": "compile --cuda-prebuilt on linux-x64 (or --cuda with the CUDA toolkit)",
+  "linux-arm64": "compile --target linux-arm64 on linux-x64 (g++-aarch64-linux-gnu), or compile on an arm64 host",
+  "darwin-arm64": "compile on a macOS arm64 host (Metal can only be built there: the release workflow's macOS runner)",
+  "darwin-x64": "compile on a macOS x64 host (the release workflow)",
+};
+const ALL_TARGETS = Object.keys(HOW);
 
 /** What `mesh --version` reports for a compiled file: the llama.cpp release and commit, the backend, the build flags. */
 export function buildInfoOf(o: NativeOptions, flags: string[]): Record<string, unknown> {
@@ -359,15 +367,7 @@ export function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist"))
     rmSync(entry, { force: true });
   }
   const here = executableName(o.variant, target, o.prebuilt).replace(/^mesh-/, "");
-  for (const t of ALL_TARGETS) {
-    if (t === here) continue;
-    if (t === "linux-x64-vulkan") log("other file mesh-linux-x64-vulkan: compile --vulkan on linux-x64");
-    else if (t === "linux-x64-cuda")
-      log("other file mesh-linux-x64-cuda: compile --cuda-prebuilt on linux-x64 (or --cuda with the CUDA toolkit)");
-    else if (t === "linux-arm64")
-      log("other file mesh-linux-arm64: compile --target linux-arm64 on linux-x64 (cross toolchain) or on an arm64 host");
-    else log(`other file mesh-${t}: its native library must be built on a ${t} host (release workflow)`);
-  }
+  for (const t of ALL_TARGETS) if (t !== here) log(`other file mesh-${t}: ${HOW[t]}`);
   log(`built ${out}`);
   return out;
 }
@@ -404,6 +404,8 @@ export function parseArgs(argv: string[]): { command: string; native: NativeOpti
     else if (a === "--help" || a === "-h") command = "help";
     else usage(`unknown argument '${a}' (try --help)`);
   }
+  if (native.prebuilt && native.variant !== "cpu")
+    usage(`--${native.prebuilt === "cuda" ? "cuda-prebuilt" : "vulkan"} ships beside the CPU library; drop --cuda`);
   return { command, native };
 }
 

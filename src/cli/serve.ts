@@ -4,8 +4,10 @@ import { cpus } from "node:os";
 import { TINY } from "../gguf/generate";
 import { ensureModel } from "../gguf/models";
 import { GGUF_MAGIC } from "../gguf/types";
-import { createLogger, type LogFormat } from "../log";
+import type { ModelInfo } from "../engine/protocol";
+import { createLogger, type LogFormat, type Logger } from "../log";
 import { ServedModel, startServer } from "../server";
+import { backendOf } from "../server/devices";
 import { checkAliases, modelIdFromPath } from "../server/model";
 import type { MeshFlags } from "./mesh-flags";
 import { prepareMesh, startMesh } from "./serve-mesh";
@@ -82,6 +84,34 @@ function progressPrinter(label: string): (f: number) => void {
   };
 }
 
+const MiB = 1024 * 1024;
+
+/** Log what the engine computes on: each GPU backend library (or why it did not load), each device, where the layers went. */
+export function logDevices(logger: Logger, info: ModelInfo): void {
+  for (const b of info.backends) {
+    const name = backendName(b.library);
+    if (b.error) logger.warn(`${name} backend not loaded: no ${name} device, serving on the CPU`, { library: b.library, error: b.error });
+    else if (b.devices === 0) logger.warn(`no ${name} device found: serving on the CPU`, { library: b.library });
+  }
+  for (const d of info.devices) {
+    logger.info("device", {
+      name: d.name,
+      description: d.description,
+      backend: d.backend,
+      type: d.type,
+      free_mib: Math.round(d.freeBytes / MiB),
+      total_mib: Math.round(d.totalBytes / MiB),
+    });
+  }
+  logger.info("layers placed", { gpu_layers: info.offload.layers, of: info.offload.of, note: info.offload.note });
+}
+
+/** "CUDA" for libggml-cuda.so, "Vulkan" for libggml-vulkan.so. */
+function backendName(library: string): string {
+  const m = /libggml-([a-z0-9]+)/.exec(library)?.[1] ?? library;
+  return m === "cuda" ? "CUDA" : m === "vulkan" ? "Vulkan" : m;
+}
+
 /** Run `mesh serve` until SIGINT/SIGTERM; resolves with the exit code. */
 export async function serve(o: ServeOptions): Promise<number> {
   if (o.logFormat !== "text" && o.logFormat !== "json") throw new UsageError(`--log-format must be 'text' or 'json', got '${o.logFormat}'`);
@@ -146,6 +176,7 @@ export async function serve(o: ServeOptions): Promise<number> {
     throw new UsageError(`cannot load model ${modelPath}: ${model.error}`);
   }
   const info = model.info;
+  if (info) logDevices(logger, info);
   logger.info("model ready", {
     model: model.id,
     ctx: info?.nCtx,
@@ -153,6 +184,7 @@ export async function serve(o: ServeOptions): Promise<number> {
     threads,
     params: info?.nParams,
     random_weights: info?.randomWeights,
+    backend: info ? backendOf(info) : undefined,
   });
   process.stderr.write(`ready: POST ${server.url}/v1/chat/completions with "model": "${model.id}"\n`);
 
