@@ -400,7 +400,7 @@ export function parseArgs(argv: string[]): { command: string; native: NativeOpti
       const n = Number(argv[++i]);
       if (!Number.isInteger(n) || n < 1) usage("--jobs takes a positive whole number");
       native.jobs = n;
-    } else if (a === "native" || a === "source" || a === "compile") command = a;
+    } else if (a === "native" || a === "source" || a === "compile" || a === "prebuilt") command = a;
     else if (a === "--help" || a === "-h") command = "help";
     else usage(`unknown argument '${a}' (try --help)`);
   }
@@ -414,11 +414,12 @@ if (import.meta.main) {
   if (command === "help") {
     process.stdout.write(
       [
-        "usage: bun run build.ts [native|source|compile] [options]",
+        "usage: bun run build.ts [native|source|compile|prebuilt] [options]",
         "",
         "  source               fetch and verify the pinned llama.cpp source only",
         "  native               build the native library (default)",
         "  compile              build dist/mesh-<os>-<arch>: one file with everything inside",
+        "  prebuilt             fetch and verify a prebuilt backend (--vulkan, --cuda-prebuilt); print its path",
         "                       (use --portable for a file that runs on any CPU of the platform)",
         "",
         "  --cuda               build the CUDA variant from source (needs the CUDA toolkit)",
@@ -434,6 +435,9 @@ if (import.meta.main) {
       ].join("\n"),
     );
   } else if (command === "source") ensureSource();
-  else if (command === "compile") compileExecutable(native);
+  else if (command === "prebuilt") {
+    if (!native.prebuilt) usage("prebuilt takes --vulkan or --cuda-prebuilt");
+    process.stdout.write(`${fetchPrebuilt(native.prebuilt)}\n`);
+  } else if (command === "compile") compileExecutable(native);
   else buildNative(native);
 }

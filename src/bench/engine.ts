@@ -44,6 +44,8 @@ export interface EngineBenchOptions {
   repeats?: number;
   /** Also run llama-server. Default true. */
   compare?: boolean;
+  /** Layers on the GPU for both targets (llama-server -ngl); -1 leaves each its default (all that fit). Default -1. */
+  gpuLayers?: number;
   /** llama-server executable. Default vendor/llama.cpp/build/cpu/bin/llama-server. */
   llamaServer?: string;
   /** Receives progress lines (default: stderr). */
@@ -127,6 +129,7 @@ export function resolveEngineBenchOptions(o: EngineBenchOptions = {}): EngineBen
     genTokens: o.genTokens ?? 128,
     repeats: o.repeats ?? 3,
     compare: o.compare ?? true,
+    gpuLayers: o.gpuLayers ?? -1,
     llamaServer: o.llamaServer ?? defaultLlamaServerPath(),
   };
   const ints: Array<[string, number, number]> = [
@@ -493,6 +496,7 @@ function llamaServerArgs(c: EngineBenchConfig, modelPath: string): string[] {
   if (known.has("--cache-ram")) args.push("--cache-ram", String(HOST_CACHE_DEFAULT_MIB));
   if (known.has("--cache-idle-slots")) args.push("--cache-idle-slots");
   if (known.has("--no-webui")) args.push("--no-webui");
+  if (c.gpuLayers >= 0) args.push("-ngl", String(c.gpuLayers));
   return args;
 }
 
@@ -531,6 +535,7 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
     threadsBatch: c.threads,
     flashAttn: FLASH_ATTN[c.flashAttn],
     hostCacheMiB: HOST_CACHE_DEFAULT_MIB,
+    nGpuLayers: c.gpuLayers,
   });
   const info = engine.info;
   const meshSamples = collected();
@@ -626,6 +631,7 @@ Compares mesh's engine with llama-server (same llama.cpp, model, threads, contex
   --gen-tokens N       generated tokens of the decode figures (default 128)
   --repeats N          runs per figure, the median is reported (default 3)
   --no-compare         measure mesh only (no llama-server)
+  --n-gpu-layers N     layers on the GPU for both (llama-server -ngl); default: each one's own (all that fit)
   --llama-server PATH  llama-server executable (default vendor/llama.cpp/build/cpu/bin/llama-server)
   --json               print the report as JSON instead of a table
 `;
@@ -652,6 +658,7 @@ export function parseEngineBenchArgs(argv: string[]): { options: EngineBenchOpti
         "gen-tokens": { type: "string" },
         repeats: { type: "string" },
         "no-compare": { type: "boolean" },
+        "n-gpu-layers": { type: "string" },
         "llama-server": { type: "string" },
         json: { type: "boolean" },
         help: { type: "boolean", short: "h" },
@@ -685,6 +692,7 @@ export function parseEngineBenchArgs(argv: string[]): { options: EngineBenchOpti
     genTokens: int("gen-tokens"),
     repeats: int("repeats"),
     compare: values["no-compare"] !== true,
+    gpuLayers: int("n-gpu-layers"),
     llamaServer: values["llama-server"] as string | undefined,
   };
   // Drop unset fields so defaults apply.

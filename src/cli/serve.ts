@@ -1,10 +1,10 @@
 // `mesh serve`: load a model, serve the OpenAI API, shut down gracefully.
 import { closeSync, existsSync, openSync, readFileSync, readSync, statSync } from "node:fs";
 import { cpus } from "node:os";
+import type { ModelInfo } from "../engine/protocol";
 import { TINY } from "../gguf/generate";
 import { ensureModel } from "../gguf/models";
 import { GGUF_MAGIC } from "../gguf/types";
-import type { ModelInfo } from "../engine/protocol";
 import { createLogger, type LogFormat, type Logger } from "../log";
 import { ServedModel, startServer } from "../server";
 import { backendOf } from "../server/devices";
