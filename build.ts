@@ -257,6 +257,51 @@ export function buildNative(o: NativeOptions): string {
   return dir;
 }
 
+/** A native Node addon's build for one platform (napi-rs packages ship one npm package per platform). */
+export interface PlatformAddon {
+  package: string;
+  version: string;
+  integrity: string;
+  why: string;
+}
+
+/** The addon builds each platform's file needs beyond what npm installed (vendor/platform-addons.json). */
+export function readPlatformAddons(root = ROOT): Record<string, PlatformAddon[]> {
+  return JSON.parse(readFileSync(join(root, "vendor", "platform-addons.json"), "utf8")) as Record<string, PlatformAddon[]>;
+}
+
+/**
+ * Put the target platform's builds of our native addons into node_modules, where
+ * bun build --compile finds and embeds them: npm installs only the host's (and
+ * for linux-arm64 the version our lock names was never published). Fetched with
+ * npm pack and checked against the pinned integrity, like the llama.cpp source.
+ */
+export function ensurePlatformAddons(target: string): void {
+  for (const a of readPlatformAddons()[target] ?? []) {
+    const dir = join(ROOT, "node_modules", ...a.package.split("/"));
+    const pkg = join(dir, "package.json");
+    if (existsSync(pkg) && (JSON.parse(readFileSync(pkg, "utf8")) as { version: string }).version === a.version) continue;
+    mkdirSync(CACHE, { recursive: true });
+    const tgz = join(CACHE, `${a.package.replace(/^@/, "").replace("/", "-")}-${a.version}.tgz`);
+    if (!existsSync(tgz)) {
+      log(`fetching ${a.package}@${a.version} for ${target}`);
+      run("npm", ["pack", `${a.package}@${a.version}`, "--pack-destination", CACHE, "--silent"], ROOT, true);
+    }
+    const actual = integrityMismatch(readFileSync(tgz), a.integrity);
+    if (actual !== null) {
+      rmSync(tgz, { force: true });
+      fail(`${tgz} does not match the pinned integrity (got ${actual}); it was removed, run again`);
+    }
+    const unpack = `${dir}.tmp-${process.pid}`;
+    rmSync(unpack, { recursive: true, force: true });
+    mkdirSync(unpack, { recursive: true });
+    run("tar", ["xzf", tgz, "-C", unpack, "--strip-components=1"]);
+    rmSync(dir, { recursive: true, force: true });
+    renameSync(unpack, dir);
+    log(`installed ${a.package}@${a.version} into node_modules for ${target}`);
+  }
+}
+
 /** The build directory's name for a variant: cpu, cpu-portable, cpu-linux-arm64, cuda... */
 export function buildDirName(o: Pick<NativeOptions, "variant" | "portable" | "target">): string {
   const cross = o.target && o.target !== hostTarget() ? `-${o.target}` : "";
@@ -318,6 +363,7 @@ export function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist"))
   if (o.prebuilt && o.variant !== "cpu")
     usage(`--${o.prebuilt === "cuda" ? "cuda-prebuilt" : o.prebuilt} ships beside the CPU library; drop --cuda`);
   const dir = buildNative(o);
+  ensurePlatformAddons(target);
   const backends = o.prebuilt ? [fetchPrebuilt(o.prebuilt)] : [];
   const lib = join(dir, target.startsWith("darwin") ? "libmeshllama.dylib" : "libmeshllama.so");
   const info = buildInfoOf(o, cmakeFlags(o, dir));

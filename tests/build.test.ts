@@ -13,6 +13,7 @@ import {
   integrityMismatch,
   type NativeOptions,
   parseArgs,
+  readPlatformAddons,
   readPrebuilt,
   stampOf,
 } from "../build";
@@ -170,4 +171,16 @@ test("the_version_a_compiled_file_reports_names_the_llama_cpp_commit_the_backend
   expect(info.llamaCpp.commit).toBe(pin.commit);
   expect(info.backend).toStartWith("vulkan (prebuilt @node-llama-cpp/linux-x64-vulkan@");
   expect(info.buildFlags).toContain("GGML_NATIVE=OFF");
+});
+
+test("a_cross_built_file_gets_each_addon_the_host_has_in_its_target_build_pinned_by_integrity", () => {
+  const lock = JSON.parse(readFileSync(join(import.meta.dir, "..", "package-lock.json"), "utf8")) as { packages: Record<string, unknown> };
+  const pinned = readPlatformAddons()["linux-arm64"] ?? [];
+  // Every napi-rs addon installed for linux-x64 has a linux-arm64 build pinned for the arm64 file.
+  const hostAddons = Object.keys(lock.packages)
+    .filter((k) => k.endsWith("-linux-x64-gnu"))
+    .map((k) => k.replace(/^node_modules\//, "").replace(/-linux-x64-gnu$/, "-linux-arm64-gnu"));
+  expect(hostAddons.length).toBeGreaterThan(0);
+  expect(pinned.map((a) => a.package).sort()).toEqual(hostAddons.sort());
+  for (const a of pinned) expect(a.integrity).toMatch(/^sha512-[A-Za-z0-9+/]+=*$/);
 });
