@@ -18,6 +18,8 @@ export interface LlamaServerOptions {
   args: string[];
   /** Give up when /health is not ready after this long (model load included). */
   startupTimeoutMs?: number;
+  /** Extra environment for the child (on top of this process's). */
+  env?: Record<string, string>;
 }
 
 /** Where `bun run build.ts native --with-llama-server` puts llama-server. */
@@ -150,6 +152,7 @@ export class LlamaServer {
     try {
       const child = spawn(opts.binary, [...opts.args, "--host", "127.0.0.1", "--port", String(port)], {
         stdio: ["ignore", fd, fd],
+        ...(opts.env ? { env: { ...process.env, ...opts.env } } : {}),
       });
       track(child, logDir);
       return new LlamaServer(child, `http://127.0.0.1:${port}`, logFile, logDir, opts.name ?? "llama-server");
