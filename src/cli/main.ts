@@ -32,7 +32,12 @@ export function program(): Command {
     .option("-n, --parallel <n>", "requests decoded at once (slots)", intOption("--parallel", 1, 256), 4)
     .option("-t, --threads <n>", "CPU threads (default: all cores)", intOption("--threads", 1, 1024))
     .option("-b, --batch-size <n>", "most tokens in one decode step", intOption("--batch-size", 32, 65536), 2048)
-    .option("--n-gpu-layers <n>", "layers to offload to a GPU (-1 = all, 0 = none)", intOption("--n-gpu-layers", -1, 100000), -1)
+    .option(
+      "--n-gpu-layers <n>",
+      "layers to offload to GPUs (-1 = all that fit in free GPU memory, 0 = none; a count that does not fit is refused)",
+      intOption("--n-gpu-layers", -1, 100000),
+      -1,
+    )
     .option(
       "--queue-capacity <n>",
       "requests that may wait for a slot and KV room; beyond it: 429 with Retry-After",
