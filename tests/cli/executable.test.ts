@@ -42,6 +42,20 @@ async function until(proc: { stderr: ReadableStream<Uint8Array> }, marker: strin
   return log;
 }
 
+test("compiled_executable_reports_its_llama_cpp_commit_backend_and_build_flags", () => {
+  const { exe, run, env } = isolated("version");
+  const r = Bun.spawnSync([exe, "version", "--json"], { cwd: run, env, stdout: "pipe", stderr: "pipe" });
+  expect(r.exitCode).toBe(0);
+  const info = JSON.parse(r.stdout.toString());
+  expect(info).toMatchObject({
+    target: `${process.platform}-${process.arch}`,
+    backend: process.platform === "darwin" ? "metal + cpu" : "cpu",
+  });
+  expect(info.llamaCpp.commit).toMatch(/^[0-9a-f]{40}$/);
+  // What the file was compiled with, not the source tree's placeholder.
+  expect(info.buildFlags).toContain("GGML_NATIVE=ON");
+});
+
 test("compiled_executable_serves_the_demo_model_from_an_empty_directory", async () => {
   expect(built.endsWith(executableName("cpu"))).toBe(true);
   const { exe, run, home, env } = isolated("one");

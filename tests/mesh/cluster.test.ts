@@ -182,6 +182,25 @@ describe("a mesh of separate processes", () => {
     expect(raw.data.find((m) => m.id === "gamma")?.nodes.map((x) => x.addr)).toEqual([c.addr]);
   });
 
+  test("each_nodes_devices_show_in_peers_json_models_and_metrics", async () => {
+    const r = meshCli(["peers", "--json", "--state-dir", a.stateDir]);
+    expect(r.code).toBe(0);
+    const report = JSON.parse(r.out) as PeersReport;
+    for (const m of report.members.filter((x) => x.state === "alive")) {
+      expect(m.devices?.find((d) => d.type === "cpu")?.total).toBeGreaterThan(0);
+    }
+    const raw = (await (await fetch(`${b.url}/v1/models`)).json()) as {
+      data: Array<{ id: string; backend?: string; gpu_layers?: number; nodes: Array<{ devices?: Array<{ name: string; type: string }> }> }>;
+    };
+    // Another node's model lists that node's devices; the local one also says what serves it.
+    expect(raw.data.find((m) => m.id === "gamma")?.nodes[0]?.devices?.map((d) => d.type)).toContain("cpu");
+    const local = raw.data.find((m) => m.id === "beta");
+    expect(local).toMatchObject({ backend: "CPU", gpu_layers: 0 });
+    const metrics = await (await fetch(`${b.url}/metrics`)).text();
+    expect(metrics).toMatch(/^mesh_device_memory_total_bytes\{device="CPU",backend="CPU",type="cpu"\} [1-9]/m);
+    expect(metrics).toContain('mesh_gpu_layers{model="beta"} 0');
+  });
+
   test("no_node_serves_the_model_is_404", async () => {
     const res = await fetch(`${a.url}/v1/chat/completions`, {
       method: "POST",
