@@ -30,8 +30,12 @@ nice -n 5 $bun run build.ts compile --target linux-arm64 --portable
 
 step "engine tests with every layer on Vulkan0 (lavapipe)"
 vulkan=$($bun run build.ts prebuilt --vulkan)
+# All but the long-prefill test: it checks that main-thread timers keep running
+# during a 7,700-token prefill, which does not depend on the device, and on
+# lavapipe that prefill alone takes minutes (it once ended in a Bun segfault
+# here under heavy load, not reproduced alone; see the platforms notes in the README).
 MESH_BACKEND_LIBS=$vulkan GGML_VK_VISIBLE_DEVICES=0 MESH_EXPECT_GPU=Vulkan \
-  $bun test --timeout 600000 ./tests/platforms/offload.platform.ts tests/engine/engine.test.ts
+  $bun test --timeout 600000 ./tests/platforms/offload.platform.ts tests/engine/engine.test.ts -t '^(?!.*during_a_long_prefill)'
 
 step "the platform files"
 $bun test --timeout 600000 ./tests/platforms/vulkan.platform.ts ./tests/platforms/cuda.platform.ts ./tests/platforms/arm64.platform.ts
