@@ -116,3 +116,15 @@ test("a_streamed_answer_on_vulkan_carries_every_token", async () => {
   expect(usage).toBe(8);
   expect(chunks).toBeGreaterThan(0);
 });
+
+test("a_vulkan_device_index_that_does_not_exist_is_reported_and_the_file_serves_on_the_cpu", async () => {
+  const bad = await serveFile({ file, env: { GGML_VK_VISIBLE_DEVICES: "5" } });
+  try {
+    expect(bad.log()).toContain("Vulkan backend not loaded: no Vulkan device, serving on the CPU");
+    expect(bad.log()).toMatch(/layers placed gpu_layers=0 /);
+    const r = await bad.client.chat.completions.create({ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }], max_tokens: 2 });
+    expect(r.usage?.completion_tokens).toBe(2);
+  } finally {
+    await bad.stop();
+  }
+});
