@@ -9,6 +9,7 @@
 // and relay that node's proven answer (the request names the node it is for).
 
 import type { Logger } from "../log";
+import { LruMap } from "../lru";
 import { AUTH_HEADER, forwardProof, type MeshKeys, proofsEqual } from "../mesh/auth";
 import type { MeshClient } from "../mesh/client";
 import type { NodeId, WorkerInfo } from "../mesh/wire";
@@ -114,7 +115,7 @@ export class Forwarder {
    * large again for a while, so whatever answers 413 to everything soon gets nothing, while an honest
    * node with a smaller body limit keeps getting what it can take. Bounded; entries expire.
    */
-  private readonly sizeRefused = new Map<string, { bytes: number; at: number }>();
+  private readonly sizeRefused = new LruMap<string, { bytes: number; at: number }>();
 
   constructor(private readonly o: ForwarderOptions) {}
 
@@ -245,7 +246,7 @@ export class Forwarder {
   }
 
   private refusesSize(workerId: string, bytes: number): boolean {
-    const r = this.sizeRefused.get(workerId);
+    const r = this.sizeRefused.peek(workerId);
     if (!r) return false;
     if (Date.now() - r.at > SIZE_REFUSAL_TTL_MS) {
       this.sizeRefused.delete(workerId);
@@ -255,10 +256,10 @@ export class Forwarder {
   }
 
   private noteSizeRefusal(workerId: string, bytes: number): void {
-    const r = this.sizeRefused.get(workerId);
+    const r = this.sizeRefused.peek(workerId);
     this.sizeRefused.delete(workerId);
-    // Oldest first out: a Map iterates in insertion order.
-    if (this.sizeRefused.size >= MAX_SIZE_REFUSALS) this.sizeRefused.delete(this.sizeRefused.keys().next().value as string);
+    // Oldest first out (an LruMap: a Map's first key slows down after many deletes).
+    if (this.sizeRefused.size >= MAX_SIZE_REFUSALS) this.sizeRefused.shift();
     this.sizeRefused.set(workerId, { bytes: Math.min(bytes, r?.bytes ?? bytes), at: Date.now() });
   }
 
