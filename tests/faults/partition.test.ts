@@ -14,7 +14,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import OpenAI from "openai";
 import { failureDetectionBoundMs, MEMBERSHIP_DEFAULTS } from "../../src/mesh/membership";
-import { metricOf, type NodeProc, waitFor } from "../helpers/cluster";
+import { type NodeProc, peersOf, waitFor } from "../helpers/cluster";
 import { deathsOf, type FaultMesh, startFaultMesh, viewKey, viewsOf } from "../helpers/fault-mesh";
 
 const SLACK_MS = 20_000;
@@ -56,8 +56,16 @@ async function seeGone(who: NodeProc[], gone: NodeProc[]): Promise<boolean> {
 
 const ALL = ["n1", "n2", "n3", "n4", "n5"];
 
-function indexed(n: NodeProc): Promise<number> {
-  return metricOf(n, 'mesh_routing_index_entries{model="alpha"}').catch(() => 0);
+/** Prefix inserts `n`'s routing index sync applied from peers so far. */
+async function applied(n: NodeProc): Promise<number> {
+  return (await peersOf(n))?.routing?.sync?.insertsApplied ?? 0;
+}
+
+// The index sync caught up: `receiver` applied inserts since `before`, and no alpha owner (n1, n3) has changes pending.
+async function caughtUp(receiver: NodeProc, before: number): Promise<boolean> {
+  if ((await applied(receiver)) <= before) return false;
+  const pending = await Promise.all([n1, n3].map(async (n) => (await peersOf(n))?.routing?.sync?.pendingOps ?? -1));
+  return pending.every((p) => p === 0);
 }
 
 // A request for alpha with a long system prompt (its prefixes fill the routing index), entering at `n`.
@@ -192,10 +200,10 @@ describe("a mesh under partitions and lossy links", () => {
     const live = [n1, n2, n3, n4];
     const before = await deathsOf(live);
     mesh.proxy.setAll({ drop: 0.1 });
-    const start = await indexed(n4);
-    // A long prompt run on n3 (which serves alpha): its prefixes reach n4's index through the lossy links.
+    const start = await applied(n4);
+    // A long prompt entering at n3 (alpha runs on n1 or n3): its prefixes reach n4's index through the lossy links.
     await longPrompt(n3, "You keep the build green.");
-    await waitFor("n3's prefixes in n4's index", HEAL_MS, async () => (await indexed(n4)) >= start + 2, 250);
+    await waitFor("the new prefixes in n4's index", HEAL_MS, () => caughtUp(n4, start), 250);
     await Bun.sleep(2 * SUSPICION_MS);
     expect(await deathsOf(live)).toBe(before);
     mesh.proxy.heal();
@@ -207,9 +215,9 @@ describe("a mesh under partitions and lossy links", () => {
     // 200 ms each way: every round trip is longer than the 400 ms direct probe timeout.
     mesh.proxy.setAll({ delayMs: 200 });
     // n4 routes alpha (it asked for it earlier), so it holds alpha's index; a node that never routed a model does not.
-    const start = await indexed(n4);
+    const start = await applied(n4);
     await longPrompt(n1, "You review pull requests.");
-    await waitFor("n1's prefixes in n4's index", HEAL_MS, async () => (await indexed(n4)) >= start + 2, 250);
+    await waitFor("the new prefixes in n4's index", HEAL_MS, () => caughtUp(n4, start), 250);
     await Bun.sleep(2 * SUSPICION_MS);
     expect(await deathsOf(live)).toBe(before);
     mesh.proxy.heal();
@@ -218,13 +226,13 @@ describe("a mesh under partitions and lossy links", () => {
   test("thirty_percent_loss_with_delay_keeps_serving_and_heals_to_one_view_with_the_index_caught_up", async () => {
     const live = [n1, n2, n3, n4];
     mesh.proxy.setAll({ drop: 0.3, delayMs: 200 });
-    const start = await indexed(n4);
+    const start = await applied(n4);
     // Each side may suspect (or declare dead) members it cannot reach through the loss; requests still run.
     await longPrompt(n3, "You triage bug reports.");
     await Bun.sleep(3 * SUSPICION_MS);
     mesh.proxy.heal();
     // Nobody live stays dead once the links heal, and the index sync catches up.
     await waitFor("the live nodes to converge after the lossy period", HEAL_MS, () => converged(live, ["n1", "n2", "n3", "n4"]), 250);
-    await waitFor("n3's prefixes in n4's index", HEAL_MS, async () => (await indexed(n4)) >= start + 2, 250);
+    await waitFor("the new prefixes in n4's index", HEAL_MS, () => caughtUp(n4, start), 250);
   }, 180_000);
 });

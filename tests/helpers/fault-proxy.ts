@@ -27,7 +27,7 @@ export interface LinkFaults {
   delayMs?: number;
   /** Chance in [0, 1] that a request is sent twice. */
   duplicate?: number;
-  /** Let this many bytes of answer bodies through, then cut the link (a cut mid-answer). */
+  /** Let this many bytes of one event stream (text/event-stream answer) through, then cut the link (a cut mid-answer). */
   cutAfterBytes?: number;
 }
 
@@ -166,11 +166,12 @@ export class FaultProxy {
     if (back.delayMs) await sleep(back.delayMs, signal);
     const h = new Headers();
     for (const [k, v] of upstream.headers) if (!HOP.has(k)) h.set(k, v);
-    return new Response(this.body(upstream, to, from, signal), { status: upstream.status, headers: h });
+    const sse = (upstream.headers.get("content-type") ?? "").startsWith("text/event-stream");
+    return new Response(this.body(upstream, to, from, signal, sse), { status: upstream.status, headers: h });
   }
 
   // An answer's body, chunk by chunk under the link's faults as they are at each chunk.
-  private body(upstream: Response, to: string, from: string, signal: AbortSignal): ReadableStream<Uint8Array> | null {
+  private body(upstream: Response, to: string, from: string, signal: AbortSignal, sse: boolean): ReadableStream<Uint8Array> | null {
     const reader = upstream.body?.getReader();
     if (!reader) return null;
     let passed = 0;
@@ -180,9 +181,14 @@ export class FaultProxy {
           const { value, done } = await reader.read();
           const f = this.faults(to, from);
           if (done) return c.close();
-          passed += value.byteLength;
-          if (f.cut || (f.cutAfterBytes !== undefined && passed > f.cutAfterBytes)) {
-            if (!f.cut) this.set(to, from, { ...f, cut: true });
+          const limit = sse && f.cutAfterBytes !== undefined ? f.cutAfterBytes : Number.POSITIVE_INFINITY;
+          if (!f.cut && passed + value.byteLength > limit) {
+            // Exactly `limit` bytes get through, then the link is cut.
+            if (limit > passed) c.enqueue(value.subarray(0, limit - passed));
+            passed = limit;
+            this.set(to, from, { ...f, cut: true });
+          } else passed += value.byteLength;
+          if (this.faults(to, from).cut) {
             // The rest never arrives: the connection goes silent until the receiver gives up.
             await reader.cancel().catch(() => {});
             this.stats.held++;
