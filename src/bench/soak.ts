@@ -7,7 +7,7 @@
 // things are asserted: no 5xx outside the restart window (from a kill until
 // the restarted node is ready plus the failure-detection bound), and no node
 // process growing its RSS by more than --rss-growth-mib after its warm-up.
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { TINY } from "../gguf/generate";
@@ -99,6 +99,7 @@ function num(name: string, v: number | undefined, def: number, min: number, max:
 
 /** Defaults filled in and ranges checked; throws BenchUsageError. */
 export function resolveSoakOptions(o: SoakOptions = {}): SoakConfig {
+  if (o.model !== undefined && !existsSync(o.model)) throw new BenchUsageError(`model not found: ${o.model}`);
   return {
     nodes: num("nodes", o.nodes, 3, 2, 16),
     durationS: num("duration", o.durationS, 600, 5, 7 * 86400),
