@@ -33,8 +33,8 @@ describe("mesh bench soak", () => {
   test("a_short_soak_with_kills_passes_and_writes_its_summary_and_chart", async () => {
     const out = mkdtempSync(join(tmpdir(), "mesh-soak-"));
     try {
-      // CI-sized: about 40 s on an idle 2-core machine, two kills and restarts.
-      const { report } = await runSoak({ durationS: 30, killEveryS: 10, out });
+      // CI-sized: about 30 s on an idle 2-core machine, two kills and restarts.
+      const { report } = await runSoak({ durationS: 20, killEveryS: 8, out });
       expect(report.failures).toEqual([]);
       expect(report.passed).toBe(true);
       expect(report.kills.length).toBeGreaterThanOrEqual(1);
