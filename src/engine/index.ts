@@ -160,6 +160,8 @@ export interface EngineLike {
   clearMarks(): void;
   /** Listen for changes in the prefix marks the KV holds; returns the unsubscribe function. */
   onTenancy(listener: (delta: TenancyDelta) => void): () => void;
+  /** Listen for the engine dying without close() (engines that cannot die, like FakeEngine, omit it). */
+  onFailure?(listener: (e: EngineError) => void): void;
 }
 
 type WithoutRid<T> = T extends unknown ? Omit<T, "rid"> : never;
@@ -179,6 +181,7 @@ export class Engine implements EngineLike {
   private closing: Promise<void> | null = null;
   private onClosed: (() => void) | null = null;
   private readonly tenancy = new TenancyFeed();
+  private readonly failureListeners: Array<(e: EngineError) => void> = [];
 
   private constructor(
     private readonly worker: Worker,
@@ -190,13 +193,27 @@ export class Engine implements EngineLike {
     this.control = new Int32Array(controlBuf);
     this.freeFlags = Array.from({ length: maxInFlight }, (_, i) => maxInFlight - 1 - i);
     worker.onmessage = (e: MessageEvent<FromWorker>) => this.onMessage(e.data);
-    worker.onerror = (e) => {
-      // A dead Worker answers nothing: close the engine so every caller settles now and later calls fail fast.
-      this.closed = true;
-      worker.terminate();
-      this.tenancy.end();
-      this.fail(new EngineError("engine_closed", `engine worker failed: ${e.message}`));
-    };
+    worker.onerror = (e) => this.died(`engine worker failed: ${e.message}`);
+    // Terminated or exited without close() (a crash, or whoever force-terminated it): the same as an error.
+    worker.addEventListener("close", () => {
+      if (!this.closing) this.died("engine worker stopped");
+    });
+  }
+
+  /** Listen for the Worker dying without close() (crash, force-termination); the engine is closed by then. */
+  onFailure(listener: (e: EngineError) => void): void {
+    this.failureListeners.push(listener);
+  }
+
+  // A dead Worker answers nothing: close the engine so every caller settles now and later calls fail fast.
+  private died(message: string): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.worker.terminate();
+    this.tenancy.end();
+    const err = new EngineError("engine_closed", message);
+    this.fail(err);
+    for (const l of this.failureListeners.splice(0)) l(err);
   }
 
   /** Start a Worker and load a model in it; rejects with an EngineError on failure. */
@@ -374,6 +391,11 @@ export class Engine implements EngineLike {
   /** Cancel everything, free the model and stop the Worker. */
   close(): Promise<void> {
     if (this.closing) return this.closing;
+    // Already dead (died()): nothing answers a shutdown, and everything has settled.
+    if (this.closed) {
+      this.closing = Promise.resolve();
+      return this.closing;
+    }
     // Routing must stop sending this node prompts for what it is about to free.
     this.tenancy.end();
     this.closing = new Promise<void>((resolve) => {
