@@ -12,6 +12,7 @@ import { type KvPressureOptions, runKvPressure } from "../bench/kv-pressure";
 import { formatTable } from "../bench/report";
 import { parsePolicies, type RoutingBenchOptions, runRoutingBench } from "../bench/routing";
 import { formatRoutingTable } from "../bench/routing-report";
+import { formatSoakTable, resolveSoakOptions, runSoak, type SoakOptions } from "../bench/soak";
 import { intOption, UsageError } from "./usage";
 
 function collect(v: string, prev: string[]): string[] {
@@ -92,7 +93,7 @@ export function registerBench(p: Command): void {
   const bench = p
     .command("bench")
     .description(
-      "benchmarks: agent loops under KV pressure, cache-aware vs least-load routing across nodes, the engine against llama-server",
+      "benchmarks: agent loops under KV pressure, cache-aware vs least-load routing across nodes, the engine against llama-server, a soak with node kills",
     )
     .addHelpText(
       "after",
@@ -101,7 +102,8 @@ Examples:
   mesh bench kv-pressure --help
   mesh bench kv-pressure --compare llama-server
   mesh bench routing --tiny
-  mesh bench engine --repeats 5`,
+  mesh bench engine --repeats 5
+  mesh bench soak --duration 60 --kill-every 20`,
     );
 
   bench
@@ -270,6 +272,72 @@ Examples:
       const report = await asUsage(() => runEngineBench(o));
       process.stdout.write(json(opts) ? `${JSON.stringify(report, null, 2)}\n` : formatEngineBenchTable(report));
     });
+
+  bench
+    .command("soak")
+    .description(
+      "N nodes on loopback under mixed agent loops and short chats, one node killed and restarted every minute; ok/429/5xx and RSS over time",
+    )
+    .option("--nodes <n>", "mesh serve nodes (default 3)", intOption("--nodes", 2, 16))
+    .option("--duration <s>", "seconds of load (default 600)", intOption("--duration", 5))
+    .option("--kill-every <s>", "seconds between node kills, 0 for none (default 60)", intOption("--kill-every", 0))
+    .option("-m, --model <path>", "GGUF file every node serves (default: the tiny generated model)")
+    .option("--agent-loops <n>", "growing conversations at once (default 2)", intOption("--agent-loops", 0, 256))
+    .option("--chat-loops <n>", "short chat loops at once (default 2)", intOption("--chat-loops", 0, 256))
+    .option("-c, --ctx-size <n>", "KV cells of each node (default 4096)", intOption("--ctx-size", 256))
+    .option("-n, --parallel <n>", "slots of each node (default 2)", intOption("--parallel", 1, 64))
+    .option("-t, --threads <n>", "CPU threads of each node (default 1)", intOption("--threads", 1, 1024))
+    .option("--seed <n>", "workload and entry-node seed (default 1)", intOption("--seed", 0, 0xffffffff))
+    .option(
+      "--rss-growth-mib <n>",
+      "most RSS a node process may grow after its 30 s warm-up (default 128)",
+      intOption("--rss-growth-mib", 1),
+    )
+    .option("--out <dir>", "output directory (default: bench-out/soak-<timestamp>)")
+    .option("--json", "print summary.json on stdout instead of the table")
+    .addHelpText("after", SOAK_HELP)
+    .action(async (opts) => {
+      const o: SoakOptions = {
+        nodes: opts.nodes,
+        durationS: opts.duration,
+        killEveryS: opts.killEvery,
+        model: opts.model,
+        agentLoops: opts.agentLoops,
+        chatLoops: opts.chatLoops,
+        ctxSize: opts.ctxSize,
+        parallel: opts.parallel,
+        threads: opts.threads,
+        seed: opts.seed,
+        rssGrowthMiB: opts.rssGrowthMib,
+        out: opts.out,
+        command: ["mesh", ...process.argv.slice(process.argv.indexOf("bench"))].join(" "),
+      };
+      for (const k of Object.keys(o) as Array<keyof SoakOptions>) if (o[k] === undefined) delete o[k];
+      await asUsage(async () => resolveSoakOptions(o));
+      const { report, outDir } = await asUsage(() => runSoak(o, (line) => process.stderr.write(`${line}\n`)));
+      process.stdout.write(json(opts) ? `${JSON.stringify(report, null, 2)}\n` : `${formatSoakTable(report)}\nreport: ${outDir}\n`);
+      // A failed assertion is the benchmark's verdict: exit 1, as a failed test would.
+      if (!report.passed) process.exitCode = 1;
+    });
 }
+
+const SOAK_HELP = `
+Starts N mesh serve nodes on 127.0.0.1 (the first creates the mesh, the others
+join with its invite token). Agent loops (a shared system prompt, conversations
+growing for 6 turns) and short chats send requests to random live nodes. Every
+--kill-every seconds one node, in turn, is SIGKILLed and restarted on its state
+dir without --join (it finds the mesh through the peers it remembered).
+
+Each request is ok, 429, 5xx, or no answer (its entry node was the one killed).
+The restart window runs from a kill until the restarted node is ready plus the
+failure-detection bound and 10 s. Passes when no request failed (5xx or no
+answer) outside every restart window and no node process grew its RSS by more
+than --rss-growth-mib after its warm-up; exits 1 otherwise. Writes summary.json
+and rss.svg (RSS of every node over time, kills marked) to --out.
+
+Examples:
+  mesh bench soak                                   # 3 nodes, 10 minutes, a kill a minute
+  mesh bench soak --duration 60 --kill-every 20     # CI-sized
+  mesh bench soak --model ./qwen2.5-0.5b-q4_k_m.gguf --threads 2 --json > soak.json`;
 
 const json = (opts: { json?: boolean }) => opts.json === true;

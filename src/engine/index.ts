@@ -14,6 +14,7 @@ import {
   type GenerateRequest,
   type LoadOptions,
   type ModelInfo,
+  type NativeHandles,
   type PrefixMark,
   type SamplingOptions,
   type TenancyDelta,
@@ -161,6 +162,8 @@ export interface EngineLike {
   clearMarks(): void;
   /** Listen for changes in the prefix marks the KV holds; returns the unsubscribe function. */
   onTenancy(listener: (delta: TenancyDelta) => void): () => void;
+  /** Listen for the engine dying without close() (engines that cannot die, like FakeEngine, omit it). */
+  onFailure?(listener: (e: EngineError) => void): void;
 }
 
 type WithoutRid<T> = T extends unknown ? Omit<T, "rid"> : never;
@@ -180,6 +183,16 @@ export class Engine implements EngineLike {
   private closing: Promise<void> | null = null;
   private onClosed: (() => void) | null = null;
   private readonly tenancy = new TenancyFeed();
+  private readonly failureListeners: Array<(e: EngineError) => void> = [];
+  /** The library and native handles of the loaded model, for freeing them if the Worker dies. */
+  private native: { libPath: string; handles: NativeHandles } | null = null;
+  private freed = false;
+  private reaping = false;
+  private workerGone = false;
+  private onReleased: () => void = () => {};
+  private readonly released = new Promise<void>((resolve) => {
+    this.onReleased = resolve;
+  });
 
   private constructor(
     private readonly worker: Worker,
@@ -191,13 +204,29 @@ export class Engine implements EngineLike {
     this.control = new Int32Array(controlBuf);
     this.freeFlags = Array.from({ length: maxInFlight }, (_, i) => maxInFlight - 1 - i);
     worker.onmessage = (e: MessageEvent<FromWorker>) => this.onMessage(e.data);
-    worker.onerror = (e) => {
-      // A dead Worker answers nothing: close the engine so every caller settles now and later calls fail fast.
-      this.closed = true;
-      worker.terminate();
-      this.tenancy.end();
-      this.fail(new EngineError("engine_closed", `engine worker failed: ${e.message}`));
-    };
+    worker.onerror = (e) => this.died(`engine worker failed: ${e.message}`);
+    // Terminated or exited without close() (a crash, or whoever force-terminated it): the same as an error.
+    worker.addEventListener("close", () => {
+      this.workerGone = true;
+      if (!this.closing) this.died("engine worker stopped");
+    });
+  }
+
+  /** Listen for the Worker dying without close() (crash, force-termination); the engine is closed by then. */
+  onFailure(listener: (e: EngineError) => void): void {
+    this.failureListeners.push(listener);
+  }
+
+  // A dead Worker answers nothing: close the engine so every caller settles now and later calls fail fast.
+  private died(message: string): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.worker.terminate();
+    this.tenancy.end();
+    const err = new EngineError("engine_closed", message);
+    this.fail(err);
+    for (const l of this.failureListeners.splice(0)) l(err);
+    this.reap();
   }
 
   /** Start a Worker and load a model in it; rejects with an EngineError on failure. */
@@ -256,10 +285,10 @@ export class Engine implements EngineLike {
         }, 100)
       : null;
     try {
-      const info = await new Promise<ModelInfo>((resolve, reject) => {
+      const { info, handles } = await new Promise<{ info: ModelInfo; handles: NativeHandles }>((resolve, reject) => {
         worker.onmessage = (e: MessageEvent<FromWorker>) => {
           const m = e.data;
-          if (m.type === "loaded") resolve(m.info);
+          if (m.type === "loaded") resolve({ info: m.info, handles: m.handles });
           else if (m.type === "load_failed") reject(EngineError.from(m.error));
         };
         worker.onerror = (e) => reject(new EngineError("model_load_failed", `engine worker failed: ${e.message}`));
@@ -267,7 +296,9 @@ export class Engine implements EngineLike {
         worker.postMessage(msg);
       });
       if (last !== 1) opts.onProgress?.(1);
-      return new Engine(worker, info, control, maxInFlight, opts.defaultReserveOutput ?? QUEUE_DEFAULTS.reserveOutput);
+      const engine = new Engine(worker, info, control, maxInFlight, opts.defaultReserveOutput ?? QUEUE_DEFAULTS.reserveOutput);
+      engine.native = { libPath, handles };
+      return engine;
     } catch (e) {
       worker.terminate();
       throw e;
@@ -377,6 +408,11 @@ export class Engine implements EngineLike {
   /** Cancel everything, free the model and stop the Worker. */
   close(): Promise<void> {
     if (this.closing) return this.closing;
+    // Already dead (died()): nothing answers a shutdown, and everything has settled.
+    if (this.closed) {
+      this.closing = Promise.resolve();
+      return this.closing;
+    }
     // Routing must stop sending this node prompts for what it is about to free.
     this.tenancy.end();
     this.closing = new Promise<void>((resolve) => {
@@ -389,6 +425,9 @@ export class Engine implements EngineLike {
       this.closed = true;
       this.worker.terminate();
       this.fail(new EngineError("engine_closed", "the engine is closed"));
+      // Stuck past the grace period, the Worker never freed what it held.
+      if (this.freed) this.onReleased();
+      else this.reap();
     });
     return this.closing;
   }
@@ -424,9 +463,38 @@ export class Engine implements EngineLike {
         this.tenancy.emit(m.delta);
         return;
       case "closed":
+        this.freed = true;
         this.onClosed?.();
         return;
     }
+  }
+
+  /** Settles once what the Worker held natively is freed: by the Worker on close(), or by a reaper after it died. */
+  whenReleased(): Promise<void> {
+    return this.released;
+  }
+
+  // A Worker that died (or was terminated stuck) never freed its model, context and thread pools: once its
+  // thread is gone, so nothing can be running on them, a fresh Worker frees them (llama.cpp stays off this thread).
+  private reap(): void {
+    const n = this.native;
+    if (this.freed || this.reaping || !n) return;
+    this.reaping = true;
+    const start = () => {
+      const reaper = new Worker(engineWorkerUrl());
+      const done = () => {
+        reaper.terminate();
+        this.freed = true;
+        this.onReleased();
+      };
+      reaper.onmessage = (e: MessageEvent<FromWorker>) => {
+        if (e.data.type === "reaped") done();
+      };
+      reaper.onerror = done;
+      reaper.postMessage({ type: "reap", libPath: n.libPath, handles: n.handles } satisfies ToWorker);
+    };
+    if (this.workerGone) start();
+    else this.worker.addEventListener("close", start, { once: true });
   }
 
   private deliver(e: TokenEvent): void {

@@ -198,17 +198,26 @@ export type ToWorker =
   | { type: "marks"; id: number; marks: Array<[string, string | null]> }
   /** Forget every mark of every holder (slots, host-RAM copies, running and queued prompts), reporting the held ones evicted; the KV stays. */
   | { type: "clear_marks" }
-  | { type: "shutdown" };
+  | { type: "shutdown" }
+  /** Sent to a fresh Worker after the engine's own one died: free the model and context it left behind. */
+  | { type: "reap"; libPath: string; handles: NativeHandles };
+
+/** Addresses of what a loaded engine holds natively (so a dead Worker's leftovers can be freed by another). */
+export interface NativeHandles {
+  model: number;
+  ctx: number;
+}
 
 export type FromWorker =
-  | { type: "loaded"; info: ModelInfo }
+  | { type: "loaded"; info: ModelInfo; handles: NativeHandles }
   | { type: "load_failed"; error: EngineErrorValue }
   | { type: "reply"; rid: number; value: unknown }
   | { type: "reply_error"; rid: number; error: EngineErrorValue }
   | { type: "step"; events: TokenEvent[] }
   /** Held marks changed; one per loop iteration at most, never empty. */
   | { type: "tenancy"; delta: TenancyDelta }
-  | { type: "closed" };
+  | { type: "closed" }
+  | { type: "reaped" };
 
 /** Layout of the control SharedArrayBuffer: [0] abort-decode flag, then one cancel flag per in-flight request. */
 export const CONTROL_ABORT = 0;

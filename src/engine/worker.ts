@@ -1,8 +1,11 @@
 // The engine Worker: the only place llama.cpp is called. It loads one model,
 // then loops: take messages, run one scheduler step, post that step's events.
+
+import type { Pointer } from "bun:ffi";
 import type { EngineErrorValue } from "./errors";
+import { openNative } from "./native";
 import { closeModel, type OpenedModel, openModel, schedulerDeps } from "./open";
-import { CONTROL_FLAGS_OFFSET, type FromWorker, type LoadOptions, type TokenEvent, type ToWorker } from "./protocol";
+import { CONTROL_FLAGS_OFFSET, type FromWorker, type LoadOptions, type NativeHandles, type TokenEvent, type ToWorker } from "./protocol";
 import { Scheduler } from "./scheduler";
 import { type TokenMark, tokenMarks } from "./tenancy";
 
@@ -25,7 +28,15 @@ function load(libPath: string, o: LoadOptions, progress: SharedArrayBuffer, ctl:
   }
   opened = m;
   scheduler = new Scheduler(schedulerDeps(m, o, control, CONTROL_FLAGS_OFFSET));
-  post({ type: "loaded", info: m.info });
+  post({ type: "loaded", info: m.info, handles: { model: Number(m.model), ctx: Number(m.ctx) } });
+}
+
+// This Worker was started only to free what a dead one left: the context (and its thread pools) and the model.
+function reap(libPath: string, h: NativeHandles): void {
+  const n = openNative(libPath);
+  n.mesh_context_free(h.ctx as Pointer);
+  n.mesh_model_free(h.model as Pointer);
+  post({ type: "reaped" });
 }
 
 function tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): number[] {
@@ -128,6 +139,9 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
       return;
     case "shutdown":
       closing = true;
+      return;
+    case "reap":
+      reap(m.libPath, m.handles);
       return;
   }
   if (!scheduler) {

@@ -30,6 +30,7 @@
 // proof can never stand in for a /mesh reply proof, nor a reply proof for a
 // forward proof.
 import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
+import { LruMap } from "../lru";
 
 /** Header names of the mesh authentication. */
 export const AUTH_HEADER = {
@@ -131,18 +132,15 @@ export interface NonceStoreOptions {
 
 /** One-time nonces with a time to live, oldest evicted first when full. */
 export class NonceStore {
-  // Insertion order is issue order, so the first entry is always the oldest.
-  private readonly expires = new Map<string, number>();
+  // Issue order: the first entry is always the oldest (an LruMap, since a Map's first key slows down after many deletes).
+  private readonly expires = new LruMap<string, number>();
 
   constructor(private readonly o: NonceStoreOptions) {}
 
   /** A fresh random nonce (16 bytes, base64url), remembered until used, expired or evicted. */
   issue(): string {
     this.sweep();
-    while (this.expires.size >= this.o.capacity) {
-      const oldest = this.expires.keys().next().value as string;
-      this.expires.delete(oldest);
-    }
+    while (this.expires.size >= this.o.capacity) this.expires.shift();
     const nonce = newNonce();
     this.expires.set(nonce, this.o.now() + this.o.ttlMs);
     return nonce;
@@ -150,7 +148,7 @@ export class NonceStore {
 
   /** Whether `nonce` was issued, is unused and has not expired; changes nothing. */
   has(nonce: string): boolean {
-    const exp = this.expires.get(nonce);
+    const exp = this.expires.peek(nonce);
     return exp !== undefined && exp > this.o.now();
   }
 
@@ -168,16 +166,82 @@ export class NonceStore {
 
   private sweep(): void {
     const now = this.o.now();
-    for (const [n, exp] of this.expires) {
-      if (exp > now) break;
-      this.expires.delete(n);
+    for (let e = this.expires.oldest(); e !== undefined && e[1] <= now; e = this.expires.oldest()) this.expires.shift();
+  }
+}
+
+const CHALLENGE_TAG_BYTES = 6;
+
+/**
+ * Challenges that cost nothing to hand out: a challenge is its issue time, 4 random bytes and a tag (a
+ * truncated HMAC under a key of this process), so a flood of GET /mesh/challenge stores nothing and can
+ * evict nothing, least of all the challenge a forwarding peer fetched a moment ago. Replay protection
+ * stays exact: a challenge is used up by the first request that verifies with it (only requests that
+ * carry a valid proof, so only mesh members, add to what is remembered), and when more are used within
+ * a time to live than the bound holds, the oldest is forgotten and every challenge issued no later than
+ * it is refused from then on. A restart changes the key: challenges of the previous process are refused.
+ */
+export class ChallengeMint {
+  private readonly key = randomBytes(32);
+  // Used challenges by use order, with their issue times.
+  private readonly used = new LruMap<string, number>();
+  private floor = Number.NEGATIVE_INFINITY;
+
+  constructor(private readonly o: NonceStoreOptions) {}
+
+  /** A challenge (16 bytes, base64url); nothing is stored. */
+  issue(): string {
+    const b = Buffer.alloc(16);
+    b.writeUIntBE(Math.max(0, Math.floor(this.o.now())), 0, 6);
+    randomBytes(16 - 6 - CHALLENGE_TAG_BYTES).copy(b, 6);
+    this.tag(b.subarray(0, 16 - CHALLENGE_TAG_BYTES)).copy(b, 16 - CHALLENGE_TAG_BYTES);
+    return b.toString("base64url");
+  }
+
+  /** Whether `nonce` is a challenge this process issued, live and unused; changes nothing. */
+  has(nonce: string): boolean {
+    const t = this.issuedAt(nonce);
+    if (t === null || t <= this.floor || this.used.has(nonce)) return false;
+    const now = this.o.now();
+    // An issue time ahead of now means the clock stepped back: allowed within a time to live.
+    return t > now - this.o.ttlMs && t < now + this.o.ttlMs;
+  }
+
+  /** Use `nonce` up: true once, for a live challenge. */
+  take(nonce: string): boolean {
+    const t = this.issuedAt(nonce);
+    if (t === null || !this.has(nonce)) return false;
+    const now = this.o.now();
+    for (let e = this.used.oldest(); e !== undefined && e[1] <= now - this.o.ttlMs; e = this.used.oldest()) this.used.shift();
+    while (this.used.size >= this.o.capacity) {
+      const [, at] = this.used.shift() as [string, number];
+      this.floor = Math.max(this.floor, at);
     }
+    this.used.set(nonce, t);
+    return true;
+  }
+
+  /** Used challenges remembered (the only state challenges cost). */
+  get size(): number {
+    return this.used.size;
+  }
+
+  private issuedAt(nonce: string): number | null {
+    const b = Buffer.from(nonce, "base64url");
+    if (b.length !== 16) return null;
+    const head = b.subarray(0, 16 - CHALLENGE_TAG_BYTES);
+    if (!timingSafeEqual(this.tag(head), b.subarray(16 - CHALLENGE_TAG_BYTES))) return null;
+    return b.readUIntBE(0, 6);
+  }
+
+  private tag(head: Uint8Array): Buffer {
+    return createHmac("sha256", this.key).update(head).digest().subarray(0, CHALLENGE_TAG_BYTES);
   }
 }
 
 /** Bounds of the verifier. */
 export interface AuthorityOptions {
-  /** Nonces handed to anyone who asks (GET /mesh/challenge). */
+  /** Used challenges remembered (challenges handed to anyone who asks, GET /mesh/challenge, cost nothing until used). */
   challengeCapacity: number;
   /** Nonces handed out with authenticated replies, for the caller's next request. */
   followUpCapacity: number;
@@ -189,20 +253,19 @@ export interface AuthorityOptions {
 export const DEFAULT_AUTHORITY: Omit<AuthorityOptions, "now"> = { challengeCapacity: 4096, followUpCapacity: 4096, ttlMs: 30_000 };
 
 /**
- * The server side: issues nonces and verifies proofs. Anonymous challenges and
- * follow-up nonces live in separate stores, so a flood of anonymous challenge
- * requests can evict only other anonymous challenges, never the nonces that
- * members already hold.
+ * The server side: issues nonces and verifies proofs. Anonymous challenges are
+ * stateless (ChallengeMint) and follow-up nonces live in their own store, so a
+ * flood of anonymous challenge requests costs no memory and evicts nothing.
  */
 export class MeshAuthority {
-  private readonly challenges: NonceStore;
+  private readonly challenges: ChallengeMint;
   private readonly followUps: NonceStore;
 
   constructor(
     readonly keys: MeshKeys,
     private readonly o: AuthorityOptions,
   ) {
-    this.challenges = new NonceStore({ capacity: o.challengeCapacity, ttlMs: o.ttlMs, now: o.now });
+    this.challenges = new ChallengeMint({ capacity: o.challengeCapacity, ttlMs: o.ttlMs, now: o.now });
     this.followUps = new NonceStore({ capacity: o.followUpCapacity, ttlMs: o.ttlMs, now: o.now });
   }
 
@@ -246,7 +309,7 @@ export class MeshAuthority {
     return forwardProof(this.keys, { ...exchange, status });
   }
 
-  /** Nonces held, per store (for tests and metrics). */
+  /** Nonces held: used challenges remembered, and follow-ups handed out (for tests and metrics). */
   get sizes(): { challenges: number; followUps: number } {
     return { challenges: this.challenges.size, followUps: this.followUps.size };
   }

@@ -5,6 +5,8 @@
 // Every request also carries a fresh nonce of the caller's own, to which the
 // peer's reply proof is bound, and, when the caller knows it, the node id it
 // means to reach.
+
+import { LruMap } from "../lru";
 import { AUTH_HEADER, type Exchange, type MeshKeys, newNonce, requestProof } from "./auth";
 import { readLimited } from "./body";
 
@@ -67,7 +69,8 @@ export function clientError(e: unknown, signal: AbortSignal | undefined, addr: s
 
 /** Signs requests to peers with the mesh secret. */
 export class MeshClient {
-  private readonly pools = new Map<string, Pooled[]>();
+  // Least recently used peer first (an LruMap: a Map's first key slows down after many deletes).
+  private readonly pools = new LruMap<string, Pooled[]>();
   private readonly now: () => number;
   private readonly maxPeers: number;
   private readonly poolSize: number;
@@ -101,7 +104,7 @@ export class MeshClient {
 
   /** Nonces pooled for `addr` (for tests). */
   pooled(addr: string): number {
-    return this.pools.get(addr)?.length ?? 0;
+    return this.pools.peek(addr)?.length ?? 0;
   }
 
   /** Peers with pooled nonces (for tests). */
@@ -150,7 +153,7 @@ export class MeshClient {
   }
 
   private takePooled(addr: string): string | null {
-    const pool = this.pools.get(addr);
+    const pool = this.pools.peek(addr);
     if (!pool) return null;
     const now = this.now();
     let next: Pooled | undefined = pool.shift();
@@ -166,10 +169,9 @@ export class MeshClient {
     // Use it well before the peer forgets it: the time to reach the peer counts too.
     const life = Number.isFinite(ttl) && ttl > 0 ? Math.min(ttl, 300_000) / 2 : 5_000;
     const pool = this.pools.get(addr) ?? [];
-    this.pools.delete(addr); // re-inserted last: Map order is least recently used first
     pool.push({ nonce, expiresAt: this.now() + life });
     while (pool.length > this.poolSize) pool.shift();
-    this.pools.set(addr, pool);
-    while (this.pools.size > this.maxPeers) this.pools.delete(this.pools.keys().next().value as string);
+    this.pools.set(addr, pool); // the most recent peer now
+    while (this.pools.size > this.maxPeers) this.pools.shift();
   }
 }

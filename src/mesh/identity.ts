@@ -3,6 +3,7 @@
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, type KeyObject, sign, verify } from "node:crypto";
 import { chmodSync, existsSync, linkSync, mkdirSync, readFileSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { LruMap } from "../lru";
 import type { NodeId } from "./wire";
 
 /** A node's key pair; `publicKey` is base64 of the raw 32 bytes, as it travels on the wire. */
@@ -35,11 +36,12 @@ const RAW_KEY_BYTES = 32;
 const SIGNATURE_BYTES = 64;
 // Public keys seen on the wire are imported once; bounded because peers come and go.
 const KEY_CACHE_MAX = 4096;
-const keyCache = new Map<string, KeyObject | null>();
+// LruMaps: a stranger's stream of made-up keys churns them, and a Map's first key slows down after many deletes.
+const keyCache = new LruMap<string, KeyObject | null>();
 // Every membership update carries a public key whose id is checked: computed once per key.
-const idCache = new Map<string, NodeId>();
+const idCache = new LruMap<string, NodeId>();
 const VERIFIED_MAX = 16_384;
-const verified = new Set<string>();
+const verified = new LruMap<string, true>();
 
 function fail(code: IdentityErrorCode, message: string): IdentityError {
   return { ok: false, code, message };
@@ -50,7 +52,7 @@ export function nodeIdOf(publicKeyB64: string): NodeId {
   const hit = idCache.get(publicKeyB64);
   if (hit !== undefined) return hit;
   const id = createHash("sha256").update(Buffer.from(publicKeyB64, "base64")).digest().subarray(0, 16).toString("hex");
-  if (idCache.size >= KEY_CACHE_MAX) idCache.delete(idCache.keys().next().value as string);
+  if (idCache.size >= KEY_CACHE_MAX) idCache.shift();
   idCache.set(publicKeyB64, id);
   return id;
 }
@@ -67,7 +69,7 @@ function publicKeyObject(publicKeyB64: string): KeyObject | null {
       key = null;
     }
   }
-  if (keyCache.size >= KEY_CACHE_MAX) keyCache.delete(keyCache.keys().next().value as string);
+  if (keyCache.size >= KEY_CACHE_MAX) keyCache.shift();
   keyCache.set(publicKeyB64, key);
   return key;
 }
@@ -78,7 +80,7 @@ export function verifySignature(publicKeyB64: string, data: Uint8Array, sigB64: 
   // The same record reaches a node many times over gossip (and many nodes share a process in the
   // simulation): a good signature is checked once. The key binds key, data and signature together.
   const memo = `${publicKeyB64}/${sigB64}/${createHash("sha256").update(data).digest("base64")}`;
-  if (verified.has(memo)) return true;
+  if (verified.get(memo)) return true;
   const key = publicKeyObject(publicKeyB64);
   if (!key) return false;
   const sig = Buffer.from(sigB64, "base64");
@@ -90,8 +92,8 @@ export function verifySignature(publicKeyB64: string, data: Uint8Array, sigB64: 
     ok = false;
   }
   if (ok) {
-    if (verified.size >= VERIFIED_MAX) verified.delete(verified.values().next().value as string);
-    verified.add(memo);
+    if (verified.size >= VERIFIED_MAX) verified.shift();
+    verified.set(memo, true);
   }
   return ok;
 }

@@ -177,6 +177,8 @@ export type JoinResult = { ok: true; value: { reached: number } } | { ok: false;
 const MEMBER_TYPES = new Set(["ping", "ping-req", "join", "leave", "sync", "sync-push"]);
 const MAX_SEEDS = 32;
 const RTT_WEIGHT = 0.3;
+// A direct probe waits this many smoothed RTTs of its target (never less than probeTimeoutMs).
+const RTT_TIMEOUT_FACTOR = 2;
 
 /** One node's SWIM failure detector and member table. */
 export class Membership {
@@ -457,24 +459,27 @@ export class Membership {
     return xs;
   }
 
+  // The direct ping keeps running for the whole round: an ack that arrives after the direct timeout, while the
+  // indirect probes run, still counts (on a slow link, say 200 ms each way, every direct ack would otherwise
+  // come "late" and every member would be suspected in turn). Each ack also feeds the member's smoothed RTT,
+  // from which the direct and indirect timeouts grow on slow links.
   private async probe(target: Member): Promise<void> {
     this.stats.probes++;
     const inc = target.inc;
     const t0 = this.o.clock.now();
-    if (await this.ping(target, this.config.probeTimeoutMs)) {
-      const rtt = this.o.clock.now() - t0;
-      target.rttMs = target.rttMs === null ? rtt : target.rttMs + RTT_WEIGHT * (rtt - target.rttMs);
-      return;
-    }
+    const direct = this.timeoutFor(target);
+    const round = Math.max(this.config.roundMs, 2 * direct);
+    const acked = this.ping(target, round);
+    if (await this.within(acked, direct)) return;
     if (!this.running) return;
     this.stats.directProbeFailures++;
     const relays = this.shuffle(this.liveIds().filter((id) => id !== target.id)).slice(0, this.config.indirectK);
-    const wait = Math.max(this.config.roundMs - (this.o.clock.now() - t0), this.config.probeTimeoutMs);
+    const wait = Math.max(round - (this.o.clock.now() - t0), direct);
     this.stats.indirectProbes += relays.length;
-    const results = await Promise.all(relays.map((id) => this.pingReq(id, target.id, wait)));
+    const results = await Promise.all([...relays.map((id) => this.pingReq(id, target.id, wait)), acked]);
     if (!this.running) return;
     if (results.some(Boolean)) {
-      this.stats.indirectSaves++;
+      if (results.slice(0, -1).some(Boolean)) this.stats.indirectSaves++;
       return;
     }
     const cur = this.members.get(target.id);
@@ -485,13 +490,33 @@ export class Membership {
     }
   }
 
+  /** The direct probe timeout for `m`: the configured one, or more on a link whose measured RTT is long (at most a round). */
+  private timeoutFor(m: Member): number {
+    const byRtt = m.rttMs === null ? 0 : Math.min(RTT_TIMEOUT_FACTOR * m.rttMs, this.config.roundMs);
+    return Math.max(this.config.probeTimeoutMs, byRtt);
+  }
+
+  // Whether `p` resolves true within `ms` (it keeps running either way).
+  private within(p: Promise<boolean>, ms: number): Promise<boolean> {
+    return new Promise((resolve) => {
+      const timer = this.o.clock.setTimer(() => resolve(false), ms);
+      void p.then((ok) => {
+        this.o.clock.clearTimer(timer);
+        resolve(ok);
+      });
+    });
+  }
+
   private async ping(target: Member, timeoutMs: number): Promise<boolean> {
     const msg = { type: "ping", from: this.record, to: target.id, updates: this.outgoing(target.id) };
+    const t0 = this.o.clock.now();
     try {
       const reply = await this.o.transport.request(target.addr, msg, timeoutMs, target.id);
       if (!this.running || reply.type !== "ack") return false;
       if (this.observeSender(reply.from) !== target.id) return false;
       this.applyAll(reply.updates);
+      const rtt = this.o.clock.now() - t0;
+      target.rttMs = target.rttMs === null ? rtt : target.rttMs + RTT_WEIGHT * (rtt - target.rttMs);
       return true;
     } catch {
       return false;
@@ -519,7 +544,7 @@ export class Membership {
     if (target && targetId !== sender && this.relays < this.config.maxRelays) {
       this.relays++;
       try {
-        ok = await this.ping(target, this.config.probeTimeoutMs);
+        ok = await this.ping(target, this.timeoutFor(target));
       } finally {
         this.relays--;
       }

@@ -9,9 +9,11 @@
 // and relay that node's proven answer (the request names the node it is for).
 
 import type { Logger } from "../log";
+import { LruMap } from "../lru";
 import { AUTH_HEADER, forwardProof, type MeshKeys, proofsEqual } from "../mesh/auth";
 import type { MeshClient } from "../mesh/client";
 import type { NodeId, WorkerInfo } from "../mesh/wire";
+import { SSE_KEEPALIVE_MS } from "./openai/run";
 
 /** Why a request could not be forwarded. */
 export type ForwardErrorCode = "no_route" | "upstream_failed" | "cancelled";
@@ -65,6 +67,11 @@ export interface ForwarderOptions {
   logger: Logger;
   /** Told when a worker could not be reached, so the registry stops routing to it for a while. */
   onPeerFailure?: (workerId: string) => void;
+  /**
+   * Longest silence of a peer's answer once it streams (default STREAM_IDLE_MS): past it, the answer is
+   * abandoned with an error, since a cut link may deliver nothing at all, not even a reset.
+   */
+  streamIdleMs?: number;
   /** Told when a request to a worker starts and ends, so routing counts it in the worker's load until its figures catch up. */
   inflight?: { begin(workerId: string): void; end(workerId: string): void };
 }
@@ -93,6 +100,9 @@ const RETRYABLE = new Set([401, 404, 429, 500, 502, 503, 504]);
 const PASSED_HEADERS = ["content-type", "cache-control", "retry-after", "x-accel-buffering", "x-mesh-served-by"];
 const enc = new TextEncoder();
 
+/** A peer's SSE answer is never silent for longer than its keep-alive (15 s): twice that, plus margin, means the link is gone. */
+export const STREAM_IDLE_MS = 2 * SSE_KEEPALIVE_MS + 5_000;
+
 /** How long a worker's 413 keeps bodies that large away from it, and how many workers are remembered. */
 const SIZE_REFUSAL_TTL_MS = 10 * 60_000;
 const MAX_SIZE_REFUSALS = 1024;
@@ -114,7 +124,7 @@ export class Forwarder {
    * large again for a while, so whatever answers 413 to everything soon gets nothing, while an honest
    * node with a smaller body limit keeps getting what it can take. Bounded; entries expire.
    */
-  private readonly sizeRefused = new Map<string, { bytes: number; at: number }>();
+  private readonly sizeRefused = new LruMap<string, { bytes: number; at: number }>();
 
   constructor(private readonly o: ForwarderOptions) {}
 
@@ -216,7 +226,7 @@ export class Forwarder {
         }
         this.counts.forwarded++;
         return {
-          response: this.relay(response, w.id, upstream, () => client.removeEventListener("abort", onAbort), shape),
+          response: this.relay(response, w, upstream, () => client.removeEventListener("abort", onAbort), shape, client),
           worker: w,
         };
       } catch (e) {
@@ -245,7 +255,7 @@ export class Forwarder {
   }
 
   private refusesSize(workerId: string, bytes: number): boolean {
-    const r = this.sizeRefused.get(workerId);
+    const r = this.sizeRefused.peek(workerId);
     if (!r) return false;
     if (Date.now() - r.at > SIZE_REFUSAL_TTL_MS) {
       this.sizeRefused.delete(workerId);
@@ -255,10 +265,10 @@ export class Forwarder {
   }
 
   private noteSizeRefusal(workerId: string, bytes: number): void {
-    const r = this.sizeRefused.get(workerId);
+    const r = this.sizeRefused.peek(workerId);
     this.sizeRefused.delete(workerId);
-    // Oldest first out: a Map iterates in insertion order.
-    if (this.sizeRefused.size >= MAX_SIZE_REFUSALS) this.sizeRefused.delete(this.sizeRefused.keys().next().value as string);
+    // Oldest first out (an LruMap: a Map's first key slows down after many deletes).
+    if (this.sizeRefused.size >= MAX_SIZE_REFUSALS) this.sizeRefused.shift();
     this.sizeRefused.set(workerId, { bytes: Math.min(bytes, r?.bytes ?? bytes), at: Date.now() });
   }
 
@@ -281,13 +291,34 @@ export class Forwarder {
     this.o.inflight?.end(id);
   }
 
-  // Streams the peer's answer through; ends the in-flight count exactly once however the stream ends.
-  private relay(upstream: Response, workerId: string, ctrl: AbortController, detach: () => void, shape: ForwardShape): Response {
+  // Streams the peer's answer through; ends the in-flight count exactly once however the stream ends. While it
+  // streams, the peer is watched: an answer whose peer stops being alive, or that stays silent longer than a peer's
+  // keep-alives allow (a link cut without a reset sends nothing, not even an error), is abandoned with an error.
+  private relay(
+    upstream: Response,
+    w: WorkerInfo,
+    ctrl: AbortController,
+    detach: () => void,
+    shape: ForwardShape,
+    client: AbortSignal,
+  ): Response {
     let done = false;
+    // When the pending read of the peer's answer began (null: none pending; a slow client is not the peer's silence).
+    let waiting: number | null = null;
+    const idleMs = this.o.streamIdleMs ?? STREAM_IDLE_MS;
+    const watch = setInterval(
+      () => {
+        const dead = this.o.peerAlive && !this.o.peerAlive(w.nodeId);
+        if (dead || (waiting !== null && Date.now() - waiting > idleMs))
+          ctrl.abort(new DOMException(dead ? "the peer left the mesh" : "the peer went silent mid-answer", "TimeoutError"));
+      },
+      Math.min(1000, idleMs),
+    );
     const finish = () => {
       if (done) return;
       done = true;
-      this.end(workerId);
+      clearInterval(watch);
+      this.end(w.id);
       detach();
     };
     const headers = new Headers();
@@ -304,15 +335,20 @@ export class Forwarder {
     const body = new ReadableStream<Uint8Array>({
       pull: async (c) => {
         try {
+          waiting = Date.now();
           const { value, done: end } = await reader.read();
+          waiting = null;
           if (end) {
             finish();
             c.close();
           } else c.enqueue(value);
         } catch (e) {
           finish();
-          if (ctrl.signal.aborted) return;
-          this.o.logger.warn("peer broke off a forwarded answer", { error: (e as Error)?.message });
+          // The client went away: nobody reads on, but the stream still ends (never left pending).
+          if (client.aborted) return c.close();
+          const why = ctrl.signal.aborted ? ((ctrl.signal.reason as Error | undefined)?.message ?? "aborted") : (e as Error)?.message;
+          this.o.logger.warn("peer broke off a forwarded answer", { node: w.nodeId, error: why });
+          this.o.onPeerFailure?.(w.id);
           // Cut short mid-answer: an SSE client gets an error event (and no [DONE]), never a stream that looks finished.
           if (sse) {
             const message = "the peer serving this request failed mid-answer";

@@ -79,6 +79,12 @@ export class ServedModel {
 
   private attach(engine: EngineLike): void {
     this.engine = engine;
+    // A Worker that crashed or was force-terminated serves nothing more: the node reports the model failed
+    // (its worker record and /v1/models say so) instead of routing requests to a dead engine.
+    engine.onFailure?.((e) => {
+      this.status = "failed";
+      this.error = e.message;
+    });
     // A template that does not compile falls back to ours rather than making the model unusable.
     // So is one our renderer cannot run even for a plain user turn (it would fail every request).
     const tokens = { bosToken: engine.info.bosText, eosToken: engine.info.eosText };

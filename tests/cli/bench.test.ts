@@ -63,6 +63,9 @@ describe("mesh bench command line", () => {
         [["bench", "engine", "--repeats", "0"], "--repeats"],
         [["bench", "engine", "--prompt-tokens", "9000"], "--prompt-tokens"],
         [["bench", "engine", "--model", "tiny", "--llama-server", "/nonexistent/llama-server"], "--with-llama-server"],
+        [["bench", "soak", "--duration", "1", "--out", never], "--duration"],
+        [["bench", "soak", "--nodes", "1", "--out", never], "--nodes"],
+        [["bench", "soak", "--model", join(out, "missing.gguf"), "--out", never], "model not found"],
         [["bench", "frobnicate"], "unknown command"],
       ];
       for (const [args, needle] of cases) {

@@ -61,7 +61,15 @@ export async function meshCliAsync(args: string[]): Promise<{ code: number | nul
 }
 
 /** Start `mesh serve` and wait until its model is ready (generous: the machine may be slow). */
-export async function spawnNode(o: { name: string; dir: string; model: string; args?: string[]; stateDir?: string }): Promise<NodeProc> {
+export async function spawnNode(o: {
+  name: string;
+  dir: string;
+  model: string;
+  args?: string[];
+  stateDir?: string;
+  /** The process's whole environment (default: this one's). */
+  env?: Record<string, string>;
+}): Promise<NodeProc> {
   const stateDir = o.stateDir ?? join(o.dir, `state-${o.name}`);
   const proc = Bun.spawn(
     [
@@ -84,7 +92,7 @@ export async function spawnNode(o: { name: string; dir: string; model: string; a
       o.name,
       ...(o.args ?? []),
     ],
-    { stdout: "ignore", stderr: "pipe" },
+    { stdout: "ignore", stderr: "pipe", env: o.env },
   );
   let log = "";
   // Drained for the process's whole life: a full pipe would block the node.

@@ -56,7 +56,9 @@ describe("mesh authentication", () => {
     const { nonce } = a.challenge();
     const req = signed({ nonce });
     expect(a.verify(req)).toEqual({ ok: true, nodeId: "a1b2c3", nonce, callerNonce: CALLER_NONCE, to: null });
-    expect(a.sizes.challenges).toBe(0);
+    // Remembered as used (the only state a challenge ever costs), so it never verifies again.
+    expect(a.sizes.challenges).toBe(1);
+    expect(a.verify(req).ok).toBe(false);
   });
 
   test("replay_is_rejected", () => {
@@ -71,7 +73,7 @@ describe("mesh authentication", () => {
     const { nonce } = a.challenge();
     expect(a.verify(signed({ nonce, secret: "another mesh's secret, also long enough" }))).toEqual({ ok: false, code: "bad_proof" });
     // A failed attempt uses nothing up: an attacker who sees a nonce in flight cannot burn it.
-    expect(a.sizes.challenges).toBe(1);
+    expect(a.sizes.challenges).toBe(0);
     expect(a.verify(signed({ nonce })).ok).toBe(true);
   });
 
@@ -130,14 +132,43 @@ describe("mesh authentication", () => {
     expect(a.verify(signed({ nonce })).ok).toBe(false);
   });
 
-  test("challenge_flood_cannot_evict_follow_up_nonces", () => {
+  test("challenge_flood_evicts_neither_follow_up_nonces_nor_an_outstanding_challenge_and_stores_nothing", () => {
     const a = authority(clock(), 16);
     const held = a.followUp().nonce;
+    // A forwarder fetched this challenge; a stranger then asks for a flood of them before the forwarder signs.
     const early = a.challenge().nonce;
-    for (let i = 0; i < 1000; i++) a.challenge();
-    expect(a.sizes.challenges).toBe(16);
-    expect(a.verify(signed({ nonce: early })).ok).toBe(false);
+    for (let i = 0; i < 10_000; i++) a.challenge();
+    expect(a.sizes.challenges).toBe(0);
+    expect(a.verify(signed({ nonce: early })).ok).toBe(true);
     expect(a.verify(signed({ nonce: held })).ok).toBe(true);
+  });
+
+  test("a_challenge_made_up_or_from_another_process_is_refused", () => {
+    const a = authority();
+    const other = authority();
+    expect(a.verify(signed({ nonce: other.challenge().nonce })).ok).toBe(false);
+    const real = Buffer.from(a.challenge().nonce, "base64url");
+    real[15] = (real[15] as number) ^ 1;
+    expect(a.verify(signed({ nonce: real.toString("base64url") })).ok).toBe(false);
+  });
+
+  test("used_challenges_are_bounded_and_every_challenge_older_than_a_forgotten_one_is_refused", () => {
+    const c = clock();
+    const a = authority(c, 4);
+    const old = a.challenge().nonce;
+    c.t += 1;
+    const used: string[] = [];
+    for (let i = 0; i < 10; i++) {
+      const req = signed({ nonce: a.challenge().nonce });
+      c.t += 1;
+      expect(a.verify(req).ok).toBe(true);
+      used.push(req.headers.get(AUTH_HEADER.nonce) as string);
+    }
+    expect(a.sizes.challenges).toBe(4);
+    // Forgotten ones are not replayable: everything issued up to the newest forgotten one is refused.
+    for (const n of used) expect(a.verify(signed({ nonce: n })).ok).toBe(false);
+    expect(a.verify(signed({ nonce: old })).ok).toBe(false);
+    expect(a.verify(signed({ nonce: a.challenge().nonce })).ok).toBe(true);
   });
 
   test("reply_proof_binds_both_nonces_status_and_body", () => {
@@ -241,7 +272,7 @@ describe("review findings", () => {
     // A real nonce passes the precheck and stays usable for the full verification.
     const req = signed({ nonce });
     expect(a.precheck(req.headers)).toBeNull();
-    expect(a.sizes.challenges).toBe(1);
+    expect(a.sizes.challenges).toBe(0);
     expect(a.verify(req).ok).toBe(true);
   });
 });

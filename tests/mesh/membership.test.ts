@@ -77,6 +77,23 @@ describe("SWIM failure detection", () => {
     expect(c.converged()).toBe(true);
   });
 
+  test("members_behind_links_slower_than_the_probe_timeout_are_not_suspected", async () => {
+    // 220-260 ms each way: every round trip is longer than the 400 ms direct probe timeout (found by the fault suite,
+    // where 200 ms of delay on every link had each member suspected and declared dead in turn).
+    const names = ["a", "b", "c", "d", "e"];
+    const c = await meshOf(names, { latencyMs: [220, 260] });
+    const suspicions = () => names.reduce((s, n) => s + c.node(n).core.stats().membership.suspicions, 0);
+    const before = suspicions();
+    await c.clock.until(() => false, 40 * ROUND, ROUND);
+    expect(suspicions()).toBe(before);
+    expect(c.converged()).toBe(true);
+    const rtt = c
+      .node("a")
+      .core.members()
+      .find((m) => !m.self)?.rttMs;
+    expect(rtt as number).toBeGreaterThan(MEMBERSHIP_DEFAULTS.probeTimeoutMs);
+  });
+
   test("graceful_leave_propagates_as_left_and_removes_its_workers", async () => {
     const names = ["a", "b", "c", "d"];
     const c = await meshOf(names);
