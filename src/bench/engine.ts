@@ -4,17 +4,41 @@
 //
 //   bun run src/bench/engine.ts [--model PATH|bench|tiny] [--threads N] [--ctx N] [--parallel N]
 //     [--prompt-tokens N] [--prefix-tokens N] [--gen-tokens N] [--repeats N] [--no-compare] [--json]
+//     [--table [--prefixes 2048,8192,16384] [--suffixes 16,256,1024] [--no-dirty] [--no-floor] [--http] [--table-only]]
 //
 // Both targets stay loaded and take turns repeat by repeat (mesh, llama-server,
 // mesh, ...), never working at the same time: on a small machine they would
 // compete for the same cores, and alternating spreads the machine's drift
 // over both instead of landing it on whichever ran second.
-import { existsSync } from "node:fs";
-import { availableParallelism, cpus } from "node:os";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { availableParallelism, cpus, tmpdir } from "node:os";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { Engine, HOST_CACHE_DEFAULT_MIB } from "../engine/index";
+import type { TtftPhases } from "../engine/protocol";
 import { ensureModel, GENERATED_MODELS } from "../gguf/models";
+import {
+  type CachedPrefixTable,
+  type CellSamples,
+  cellKey,
+  emptySamples,
+  formatCachedPrefixTable,
+  formatPhaseBreakdown,
+  httpTarget,
+  measureTableRepeat,
+  type TablePrompt,
+  type TableRepeatPrompts,
+  type TableTarget,
+  type TurnResult,
+  tableCells,
+  tableFigures,
+} from "./cached-prefix";
+import { measureFloor } from "./floor";
+import { meshCommand } from "./kv-pressure";
 import { defaultLlamaServerPath, LlamaServer, llamaServerFlags } from "./llama-server";
+import { median, pairedRatio } from "./stats";
+
+export { median, pairedRatio } from "./stats";
 
 /** What to measure and how the two targets are configured; every field has a default. */
 export interface EngineBenchOptions {
@@ -48,12 +72,32 @@ export interface EngineBenchOptions {
   gpuLayers?: number;
   /** llama-server executable. Default vendor/llama.cpp/build/cpu/bin/llama-server. */
   llamaServer?: string;
+  /** Also measure the cached-prefix table (prefixes x suffixes). Default false. */
+  table?: boolean;
+  /** Prefix sizes of the table. Default 2048, 8192, 16384. */
+  prefixes?: number[];
+  /** Suffix sizes of the table. Default 16, 256, 1024. */
+  suffixes?: number[];
+  /** The table's dirty variant (other streams decode between the prefix and the request). Default true. */
+  dirty?: boolean;
+  /** The table's floor: the suffix decoded over the prefix through the shim alone. Default true. */
+  floor?: boolean;
+  /** The table again through HTTP: `mesh serve` against llama-server, /v1/completions, same client. Default false. */
+  http?: boolean;
+  /** The prefill, decode and single cached-TTFT figures. Default true (false: the table only). */
+  figures?: boolean;
   /** Receives progress lines (default: stderr). */
   onProgress?: (line: string) => void;
 }
 
 /** The options after defaults, as recorded in the report. */
 export type EngineBenchConfig = Required<Omit<EngineBenchOptions, "onProgress" | "model">> & { model: string };
+
+/** Table defaults: the prefixes and suffixes of an agent's turns. */
+export const TABLE_PREFIXES = [2048, 8192, 16384];
+export const TABLE_SUFFIXES = [16, 256, 1024];
+/** Generated tokens of each stream that dirties the pool in the dirty variant. */
+const DIRTY_GEN_TOKENS = 32;
 
 /** One figure over its repeats. */
 export interface Samples {
@@ -103,6 +147,8 @@ export interface EngineBenchReport {
   figures: BenchFigure[];
   mesh: TargetResult;
   llamaServer: TargetResult | null;
+  /** The cached-prefix tables (engine level, then HTTP when asked); empty without --table. */
+  tables: CachedPrefixTable[];
 }
 
 /** A bad option or a missing tool: the CLI prints its message on one line and exits with 2. */
@@ -131,7 +177,19 @@ export function resolveEngineBenchOptions(o: EngineBenchOptions = {}): EngineBen
     compare: o.compare ?? true,
     gpuLayers: o.gpuLayers ?? -1,
     llamaServer: o.llamaServer ?? defaultLlamaServerPath(),
+    table: o.table ?? false,
+    prefixes: o.prefixes ?? TABLE_PREFIXES,
+    suffixes: o.suffixes ?? TABLE_SUFFIXES,
+    dirty: o.dirty ?? true,
+    floor: o.floor ?? true,
+    http: o.http ?? false,
+    figures: o.figures ?? true,
   };
+  // The table's longest prompt, and the dirty streams beside it, must fit; an unset --ctx grows to it.
+  const tableNeed = c.table
+    ? Math.max(...c.prefixes) + Math.max(...c.suffixes) + 1 + c.parallel * (DECODE_PROMPT_TOKENS + DIRTY_GEN_TOKENS)
+    : 0;
+  if (o.ctx === undefined && tableNeed > c.ctx) c.ctx = Math.ceil(tableNeed / 1024) * 1024;
   const ints: Array<[string, number, number]> = [
     ["threads", c.threads, 1],
     ["ctx", c.ctx, 64],
@@ -148,6 +206,16 @@ export function resolveEngineBenchOptions(o: EngineBenchOptions = {}): EngineBen
   for (const [name, v, min] of ints) {
     if (!Number.isInteger(v) || v < min) throw new BenchUsageError(`--${name} must be a whole number >= ${min} (got ${v})`);
   }
+  for (const [name, xs] of [
+    ["prefixes", c.prefixes],
+    ["suffixes", c.suffixes],
+  ] as const) {
+    if (xs.length === 0 || xs.some((v) => !Number.isInteger(v) || v < 1)) {
+      throw new BenchUsageError(`--${name} takes a comma-separated list of whole numbers >= 1`);
+    }
+  }
+  if (c.table && tableNeed > c.ctx) throw new BenchUsageError(`the table needs --ctx >= ${tableNeed} (got ${c.ctx})`);
+  if (!c.table && (c.http || o.figures === false)) throw new BenchUsageError("--http and --table-only need --table");
   if (!["on", "off", "auto"].includes(c.flashAttn)) throw new BenchUsageError(`--flash-attn must be on, off or auto (got ${c.flashAttn})`);
   if (c.ubatch > c.batch) throw new BenchUsageError("--ubatch cannot exceed --batch");
   // With unified KV every slot may use the whole context, but the streams of
@@ -173,6 +241,8 @@ interface Timing {
   completionTokens: number;
   cachedTokens: number;
   server?: { promptPerSecond: number; predictedPerSecond: number };
+  /** mesh only: where the time to first token went inside the engine Worker. */
+  phases?: TtftPhases;
 }
 
 /** A thing that generates from token ids, greedily, ignoring end-of-generation tokens. */
@@ -196,7 +266,7 @@ function meshTarget(engine: Engine): Target {
           }
         } else if (e.kind === "done") {
           const end = performance.now();
-          return {
+          const t: Timing = {
             start,
             firstToken: first < 0 ? end : first,
             firstIndex: first < 0 ? e.completionTokens : firstIndex,
@@ -204,6 +274,8 @@ function meshTarget(engine: Engine): Target {
             completionTokens: e.completionTokens,
             cachedTokens: e.cachedTokens,
           };
+          if (e.phases) t.phases = e.phases;
+          return t;
         }
       }
       throw new Error("mesh: generation ended without a done event");
@@ -297,13 +369,6 @@ function llamaTarget(url: string): Target {
   };
 }
 
-/** Median of a non-empty list (mean of the middle two for even lengths). */
-export function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 === 1 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
-}
-
 const samples = (xs: number[]): Samples => ({ median: median(xs), samples: xs });
 
 /** Token ids for every run, built once and sent identically to both targets. */
@@ -314,6 +379,9 @@ interface PromptSet {
   aggregate: number[][][];
   prefix: number[][];
   suffix: number[][];
+  /** The table's prompts per repeat: engine level, and HTTP (its own, so nothing cached by the other layer is reused). */
+  table: TableRepeatPrompts[];
+  tableHttp: TableRepeatPrompts[];
 }
 
 const WORDS = (
@@ -347,6 +415,21 @@ async function buildPrompts(engine: Engine, c: EngineBenchConfig): Promise<Promp
     const ids = await engine.tokenize(` then ${++serial} ${words(c.suffixTokens)}`, { addSpecial: false });
     return ids.slice(0, c.suffixTokens);
   };
+  // Text for the HTTP table: what the token ids spell (a server tokenizes it back to about as many).
+  const asText = async (ids: number[]): Promise<TablePrompt> => ({ ids, text: await engine.detokenize(ids) });
+  const tableRepeat = async (): Promise<TableRepeatPrompts> => {
+    const t: TableRepeatPrompts = { prefix: new Map(), clean: new Map(), dirty: new Map(), streams: [] };
+    for (const size of c.prefixes) t.prefix.set(size, await asText(await prompt(size)));
+    for (const cell of tableCells(c.prefixes, c.suffixes)) {
+      for (const m of [t.clean, t.dirty]) {
+        const ids = (await engine.tokenize(` then ${++serial} ${words(cell.suffix)}`, { addSpecial: false })).slice(0, cell.suffix);
+        // Detokenizing drops the leading space of the first piece; the suffix follows the prefix after one.
+        m.set(cellKey(cell), { ids, text: ` ${await engine.detokenize(ids)}` });
+      }
+    }
+    for (let k = 0; k < Math.max(1, c.parallel - 1); k++) t.streams.push(await asText(await prompt(DECODE_PROMPT_TOKENS)));
+    return t;
+  };
   const runs = Array.from({ length: c.repeats }, (_, i) => i);
   const set: PromptSet = {
     warmup: await prompt(Math.min(256, c.promptTokens)),
@@ -355,6 +438,8 @@ async function buildPrompts(engine: Engine, c: EngineBenchConfig): Promise<Promp
     aggregate: [],
     prefix: [],
     suffix: [],
+    table: [],
+    tableHttp: [],
   };
   for (const _ of runs) {
     set.prefill.push(await prompt(c.promptTokens));
@@ -364,6 +449,10 @@ async function buildPrompts(engine: Engine, c: EngineBenchConfig): Promise<Promp
     set.aggregate.push(streams);
     set.prefix.push(await prompt(c.prefixTokens));
     set.suffix.push(await suffix());
+    if (c.table) {
+      set.table.push(await tableRepeat());
+      if (c.http) set.tableHttp.push(await tableRepeat());
+    }
   }
   return set;
 }
@@ -469,18 +558,6 @@ function result(x: Collected): TargetResult {
   return out;
 }
 
-/** Median over repeats of the per-repeat ratio (> 1 = mesh better); null without a pair. */
-export function pairedRatio(mesh: number[], llama: number[], higherIsBetter: boolean): number | null {
-  const rs: number[] = [];
-  for (let i = 0; i < Math.min(mesh.length, llama.length); i++) {
-    const m = mesh[i] as number;
-    const l = llama[i] as number;
-    const r = higherIsBetter ? m / l : l / m;
-    if (Number.isFinite(r)) rs.push(r);
-  }
-  return rs.length === 0 ? null : median(rs);
-}
-
 function llamaServerArgs(c: EngineBenchConfig, modelPath: string): string[] {
   const known = llamaServerFlags(c.llamaServer);
   for (const f of ["--kv-unified", "--flash-attn", "--parallel", "--cache-prompt"]) {
@@ -523,6 +600,25 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
   if (GENERATED_MODELS[c.model]) log(`model '${c.model}': generated on first use, then cached (some seconds)`);
   const modelPath = await resolveModel(c.model);
   const serverArgs = c.compare ? llamaServerArgs(c, modelPath) : [];
+  const cells = c.table ? tableCells(c.prefixes, c.suffixes) : [];
+  // Before anything is loaded or served: the floor blocks this thread while it measures.
+  const floor =
+    c.table && c.floor
+      ? measureFloor(
+          {
+            modelPath,
+            ctx: c.ctx,
+            parallel: c.parallel,
+            batch: c.batch,
+            ubatch: c.ubatch,
+            threads: c.threads,
+            flashAttn: FLASH_ATTN[c.flashAttn],
+            repeats: c.repeats,
+          },
+          cells,
+          log,
+        )
+      : null;
 
   log(`mesh: loading ${modelPath} (threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch})`);
   const engine = await Engine.load({
@@ -540,24 +636,36 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
   const info = engine.info;
   const meshSamples = collected();
   const llamaSamples = collected();
+  const meshTable = emptySamples(cells);
+  const llamaTable = emptySamples(cells);
+  const meshHttp = emptySamples(cells);
+  const llamaHttp = emptySamples(cells);
   let server: LlamaServer | null = null;
   try {
     const prompts = await buildPrompts(engine, c);
-    const sides: Array<{ name: string; target: Target; into: Collected }> = [
-      { name: "mesh", target: meshTarget(engine), into: meshSamples },
+    const sides: Array<{ name: string; target: Target; into: Collected; table: Map<string, CellSamples> }> = [
+      { name: "mesh", target: meshTarget(engine), into: meshSamples, table: meshTable },
     ];
     if (c.compare) {
       // Both stay loaded for the whole run; only one of them works at any moment.
       log(`llama-server: starting ${c.llamaServer}`);
       server = await LlamaServer.start({ binary: c.llamaServer, args: serverArgs });
       log(`llama-server: ready at ${server.url} (pid ${server.pid})`);
-      sides.push({ name: "llama-server", target: llamaTarget(server.url), into: llamaSamples });
+      sides.push({ name: "llama-server", target: llamaTarget(server.url), into: llamaSamples, table: llamaTable });
     }
     for (const s of sides) await warmUp(s.name, s.target, prompts, c, log);
+    const dirty = c.dirty ? { genTokens: DIRTY_GEN_TOKENS } : null;
     // Alternate the targets repeat by repeat, so drift of the machine lands on both.
     for (let i = 0; i < c.repeats; i++) {
-      for (const s of sides) await measureRepeat(s.name, s.target, prompts, c, i, s.into, log);
+      for (const s of sides) {
+        if (c.figures) await measureRepeat(s.name, s.target, prompts, c, i, s.into, log);
+        if (c.table) {
+          const t = tableTarget(s.name, s.target);
+          await measureTableRepeat(t, cells, prompts.table[i] as TableRepeatPrompts, s.table, dirty, settle, log);
+        }
+      }
     }
+    if (c.http && server) await measureHttpTable(c, modelPath, server, cells, prompts.tableHttp, meshHttp, llamaHttp, log);
   } catch (e) {
     // The log goes away with the server: keep its end for the error report.
     throw server ? new Error(`${(e as Error).message}\nllama-server log (last lines):\n${server.logTail()}`) : e;
@@ -567,6 +675,11 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
   }
   const mesh = result(meshSamples);
   const llama = c.compare ? result(llamaSamples) : null;
+  const tables: CachedPrefixTable[] = [];
+  if (c.table) {
+    tables.push({ layer: "engine", cells: tableFigures(cells, meshTable, c.compare ? llamaTable : null, floor) });
+    if (c.http && c.compare) tables.push({ layer: "http", cells: tableFigures(cells, meshHttp, llamaHttp, floor) });
+  }
 
   const figure = (key: FigureKey, label: string, unit: "tok/s" | "ms", pick: (r: TargetResult) => Samples): BenchFigure => {
     const higherIsBetter = unit === "tok/s";
@@ -581,15 +694,78 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
     machine: { cpu: cpus()[0]?.model.trim() ?? "unknown", cores: availableParallelism(), platform: process.platform, arch: process.arch },
     model: { path: modelPath, name: info.name, nParams: info.nParams, sizeBytes: info.sizeBytes },
     config: c,
-    figures: [
-      figure("prefill", `prefill, ${c.promptTokens}-token prompt`, "tok/s", (r) => r.prefillTokensPerSecond),
-      figure("decode", `decode, 1 stream, ${c.genTokens} tokens`, "tok/s", (r) => r.decodeTokensPerSecond),
-      figure("aggregateDecode", `decode, ${c.parallel} streams, aggregate`, "tok/s", (r) => r.aggregateDecodeTokensPerSecond),
-      figure("cachedTtft", `TTFT, ${c.prefixTokens}-token cached prefix + ${c.suffixTokens}`, "ms", (r) => r.cachedTtftMs),
-    ],
+    figures: !c.figures
+      ? []
+      : [
+          figure("prefill", `prefill, ${c.promptTokens}-token prompt`, "tok/s", (r) => r.prefillTokensPerSecond),
+          figure("decode", `decode, 1 stream, ${c.genTokens} tokens`, "tok/s", (r) => r.decodeTokensPerSecond),
+          figure("aggregateDecode", `decode, ${c.parallel} streams, aggregate`, "tok/s", (r) => r.aggregateDecodeTokensPerSecond),
+          figure("cachedTtft", `TTFT, ${c.prefixTokens}-token cached prefix + ${c.suffixTokens}`, "ms", (r) => r.cachedTtftMs),
+        ],
     mesh,
     llamaServer: llama,
+    tables,
   };
+}
+
+// The engine-level targets seen as table targets (prompts as token ids).
+function tableTarget(name: string, t: Target): TableTarget {
+  return {
+    name,
+    async turn(p, maxTokens) {
+      const r = await t.generate(p.ids, maxTokens);
+      const out: TurnResult = { ttftMs: r.firstToken - r.start, cachedTokens: r.cachedTokens };
+      if (r.phases) out.phases = r.phases;
+      return out;
+    },
+  };
+}
+
+// The table through HTTP: a `mesh serve` process beside the running llama-server, the same
+// /v1/completions request from the same client, alternating repeat by repeat.
+async function measureHttpTable(
+  c: EngineBenchConfig,
+  modelPath: string,
+  llama: LlamaServer,
+  cells: ReturnType<typeof tableCells>,
+  prompts: TableRepeatPrompts[],
+  meshInto: Map<string, CellSamples>,
+  llamaInto: Map<string, CellSamples>,
+  log: (s: string) => void,
+): Promise<void> {
+  const [binary, ...pre] = meshCommand();
+  const state = mkdtempSync(join(tmpdir(), "mesh-bench-state-"));
+  const args = [...pre, "serve", "--model", modelPath, "--ctx-size", String(c.ctx), "--parallel", String(c.parallel)];
+  args.push("--threads", String(c.threads), "--shutdown-grace", "1", "--state-dir", state);
+  log(`mesh serve: starting (${args.slice(pre.length).join(" ")})`);
+  let node: LlamaServer | null = null;
+  try {
+    node = await LlamaServer.start({ name: "mesh serve", binary: binary as string, args, startupTimeoutMs: 600_000 });
+    const model = await servedModel(node.url);
+    const sides = [
+      { t: httpTarget("mesh serve", node.url, model), into: meshInto },
+      { t: httpTarget("llama-server (http)", llama.url, model), into: llamaInto },
+    ];
+    const dirty = c.dirty ? { genTokens: DIRTY_GEN_TOKENS } : null;
+    const warm = prompts[0]?.streams[0];
+    if (warm) for (const s of sides) await s.t.turn(warm, 4);
+    for (let i = 0; i < c.repeats; i++) {
+      for (const s of sides) await measureTableRepeat(s.t, cells, prompts[i] as TableRepeatPrompts, s.into, dirty, settle, log);
+    }
+  } catch (e) {
+    throw node ? new Error(`${(e as Error).message}\nmesh serve log (last lines):\n${node.logTail()}`) : e;
+  } finally {
+    await node?.stop();
+    rmSync(state, { recursive: true, force: true });
+  }
+}
+
+/** The first model id a server lists at /v1/models. */
+async function servedModel(url: string): Promise<string> {
+  const res = await fetch(`${url}/v1/models`, { signal: AbortSignal.timeout(30_000) });
+  const id = ((await res.json()) as { data?: Array<{ id?: unknown }> }).data?.[0]?.id;
+  if (typeof id !== "string") throw new Error(`${url}/v1/models lists no model`);
+  return id;
 }
 
 /** The report as a Markdown table (figure | mesh | llama-server | ratio, >1 = mesh better). */
@@ -605,11 +781,16 @@ export function formatEngineBenchTable(r: EngineBenchReport): string {
     ),
   ];
   const c = r.config;
+  const tables = r.tables.flatMap((t) => ["", formatCachedPrefixTable(t), formatPhaseBreakdown(t)].filter((x) => x !== ""));
   return [
-    ...rows,
+    ...(r.figures.length > 0 ? rows : []),
+    ...tables,
     "",
     "ratio > 1 means mesh is better (tok/s: mesh / llama-server; ms: llama-server / mesh): of the medians, and the median of " +
-      `the per-repeat ratios (paired); ${c.repeats} run(s) each, alternating targets; threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch}, flash-attn ${c.flashAttn}`,
+      `the per-repeat ratios (paired); ${c.repeats} run(s) each, alternating targets; threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch}, flash-attn ${c.flashAttn}` +
+      (r.tables.length > 0
+        ? `; table: TTFT in ms, clean = right after the prefix, dirty = after ${Math.max(1, c.parallel - 1)} other stream(s) of ${DECODE_PROMPT_TOKENS}+${DIRTY_GEN_TOKENS} tokens, floor = suffix decode + greedy sample through the shim alone`
+        : ""),
     "",
   ].join("\n");
 }
@@ -634,6 +815,18 @@ Compares mesh's engine with llama-server (same llama.cpp, model, threads, contex
   --n-gpu-layers N     layers on the GPU for both (llama-server -ngl); default: each one's own (all that fit)
   --llama-server PATH  llama-server executable (default vendor/llama.cpp/build/cpu/bin/llama-server)
   --json               print the report as JSON instead of a table
+
+Cached-prefix table (an agent's turn: long prefix in KV + new suffix; time to first token):
+  --table              also measure the table (ctx grows to fit it unless --ctx is given)
+  --prefixes LIST      prefix sizes, comma-separated (default 2048,8192,16384)
+  --suffixes LIST      suffix sizes, comma-separated (default 16,256,1024)
+  --no-dirty           skip the dirty variant (other streams decode between prefix and turn)
+  --no-floor           skip the floor (suffix decode over the prefix through the shim alone)
+  --http               the table again through HTTP: mesh serve vs llama-server, /v1/completions
+  --table-only         skip the prefill, decode and single cached-TTFT figures
+
+  e.g. --table --table-only --repeats 7                     (all 9 cells, engine level)
+       --table --table-only --prefixes 2048 --suffixes 16   (one cell, about a minute)
 `;
 
 /** Parse command-line arguments into options; throws BenchUsageError on a bad flag or value. */
@@ -661,6 +854,13 @@ export function parseEngineBenchArgs(argv: string[]): { options: EngineBenchOpti
         "n-gpu-layers": { type: "string" },
         "llama-server": { type: "string" },
         json: { type: "boolean" },
+        table: { type: "boolean" },
+        prefixes: { type: "string" },
+        suffixes: { type: "string" },
+        "no-dirty": { type: "boolean" },
+        "no-floor": { type: "boolean" },
+        http: { type: "boolean" },
+        "table-only": { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
     }));
@@ -673,6 +873,14 @@ export function parseEngineBenchArgs(argv: string[]): { options: EngineBenchOpti
     if (v === undefined) return undefined;
     if (typeof v !== "string" || !/^\d+$/.test(v)) throw new BenchUsageError(`--${name} takes a whole number (got '${String(v)}')`);
     return Number(v);
+  };
+  const list = (name: string): number[] | undefined => {
+    const v = values[name];
+    if (v === undefined) return undefined;
+    if (typeof v !== "string" || !/^\d+(,\d+)*$/.test(v)) {
+      throw new BenchUsageError(`--${name} takes comma-separated whole numbers, e.g. 2048,8192 (got '${String(v)}')`);
+    }
+    return v.split(",").map(Number);
   };
   const fa = values["flash-attn"];
   if (fa !== undefined && fa !== "on" && fa !== "off" && fa !== "auto") {
@@ -694,6 +902,13 @@ export function parseEngineBenchArgs(argv: string[]): { options: EngineBenchOpti
     compare: values["no-compare"] !== true,
     gpuLayers: int("n-gpu-layers"),
     llamaServer: values["llama-server"] as string | undefined,
+    table: values.table === true ? true : undefined,
+    prefixes: list("prefixes"),
+    suffixes: list("suffixes"),
+    dirty: values["no-dirty"] === true ? false : undefined,
+    floor: values["no-floor"] === true ? false : undefined,
+    http: values.http === true ? true : undefined,
+    figures: values["table-only"] === true ? false : undefined,
   };
   // Drop unset fields so defaults apply.
   for (const k of Object.keys(options) as Array<keyof EngineBenchOptions>) if (options[k] === undefined) delete options[k];

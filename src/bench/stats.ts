@@ -19,6 +19,25 @@ export function ratio(a: number, b: number): number | null {
   return b === 0 ? null : a / b;
 }
 
+/** Median of a non-empty list (mean of the middle two for even lengths). */
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 === 1 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
+}
+
+/** Median over repeats of the per-repeat ratio (> 1 = mesh better); null without a pair. */
+export function pairedRatio(mesh: number[], llama: number[], higherIsBetter: boolean): number | null {
+  const rs: number[] = [];
+  for (let i = 0; i < Math.min(mesh.length, llama.length); i++) {
+    const m = mesh[i] as number;
+    const l = llama[i] as number;
+    const r = higherIsBetter ? m / l : l / m;
+    if (Number.isFinite(r)) rs.push(r);
+  }
+  return rs.length === 0 ? null : median(rs);
+}
+
 /** p50 and p95 of a list, with its size. */
 export interface Spread {
   n: number;

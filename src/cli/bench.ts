@@ -86,7 +86,14 @@ Examples:
   bun run build.ts native --with-llama-server       # once
   mesh bench engine                                 # bench model, 3 repeats, table on stdout
   mesh bench engine --repeats 5 --json > engine.json
-  mesh bench engine --model tiny --no-compare       # mesh only, seconds`;
+  mesh bench engine --model tiny --no-compare       # mesh only, seconds
+
+Cached-prefix table (an agent's turn: a long prefix already in KV plus a new
+suffix; time to first token, clean and after other streams dirtied the pool,
+against the floor: the suffix decoded over the prefix through the shim alone):
+  mesh bench engine --table --table-only --repeats 7                    # 2k/8k/16k x 16/256/1024
+  mesh bench engine --table --table-only --prefixes 2048 --suffixes 16  # one cell
+  mesh bench engine --table --table-only --http                         # also mesh serve vs llama-server over HTTP`;
 
 /** Register `mesh bench` and its subcommands on the program. */
 export function registerBench(p: Command): void {
@@ -249,6 +256,13 @@ Examples:
     .option("--no-compare", "measure mesh only (no llama-server)")
     .option("--llama-server <path>", "llama-server executable (default: vendor/llama.cpp/build/cpu/bin/llama-server)")
     .option("--json", "print the report as JSON instead of a table")
+    .option("--table", "also measure the cached-prefix table (ctx grows to fit it unless given)")
+    .option("--prefixes <list>", "table prefix sizes, comma-separated (default 2048,8192,16384)", intList("--prefixes"))
+    .option("--suffixes <list>", "table suffix sizes, comma-separated (default 16,256,1024)", intList("--suffixes"))
+    .option("--no-dirty", "skip the table's dirty variant")
+    .option("--no-floor", "skip the table's floor")
+    .option("--http", "the table again over HTTP: mesh serve vs llama-server, /v1/completions")
+    .option("--table-only", "skip the prefill, decode and single cached-TTFT figures")
     .addHelpText("after", ENGINE_HELP)
     .action(async (opts) => {
       const o: EngineBenchOptions = {
@@ -266,6 +280,13 @@ Examples:
         repeats: opts.repeats,
         compare: opts.compare !== false,
         llamaServer: opts.llamaServer,
+        table: opts.table === true ? true : undefined,
+        prefixes: opts.prefixes,
+        suffixes: opts.suffixes,
+        dirty: opts.dirty === false ? false : undefined,
+        floor: opts.floor === false ? false : undefined,
+        http: opts.http === true ? true : undefined,
+        figures: opts.tableOnly === true ? false : undefined,
       };
       for (const k of Object.keys(o) as Array<keyof EngineBenchOptions>) if (o[k] === undefined) delete o[k];
       await asUsage(async () => resolveEngineBenchOptions(o));
@@ -341,3 +362,13 @@ Examples:
   mesh bench soak --model ./qwen2.5-0.5b-q4_k_m.gguf --threads 2 --json > soak.json`;
 
 const json = (opts: { json?: boolean }) => opts.json === true;
+
+/** Parse a comma-separated list of whole numbers >= 1, or throw a UsageError naming the flag. */
+function intList(flag: string): (v: string) => number[] {
+  return (v: string) => {
+    if (!/^\d+(,\d+)*$/.test(v.trim())) throw new UsageError(`${flag} takes comma-separated whole numbers, e.g. 2048,8192 (got '${v}')`);
+    const xs = v.trim().split(",").map(Number);
+    if (xs.some((x) => x < 1)) throw new UsageError(`${flag} values must be at least 1 (got '${v}')`);
+    return xs;
+  };
+}

@@ -168,6 +168,25 @@ export interface EngineStats extends SchedulerCounters {
 
 export type FinishReason = "stop" | "length" | "cancelled";
 
+/**
+ * Where a request's time to first token went inside the engine Worker, in milliseconds: what the
+ * caller sees beyond their sum is messaging, tokenization and delivery.
+ */
+export interface TtftPhases {
+  /** Waiting for a slot or KV room. */
+  queuedMs: number;
+  /** Its admission: slot choice, saving other idle slots to host RAM, evictions, restore. */
+  admitMs: number;
+  /** Of admitMs: copying a saved sequence back from host RAM (or compacting the pool). */
+  restoreMs: number;
+  /** Of admitMs: saving idle sequences to host RAM. */
+  saveMs: number;
+  /** llama_decode calls from admission until its first token's logits (shared with the steps' other sequences). */
+  decodeMs: number;
+  /** Sampling its first token (with every other sequence sampled in that step). */
+  sampleMs: number;
+}
+
 /** Per-request events, grouped per step into one message. */
 export type TokenEvent =
   | { id: number; kind: "start"; promptTokens: number; cachedTokens: number; slot: number; waitedMs: number }
@@ -181,6 +200,8 @@ export type TokenEvent =
       completionTokens: number;
       /** The stop string that ended it (finishReason "stop"); absent when it ended otherwise. */
       stopSequence?: string;
+      /** Where its time to first token went inside the engine Worker; absent when it never got a slot. */
+      phases?: TtftPhases;
     }
   | { id: number; kind: "error"; error: EngineErrorValue };
 

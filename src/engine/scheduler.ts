@@ -1,6 +1,7 @@
 // Continuous batching over llama.cpp sequences. Runs inside the engine Worker
 // only: every method may call into llama.cpp and block for a decode step.
 import type { Pointer } from "bun:ffi";
+import { shouldCompact } from "./compaction";
 import type { EngineErrorValue } from "./errors";
 import { HostCache, type HostEntry } from "./host-cache";
 import { type KvUsage, kvUsage, planEviction, reservation, type SlotUsage } from "./kv";
@@ -14,6 +15,7 @@ import {
   type TokenAlternative,
   type TokenEvent,
   type TokenLogprob,
+  type TtftPhases,
 } from "./protocol";
 import { queueRefusals } from "./queue";
 import { chooseSlot, commonPrefix } from "./slot-choice";
@@ -66,6 +68,8 @@ interface Active {
   reserve: number;
   /** Worker clock at admission, for the service-time estimate behind Retry-After. */
   startedAt: number;
+  /** Where its time to first token went (decode and sample times accrue until its first token). */
+  phases: TtftPhases;
 }
 
 interface Slot {
@@ -147,6 +151,9 @@ export interface SchedulerCounters {
   hostRestores: number;
   hostRestoredTokens: number;
   hostRestoreFailures: number;
+  /** Times the pool was emptied and a reused prefix copied back from cell 0, and the cells copied. */
+  compactions: number;
+  compactedCells: number;
 }
 
 /**
@@ -203,6 +210,8 @@ export function zeroCounters(): SchedulerCounters {
     hostRestores: 0,
     hostRestoredTokens: 0,
     hostRestoreFailures: 0,
+    compactions: 0,
+    compactedCells: 0,
   };
 }
 
@@ -226,6 +235,14 @@ export class Scheduler {
   private readonly tenancy = new Tenancy<Slot | HostState>();
   /** Finished generations that carried marks, by id, oldest first. */
   private readonly finished = new Map<number, Finished>();
+  /**
+   * Upper bound of the highest KV cell in use + 1: cells placed since the pool was last emptied
+   * (llama.cpp attends over every cell up to the highest in use, and its API does not tell where
+   * that is). Tightened when a lone compact sequence is trimmed.
+   */
+  private placed = 0;
+  /** Milliseconds spent saving to host RAM since the current admission began. */
+  private saveMs = 0;
 
   constructor(private readonly d: SchedulerDeps) {
     this.slots = Array.from({ length: d.nParallel }, (_, seq) => ({ seq, history: [], active: null, lastUsed: 0, savedAt: -1 }));
@@ -497,6 +514,9 @@ export class Scheduler {
       const free = this.slots.filter((s) => s.active === null);
       if (free.length === 0) break;
       const w = this.waiting[0] as Waiting;
+      const admitStart = this.d.now();
+      this.saveMs = 0;
+      let restoreMs = 0;
       const saved = this.host.enabled ? this.host.best(w.prompt) : null;
       const choice = chooseSlot(free, w.prompt, saved?.lcp ?? null);
       const best = choice.reuse;
@@ -541,7 +561,9 @@ export class Scheduler {
       if (this.host.enabled) for (const s of free) if (s !== target) this.offload(s);
       this.waiting.shift();
       if (restore) {
+        const t = this.d.now();
         this.restoreInto(target, restore);
+        restoreMs += this.d.now() - t;
         keep = Math.min(commonPrefix(target.history, w.prompt), w.prompt.length - 1);
         const restored = target.history.length;
         this.truncate(target, keep);
@@ -554,9 +576,15 @@ export class Scheduler {
         this.truncate(target, keep);
         this.countEviction(keep > 0 ? "divergent" : "replaced", before - target.history.length);
       }
+      // The reused prefix alone in a pool whose cells were placed high: move it to the start.
+      if (!restore && this.compactionPays(target, w)) {
+        const t = this.d.now();
+        this.compact(target);
+        restoreMs += this.d.now() - t;
+      }
       // An empty pool: start placing cells from the first one again, so the
       // attention window (up to the highest cell in use) is as short as it can be.
-      if (this.slots.every((x) => x.history.length === 0)) this.d.native.mesh_memory_clear(this.d.ctx, 0);
+      if (this.slots.every((x) => x.history.length === 0)) this.clearPool();
       const cached = target.history.length;
       const { sampling } = w.req;
       const grammar = w.req.grammar ? Buffer.from(`${w.req.grammar}\0`) : null;
@@ -600,7 +628,10 @@ export class Scheduler {
         logitIndex: -1,
         reserve,
         startedAt: this.d.now(),
+        phases: { queuedMs: 0, admitMs: 0, restoreMs, saveMs: this.saveMs, decodeMs: 0, sampleMs: 0 },
       };
+      a.phases.queuedMs = Math.max(0, admitStart - w.enqueuedAt);
+      a.phases.admitMs = a.startedAt - admitStart;
       target.active = a;
       target.lastUsed = ++this.clock;
       // Held as prefill puts their tokens in the KV; the reused prefix already has.
@@ -741,6 +772,7 @@ export class Scheduler {
   private offload(s: Slot, clear = true, evict = true): void {
     if (s.history.length >= HOST_MIN_TOKENS && this.host.enabled && !this.host.covers(s.history)) {
       const { native, ctx } = this.d;
+      const t = this.d.now();
       const size = Number(native.mesh_state_seq_size(ctx, s.seq));
       // Room is made before the buffer exists, so the bound holds at every moment.
       if (size > 0 && this.host.reserve(s.history, size, evict)) {
@@ -759,6 +791,7 @@ export class Scheduler {
           }
         }
       }
+      this.saveMs += this.d.now() - t;
     }
     if (clear) {
       const before = s.history.length;
@@ -771,9 +804,12 @@ export class Scheduler {
   private restoreInto(s: Slot, entry: HostEntry<HostState>): void {
     const { native, ctx } = this.d;
     if (s.history.length > 0) this.offload(s);
+    // Into an empty pool: from cell 0, so the attention window is the sequence itself.
+    if (this.slots.every((x) => x.history.length === 0)) this.clearPool();
     // Used now: more recent than the slot's own old conversation just saved.
     this.host.touch(entry);
     const got = Number(native.mesh_state_seq_set(ctx, entry.state.ptr, entry.state.written, s.seq));
+    this.place(entry.tokens.length);
     this.cut(s, 0);
     if (got > 0 && native.mesh_seq_pos_max(ctx, s.seq) === entry.tokens.length - 1) {
       s.history = Array.from(entry.tokens);
@@ -786,6 +822,57 @@ export class Scheduler {
     this.counters.hostRestoreFailures++;
     native.mesh_seq_rm(ctx, s.seq, -1, -1);
     s.history = [];
+  }
+
+  /** Empty the pool's bookkeeping (every slot must already be empty): placement starts from cell 0 again. */
+  private clearPool(): void {
+    this.d.native.mesh_memory_clear(this.d.ctx, 0);
+    this.placed = 0;
+  }
+
+  /** Cells were placed somewhere in the pool: the bound of the highest one grows. */
+  private place(cells: number): void {
+    this.placed = Math.min(this.d.nCtx, this.placed + cells);
+  }
+
+  // The target, trimmed to the prefix it reuses, is the only sequence left in the pool (others
+  // were saved and cleared at admission, none runs), and moving it to cell 0 pays for its copy.
+  private compactionPays(target: Slot, w: Waiting): boolean {
+    if (!this.host.enabled || target.history.length < HOST_MIN_TOKENS) return false;
+    if (this.slots.some((x) => x !== target && (x.active !== null || x.history.length > 0))) return false;
+    const keep = target.history.length;
+    return shouldCompact({ placed: this.placed, keep, newTokens: w.prompt.length - keep + Math.max(1, w.req.reserveOutput) });
+  }
+
+  /**
+   * Move an idle slot's sequence to the start of an empty pool: from its host-RAM copy (saved now
+   * if there is none), after emptying the pool. Its tokens and marks stay what they were; when the
+   * copy cannot be made or put back, it is left as it was or, failing the restore, empty.
+   */
+  private compact(s: Slot): void {
+    const { native, ctx } = this.d;
+    const keep = s.history.length;
+    if (!this.host.covers(s.history)) this.offload(s, false);
+    const found = this.host.best(s.history);
+    if (!found || found.lcp < keep) return;
+    const entry = found.entry;
+    this.host.touch(entry);
+    // Bookkeeping only: the slot's cells are the only ones, and the copy brings them back.
+    native.mesh_memory_clear(ctx, 0);
+    this.placed = 0;
+    const got = Number(native.mesh_state_seq_set(ctx, entry.state.ptr, entry.state.written, s.seq));
+    this.place(entry.tokens.length);
+    if (got > 0 && native.mesh_seq_pos_max(ctx, s.seq) === entry.tokens.length - 1) {
+      if (entry.tokens.length > keep) native.mesh_seq_rm(ctx, s.seq, keep, -1);
+      this.placed = keep;
+      this.counters.compactions++;
+      this.counters.compactedCells += keep;
+      return;
+    }
+    this.counters.hostRestoreFailures++;
+    native.mesh_seq_rm(ctx, s.seq, -1, -1);
+    s.history = [];
+    this.cut(s, 0);
   }
 
   /** Drop every idle slot's resident KV; returns the cells freed. */
@@ -804,8 +891,11 @@ export class Scheduler {
       return true;
     }
     const before = s.history.length;
+    // A lone sequence filling the pool from cell 0 without holes frees its top cells.
+    const lone = this.placed === before && this.slots.every((x) => x === s || x.history.length === 0);
     if (this.d.native.mesh_seq_rm(this.d.ctx, s.seq, keep, -1) !== 0) {
       s.history.length = keep;
+      if (lone) this.placed = keep;
       // A forced call at the same length only clears stray cells: a running prompt keeps its marks.
       if (keep < before) this.cut(s, keep);
       return true;
@@ -895,7 +985,13 @@ export class Scheduler {
 
   private decode(n: number): number {
     this.counters.decodeSteps++;
-    return this.d.native.mesh_decode(this.d.ctx, this.tokens, this.pos, this.seq, this.logits, n);
+    const t = this.d.now();
+    const rc = this.d.native.mesh_decode(this.d.ctx, this.tokens, this.pos, this.seq, this.logits, n);
+    // A refused or failed decode may still have placed cells for its earlier ubatches.
+    this.place(n);
+    const ms = this.d.now() - t;
+    for (const s of this.slots) if (s.active && s.active.generated === 0) s.active.phases.decodeMs += ms;
+    return rc;
   }
 
   // Tokens of the batch are now in KV: extend each slot's history.
@@ -933,7 +1029,10 @@ export class Scheduler {
       idx[k] = a.logitIndex;
       nTop[k] = wantLogprobs ? a.logprobs : -1;
     });
+    const t = this.d.now();
     this.d.native.mesh_sample_many(this.d.ctx, samplers, idx, nTop, picked, lpIds, lpVals, ready.length);
+    const ms = this.d.now() - t;
+    for (const a of ready) if (a.generated === 0) a.phases.sampleMs += ms;
     ready.forEach((a, k) => {
       const token = picked[k] as number;
       if (token < 0) {
@@ -1017,7 +1116,7 @@ export class Scheduler {
     this.settle(a.slot);
     this.rememberFinished(a, reason);
     if (reason !== "cancelled") this.serviceMs = 0.8 * this.serviceMs + 0.2 * (this.d.now() - a.startedAt);
-    out.push(doneEvent(a.id, reason, a.prompt.length, a.cached, a.generated, reason === "stop" ? a.stops.matched : null));
+    out.push(doneEvent(a.id, reason, a.prompt.length, a.cached, a.generated, reason === "stop" ? a.stops.matched : null, a.phases));
   }
 
   // The decode failed: nothing of this batch is in KV. Drop what llama.cpp may
@@ -1099,7 +1198,9 @@ function doneEvent(
   cachedTokens: number,
   completionTokens: number,
   stopSequence: string | null = null,
+  phases?: TtftPhases,
 ): TokenEvent {
   const done: TokenEvent = { id, kind: "done", finishReason, promptTokens, cachedTokens, completionTokens };
+  if (phases) done.phases = phases;
   return stopSequence === null ? done : { ...done, stopSequence };
 }

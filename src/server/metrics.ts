@@ -170,6 +170,12 @@ export class Metrics {
         counter("mesh_host_cache_restored_tokens_total", "Prompt tokens served from state restored out of host RAM", [
           ["", g.hostRestoredTokens],
         ]),
+        counter(
+          "mesh_kv_compactions_total",
+          "Times a reused prefix, alone in the KV pool above cells others left, was copied back from cell 0 so requests attend over fewer cells",
+          [["", g.compactions]],
+        ),
+        counter("mesh_kv_compacted_cells_total", "KV cells copied back by compactions", [["", g.compactedCells]]),
       );
     }
     return `${parts.join("\n")}\n`;

@@ -1,0 +1,283 @@
+// The cached-prefix table of the engine bench: an agent's turn is a long
+// prefix already in the KV cache plus a short new suffix (a tool result), and
+// its time to first token is what the user waits for. Each cell (prefix x
+// suffix) is measured clean (right after the prefix was computed) and dirty
+// (after other streams decoded in the pool in between), on every target.
+import type { TtftPhases } from "../engine/protocol";
+import { median, pairedRatio } from "./stats";
+
+/** One prompt of the table, as token ids (engine-level targets) and as text (HTTP targets). */
+export interface TablePrompt {
+  ids: number[];
+  text: string;
+}
+
+/** What one request told: its time to first token and the prompt tokens served from cache. */
+export interface TurnResult {
+  ttftMs: number;
+  cachedTokens: number;
+  /** Where the time went inside mesh's engine Worker (mesh's engine-level target only). */
+  phases?: TtftPhases;
+}
+
+/** A server the table measures: generates greedily from a prompt. */
+export interface TableTarget {
+  name: string;
+  turn(p: TablePrompt, maxTokens: number): Promise<TurnResult>;
+}
+
+/** One cell: prefix tokens already cached, suffix tokens new. */
+export interface Cell {
+  prefix: number;
+  suffix: number;
+}
+
+/** Prompts of one repeat of the table on one target (each repeat has its own, so nothing is reused across repeats). */
+export interface TableRepeatPrompts {
+  /** By prefix size. */
+  prefix: Map<number, TablePrompt>;
+  /** By `${prefix}+${suffix}`: the suffix of the clean and of the dirty request. */
+  clean: Map<string, TablePrompt>;
+  dirty: Map<string, TablePrompt>;
+  /** The other streams that dirty the pool before each dirty request. */
+  streams: TablePrompt[];
+}
+
+/** How the dirty variant dirties the pool: streams decoded between the prefix and the request. */
+export interface DirtyWork {
+  /** Generated tokens per stream. */
+  genTokens: number;
+}
+
+/** Samples of one cell on one target. */
+export interface CellSamples {
+  clean: number[];
+  dirty: number[];
+  cleanCached: number[];
+  dirtyCached: number[];
+  cleanPhases: TtftPhases[];
+  dirtyPhases: TtftPhases[];
+}
+
+/** The figures of one cell: medians, paired ratios against llama-server (> 1 = mesh faster), dirty / clean. */
+export interface CellFigures extends Cell {
+  /** One decode of the suffix over the prefix through the shim alone (ms, median), when measured. */
+  floorMs: number | null;
+  mesh: { clean: number; dirty: number | null; samples: CellSamples };
+  llamaServer: { clean: number; dirty: number | null; samples: CellSamples } | null;
+  ratioClean: number | null;
+  pairedClean: number | null;
+  ratioDirty: number | null;
+  pairedDirty: number | null;
+  /** mesh dirty median / mesh clean median (1 = history does not matter). */
+  meshDirtyOverClean: number | null;
+  /** mesh clean median / floor. */
+  meshOverFloor: number | null;
+}
+
+/** A table over one layer (engine: in-process engine vs llama-server's /completion; http: `mesh serve` vs llama-server, /v1/completions). */
+export interface CachedPrefixTable {
+  layer: "engine" | "http";
+  cells: CellFigures[];
+}
+
+/** `${prefix}+${suffix}` */
+export const cellKey = (c: Cell): string => `${c.prefix}+${c.suffix}`;
+
+/** Every cell of prefixes x suffixes, in table order. */
+export function tableCells(prefixes: readonly number[], suffixes: readonly number[]): Cell[] {
+  return prefixes.flatMap((prefix) => suffixes.map((suffix) => ({ prefix, suffix })));
+}
+
+/** Empty samples for every cell. */
+export function emptySamples(cells: readonly Cell[]): Map<string, CellSamples> {
+  return new Map(
+    cells.map((c) => [cellKey(c), { clean: [], dirty: [], cleanCached: [], dirtyCached: [], cleanPhases: [], dirtyPhases: [] }]),
+  );
+}
+
+const join = (a: TablePrompt, b: TablePrompt): TablePrompt => ({ ids: [...a.ids, ...b.ids], text: a.text + b.text });
+
+/**
+ * One repeat of the table on one target: per prefix, compute it (one generated token), then per
+ * suffix a clean request (nothing ran since the prefix), then, when asked, per suffix: the dirty
+ * streams, then the request. `settle` runs before every measured request.
+ */
+export async function measureTableRepeat(
+  t: TableTarget,
+  cells: readonly Cell[],
+  p: TableRepeatPrompts,
+  into: Map<string, CellSamples>,
+  dirty: DirtyWork | null,
+  settle: () => Promise<void>,
+  log: (s: string) => void,
+): Promise<void> {
+  const prefixes = [...new Set(cells.map((c) => c.prefix))];
+  for (const size of prefixes) {
+    const prefix = p.prefix.get(size) as TablePrompt;
+    await t.turn(prefix, 1);
+    const mine = cells.filter((c) => c.prefix === size);
+    for (const variant of dirty ? (["clean", "dirty"] as const) : (["clean"] as const)) {
+      for (const c of mine) {
+        const key = cellKey(c);
+        if (variant === "dirty" && dirty) await Promise.all(p.streams.map((s) => t.turn(s, dirty.genTokens)));
+        await settle();
+        const r = await t.turn(join(prefix, (variant === "clean" ? p.clean : p.dirty).get(key) as TablePrompt), 1);
+        const s = into.get(key) as CellSamples;
+        s[variant].push(r.ttftMs);
+        s[variant === "clean" ? "cleanCached" : "dirtyCached"].push(r.cachedTokens);
+        if (r.phases) s[variant === "clean" ? "cleanPhases" : "dirtyPhases"].push(r.phases);
+        log(`${t.name}: ${key} ${variant}: ${r.ttftMs.toFixed(1)} ms (${r.cachedTokens} cached)`);
+        if (r.cachedTokens < size / 2) log(`${t.name}: warning: the ${size}-token prefix was not served from cache`);
+      }
+    }
+  }
+}
+
+/** The figures of each cell from both targets' samples and the floor (null where not measured). */
+export function tableFigures(
+  cells: readonly Cell[],
+  mesh: Map<string, CellSamples>,
+  llama: Map<string, CellSamples> | null,
+  floor: Map<string, number> | null,
+): CellFigures[] {
+  const med = (xs: number[]) => (xs.length > 0 ? median(xs) : null);
+  return cells.map((c) => {
+    const key = cellKey(c);
+    const m = mesh.get(key) as CellSamples;
+    const l = llama?.get(key) ?? null;
+    const mClean = med(m.clean) ?? Number.NaN;
+    const mDirty = med(m.dirty);
+    const lClean = l ? med(l.clean) : null;
+    const lDirty = l ? med(l.dirty) : null;
+    const f = floor?.get(key) ?? null;
+    return {
+      ...c,
+      floorMs: f,
+      mesh: { clean: mClean, dirty: mDirty, samples: m },
+      llamaServer: l ? { clean: lClean ?? Number.NaN, dirty: lDirty, samples: l } : null,
+      ratioClean: lClean === null ? null : lClean / mClean,
+      pairedClean: l ? pairedRatio(m.clean, l.clean, false) : null,
+      ratioDirty: lDirty === null || mDirty === null ? null : lDirty / mDirty,
+      pairedDirty: l && l.dirty.length > 0 ? pairedRatio(m.dirty, l.dirty, false) : null,
+      meshDirtyOverClean: mDirty === null ? null : mDirty / mClean,
+      meshOverFloor: f === null ? null : mClean / f,
+    };
+  });
+}
+
+const ms = (x: number | null) => (x === null || !Number.isFinite(x) ? "-" : x >= 100 ? x.toFixed(0) : x.toFixed(1));
+const x2 = (x: number | null) => (x === null || !Number.isFinite(x) ? "-" : `${x.toFixed(2)}x`);
+
+/** The table as Markdown: one row per cell; ratios > 1 mean mesh is faster. */
+export function formatCachedPrefixTable(t: CachedPrefixTable): string {
+  const what = t.layer === "engine" ? "engine" : "HTTP";
+  return [
+    `| ${what}: prefix + suffix | floor (ms) | mesh clean | llama-server clean | ratio (paired) | mesh dirty | llama-server dirty | ratio (paired) | mesh dirty / clean | mesh / floor |`,
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ...t.cells.map(
+      (c) =>
+        `| ${c.prefix} + ${c.suffix} | ${ms(c.floorMs)} | ${ms(c.mesh.clean)} | ${ms(c.llamaServer?.clean ?? null)} | ${x2(c.ratioClean)} (${x2(c.pairedClean)}) | ${ms(
+          c.mesh.dirty,
+        )} | ${ms(c.llamaServer?.dirty ?? null)} | ${x2(c.ratioDirty)} (${x2(c.pairedDirty)}) | ${x2(c.meshDirtyOverClean)} | ${x2(c.meshOverFloor)} |`,
+    ),
+    "",
+  ].join("\n");
+}
+
+const PHASES = ["queuedMs", "admitMs", "saveMs", "restoreMs", "decodeMs", "sampleMs"] as const;
+
+/**
+ * Where mesh's time to first token went, per cell and variant (medians, ms): inside the engine
+ * Worker by phase, and the rest (messages between threads, delivery to the caller) as what the
+ * caller saw beyond their sum. Empty when no phases were recorded.
+ */
+export function formatPhaseBreakdown(t: CachedPrefixTable): string {
+  const rows: string[] = [];
+  for (const c of t.cells) {
+    for (const v of ["clean", "dirty"] as const) {
+      const ps = c.mesh.samples[v === "clean" ? "cleanPhases" : "dirtyPhases"];
+      const ttft = c.mesh.samples[v];
+      if (ps.length === 0 || ttft.length === 0) continue;
+      const med = PHASES.map((k) => median(ps.map((p) => p[k])));
+      // Save and restore are parts of the admission.
+      const inside = (med[0] as number) + (med[1] as number) + (med[4] as number) + (med[5] as number);
+      const total = median(ttft);
+      rows.push(
+        `| ${c.prefix} + ${c.suffix} | ${v} | ${ms(total)} | ${med.map((x) => ms(x)).join(" | ")} | ${ms(total - inside)} | ${ms(c.floorMs)} |`,
+      );
+    }
+  }
+  if (rows.length === 0) return "";
+  return [
+    "| mesh: prefix + suffix | pool | TTFT | queued | admission | of it: save | of it: restore/compact | decode | sample | rest (messages, delivery) | floor |",
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ...rows,
+    "",
+  ].join("\n");
+}
+
+interface OaiChunk {
+  choices?: Array<{ text?: string }>;
+  usage?: { prompt_tokens_details?: { cached_tokens?: number } } | null;
+  timings?: { cache_n?: number };
+  error?: { message?: string } | string;
+}
+
+/**
+ * A target over HTTP: POST /v1/completions with the prompt as text, streamed, greedy. The same
+ * client and the same request for `mesh serve` and llama-server, so the server layers' cost shows.
+ */
+export function httpTarget(name: string, url: string, model: string): TableTarget {
+  return {
+    name,
+    async turn(p, maxTokens) {
+      const body = JSON.stringify({
+        model,
+        prompt: p.text,
+        max_tokens: maxTokens,
+        temperature: 0,
+        stream: true,
+        stream_options: { include_usage: true },
+        cache_prompt: true,
+      });
+      const start = performance.now();
+      const res = await fetch(`${url}/v1/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json", connection: "close" },
+        body,
+        keepalive: false,
+      });
+      if (!res.ok || !res.body) throw new Error(`${name} answered ${res.status}: ${(await res.text()).slice(0, 300)}`);
+      const reader = res.body.getReader();
+      const decoder = new TextDecoder();
+      let buf = "";
+      let first = -1;
+      let cached = 0;
+      let end = start;
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        const now = performance.now();
+        end = now;
+        buf += decoder.decode(value, { stream: true });
+        let nl = buf.indexOf("\n");
+        while (nl >= 0) {
+          const line = buf.slice(0, nl).trim();
+          buf = buf.slice(nl + 1);
+          nl = buf.indexOf("\n");
+          if (!line.startsWith("data:")) continue;
+          const payload = line.slice(5).trim();
+          if (payload === "[DONE]") continue;
+          const chunk = JSON.parse(payload) as OaiChunk;
+          if (chunk.error) throw new Error(`${name}: ${typeof chunk.error === "string" ? chunk.error : (chunk.error.message ?? payload)}`);
+          if (first < 0 && (chunk.choices?.[0]?.text ?? "") !== "") first = now;
+          const c = chunk.usage?.prompt_tokens_details?.cached_tokens ?? chunk.timings?.cache_n;
+          if (typeof c === "number") cached = c;
+        }
+      }
+      // A first token without text (an end-of-generation token) is seen only when the stream ends.
+      return { ttftMs: (first < 0 ? end : first) - start, cachedTokens: cached };
+    },
+  };
+}
