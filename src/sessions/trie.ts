@@ -268,7 +268,7 @@ export class SessionTrie {
   /** Copies of the messages from the root to `node`: a caller may change them freely. */
   messages(node: TrieNode): SessionMessage[] {
     const path: SessionMessage[] = [];
-    for (let n: TrieNode | null = node; n && n.message; n = n.parent) path.push(structuredClone(n.message));
+    for (let n: TrieNode | null = node; n?.message; n = n.parent) path.push(structuredClone(n.message));
     return path.reverse();
   }
 

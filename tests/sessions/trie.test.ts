@@ -79,7 +79,9 @@ describe("fork types", () => {
     const branches = [0, 1, 2, 3].map(() => trie.begin(h, ""));
     // All four are in flight at once and share the pending prompt nodes.
     expect(trie.stats().pending).toBe(4);
-    branches.forEach((b, i) => trie.commit(b, asst(`answer ${i}`), turn([1, 2], [10 + i])));
+    branches.forEach((b, i) => {
+      trie.commit(b, asst(`answer ${i}`), turn([1, 2], [10 + i]));
+    });
     expect(exportTrajectories(trie).map((t) => t.response_ids)).toEqual([[10], [11], [12], [13]]);
     expect(trie.stats().branches).toBe(4);
     const old = [...trie.turns()].find((n) => n.message?.content === "answer 2")?.turn?.checkpoint;
@@ -222,7 +224,7 @@ describe("bounds", () => {
     // 50 turns of 101 new tokens: linear, not the ~1 MB that full prompts per turn would take.
     expect(trie.stats().bytes).toBeLessThan(64 * 1024);
     const [t] = exportTrajectories(trie);
-    expect(t?.prompt_ids.length! + t?.response_ids.length!).toBe(seq.length);
+    expect((t?.prompt_ids.length ?? 0) + (t?.response_ids.length ?? 0)).toBe(seq.length);
   });
 });
 
