@@ -1,6 +1,8 @@
 // Continuous batching over llama.cpp sequences. Runs inside the engine Worker
 // only: every method may call into llama.cpp and block for a decode step.
 import type { Pointer } from "bun:ffi";
+import { saveCheckpoint, toRestorable } from "./checkpoint-state";
+import type { CheckpointStore } from "./checkpoints";
 import type { EngineErrorValue } from "./errors";
 import { HostCache, type HostEntry } from "./host-cache";
 import { type KvUsage, kvUsage, planEviction, reservation, type SlotUsage } from "./kv";
@@ -111,6 +113,8 @@ export interface SchedulerDeps {
   hostCacheBytes: number;
   /** Milliseconds on a monotonic clock. */
   now: () => number;
+  /** Session checkpoints (saved at a reply's end, restored before prefill); absent: none. */
+  checkpoints?: CheckpointStore | null;
 }
 
 /** Cumulative counters of the scheduler, reported in stats. */
@@ -147,6 +151,10 @@ export interface SchedulerCounters {
   hostRestores: number;
   hostRestoredTokens: number;
   hostRestoreFailures: number;
+  /** Session checkpoints saved at replies' ends, restored into slots (and the prompt tokens that saved). */
+  checkpointSaves: number;
+  checkpointRestores: number;
+  checkpointRestoredTokens: number;
 }
 
 /**
@@ -203,6 +211,9 @@ export function zeroCounters(): SchedulerCounters {
     hostRestores: 0,
     hostRestoredTokens: 0,
     hostRestoreFailures: 0,
+    checkpointSaves: 0,
+    checkpointRestores: 0,
+    checkpointRestoredTokens: 0,
   };
 }
 
@@ -354,6 +365,13 @@ export class Scheduler {
       hostCacheBytes: host.bytes,
       hostCacheCapacityBytes: host.capacityBytes,
       hostCacheEvictions: host.evictions,
+      ...(this.d.checkpoints?.stats() ?? {
+        checkpoints: 0,
+        checkpointRamBytes: 0,
+        checkpointDiskBytes: 0,
+        checkpointSpills: 0,
+        checkpointDrops: 0,
+      }),
       ...this.counters,
       evictions: EVICTION_REASONS.reduce((sum, r) => sum + this.counters[evictionFields(r).count], 0),
       evictedCells: EVICTION_REASONS.reduce((sum, r) => sum + this.counters[evictionFields(r).cells], 0),
@@ -406,6 +424,7 @@ export class Scheduler {
   /** Free every state saved in host RAM (shutdown); nothing holds a mark after it. */
   dispose(): void {
     this.host.clear();
+    this.d.checkpoints?.clearRam();
     for (const s of this.slots) this.tenancy.release(s);
     this.finished.clear();
   }
@@ -497,22 +516,25 @@ export class Scheduler {
       const free = this.slots.filter((s) => s.active === null);
       if (free.length === 0) break;
       const w = this.waiting[0] as Waiting;
-      const saved = this.host.enabled ? this.host.best(w.prompt) : null;
+      const hostBest = this.host.enabled ? this.host.best(w.prompt) : null;
+      // A session checkpoint competes with the host tier on the same terms: the longer shared prefix wins.
+      const ckpt = this.checkpointFor(w, hostBest?.lcp ?? 0);
+      const saved = ckpt ?? hostBest;
       const choice = chooseSlot(free, w.prompt, saved?.lcp ?? null);
       const best = choice.reuse;
       let keep = choice.keep;
       let target = best;
       let restore: HostEntry<HostState> | null = null;
-      if (this.host.enabled) {
-        if (saved && choice.restoreInto) {
-          restore = saved.entry;
-          // The saves below must not drop (and free) the state about to be copied back.
+      if (saved && choice.restoreInto) {
+        restore = saved.entry;
+        // The saves below must not drop (and free) the state about to be copied back (a checkpoint is not the cache's).
+        if (!ckpt) {
           this.host.touch(restore);
           this.host.pin(restore);
-          target = choice.restoreInto;
         }
-        for (const s of free) if (s !== target && s !== best) this.offload(s);
+        target = choice.restoreInto;
       }
+      if (this.host.enabled) for (const s of free) if (s !== target && s !== best) this.offload(s);
       // At least one prompt token must be decoded to get logits to sample from.
       const reserve = this.d.kvBudget ? reservation(w.prompt.length, w.req.reserveOutput, this.d.nCtxSeq) : this.d.nCtxSeq;
       if (this.d.kvBudget) {
@@ -546,7 +568,11 @@ export class Scheduler {
         const restored = target.history.length;
         this.truncate(target, keep);
         this.countEviction("divergent", restored - target.history.length);
-        this.counters.hostRestoredTokens += target.history.length;
+        if (ckpt && restored > 0) {
+          this.counters.hostRestores--; // counted by restoreInto; it was a checkpoint
+          this.counters.checkpointRestores++;
+          this.counters.checkpointRestoredTokens += target.history.length;
+        } else this.counters.hostRestoredTokens += target.history.length;
       } else {
         // The divergent tail about to be dropped may be another conversation's next turn.
         if (this.host.enabled && target.history.length - keep >= HOST_MIN_TOKENS) this.offload(target, false);
@@ -788,6 +814,16 @@ export class Scheduler {
     s.history = [];
   }
 
+  /** The request's session checkpoint (or the best stored one) as a restorable entry, when it beats `than` prompt tokens; else null. */
+  private checkpointFor(w: Waiting, than: number): { entry: HostEntry<HostState>; lcp: number } | null {
+    const store = this.d.checkpoints;
+    if (!store?.enabled) return null;
+    const found = store.find(w.req.checkpoint?.restore, w.prompt);
+    if (!found || found.lcp <= than) return null;
+    const state = store.load(found.entry);
+    return state ? { entry: toRestorable(found.entry.tokens, state, this.clock), lcp: found.lcp } : null;
+  }
+
   /** Drop every idle slot's resident KV; returns the cells freed. */
   private evictIdle(): number {
     const all = this.slots.filter((s) => !s.active && s.history.length > 0).map((s) => ({ seq: s.seq, keep: 0 }));
@@ -1010,6 +1046,11 @@ export class Scheduler {
       const r = a.stops.push(a.utf8.flush());
       const tail = r.stopped ? r.text : r.text + a.stops.flush();
       if (tail.length > 0) out.push({ id: a.id, kind: "text", text: tail, tokens: [] });
+    }
+    // A reply that ended on its own, its whole prompt in the KV: the session's checkpoint of this turn.
+    const save = a.req.checkpoint?.save;
+    if (save && reason !== "cancelled" && a.fed >= a.prompt.length && this.d.checkpoints?.enabled) {
+      if (saveCheckpoint(this.d.native, this.d.ctx, a.slot.seq, a.slot.history, save, this.d.checkpoints)) this.counters.checkpointSaves++;
     }
     this.d.native.mesh_sampler_free(a.sampler);
     a.slot.active = null;

@@ -1,5 +1,6 @@
 // The engine Worker: the only place llama.cpp is called. It loads one model,
 // then loops: take messages, run one scheduler step, post that step's events.
+import { type CheckpointStore, openCheckpoints } from "./checkpoints";
 import type { EngineErrorValue } from "./errors";
 import { closeModel, type OpenedModel, openModel, schedulerDeps } from "./open";
 import { CONTROL_FLAGS_OFFSET, type FromWorker, type LoadOptions, type TokenEvent, type ToWorker } from "./protocol";
@@ -10,6 +11,7 @@ declare const self: Worker;
 
 let opened: OpenedModel | null = null;
 let scheduler: Scheduler | null = null;
+let checkpoints: CheckpointStore | null = null;
 let running = false;
 let closing = false;
 const inbox: ToWorker[] = [];
@@ -24,7 +26,8 @@ function load(libPath: string, o: LoadOptions, progress: SharedArrayBuffer, ctl:
     return;
   }
   opened = m;
-  scheduler = new Scheduler(schedulerDeps(m, o, control, CONTROL_FLAGS_OFFSET));
+  checkpoints = openCheckpoints(m.info, o);
+  scheduler = new Scheduler({ ...schedulerDeps(m, o, control, CONTROL_FLAGS_OFFSET), checkpoints });
   post({ type: "loaded", info: m.info });
 }
 
@@ -133,7 +136,8 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
   if (!scheduler) {
     const error: EngineErrorValue = { code: "engine_closed", message: "no model is loaded" };
     if (m.type === "generate") events.push({ id: m.id, kind: "error", error });
-    else if (m.type !== "cancel" && m.type !== "marks" && m.type !== "clear_marks") post({ type: "reply_error", rid: m.rid, error });
+    else if (m.type !== "cancel" && m.type !== "marks" && m.type !== "clear_marks" && m.type !== "release_checkpoints")
+      post({ type: "reply_error", rid: m.rid, error });
     return;
   }
   switch (m.type) {
@@ -164,6 +168,9 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
     case "clear_marks":
       // The evicts go out with this loop iteration's flush.
       scheduler.clearMarks();
+      return;
+    case "release_checkpoints":
+      if (Array.isArray(m.keys)) checkpoints?.release(m.keys.filter((k) => typeof k === "string"));
       return;
     case "generate": {
       const p = m.request.prompt;
@@ -273,6 +280,7 @@ function shutdown(): void {
   if (opened) closeModel(opened);
   opened = null;
   scheduler = null;
+  checkpoints = null;
   post({ type: "closed" });
 }
 
