@@ -56,6 +56,11 @@ export class SessionStore {
     return this.sessions.size;
   }
 
+  /** Refuse an id that cannot name a session (before anything else is done with the request). */
+  check(id: string): void {
+    checkSessionId(id);
+  }
+
   /** The session `id`, created when new; refuses an invalid id, or a new one past maxSessions. */
   use(id: string): Session {
     checkSessionId(id);

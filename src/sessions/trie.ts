@@ -5,7 +5,7 @@
 // its KV checkpoint. Pure data: no engine, no timers, no I/O.
 import { messageKey, type SessionMessage, storedMessage } from "./key";
 
-/** Limits of one session; past them begin() refuses with session_limit. */
+/** Limits of one session; past them begin() refuses (session_full, session_busy). */
 export interface TrieLimits {
   /** Most branches (leaf nodes, pending ones included). */
   maxBranches: number;
@@ -21,7 +21,7 @@ export const DEFAULT_TRIE_LIMITS: TrieLimits = { maxBranches: 1024, maxBytes: 64
 /** An error value with a code, raised at this module's boundary. */
 export class SessionError extends Error {
   constructor(
-    readonly code: "session_limit" | "invalid_session" | "session_not_found" | "too_many_sessions",
+    readonly code: "session_full" | "session_busy" | "invalid_session" | "session_not_found" | "too_many_sessions",
     message: string,
   ) {
     super(message);
@@ -138,12 +138,12 @@ export class SessionTrie {
 
   /**
    * Walk a request's messages from the root: shared ones are matched, the rest become pending nodes.
-   * Refuses (session_limit) before changing anything when the session would exceed a bound.
+   * Refuses (session_full, session_busy) before changing anything when the session would exceed a bound.
    */
   begin(messages: readonly SessionMessage[], tools: string): PendingBranch {
     if (this.inFlight.size >= this.limits.maxPending) {
       throw new SessionError(
-        "session_limit",
+        "session_busy",
         `the session already has ${this.inFlight.size} requests in flight (limit ${this.limits.maxPending})`,
       );
     }
@@ -164,11 +164,11 @@ export class SessionTrie {
     const addBytes = rest.reduce((n, m) => n + messageBytes(m), 0) + messageBytes(null);
     const addLeaves = node === this.root || node.children.size > 0 ? 1 : 0;
     if (this.leaves + addLeaves > this.limits.maxBranches) {
-      throw new SessionError("session_limit", `the session has ${this.leaves} branches; the limit is ${this.limits.maxBranches}`);
+      throw new SessionError("session_full", `the session has ${this.leaves} branches; the limit is ${this.limits.maxBranches}`);
     }
     if (this.bytesUsed + addBytes > this.limits.maxBytes) {
       throw new SessionError(
-        "session_limit",
+        "session_full",
         `the session holds ${this.bytesUsed} bytes; this request would pass its limit of ${this.limits.maxBytes}`,
       );
     }
