@@ -1,6 +1,7 @@
 // `mesh serve`: load a model, serve the OpenAI API, shut down gracefully.
 import { closeSync, existsSync, openSync, readFileSync, readSync, statSync } from "node:fs";
 import { cpus } from "node:os";
+import { join } from "node:path";
 import { TINY } from "../gguf/generate";
 import { ensureModel } from "../gguf/models";
 import { GGUF_MAGIC } from "../gguf/types";
@@ -26,6 +27,10 @@ export interface ServeOptions extends MeshFlags {
   queueTimeout: number;
   kvReserveOutput: number;
   cacheRam: number;
+  sessionTtl: number;
+  sessionsMax: number;
+  checkpointRam: number;
+  checkpointDisk: number;
   apiKey: string[];
   apiKeyFile?: string;
   maxBodyBytes: number;
@@ -111,6 +116,10 @@ export async function serve(o: ServeOptions): Promise<number> {
     queueTimeoutMs: o.queueTimeout * 1000,
     defaultReserveOutput: o.kvReserveOutput,
     hostCacheMiB: o.cacheRam,
+    checkpointRamMiB: o.checkpointRam,
+    checkpointDiskMiB: o.checkpointDisk,
+    // Spilled checkpoints live beside the node's identity, one directory per model fingerprint.
+    checkpointDir: join(mesh.plan.stateDir, "checkpoints"),
     onProgress: progressPrinter(`loading ${modelPath}`),
   });
   let server: ReturnType<typeof startServer>;
@@ -122,6 +131,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       apiKeys,
       maxBodyBytes: o.maxBodyBytes,
       responseStoreBytes: o.responsesStore * 1024 * 1024,
+      sessions: { ttlMs: o.sessionTtl * 1000, maxSessions: o.sessionsMax },
       logger,
       mesh: mesh.node.hooks,
     });
