@@ -1,7 +1,7 @@
 // Moving a sequence's llama.cpp state between a slot and the checkpoint store.
 // Engine Worker only (it calls the shim).
 import { type Pointer, ptr, toArrayBuffer } from "bun:ffi";
-import type { CheckpointStore } from "./checkpoints";
+import type { Checkpoint, CheckpointStore } from "./checkpoints";
 import type { HostEntry } from "./host-cache";
 import type { Native } from "./native";
 
@@ -15,7 +15,7 @@ interface RestorableState {
   data: Uint8Array;
 }
 
-/** Copy sequence `seq`'s state (holding `history`) into the store under `key`; false when it could not be saved or kept. */
+/** Copy sequence `seq`'s state (holding `history`) into the store under `key`; the entry, or null when it could not be saved or kept. */
 export function saveCheckpoint(
   native: Native,
   ctx: Pointer,
@@ -23,15 +23,15 @@ export function saveCheckpoint(
   history: readonly number[],
   key: string,
   store: CheckpointStore,
-): boolean {
-  if (history.length === 0) return false;
+): Checkpoint | null {
+  if (history.length === 0) return null;
   const sizes = new BigUint64Array(2);
   const p = native.mesh_state_seq_save(ctx, seq, sizes) as Pointer | null;
   const written = Number(sizes[0]);
   const allocated = Number(sizes[1]);
-  if (!p) return false;
+  if (!p) return null;
   try {
-    if (written <= 0) return false;
+    if (written <= 0) return null;
     // A copy in JS memory: the store owns it (and may write it to disk) without tracking native buffers.
     const state = new Uint8Array(toArrayBuffer(p, 0, written)).slice();
     return store.put(key, history, state);

@@ -56,6 +56,8 @@ export interface Checkpoint {
   readonly size: number;
   onDisk: boolean;
   lastUsed: number;
+  /** Whatever the engine attaches (its prefix-mark holder), handed back to onDrop. */
+  tag: object | null;
 }
 
 /** Counts for stats. */
@@ -88,6 +90,8 @@ export class CheckpointStore {
   private spills = 0;
   private drops = 0;
   private readonly dir: string | null;
+  /** Called for every checkpoint dropped (released, evicted, unreadable), once. */
+  onDrop: ((e: Checkpoint) => void) | null = null;
 
   constructor(private readonly o: CheckpointOptions) {
     this.dir = o.dir && o.diskBytes > 0 ? join(o.dir, o.fingerprint) : null;
@@ -99,16 +103,24 @@ export class CheckpointStore {
     return this.o.ramBytes > 0 || this.dir !== null;
   }
 
-  /** Store a turn's state under `key` (replacing one of the same key); false when it fits nowhere. */
-  put(key: string, tokens: readonly number[], state: Uint8Array): boolean {
-    if (!KEY.test(key) || !this.enabled) return false;
+  /** Store a turn's state under `key` (replacing one of the same key); the entry, or null when it fits nowhere. */
+  put(key: string, tokens: readonly number[], state: Uint8Array): Checkpoint | null {
+    if (!KEY.test(key) || !this.enabled) return null;
     this.release([key]);
-    const e: Checkpoint = { key, tokens: Int32Array.from(tokens), ram: state, size: state.length, onDisk: false, lastUsed: ++this.clock };
-    while (this.entries.size >= this.o.maxEntries) if (!this.dropColdest()) return false;
+    const e: Checkpoint = {
+      key,
+      tokens: Int32Array.from(tokens),
+      ram: state,
+      size: state.length,
+      onDisk: false,
+      lastUsed: ++this.clock,
+      tag: null,
+    };
+    while (this.entries.size >= this.o.maxEntries) if (!this.dropColdest()) return null;
     this.entries.set(key, e);
     this.ramUsed += e.size;
     this.fitRam();
-    return this.entries.has(key);
+    return this.entries.get(key) === e ? e : null;
   }
 
   /**
@@ -231,6 +243,7 @@ export class CheckpointStore {
       } catch {}
     }
     e.ram = null;
+    this.onDrop?.(e);
   }
 
   private file(key: string): string {
@@ -265,7 +278,7 @@ export class CheckpointStore {
         rmSync(this.file(f.key), { force: true });
         continue;
       }
-      this.entries.set(f.key, { key: f.key, tokens: f.tokens, ram: null, size: f.size, onDisk: true, lastUsed: 0 });
+      this.entries.set(f.key, { key: f.key, tokens: f.tokens, ram: null, size: f.size, onDisk: true, lastUsed: 0, tag: null });
       this.diskUsed += f.size;
     }
   }

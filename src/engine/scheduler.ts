@@ -2,7 +2,7 @@
 // only: every method may call into llama.cpp and block for a decode step.
 import type { Pointer } from "bun:ffi";
 import { saveCheckpoint, toRestorable } from "./checkpoint-state";
-import type { CheckpointStore } from "./checkpoints";
+import type { Checkpoint, CheckpointStore } from "./checkpoints";
 import type { EngineErrorValue } from "./errors";
 import { HostCache, type HostEntry } from "./host-cache";
 import { type KvUsage, kvUsage, planEviction, reservation, type SlotUsage } from "./kv";
@@ -249,6 +249,7 @@ export class Scheduler {
       if (this.finished.size > 0) this.forgetSaved(st);
       d.native.mesh_host_free(st.ptr, st.bytes);
     });
+    if (d.checkpoints) d.checkpoints.onDrop = (c) => this.dropCheckpoint(c);
   }
 
   /** True when there is work for another step. */
@@ -814,6 +815,26 @@ export class Scheduler {
     s.history = [];
   }
 
+  /**
+   * A checkpoint holds the prefix marks of the sequence it saved (and, through `finished`, its reply's), so the
+   * routing index keeps sending the session here while it lives, wherever the slot's KV went; dropped with it.
+   */
+  private holdCheckpoint(a: Active, ckpt: Checkpoint): void {
+    if (!this.tenancy.active) return;
+    const holder: HostState = { ptr: 0 as unknown as Pointer, bytes: 0, written: 0, tokens: ckpt.tokens.length };
+    ckpt.tag = holder;
+    this.tenancy.hold(holder, holder.tokens, this.tenancy.marks(a.slot, holder.tokens));
+    this.finished.get(a.id)?.saved.push(holder);
+  }
+
+  /** A checkpoint was dropped: the marks it held go with it. */
+  private dropCheckpoint(ckpt: Checkpoint): void {
+    const holder = ckpt.tag as HostState | null;
+    if (!holder) return;
+    this.tenancy.release(holder);
+    if (this.finished.size > 0) this.forgetSaved(holder);
+  }
+
   /** The request's session checkpoint (or the best stored one) as a restorable entry, when it beats `than` prompt tokens; else null. */
   private checkpointFor(w: Waiting, than: number): { entry: HostEntry<HostState>; lcp: number } | null {
     const store = this.d.checkpoints;
@@ -1049,14 +1070,17 @@ export class Scheduler {
     }
     // A reply that ended on its own, its whole prompt in the KV: the session's checkpoint of this turn.
     const save = a.req.checkpoint?.save;
+    let ckpt: Checkpoint | null = null;
     if (save && reason !== "cancelled" && a.fed >= a.prompt.length && this.d.checkpoints?.enabled) {
-      if (saveCheckpoint(this.d.native, this.d.ctx, a.slot.seq, a.slot.history, save, this.d.checkpoints)) this.counters.checkpointSaves++;
+      ckpt = saveCheckpoint(this.d.native, this.d.ctx, a.slot.seq, a.slot.history, save, this.d.checkpoints);
+      if (ckpt) this.counters.checkpointSaves++;
     }
     this.d.native.mesh_sampler_free(a.sampler);
     a.slot.active = null;
     a.slot.lastUsed = ++this.clock;
     this.settle(a.slot);
     this.rememberFinished(a, reason);
+    if (ckpt) this.holdCheckpoint(a, ckpt);
     if (reason !== "cancelled") this.serviceMs = 0.8 * this.serviceMs + 0.2 * (this.d.now() - a.startedAt);
     out.push(doneEvent(a.id, reason, a.prompt.length, a.cached, a.generated, reason === "stop" ? a.stops.matched : null));
   }

@@ -30,7 +30,7 @@ import { ResponsesBody } from "./responses/schema";
 import { RESPONSE_STORE_DEFAULT_MIB, ResponseStore } from "./responses/store";
 import { checkResponsesBody } from "./responses/translate";
 import { checkSentBody } from "./sent";
-import { SESSION_HEADER, SessionService, sessionIdOf } from "./sessions";
+import { forwardedChatPath, SESSION_HEADER, SessionService, sessionIdOf } from "./sessions";
 import { ApplyTemplateBody, applyTemplate, DetokenizeBody, detokenize, TokenizeBody, tokenize } from "./tokenize";
 
 /** What the app needs from the node. */
@@ -309,7 +309,7 @@ export function createApp(o: AppOptions) {
         if (sessionId !== null) sessions.store.check(sessionId);
         // Affinity: a session this node holds runs here, next to its checkpoints.
         const held = sessionId !== null && sessions.store.peek(sessionId) !== undefined;
-        const route = await routeChat(body, "/v1/chat/completions", request, undefined, undefined, held);
+        const route = await routeChat(body, forwardedChatPath(sessionId), request, undefined, undefined, held);
         if (route.kind === "peer") return labelled(route.response, request, set);
         const model = findModel(body.model);
         const turn = sessionId !== null ? sessions.turn(sessionId, model, body) : null;

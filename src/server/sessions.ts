@@ -23,10 +23,15 @@ import type { ServedModel } from "./model";
 /** The header naming a request's session. */
 export const SESSION_HEADER = "x-session-id";
 
-/** The session a request names, from its header or its body's `session` field (the header wins); null when none. */
+/**
+ * The session a request names: its header, else a `session` query parameter (how a forwarding node passes it on:
+ * the path is covered by the mesh request proof), else its body's `session` field; null when none.
+ */
 export function sessionIdOf(request: Request, body: object): string | null {
   const header = request.headers.get(SESSION_HEADER);
   if (header !== null) return header;
+  const query = new URL(request.url).searchParams.get("session");
+  if (query !== null) return query;
   const field = (body as { session?: unknown }).session;
   if (field === undefined || field === null) return null;
   if (typeof field !== "string") throw badRequest("session must be a string (a session id)", "session");
@@ -195,4 +200,9 @@ export class SessionService {
 
 function notFound(id: string): SessionError {
   return new SessionError("session_not_found", `Session with id '${id.slice(0, 128)}' not found.`);
+}
+
+/** The path a peer is sent a session's chat request on: the session rides in the query, which the mesh proof signs. */
+export function forwardedChatPath(sessionId: string | null): string {
+  return sessionId === null ? "/v1/chat/completions" : `/v1/chat/completions?session=${encodeURIComponent(sessionId)}`;
 }

@@ -24,7 +24,7 @@ describe("checkpoint store", () => {
   test("past_the_ram_budget_the_least_recently_used_spill_to_disk_and_load_back_intact", () => {
     const dir = tempDir();
     const s = store({ ramBytes: 250, diskBytes: 10_000, dir });
-    for (let i = 0; i < 4; i++) expect(s.put(`k${i}`, [i, i + 1], state(100, i))).toBe(true);
+    for (let i = 0; i < 4; i++) expect(s.put(`k${i}`, [i, i + 1], state(100, i))?.key).toBe(`k${i}`);
     const st = s.stats();
     expect(st.checkpoints).toBe(4);
     expect(st.checkpointRamBytes).toBeLessThanOrEqual(250);
@@ -53,12 +53,16 @@ describe("checkpoint store", () => {
     expect(s.find("k3", [3])?.entry.key).toBe("k3");
   });
 
-  test("released_checkpoints_leave_ram_and_disk", () => {
+  test("released_checkpoints_leave_ram_and_disk_and_are_reported_dropped_once", () => {
     const dir = tempDir();
     const s = store({ ramBytes: 0, diskBytes: 1000, dir });
+    const dropped: string[] = [];
+    s.onDrop = (e) => dropped.push(e.key);
     s.put("a", [1], state(10, 1));
     expect(readdirSync(join(dir, "fp"))).toEqual(["a.ckpt"]);
     s.release(["a", "unknown"]);
+    s.release(["a"]);
+    expect(dropped).toEqual(["a"]);
     expect(s.stats().checkpoints).toBe(0);
     expect(readdirSync(join(dir, "fp"))).toEqual([]);
   });
@@ -83,8 +87,8 @@ describe("checkpoint store", () => {
 
   test("keys_that_are_not_plain_identifiers_are_refused", () => {
     const s = store();
-    expect(s.put("../escape", [1], state(1, 1))).toBe(false);
-    expect(s.put("", [1], state(1, 1))).toBe(false);
+    expect(s.put("../escape", [1], state(1, 1))).toBeNull();
+    expect(s.put("", [1], state(1, 1))).toBeNull();
     expect(s.stats().checkpoints).toBe(0);
   });
 

@@ -1,6 +1,7 @@
-// A session across two `mesh serve` processes serving the same model: it lives on the node
-// that served its first turn, its later turns run there (next to its checkpoints) whatever the
-// routing policy would pick, and when that node is gone the other serves it by full prefill.
+// A session across two `mesh serve` processes serving the same model. It lives on the node that
+// served its first turn; its checkpoints keep that node's claim on the conversation's prefix in the
+// routing index after its slots were taken by other work (host-RAM tier off), so a later turn sent to
+// the other node is forwarded to it; and when that node is gone, the other serves it by full prefill.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { clusterDir, modelsOf, type NodeProc, spawnNode, tokenOf, waitFor } from "../helpers/cluster";
 
@@ -8,11 +9,13 @@ const dir = clusterDir();
 const nodes: NodeProc[] = [];
 let a: NodeProc;
 let b: NodeProc;
+// No host-RAM tier: once a slot is taken, only a checkpoint still holds the conversation.
+const ARGS = ["--cache-ram", "0"];
 
 beforeAll(async () => {
-  a = await spawnNode({ name: "a", dir, model: "shared" });
+  a = await spawnNode({ name: "a", dir, model: "shared", args: ARGS });
   nodes.push(a);
-  b = await spawnNode({ name: "b", dir, model: "shared", args: ["--join", tokenOf(a)] });
+  b = await spawnNode({ name: "b", dir, model: "shared", args: [...ARGS, "--join", tokenOf(a)] });
   nodes.push(b);
   await waitFor("both nodes to list both workers", 60_000, async () => {
     const all = await Promise.all([a, b].map(async (n) => (await modelsOf(n)).get("shared")?.length === 2));
@@ -26,47 +29,88 @@ afterAll(async () => {
 });
 
 const SYSTEM = "You are a build agent. Follow the plan and report each step. ".repeat(10);
+type Msg = { role: string; content: string | null };
 
-async function turn(n: NodeProc, messages: unknown[]) {
+async function turn(n: NodeProc, session: string, messages: Msg[], maxTokens = 4) {
   const r = await fetch(`${n.url}/v1/chat/completions`, {
     method: "POST",
-    headers: { "content-type": "application/json", "x-session-id": "agent-1" },
-    body: JSON.stringify({ model: "shared", messages, max_tokens: 4, temperature: 0 }),
+    headers: { "content-type": "application/json", "x-session-id": session },
+    body: JSON.stringify({ model: "shared", messages, max_tokens: maxTokens, temperature: 0 }),
   });
   expect(r.status).toBe(200);
-  const body = (await r.json()) as { choices: Array<{ message: { content: string | null } }>; usage: { prompt_tokens: number } };
+  const body = (await r.json()) as { choices: Array<{ message: { content: string | null } }> };
   return { route: r.headers.get("x-mesh-route"), reply: { role: "assistant", content: body.choices[0]?.message.content ?? null } };
 }
 
-const sessionOn = async (n: NodeProc) => {
-  const r = await fetch(`${n.url}/v1/sessions/agent-1`);
+const sessionOn = async (n: NodeProc, id: string) => {
+  const r = await fetch(`${n.url}/v1/sessions/${id}`);
   return r.status === 200 ? ((await r.json()) as { turns: number }) : null;
 };
 
+/** Sessions whose first turn `n` served (first turns go where the policy says; later ones stay with their holder). */
+async function sessionsHeldBy(n: NodeProc, want: number): Promise<string[]> {
+  const held: string[] = [];
+  for (let i = 0; held.length < want && i < 40; i++) {
+    const id = `filler-${n.name}-${i}`;
+    await turn(n, id, [{ role: "user", content: `filler ${i}` }], 1);
+    if (await sessionOn(n, id)) held.push(id);
+  }
+  expect(held.length).toBe(want);
+  return held;
+}
+
+/** Take both of `n`'s slots with long unrelated prompts (sessions it holds, so they run there). */
+async function takeSlots(n: NodeProc, fillers: string[], round: number) {
+  await Promise.all(
+    fillers.map((id, k) =>
+      turn(
+        n,
+        id,
+        [
+          { role: "user", content: `filler ${k}` },
+          { role: "assistant", content: null },
+          { role: "user", content: `unrelated work ${round} ${k} `.repeat(60) },
+        ],
+        24,
+      ),
+    ),
+  );
+}
+
 describe("sessions in a mesh", () => {
-  test("a_session_stays_on_the_node_holding_it_and_another_serves_it_when_that_node_is_gone", async () => {
-    const h1 = [
+  test("a_session_follows_its_checkpoints_to_the_holder_and_another_node_serves_it_when_the_holder_is_gone", async () => {
+    let h: Msg[] = [
       { role: "system", content: SYSTEM },
       { role: "user", content: "step 1" },
     ];
-    const t1 = await turn(a, h1);
-    // Whichever node the policy chose for the first turn holds the session (the header travels with a forwarded request).
-    const [onA, onB] = await Promise.all([sessionOn(a), sessionOn(b)]);
+    const t1 = await turn(a, "agent-1", h);
+    const [onA, onB] = await Promise.all([sessionOn(a, "agent-1"), sessionOn(b, "agent-1")]);
     expect((onA ? 1 : 0) + (onB ? 1 : 0)).toBe(1);
     const holder = onA ? a : b;
     const other = onA ? b : a;
-    // Later turns sent to the holder run there, next to the checkpoints.
-    const h2 = [...h1, t1.reply, { role: "user", content: "step 2" }];
-    const t2 = await turn(holder, h2);
+    // Sent to the holder, a later turn runs there whatever the policy says.
+    h = [...h, t1.reply, { role: "user", content: "step 2" }];
+    const t2 = await turn(holder, "agent-1", h);
     expect(t2.route).toBe("local");
-    expect((await sessionOn(holder))?.turns).toBe(2);
+    let reply = t2.reply;
+
+    // Twice: other work takes the holder's slots, then a turn sent to the other node reaches the holder.
+    const fillers = await sessionsHeldBy(holder, 2);
+    for (let round = 3; round <= 4; round++) {
+      await takeSlots(holder, fillers, round);
+      h = [...h, reply, { role: "user", content: `step ${round}` }];
+      // The index learns of the held prefix by gossip: give it a few rounds.
+      await Bun.sleep(1500);
+      reply = (await turn(other, "agent-1", h)).reply;
+      expect((await sessionOn(holder, "agent-1"))?.turns).toBe(round);
+      expect(await sessionOn(other, "agent-1")).toBeNull();
+    }
 
     // The holder dies: the other node serves the next turn (full prefill) and the session goes on there.
     holder.proc.kill("SIGKILL");
     await holder.proc.exited;
-    const h3 = [...h2, t2.reply, { role: "user", content: "step 3" }];
-    await turn(other, h3);
-    const moved = await sessionOn(other);
-    expect(moved?.turns).toBeGreaterThanOrEqual(1);
+    h = [...h, reply, { role: "user", content: "step 5" }];
+    await turn(other, "agent-1", h);
+    expect((await sessionOn(other, "agent-1"))?.turns).toBe(1);
   }, 240_000);
 });
