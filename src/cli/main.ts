@@ -67,6 +67,12 @@ export function program(): Command {
       SESSION_DEFAULTS.maxSessions,
     )
     .option(
+      "--sessions-memory <MiB>",
+      "memory for all sessions' messages and token ids together; past it new turns get 429",
+      intOption("--sessions-memory", 1, 1 << 20),
+      SESSION_DEFAULTS.maxTotalBytes / (1024 * 1024),
+    )
+    .option(
       "--checkpoint-ram <MiB>",
       "host RAM for sessions' KV checkpoints (the state at the end of each reply), kept apart from --cache-ram",
       intOption("--checkpoint-ram", 0, 1 << 24),

@@ -29,6 +29,7 @@ export interface ServeOptions extends MeshFlags {
   cacheRam: number;
   sessionTtl: number;
   sessionsMax: number;
+  sessionsMemory: number;
   checkpointRam: number;
   checkpointDisk: number;
   apiKey: string[];
@@ -131,7 +132,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       apiKeys,
       maxBodyBytes: o.maxBodyBytes,
       responseStoreBytes: o.responsesStore * 1024 * 1024,
-      sessions: { ttlMs: o.sessionTtl * 1000, maxSessions: o.sessionsMax },
+      sessions: { ttlMs: o.sessionTtl * 1000, maxSessions: o.sessionsMax, maxTotalBytes: o.sessionsMemory * 1024 * 1024 },
       logger,
       mesh: mesh.node.hooks,
     });

@@ -18,7 +18,7 @@ import {
   type TokenLogprob,
 } from "./protocol";
 import { queueRefusals } from "./queue";
-import { chooseSlot, commonPrefix } from "./slot-choice";
+import { chooseSlot, commonPrefix, RESTORE_MIN_GAIN } from "./slot-choice";
 import { MAX_MARKS, Tenancy, type TokenMark } from "./tenancy";
 import { StopMatcher, Utf8Stream } from "./text";
 
@@ -840,7 +840,8 @@ export class Scheduler {
     const store = this.d.checkpoints;
     if (!store?.enabled) return null;
     const found = store.find(w.req.checkpoint?.restore, w.prompt);
-    if (!found || found.lcp <= than) return null;
+    // Read (maybe from disk) only what could be restored: chooseSlot restores nothing shorter than RESTORE_MIN_GAIN.
+    if (!found || found.lcp <= than || found.lcp < RESTORE_MIN_GAIN) return null;
     const state = store.load(found.entry);
     return state ? { entry: toRestorable(found.entry.tokens, state, this.clock), lcp: found.lcp } : null;
   }

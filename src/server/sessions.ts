@@ -125,6 +125,7 @@ export class SessionService {
 
   /** Start a turn of session `id` (created on first use) for a chat body on `model`. */
   turn(id: string, model: ServedModel, body: { messages: readonly unknown[]; tools?: unknown }): SessionTurn {
+    this.store.checkRoom();
     const session = this.store.use(id);
     const tools = toolsKey(body.tools);
     const branch = session.trie.begin(body.messages as SessionMessage[], tools);

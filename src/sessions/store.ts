@@ -10,13 +10,15 @@ export interface SessionStoreOptions {
   maxSessions: number;
   /** Idle time after which a session expires, in milliseconds. */
   ttlMs: number;
+  /** Bytes all sessions together may hold; past it a turn that would add any is refused (too_many_sessions). */
+  maxTotalBytes: number;
   limits: TrieLimits;
   /** Milliseconds on any monotonic clock. */
   now: () => number;
 }
 
-/** Defaults: a day of idleness, 1024 sessions. */
-export const SESSION_DEFAULTS = { maxSessions: 1024, ttlMs: 24 * 3600 * 1000 } as const;
+/** Defaults: a day of idleness, 1024 sessions, 1 GiB of messages and token ids in all. */
+export const SESSION_DEFAULTS = { maxSessions: 1024, ttlMs: 24 * 3600 * 1000, maxTotalBytes: 1024 * 1024 * 1024 } as const;
 
 /** Characters a session id may use (it travels in a header and a URL path). */
 const ID_PATTERN = /^[A-Za-z0-9._:-]{1,128}$/;
@@ -46,6 +48,7 @@ export class SessionStore {
     this.options = {
       maxSessions: o.maxSessions ?? SESSION_DEFAULTS.maxSessions,
       ttlMs: o.ttlMs ?? SESSION_DEFAULTS.ttlMs,
+      maxTotalBytes: o.maxTotalBytes ?? SESSION_DEFAULTS.maxTotalBytes,
       limits: o.limits ?? DEFAULT_TRIE_LIMITS,
       now: o.now ?? (() => performance.now()),
     };
@@ -90,6 +93,24 @@ export class SessionStore {
   /** Every session, most recently used first. */
   list(): Session[] {
     return [...this.sessions.values()].sort((a, b) => b.lastUsed - a.lastUsed);
+  }
+
+  /** Bytes every session holds together (a scan of at most maxSessions). */
+  totalBytes(): number {
+    let n = 0;
+    for (const s of this.sessions.values()) n += s.trie.stats().bytes;
+    return n;
+  }
+
+  /** Refuse a new turn when the sessions together already hold their byte budget. */
+  checkRoom(): void {
+    const total = this.totalBytes();
+    if (total >= this.options.maxTotalBytes) {
+      throw new SessionError(
+        "too_many_sessions",
+        `sessions on this node hold ${total} bytes, the limit of ${this.options.maxTotalBytes}: delete some or wait for them to expire`,
+      );
+    }
   }
 
   /** Remove a session; returns it (its checkpoints are the caller's to release), or undefined. */

@@ -37,4 +37,13 @@ describe("session store", () => {
     for (const bad of ["", "a b", "x".repeat(129), "a/b", "é"]) expect(() => store.use(bad)).toThrow(/session id/);
     expect(store.size).toBe(0);
   });
+
+  test("past_the_node_wide_byte_budget_new_turns_are_refused_until_a_session_goes", () => {
+    const store = new SessionStore({ maxTotalBytes: 2000 });
+    store.checkRoom();
+    store.use("big").trie.begin([user("x".repeat(1500))], "");
+    expect(() => store.checkRoom()).toThrow(/bytes/);
+    store.delete("big");
+    expect(() => store.checkRoom()).not.toThrow();
+  });
 });
