@@ -255,17 +255,22 @@ export async function main(argv: string[]): Promise<void> {
   };
   const repeats = Number(values.repeats ?? 1);
   const rows: Row[] = [];
+  // Each row goes to stderr as soon as it is measured, so a long run that is stopped still leaves its figures.
+  const done = (r: Row) => {
+    rows.push(r);
+    process.stderr.write(`${JSON.stringify(r)}\n`);
+  };
   const llama = values["llama-server"] ? (values["llama-server-path"] ?? defaultLlamaServerPath()) : null;
   if (llama !== null && !existsSync(llama))
     throw new Error(`no llama-server at ${llama}: run 'bun run build.ts native --with-llama-server'`);
   for (let r = 0; r < repeats; r++) {
     for (const mode of ["checkpoints", "none"] as const) {
       process.stderr.write(`repeat ${r + 1}/${repeats}: ${mode}\n`);
-      rows.push(await measure(modelPath, mode, r, o));
+      done(await measure(modelPath, mode, r, o));
     }
     if (llama) {
       process.stderr.write(`repeat ${r + 1}/${repeats}: llama-server\n`);
-      rows.push(await measureLlamaServer(llama, modelPath, r, o));
+      done(await measureLlamaServer(llama, modelPath, r, o));
     }
   }
   if (values.json) {
