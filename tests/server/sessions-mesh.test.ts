@@ -3,7 +3,7 @@
 // routing index after its slots were taken by other work (host-RAM tier off), so a later turn sent to
 // the other node is forwarded to it; and when that node is gone, the other serves it by full prefill.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { clusterDir, modelsOf, type NodeProc, spawnNode, tokenOf, waitFor } from "../helpers/cluster";
+import { clusterDir, modelsOf, type NodeProc, peersOf, spawnNode, tokenOf, waitFor } from "../helpers/cluster";
 
 const dir = clusterDir();
 const nodes: NodeProc[] = [];
@@ -99,7 +99,12 @@ describe("sessions in a mesh", () => {
     for (let round = 3; round <= 4; round++) {
       await takeSlots(holder, fillers, round);
       h = [...h, reply, { role: "user", content: `step ${round}` }];
-      // The index learns of the held prefix by gossip: give it a few rounds.
+      // The routing policy weighs the holder's load as the other node last heard it: wait until that says idle
+      // (gossip rounds are late on a busy machine), then a round more for the prefix marks.
+      await waitFor("the other node to see the holder idle", 60_000, async () => {
+        const row = (await peersOf(other))?.members.find((m) => m.name === holder.name);
+        return row !== undefined && row.slots_busy === 0 && row.queue_depth === 0 && row.kv_used === 0;
+      });
       await Bun.sleep(1500);
       reply = (await turn(other, "agent-1", h)).reply;
       expect((await sessionOn(holder, "agent-1"))?.turns).toBe(round);
