@@ -28,7 +28,8 @@ afterAll(async () => {
   await Promise.all(nodes.map((n) => n.proc.exited));
 });
 
-const SYSTEM = "You are a build agent. Follow the plan and report each step. ".repeat(10);
+// Long enough (about 700 tokens) that serving it where it is cached clearly beats a cold prefill: a short prompt makes the two near-equal and the policy picks at random.
+const SYSTEM = "You are a build agent. Follow the plan and report each step. ".repeat(55);
 type Msg = { role: string; content: string | null };
 
 async function turn(n: NodeProc, session: string, messages: Msg[], maxTokens = 4) {
@@ -96,16 +97,22 @@ describe("sessions in a mesh", () => {
 
     // Twice: other work takes the holder's slots, then a turn sent to the other node reaches the holder.
     const fillers = await sessionsHeldBy(holder, 2);
+    const syncOf = async (n: NodeProc) => (await peersOf(n))?.routing?.sync ?? null;
     for (let round = 3; round <= 4; round++) {
       await takeSlots(holder, fillers, round);
       h = [...h, reply, { role: "user", content: `step ${round}` }];
-      // The routing policy weighs the holder's load as the other node last heard it: wait until that says idle
-      // (gossip rounds are late on a busy machine), then a round more for the prefix marks.
+      // What the holder's KV and checkpoints hold reaches the other node's index as routing deltas, one batch
+      // a round: wait for a batch sent after the slots were taken to be acknowledged.
+      const acked = (await syncOf(holder))?.batchesAcked ?? 0;
+      await waitFor("the holder's routing deltas to reach the other node", 60_000, async () => {
+        const [hs, os] = await Promise.all([syncOf(holder), syncOf(other)]);
+        return hs !== null && os !== null && hs.batchesAcked > acked && os.insertsApplied > 0;
+      });
+      // The routing policy weighs the holder's load as the other node last heard it: wait until that says idle.
       await waitFor("the other node to see the holder idle", 60_000, async () => {
         const row = (await peersOf(other))?.members.find((m) => m.name === holder.name);
         return row !== undefined && row.slots_busy === 0 && row.queue_depth === 0 && row.kv_used === 0;
       });
-      await Bun.sleep(1500);
       reply = (await turn(other, "agent-1", h)).reply;
       expect((await sessionOn(holder, "agent-1"))?.turns).toBe(round);
       expect(await sessionOn(other, "agent-1")).toBeNull();
