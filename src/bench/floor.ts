@@ -43,6 +43,8 @@ export function measureFloor(o: FloorOptions, cells: readonly Cell[], log: (s: s
     nGpuLayers: 0,
     flashAttn: o.flashAttn,
     useMmap: true,
+    backendLibs: [],
+    modelShape: null,
     queueCapacity: 1,
     queueTimeoutMs: 1000,
     kvBudget: true,

@@ -1,8 +1,10 @@
 #!/usr/bin/env bun
 // The `mesh` command line: parses, runs a command, prints, exits.
 import { Command, CommanderError, Option } from "commander";
+import { CHECKPOINT_DEFAULTS } from "../engine/checkpoints";
 import { HOST_CACHE_DEFAULT_MIB } from "../engine/index";
 import { RESPONSE_STORE_DEFAULT_MIB } from "../server/responses/store";
+import { SESSION_DEFAULTS } from "../sessions";
 import { registerBench } from "./bench";
 import { buildInfo, formatBuildInfo } from "./build-info";
 import { invite } from "./invite";
@@ -56,6 +58,36 @@ export function program(): Command {
       "host RAM for idle conversations' KV state: moved out of the KV pool when other requests start, copied back when a prompt continues them (0 keeps them in the pool)",
       intOption("--cache-ram", 0, 1 << 24),
       HOST_CACHE_DEFAULT_MIB,
+    )
+    .option(
+      "--session-ttl <s>",
+      "seconds an idle agent session (X-Session-Id) is kept with its trie and KV checkpoints",
+      intOption("--session-ttl", 1, 365 * 86400),
+      SESSION_DEFAULTS.ttlMs / 1000,
+    )
+    .option(
+      "--sessions-max <n>",
+      "sessions held at once; a new one past it gets 429",
+      intOption("--sessions-max", 1, 1 << 20),
+      SESSION_DEFAULTS.maxSessions,
+    )
+    .option(
+      "--sessions-memory <MiB>",
+      "memory for all sessions' messages and token ids together; past it new turns get 429",
+      intOption("--sessions-memory", 1, 1 << 20),
+      SESSION_DEFAULTS.maxTotalBytes / (1024 * 1024),
+    )
+    .option(
+      "--checkpoint-ram <MiB>",
+      "host RAM for sessions' KV checkpoints (the state at the end of each reply), kept apart from --cache-ram",
+      intOption("--checkpoint-ram", 0, 1 << 24),
+      CHECKPOINT_DEFAULTS.ramMiB,
+    )
+    .option(
+      "--checkpoint-disk <MiB>",
+      "disk under the state dir for checkpoints spilled from RAM (kept across restarts; 0: RAM only)",
+      intOption("--checkpoint-disk", 0, 1 << 30),
+      CHECKPOINT_DEFAULTS.diskMiB,
     )
     .option("--api-key <key>", "require 'Authorization: Bearer <key>' (repeatable)", collect, [])
     .option("--api-key-file <path>", "file with one API key per line")

@@ -1,6 +1,7 @@
 // `mesh serve`: load a model, serve the OpenAI API, shut down gracefully.
 import { closeSync, existsSync, openSync, readFileSync, readSync, statSync } from "node:fs";
 import { cpus } from "node:os";
+import { join } from "node:path";
 import type { ModelInfo } from "../engine/protocol";
 import { TINY } from "../gguf/generate";
 import { ensureModel } from "../gguf/models";
@@ -28,6 +29,11 @@ export interface ServeOptions extends MeshFlags {
   queueTimeout: number;
   kvReserveOutput: number;
   cacheRam: number;
+  sessionTtl: number;
+  sessionsMax: number;
+  sessionsMemory: number;
+  checkpointRam: number;
+  checkpointDisk: number;
   apiKey: string[];
   apiKeyFile?: string;
   maxBodyBytes: number;
@@ -141,6 +147,10 @@ export async function serve(o: ServeOptions): Promise<number> {
     queueTimeoutMs: o.queueTimeout * 1000,
     defaultReserveOutput: o.kvReserveOutput,
     hostCacheMiB: o.cacheRam,
+    checkpointRamMiB: o.checkpointRam,
+    checkpointDiskMiB: o.checkpointDisk,
+    // Spilled checkpoints live beside the node's identity, one directory per model fingerprint.
+    checkpointDir: join(mesh.plan.stateDir, "checkpoints"),
     onProgress: progressPrinter(`loading ${modelPath}`),
   });
   let server: ReturnType<typeof startServer>;
@@ -152,6 +162,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       apiKeys,
       maxBodyBytes: o.maxBodyBytes,
       responseStoreBytes: o.responsesStore * 1024 * 1024,
+      sessions: { ttlMs: o.sessionTtl * 1000, maxSessions: o.sessionsMax, maxTotalBytes: o.sessionsMemory * 1024 * 1024 },
       logger,
       mesh: mesh.node.hooks,
     });

@@ -2,6 +2,7 @@
 // model. Nothing here calls llama.cpp; the Worker does, so the event loop
 // never waits on a decode.
 import { cpus } from "node:os";
+import { CHECKPOINT_DEFAULTS } from "./checkpoints";
 import { readModelShape } from "./devices";
 import { EngineError } from "./errors";
 import { engineWorkerUrl, findBackendLibs, findNativeLib } from "./library";
@@ -75,6 +76,8 @@ export interface GenerateOptions {
   grammar?: string;
   /** Log-probability of each generated token plus this many (0..20) most probable alternatives, on its text event. */
   logprobs?: number;
+  /** Session checkpoints: restore `restore` before prefill when it still exists; save the sequence as `save` when the reply ends (keys: 1-128 of [A-Za-z0-9_-]). */
+  checkpoint?: { save?: string; restore?: string };
 }
 
 /** Longest grammar text generate() accepts. */
@@ -164,6 +167,8 @@ export interface EngineLike {
   onTenancy(listener: (delta: TenancyDelta) => void): () => void;
   /** Listen for the engine dying without close() (engines that cannot die, like FakeEngine, omit it). */
   onFailure?(listener: (e: EngineError) => void): void;
+  /** Drop session checkpoints by key, in RAM and on disk (fire and forget); absent on engines without checkpoints. */
+  releaseCheckpoints?(keys: string[]): void;
 }
 
 type WithoutRid<T> = T extends unknown ? Omit<T, "rid"> : never;
@@ -267,6 +272,9 @@ export class Engine implements EngineLike {
       queueTimeoutMs: opts.queueTimeoutMs ?? QUEUE_DEFAULTS.timeoutMs,
       kvBudget: opts.kvBudget ?? true,
       hostCacheMiB: opts.hostCacheMiB ?? HOST_CACHE_DEFAULT_MIB,
+      checkpointRamMiB: opts.checkpointRamMiB ?? CHECKPOINT_DEFAULTS.ramMiB,
+      checkpointDiskMiB: opts.checkpointDiskMiB ?? CHECKPOINT_DEFAULTS.diskMiB,
+      checkpointDir: opts.checkpointDir ?? null,
     };
     // Cancel flags must outlast the queue: the queue, not this, refuses load.
     const maxInFlight = opts.maxInFlight ?? Math.max(1024, 2 * (options.queueCapacity + nParallel));
@@ -360,6 +368,7 @@ export class Engine implements EngineLike {
     if (opts.marks && opts.marks.length > 0 && typeof opts.prompt === "string") request.marks = opts.marks.slice(0, MAX_MARKS);
     if (opts.grammar) request.grammar = opts.grammar;
     if (opts.logprobs !== undefined) request.logprobs = opts.logprobs;
+    if (opts.checkpoint) request.checkpoint = { ...opts.checkpoint };
     this.post({ type: "generate", id, flag, request });
     const signal = opts.signal;
     if (signal) {
@@ -398,6 +407,12 @@ export class Engine implements EngineLike {
   clearMarks(): void {
     if (this.closing) return;
     this.post({ type: "clear_marks" });
+  }
+
+  /** Drop session checkpoints by key, in RAM and on disk (fire and forget). */
+  releaseCheckpoints(keys: string[]): void {
+    if (this.closing || keys.length === 0) return;
+    this.post({ type: "release_checkpoints", keys });
   }
 
   /** Listen for the prefix marks the KV starts or stops holding; a closed engine sends one last delta evicting all. */

@@ -30,6 +30,10 @@ export interface LoadOptions {
   kvBudget: boolean;
   /** Host RAM (MiB) for idle sequences' KV state; 0 keeps idle prefixes resident in the pool. */
   hostCacheMiB: number;
+  /** Session checkpoints: RAM (MiB) and disk (MiB) budgets, and the directory spilled ones go to (null: RAM only). */
+  checkpointRamMiB?: number;
+  checkpointDiskMiB?: number;
+  checkpointDir?: string | null;
 }
 
 /** Sampling settings; undefined fields take the defaults in DEFAULT_SAMPLING. */
@@ -87,6 +91,8 @@ export interface GenerateRequest {
   grammar?: string;
   /** Report each generated token's log-probability and this many (0..20) most probable alternatives; absent: none. */
   logprobs?: number;
+  /** Session checkpoints: restore `restore` (when it still exists and fits the prompt) before prefill; save the sequence as `save` when the reply ends. */
+  checkpoint?: { save?: string; restore?: string };
 }
 
 /** Most alternatives a generated token's logprobs can list (MESH_TOP_MAX in the shim). */
@@ -161,6 +167,12 @@ export interface EngineStats extends SchedulerCounters {
   hostCacheBytes: number;
   hostCacheCapacityBytes: number;
   hostCacheEvictions: number;
+  /** Session checkpoints held, their bytes in RAM and on disk, and how many were spilled to disk or dropped. */
+  checkpoints: number;
+  checkpointRamBytes: number;
+  checkpointDiskBytes: number;
+  checkpointSpills: number;
+  checkpointDrops: number;
   /** Evictions and evicted cells over every reason. */
   evictions: number;
   evictedCells: number;
@@ -219,6 +231,8 @@ export type ToWorker =
   | { type: "marks"; id: number; marks: Array<[string, string | null]> }
   /** Forget every mark of every holder (slots, host-RAM copies, running and queued prompts), reporting the held ones evicted; the KV stays. */
   | { type: "clear_marks" }
+  /** Drop session checkpoints (RAM and disk): their session ended. */
+  | { type: "release_checkpoints"; keys: string[] }
   | { type: "shutdown" }
   /** Sent to a fresh Worker after the engine's own one died: free the model and context it left behind. */
   | { type: "reap"; libPath: string; handles: NativeHandles };

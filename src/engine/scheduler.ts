@@ -1,6 +1,8 @@
 // Continuous batching over llama.cpp sequences. Runs inside the engine Worker
 // only: every method may call into llama.cpp and block for a decode step.
 import type { Pointer } from "bun:ffi";
+import { saveCheckpoint, toRestorable } from "./checkpoint-state";
+import type { Checkpoint, CheckpointStore } from "./checkpoints";
 import { shouldCompact } from "./compaction";
 import type { EngineErrorValue } from "./errors";
 import { HostCache, type HostEntry } from "./host-cache";
@@ -18,7 +20,7 @@ import {
   type TtftPhases,
 } from "./protocol";
 import { queueRefusals } from "./queue";
-import { chooseSlot, commonPrefix } from "./slot-choice";
+import { chooseSlot, commonPrefix, RESTORE_MIN_GAIN } from "./slot-choice";
 import { MAX_MARKS, Tenancy, type TokenMark } from "./tenancy";
 import { StopMatcher, Utf8Stream } from "./text";
 
@@ -115,6 +117,8 @@ export interface SchedulerDeps {
   hostCacheBytes: number;
   /** Milliseconds on a monotonic clock. */
   now: () => number;
+  /** Session checkpoints (saved at a reply's end, restored before prefill); absent: none. */
+  checkpoints?: CheckpointStore | null;
 }
 
 /** Cumulative counters of the scheduler, reported in stats. */
@@ -154,6 +158,10 @@ export interface SchedulerCounters {
   /** Times the pool was emptied and a reused prefix copied back from cell 0, and the cells copied. */
   compactions: number;
   compactedCells: number;
+  /** Session checkpoints saved at replies' ends, restored into slots (and the prompt tokens that saved). */
+  checkpointSaves: number;
+  checkpointRestores: number;
+  checkpointRestoredTokens: number;
 }
 
 /**
@@ -212,6 +220,9 @@ export function zeroCounters(): SchedulerCounters {
     hostRestoreFailures: 0,
     compactions: 0,
     compactedCells: 0,
+    checkpointSaves: 0,
+    checkpointRestores: 0,
+    checkpointRestoredTokens: 0,
   };
 }
 
@@ -255,6 +266,7 @@ export class Scheduler {
       if (this.finished.size > 0) this.forgetSaved(st);
       d.native.mesh_host_free(st.ptr, st.bytes);
     });
+    if (d.checkpoints) d.checkpoints.onDrop = (c) => this.dropCheckpoint(c);
   }
 
   /** True when there is work for another step. */
@@ -371,6 +383,13 @@ export class Scheduler {
       hostCacheBytes: host.bytes,
       hostCacheCapacityBytes: host.capacityBytes,
       hostCacheEvictions: host.evictions,
+      ...(this.d.checkpoints?.stats() ?? {
+        checkpoints: 0,
+        checkpointRamBytes: 0,
+        checkpointDiskBytes: 0,
+        checkpointSpills: 0,
+        checkpointDrops: 0,
+      }),
       ...this.counters,
       evictions: EVICTION_REASONS.reduce((sum, r) => sum + this.counters[evictionFields(r).count], 0),
       evictedCells: EVICTION_REASONS.reduce((sum, r) => sum + this.counters[evictionFields(r).cells], 0),
@@ -423,6 +442,7 @@ export class Scheduler {
   /** Free every state saved in host RAM (shutdown); nothing holds a mark after it. */
   dispose(): void {
     this.host.clear();
+    this.d.checkpoints?.clearRam();
     for (const s of this.slots) this.tenancy.release(s);
     this.finished.clear();
   }
@@ -517,22 +537,25 @@ export class Scheduler {
       const admitStart = this.d.now();
       this.saveMs = 0;
       let restoreMs = 0;
-      const saved = this.host.enabled ? this.host.best(w.prompt) : null;
+      const hostBest = this.host.enabled ? this.host.best(w.prompt) : null;
+      // A session checkpoint competes with the host tier on the same terms: the longer shared prefix wins.
+      const ckpt = this.checkpointFor(w, hostBest?.lcp ?? 0);
+      const saved = ckpt ?? hostBest;
       const choice = chooseSlot(free, w.prompt, saved?.lcp ?? null);
       const best = choice.reuse;
       let keep = choice.keep;
       let target = best;
       let restore: HostEntry<HostState> | null = null;
-      if (this.host.enabled) {
-        if (saved && choice.restoreInto) {
-          restore = saved.entry;
-          // The saves below must not drop (and free) the state about to be copied back.
+      if (saved && choice.restoreInto) {
+        restore = saved.entry;
+        // The saves below must not drop (and free) the state about to be copied back (a checkpoint is not the cache's).
+        if (!ckpt) {
           this.host.touch(restore);
           this.host.pin(restore);
-          target = choice.restoreInto;
         }
-        for (const s of free) if (s !== target && s !== best) this.offload(s);
+        target = choice.restoreInto;
       }
+      if (this.host.enabled) for (const s of free) if (s !== target && s !== best) this.offload(s);
       // At least one prompt token must be decoded to get logits to sample from.
       const reserve = this.d.kvBudget ? reservation(w.prompt.length, w.req.reserveOutput, this.d.nCtxSeq) : this.d.nCtxSeq;
       if (this.d.kvBudget) {
@@ -568,7 +591,11 @@ export class Scheduler {
         const restored = target.history.length;
         this.truncate(target, keep);
         this.countEviction("divergent", restored - target.history.length);
-        this.counters.hostRestoredTokens += target.history.length;
+        if (ckpt && restored > 0) {
+          this.counters.hostRestores--; // counted by restoreInto; it was a checkpoint
+          this.counters.checkpointRestores++;
+          this.counters.checkpointRestoredTokens += target.history.length;
+        } else this.counters.hostRestoredTokens += target.history.length;
       } else {
         // The divergent tail about to be dropped may be another conversation's next turn.
         if (this.host.enabled && target.history.length - keep >= HOST_MIN_TOKENS) this.offload(target, false);
@@ -875,6 +902,37 @@ export class Scheduler {
     this.cut(s, 0);
   }
 
+  /**
+   * A checkpoint holds the prefix marks of the sequence it saved (and, through `finished`, its reply's), so the
+   * routing index keeps sending the session here while it lives, wherever the slot's KV went; dropped with it.
+   */
+  private holdCheckpoint(a: Active, ckpt: Checkpoint): void {
+    if (!this.tenancy.active) return;
+    const holder: HostState = { ptr: 0 as unknown as Pointer, bytes: 0, written: 0, tokens: ckpt.tokens.length };
+    ckpt.tag = holder;
+    this.tenancy.hold(holder, holder.tokens, this.tenancy.marks(a.slot, holder.tokens));
+    this.finished.get(a.id)?.saved.push(holder);
+  }
+
+  /** A checkpoint was dropped: the marks it held go with it. */
+  private dropCheckpoint(ckpt: Checkpoint): void {
+    const holder = ckpt.tag as HostState | null;
+    if (!holder) return;
+    this.tenancy.release(holder);
+    if (this.finished.size > 0) this.forgetSaved(holder);
+  }
+
+  /** The request's session checkpoint (or the best stored one) as a restorable entry, when it beats `than` prompt tokens; else null. */
+  private checkpointFor(w: Waiting, than: number): { entry: HostEntry<HostState>; lcp: number } | null {
+    const store = this.d.checkpoints;
+    if (!store?.enabled) return null;
+    const found = store.find(w.req.checkpoint?.restore, w.prompt);
+    // Read (maybe from disk) only what could be restored: chooseSlot restores nothing shorter than RESTORE_MIN_GAIN.
+    if (!found || found.lcp <= than || found.lcp < RESTORE_MIN_GAIN) return null;
+    const state = store.load(found.entry);
+    return state ? { entry: toRestorable(found.entry.tokens, state, this.clock), lcp: found.lcp } : null;
+  }
+
   /** Drop every idle slot's resident KV; returns the cells freed. */
   private evictIdle(): number {
     const all = this.slots.filter((s) => !s.active && s.history.length > 0).map((s) => ({ seq: s.seq, keep: 0 }));
@@ -1110,11 +1168,19 @@ export class Scheduler {
       const tail = r.stopped ? r.text : r.text + a.stops.flush();
       if (tail.length > 0) out.push({ id: a.id, kind: "text", text: tail, tokens: [] });
     }
+    // A reply that ended on its own, its whole prompt in the KV: the session's checkpoint of this turn.
+    const save = a.req.checkpoint?.save;
+    let ckpt: Checkpoint | null = null;
+    if (save && reason !== "cancelled" && a.fed >= a.prompt.length && this.d.checkpoints?.enabled) {
+      ckpt = saveCheckpoint(this.d.native, this.d.ctx, a.slot.seq, a.slot.history, save, this.d.checkpoints);
+      if (ckpt) this.counters.checkpointSaves++;
+    }
     this.d.native.mesh_sampler_free(a.sampler);
     a.slot.active = null;
     a.slot.lastUsed = ++this.clock;
     this.settle(a.slot);
     this.rememberFinished(a, reason);
+    if (ckpt) this.holdCheckpoint(a, ckpt);
     if (reason !== "cancelled") this.serviceMs = 0.8 * this.serviceMs + 0.2 * (this.d.now() - a.startedAt);
     out.push(doneEvent(a.id, reason, a.prompt.length, a.cached, a.generated, reason === "stop" ? a.stops.matched : null, a.phases));
   }

@@ -2,6 +2,7 @@
 // then loops: take messages, run one scheduler step, post that step's events.
 
 import type { Pointer } from "bun:ffi";
+import { type CheckpointStore, openCheckpoints } from "./checkpoints";
 import type { EngineErrorValue } from "./errors";
 import { openNative } from "./native";
 import { closeModel, type OpenedModel, openModel, schedulerDeps } from "./open";
@@ -13,6 +14,7 @@ declare const self: Worker;
 
 let opened: OpenedModel | null = null;
 let scheduler: Scheduler | null = null;
+let checkpoints: CheckpointStore | null = null;
 let running = false;
 let closing = false;
 const inbox: ToWorker[] = [];
@@ -27,7 +29,8 @@ function load(libPath: string, o: LoadOptions, progress: SharedArrayBuffer, ctl:
     return;
   }
   opened = m;
-  scheduler = new Scheduler(schedulerDeps(m, o, control, CONTROL_FLAGS_OFFSET));
+  checkpoints = openCheckpoints(m.info, o);
+  scheduler = new Scheduler({ ...schedulerDeps(m, o, control, CONTROL_FLAGS_OFFSET), checkpoints });
   post({ type: "loaded", info: m.info, handles: { model: Number(m.model), ctx: Number(m.ctx) } });
 }
 
@@ -147,7 +150,8 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
   if (!scheduler) {
     const error: EngineErrorValue = { code: "engine_closed", message: "no model is loaded" };
     if (m.type === "generate") events.push({ id: m.id, kind: "error", error });
-    else if (m.type !== "cancel" && m.type !== "marks" && m.type !== "clear_marks") post({ type: "reply_error", rid: m.rid, error });
+    else if (m.type !== "cancel" && m.type !== "marks" && m.type !== "clear_marks" && m.type !== "release_checkpoints")
+      post({ type: "reply_error", rid: m.rid, error });
     return;
   }
   switch (m.type) {
@@ -178,6 +182,9 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
     case "clear_marks":
       // The evicts go out with this loop iteration's flush.
       scheduler.clearMarks();
+      return;
+    case "release_checkpoints":
+      if (Array.isArray(m.keys)) checkpoints?.release(m.keys.filter((k) => typeof k === "string"));
       return;
     case "generate": {
       const p = m.request.prompt;
@@ -287,6 +294,7 @@ function shutdown(): void {
   if (opened) closeModel(opened);
   opened = null;
   scheduler = null;
+  checkpoints = null;
   post({ type: "closed" });
 }
 

@@ -31,6 +31,7 @@ import { ResponsesBody } from "./responses/schema";
 import { RESPONSE_STORE_DEFAULT_MIB, ResponseStore } from "./responses/store";
 import { checkResponsesBody } from "./responses/translate";
 import { checkSentBody } from "./sent";
+import { forwardedChatPath, SESSION_HEADER, SessionService, sessionIdOf } from "./sessions";
 import { ApplyTemplateBody, applyTemplate, DetokenizeBody, detokenize, TokenizeBody, tokenize } from "./tokenize";
 
 /** What the app needs from the node. */
@@ -45,6 +46,8 @@ export interface AppOptions {
   mesh?: MeshHooks;
   /** Past /v1/responses answers kept for previous_response_id (default: RESPONSE_STORE_DEFAULT_MIB MiB). */
   responseStore?: ResponseStore;
+  /** Multi-branch agent sessions (default: SESSION_DEFAULTS). */
+  sessions?: SessionService;
 }
 
 const ROUTES = new Set([
@@ -63,11 +66,14 @@ const ROUTES = new Set([
   "/tokenize",
   "/detokenize",
   "/apply-template",
+  "/v1/sessions",
 ]);
 
 /** A request path as the route label of its metrics and log line: a known route, or "other". */
 function routeOf(path: string): string {
   if (ROUTES.has(path)) return path;
+  if (/^\/v1\/sessions\/[^/]+$/.test(path)) return "/v1/sessions/{id}";
+  if (/^\/v1\/sessions\/[^/]+\/trajectories$/.test(path)) return "/v1/sessions/{id}/trajectories";
   return /^\/v1\/responses\/[^/]+$/.test(path) ? "/v1/responses/{id}" : "other";
 }
 
@@ -126,10 +132,22 @@ export function createApp(o: AppOptions) {
     return local ? { id: local.id, here: true } : { id: meshModelOf(o.mesh, name) ?? name, here: false };
   };
   /** Route a request that runs as the chat request `chat`: keyed under the model's id, forwarded as `shape` (or `as`). */
-  const routeChat = (chat: ChatBodyT, path: string, request: Request, shape?: ForwardShape, as?: ForwardAs) => {
+  const routeChat = (chat: ChatBodyT, path: string, request: Request, shape?: ForwardShape, as?: ForwardAs, stay = false) => {
     const { id, here } = resolve(chat.model);
-    return routeRequest(o.mesh, id, here, path, request, (k) => k.chat(id, chat.messages, chat.tools ?? undefined), chat.model, shape, as);
+    return routeRequest(
+      o.mesh,
+      id,
+      here,
+      path,
+      request,
+      (k) => k.chat(id, chat.messages, chat.tools ?? undefined),
+      chat.model,
+      shape,
+      as,
+      stay,
+    );
   };
+  const sessions = o.sessions ?? new SessionService(() => o.models, {}, o.logger);
   /**
    * A tokenizer endpoint: run `handle` on the model named (default: this node's first), or forward the
    * request to a peer serving it.
@@ -289,9 +307,19 @@ export function createApp(o: AppOptions) {
       "/v1/chat/completions",
       async ({ body, request, set }) => {
         checkChatBody(body);
-        const route = await routeChat(body, "/v1/chat/completions", request);
+        const sessionId = sessionIdOf(request, body);
+        if (sessionId !== null) sessions.store.check(sessionId);
+        // Affinity: a session this node holds runs here, next to its checkpoints.
+        const held = sessionId !== null && sessions.store.peek(sessionId) !== undefined;
+        const route = await routeChat(body, forwardedChatPath(sessionId), request, undefined, undefined, held);
         if (route.kind === "peer") return labelled(route.response, request, set);
-        const result = await chatCompletion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
+        const model = findModel(body.model);
+        const turn = sessionId !== null ? sessions.turn(sessionId, model, body) : null;
+        const result = await chatCompletion(model, body, o.metrics, request.signal, onStreamError, route.routing, turn);
+        if (sessionId !== null) {
+          if (result instanceof Response) result.headers.set(SESSION_HEADER, sessionId);
+          else set.headers[SESSION_HEADER] = sessionId;
+        }
         if (!(result instanceof Response)) set.status = 200;
         return labelled(result, request, set);
       },
@@ -381,6 +409,18 @@ export function createApp(o: AppOptions) {
       },
       bodyOf(CountTokensBody),
     )
+    .get("/v1/sessions", () => sessions.list())
+    .get("/v1/sessions/:id", ({ params }) => sessions.get(params.id))
+    .delete("/v1/sessions/:id", ({ params }) => sessions.delete(params.id))
+    .get("/v1/sessions/:id/trajectories", ({ params, query, request }) => {
+      const all = query.all === "1" || query.all === "true";
+      const accept = request.headers.get("accept") ?? "";
+      if (query.format === "jsonl" || accept.includes("application/x-ndjson") || accept.includes("application/jsonl")) {
+        return sessions.jsonl(params.id, all);
+      }
+      if (query.format !== undefined && query.format !== "json") throw badRequest("format must be json or jsonl", "format");
+      return { object: "list", data: sessions.trajectories(params.id, all) };
+    })
     .post("/tokenize", tokenizerRoute("/tokenize", tokenize), bodyOf(TokenizeBody, rawJson))
     .post("/detokenize", tokenizerRoute("/detokenize", detokenize), bodyOf(DetokenizeBody, rawJson))
     .post("/apply-template", tokenizerRoute("/apply-template", applyTemplate), bodyOf(ApplyTemplateBody, rawJson))

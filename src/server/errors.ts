@@ -3,6 +3,7 @@
 // its shape {"type": "error", "error": {"type", "message"}}. Nothing here ever
 // puts a stack trace in a response.
 import { EngineError } from "../engine/errors";
+import { SessionError } from "../sessions";
 import { type ErrorFields, ForwardError, type ForwardShape } from "./forward";
 
 /** An error that knows its HTTP status and OpenAI error fields. */
@@ -28,6 +29,7 @@ export function badRequest(message: string, param: string | null = null, code: s
 /** Map any thrown value to an ApiError; unknown errors become a generic 500 (logged by the caller). */
 export function toApiError(e: unknown): ApiError {
   if (e instanceof ApiError) return e;
+  if (e instanceof SessionError) return sessionApiError(e);
   if (e instanceof EngineError) {
     switch (e.code) {
       case "context_length_exceeded":
@@ -177,4 +179,17 @@ export function pointerToParam(pointer: string): string {
     .filter((p) => p.length > 0)
     .map((p, i) => (/^\d+$/.test(p) ? `[${p}]` : i === 0 ? p : `.${p}`))
     .join("");
+}
+
+/** A session refusal: a bad or unknown id, a full session (400: retrying will not help), or one too busy, or too many sessions (429). */
+function sessionApiError(e: SessionError): ApiError {
+  switch (e.code) {
+    case "session_not_found":
+      return new ApiError(404, "invalid_request_error", e.message, "session", e.code);
+    case "session_busy":
+    case "too_many_sessions":
+      return new ApiError(429, "rate_limit_error", e.message, "session", e.code, 1);
+    default:
+      return new ApiError(400, "invalid_request_error", e.message, "session", e.code);
+  }
 }

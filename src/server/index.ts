@@ -1,10 +1,12 @@
 // Start and stop a node's HTTP server.
 import type { Logger } from "../log";
+import type { SessionStoreOptions } from "../sessions";
 import { type App, createApp } from "./app";
 import type { MeshHooks } from "./mesh";
 import { Metrics } from "./metrics";
 import type { ServedModel } from "./model";
 import { ResponseStore } from "./responses/store";
+import { SessionService } from "./sessions";
 
 export { ServedModel } from "./model";
 
@@ -22,6 +24,8 @@ export interface ServerOptions {
   idleTimeoutSeconds?: number;
   /** Bytes of past responses kept for previous_response_id (default 64 MiB). */
   responseStoreBytes?: number;
+  /** Session expiry and count bound (defaults: SESSION_DEFAULTS). */
+  sessions?: Partial<SessionStoreOptions>;
 }
 
 /** A running server. */
@@ -37,7 +41,9 @@ export interface RunningServer {
 
 /** Listen; throws the listen error (e.g. EADDRINUSE) to the caller. */
 export function startServer(o: ServerOptions): RunningServer {
+  const sessions = new SessionService(() => o.models, o.sessions ?? {}, o.logger);
   const app = createApp({
+    sessions,
     models: o.models,
     apiKeys: o.apiKeys,
     maxBodyBytes: o.maxBodyBytes,
@@ -73,6 +79,7 @@ export function startServer(o: ServerOptions): RunningServer {
       void server.stop(false);
     },
     close: async () => {
+      sessions.close();
       await server.stop(true);
     },
   };

@@ -98,6 +98,8 @@ export async function routeRequest(
   shape?: ForwardShape,
   /** Forward this request instead of the client's body. */
   as?: ForwardAs,
+  /** Serve it here whatever the policy says (a session whose checkpoints this node holds). */
+  stay = false,
 ): Promise<Route> {
   if (!mesh) return { kind: "here", key: null, decision: null, routing: null };
   let k: RouteKey;
@@ -115,7 +117,7 @@ export async function routeRequest(
   });
   const body = rawBodies.get(request);
   const self = mesh.service.nodeId();
-  if (mesh.gate.caller(request) || (!body && !as)) {
+  if (mesh.gate.caller(request) || (!body && !as) || (stay && servedHere)) {
     mesh.router.countLocal();
     label(request, "local", self);
     return { kind: "here", key: k, decision: null, routing: local() };

@@ -176,6 +176,18 @@ export class Metrics {
           [["", g.compactions]],
         ),
         counter("mesh_kv_compacted_cells_total", "KV cells copied back by compactions", [["", g.compactedCells]]),
+        gauge("mesh_checkpoints", "Session KV checkpoints held (RAM and disk)", g.checkpoints),
+        gauge("mesh_checkpoint_ram_bytes", "RAM held by session checkpoints (--checkpoint-ram)", g.checkpointRamBytes),
+        gauge("mesh_checkpoint_disk_bytes", "Disk held by spilled session checkpoints (--checkpoint-disk)", g.checkpointDiskBytes),
+        counter("mesh_checkpoint_saves_total", "Session checkpoints saved at the end of a reply", [["", g.checkpointSaves]]),
+        counter("mesh_checkpoint_restores_total", "Session checkpoints restored into a slot before prefill", [["", g.checkpointRestores]]),
+        counter("mesh_checkpoint_restored_tokens_total", "Prompt tokens served from restored session checkpoints", [
+          ["", g.checkpointRestoredTokens],
+        ]),
+        counter("mesh_checkpoint_spills_total", "Session checkpoints moved from RAM to disk", [["", g.checkpointSpills]]),
+        counter("mesh_checkpoint_drops_total", "Session checkpoints dropped (released, expired, or past the disk budget)", [
+          ["", g.checkpointDrops],
+        ]),
       );
     }
     return `${parts.join("\n")}\n`;

@@ -48,6 +48,8 @@ beforeAll(async () => {
     nGpuLayers: 0,
     flashAttn: -1,
     useMmap: true,
+    backendLibs: [],
+    modelShape: null,
     queueCapacity: QUEUE_DEFAULTS.capacity,
     queueTimeoutMs: QUEUE_DEFAULTS.timeoutMs,
     kvBudget: true,

@@ -8,6 +8,7 @@ import { type ApiError, badRequest, errorBody, toApiError } from "../errors";
 import type { LocalRouting } from "../mesh";
 import type { Metrics } from "../metrics";
 import type { ServedModel } from "../model";
+import type { SessionTurn } from "../sessions";
 import {
   type ChatLogprobEntry,
   chatLogprobEntry,
@@ -186,6 +187,26 @@ export async function runChat(
   signal: AbortSignal,
   routing: LocalRouting | null,
   idPrefix: string,
+  /** The request's turn in a session: its checkpoints go to the engine, its token ids to the session. */
+  turn: SessionTurn | null = null,
+): Promise<ChatRun> {
+  try {
+    return await startChat(model, body, metrics, signal, routing, idPrefix, turn);
+  } catch (e) {
+    // Refused before it ran (a 400, a 429): the session keeps nothing of it.
+    turn?.abandon();
+    throw e;
+  }
+}
+
+async function startChat(
+  model: ServedModel,
+  body: ChatBodyT,
+  metrics: Metrics,
+  signal: AbortSignal,
+  routing: LocalRouting | null,
+  idPrefix: string,
+  turn: SessionTurn | null,
 ): Promise<ChatRun> {
   checkChatBody(body);
   const engine = engineOf(model);
@@ -200,6 +221,11 @@ export async function runChat(
   if (grammar) options.grammar = grammar;
   const logprobs = chatLogprobs(body.logprobs, body.top_logprobs);
   if (logprobs !== undefined) options.logprobs = logprobs;
+  if (turn) {
+    options.checkpoint = turn.checkpoint;
+    // The engine tokenizes a text prompt exactly so (BOS added, special tokens parsed): these are its ids.
+    turn.promptIds = await engine.tokenize(prompt);
+  }
   const gen = engine.generate(options);
   const generated = await primed(observed(gen, metrics, start.startedAt, start.abort.signal, routed.hooks()));
   async function* events(): AsyncGenerator<ChatEvent> {
@@ -218,30 +244,53 @@ export async function runChat(
         yield { kind: "tool_calls", calls: d.toolCalls };
       }
     };
-    for await (const e of generated) {
-      if (e.kind === "start") yield { kind: "start", promptTokens: e.promptTokens, cachedTokens: e.cachedTokens };
-      else if (e.kind === "text") {
-        raw += e.text;
-        if (e.logprobs && e.logprobs.length > 0) yield { kind: "logprobs", entries: e.logprobs };
-        yield* found(tools ? tools.push(e.text) : { content: e.text, toolCalls: [] });
-      } else if (e.kind === "done") {
-        if (tools) yield* found(tools.finish());
-        const cancelled = e.finishReason === "cancelled";
-        // A cancelled generation left a partial sequence: nothing of a reply to mark.
-        if (!cancelled) {
-          const reply: KeyMessage = { role: "assistant", content: content || null, tool_calls: toolCallsJson(calls) };
-          replyMarks(model, engine, body, prompt, raw, reply, gen.id, routed);
+    // The reply's token ids and log-probabilities, for the session (only kept with one).
+    const ids: number[] = [];
+    const lps: number[] | null = turn && logprobs !== undefined ? [] : null;
+    try {
+      yield* run();
+    } finally {
+      // Never committed (cancelled, disconnected, failed): the pending branch goes.
+      turn?.abandon();
+    }
+    async function* run(): AsyncGenerator<ChatEvent> {
+      for await (const e of generated) {
+        if (e.kind === "start") yield { kind: "start", promptTokens: e.promptTokens, cachedTokens: e.cachedTokens };
+        else if (e.kind === "text") {
+          if (turn) {
+            for (const t of e.tokens) ids.push(t);
+            if (lps && e.logprobs) for (const l of e.logprobs) lps.push(l.logprob);
+          }
+          raw += e.text;
+          if (e.logprobs && e.logprobs.length > 0) yield { kind: "logprobs", entries: e.logprobs };
+          yield* found(tools ? tools.push(e.text) : { content: e.text, toolCalls: [] });
+        } else if (e.kind === "done") {
+          if (tools) yield* found(tools.finish());
+          const cancelled = e.finishReason === "cancelled";
+          // A cancelled generation left a partial sequence: nothing of a reply to mark.
+          if (!cancelled) {
+            const reply: KeyMessage = { role: "assistant", content: content || null, tool_calls: toolCallsJson(calls) };
+            replyMarks(model, engine, body, prompt, raw, reply, gen.id, routed);
+            // The reply as the client gets it (and sends it back next turn).
+            const finish = calls.length > 0 ? "tool_calls" : e.finishReason === "length" ? "length" : "stop";
+            turn?.commit(
+              { role: "assistant", content: content || null, ...(calls.length > 0 ? { tool_calls: toolCallsJson(calls) } : {}) },
+              finish,
+              ids,
+              lps,
+            );
+          }
+          yield {
+            kind: "done",
+            finish: calls.length > 0 ? "tool_calls" : e.finishReason === "length" ? "length" : "stop",
+            stopSequence: e.stopSequence ?? null,
+            cancelled,
+            usage: usageOf(e),
+            promptTokens: e.promptTokens,
+            cachedTokens: e.cachedTokens,
+            completionTokens: e.completionTokens,
+          };
         }
-        yield {
-          kind: "done",
-          finish: calls.length > 0 ? "tool_calls" : e.finishReason === "length" ? "length" : "stop",
-          stopSequence: e.stopSequence ?? null,
-          cancelled,
-          usage: usageOf(e),
-          promptTokens: e.promptTokens,
-          cachedTokens: e.cachedTokens,
-          completionTokens: e.completionTokens,
-        };
       }
     }
   }
@@ -256,8 +305,9 @@ export async function chatCompletion(
   signal: AbortSignal,
   onStreamError: (e: unknown) => ApiError,
   routing: LocalRouting | null = null,
+  turn: SessionTurn | null = null,
 ): Promise<Response | object> {
-  const { id, created, abort, events } = await runChat(model, body, metrics, signal, routing, "chatcmpl");
+  const { id, created, abort, events } = await runChat(model, body, metrics, signal, routing, "chatcmpl", turn);
 
   if (!body.stream) {
     let content: string | null = "";

@@ -1,0 +1,345 @@
+// Session checkpoints: KV state saved at the end of an assistant turn, kept
+// apart from the host-RAM cache's LRU (which forgets a branch as soon as other
+// conversations need the room) until the session releases it. RAM holds up to
+// a byte budget; past it the least recently used spill to disk under the state
+// dir (up to a disk budget), and past that they are dropped: a request whose
+// checkpoint is gone is prefilled in full, with the same greedy output.
+// Runs in the engine Worker (synchronous file I/O is off the main thread).
+
+import { createHash } from "node:crypto";
+import { closeSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import type { LoadOptions, ModelInfo } from "./protocol";
+
+/** Defaults: 4 GiB of RAM, 16 GiB of disk. */
+export const CHECKPOINT_DEFAULTS = { ramMiB: 4096, diskMiB: 16384, maxEntries: 4096 } as const;
+
+/** What a state blob depends on: the model file and the context shape (a blob from another never loads). */
+export function modelFingerprint(info: ModelInfo): string {
+  const parts = [info.path, info.sizeBytes, info.nParams, info.nLayer, info.nEmbd, info.nHeadKv, info.nCtxSeq, info.nVocab];
+  return createHash("sha256").update(JSON.stringify(parts)).digest("hex").slice(0, 24);
+}
+
+/** The engine's checkpoint store from its load options, or null when both budgets are 0. */
+export function openCheckpoints(info: ModelInfo, o: LoadOptions): CheckpointStore | null {
+  const ram = Math.max(0, Math.floor((o.checkpointRamMiB ?? 0) * 1024 * 1024));
+  const disk = o.checkpointDir ? Math.max(0, Math.floor((o.checkpointDiskMiB ?? 0) * 1024 * 1024)) : 0;
+  if (ram === 0 && disk === 0) return null;
+  return new CheckpointStore({
+    ramBytes: ram,
+    diskBytes: disk,
+    dir: o.checkpointDir ?? null,
+    fingerprint: modelFingerprint(info),
+    maxEntries: CHECKPOINT_DEFAULTS.maxEntries,
+  });
+}
+
+/** Budgets and place of the checkpoint store. */
+export interface CheckpointOptions {
+  ramBytes: number;
+  diskBytes: number;
+  /** Directory for spilled checkpoints (one per model fingerprint); null keeps them in RAM only. */
+  dir: string | null;
+  /** Identifies the model and context a state blob fits: files of another fingerprint are never read. */
+  fingerprint: string;
+  /** Most checkpoints indexed (RAM and disk together). */
+  maxEntries: number;
+}
+
+/** One checkpoint: its tokens, and its state in RAM, on disk, or both. */
+export interface Checkpoint {
+  readonly key: string;
+  readonly tokens: Int32Array;
+  /** llama.cpp's sequence state; null once spilled. */
+  ram: Uint8Array | null;
+  /** Bytes of the state (wherever it is). */
+  readonly size: number;
+  onDisk: boolean;
+  lastUsed: number;
+  /** Whatever the engine attaches (its prefix-mark holder), handed back to onDrop. */
+  tag: object | null;
+}
+
+/** Counts for stats. */
+export interface CheckpointStats {
+  checkpoints: number;
+  checkpointRamBytes: number;
+  checkpointDiskBytes: number;
+  checkpointSpills: number;
+  checkpointDrops: number;
+}
+
+const MAGIC = "MESHCKP1";
+/** Keys are server-made hex digests; anything else is refused rather than put in a file name. */
+const KEY = /^[A-Za-z0-9_-]{1,128}$/;
+
+/** Length of the common prefix of a checkpoint's tokens and a prompt. */
+function lcp(a: Int32Array, b: readonly number[]): number {
+  const n = Math.min(a.length, b.length);
+  let i = 0;
+  while (i < n && a[i] === b[i]) i++;
+  return i;
+}
+
+/** Checkpoints of one engine, by key, within RAM and disk budgets. */
+export class CheckpointStore {
+  private readonly entries = new Map<string, Checkpoint>();
+  private clock = 0;
+  private ramUsed = 0;
+  private diskUsed = 0;
+  private spills = 0;
+  private drops = 0;
+  private readonly dir: string | null;
+  /** Called for every checkpoint dropped (released, evicted, unreadable), once. */
+  onDrop: ((e: Checkpoint) => void) | null = null;
+
+  constructor(private readonly o: CheckpointOptions) {
+    this.dir = o.dir && o.diskBytes > 0 ? join(o.dir, o.fingerprint) : null;
+    if (this.dir) this.scan(this.dir);
+  }
+
+  /** False when both budgets are 0. */
+  get enabled(): boolean {
+    return this.o.ramBytes > 0 || this.dir !== null;
+  }
+
+  /** Store a turn's state under `key` (replacing one of the same key); the entry, or null when it fits nowhere. */
+  put(key: string, tokens: readonly number[], state: Uint8Array): Checkpoint | null {
+    if (!KEY.test(key) || !this.enabled) return null;
+    this.release([key]);
+    const e: Checkpoint = {
+      key,
+      tokens: Int32Array.from(tokens),
+      ram: state,
+      size: state.length,
+      onDisk: false,
+      lastUsed: ++this.clock,
+      tag: null,
+    };
+    while (this.entries.size >= this.o.maxEntries) if (!this.dropColdest()) return null;
+    this.entries.set(key, e);
+    this.ramUsed += e.size;
+    this.fitRam();
+    return this.entries.get(key) === e ? e : null;
+  }
+
+  /**
+   * The checkpoint to restore for a prompt: `key`'s when it shares a prefix with the prompt, else
+   * (a warm start, or a restart that lost the session) the one sharing the longest prefix.
+   */
+  find(key: string | undefined, prompt: readonly number[]): { entry: Checkpoint; lcp: number } | null {
+    const named = key ? this.entries.get(key) : undefined;
+    if (named) {
+      const l = lcp(named.tokens, prompt);
+      if (l > 0) return { entry: named, lcp: l };
+    }
+    let best: Checkpoint | null = null;
+    let bestLcp = 0;
+    for (const e of this.entries.values()) {
+      const l = lcp(e.tokens, prompt);
+      if (l > bestLcp) {
+        best = e;
+        bestLcp = l;
+      }
+    }
+    return best ? { entry: best, lcp: bestLcp } : null;
+  }
+
+  /** The state bytes of a checkpoint (read back from disk when spilled); null, and the entry dropped, when unreadable. */
+  load(e: Checkpoint): Uint8Array | null {
+    e.lastUsed = ++this.clock;
+    if (e.ram) return e.ram;
+    try {
+      const data = readFileSync(this.file(e.key));
+      const read = parse(data, this.o.fingerprint);
+      if (read && read.key === e.key && read.state.length === e.size) return read.state;
+    } catch {}
+    this.forget(e);
+    return null;
+  }
+
+  /** Drop checkpoints (RAM and disk): their session released them. */
+  release(keys: readonly string[]): void {
+    for (const k of keys) {
+      const e = this.entries.get(k);
+      if (e) this.forget(e);
+    }
+  }
+
+  /** Drop everything held in RAM (shutdown); spilled files stay for the next start. */
+  clearRam(): void {
+    for (const e of [...this.entries.values()]) {
+      if (e.onDisk) {
+        if (e.ram) this.ramUsed -= e.size;
+        e.ram = null;
+      } else this.forget(e);
+    }
+  }
+
+  /** Sizes and counts. */
+  stats(): CheckpointStats {
+    return {
+      checkpoints: this.entries.size,
+      checkpointRamBytes: this.ramUsed,
+      checkpointDiskBytes: this.diskUsed,
+      checkpointSpills: this.spills,
+      checkpointDrops: this.drops,
+    };
+  }
+
+  /** Spill (or drop) the least recently used RAM entries until RAM is within budget. */
+  private fitRam(): void {
+    while (this.ramUsed > this.o.ramBytes) {
+      let coldest: Checkpoint | null = null;
+      for (const e of this.entries.values()) if (e.ram && (!coldest || e.lastUsed < coldest.lastUsed)) coldest = e;
+      if (!coldest) return;
+      if (!this.spill(coldest)) this.forget(coldest);
+    }
+  }
+
+  /** Move a checkpoint's state to disk, making disk room first; false when it cannot go there. */
+  private spill(e: Checkpoint): boolean {
+    if (!this.dir || !e.ram || e.size > this.o.diskBytes) return false;
+    if (!e.onDisk) {
+      while (this.diskUsed + e.size > this.o.diskBytes) {
+        let coldest: Checkpoint | null = null;
+        for (const x of this.entries.values()) if (x.onDisk && !x.ram && (!coldest || x.lastUsed < coldest.lastUsed)) coldest = x;
+        if (!coldest) return false;
+        this.forget(coldest);
+      }
+      try {
+        const tmp = `${this.file(e.key)}.tmp`;
+        writeFileSync(tmp, serialize(e.key, e.tokens, e.ram, this.o.fingerprint));
+        renameSync(tmp, this.file(e.key));
+      } catch {
+        return false;
+      }
+      e.onDisk = true;
+      this.diskUsed += e.size;
+    }
+    this.spills++;
+    this.ramUsed -= e.size;
+    e.ram = null;
+    return true;
+  }
+
+  private dropColdest(): boolean {
+    let coldest: Checkpoint | null = null;
+    for (const e of this.entries.values()) if (!coldest || e.lastUsed < coldest.lastUsed) coldest = e;
+    if (!coldest) return false;
+    this.forget(coldest);
+    return true;
+  }
+
+  private forget(e: Checkpoint): void {
+    if (this.entries.get(e.key) !== e) return;
+    this.entries.delete(e.key);
+    this.drops++;
+    if (e.ram) this.ramUsed -= e.size;
+    if (e.onDisk) {
+      this.diskUsed -= e.size;
+      try {
+        rmSync(this.file(e.key), { force: true });
+      } catch {}
+    }
+    e.ram = null;
+    this.onDrop?.(e);
+  }
+
+  private file(key: string): string {
+    return join(this.dir as string, `${key}.ckpt`);
+  }
+
+  /** Index the checkpoints a previous run spilled (headers only), within the disk budget; unreadable files are removed. */
+  private scan(dir: string): void {
+    try {
+      mkdirSync(dir, { recursive: true });
+    } catch {
+      return;
+    }
+    let names: string[] = [];
+    try {
+      names = readdirSync(dir).filter((n) => n.endsWith(".ckpt"));
+    } catch {}
+    const found: Array<{ key: string; tokens: Int32Array; size: number; mtime: number }> = [];
+    for (const name of names) {
+      const path = join(dir, name);
+      const head = readHeader(path, this.o.fingerprint);
+      if (!head || `${head.key}.ckpt` !== name) {
+        rmSync(path, { force: true });
+        continue;
+      }
+      found.push({ ...head, mtime: statSync(path).mtimeMs });
+    }
+    // Most recent first, so the budget keeps those.
+    found.sort((a, b) => b.mtime - a.mtime);
+    for (const f of found) {
+      if (this.entries.size >= this.o.maxEntries || this.diskUsed + f.size > this.o.diskBytes) {
+        rmSync(this.file(f.key), { force: true });
+        continue;
+      }
+      this.entries.set(f.key, { key: f.key, tokens: f.tokens, ram: null, size: f.size, onDisk: true, lastUsed: 0, tag: null });
+      this.diskUsed += f.size;
+    }
+  }
+}
+
+/** File layout: magic, u32 header length, JSON header, tokens (i32 LE), state. */
+function serialize(key: string, tokens: Int32Array, state: Uint8Array, fingerprint: string): Uint8Array {
+  const header = Buffer.from(JSON.stringify({ fingerprint, key, tokens: tokens.length, size: state.length }));
+  const out = Buffer.alloc(8 + 4 + header.length + tokens.length * 4 + state.length);
+  out.write(MAGIC, 0, "latin1");
+  out.writeUInt32LE(header.length, 8);
+  header.copy(out, 12);
+  let at = 12 + header.length;
+  for (const t of tokens) {
+    out.writeInt32LE(t, at);
+    at += 4;
+  }
+  out.set(state, at);
+  return out;
+}
+
+interface Header {
+  key: string;
+  tokens: Int32Array;
+  size: number;
+}
+
+/** A file's header and tokens, or null when it is not a checkpoint of this fingerprint. */
+function readHeader(path: string, fingerprint: string): Header | null {
+  let fd = -1;
+  try {
+    fd = openSync(path, "r");
+    const pre = Buffer.alloc(12);
+    if (readSync(fd, pre, 0, 12, 0) !== 12 || pre.toString("latin1", 0, 8) !== MAGIC) return null;
+    const len = pre.readUInt32LE(8);
+    if (len > 4096) return null;
+    const hb = Buffer.alloc(len);
+    if (readSync(fd, hb, 0, len, 12) !== len) return null;
+    const h = JSON.parse(hb.toString("utf8")) as { fingerprint?: unknown; key?: unknown; tokens?: unknown; size?: unknown };
+    if (h.fingerprint !== fingerprint || typeof h.key !== "string" || !KEY.test(h.key)) return null;
+    if (!Number.isInteger(h.tokens) || !Number.isInteger(h.size)) return null;
+    const n = h.tokens as number;
+    const tb = Buffer.alloc(n * 4);
+    if (readSync(fd, tb, 0, tb.length, 12 + len) !== tb.length) return null;
+    if (statSync(path).size !== 12 + len + tb.length + (h.size as number)) return null;
+    const tokens = new Int32Array(n);
+    for (let i = 0; i < n; i++) tokens[i] = tb.readInt32LE(i * 4);
+    return { key: h.key, tokens, size: h.size as number };
+  } catch {
+    return null;
+  } finally {
+    if (fd >= 0) closeSync(fd);
+  }
+}
+
+/** A whole file's key, tokens and state, or null. */
+function parse(data: Buffer, fingerprint: string): { key: string; state: Uint8Array } | null {
+  if (data.length < 12 || data.toString("latin1", 0, 8) !== MAGIC) return null;
+  const len = data.readUInt32LE(8);
+  const h = JSON.parse(data.toString("utf8", 12, 12 + len)) as { fingerprint?: unknown; key?: unknown; tokens?: unknown; size?: unknown };
+  if (h.fingerprint !== fingerprint || typeof h.key !== "string") return null;
+  const start = 12 + len + (h.tokens as number) * 4;
+  return { key: h.key, state: new Uint8Array(data.buffer, data.byteOffset + start, data.length - start) };
+}
