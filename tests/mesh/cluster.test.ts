@@ -143,7 +143,10 @@ describe("a mesh of separate processes", () => {
     writeFileSync(secretFile, `${secretOf(a.stateDir)}\n`, { mode: 0o600 });
     const d = await start("d", "delta", ["--join", a.addr, "--mesh-secret-file", secretFile]);
     // Same mesh: a lists d's model, and answers for it.
-    await waitFor("A to list delta", CONVERGE_MS, async () => ((await modelsOf(a)).has("delta") ? true : null));
+    // Listed is not enough: d publishes its worker as loading first, and A answers 503 until it hears "ready".
+    await waitFor("A to list delta as ready", CONVERGE_MS, async () =>
+      (await modelsOf(a)).get("delta")?.some((n) => n.status === "ready") ? true : null,
+    );
     const r = await client(a).completions.create({ model: "delta", prompt: "hi", max_tokens: 2 });
     expect(r.model).toBe("delta");
     d.proc.kill("SIGTERM");

@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import type { EngineStats } from "../../src/engine";
 import { silentLogger } from "../../src/log";
 import { type RunningServer, ServedModel, startServer } from "../../src/server";
@@ -65,7 +65,23 @@ async function occupySlot(url: string, maxTokens: number): Promise<ReadableStrea
   return reader;
 }
 
+// Waits on a condition, not a clock: on a loaded machine a request can take seconds to reach
+// the queue, and a 2 s poll let the next request overtake it (an extra refusal, or a queued
+// request where a refusal was expected).
+async function until(cond: () => Promise<boolean>, limitMs = 120_000): Promise<void> {
+  const end = Date.now() + limitMs;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error("condition not reached");
+    await Bun.sleep(10);
+  }
+}
+
 describe("KV admission over HTTP", () => {
+  // A cancelled stream frees its slot a moment after the client hangs up: each test starts from an idle node.
+  beforeEach(async () => {
+    await until(async () => (await metric("mesh_slots_busy")) === 0 && (await metric("mesh_requests_waiting")) === 0);
+  });
+
   test("a_full_queue_answers_429_with_retry_after_in_openai_shape", async () => {
     // One slot, one queue place: a running stream, a waiting request, then a refused one.
     const running = await post(body(900, true));
@@ -74,7 +90,7 @@ describe("KV admission over HTTP", () => {
     await reader?.read();
     const waiting = post(body(2));
     // The waiting request must have reached the queue before the third arrives.
-    for (let i = 0; i < 200 && (await metric("mesh_requests_waiting")) < 1; i++) await Bun.sleep(10);
+    await until(async () => (await metric("mesh_requests_waiting")) >= 1);
     const refused = await post(body(2));
     expect(refused.status).toBe(429);
     expect(Number(refused.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
@@ -89,7 +105,7 @@ describe("KV admission over HTTP", () => {
   test("a_streamed_request_refused_by_a_full_queue_gets_429_not_an_sse_stream", async () => {
     const reader = await occupySlot(t.url, 900);
     const waiting = post(body(2));
-    for (let i = 0; i < 200 && (await metric("mesh_requests_waiting")) < 1; i++) await Bun.sleep(10);
+    await until(async () => (await metric("mesh_requests_waiting")) >= 1);
     await expectRefused(await post(body(2, true)), "queue_full");
     await reader.cancel();
     expect((await waiting).status).toBe(200);
@@ -104,9 +120,9 @@ describe("KV admission over HTTP", () => {
       // @ts-expect-error llama.cpp extension
       ignore_eos: true,
     });
-    for (let i = 0; i < 200 && (await metric("mesh_slots_busy")) < 1; i++) await Bun.sleep(10);
+    await until(async () => (await metric("mesh_slots_busy")) >= 1);
     const waiting = post(body(2));
-    for (let i = 0; i < 200 && (await metric("mesh_requests_waiting")) < 1; i++) await Bun.sleep(10);
+    await until(async () => (await metric("mesh_requests_waiting")) >= 1);
     const err = await t.client.chat.completions
       .create({ model: t.model.id, messages: [{ role: "user", content: "hi" }], max_tokens: 2 })
       .catch((e) => e);
