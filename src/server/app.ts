@@ -1,9 +1,11 @@
 // The HTTP surface of a node: /v1 (OpenAI API, OpenAI Responses, Anthropic Messages), /health, /metrics.
 import { createHash, timingSafeEqual } from "node:crypto";
+import { hostname } from "node:os";
 import { Elysia, type TSchema } from "elysia";
 import type { Logger } from "../log";
 import { anthropicMessages, checkCountTokensBody, checkMessagesBody, countTokens } from "./anthropic/messages";
 import { CountTokensBody, MessagesBody } from "./anthropic/schema";
+import { Console, type ConsoleOptions } from "./console";
 import { ApiError, badRequest, dialectOf, errorResponse, forwardShape, pointerToParam, toApiError } from "./errors";
 import type { ForwardShape } from "./forward";
 import {
@@ -13,6 +15,7 @@ import {
   meshModelNodes,
   meshModelOf,
   ROUTE_HEADER,
+  type Route,
   rawJson,
   routeLabels,
   routeRequest,
@@ -44,6 +47,8 @@ export interface AppOptions {
   mesh?: MeshHooks;
   /** Past /v1/responses answers kept for previous_response_id (default: RESPONSE_STORE_DEFAULT_MIB MiB). */
   responseStore?: ResponseStore;
+  /** The console (GET / and its admin API); default: served, as on a loopback listener. */
+  console?: ConsoleOptions;
 }
 
 const ROUTES = new Set([
@@ -62,11 +67,19 @@ const ROUTES = new Set([
   "/tokenize",
   "/detokenize",
   "/apply-template",
+  "/",
+  "/api/requests",
+  "/api/requests/{id}",
+  "/api/events",
+  "/api/mesh",
+  "/api/node",
+  "/api/cache",
 ]);
 
 /** A request path as the route label of its metrics and log line: a known route, or "other". */
 function routeOf(path: string): string {
   if (ROUTES.has(path)) return path;
+  if (/^\/api\/requests\/[^/]+$/.test(path)) return "/api/requests/{id}";
   return /^\/v1\/responses\/[^/]+$/.test(path) ? "/v1/responses/{id}" : "other";
 }
 
@@ -160,6 +173,22 @@ export function createApp(o: AppOptions) {
     return g;
   };
   const started = new WeakMap<Request, number>();
+  const selfId = () => o.mesh?.service.nodeId() ?? hostname();
+  const con = new Console(o.console ?? { mode: "local", loopback: true }, {
+    nodeId: selfId,
+    nodeName: () => o.mesh?.service.info().name ?? hostname(),
+    models: o.models,
+    mesh: o.mesh,
+    apiKeyRequired: o.apiKeys.length > 0,
+  });
+  /** Record a routed generating request in the console's log (its local run reports there when it ends). */
+  const traced = (request: Request, api: string, model: string, stream: boolean | null | undefined, route: Route) => {
+    con.begin(request, api, model, stream === true, route, started.get(request) ?? performance.now());
+    return route;
+  };
+  /** The answer of a traced request: labelled with where it ran, and read on its way through when a peer ran it. */
+  const answered = <T>(result: T, request: Request, set: { headers: Record<string, string | number> }): T =>
+    labelled(con.answer(request, result, started.get(request) ?? performance.now()), request, set);
   const responses = o.responseStore ?? new ResponseStore(RESPONSE_STORE_DEFAULT_MIB * 1024 * 1024);
   /**
    * A route's body options: its schema, its parser (rawJson keeps the bytes a peer is sent; the tokenizer
@@ -172,6 +201,22 @@ export function createApp(o: AppOptions) {
   });
 
   return new Elysia()
+    .wrap(
+      // Every answer says who served it and why: routed requests carry their labels already; everything else ran here.
+      (handle) =>
+        async (...args: unknown[]) => {
+          const response: unknown = await handle(...args);
+          if (response instanceof Response && !response.headers.has(ROUTE_HEADER.node)) {
+            try {
+              response.headers.set(ROUTE_HEADER.node, selfId());
+              if (!response.headers.has(ROUTE_HEADER.route)) response.headers.set(ROUTE_HEADER.route, "local");
+            } catch {
+              // immutable headers (a relayed fetch response): it carries the peer's own
+            }
+          }
+          return response;
+        },
+    )
     .onRequest(async ({ request }) => {
       started.set(request, performance.now());
       const path = new URL(request.url).pathname;
@@ -186,9 +231,13 @@ export function createApp(o: AppOptions) {
         // Mesh credentials stand in for the API key (a forwarded request); when present they must verify.
         const refused = await o.mesh.gate.check(request);
         if (refused) return early(refused);
-      } else if (path !== "/health" && !path.startsWith("/mesh/") && !authorized(request.headers)) {
+      } else if (path !== "/health" && !path.startsWith("/mesh/") && !Console.isPage(path) && !authorized(request.headers)) {
         const message = "a valid API key is required (Authorization: Bearer <key>, or x-api-key: <key>)";
         return early(new ApiError(401, "invalid_request_error", message, null, "invalid_api_key"));
+      }
+      if (Console.owns(path)) {
+        const refused = con.refusal(path, request);
+        if (refused) return early(refused);
       }
       const length = Number(request.headers.get("content-length") ?? 0);
       if (length > o.maxBodyBytes) {
@@ -229,9 +278,10 @@ export function createApp(o: AppOptions) {
       const route = routeOf(path);
       const status = String(typeof set.status === "number" ? set.status : 200);
       o.metrics.requests.inc({ route, status });
+      con.settle(request, Number(status));
       const t0 = started.get(request);
-      // Peer traffic (probes every second) would drown the log at info; its failures still show at info.
-      const quiet = path.startsWith("/mesh/") && status === "200";
+      // Peer traffic (probes every second) and the console's polling would drown the log at info; their failures still show at info.
+      const quiet = (path.startsWith("/mesh/") || (Console.owns(path) && path !== "/")) && status === "200";
       o.logger[quiet ? "debug" : "info"]("request", {
         method: request.method,
         route,
@@ -287,11 +337,17 @@ export function createApp(o: AppOptions) {
       "/v1/chat/completions",
       async ({ body, request, set }) => {
         checkChatBody(body);
-        const route = await routeChat(body, "/v1/chat/completions", request);
-        if (route.kind === "peer") return labelled(route.response, request, set);
+        const route = traced(
+          request,
+          "/v1/chat/completions",
+          body.model,
+          body.stream,
+          await routeChat(body, "/v1/chat/completions", request),
+        );
+        if (route.kind === "peer") return answered(route.response, request, set);
         const result = await chatCompletion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
         if (!(result instanceof Response)) set.status = 200;
-        return labelled(result, request, set);
+        return answered(result, request, set);
       },
       bodyOf(ChatBody),
     )
@@ -301,10 +357,11 @@ export function createApp(o: AppOptions) {
         checkCompletionBody(body);
         const prompt = typeof body.prompt === "string" ? body.prompt : (body.prompt[0] ?? "");
         const { id, here } = resolve(body.model);
-        const route = await routeRequest(o.mesh, id, here, "/v1/completions", request, (k) => k.completion(id, prompt), body.model);
-        if (route.kind === "peer") return labelled(route.response, request, set);
+        const routed = await routeRequest(o.mesh, id, here, "/v1/completions", request, (k) => k.completion(id, prompt), body.model);
+        const route = traced(request, "/v1/completions", body.model, body.stream, routed);
+        if (route.kind === "peer") return answered(route.response, request, set);
         const result = await completion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
-        return labelled(result, request, set);
+        return answered(result, request, set);
       },
       bodyOf(CompletionBody),
     )
@@ -313,11 +370,17 @@ export function createApp(o: AppOptions) {
       async ({ body, request, set }) => {
         // Checked and translated before anything moves: routed, keyed and run as the equivalent chat request.
         const chat = checkMessagesBody(body);
-        const route = await routeChat(chat, "/v1/messages", request, forwardShape("anthropic"));
-        if (route.kind === "peer") return labelled(route.response, request, set);
+        const route = traced(
+          request,
+          "/v1/messages",
+          chat.model,
+          body.stream,
+          await routeChat(chat, "/v1/messages", request, forwardShape("anthropic")),
+        );
+        if (route.kind === "peer") return answered(route.response, request, set);
         const result = await anthropicMessages(findModel(chat.model), body, chat, o.metrics, request.signal, onStreamError, route.routing);
         if (!(result instanceof Response)) set.status = 200;
-        return labelled(result, request, set);
+        return answered(result, request, set);
       },
       bodyOf(MessagesBody),
     )
@@ -330,24 +393,23 @@ export function createApp(o: AppOptions) {
         const req = checkResponsesBody(body, responses);
         const { chat } = req;
         const ctx = { body, req, store: responses, onStreamError };
-        const route = await routeChat(chat, "/v1/responses", request, undefined, {
+        const routed = await routeChat(chat, "/v1/responses", request, undefined, {
           path: "/v1/chat/completions",
           body: () => forwardedChatBody(chat),
         });
+        const route = traced(request, "/v1/responses", chat.model, body.stream, routed);
         if (route.kind === "peer") {
           // A refusal (429, 413, a 400 of the peer's) is relayed as it is: OpenAI's error shape, as here.
-          if (route.response.status !== 200) return labelled(route.response, request, set);
+          if (route.response.status !== 200) return answered(route.response, request, set);
           const served = route.response.headers.get(ROUTE_HEADER.servedBy);
+          const servedHeaders: Record<string, string> = served ? { [ROUTE_HEADER.servedBy]: served, [ROUTE_HEADER.node]: served } : {};
           const start = remoteStart(request.signal);
-          const result = await answerResponse(
-            ctx,
-            start,
-            chatEventsOf(route.response, start.abort.signal),
-            served ? { [ROUTE_HEADER.servedBy]: served } : {},
-          );
+          // The peer's chat stream is read on its way into the answer: its usage and timing go to the request log.
+          const upstream = con.answer(request, route.response, started.get(request) ?? performance.now());
+          const result = await answerResponse(ctx, start, chatEventsOf(upstream, start.abort.signal), servedHeaders);
           if (!(result instanceof Response)) {
             set.status = 200;
-            if (served) set.headers[ROUTE_HEADER.servedBy] = served;
+            Object.assign(set.headers, servedHeaders);
           }
           return labelled(result, request, set);
         }
@@ -355,7 +417,7 @@ export function createApp(o: AppOptions) {
           throw inputParam(e);
         });
         if (!(result instanceof Response)) set.status = 200;
-        return labelled(result, request, set);
+        return answered(result, request, set);
       },
       bodyOf(ResponsesBody),
     )
@@ -382,6 +444,7 @@ export function createApp(o: AppOptions) {
     .post("/tokenize", tokenizerRoute("/tokenize", tokenize), bodyOf(TokenizeBody, rawJson))
     .post("/detokenize", tokenizerRoute("/detokenize", detokenize), bodyOf(DetokenizeBody, rawJson))
     .post("/apply-template", tokenizerRoute("/apply-template", applyTemplate), bodyOf(ApplyTemplateBody, rawJson))
+    .use(con.routes())
     .use(
       o.mesh
         ? meshRoutes({ gate: o.mesh.gate, service: o.mesh.service, apiKeyRequired: o.mesh.apiKeyRequired, logger: o.logger })

@@ -90,7 +90,7 @@ export interface ForwardStats {
 // peer's auth state, its stale worker record (404), overload, or its own failure.
 const RETRYABLE = new Set([401, 404, 429, 500, 502, 503, 504]);
 // Hop-by-hop and mesh headers stay on this hop.
-const PASSED_HEADERS = ["content-type", "cache-control", "retry-after", "x-accel-buffering", "x-mesh-served-by"];
+const PASSED_HEADERS = ["content-type", "cache-control", "retry-after", "x-accel-buffering", "x-mesh-served-by", "x-mesh-node"];
 const enc = new TextEncoder();
 
 /** How long a worker's 413 keeps bodies that large away from it, and how many workers are remembered. */

@@ -1,6 +1,7 @@
 // Start and stop a node's HTTP server.
 import type { Logger } from "../log";
 import { type App, createApp } from "./app";
+import type { ConsoleOptions } from "./console";
 import type { MeshHooks } from "./mesh";
 import { Metrics } from "./metrics";
 import type { ServedModel } from "./model";
@@ -22,6 +23,8 @@ export interface ServerOptions {
   idleTimeoutSeconds?: number;
   /** Bytes of past responses kept for previous_response_id (default 64 MiB). */
   responseStoreBytes?: number;
+  /** The web console (default: served, as on a loopback listener). */
+  console?: ConsoleOptions;
 }
 
 /** A running server. */
@@ -44,6 +47,7 @@ export function startServer(o: ServerOptions): RunningServer {
     logger: o.logger,
     metrics: new Metrics(),
     mesh: o.mesh,
+    ...(o.console ? { console: o.console } : {}),
     ...(o.responseStoreBytes !== undefined ? { responseStore: new ResponseStore(o.responseStoreBytes) } : {}),
   });
   // idleTimeout: a client that sends headers and stalls is dropped after this
