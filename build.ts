@@ -8,9 +8,10 @@
 // shim, CMake wrapper, options) is unchanged.
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { cpus } from "node:os";
 import { join } from "node:path";
+import { buildConsolePage } from "./src/server/console/page";
 
 const ROOT = import.meta.dir;
 const VENDOR = join(ROOT, "vendor", "llama.cpp");
@@ -174,7 +175,7 @@ const ALL_TARGETS = ["linux-x64", "linux-x64-cuda", "linux-arm64", "darwin-arm64
  * Build dist/mesh-<os>-<arch>[-cuda]: one executable embedding the native
  * library, the demo and bench models' vocabularies and the engine Worker.
  */
-export function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist")): string {
+export async function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist")): Promise<string> {
   const dir = buildNative(o);
   const lib = join(dir, process.platform === "darwin" ? "libmeshllama.dylib" : "libmeshllama.so");
   // The tiny model's tokenizer and the bench model's: `mesh bench` generates its model from the file alone.
@@ -182,6 +183,10 @@ export function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist"))
   const benchVocab = join(SRC, "models", "ggml-vocab-llama-spm.gguf");
   // The entry sits at the repo root so bundled paths (src/engine/worker) are stable.
   const entry = join(ROOT, `.build-entry-${process.pid}.ts`);
+  // The console page, bundled now (one HTML document) and embedded: the executable serves it offline.
+  const page = join(ROOT, `.build-console-${process.pid}.html`);
+  writeFileSync(page, await buildConsolePage());
+  log(`console page: ${statSync(page).size} bytes`);
   writeFileSync(
     entry,
     [
@@ -189,7 +194,10 @@ export function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist"))
       `import lib from ${JSON.stringify(lib)} with { type: "file" };`,
       `import vocab from ${JSON.stringify(vocab)} with { type: "file" };`,
       `import benchVocab from ${JSON.stringify(benchVocab)} with { type: "file" };`,
+      `import consolePage from ${JSON.stringify(page)} with { type: "file" };`,
       'import { installEmbedded } from "./src/cli/embedded";',
+      'import { setEmbeddedConsolePage } from "./src/server/console/page";',
+      "setEmbeddedConsolePage(consolePage);",
       'await installEmbedded(lib, { "phi-3": vocab, "llama-spm": benchVocab }, new URL("./src/engine/worker.ts", import.meta.url).href);',
       'const { main } = await import("./src/cli/main");',
       "await main(process.argv);",
@@ -208,6 +216,7 @@ export function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist"))
     );
   } finally {
     rmSync(entry, { force: true });
+    rmSync(page, { force: true });
   }
   const here = executableName(o.variant).replace(/^mesh-/, "");
   for (const t of ALL_TARGETS) {
@@ -269,6 +278,6 @@ if (import.meta.main) {
       ].join("\n"),
     );
   } else if (command === "source") ensureSource();
-  else if (command === "compile") compileExecutable(native);
+  else if (command === "compile") await compileExecutable(native);
   else buildNative(native);
 }

@@ -333,6 +333,8 @@ export class Console {
     };
     void tick();
     this.timer = setInterval(() => void tick(), this.o.snapshotEveryMs ?? 1000);
+    // Subscribers keep the server (and so the process) alive, not this timer.
+    this.timer.unref?.();
   }
 
   private stopTicking(): void {
