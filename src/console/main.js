@@ -44,6 +44,8 @@ function useStore() {
       });
     };
     store.listeners.add(f);
+    // A change between this component's render and this effect (a fast 401, a first event) would be missed: render again.
+    f();
     return () => store.listeners.delete(f);
   }, []);
   return store;
@@ -345,28 +347,56 @@ function Explanation({ r }) {
   </div>`;
 }
 
+/** The whole mesh's log, polled while shown (events carry only this node's requests). */
+function useMeshRequests(on) {
+  const [rows, setRows] = useState([]);
+  useEffect(() => {
+    if (!on) return;
+    let live = true;
+    const poll = async () => {
+      try {
+        const r = await api("/api/requests?scope=mesh&limit=300");
+        if (r.ok && live) setRows((await r.json()).data);
+      } catch {
+        // the next poll tries again
+      }
+    };
+    void poll();
+    const t = setInterval(poll, 2000);
+    return () => {
+      live = false;
+      clearInterval(t);
+    };
+  }, [on]);
+  return rows;
+}
+
 function RequestsView() {
   const s = useStore();
   const [f, setF] = useState({ model: "", node: "", route: "", status: "" });
+  const [scope, setScope] = useState("node");
   const [sel, setSel] = useState(null);
-  const rows = s.requests.filter(
+  const meshRows = useMeshRequests(scope === "mesh");
+  const all = scope === "mesh" ? meshRows : s.requests;
+  const rows = all.filter(
     (r) =>
       (!f.model || r.model === f.model) &&
       (!f.node || r.servedBy === f.node || r.entry === f.node) &&
       (!f.route || r.route === f.route) &&
       (!f.status || (f.status === "ok" ? r.status !== null && r.status < 400 : r.status !== null && r.status >= 400)),
   );
-  const models = [...new Set(s.requests.map((r) => r.model))];
+  const models = [...new Set(all.map((r) => r.model))];
   const nodes = s.mesh?.members ?? [];
-  const picked = s.requests.find((r) => r.id === sel);
+  const picked = all.find((r) => r.id === sel);
   const opt = (v, label) => html`<option value=${v}>${label}</option>`;
   return html`<div>
     <div class="filters">
+      <select data-testid="scope" value=${scope} onChange=${(e) => setScope(e.target.value)}>${opt("node", "through this node")}${opt("mesh", "whole mesh")}</select>
       <select data-testid="filter-model" value=${f.model} onChange=${(e) => setF({ ...f, model: e.target.value })}>${opt("", "any model")}${models.map((m) => opt(m, m))}</select>
       <select value=${f.node} onChange=${(e) => setF({ ...f, node: e.target.value })}>${opt("", "any node")}${nodes.map((m) => opt(m.id, m.name))}</select>
       <select data-testid="filter-route" value=${f.route} onChange=${(e) => setF({ ...f, route: e.target.value })}>${["", "local", "cache", "load", "split"].map((v) => opt(v, v || "any route"))}</select>
       <select value=${f.status} onChange=${(e) => setF({ ...f, status: e.target.value })}>${opt("", "any status")}${opt("ok", "ok")}${opt("error", "errors")}</select>
-      <span class="muted">${rows.length} of ${s.requests.length} requests (prompt text is never shown: sizes and hashes only)</span>
+      <span class="muted">${rows.length} of ${all.length} requests (prompt text is never shown: sizes and hashes only)</span>
     </div>
     <table>
       <thead><tr><th>time</th><th>entry</th><th>served by</th><th>model</th><th>route</th><th>prompt</th><th>cached</th><th>predicted</th><th>completion</th><th>TTFT</th><th>tok/s</th><th>status</th></tr></thead>
@@ -374,7 +404,7 @@ function RequestsView() {
         ${rows.map(
           (
             r,
-          ) => html`<tr class="row ${r.id === sel ? "sel" : ""}" data-testid="request" data-route=${r.route} data-id=${r.id} onClick=${() => setSel(r.id)}>
+          ) => html`<tr class="row ${r.id === sel ? "sel" : ""}" data-testid="request" data-route=${r.route} data-id=${r.id} data-entry=${nameOf(r.entry)} onClick=${() => setSel(r.id)}>
             <td>${new Date(r.at).toLocaleTimeString()}</td>
             <td>${nameOf(r.entry)}</td>
             <td>${r.servedBy ? nameOf(r.servedBy) : "…"}</td>

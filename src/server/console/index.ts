@@ -101,7 +101,8 @@ export class Console {
 
   /** Why `request` for console path `path` is refused; null when it may proceed (the API key was already checked). */
   refusal(path: string, request: Request): ApiError | null {
-    if (path === "/api/node" && this.src.mesh?.gate.caller(request)) return null;
+    // Members read each other's console data (a node's page shows the whole mesh); the page itself is for people.
+    if (path !== "/" && this.src.mesh?.gate.caller(request)) return null;
     if (this.o.mode === "off")
       return new ApiError(404, "invalid_request_error", "the console is off on this node (--no-console)", null, "not_found");
     if (!this.src.apiKeyRequired && !this.o.loopback && this.o.mode !== "public") {
@@ -241,6 +242,31 @@ export class Console {
     };
   }
 
+  /**
+   * The requests of the whole mesh: each live member's log (asked with mesh credentials, in parallel,
+   * briefly), each request once, as its entry node recorded it (with its decision), newest first.
+   */
+  async meshRequests(f: RequestFilter): Promise<RequestRecord[]> {
+    const mesh = this.src.mesh;
+    const self = this.src.nodeId();
+    const limit = Math.min(f.limit ?? 100, this.log.cap);
+    const out = this.log.list({ ...f, limit: this.log.cap }).filter((r) => r.entry === self);
+    const members = mesh ? mesh.service.peers().members : [];
+    const live = members.filter((m) => !m.self && (m.state === "alive" || m.state === "suspect"));
+    const qs = new URLSearchParams();
+    for (const [k, v] of Object.entries({ ...f, limit })) if (v !== undefined) qs.set(k, String(v));
+    const theirs = await Promise.all(
+      live.map(async (m) => {
+        const got = (await mesh?.peerGet?.(m.addr, `/api/requests?${qs}`, PEER_TIMEOUT_MS).catch(() => null)) as { data?: unknown } | null;
+        return Array.isArray(got?.data) ? (got.data as unknown[]).filter((r): r is RequestRecord => isRecord(r) && r.entry === m.id) : [];
+      }),
+    );
+    return out
+      .concat(...theirs)
+      .sort((a, b) => b.at - a.at)
+      .slice(0, limit);
+  }
+
   /** The routing index per model and the sync's freshness per peer. */
   cache(): CacheSnapshot {
     const mesh = this.src.mesh;
@@ -281,7 +307,13 @@ export class Console {
         };
         return new Response(gzip ? page.gzip : page.html, { headers });
       })
-      .get("/api/requests", ({ request, query }) => json(request, { data: this.log.list(parseFilter(query)) }))
+      .get("/api/requests", async ({ request, query }) => {
+        const f = parseFilter(query);
+        if (query.scope === undefined || query.scope === "node") return json(request, { data: this.log.list(f) });
+        if (query.scope !== "mesh")
+          throw new ApiError(400, "invalid_request_error", "invalid 'scope': node or mesh", "scope", "invalid_value");
+        return json(request, { data: await this.meshRequests(f) });
+      })
       .get("/api/requests/:id", ({ request, params }) => {
         const r = this.log.get(params.id);
         if (!r) throw new ApiError(404, "invalid_request_error", `no request '${params.id}' in this node's log`, "id", "not_found");
@@ -343,11 +375,16 @@ export class Console {
   }
 }
 
+function isRecord(x: unknown): x is RequestRecord {
+  const r = x as RequestRecord;
+  return typeof x === "object" && x !== null && typeof r.id === "string" && typeof r.at === "number" && typeof r.entry === "string";
+}
+
 function isReport(x: unknown): x is NodeReport {
   return typeof x === "object" && x !== null && typeof (x as NodeReport).id === "string" && Array.isArray((x as NodeReport).models);
 }
 
-/** GET /api/requests's query: model, node, route, status (ok | error), limit. */
+/** GET /api/requests's query: model, node, route, status (ok | error), limit (scope is read by the route). */
 function parseFilter(q: Record<string, string | undefined>): RequestFilter {
   const f: RequestFilter = {};
   if (q.model) f.model = q.model;

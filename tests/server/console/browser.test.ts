@@ -151,6 +151,13 @@ suite("mesh console in a browser", () => {
     expect(await page.$eval('[data-testid="actual"]', (e) => Number(e.textContent))).toBe(rec.cachedTokens);
     await page.screenshot({ path: join(shots, "requests.png"), fullPage: true });
 
+    // Any node shows the whole mesh's requests, each once, as its entry node decided it.
+    const fromB = (await (await fetch(`${b.url}/api/requests?scope=mesh`)).json()) as { data: Array<{ id: string; entry: string }> };
+    expect(fromB.data.find((r) => r.id === rec.id)?.entry).toBe(ids.get("a") as string);
+    expect(fromB.data.filter((r) => r.entry === ids.get("b")).length).toBeGreaterThanOrEqual(1);
+    await page.select('[data-testid="scope"]', "mesh");
+    await page.waitForSelector('[data-testid="request"][data-entry="b"]', { timeout: 15_000 });
+
     // Cache view: the routing index, as hashes.
     await view(page, "cache");
     await page.waitForSelector('[data-testid="index-model"]', { timeout: 15_000 });
@@ -168,7 +175,8 @@ suite("mesh console in a browser", () => {
     await page.close();
   });
 
-  test("with_an_api_key_the_page_asks_for_it_and_no_data_loads_without_it", async () => {
+  // Regression: the 401s can arrive before the page's first effect subscribes to its store; the page then stayed blank.
+  test("with_an_api_key_the_page_asks_for_it_and_no_data_loads_without_it_even_when_the_401_beats_the_first_render_regression", async () => {
     const key = "console-test-key";
     const d = await spawnNode({ name: "d", dir, model: MODEL, args: ["--api-key", key] });
     nodes.push(d);

@@ -92,6 +92,10 @@ describe("console routes", () => {
     const status = await get("/api/requests?status=maybe");
     expect(((await status.json()) as { error: { param: string } }).error.param).toBe("status");
     expect((await get("/api/requests/nope")).status).toBe(404);
+    const scope = await get("/api/requests?scope=galaxy");
+    expect(((await scope.json()) as { error: { param: string } }).error.param).toBe("scope");
+    // A node alone: the mesh's log is its own.
+    expect((await get("/api/requests?scope=mesh")).status).toBe(200);
   });
 
   test("off_the_page_and_every_data_endpoint_are_404", async () => {
@@ -118,7 +122,9 @@ describe("console routes", () => {
     const { get } = consoleApp({ keys: ["k1"], console: { mode: "local", loopback: false } });
     expect((await get("/")).status).toBe(200);
     for (const path of DATA) {
-      expect((await get(path)).status).toBe(401);
+      const refused = await get(path);
+      expect(refused.status).toBe(401);
+      expect(refused.headers.get("x-mesh-node")).toBe(SELF);
       const ok = await get(path, { authorization: "Bearer k1" });
       expect(ok.status).toBe(200);
       await ok.body?.cancel();
