@@ -117,7 +117,9 @@ export class Console {
    * A generating request was routed: record it (sizes and hashes, routing's decision record) and hook
    * its local run, if it runs here, so its figures come from the engine. Returns the record's id.
    */
-  begin(request: Request, api: string, model: string, stream: boolean, route: Route, startedAt: number): string {
+  begin(request: Request, api: string, model: string, stream: boolean, route: Route, startedAt: number): string | null {
+    // Off: nothing reads the log, so nothing is recorded.
+    if (this.o.mode === "off") return null;
     const mesh = this.src.mesh;
     const self = this.src.nodeId();
     const id = randomBytes(8).toString("hex");
