@@ -182,9 +182,17 @@ export function createApp(o: AppOptions) {
     apiKeyRequired: o.apiKeys.length > 0,
   });
   /** Record a routed generating request in the console's log (its local run reports there when it ends). */
-  const traced = (request: Request, api: string, model: string, stream: boolean | null | undefined, route: Route) => {
-    con.begin(request, api, model, stream === true, route, started.get(request) ?? performance.now());
-    return route;
+  const traced = async (request: Request, api: string, model: string, stream: boolean | null | undefined, routing: Promise<Route>) => {
+    const t0 = started.get(request) ?? performance.now();
+    try {
+      const route = await routing;
+      con.begin(request, api, model, stream === true, route, t0);
+      return route;
+    } catch (e) {
+      // Routing itself failed (no node serves it, every peer failed): logged too, with the status it gets.
+      con.begin(request, api, model, stream === true, null, t0);
+      throw e;
+    }
   };
   /** The answer of a traced request: labelled with where it ran, and read on its way through when a peer ran it. */
   const answered = <T>(result: T, request: Request, set: { headers: Record<string, string | number> }): T =>
@@ -337,12 +345,12 @@ export function createApp(o: AppOptions) {
       "/v1/chat/completions",
       async ({ body, request, set }) => {
         checkChatBody(body);
-        const route = traced(
+        const route = await traced(
           request,
           "/v1/chat/completions",
           body.model,
           body.stream,
-          await routeChat(body, "/v1/chat/completions", request),
+          routeChat(body, "/v1/chat/completions", request),
         );
         if (route.kind === "peer") return answered(route.response, request, set);
         const result = await chatCompletion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
@@ -357,8 +365,8 @@ export function createApp(o: AppOptions) {
         checkCompletionBody(body);
         const prompt = typeof body.prompt === "string" ? body.prompt : (body.prompt[0] ?? "");
         const { id, here } = resolve(body.model);
-        const routed = await routeRequest(o.mesh, id, here, "/v1/completions", request, (k) => k.completion(id, prompt), body.model);
-        const route = traced(request, "/v1/completions", body.model, body.stream, routed);
+        const routed = routeRequest(o.mesh, id, here, "/v1/completions", request, (k) => k.completion(id, prompt), body.model);
+        const route = await traced(request, "/v1/completions", body.model, body.stream, routed);
         if (route.kind === "peer") return answered(route.response, request, set);
         const result = await completion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
         return answered(result, request, set);
@@ -370,13 +378,8 @@ export function createApp(o: AppOptions) {
       async ({ body, request, set }) => {
         // Checked and translated before anything moves: routed, keyed and run as the equivalent chat request.
         const chat = checkMessagesBody(body);
-        const route = traced(
-          request,
-          "/v1/messages",
-          chat.model,
-          body.stream,
-          await routeChat(chat, "/v1/messages", request, forwardShape("anthropic")),
-        );
+        const routed = routeChat(chat, "/v1/messages", request, forwardShape("anthropic"));
+        const route = await traced(request, "/v1/messages", chat.model, body.stream, routed);
         if (route.kind === "peer") return answered(route.response, request, set);
         const result = await anthropicMessages(findModel(chat.model), body, chat, o.metrics, request.signal, onStreamError, route.routing);
         if (!(result instanceof Response)) set.status = 200;
@@ -393,11 +396,11 @@ export function createApp(o: AppOptions) {
         const req = checkResponsesBody(body, responses);
         const { chat } = req;
         const ctx = { body, req, store: responses, onStreamError };
-        const routed = await routeChat(chat, "/v1/responses", request, undefined, {
+        const routed = routeChat(chat, "/v1/responses", request, undefined, {
           path: "/v1/chat/completions",
           body: () => forwardedChatBody(chat),
         });
-        const route = traced(request, "/v1/responses", chat.model, body.stream, routed);
+        const route = await traced(request, "/v1/responses", chat.model, body.stream, routed);
         if (route.kind === "peer") {
           // A refusal (429, 413, a 400 of the peer's) is relayed as it is: OpenAI's error shape, as here.
           if (route.response.status !== 200) return answered(route.response, request, set);

@@ -115,9 +115,10 @@ export class Console {
 
   /**
    * A generating request was routed: record it (sizes and hashes, routing's decision record) and hook
-   * its local run, if it runs here, so its figures come from the engine. Returns the record's id.
+   * its local run, if it runs here, so its figures come from the engine. `route` null: routing failed
+   * (its status comes with settle). Returns the record's id.
    */
-  begin(request: Request, api: string, model: string, stream: boolean, route: Route, startedAt: number): string | null {
+  begin(request: Request, api: string, model: string, stream: boolean, route: Route | null, startedAt: number): string | null {
     // Off: nothing reads the log, so nothing is recorded.
     if (this.o.mode === "off") return null;
     const mesh = this.src.mesh;
@@ -125,13 +126,13 @@ export class Console {
     const id = randomBytes(8).toString("hex");
     const caller = mesh?.gate.caller(request);
     const labels = routeLabels.get(request);
-    const key = route.key;
-    const decision = route.decision;
+    const key = route?.key ?? null;
+    const decision = route?.decision ?? null;
     const record: RequestRecord = {
       id,
       at: Date.now(),
       entry: caller?.nodeId ?? self,
-      servedBy: route.kind === "here" ? self : null,
+      servedBy: route?.kind === "here" ? self : null,
       model,
       api,
       stream,
@@ -151,10 +152,10 @@ export class Console {
       done: false,
     };
     // Routing ran it here after all (the peers before it failed): its prediction was about another node.
-    if (route.kind === "here" && decision && !decision.target.local) record.predictedCachedTokens = null;
+    if (route?.kind === "here" && decision && !decision.target.local) record.predictedCachedTokens = null;
     this.log.add(record);
     this.ids.set(request, id);
-    if (route.kind === "here" && route.routing) {
+    if (route?.kind === "here" && route.routing) {
       route.routing.onReport = (r: RunReport) => {
         const decode = (r.endedAt - r.firstTokenAt) / 1000;
         this.update(id, {

@@ -9,7 +9,7 @@ import OpenAI from "openai";
 import type { Browser, Page } from "puppeteer-core";
 import { failureDetectionBoundMs } from "../../../src/mesh/membership";
 import { findChromium, launchBrowser, shotsDir } from "../../helpers/browser";
-import { clusterDir, metricOf, type NodeProc, peersOf, spawnNode, tokenOf, waitFor } from "../../helpers/cluster";
+import { clusterDir, type NodeProc, peersOf, spawnNode, tokenOf, waitFor } from "../../helpers/cluster";
 
 const MODEL = "mesh-tiny";
 const chromium = findChromium();
@@ -111,13 +111,21 @@ suite("mesh console in a browser", () => {
       { role: "system", content: LONG },
       { role: "user", content: "List the files under src/routing." },
     ];
-    const r1 = await client(b).chat.completions.create({ model: MODEL, messages: turn1, max_tokens: 8, temperature: 0 });
-    const entries = () => metricOf(a, `mesh_routing_index_entries{model="${MODEL}"}`).catch(() => 0);
-    const before = await entries();
-    await waitFor("B's prefixes in A's index", 30_000, async () => (await entries()) > before);
+    // What A's routing index holds of `node`'s KV (the Cache view's data).
+    const heldBy = async (node: string) => {
+      const cache = (await (await fetch(`${a.url}/api/cache`)).json()) as {
+        models: Array<{ model: string; byHolder: Record<string, number> }>;
+      };
+      return cache.models.find((m) => m.model === MODEL)?.byHolder[node] ?? 0;
+    };
+    const before = await heldBy(ids.get("b") as string);
+    const r1 = await client(b).chat.completions.create({ model: MODEL, messages: turn1, max_tokens: 8, temperature: 0 }).withResponse();
+    // Idle nodes, nothing of this conversation cached: it runs where it entered (no hop).
+    expect(r1.response.headers.get("x-mesh-node")).toBe(ids.get("b") as string);
+    await waitFor("B's new prefixes in A's index", 30_000, async () => (await heldBy(ids.get("b") as string)) > before);
     const turn2 = [
       ...turn1,
-      { role: "assistant" as const, content: r1.choices[0]?.message.content ?? "" },
+      { role: "assistant" as const, content: r1.data.choices[0]?.message.content ?? "" },
       { role: "user" as const, content: "And the tests?" },
     ];
     const r2 = await client(a).chat.completions.create({ model: MODEL, messages: turn2, max_tokens: 8, temperature: 0 }).withResponse();

@@ -6,7 +6,7 @@ import { createApp } from "../../../src/server/app";
 import type { ConsoleOptions } from "../../../src/server/console";
 import { Metrics } from "../../../src/server/metrics";
 import { ServedModel } from "../../../src/server/model";
-import { testMeshHooks, workerRecord } from "../../helpers/mesh";
+import { closedPort, testMeshHooks, workerRecord } from "../../helpers/mesh";
 
 const SELF = "c".repeat(32);
 const SECRET_TEXT = "the launch codes are 0000";
@@ -69,7 +69,12 @@ describe("console routes", () => {
     const { get, chat } = consoleApp();
     await (await chat({})).json();
     await (await chat({ stream: true, stream_options: { include_usage: true } })).text();
-    const list = (await (await get("/api/requests")).json()) as { data: Array<Record<string, unknown>> };
+    // Statuses are settled after the answers left (onAfterResponse): look until both records are done.
+    let list: { data: Array<Record<string, unknown>> } = { data: [] };
+    for (let i = 0; i < 200 && !(list.data.length === 2 && list.data.every((r) => r.done)); i++) {
+      list = (await (await get("/api/requests")).json()) as { data: Array<Record<string, unknown>> };
+      await Bun.sleep(10);
+    }
     expect(list.data).toHaveLength(2);
     for (const r of list.data) {
       expect(r).toMatchObject({ entry: SELF, servedBy: SELF, model: "mesh-tiny", route: "local", status: 200, done: true });
@@ -82,6 +87,35 @@ describe("console routes", () => {
     expect(((await one.json()) as { id: string }).id).toBe(list.data[0]?.id as string);
     const node = (await (await get("/api/node")).json()) as { totals: { requests: number }; models: Array<{ kv: unknown }> };
     expect(node.totals.requests).toBe(2);
+  });
+
+  test("a_request_that_routing_could_not_place_is_logged_with_its_error_status", async () => {
+    const port = await closedPort();
+    const model = ServedModel.fromEngine("mesh-tiny", new FakeEngine({ reply: "x" }));
+    // The only worker of "elsewhere" is a peer that refuses connections: the forward fails (502).
+    const mesh = testMeshHooks({
+      nodeId: SELF,
+      workers: () => [workerRecord({ id: "peer-w", nodeId: "d".repeat(32), addr: `127.0.0.1:${port}`, models: ["elsewhere"] })],
+    });
+    const app = createApp({ models: [model], apiKeys: [], maxBodyBytes: 1 << 20, logger: silentLogger, metrics: new Metrics(), mesh });
+    const r = await app.handle(
+      new Request("http://localhost/v1/chat/completions", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ model: "elsewhere", messages: [{ role: "user", content: "hi" }] }),
+      }),
+    );
+    expect(r.status).toBe(502);
+    // The status is settled after the answer left (onAfterResponse), so look until it is there.
+    let rec: Record<string, unknown> | undefined;
+    for (let i = 0; i < 100 && rec?.status !== 502; i++) {
+      await Bun.sleep(10);
+      const list = (await (await app.handle(new Request("http://localhost/api/requests?status=error"))).json()) as {
+        data: Array<Record<string, unknown>>;
+      };
+      rec = list.data[0];
+    }
+    expect(rec).toMatchObject({ model: "elsewhere", route: "load", status: 502, servedBy: null, done: true });
   });
 
   test("bad_filters_are_400_naming_the_field_and_an_unknown_request_is_404", async () => {
