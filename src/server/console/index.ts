@@ -177,6 +177,8 @@ export class Console {
   answer<T>(request: Request, result: T, startedAt: number): T {
     const id = this.ids.get(request);
     if (!id || !(result instanceof Response)) return result;
+    // A relayed refusal keeps its own status (the app's status hook sees 200 for a returned Response).
+    if (result.status !== 200) this.log.complete(id, { status: result.status });
     const r = this.log.get(id);
     if (!r || r.servedBy !== null) return result;
     const servedBy = result.headers.get("x-mesh-served-by");
@@ -199,8 +201,10 @@ export class Console {
   settle(request: Request, status: number): void {
     const id = this.ids.get(request);
     if (!id) return;
-    const r = this.log.complete(id, { status });
+    const known = this.log.get(id)?.status ?? null;
+    const r = this.log.complete(id, { status: known !== null && known !== 200 ? known : status });
     if (!r) return;
+    status = r.status ?? status;
     // An error has no figures to wait for; a success is done once its figures are in (a stream's come at its end).
     if (status !== 200 || r.promptTokens !== null) r.done = true;
     this.hub.publish("request", r);

@@ -3,7 +3,8 @@ import { describe, expect, test } from "bun:test";
 import { FakeEngine } from "../../../src/engine/fake";
 import { silentLogger } from "../../../src/log";
 import { createApp } from "../../../src/server/app";
-import type { ConsoleOptions } from "../../../src/server/console";
+import { Console, type ConsoleOptions } from "../../../src/server/console";
+import type { Route } from "../../../src/server/mesh";
 import { Metrics } from "../../../src/server/metrics";
 import { ServedModel } from "../../../src/server/model";
 import { closedPort, testMeshHooks, workerRecord } from "../../helpers/mesh";
@@ -163,5 +164,22 @@ describe("console routes", () => {
       expect(ok.status).toBe(200);
       await ok.body?.cancel();
     }
+  });
+});
+
+describe("console records", () => {
+  // Regression: a peer's refusal relayed as a Response was logged with the 200 the app's status hook saw.
+  test("a_relayed_peer_refusal_keeps_its_status_in_the_log_regression", () => {
+    const model = ServedModel.fromEngine("mesh-tiny", new FakeEngine({ reply: "x" }));
+    const con = new Console(
+      { mode: "local", loopback: true },
+      { nodeId: () => SELF, nodeName: () => "self", models: [model], apiKeyRequired: false },
+    );
+    const request = new Request("http://localhost/v1/chat/completions", { method: "POST" });
+    const route = { kind: "peer", response: new Response("{}"), decision: null, key: null } as unknown as Route;
+    const id = con.begin(request, "/v1/chat/completions", "mesh-tiny", false, route, performance.now()) as string;
+    con.answer(request, new Response(JSON.stringify({ error: { code: "queue_full" } }), { status: 429 }), performance.now());
+    con.settle(request, 200);
+    expect(con.log.get(id)).toMatchObject({ status: 429, done: true });
   });
 });
