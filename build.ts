@@ -13,9 +13,10 @@
 // time through ggml's backend registry.
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { cpus } from "node:os";
 import { basename, join } from "node:path";
+import { buildConsolePage } from "./src/server/console/page";
 
 const ROOT = import.meta.dir;
 const VENDOR = join(ROOT, "vendor", "llama.cpp");
@@ -357,7 +358,7 @@ export function buildInfoOf(o: NativeOptions, flags: string[]): Record<string, u
  * Build dist/mesh-<os>-<arch>[-cuda]: one executable embedding the native
  * library, the demo and bench models' vocabularies and the engine Worker.
  */
-export function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist")): string {
+export async function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist")): Promise<string> {
   const target = o.target ?? hostTarget();
   if (o.prebuilt && target !== "linux-x64") usage(`the prebuilt ${o.prebuilt} backend is for linux-x64 only`);
   if (o.prebuilt && o.variant !== "cpu")
@@ -372,6 +373,10 @@ export function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist"))
   const benchVocab = join(SRC, "models", "ggml-vocab-llama-spm.gguf");
   // The entry sits at the repo root so bundled paths (src/engine/worker) are stable.
   const entry = join(ROOT, `.build-entry-${process.pid}.ts`);
+  // The console page, bundled now (one HTML document) and embedded: the executable serves it offline.
+  const page = join(ROOT, `.build-console-${process.pid}.html`);
+  writeFileSync(page, await buildConsolePage());
+  log(`console page: ${statSync(page).size} bytes`);
   writeFileSync(
     entry,
     [
@@ -380,9 +385,12 @@ export function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist"))
       `import vocab from ${JSON.stringify(vocab)} with { type: "file" };`,
       `import benchVocab from ${JSON.stringify(benchVocab)} with { type: "file" };`,
       ...backends.map((b, i) => `import backend${i} from ${JSON.stringify(b)} with { type: "file" };`),
+      `import consolePage from ${JSON.stringify(page)} with { type: "file" };`,
       'import { installEmbedded } from "./src/cli/embedded";',
       'import { setBuildInfo } from "./src/cli/build-info";',
+      'import { setEmbeddedConsolePage } from "./src/server/console/page";',
       `setBuildInfo(${JSON.stringify(info)});`,
+      "setEmbeddedConsolePage(consolePage);",
       `await installEmbedded(lib, { "phi-3": vocab, "llama-spm": benchVocab }, new URL("./src/engine/worker.ts", import.meta.url).href, [${backends.map((_, i) => `backend${i}`).join(", ")}]);`,
       'const { main } = await import("./src/cli/main");',
       "await main(process.argv);",
@@ -411,6 +419,7 @@ export function compileExecutable(o: NativeOptions, outDir = join(ROOT, "dist"))
     );
   } finally {
     rmSync(entry, { force: true });
+    rmSync(page, { force: true });
   }
   const here = executableName(o.variant, target, o.prebuilt).replace(/^mesh-/, "");
   for (const t of ALL_TARGETS) if (t !== here) log(`other file mesh-${t}: ${HOW[t]}`);
@@ -484,6 +493,6 @@ if (import.meta.main) {
   else if (command === "prebuilt") {
     if (!native.prebuilt) usage("prebuilt takes --vulkan or --cuda-prebuilt");
     process.stdout.write(`${fetchPrebuilt(native.prebuilt)}\n`);
-  } else if (command === "compile") compileExecutable(native);
+  } else if (command === "compile") await compileExecutable(native);
   else buildNative(native);
 }

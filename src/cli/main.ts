@@ -109,6 +109,15 @@ export function program(): Command {
         .choices(["cache", "load"])
         .default("cache"),
     )
+    .addOption(
+      new Option(
+        "--console <who>",
+        "the web console at GET / and its admin API (/api/requests, /api/events): local = without --api-key only when listening on loopback; public = to anyone who reaches the node (with --api-key: anyone with a key); off",
+      )
+        .choices(["local", "public", "off"])
+        .default("local"),
+    )
+    .option("--no-console", "turn the web console and its admin API off (as --console off)")
     .option("--shutdown-grace <s>", "seconds to let running requests finish on SIGINT/SIGTERM", intOption("--shutdown-grace", 0, 3600), 10)
     .addOption(
       new Option("--log-format <format>", "log lines as readable text or one JSON object each").choices(["text", "json"]).default("text"),
@@ -121,10 +130,12 @@ Examples:
   mesh serve --model ./qwen2.5-7b-q4_k_m.gguf --ctx-size 32768 --parallel 8
   mesh serve -m model.gguf --host 0.0.0.0 --api-key "$KEY" --log-format json
   mesh serve -m other.gguf --host 0.0.0.0 --join <token printed by the first node>
+  mesh serve --host 0.0.0.0 --api-key "$KEY" --console public   # the console for anyone with the key
 
 Then:
   curl http://127.0.0.1:9337/v1/chat/completions -H 'content-type: application/json' \\
-    -d '{"model": "<id from /v1/models>", "messages": [{"role": "user", "content": "Hello"}]}'`,
+    -d '{"model": "<id from /v1/models>", "messages": [{"role": "user", "content": "Hello"}]}'
+  open http://127.0.0.1:9337/ in a browser: the mesh console (members, requests and why they went where, cache, chat)`,
     )
     .action(async (opts) => {
       process.exitCode = await serve(opts);

@@ -8,11 +8,21 @@ import { ensureModel } from "../gguf/models";
 import { GGUF_MAGIC } from "../gguf/types";
 import { createLogger, type LogFormat, type Logger } from "../log";
 import { ServedModel, startServer } from "../server";
+import type { ConsoleMode } from "../server/console";
 import { backendOf } from "../server/devices";
 import { checkAliases, modelIdFromPath } from "../server/model";
 import type { MeshFlags } from "./mesh-flags";
 import { prepareMesh, startMesh } from "./serve-mesh";
 import { UsageError } from "./usage";
+
+/** The line that says where the console is, or why it is not served. */
+export function consoleLine(c: { mode: ConsoleMode; loopback: boolean }, keys: boolean, url: string): string {
+  if (c.mode === "off") return "console: off (--no-console)";
+  if (!keys && !c.loopback && c.mode !== "public") {
+    return "console: not served (no --api-key and not listening on loopback; give --api-key, or --console public)";
+  }
+  return `console: ${url}/${keys ? " (asks for an API key)" : ""}`;
+}
 
 /** Options of `mesh serve`, as parsed by commander. */
 export interface ServeOptions extends MeshFlags {
@@ -40,6 +50,19 @@ export interface ServeOptions extends MeshFlags {
   responsesStore: number;
   shutdownGrace: number;
   logFormat: string;
+  /** local, public, off; false from --no-console. */
+  console?: string | false;
+}
+
+/** Whether `host` is a loopback address (the console's default guard serves only those without keys). */
+export function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || host === "[::1]" || /^127\.\d+\.\d+\.\d+$/.test(host);
+}
+
+function consoleMode(o: ServeOptions): ConsoleMode {
+  const m = o.console === false ? "off" : (o.console ?? "local");
+  if (m !== "local" && m !== "public" && m !== "off") throw new UsageError(`--console must be local, public or off, got '${m}'`);
+  return m;
 }
 
 function checkGguf(path: string): void {
@@ -123,6 +146,7 @@ export async function serve(o: ServeOptions): Promise<number> {
   if (o.logFormat !== "text" && o.logFormat !== "json") throw new UsageError(`--log-format must be 'text' or 'json', got '${o.logFormat}'`);
   const logger = createLogger(o.logFormat as LogFormat);
   const apiKeys = readKeys(o);
+  const consoleOptions = { mode: consoleMode(o), loopback: isLoopback(o.host) };
   const mesh = prepareMesh(o, { logger, apiKeyRequired: apiKeys.length > 0, maxBodyBytes: o.maxBodyBytes });
   let modelPath = o.model;
   let demo = false;
@@ -165,6 +189,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       sessions: { ttlMs: o.sessionTtl * 1000, maxSessions: o.sessionsMax, maxTotalBytes: o.sessionsMemory * 1024 * 1024 },
       logger,
       mesh: mesh.node.hooks,
+      console: consoleOptions,
     });
   } catch (e) {
     await model.close();
@@ -198,6 +223,7 @@ export async function serve(o: ServeOptions): Promise<number> {
     backend: info ? backendOf(info) : undefined,
   });
   process.stderr.write(`ready: POST ${server.url}/v1/chat/completions with "model": "${model.id}"\n`);
+  process.stderr.write(`${consoleLine(consoleOptions, apiKeys.length > 0, server.url)}\n`);
 
   return new Promise<number>((resolve) => {
     let stopping = false;

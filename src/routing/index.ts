@@ -4,6 +4,7 @@
 // engines' reports fill, this node's leases, the workers' load and what this
 // node has observed of the model's speed. server/ carries the decision out.
 import type { NodeId, WorkerInfo } from "../mesh/wire";
+import { explain, type RouteExplanation } from "./explain";
 import type { RouteKey } from "./key";
 import { Leases } from "./lease";
 import { type Candidate, type Decision, decide, POLICY_DEFAULTS, type PolicyConfig, type RouteReason } from "./policy";
@@ -11,6 +12,7 @@ import { RoutingIndex } from "./radix";
 
 export type { BlockAnchor } from "./anchors";
 export { chatAnchors, completionAnchors } from "./anchors";
+export { type CandidateExplanation, MAX_EXPLAINED, type PredictionOutcome, predictionOutcome, type RouteExplanation } from "./explain";
 export { type KeyMessage, type RouteKey, RouteKeyer } from "./key";
 export type { Candidate, CandidateCost, Decision, PolicyConfig, RouteReason } from "./policy";
 export { RoutingIndex } from "./radix";
@@ -150,6 +152,11 @@ export class Router {
     else this.counts.toPeer++;
     if (d.reason === "cache" && d.target.via === "lease") this.counts.viaLease++;
     return d;
+  }
+
+  /** Why `d` (a decision for `model`) went where it did: the record the console and /api/requests show. */
+  explain(model: string, d: Decision): RouteExplanation {
+    return explain(d, this.policyFor(model));
   }
 
   /** This node's worker for `model`, if it serves it. */

@@ -31,6 +31,8 @@ interface Entry {
   parent: string | null;
   /** Node ids holding this prefix (usually one or a few). */
   holders: string[];
+  /** Epoch ms when the index learnt of it (the console shows prefixes by age). */
+  at: number;
 }
 
 /** One holder's longest match for a request. */
@@ -46,6 +48,30 @@ export interface ModelIndexStats {
   bytes: number;
   /** Entries dropped to stay within the budget. */
   budgetEvictions: number;
+}
+
+/** What one model's index holds, summarised for the console: hashes and sizes, never text. */
+export interface IndexSummary {
+  entries: number;
+  bytes: number;
+  /** Prefixes by length in key blocks: 1, 2-3, 4-7, 8-15, 16+. */
+  byDepth: number[];
+  /** Prefixes by age: under 10 s, 1 min, 10 min, older. */
+  byAge: number[];
+  /** Holders (nodes) by the prefixes they hold. */
+  byHolder: Record<string, number>;
+  /** The most recently used prefixes, newest first: path hash, blocks, holders, age. */
+  recent: Array<{ hash: string; depth: number; holders: string[]; ageMs: number }>;
+}
+
+/** Bucket edges of IndexSummary.byDepth (blocks) and byAge (ms). */
+export const DEPTH_EDGES = [2, 4, 8, 16];
+export const AGE_EDGES_MS = [10_000, 60_000, 600_000];
+
+function bucket(edges: readonly number[], x: number): number {
+  let i = 0;
+  while (i < edges.length && x >= (edges[i] as number)) i++;
+  return i;
 }
 
 /** A plain list of path hashes as a PathKey. */
@@ -170,6 +196,52 @@ export class ModelIndex {
     return out;
   }
 
+  /**
+   * A summary for the console: one pass over the entries (depths memoised along parent links), and the
+   * `recent` most recently used. Read on demand, never on the decision path.
+   */
+  summary(recent = 20, now = Date.now()): IndexSummary {
+    const depth = new Map<string, number>();
+    const depthOf = (hash: string): number => {
+      const chain: string[] = [];
+      let h: string | null = hash;
+      let base = 0;
+      while (h !== null && chain.length < 4096) {
+        const known = depth.get(h);
+        if (known !== undefined) {
+          base = known;
+          break;
+        }
+        chain.push(h);
+        h = this.entries.peek(h)?.parent ?? null;
+      }
+      for (let i = chain.length - 1; i >= 0; i--) depth.set(chain[i] as string, ++base);
+      return depth.get(hash) as number;
+    };
+    const byDepth = new Array(DEPTH_EDGES.length + 1).fill(0) as number[];
+    const byAge = new Array(AGE_EDGES_MS.length + 1).fill(0) as number[];
+    const byHolder: Record<string, number> = {};
+    const newest: Array<[string, Entry]> = [];
+    for (const [hash, e] of this.entries.entries()) {
+      (byDepth[bucket(DEPTH_EDGES, depthOf(hash))] as number)++;
+      (byAge[bucket(AGE_EDGES_MS, now - e.at)] as number)++;
+      for (const h of e.holders) byHolder[h] = (byHolder[h] ?? 0) + 1;
+      // entries() runs least recent first: keep the last `recent`.
+      newest.push([hash, e]);
+      if (newest.length > recent) newest.shift();
+    }
+    return {
+      entries: this.entries.size,
+      bytes: this.bytes,
+      byDepth,
+      byAge,
+      byHolder,
+      recent: newest
+        .reverse()
+        .map(([hash, e]) => ({ hash, depth: depthOf(hash), holders: [...e.holders], ageMs: Math.max(0, now - e.at) })),
+    };
+  }
+
   /** Current sizes. */
   stats(): ModelIndexStats {
     return { entries: this.entries.size, bytes: this.bytes, budgetEvictions: this.budgetEvictions };
@@ -179,7 +251,7 @@ export class ModelIndex {
     // The first parent seen stays: a hash names one prefix, so its parent is the same from every holder.
     let e = this.entries.get(hash);
     if (!e) {
-      e = { parent, holders: [] };
+      e = { parent, holders: [], at: Date.now() };
       this.bytes += ENTRY_BYTES;
       this.entries.set(hash, e);
     }

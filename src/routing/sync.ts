@@ -238,6 +238,21 @@ interface Peer {
   /** Batches sent in round `burstRound`. */
   burst: number;
   burstRound: number;
+  /** Clock ms of the last batch this peer acked, and of the last batch applied from it (0: never): the console's sync freshness. */
+  ackedAt: number;
+  appliedAt: number;
+}
+
+/** One peer's sync state, as the console shows it. */
+export interface PeerSyncState {
+  node: NodeId;
+  /** Milliseconds since the peer last acked a batch of ours, and since we last applied one of its; null: never. */
+  sinceAckMs: number | null;
+  sinceAppliedMs: number | null;
+  /** Changes queued for it, failed sends in a row, and parents we asked it for. */
+  pendingOps: number;
+  fails: number;
+  unresolved: number;
 }
 
 const live = (state: string) => state === "alive" || state === "suspect";
@@ -439,6 +454,20 @@ export class RouteSync implements MeshExtension {
     for (const m of ch.added) this.startStream(p, m);
   }
 
+  /** Each peer's sync state (bounded by the members). */
+  peerStates(): PeerSyncState[] {
+    const now = this.o.clock.now();
+    const since = (t: number) => (t > 0 ? Math.max(0, now - t) : null);
+    return [...this.peers.values()].map((p) => ({
+      node: p.id,
+      sinceAckMs: since(p.ackedAt),
+      sinceAppliedMs: since(p.appliedAt),
+      pendingOps: p.ops,
+      fails: p.fails,
+      unresolved: p.pathQueue.size + (p.pathInFlight?.length ?? 0),
+    }));
+  }
+
   /** Counters and gauges. */
   stats(): RouteSyncStats {
     let unresolved = 0;
@@ -576,6 +605,7 @@ export class RouteSync implements MeshExtension {
     p.inFlight = null;
     if (reply !== null && reply.type === "route-ack" && reply.ok === true && reply.id === p.id) {
       this.s.batchesAcked++;
+      p.ackedAt = this.o.clock.now();
       p.fails = 0;
       p.retryAt = 0;
       if (isList(reply.resync, MAX_SECTIONS)) {
@@ -812,6 +842,7 @@ export class RouteSync implements MeshExtension {
     if (!p) return this.refuse("not_member", "you are not a live member here");
     if (p.inEpoch !== msg.epoch) this.newSenderLife(p, msg.epoch);
     p.inSeq = msg.seq;
+    p.appliedAt = this.o.clock.now();
     const resync: string[] = [];
     for (const sec of dec.value) {
       if (!this.wantsOf.has(sec.model)) {
@@ -1026,6 +1057,8 @@ export class RouteSync implements MeshExtension {
       retryAt: 0,
       inEpoch: null,
       inSeq: 0,
+      ackedAt: 0,
+      appliedAt: 0,
       inModels: new Map(),
       pathQueue: new Map(),
       pathInFlight: null,

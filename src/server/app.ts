@@ -1,9 +1,11 @@
 // The HTTP surface of a node: /v1 (OpenAI API, OpenAI Responses, Anthropic Messages), /health, /metrics.
 import { createHash, timingSafeEqual } from "node:crypto";
+import { hostname } from "node:os";
 import { Elysia, type TSchema } from "elysia";
 import type { Logger } from "../log";
 import { anthropicMessages, checkCountTokensBody, checkMessagesBody, countTokens } from "./anthropic/messages";
 import { CountTokensBody, MessagesBody } from "./anthropic/schema";
+import { Console, type ConsoleOptions } from "./console";
 import { backendOf, deviceEntry, renderDeviceMetrics } from "./devices";
 import { ApiError, badRequest, dialectOf, errorResponse, forwardShape, pointerToParam, toApiError } from "./errors";
 import type { ForwardShape } from "./forward";
@@ -14,6 +16,7 @@ import {
   meshModelNodes,
   meshModelOf,
   ROUTE_HEADER,
+  type Route,
   rawJson,
   routeLabels,
   routeRequest,
@@ -48,6 +51,8 @@ export interface AppOptions {
   responseStore?: ResponseStore;
   /** Multi-branch agent sessions (default: SESSION_DEFAULTS). */
   sessions?: SessionService;
+  /** The console (GET / and its admin API); default: served, as on a loopback listener. */
+  console?: ConsoleOptions;
 }
 
 const ROUTES = new Set([
@@ -67,6 +72,13 @@ const ROUTES = new Set([
   "/detokenize",
   "/apply-template",
   "/v1/sessions",
+  "/",
+  "/api/requests",
+  "/api/requests/{id}",
+  "/api/events",
+  "/api/mesh",
+  "/api/node",
+  "/api/cache",
 ]);
 
 /** A request path as the route label of its metrics and log line: a known route, or "other". */
@@ -74,6 +86,7 @@ function routeOf(path: string): string {
   if (ROUTES.has(path)) return path;
   if (/^\/v1\/sessions\/[^/]+$/.test(path)) return "/v1/sessions/{id}";
   if (/^\/v1\/sessions\/[^/]+\/trajectories$/.test(path)) return "/v1/sessions/{id}/trajectories";
+  if (/^\/api\/requests\/[^/]+$/.test(path)) return "/api/requests/{id}";
   return /^\/v1\/responses\/[^/]+$/.test(path) ? "/v1/responses/{id}" : "other";
 }
 
@@ -179,6 +192,30 @@ export function createApp(o: AppOptions) {
     return g;
   };
   const started = new WeakMap<Request, number>();
+  const selfId = () => o.mesh?.service.nodeId() ?? hostname();
+  const con = new Console(o.console ?? { mode: "local", loopback: true }, {
+    nodeId: selfId,
+    nodeName: () => o.mesh?.service.info().name ?? hostname(),
+    models: o.models,
+    mesh: o.mesh,
+    apiKeyRequired: o.apiKeys.length > 0,
+  });
+  /** Record a routed generating request in the console's log (its local run reports there when it ends). */
+  const traced = async (request: Request, api: string, model: string, stream: boolean | null | undefined, routing: Promise<Route>) => {
+    const t0 = started.get(request) ?? performance.now();
+    try {
+      const route = await routing;
+      con.begin(request, api, model, stream === true, route, t0);
+      return route;
+    } catch (e) {
+      // Routing itself failed (no node serves it, every peer failed): logged too, with the status it gets.
+      con.begin(request, api, model, stream === true, null, t0);
+      throw e;
+    }
+  };
+  /** The answer of a traced request: labelled with where it ran, and read on its way through when a peer ran it. */
+  const answered = <T>(result: T, request: Request, set: { headers: Record<string, string | number> }): T =>
+    labelled(con.answer(request, result, started.get(request) ?? performance.now()), request, set);
   const responses = o.responseStore ?? new ResponseStore(RESPONSE_STORE_DEFAULT_MIB * 1024 * 1024);
   /**
    * A route's body options: its schema, its parser (rawJson keeps the bytes a peer is sent; the tokenizer
@@ -191,6 +228,22 @@ export function createApp(o: AppOptions) {
   });
 
   return new Elysia()
+    .wrap(
+      // Every answer says who served it and why: routed requests carry their labels already; everything else ran here.
+      (handle) =>
+        async (...args: unknown[]) => {
+          const response: unknown = await handle(...args);
+          if (response instanceof Response && !response.headers.has(ROUTE_HEADER.node)) {
+            try {
+              response.headers.set(ROUTE_HEADER.node, selfId());
+              if (!response.headers.has(ROUTE_HEADER.route)) response.headers.set(ROUTE_HEADER.route, "local");
+            } catch {
+              // immutable headers (a relayed fetch response): it carries the peer's own
+            }
+          }
+          return response;
+        },
+    )
     .onRequest(async ({ request }) => {
       started.set(request, performance.now());
       const path = new URL(request.url).pathname;
@@ -205,9 +258,13 @@ export function createApp(o: AppOptions) {
         // Mesh credentials stand in for the API key (a forwarded request); when present they must verify.
         const refused = await o.mesh.gate.check(request);
         if (refused) return early(refused);
-      } else if (path !== "/health" && !path.startsWith("/mesh/") && !authorized(request.headers)) {
+      } else if (path !== "/health" && !path.startsWith("/mesh/") && !Console.isPage(path) && !authorized(request.headers)) {
         const message = "a valid API key is required (Authorization: Bearer <key>, or x-api-key: <key>)";
         return early(new ApiError(401, "invalid_request_error", message, null, "invalid_api_key"));
+      }
+      if (Console.owns(path)) {
+        const refused = con.refusal(path, request);
+        if (refused) return early(refused);
       }
       const length = Number(request.headers.get("content-length") ?? 0);
       if (length > o.maxBodyBytes) {
@@ -248,9 +305,10 @@ export function createApp(o: AppOptions) {
       const route = routeOf(path);
       const status = String(typeof set.status === "number" ? set.status : 200);
       o.metrics.requests.inc({ route, status });
+      con.settle(request, Number(status));
       const t0 = started.get(request);
-      // Peer traffic (probes every second) would drown the log at info; its failures still show at info.
-      const quiet = path.startsWith("/mesh/") && status === "200";
+      // Peer traffic (probes every second) and the console's polling would drown the log at info; their failures still show at info.
+      const quiet = (path.startsWith("/mesh/") || (Console.owns(path) && path !== "/")) && status === "200";
       o.logger[quiet ? "debug" : "info"]("request", {
         method: request.method,
         route,
@@ -311,8 +369,14 @@ export function createApp(o: AppOptions) {
         if (sessionId !== null) sessions.store.check(sessionId);
         // Affinity: a session this node holds runs here, next to its checkpoints.
         const held = sessionId !== null && sessions.store.peek(sessionId) !== undefined;
-        const route = await routeChat(body, forwardedChatPath(sessionId), request, undefined, undefined, held);
-        if (route.kind === "peer") return labelled(route.response, request, set);
+        const route = await traced(
+          request,
+          "/v1/chat/completions",
+          body.model,
+          body.stream,
+          routeChat(body, forwardedChatPath(sessionId), request, undefined, undefined, held),
+        );
+        if (route.kind === "peer") return answered(route.response, request, set);
         const model = findModel(body.model);
         const turn = sessionId !== null ? sessions.turn(sessionId, model, body) : null;
         const result = await chatCompletion(model, body, o.metrics, request.signal, onStreamError, route.routing, turn);
@@ -321,7 +385,7 @@ export function createApp(o: AppOptions) {
           else set.headers[SESSION_HEADER] = sessionId;
         }
         if (!(result instanceof Response)) set.status = 200;
-        return labelled(result, request, set);
+        return answered(result, request, set);
       },
       bodyOf(ChatBody),
     )
@@ -331,10 +395,11 @@ export function createApp(o: AppOptions) {
         checkCompletionBody(body);
         const prompt = typeof body.prompt === "string" ? body.prompt : (body.prompt[0] ?? "");
         const { id, here } = resolve(body.model);
-        const route = await routeRequest(o.mesh, id, here, "/v1/completions", request, (k) => k.completion(id, prompt), body.model);
-        if (route.kind === "peer") return labelled(route.response, request, set);
+        const routed = routeRequest(o.mesh, id, here, "/v1/completions", request, (k) => k.completion(id, prompt), body.model);
+        const route = await traced(request, "/v1/completions", body.model, body.stream, routed);
+        if (route.kind === "peer") return answered(route.response, request, set);
         const result = await completion(findModel(body.model), body, o.metrics, request.signal, onStreamError, route.routing);
-        return labelled(result, request, set);
+        return answered(result, request, set);
       },
       bodyOf(CompletionBody),
     )
@@ -343,11 +408,12 @@ export function createApp(o: AppOptions) {
       async ({ body, request, set }) => {
         // Checked and translated before anything moves: routed, keyed and run as the equivalent chat request.
         const chat = checkMessagesBody(body);
-        const route = await routeChat(chat, "/v1/messages", request, forwardShape("anthropic"));
-        if (route.kind === "peer") return labelled(route.response, request, set);
+        const routed = routeChat(chat, "/v1/messages", request, forwardShape("anthropic"));
+        const route = await traced(request, "/v1/messages", chat.model, body.stream, routed);
+        if (route.kind === "peer") return answered(route.response, request, set);
         const result = await anthropicMessages(findModel(chat.model), body, chat, o.metrics, request.signal, onStreamError, route.routing);
         if (!(result instanceof Response)) set.status = 200;
-        return labelled(result, request, set);
+        return answered(result, request, set);
       },
       bodyOf(MessagesBody),
     )
@@ -360,24 +426,23 @@ export function createApp(o: AppOptions) {
         const req = checkResponsesBody(body, responses);
         const { chat } = req;
         const ctx = { body, req, store: responses, onStreamError };
-        const route = await routeChat(chat, "/v1/responses", request, undefined, {
+        const routed = routeChat(chat, "/v1/responses", request, undefined, {
           path: "/v1/chat/completions",
           body: () => forwardedChatBody(chat),
         });
+        const route = await traced(request, "/v1/responses", chat.model, body.stream, routed);
         if (route.kind === "peer") {
           // A refusal (429, 413, a 400 of the peer's) is relayed as it is: OpenAI's error shape, as here.
-          if (route.response.status !== 200) return labelled(route.response, request, set);
+          if (route.response.status !== 200) return answered(route.response, request, set);
           const served = route.response.headers.get(ROUTE_HEADER.servedBy);
+          const servedHeaders: Record<string, string> = served ? { [ROUTE_HEADER.servedBy]: served, [ROUTE_HEADER.node]: served } : {};
           const start = remoteStart(request.signal);
-          const result = await answerResponse(
-            ctx,
-            start,
-            chatEventsOf(route.response, start.abort.signal),
-            served ? { [ROUTE_HEADER.servedBy]: served } : {},
-          );
+          // The peer's chat stream is read on its way into the answer: its usage and timing go to the request log.
+          const upstream = con.answer(request, route.response, started.get(request) ?? performance.now());
+          const result = await answerResponse(ctx, start, chatEventsOf(upstream, start.abort.signal), servedHeaders);
           if (!(result instanceof Response)) {
             set.status = 200;
-            if (served) set.headers[ROUTE_HEADER.servedBy] = served;
+            Object.assign(set.headers, servedHeaders);
           }
           return labelled(result, request, set);
         }
@@ -385,7 +450,7 @@ export function createApp(o: AppOptions) {
           throw inputParam(e);
         });
         if (!(result instanceof Response)) set.status = 200;
-        return labelled(result, request, set);
+        return answered(result, request, set);
       },
       bodyOf(ResponsesBody),
     )
@@ -424,6 +489,7 @@ export function createApp(o: AppOptions) {
     .post("/tokenize", tokenizerRoute("/tokenize", tokenize), bodyOf(TokenizeBody, rawJson))
     .post("/detokenize", tokenizerRoute("/detokenize", detokenize), bodyOf(DetokenizeBody, rawJson))
     .post("/apply-template", tokenizerRoute("/apply-template", applyTemplate), bodyOf(ApplyTemplateBody, rawJson))
+    .use(con.routes())
     .use(
       o.mesh
         ? meshRoutes({ gate: o.mesh.gate, service: o.mesh.service, apiKeyRequired: o.mesh.apiKeyRequired, logger: o.logger })

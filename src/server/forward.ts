@@ -97,7 +97,7 @@ export interface ForwardStats {
 // peer's auth state, its stale worker record (404), overload, or its own failure.
 const RETRYABLE = new Set([401, 404, 429, 500, 502, 503, 504]);
 // Hop-by-hop and mesh headers stay on this hop.
-const PASSED_HEADERS = ["content-type", "cache-control", "retry-after", "x-accel-buffering", "x-mesh-served-by"];
+const PASSED_HEADERS = ["content-type", "cache-control", "retry-after", "x-accel-buffering", "x-mesh-served-by", "x-mesh-node"];
 const enc = new TextEncoder();
 
 /** A peer's SSE answer is never silent for longer than its keep-alive (15 s): twice that, plus margin, means the link is gone. */

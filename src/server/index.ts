@@ -2,6 +2,7 @@
 import type { Logger } from "../log";
 import type { SessionStoreOptions } from "../sessions";
 import { type App, createApp } from "./app";
+import type { ConsoleOptions } from "./console";
 import type { MeshHooks } from "./mesh";
 import { Metrics } from "./metrics";
 import type { ServedModel } from "./model";
@@ -26,6 +27,8 @@ export interface ServerOptions {
   responseStoreBytes?: number;
   /** Session expiry and count bound (defaults: SESSION_DEFAULTS). */
   sessions?: Partial<SessionStoreOptions>;
+  /** The web console (default: served, as on a loopback listener). */
+  console?: ConsoleOptions;
 }
 
 /** A running server. */
@@ -50,6 +53,7 @@ export function startServer(o: ServerOptions): RunningServer {
     logger: o.logger,
     metrics: new Metrics(),
     mesh: o.mesh,
+    ...(o.console ? { console: o.console } : {}),
     ...(o.responseStoreBytes !== undefined ? { responseStore: new ResponseStore(o.responseStoreBytes) } : {}),
   });
   // idleTimeout: a client that sends headers and stalls is dropped after this

@@ -4,6 +4,7 @@
 
 import type { Logger } from "../log";
 import { DEFAULT_AUTHORITY, MeshAuthority, meshKeys } from "../mesh/auth";
+import { readLimited } from "../mesh/body";
 import { MeshClient } from "../mesh/client";
 import type { Identity } from "../mesh/identity";
 import type { MeshCredentials } from "../mesh/invite";
@@ -91,6 +92,8 @@ export class MeshNode {
       router: this.router,
       keyer: new RouteKeyer(o.creds.secret),
       figures: () => (this.core ? { mesh: this.core.stats(), forwarding: forwarder.stats(), routing: this.routingReport() } : null),
+      peerGet: (addr, path, timeoutMs) => peerGet(client, addr, path, timeoutMs),
+      syncPeers: () => this.routeSync?.peerStates() ?? [],
       service: {
         nodeId: () => o.identity.id,
         workers: () => this.liveWorkers().map((e) => e.info),
@@ -331,6 +334,24 @@ function nodeDevices(ws: WorkerInfo[]): WorkerDevice[] {
   const byName = new Map<string, WorkerDevice>();
   for (const w of ws) for (const d of w.devices ?? []) if (!byName.has(d.name)) byName.set(d.name, d);
   return [...byName.values()];
+}
+
+// A peer's console figures are a few KiB; anything much larger is not what was asked for.
+const MAX_PEER_JSON = 1024 * 1024;
+
+/** GET `path` of the member at `addr` with mesh credentials: its JSON, or null on any failure. */
+async function peerGet(client: MeshClient, addr: string, path: string, timeoutMs: number): Promise<unknown> {
+  try {
+    const { response } = await client.send(addr, "GET", path, new Uint8Array(), { signal: AbortSignal.timeout(timeoutMs) });
+    if (response.status !== 200) {
+      await response.body?.cancel();
+      return null;
+    }
+    const bytes = await readLimited(response.body, MAX_PEER_JSON);
+    return bytes ? (JSON.parse(new TextDecoder().decode(bytes)) as unknown) : null;
+  } catch {
+    return null;
+  }
 }
 
 /** A model's load figures for its worker record. */

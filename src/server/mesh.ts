@@ -2,11 +2,13 @@
 // OpenAI routes answer for models served elsewhere.
 import type { WorkerDevice, WorkerInfo } from "../mesh/wire";
 import type { Decision, RouteKey, RouteKeyer, Router } from "../routing";
+import type { PeerSyncState } from "../routing/sync";
 import { ApiError, badRequest } from "./errors";
 import { ForwardError, type Forwarder, type ForwardShape } from "./forward";
 import type { MeshGate } from "./mesh-gate";
 import type { MeshFigures } from "./mesh-metrics";
 import type { MeshService } from "./mesh-routes";
+import type { RunReport } from "./openai/run";
 
 /** The mesh as the app sees it; absent when the node runs alone. */
 export interface MeshHooks {
@@ -25,6 +27,10 @@ export interface MeshHooks {
   apiKeyRequired: boolean;
   /** Figures for /metrics; null before the node has joined. */
   figures(): MeshFigures | null;
+  /** GET `path` of the member at `addr` with mesh credentials; its JSON, or null (the console reads peers' /api/node). */
+  peerGet?(addr: string, path: string, timeoutMs: number): Promise<unknown>;
+  /** The routing index sync's state per peer (the console's freshness view). */
+  syncPeers?(): PeerSyncState[];
 }
 
 const rawBodies = new WeakMap<Request, Uint8Array>();
@@ -51,21 +57,32 @@ export interface ForwardAs {
 }
 
 /** Response headers that tell where a request ran and why. */
-export const ROUTE_HEADER = { servedBy: "x-mesh-served-by", route: "x-mesh-route" } as const;
+export const ROUTE_HEADER = { servedBy: "x-mesh-served-by", node: "x-mesh-node", route: "x-mesh-route" } as const;
 
 /**
- * Where each generating request ran and why, as response headers, errors included: `x-mesh-served-by`
- * (the node that ran it: this one, or as the peer said) and `x-mesh-route` (this node's decision:
- * cache, load, only; local when it came from a peer or no choice was made).
+ * Where each generating request ran and why, as response headers, errors included: `x-mesh-node` and
+ * `x-mesh-served-by` (the node that ran it: this one, or as the peer said) and `x-mesh-route` (this
+ * node's decision, routeLabel: cache, load; local when it came from a peer or no choice was made).
  */
 export const routeLabels = new WeakMap<Request, Record<string, string>>();
 
 function label(request: Request, route: string, servedBy: string | null): void {
-  routeLabels.set(request, { [ROUTE_HEADER.route]: route, ...(servedBy ? { [ROUTE_HEADER.servedBy]: servedBy } : {}) });
+  const by: Record<string, string> = servedBy ? { [ROUTE_HEADER.servedBy]: servedBy, [ROUTE_HEADER.node]: servedBy } : {};
+  routeLabels.set(request, { [ROUTE_HEADER.route]: route, ...by });
+}
+
+/**
+ * The x-mesh-route of a decision: cache or load (what won); a decision without a contest (one node
+ * serves the model) is local when that node is this one, else load.
+ */
+export function routeLabel(d: Decision | null): string {
+  if (!d) return "local";
+  if (d.reason === "only") return d.target.local ? "local" : "load";
+  return d.reason;
 }
 /** How a generating request is answered: by a peer (its response, relayed), or here, with its key for the engine's marks. */
 export type Route =
-  | { kind: "peer"; response: Response; decision: Decision }
+  | { kind: "peer"; response: Response; decision: Decision; key: RouteKey }
   | { kind: "here"; key: RouteKey | null; decision: Decision | null; routing: LocalRouting | null };
 
 /** What a local run needs for routing: the key its marks come from, and where to report. */
@@ -75,6 +92,8 @@ export interface LocalRouting {
   router: Router;
   /** This node's worker for the model, counted as busy while the request runs. */
   workerId: string | null;
+  /** Told what the run showed when it finishes (the console's request record). */
+  onReport?: (r: RunReport) => void;
 }
 
 /**
@@ -123,7 +142,7 @@ export async function routeRequest(
     return { kind: "here", key: k, decision: null, routing: local() };
   }
   const decision = mesh.router.decide(model, k, name);
-  label(request, decision?.reason ?? "local", decision === null || decision.target.local ? self : null);
+  label(request, routeLabel(decision), decision === null || decision.target.local ? self : null);
   if (!decision) {
     // Served somewhere, but nowhere ready yet: say so rather than "does not exist".
     // (Served here, the local path answers: it runs, or says the model is still loading.)
@@ -138,10 +157,10 @@ export async function routeRequest(
   // The conversation's lease follows where it really ran, not where routing first sent it.
   if (ranOn && ranOn !== decision.target.worker.nodeId) mesh.router.lease(k, ranOn);
   if (answer === null) {
-    label(request, decision.reason, self);
+    label(request, routeLabel(decision), self);
     return { kind: "here", key: k, decision, routing: local() };
   }
-  return { kind: "peer", response: answer.response, decision };
+  return { kind: "peer", response: answer.response, decision, key: k };
 }
 
 /** Served somewhere, but nowhere ready yet: say so (503) rather than "does not exist". */

@@ -85,6 +85,8 @@ describe("mesh command line", () => {
       [["frobnicate"], "unknown command"],
       [["serve", "--api-key", ""], "must not be empty"],
       [["serve", "--api-key-file", join(dir, "empty-keys")], "holds no keys"],
+      [["serve", "--console", "everyone"], "--console"],
+      [["serve", "--console"], "--console"],
     ];
     for (const [args, needle] of cases) {
       const r = mesh(args);

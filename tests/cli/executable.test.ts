@@ -9,9 +9,9 @@ import type { KvPressureReport } from "../../src/bench/kv-pressure";
 let work: string;
 let built: string;
 
-beforeAll(() => {
+beforeAll(async () => {
   work = mkdtempSync(join(tmpdir(), "mesh-exe-"));
-  built = compileExecutable({ variant: "cpu", portable: false, withLlamaServer: false, jobs: cpus().length }, join(work, "dist"));
+  built = await compileExecutable({ variant: "cpu", portable: false, withLlamaServer: false, jobs: cpus().length }, join(work, "dist"));
 });
 
 afterAll(() => {
@@ -72,6 +72,14 @@ test("compiled_executable_serves_the_demo_model_from_an_empty_directory", async 
     const client = new OpenAI({ baseURL: `${url}/v1`, apiKey: "x", maxRetries: 0 });
     const r = await client.chat.completions.create({ model: "mesh-tiny", messages: [{ role: "user", content: "hi" }], max_tokens: 3 });
     expect(r.usage?.completion_tokens).toBe(3);
+    // The console page is inside the file: served from an empty directory, with nothing to fetch elsewhere.
+    const page = await fetch(`${url}/`);
+    expect(page.status).toBe(200);
+    expect(page.headers.get("x-mesh-node")).toBeString();
+    const html = await page.text();
+    expect(html).toContain("<title>mesh console</title>");
+    expect(html).toContain(".uplot"); // the chart library's styles, inline
+    expect(html).not.toMatch(/<script[^>]+src=|<link[^>]+href=/);
     proc.kill("SIGTERM");
     expect(await proc.exited).toBe(0);
     // The native library went to the user's cache dir, not the working directory.

@@ -134,3 +134,23 @@ describe("routing index", () => {
     expect(idx.model("m2").match(hashes("p", 2))).toEqual([]);
   });
 });
+
+describe("routing index summary", () => {
+  test("counts_prefixes_by_length_age_and_holder_and_lists_the_most_recent_as_hashes", () => {
+    const m = new ModelIndex();
+    const chain = Array.from({ length: 20 }, (_, i) => [`h${i}`, i === 0 ? null : `h${i - 1}`] as const);
+    m.insertPath("a", chain);
+    m.insertPath("b", chain.slice(0, 3));
+    const s = m.summary(5, Date.now() + 30_000);
+    expect(s.entries).toBe(20);
+    // 1 | 2-3 | 4-7 | 8-15 | 16+ blocks
+    expect(s.byDepth).toEqual([1, 2, 4, 8, 5]);
+    // all learnt 30 s "ago": between 10 s and 1 min
+    expect(s.byAge).toEqual([0, 20, 0, 0]);
+    expect(s.byHolder).toEqual({ a: 20, b: 3 });
+    expect(s.recent).toHaveLength(5);
+    // insertPath touches leaf first, so the root is the most recently used
+    expect(s.recent[0]).toMatchObject({ hash: "h0", depth: 1 });
+    expect(s.recent[0]?.holders.sort()).toEqual(["a", "b"]);
+  });
+});

@@ -115,7 +115,8 @@ describe("routing through the app", () => {
       }),
     );
     expect(r.status).toBe(404);
-    expect(r.headers.get("x-mesh-route")).toBe("only");
+    // A single candidate elsewhere: no contest, sent where the model is (x-mesh-route names local, cache, load or split).
+    expect(r.headers.get("x-mesh-route")).toBe("load");
   });
 
   test("the_lease_follows_the_node_that_really_ran_the_request", async () => {
@@ -136,7 +137,8 @@ describe("routing through the app", () => {
     const r = await post(chat);
     expect(r.status).toBe(429);
     expect(r.headers.get("x-mesh-served-by")).toBe(SELF);
-    expect(r.headers.get("x-mesh-route")).toBe("only");
+    expect(r.headers.get("x-mesh-node")).toBe(SELF);
+    expect(r.headers.get("x-mesh-route")).toBe("local");
   });
 
   test("a_request_while_this_nodes_own_worker_record_still_says_loading_runs_here_regression_503", async () => {

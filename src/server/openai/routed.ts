@@ -59,7 +59,7 @@ export class RoutedRun {
         if (this.started && worker) r.router.end(worker);
         this.started = false;
       },
-      onDone: (x) =>
+      onDone: (x) => {
         r.router.observe(this.modelId, {
           chars: r.key.chars,
           truncated: r.key.truncated,
@@ -67,7 +67,9 @@ export class RoutedRun {
           cachedTokens: x.cachedTokens,
           prefillMs: x.firstTokenAt - x.admittedAt,
           serviceMs: x.endedAt - x.admittedAt,
-        }),
+        });
+        r.onReport?.(x);
+      },
     };
   }
 
