@@ -5,6 +5,7 @@ import { cpus } from "node:os";
 import { CHECKPOINT_DEFAULTS } from "./checkpoints";
 import { readModelShape } from "./devices";
 import { EngineError } from "./errors";
+import { hostLedgerBytes } from "./host-ledger";
 import { engineWorkerUrl, findBackendLibs, findNativeLib } from "./library";
 import {
   CONTROL_ABORT,
@@ -17,6 +18,7 @@ import {
   type ModelInfo,
   type NativeHandles,
   type PrefixMark,
+  type ReapReport,
   type SamplingOptions,
   type TenancyDelta,
   TOP_LOGPROBS_MAX,
@@ -190,7 +192,8 @@ export class Engine implements EngineLike {
   private readonly tenancy = new TenancyFeed();
   private readonly failureListeners: Array<(e: EngineError) => void> = [];
   /** The library and native handles of the loaded model, for freeing them if the Worker dies. */
-  private native: { libPath: string; handles: NativeHandles } | null = null;
+  private native: { libPath: string; handles: NativeHandles; hostLedger: SharedArrayBuffer } | null = null;
+  private reaped: ReapReport | null = null;
   private freed = false;
   private reaping = false;
   private workerGone = false;
@@ -280,6 +283,7 @@ export class Engine implements EngineLike {
     const maxInFlight = opts.maxInFlight ?? Math.max(1024, 2 * (options.queueCapacity + nParallel));
     const progress = new SharedArrayBuffer(4);
     const control = new SharedArrayBuffer(4 * (CONTROL_FLAGS_OFFSET + maxInFlight));
+    const hostLedger = new SharedArrayBuffer(hostLedgerBytes());
     const worker = new Worker(engineWorkerUrl());
     const progressView = new Float32Array(progress);
     let last = -1;
@@ -300,12 +304,12 @@ export class Engine implements EngineLike {
           else if (m.type === "load_failed") reject(EngineError.from(m.error));
         };
         worker.onerror = (e) => reject(new EngineError("model_load_failed", `engine worker failed: ${e.message}`));
-        const msg: ToWorker = { type: "load", libPath, options, progress, control, logLevel: opts.logLevel ?? 4 };
+        const msg: ToWorker = { type: "load", libPath, options, progress, control, hostLedger, logLevel: opts.logLevel ?? 4 };
         worker.postMessage(msg);
       });
       if (last !== 1) opts.onProgress?.(1);
       const engine = new Engine(worker, info, control, maxInFlight, opts.defaultReserveOutput ?? QUEUE_DEFAULTS.reserveOutput);
-      engine.native = { libPath, handles };
+      engine.native = { libPath, handles, hostLedger };
       return engine;
     } catch (e) {
       worker.terminate();
@@ -484,6 +488,11 @@ export class Engine implements EngineLike {
     }
   }
 
+  /** What the reaper freed of a dead Worker's host-RAM buffers; null unless a reaper ran. */
+  reapReport(): ReapReport | null {
+    return this.reaped;
+  }
+
   /** Settles once what the Worker held natively is freed: by the Worker on close(), or by a reaper after it died. */
   whenReleased(): Promise<void> {
     return this.released;
@@ -503,10 +512,13 @@ export class Engine implements EngineLike {
         this.onReleased();
       };
       reaper.onmessage = (e: MessageEvent<FromWorker>) => {
-        if (e.data.type === "reaped") done();
+        if (e.data.type === "reaped") {
+          this.reaped = e.data.report;
+          done();
+        }
       };
       reaper.onerror = done;
-      reaper.postMessage({ type: "reap", libPath: n.libPath, handles: n.handles } satisfies ToWorker);
+      reaper.postMessage({ type: "reap", libPath: n.libPath, handles: n.handles, hostLedger: n.hostLedger } satisfies ToWorker);
     };
     if (this.workerGone) start();
     else this.worker.addEventListener("close", start, { once: true });

@@ -218,7 +218,16 @@ export type TokenEvent =
   | { id: number; kind: "error"; error: EngineErrorValue };
 
 export type ToWorker =
-  | { type: "load"; libPath: string; options: LoadOptions; progress: SharedArrayBuffer; control: SharedArrayBuffer; logLevel: number }
+  | {
+      type: "load";
+      libPath: string;
+      options: LoadOptions;
+      progress: SharedArrayBuffer;
+      control: SharedArrayBuffer;
+      /** Where the Worker records its host-RAM buffers, so a reaper can free them if it dies (host-ledger.ts). */
+      hostLedger: SharedArrayBuffer;
+      logLevel: number;
+    }
   | { type: "tokenize"; rid: number; text: string; addSpecial: boolean; parseSpecial: boolean }
   /** `special`: render control tokens as their text (as llama-server's /detokenize does); otherwise they render as nothing. */
   | { type: "detokenize"; rid: number; tokens: number[]; special?: boolean }
@@ -235,7 +244,7 @@ export type ToWorker =
   | { type: "release_checkpoints"; keys: string[] }
   | { type: "shutdown" }
   /** Sent to a fresh Worker after the engine's own one died: free the model and context it left behind. */
-  | { type: "reap"; libPath: string; handles: NativeHandles };
+  | { type: "reap"; libPath: string; handles: NativeHandles; hostLedger: SharedArrayBuffer };
 
 /** Addresses of what a loaded engine holds natively (so a dead Worker's leftovers can be freed by another). */
 export interface NativeHandles {
@@ -252,7 +261,14 @@ export type FromWorker =
   /** Held marks changed; one per loop iteration at most, never empty. */
   | { type: "tenancy"; delta: TenancyDelta }
   | { type: "closed" }
-  | { type: "reaped" };
+  | { type: "reaped"; report: ReapReport };
+
+/** What a reaper freed of a dead Worker's host-RAM buffers (untracked: never recorded, the ledger was full). */
+export interface ReapReport {
+  hostBuffers: number;
+  hostBytes: number;
+  untracked: number;
+}
 
 /** Layout of the control SharedArrayBuffer: [0] abort-decode flag, then one cancel flag per in-flight request. */
 export const CONTROL_ABORT = 0;

@@ -4,6 +4,7 @@
 import type { Pointer } from "bun:ffi";
 import { type CheckpointStore, openCheckpoints } from "./checkpoints";
 import type { EngineErrorValue } from "./errors";
+import { HostLedger, readHostLedger, trackHostBuffers } from "./host-ledger";
 import { openNative } from "./native";
 import { closeModel, type OpenedModel, openModel, schedulerDeps } from "./open";
 import { CONTROL_FLAGS_OFFSET, type FromWorker, type LoadOptions, type NativeHandles, type TokenEvent, type ToWorker } from "./protocol";
@@ -21,7 +22,14 @@ const inbox: ToWorker[] = [];
 
 const post = (m: FromWorker) => self.postMessage(m);
 
-function load(libPath: string, o: LoadOptions, progress: SharedArrayBuffer, ctl: SharedArrayBuffer, logLevel: number): void {
+function load(
+  libPath: string,
+  o: LoadOptions,
+  progress: SharedArrayBuffer,
+  ctl: SharedArrayBuffer,
+  hostLedger: SharedArrayBuffer,
+  logLevel: number,
+): void {
   const control = new Int32Array(ctl);
   const m = openModel(libPath, o, new Float32Array(progress), control, logLevel);
   if (!("ctx" in m)) {
@@ -30,16 +38,24 @@ function load(libPath: string, o: LoadOptions, progress: SharedArrayBuffer, ctl:
   }
   opened = m;
   checkpoints = openCheckpoints(m.info, o);
-  scheduler = new Scheduler({ ...schedulerDeps(m, o, control, CONTROL_FLAGS_OFFSET), checkpoints });
+  // Host buffers are allocated and freed through the ledger, so a reaper can free them if this Worker dies.
+  const tracked = { ...m, native: trackHostBuffers(m.native, new HostLedger(hostLedger)) };
+  scheduler = new Scheduler({ ...schedulerDeps(tracked, o, control, CONTROL_FLAGS_OFFSET), checkpoints });
   post({ type: "loaded", info: m.info, handles: { model: Number(m.model), ctx: Number(m.ctx) } });
 }
 
 // This Worker was started only to free what a dead one left: the context (and its thread pools) and the model.
-function reap(libPath: string, h: NativeHandles): void {
+function reap(libPath: string, h: NativeHandles, hostLedger: SharedArrayBuffer): void {
   const n = openNative(libPath);
+  const { buffers, untracked } = readHostLedger(hostLedger);
+  let hostBytes = 0;
+  for (const b of buffers) {
+    n.mesh_host_free(b.ptr as Pointer, b.size);
+    hostBytes += b.size;
+  }
   n.mesh_context_free(h.ctx as Pointer);
   n.mesh_model_free(h.model as Pointer);
-  post({ type: "reaped" });
+  post({ type: "reaped", report: { hostBuffers: buffers.length, hostBytes, untracked } });
 }
 
 function tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): number[] {
@@ -138,13 +154,13 @@ function badRequest(message: string): EngineErrorValue {
 function handle(m: ToWorker, events: TokenEvent[]): void {
   switch (m.type) {
     case "load":
-      load(m.libPath, m.options, m.progress, m.control, m.logLevel);
+      load(m.libPath, m.options, m.progress, m.control, m.hostLedger, m.logLevel);
       return;
     case "shutdown":
       closing = true;
       return;
     case "reap":
-      reap(m.libPath, m.handles);
+      reap(m.libPath, m.handles, m.hostLedger);
       return;
   }
   if (!scheduler) {

@@ -1,8 +1,9 @@
 // An engine Worker that dies without close() (a crash, or force-terminated when stuck): every caller
 // settles with an error, and the served model reports itself failed instead of taking more requests.
 import { describe, expect, test } from "bun:test";
-import { readdirSync } from "node:fs";
-import { type Engine, EngineError } from "../../src/engine/index";
+import { readdirSync, readFileSync } from "node:fs";
+import { readHostLedger } from "../../src/engine/host-ledger";
+import { collect, Engine, EngineError } from "../../src/engine/index";
 import { ServedModel } from "../../src/server/model";
 import { tinyModel } from "../helpers/model";
 
@@ -53,5 +54,40 @@ describe("an engine worker that dies", () => {
     while (threads() > loaded - 3 && Date.now() < deadline) await Bun.sleep(50);
     expect(threads()).toBeLessThanOrEqual(loaded - 3);
     expect(model.status).toBe("failed");
+  }, 120_000);
+
+  test("a_force_terminated_worker_s_host_ram_kv_copies_are_freed_by_the_reaper", async () => {
+    const engine = await Engine.load({ modelPath: await tinyModel(), threads: 1, nCtx: 2048, nParallel: 1, hostCacheMiB: 64 });
+    // One slot, two conversations: the first one's KV is copied to host RAM when the second takes the slot.
+    const prompt = (seed: number) => Array.from({ length: 120 }, (_, i) => 100 + ((seed * 7919 + i * 104729) % 20000));
+    const greedy = { temperature: 0 };
+    await collect(engine.generate({ prompt: prompt(1), maxTokens: 4, sampling: greedy, ignoreEos: true }));
+    await collect(engine.generate({ prompt: prompt(2), maxTokens: 4, sampling: greedy, ignoreEos: true }));
+    const deadline = Date.now() + 30_000;
+    while ((await engine.stats()).hostCacheEntries < 1 && Date.now() < deadline) await Bun.sleep(20);
+    const held = (await engine.stats()).hostCacheEntries;
+    expect(held).toBeGreaterThanOrEqual(1);
+    // The ledger the Worker keeps in shared memory names the same buffers the host tier holds, as live mappings.
+    const ledger = (engine as unknown as { native: { hostLedger: SharedArrayBuffer } }).native.hostLedger;
+    const { buffers } = readHostLedger(ledger);
+    expect(buffers.length).toBe(held);
+    const mapped = () =>
+      new Set(
+        readFileSync("/proc/self/maps", "utf8")
+          .split("\n")
+          .map((l) => l.split("-")[0]),
+      );
+    const hex = (p: number) => p.toString(16);
+    for (const b of buffers) expect(mapped().has(hex(b.ptr))).toBe(true);
+    (engine as unknown as { worker: Worker }).worker.terminate();
+    await engine.whenReleased();
+    // Without the ledger these mappings stayed for the life of the process (nothing else knew their addresses).
+    expect(engine.reapReport()).toEqual({
+      hostBuffers: held,
+      hostBytes: buffers.reduce((n, b) => n + b.size, 0),
+      untracked: 0,
+    });
+    const after = mapped();
+    for (const b of buffers) expect(after.has(hex(b.ptr))).toBe(false);
   }, 120_000);
 });
