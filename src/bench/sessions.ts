@@ -10,7 +10,7 @@
 // slots (one POST /slots/{id}?action=restore per slot) before its sibling is
 // sent there; TTFT counts from the fan-out's start, restores included.
 //
-//   bun run src/bench/sessions.ts [--model bench|tiny|PATH] [--history 4096] [--fanout 8] [--threads N] [--repeats 1] [--llama-server [--llama-server-path PATH]]
+//   bun run src/bench/sessions.ts [--model bench|tiny|PATH] [--history 4096] [--fanout 8] [--threads N] [--repeats 1] [--modes checkpoints,none] [--llama-server [--llama-server-path PATH]]
 import { execSync } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { cpus, tmpdir } from "node:os";
@@ -244,8 +244,17 @@ export async function main(argv: string[]): Promise<void> {
       json: { type: "boolean" },
       "llama-server": { type: "boolean" },
       "llama-server-path": { type: "string" },
+      modes: { type: "string" },
     },
   });
+  // `none` prefills the whole history eight times over: minutes on 2 cores, so a run can leave it out.
+  const modes = (values.modes ?? "checkpoints,none").split(",").map((m) => m.trim());
+  for (const m of modes) {
+    if (m !== "checkpoints" && m !== "none") {
+      process.stderr.write(`sessions bench: --modes takes checkpoints and/or none, not '${m}'\n`);
+      process.exit(2);
+    }
+  }
   const model = values.model ?? "bench";
   const modelPath = model === "bench" ? await ensureModel(BENCH) : model === "tiny" ? await ensureModel(TINY) : model;
   const o = {
@@ -265,6 +274,7 @@ export async function main(argv: string[]): Promise<void> {
     throw new Error(`no llama-server at ${llama}: run 'bun run build.ts native --with-llama-server'`);
   for (let r = 0; r < repeats; r++) {
     for (const mode of ["checkpoints", "none"] as const) {
+      if (!modes.includes(mode)) continue;
       process.stderr.write(`repeat ${r + 1}/${repeats}: ${mode}\n`);
       done(await measure(modelPath, mode, r, o));
     }
