@@ -4,6 +4,7 @@
 // suffix) is measured clean (right after the prefix was computed) and dirty
 // (after other streams decoded in the pool in between), on every target.
 import type { TtftPhases } from "../engine/protocol";
+import { sseLines } from "./sse";
 import { median, pairedRatio } from "./stats";
 
 /** One prompt of the table, as token ids (engine-level targets) and as text (HTTP targets). */
@@ -249,32 +250,17 @@ export function httpTarget(name: string, url: string, model: string): TableTarge
         keepalive: false,
       });
       if (!res.ok || !res.body) throw new Error(`${name} answered ${res.status}: ${(await res.text()).slice(0, 300)}`);
-      const reader = res.body.getReader();
-      const decoder = new TextDecoder();
-      let buf = "";
       let first = -1;
       let cached = 0;
       let end = start;
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        const now = performance.now();
-        end = now;
-        buf += decoder.decode(value, { stream: true });
-        let nl = buf.indexOf("\n");
-        while (nl >= 0) {
-          const line = buf.slice(0, nl).trim();
-          buf = buf.slice(nl + 1);
-          nl = buf.indexOf("\n");
-          if (!line.startsWith("data:")) continue;
-          const payload = line.slice(5).trim();
-          if (payload === "[DONE]") continue;
-          const chunk = JSON.parse(payload) as OaiChunk;
-          if (chunk.error) throw new Error(`${name}: ${typeof chunk.error === "string" ? chunk.error : (chunk.error.message ?? payload)}`);
-          if (first < 0 && (chunk.choices?.[0]?.text ?? "") !== "") first = now;
-          const c = chunk.usage?.prompt_tokens_details?.cached_tokens ?? chunk.timings?.cache_n;
-          if (typeof c === "number") cached = c;
-        }
+      for await (const { field, payload, at } of sseLines(res.body)) {
+        end = at;
+        if (field !== "data" || payload === "[DONE]") continue;
+        const chunk = JSON.parse(payload) as OaiChunk;
+        if (chunk.error) throw new Error(`${name}: ${typeof chunk.error === "string" ? chunk.error : (chunk.error.message ?? payload)}`);
+        if (first < 0 && (chunk.choices?.[0]?.text ?? "") !== "") first = at;
+        const c = chunk.usage?.prompt_tokens_details?.cached_tokens ?? chunk.timings?.cache_n;
+        if (typeof c === "number") cached = c;
       }
       // A first token without text (an end-of-generation token) is seen only when the stream ends.
       return { ttftMs: (first < 0 ? end : first) - start, cachedTokens: cached };
