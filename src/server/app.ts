@@ -28,6 +28,7 @@ import type { ServedModel } from "./model";
 import { chatCompletion, checkChatBody } from "./openai/chat";
 import { checkCompletionBody, completion } from "./openai/completions";
 import { ChatBody, type ChatBodyT, CompletionBody } from "./openai/schema";
+import { inputParamOfRelayed } from "./responses/relayed";
 import { chatEventsOf, forwardedChatBody } from "./responses/remote";
 import { answerResponse, remoteStart, runResponse } from "./responses/responses";
 import { ResponsesBody } from "./responses/schema";
@@ -108,7 +109,9 @@ function keyChecker(keys: string[]): (headers: Headers) => boolean {
 }
 
 /** Put a request's routing labels (routeLabels) on its answer: a Response's headers, or Elysia's for an object. */
-function labelled<T>(result: T, request: Request, set: { headers: Record<string, string | number> }): T {
+function labelled<T>(result: T, request: Request, set: { headers: Record<string, string | number>; status?: number | string }): T {
+  // A relayed peer answer (an error included) is sent with its own status: request metrics and logs read set.status.
+  if (result instanceof Response) set.status = result.status;
   const labels = routeLabels.get(request);
   if (!labels) return result;
   if (result instanceof Response) for (const [k, v] of Object.entries(labels)) result.headers.set(k, v);
@@ -433,7 +436,7 @@ export function createApp(o: AppOptions) {
         const route = await traced(request, "/v1/responses", chat.model, body.stream, routed);
         if (route.kind === "peer") {
           // A refusal (429, 413, a 400 of the peer's) is relayed as it is: OpenAI's error shape, as here.
-          if (route.response.status !== 200) return answered(route.response, request, set);
+          if (route.response.status !== 200) return answered(await inputParamOfRelayed(route.response), request, set);
           const served = route.response.headers.get(ROUTE_HEADER.servedBy);
           const servedHeaders: Record<string, string> = served ? { [ROUTE_HEADER.servedBy]: served, [ROUTE_HEADER.node]: served } : {};
           const start = remoteStart(request.signal);

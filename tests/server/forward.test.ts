@@ -153,6 +153,30 @@ describe("forwarding to the peer that serves the model", () => {
     expect(((await res.json()) as { error: { param: string } }).error.param).toBe("n");
   });
 
+  test("a_relayed_responses_error_names_input_and_is_counted_under_its_own_status_in_request_metrics", async () => {
+    workers = [onB()];
+    const metric = 'mesh_http_requests_total{route="/v1/responses",status="400"}';
+    const count = async () => {
+      const text = await (await fetch(`${a.url}/metrics`, { headers: { authorization: "Bearer ka" } })).text();
+      const line = text.split("\n").find((l) => l.startsWith(`${metric} `));
+      return line ? Number(line.slice(metric.length + 1)) : 0;
+    };
+    const before = await count();
+    const res = await fetch(`${a.url}/v1/responses`, {
+      method: "POST",
+      headers: { authorization: "Bearer ka", "content-type": "application/json" },
+      body: JSON.stringify({ model: "mesh-tiny", input: "word ".repeat(9000) }),
+    });
+    expect(res.status).toBe(400);
+    // B refused the chat request it was sent; on /v1/responses the prompt is `input`, as a local refusal names it.
+    expect(((await res.json()) as { error: { param: string; code: string } }).error).toMatchObject({
+      param: "input",
+      code: "context_length_exceeded",
+    });
+    // onAfterResponse runs once the answer is sent; the next /metrics read comes after it.
+    expect(await count()).toBe(before + 1);
+  });
+
   test("the_inference_key_of_the_first_node_is_still_required_and_the_peers_is_not_needed", async () => {
     workers = [onB()];
     const refused = await clientA("wrong")
