@@ -147,6 +147,11 @@ function invalidTokens(tokens: unknown): string | null {
   return null;
 }
 
+/** The strings of a message's key list (anything else is ignored). */
+function stringsOf(keys: unknown): string[] {
+  return Array.isArray(keys) ? keys.filter((k): k is string => typeof k === "string") : [];
+}
+
 function badRequest(message: string): EngineErrorValue {
   return { code: "invalid_request", message };
 }
@@ -202,6 +207,25 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
     case "release_checkpoints":
       if (Array.isArray(m.keys)) checkpoints?.release(m.keys.filter((k) => typeof k === "string"));
       return;
+    case "checkpoint_describe":
+      post({ type: "reply", rid: m.rid, value: checkpoints?.describe(stringsOf(m.keys)) ?? [] });
+      return;
+    case "checkpoint_has":
+      post({ type: "reply", rid: m.rid, value: checkpoints?.has(stringsOf(m.keys)) ?? [] });
+      return;
+    case "checkpoint_export":
+      post({ type: "reply", rid: m.rid, value: typeof m.key === "string" ? (checkpoints?.exportBlob(m.key) ?? null) : null });
+      return;
+    case "checkpoint_import": {
+      const ok = m.blob instanceof Uint8Array && typeof m.hash === "string";
+      const value = !checkpoints
+        ? { ok: false, code: "disabled" }
+        : ok
+          ? checkpoints.importBlob(m.blob, m.hash)
+          : { ok: false, code: "corrupt" };
+      post({ type: "reply", rid: m.rid, value });
+      return;
+    }
     case "generate": {
       const p = m.request.prompt;
       const bad = typeof p === "string" ? null : invalidTokens(p);
