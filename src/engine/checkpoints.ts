@@ -159,6 +159,11 @@ export class CheckpointStore {
     if (this.dir) this.scan(this.dir);
   }
 
+  /** The portable fingerprint its blobs carry (null: it neither exports nor imports). */
+  get portable(): string | null {
+    return this.o.portable ?? null;
+  }
+
   /** False when both budgets are 0. */
   get enabled(): boolean {
     return this.o.ramBytes > 0 || this.dir !== null;

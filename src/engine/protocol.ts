@@ -146,6 +146,8 @@ export interface ModelInfo {
   devices: DeviceInfo[];
   /** Layers on GPUs and why. */
   offload: Offload;
+  /** The portable fingerprint session checkpoints of this model carry between nodes; absent without checkpoints. */
+  checkpointFingerprint?: string;
 }
 
 /** Engine load at a moment, plus the scheduler's cumulative counters. */

@@ -41,7 +41,9 @@ function load(
   // Host buffers are allocated and freed through the ledger, so a reaper can free them if this Worker dies.
   const tracked = { ...m, native: trackHostBuffers(m.native, new HostLedger(hostLedger)) };
   scheduler = new Scheduler({ ...schedulerDeps(tracked, o, control, CONTROL_FLAGS_OFFSET), checkpoints });
-  post({ type: "loaded", info: m.info, handles: { model: Number(m.model), ctx: Number(m.ctx) } });
+  // Peers compare it before fetching one of this model's checkpoints (hydration).
+  const info = checkpoints?.portable ? { ...m.info, checkpointFingerprint: checkpoints.portable } : m.info;
+  post({ type: "loaded", info, handles: { model: Number(m.model), ctx: Number(m.ctx) } });
 }
 
 // This Worker was started only to free what a dead one left: the context (and its thread pools) and the model.

@@ -2,6 +2,7 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import { hostname } from "node:os";
 import { Elysia, type TSchema } from "elysia";
+import type { CheckpointHydrator } from "../hydration/checkpoints";
 import type { Logger } from "../log";
 import { anthropicMessages, checkCountTokensBody, checkMessagesBody, countTokens } from "./anthropic/messages";
 import { CountTokensBody, MessagesBody } from "./anthropic/schema";
@@ -21,6 +22,7 @@ import {
   routeLabels,
   routeRequest,
 } from "./mesh";
+import { meshCheckpointRoutes } from "./mesh-checkpoints";
 import { renderMeshMetrics } from "./mesh-metrics";
 import { meshRoutes } from "./mesh-routes";
 import type { GaugeValues, Metrics } from "./metrics";
@@ -53,6 +55,8 @@ export interface AppOptions {
   sessions?: SessionService;
   /** The console (GET / and its admin API); default: served, as on a loopback listener. */
   console?: ConsoleOptions;
+  /** Session checkpoints pulled from peers (mesh only): a session routed here fetches its checkpoint first. */
+  hydration?: CheckpointHydrator;
 }
 
 const ROUTES = new Set([
@@ -359,7 +363,8 @@ export function createApp(o: AppOptions) {
       set.headers["content-type"] = "text/plain; version=0.0.4";
       const text = o.metrics.render(await gauges()) + renderDeviceMetrics(o.models);
       const mesh = o.mesh?.figures();
-      return mesh ? `${text}${renderMeshMetrics(mesh)}\n` : text;
+      const hydration = o.hydration ? `${o.hydration.renderMetrics()}\n` : "";
+      return mesh ? `${text}${renderMeshMetrics(mesh)}\n${hydration}` : text;
     })
     .post(
       "/v1/chat/completions",
@@ -367,8 +372,13 @@ export function createApp(o: AppOptions) {
         checkChatBody(body);
         const sessionId = sessionIdOf(request, body);
         if (sessionId !== null) sessions.store.check(sessionId);
-        // Affinity: a session this node holds runs here, next to its checkpoints.
-        const held = sessionId !== null && sessions.store.peek(sessionId) !== undefined;
+        // Affinity: a session this node holds runs here, next to its checkpoints. One routed here whose
+        // checkpoint a peer holds runs here too, once the priority lane brought the checkpoint over.
+        let held = sessionId !== null && sessions.store.peek(sessionId) !== undefined;
+        if (!held && sessionId !== null && o.hydration) {
+          const { id, here } = resolve(body.model);
+          if (here) held = await o.hydration.prepare(sessionId, id);
+        }
         const route = await traced(
           request,
           "/v1/chat/completions",
@@ -475,7 +485,12 @@ export function createApp(o: AppOptions) {
       bodyOf(CountTokensBody),
     )
     .get("/v1/sessions", () => sessions.list())
-    .get("/v1/sessions/:id", ({ params }) => sessions.get(params.id))
+    .get("/v1/sessions/:id", ({ params }) => {
+      const from = o.hydration?.sourceOf(params.id);
+      const s = sessions.get(params.id);
+      // Where the checkpoint its first turn here restored came from, when a peer's.
+      return from ? { ...s, checkpoint_hydrated_from: { node_id: from.node, node: from.name, tokens: from.tokens } } : s;
+    })
     .delete("/v1/sessions/:id", ({ params }) => sessions.delete(params.id))
     .get("/v1/sessions/:id/trajectories", ({ params, query, request }) => {
       const all = query.all === "1" || query.all === "true";
@@ -490,6 +505,7 @@ export function createApp(o: AppOptions) {
     .post("/detokenize", tokenizerRoute("/detokenize", detokenize), bodyOf(DetokenizeBody, rawJson))
     .post("/apply-template", tokenizerRoute("/apply-template", applyTemplate), bodyOf(ApplyTemplateBody, rawJson))
     .use(con.routes())
+    .use(o.mesh ? meshCheckpointRoutes({ gate: o.mesh.gate, models: o.models }) : new Elysia())
     .use(
       o.mesh
         ? meshRoutes({ gate: o.mesh.gate, service: o.mesh.service, apiKeyRequired: o.mesh.apiKeyRequired, logger: o.logger })
