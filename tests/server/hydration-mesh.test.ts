@@ -114,8 +114,9 @@ describe("checkpoint hydration in a mesh", () => {
   }, 240_000);
 
   test("after_a_rejoin_the_background_pass_hydrates_the_sessions_routed_here_before_they_are_asked_for", async () => {
-    first?.proc.kill("SIGKILL");
-    await first?.proc.exited;
+    const before = first as NodeProc | null;
+    before?.proc.kill("SIGKILL");
+    await before?.proc.exited;
     const a = await spawnNode({ name: "a", dir, model: "shared", stateDir: stateA, args: ["--cache-ram", "0", "--join", tokenOf(b)] });
     nodes.push(a);
     // Three sessions are homed at a (the one a served before its restart too: what a held died with it, b still announces it).
