@@ -103,12 +103,25 @@ export class CheckpointHydrator {
   /** Checkpoints peers announce for sessions whose home is this node, one per session (the most recently used). */
   wanted(model: string): HydrationItem[] {
     const self = this.d.selfId();
-    const local = this.d.local(model);
-    if (!local) return [];
     const servers = this.d.servers(model);
+    return [...this.announced(model).values()]
+      .filter((i) => sessionHome(i.session, servers) === self)
+      .sort((a, b) => b.lastUsed - a.lastUsed);
+  }
+
+  /** Every session of `model` whose checkpoint a live peer announces for this model file: the most recently used announcement of each. */
+  private announced(model: string): Map<string, HydrationItem> {
+    const self = this.d.selfId();
+    const local = this.d.local(model);
     const best = new Map<string, HydrationItem>();
+    if (!local) return best;
+    const mine = new Set<string>();
     for (const [owner, models] of this.peerRecords()) {
-      if (owner === self) continue;
+      if (owner === self) {
+        // Sessions this node announces itself run here already, on checkpoints newer than any peer's.
+        for (const m of models) for (const c of m.checkpoints) mine.add(c.session);
+        continue;
+      }
       for (const m of models) {
         if (m.model !== model || m.fingerprint !== local.fingerprint) continue;
         for (const c of m.checkpoints) {
@@ -117,7 +130,8 @@ export class CheckpointHydrator {
         }
       }
     }
-    return [...best.values()].filter((i) => sessionHome(i.session, servers) === self).sort((a, b) => b.lastUsed - a.lastUsed);
+    for (const session of mine) best.delete(session);
+    return best;
   }
 
   /** Start a background pass for every model served here (one per model at a time); returns the passes started. */
@@ -139,12 +153,12 @@ export class CheckpointHydrator {
   }
 
   /**
-   * A request for `session` on `model` that this node does not hold: true when the session is routed
-   * here and its checkpoint is here now (already, or fetched by the priority lane); false leaves it to
-   * routing (its holder, or a full prefill).
+   * A request for `session` on `model` about to run here, a session this node does not hold: when a
+   * peer announces its checkpoint and it is not here yet, fetch it now through the priority lane. True
+   * when the checkpoint is here (already, or now); false: the turn prefills in full.
    */
   async prepare(session: string, model: string): Promise<boolean> {
-    const item = this.wanted(model).find((i) => i.session === session);
+    const item = this.announced(model).get(session);
     const local = this.d.local(model);
     if (!item || !local) return false;
     const held = await local.engine.hasCheckpoints([item.key]).catch(() => [] as string[]);

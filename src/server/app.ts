@@ -372,13 +372,8 @@ export function createApp(o: AppOptions) {
         checkChatBody(body);
         const sessionId = sessionIdOf(request, body);
         if (sessionId !== null) sessions.store.check(sessionId);
-        // Affinity: a session this node holds runs here, next to its checkpoints. One routed here whose
-        // checkpoint a peer holds runs here too, once the priority lane brought the checkpoint over.
-        let held = sessionId !== null && sessions.store.peek(sessionId) !== undefined;
-        if (!held && sessionId !== null && o.hydration) {
-          const { id, here } = resolve(body.model);
-          if (here) held = await o.hydration.prepare(sessionId, id);
-        }
+        // Affinity: a session this node holds runs here, next to its checkpoints.
+        const held = sessionId !== null && sessions.store.peek(sessionId) !== undefined;
         const route = await traced(
           request,
           "/v1/chat/completions",
@@ -388,6 +383,9 @@ export function createApp(o: AppOptions) {
         );
         if (route.kind === "peer") return answered(route.response, request, set);
         const model = findModel(body.model);
+        // A session that runs here but whose checkpoint a peer holds: fetch it first (the priority lane: never
+        // behind the background pass), so the turn restores it instead of prefilling the whole history.
+        if (!held && sessionId !== null && o.hydration) await o.hydration.prepare(sessionId, model.id);
         const turn = sessionId !== null ? sessions.turn(sessionId, model, body) : null;
         const result = await chatCompletion(model, body, o.metrics, request.signal, onStreamError, route.routing, turn);
         if (sessionId !== null) {

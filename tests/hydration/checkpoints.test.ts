@@ -96,15 +96,25 @@ describe("checkpoint hydrator", () => {
     expect(here.stats().checkpoints).toBe(0);
   });
 
+  test("a_request_for_a_session_homed_elsewhere_that_runs_here_still_fetches_its_checkpoint", async () => {
+    // Routing sent it here (its holder overloaded, or a peer forwarded it): the priority lane brings it over.
+    const [other] = homedAt(PEER, 1);
+    const { h, here } = setup({ sessions: [other as string] });
+    expect(h.wanted("m")).toEqual([]);
+    expect(await h.prepare(other as string, "m")).toBe(true);
+    expect(here.stats().checkpoints).toBe(1);
+    expect(h.stats()).toMatchObject({ priority: 1, hydrated: 1 });
+  });
+
   test("a_request_for_a_session_already_hydrated_does_not_fetch_again", async () => {
     const [s] = homedAt(ME, 1);
     const { h, fetches } = setup({ sessions: [s as string] });
     expect(await h.prepare(s as string, "m")).toBe(true);
     expect(await h.prepare(s as string, "m")).toBe(true);
     expect(fetches()).toBe(1);
-    // A session homed elsewhere is left to routing.
-    const [other] = homedAt(PEER, 1);
-    expect(await h.prepare(other as string, "m")).toBe(false);
+    // A session no peer announces: nothing to fetch, the turn prefills in full.
+    expect(await h.prepare("never-announced", "m")).toBe(false);
+    expect(fetches()).toBe(1);
   });
 
   test("checkpoints_of_another_model_file_are_never_fetched", async () => {
