@@ -84,6 +84,8 @@ export class CheckpointHydrator {
   private readonly refusals: RefusalCounts = { corrupt: 0, incompatible: 0, noRoom: 0, unreachable: 0 };
   private readonly parsed = new Map<string, { value: string; models: AnnouncedModel[] | null }>();
   private readonly sources = new LruMap<string, HydratedFrom>();
+  /** Start time of each running pass (at most one per model), for its log line. */
+  private readonly passStarted = new Map<string, number>();
 
   constructor(private readonly d: HydratorDeps) {
     this.lanes = new HydrationLanes<HydrationItem>({
@@ -255,6 +257,11 @@ export class CheckpointHydrator {
   }
 
   private log(e: LaneEvent): void {
-    if (e.kind === "pass_end") this.d.logger?.info("checkpoint hydration pass", { model: e.pass, hydrated: e.hydrated, failed: e.failed });
+    if (e.kind === "pass_start") this.passStarted.set(e.pass, performance.now());
+    if (e.kind !== "pass_end") return;
+    const t0 = this.passStarted.get(e.pass);
+    this.passStarted.delete(e.pass);
+    const ms = t0 === undefined ? undefined : Math.round(performance.now() - t0);
+    this.d.logger?.info("checkpoint hydration pass", { model: e.pass, hydrated: e.hydrated, skipped: e.skipped, failed: e.failed, ms });
   }
 }
