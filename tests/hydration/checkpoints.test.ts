@@ -40,6 +40,7 @@ function setup(o: { sessions: string[]; lie?: boolean; fingerprint?: string }) {
   });
   const record = encodeRecord([{ model: "m", fingerprint: o.fingerprint ?? FP, checkpoints }]);
   let fetches = 0;
+  const limits: number[] = [];
   const h = new CheckpointHydrator({
     selfId: () => ME,
     records: () => [{ owner: PEER, key: `${CKPT_PREFIX}${PEER}`, value: record }],
@@ -54,8 +55,9 @@ function setup(o: { sessions: string[]; lie?: boolean; fingerprint?: string }) {
       fingerprint: FP,
     }),
     models: () => ["m"],
-    fetchBlob: async (_addr, _id, path) => {
+    fetchBlob: async (_addr, _id, path, maxBytes) => {
       fetches++;
+      limits.push(maxBytes);
       const blob = peer.exportBlob(path.split("/").pop() as string);
       if (!blob) throw new Error("404");
       if (o.lie) blob[blob.length - 1] = (blob[blob.length - 1] as number) ^ 1;
@@ -65,7 +67,7 @@ function setup(o: { sessions: string[]; lie?: boolean; fingerprint?: string }) {
     parallelism: 2,
     itemTimeoutMs: 5_000,
   });
-  return { h, here, fetches: () => fetches };
+  return { h, here, fetches: () => fetches, limits };
 }
 
 describe("checkpoint hydrator", () => {
@@ -108,8 +110,10 @@ describe("checkpoint hydrator", () => {
 
   test("a_request_for_a_session_already_hydrated_does_not_fetch_again", async () => {
     const [s] = homedAt(ME, 1);
-    const { h, fetches } = setup({ sessions: [s as string] });
+    const { h, fetches, limits } = setup({ sessions: [s as string] });
     expect(await h.prepare(s as string, "m")).toBe(true);
+    // A peer may send no more than the size its holder announced (state, token ids, header room).
+    expect(limits).toEqual([64 + 4 * 4 + 8192]);
     expect(await h.prepare(s as string, "m")).toBe(true);
     expect(fetches()).toBe(1);
     // A session no peer announces: nothing to fetch, the turn prefills in full.
