@@ -1,8 +1,8 @@
 #!/usr/bin/env bun
+// The `mesh` command line: parses, runs a command, prints, exits.
 import { Command, CommanderError, Option } from "commander";
 import { CHECKPOINT_DEFAULTS } from "../engine/checkpoints";
 import { HOST_CACHE_DEFAULT_MIB } from "../engine/index";
-// The `mesh` command line: parses, runs a command, prints, exits.
 import { LANE_DEFAULTS } from "../hydration/lanes";
 import { RESPONSE_STORE_DEFAULT_MIB } from "../server/responses/store";
 import { SESSION_DEFAULTS } from "../sessions";

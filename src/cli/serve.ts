@@ -1,5 +1,4 @@
 // `mesh serve`: load a model, serve the OpenAI API, shut down gracefully.
-
 import { closeSync, existsSync, openSync, readFileSync, readSync, statSync } from "node:fs";
 import { cpus } from "node:os";
 import { join } from "node:path";

@@ -2,7 +2,7 @@
 // and their checkpoints as its `ckpt:` record, runs a background hydration
 // pass per model after the join and then periodically (best effort: what a
 // pass missed, the next one fetches), and hands the app the hydrator whose
-// priority lane a request for a session routed here takes.
+// priority lane a session turn that runs here without its checkpoint takes.
 import { CKPT_PREFIX, encodeRecord, MAX_ANNOUNCED } from "../hydration/checkpoint-record";
 import { CheckpointHydrator } from "../hydration/checkpoints";
 import type { LaneClock } from "../hydration/lanes";
