@@ -6,10 +6,14 @@
 // again and again with each parallelism in turn (interleaved, same identity,
 // so the same share of sessions is homed at it; checkpoints kept in RAM only,
 // so every run starts empty) and reports its pass's own duration from its log.
+// With --rtt-ms, b is reached only through a TCP proxy that delays every chunk
+// by half that in each direction (b advertises the proxy's address), standing
+// in for a network with that round-trip time.
 //
-//   bun run src/bench/hydration.ts [--model bench|tiny|PATH] [--sessions 16] [--prompt-words 300] [--parallel 1,4] [--rounds 2] [--threads N]
+//   bun run src/bench/hydration.ts [--model bench|tiny|PATH] [--sessions 16] [--prompt-words 300] [--parallel 1,4] [--rounds 2] [--threads N] [--rtt-ms 0]
 import { execSync } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
+import { connect, createServer, type Server } from "node:net";
 import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -39,8 +43,6 @@ async function spawn(model: string, stateDir: string, name: string, threads: num
       "serve",
       "--model",
       model,
-      "--port",
-      "0",
       "--ctx-size",
       "8192",
       "--parallel",
@@ -57,6 +59,7 @@ async function spawn(model: string, stateDir: string, name: string, threads: num
       "0",
       "--log-format",
       "json",
+      ...(args.includes("--port") ? [] : ["--port", "0"]),
       ...args,
     ],
     { stdout: "ignore", stderr: "pipe" },
@@ -76,6 +79,31 @@ async function spawn(model: string, stateDir: string, name: string, threads: num
   }
   const url = /listening on (http:\/\/\S+)/.exec(log)?.[1] as string;
   return { url, proc, log: () => log };
+}
+
+/** A free TCP port on 127.0.0.1 (bound and released). */
+async function freePort(): Promise<number> {
+  const srv = createServer();
+  await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
+  const port = (srv.address() as { port: number }).port;
+  await new Promise<void>((r) => srv.close(() => r()));
+  return port;
+}
+
+/** A TCP proxy on `listen` to `target` that delays each chunk by `delayMs` in each direction (order kept: equal delays fire in order). */
+async function delayingProxy(listen: number, target: number, delayMs: number): Promise<Server> {
+  const srv = createServer((client) => {
+    const up = connect(target, "127.0.0.1");
+    const pass = (from: typeof client, to: typeof client) => {
+      from.on("data", (d) => setTimeout(() => to.write(d), delayMs));
+      from.on("end", () => setTimeout(() => to.end(), delayMs));
+      from.on("error", () => to.destroy());
+    };
+    pass(client, up);
+    pass(up, client);
+  });
+  await new Promise<void>((r) => srv.listen(listen, "127.0.0.1", r));
+  return srv;
 }
 
 /** The hydration pass line a node logged (JSON logs), once it has one that hydrated something. */
@@ -99,6 +127,7 @@ async function main(): Promise<void> {
       parallel: { type: "string", default: "1,4" },
       rounds: { type: "string", default: "2" },
       threads: { type: "string" },
+      "rtt-ms": { type: "string", default: "0" },
     },
   });
   const model = values.model === "bench" ? await ensureModel(BENCH) : values.model === "tiny" ? await ensureModel(TINY) : values.model;
@@ -109,8 +138,16 @@ async function main(): Promise<void> {
   const threads = Number(values.threads ?? Math.max(1, Math.floor(cpus().length / 2)));
   const dir = mkdtempSync(join(tmpdir(), "mesh-bench-hydration-"));
   const nodes: Node[] = [];
+  const rtt = Number(values["rtt-ms"]);
+  let proxy: Server | null = null;
   try {
-    const b = await spawn(model, join(dir, "b"), "b", threads, []);
+    let bArgs: string[] = [];
+    if (rtt > 0) {
+      const [port, front] = [await freePort(), await freePort()];
+      proxy = await delayingProxy(front, port, rtt / 2);
+      bArgs = ["--port", String(port), "--advertise", `127.0.0.1:${front}`];
+    }
+    const b = await spawn(model, join(dir, "b"), "b", threads, bArgs);
     nodes.push(b);
     const token = /mesh serve --join (\S+)/.exec(b.log())?.[1] as string;
     const models = (await (await fetch(`${b.url}/v1/models`)).json()) as { data: Array<{ id: string }> };
@@ -132,7 +169,9 @@ async function main(): Promise<void> {
       if (r.status !== 200) throw new Error(`session turn failed: ${r.status} ${await r.text()}`);
       await r.arrayBuffer();
     }
-    console.log(`model ${model}, ${sessions} sessions on b, threads ${threads}`);
+    console.log(
+      `model ${model}, ${sessions} sessions on b, threads ${threads}, round trip to b ${rtt > 0 ? `${rtt} ms (delaying proxy)` : "loopback"}`,
+    );
     console.log("| parallel | round | checkpoints hydrated | pass ms | ms per checkpoint | load (1/5/15 min) |");
     console.log("| ---: | ---: | ---: | ---: | ---: | --- |");
     for (let round = 1; round <= rounds; round++) {
@@ -159,6 +198,7 @@ async function main(): Promise<void> {
     const ram = /^mesh_checkpoint_ram_bytes (\d+)/m.exec(bytes)?.[1];
     if (ram) console.log(`b holds ${sessions} checkpoints in ${(Number(ram) / 1048576).toFixed(1)} MiB of RAM`);
   } finally {
+    proxy?.close();
     for (const n of nodes) n.proc.kill("SIGKILL");
     rmSync(dir, { recursive: true, force: true });
   }
