@@ -3,6 +3,7 @@
 import { Command, CommanderError, Option } from "commander";
 import { CHECKPOINT_DEFAULTS } from "../engine/checkpoints";
 import { HOST_CACHE_DEFAULT_MIB } from "../engine/index";
+import { LANE_DEFAULTS } from "../hydration/lanes";
 import { RESPONSE_STORE_DEFAULT_MIB } from "../server/responses/store";
 import { SESSION_DEFAULTS } from "../sessions";
 import { registerBench } from "./bench";
@@ -88,6 +89,18 @@ export function program(): Command {
       "disk under the state dir for checkpoints spilled from RAM (kept across restarts; 0: RAM only)",
       intOption("--checkpoint-disk", 0, 1 << 30),
       CHECKPOINT_DEFAULTS.diskMiB,
+    )
+    .option(
+      "--hydrate-parallel <n>",
+      "checkpoints of sessions routed here fetched from peers at once by the background pass after a (re)join (0: none; a request still fetches its own first)",
+      intOption("--hydrate-parallel", 0, 64),
+      LANE_DEFAULTS.parallelism,
+    )
+    .option(
+      "--hydrate-timeout <s>",
+      "seconds one checkpoint fetch from a peer may take before it is abandoned (the session then prefills in full or runs on its holder)",
+      intOption("--hydrate-timeout", 1, 3600),
+      LANE_DEFAULTS.itemTimeoutMs / 1000,
     )
     .option("--api-key <key>", "require 'Authorization: Bearer <key>' (repeatable)", collect, [])
     .option("--api-key-file <path>", "file with one API key per line")

@@ -10,6 +10,7 @@ import { createLogger, type LogFormat, type Logger } from "../log";
 import { ServedModel, startServer } from "../server";
 import type { ConsoleMode } from "../server/console";
 import { backendOf } from "../server/devices";
+import { NodeHydration } from "../server/hydration";
 import { checkAliases, modelIdFromPath } from "../server/model";
 import type { MeshFlags } from "./mesh-flags";
 import { prepareMesh, startMesh } from "./serve-mesh";
@@ -44,6 +45,8 @@ export interface ServeOptions extends MeshFlags {
   sessionsMemory: number;
   checkpointRam: number;
   checkpointDisk: number;
+  hydrateParallel: number;
+  hydrateTimeout: number;
   apiKey: string[];
   apiKeyFile?: string;
   maxBodyBytes: number;
@@ -177,6 +180,12 @@ export async function serve(o: ServeOptions): Promise<number> {
     checkpointDir: join(mesh.plan.stateDir, "checkpoints"),
     onProgress: progressPrinter(`loading ${modelPath}`),
   });
+  const hydration = new NodeHydration(
+    mesh.node,
+    [model],
+    { parallelism: o.hydrateParallel, itemTimeoutMs: o.hydrateTimeout * 1000 },
+    logger,
+  );
   let server: ReturnType<typeof startServer>;
   try {
     server = startServer({
@@ -190,6 +199,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       logger,
       mesh: mesh.node.hooks,
       console: consoleOptions,
+      hydration,
     });
   } catch (e) {
     await model.close();
@@ -222,6 +232,8 @@ export async function serve(o: ServeOptions): Promise<number> {
     random_weights: info?.randomWeights,
     backend: info ? backendOf(info) : undefined,
   });
+  // After the join and the load: sessions routed here start coming over from the peers holding them.
+  hydration.start();
   process.stderr.write(`ready: POST ${server.url}/v1/chat/completions with "model": "${model.id}"\n`);
   process.stderr.write(`${consoleLine(consoleOptions, apiKeys.length > 0, server.url)}\n`);
 

@@ -20,6 +20,45 @@ export function modelFingerprint(info: ModelInfo): string {
   return createHash("sha256").update(JSON.stringify(parts)).digest("hex").slice(0, 24);
 }
 
+/** Bytes sampled from each end of the model file for the portable fingerprint. */
+const SAMPLE_BYTES = 1024 * 1024;
+
+/**
+ * What a state blob depends on, the same on every node holding the same model file wherever its path:
+ * the model's name and shape, the context per sequence, the file's size, and a digest of its first and
+ * last MiB (tensor data: two fine-tunes of one base differ there). A blob from a peer loads only here.
+ */
+export function portableFingerprint(info: ModelInfo, path: string): string {
+  const h = createHash("sha256").update(
+    JSON.stringify([
+      info.name,
+      info.architecture,
+      info.sizeBytes,
+      info.nParams,
+      info.nLayer,
+      info.nEmbd,
+      info.nHeadKv,
+      info.nCtxSeq,
+      info.nVocab,
+    ]),
+  );
+  let fd = -1;
+  try {
+    fd = openSync(path, "r");
+    const size = statSync(path).size;
+    h.update(String(size));
+    const buf = Buffer.alloc(Math.min(SAMPLE_BYTES, size));
+    h.update(buf.subarray(0, readSync(fd, buf, 0, buf.length, 0)));
+    h.update(buf.subarray(0, readSync(fd, buf, 0, buf.length, Math.max(0, size - buf.length))));
+  } catch {
+    // Unreadable now (it loaded, so this is rare): no peer's blob will match this one.
+    h.update(`unreadable:${path}`);
+  } finally {
+    if (fd >= 0) closeSync(fd);
+  }
+  return h.digest("hex").slice(0, 32);
+}
+
 /** The engine's checkpoint store from its load options, or null when both budgets are 0. */
 export function openCheckpoints(info: ModelInfo, o: LoadOptions): CheckpointStore | null {
   const ram = Math.max(0, Math.floor((o.checkpointRamMiB ?? 0) * 1024 * 1024));
@@ -30,6 +69,7 @@ export function openCheckpoints(info: ModelInfo, o: LoadOptions): CheckpointStor
     diskBytes: disk,
     dir: o.checkpointDir ?? null,
     fingerprint: modelFingerprint(info),
+    portable: portableFingerprint(info, o.modelPath),
     maxEntries: CHECKPOINT_DEFAULTS.maxEntries,
   });
 }
@@ -42,6 +82,8 @@ export interface CheckpointOptions {
   dir: string | null;
   /** Identifies the model and context a state blob fits: files of another fingerprint are never read. */
   fingerprint: string;
+  /** The same model on any node (portableFingerprint): blobs exported to and imported from peers carry it. */
+  portable?: string;
   /** Most checkpoints indexed (RAM and disk together). */
   maxEntries: number;
 }
@@ -58,6 +100,25 @@ export interface Checkpoint {
   lastUsed: number;
   /** Whatever the engine attaches (its prefix-mark holder), handed back to onDrop. */
   tag: object | null;
+  /** checkpointHash of its tokens and state, once computed (lazily: most are never announced). */
+  hash?: string;
+}
+
+/** A checkpoint as announced to peers: enough to fetch it and check what arrives. */
+export interface CheckpointSummary {
+  key: string;
+  hash: string;
+  tokens: number;
+  bytes: number;
+}
+
+/** Why an imported blob was refused. */
+export type ImportRefusal = "corrupt" | "incompatible" | "no_room";
+
+/** The integrity digest of a checkpoint: sha256 over its token ids (i32 LE) and its state, hex. */
+export function checkpointHash(tokens: Int32Array, state: Uint8Array): string {
+  const t = Buffer.from(tokens.buffer, tokens.byteOffset, tokens.byteLength);
+  return createHash("sha256").update(t).update(state).digest("hex");
 }
 
 /** Counts for stats. */
@@ -96,6 +157,11 @@ export class CheckpointStore {
   constructor(private readonly o: CheckpointOptions) {
     this.dir = o.dir && o.diskBytes > 0 ? join(o.dir, o.fingerprint) : null;
     if (this.dir) this.scan(this.dir);
+  }
+
+  /** The portable fingerprint its blobs carry (null: it neither exports nor imports). */
+  get portable(): string | null {
+    return this.o.portable ?? null;
   }
 
   /** False when both budgets are 0. */
@@ -156,6 +222,62 @@ export class CheckpointStore {
     } catch {}
     this.forget(e);
     return null;
+  }
+
+  /** Summaries of the checkpoints held under `keys` (at most 256 looked at), hashing those not hashed yet. */
+  describe(keys: readonly string[]): CheckpointSummary[] {
+    const out: CheckpointSummary[] = [];
+    for (const key of keys.slice(0, 256)) {
+      const e = this.entries.get(key);
+      if (!e) continue;
+      if (!e.hash) {
+        const state = this.peekState(e);
+        if (!state) continue;
+        e.hash = checkpointHash(e.tokens, state);
+      }
+      out.push({ key, hash: e.hash, tokens: e.tokens.length, bytes: e.size });
+    }
+    return out;
+  }
+
+  /** Which of `keys` are held (at most 4096 looked at). */
+  has(keys: readonly string[]): string[] {
+    return keys.slice(0, 4096).filter((k) => this.entries.has(k));
+  }
+
+  /** The checkpoint `key` as a blob a peer can import (portable fingerprint and hash in its header); null when not held. */
+  exportBlob(key: string): Uint8Array | null {
+    const e = this.entries.get(key);
+    if (!e || !this.o.portable) return null;
+    const state = this.peekState(e);
+    if (!state) return null;
+    e.hash ??= checkpointHash(e.tokens, state);
+    return serialize(e.key, e.tokens, state, this.o.portable, e.hash);
+  }
+
+  /**
+   * Store a peer's blob: refused as corrupt when it does not parse or its tokens and state do not hash to
+   * `hash` (what the holder announced), as incompatible when made for another model or context.
+   */
+  importBlob(blob: Uint8Array, hash: string): { ok: true; key: string; tokens: number } | { ok: false; code: ImportRefusal } {
+    const read = parseBlob(Buffer.from(blob.buffer, blob.byteOffset, blob.byteLength));
+    if (!read) return { ok: false, code: "corrupt" };
+    if (!this.o.portable || read.fingerprint !== this.o.portable) return { ok: false, code: "incompatible" };
+    if (checkpointHash(read.tokens, read.state) !== hash) return { ok: false, code: "corrupt" };
+    // A copy: the blob's buffer may be reused by the caller; the store keeps the state.
+    const e = this.put(read.key, Array.from(read.tokens), read.state.slice());
+    if (!e) return { ok: false, code: "no_room" };
+    e.hash = hash;
+    return { ok: true, key: read.key, tokens: read.tokens.length };
+  }
+
+  /** A checkpoint's state without touching its recency (announcing or serving it is not a use); null when unreadable. */
+  private peekState(e: Checkpoint): Uint8Array | null {
+    if (e.ram) return e.ram;
+    const used = e.lastUsed;
+    const state = this.load(e);
+    e.lastUsed = used;
+    return state;
   }
 
   /** Drop checkpoints (RAM and disk): their session released them. */
@@ -284,9 +406,9 @@ export class CheckpointStore {
   }
 }
 
-/** File layout: magic, u32 header length, JSON header, tokens (i32 LE), state. */
-function serialize(key: string, tokens: Int32Array, state: Uint8Array, fingerprint: string): Uint8Array {
-  const header = Buffer.from(JSON.stringify({ fingerprint, key, tokens: tokens.length, size: state.length }));
+/** File layout: magic, u32 header length, JSON header, tokens (i32 LE), state. A peer blob's header also carries its hash. */
+function serialize(key: string, tokens: Int32Array, state: Uint8Array, fingerprint: string, hash?: string): Uint8Array {
+  const header = Buffer.from(JSON.stringify({ fingerprint, key, tokens: tokens.length, size: state.length, ...(hash ? { hash } : {}) }));
   const out = Buffer.alloc(8 + 4 + header.length + tokens.length * 4 + state.length);
   out.write(MAGIC, 0, "latin1");
   out.writeUInt32LE(header.length, 8);
@@ -342,4 +464,29 @@ function parse(data: Buffer, fingerprint: string): { key: string; state: Uint8Ar
   if (h.fingerprint !== fingerprint || typeof h.key !== "string") return null;
   const start = 12 + len + (h.tokens as number) * 4;
   return { key: h.key, state: new Uint8Array(data.buffer, data.byteOffset + start, data.length - start) };
+}
+
+/** A peer's blob read whole and checked for shape (not yet for its hash or fingerprint); null when malformed. */
+function parseBlob(data: Buffer): { fingerprint: string; key: string; tokens: Int32Array; state: Uint8Array } | null {
+  try {
+    if (data.length < 12 || data.toString("latin1", 0, 8) !== MAGIC) return null;
+    const len = data.readUInt32LE(8);
+    if (len > 4096 || 12 + len > data.length) return null;
+    const h = JSON.parse(data.toString("utf8", 12, 12 + len)) as { fingerprint?: unknown; key?: unknown; tokens?: unknown; size?: unknown };
+    if (typeof h.fingerprint !== "string" || typeof h.key !== "string" || !KEY.test(h.key)) return null;
+    if (!Number.isInteger(h.tokens) || !Number.isInteger(h.size) || (h.tokens as number) <= 0 || (h.size as number) <= 0) return null;
+    const n = h.tokens as number;
+    const start = 12 + len + n * 4;
+    if (data.length !== start + (h.size as number)) return null;
+    const tokens = new Int32Array(n);
+    for (let i = 0; i < n; i++) tokens[i] = data.readInt32LE(12 + len + i * 4);
+    return {
+      fingerprint: h.fingerprint,
+      key: h.key,
+      tokens,
+      state: new Uint8Array(data.buffer, data.byteOffset + start, data.length - start),
+    };
+  } catch {
+    return null;
+  }
 }

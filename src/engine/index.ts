@@ -2,12 +2,13 @@
 // model. Nothing here calls llama.cpp; the Worker does, so the event loop
 // never waits on a decode.
 import { cpus } from "node:os";
-import { CHECKPOINT_DEFAULTS } from "./checkpoints";
+import { CHECKPOINT_DEFAULTS, type CheckpointSummary } from "./checkpoints";
 import { readModelShape } from "./devices";
 import { EngineError } from "./errors";
 import { hostLedgerBytes } from "./host-ledger";
 import { engineWorkerUrl, findBackendLibs, findNativeLib } from "./library";
 import {
+  type CheckpointImport,
   CONTROL_ABORT,
   CONTROL_FLAGS_OFFSET,
   DEFAULT_SAMPLING,
@@ -171,6 +172,14 @@ export interface EngineLike {
   onFailure?(listener: (e: EngineError) => void): void;
   /** Drop session checkpoints by key, in RAM and on disk (fire and forget); absent on engines without checkpoints. */
   releaseCheckpoints?(keys: string[]): void;
+  /** Hash and sizes of the checkpoints held under `keys` (what a node announces); absent on engines without checkpoints. */
+  describeCheckpoints?(keys: string[]): Promise<CheckpointSummary[]>;
+  /** Which of `keys` are held. */
+  hasCheckpoints?(keys: string[]): Promise<string[]>;
+  /** A checkpoint as a blob for a peer, or null when not held. */
+  exportCheckpoint?(key: string): Promise<Uint8Array | null>;
+  /** Store a peer's checkpoint blob, checked against `hash` and this model. */
+  importCheckpoint?(blob: Uint8Array, hash: string): Promise<CheckpointImport>;
 }
 
 type WithoutRid<T> = T extends unknown ? Omit<T, "rid"> : never;
@@ -417,6 +426,26 @@ export class Engine implements EngineLike {
   releaseCheckpoints(keys: string[]): void {
     if (this.closing || keys.length === 0) return;
     this.post({ type: "release_checkpoints", keys });
+  }
+
+  /** Hash and sizes of the checkpoints held under `keys` (hashing runs in the Worker). */
+  describeCheckpoints(keys: string[]): Promise<CheckpointSummary[]> {
+    return this.call({ type: "checkpoint_describe", keys }) as Promise<CheckpointSummary[]>;
+  }
+
+  /** Which of `keys` are held. */
+  hasCheckpoints(keys: string[]): Promise<string[]> {
+    return this.call({ type: "checkpoint_has", keys }) as Promise<string[]>;
+  }
+
+  /** A checkpoint as a blob for a peer (read back from disk if spilled), or null when not held. */
+  exportCheckpoint(key: string): Promise<Uint8Array | null> {
+    return this.call({ type: "checkpoint_export", key }) as Promise<Uint8Array | null>;
+  }
+
+  /** Store a peer's checkpoint blob (verified in the Worker: hash, model fingerprint). */
+  importCheckpoint(blob: Uint8Array, hash: string): Promise<CheckpointImport> {
+    return this.call({ type: "checkpoint_import", blob, hash }) as Promise<CheckpointImport>;
   }
 
   /** Listen for the prefix marks the KV starts or stops holding; a closed engine sends one last delta evicting all. */

@@ -146,6 +146,8 @@ export interface ModelInfo {
   devices: DeviceInfo[];
   /** Layers on GPUs and why. */
   offload: Offload;
+  /** The portable fingerprint session checkpoints of this model carry between nodes; absent without checkpoints. */
+  checkpointFingerprint?: string;
 }
 
 /** Engine load at a moment, plus the scheduler's cumulative counters. */
@@ -242,9 +244,22 @@ export type ToWorker =
   | { type: "clear_marks" }
   /** Drop session checkpoints (RAM and disk): their session ended. */
   | { type: "release_checkpoints"; keys: string[] }
+  /** Summaries (hash, sizes) of the session checkpoints held under these keys (replies CheckpointSummary[]). */
+  | { type: "checkpoint_describe"; rid: number; keys: string[] }
+  /** Which of these checkpoint keys are held (replies string[]). */
+  | { type: "checkpoint_has"; rid: number; keys: string[] }
+  /** A checkpoint as a blob a peer can import (replies Uint8Array, or null when not held). */
+  | { type: "checkpoint_export"; rid: number; key: string }
+  /** Store a peer's checkpoint blob if it hashes to `hash` and fits this model (replies CheckpointImport). */
+  | { type: "checkpoint_import"; rid: number; blob: Uint8Array; hash: string }
   | { type: "shutdown" }
   /** Sent to a fresh Worker after the engine's own one died: free the model and context it left behind. */
   | { type: "reap"; libPath: string; handles: NativeHandles; hostLedger: SharedArrayBuffer };
+
+/** What importing a peer's checkpoint blob did. */
+export type CheckpointImport =
+  | { ok: true; key: string; tokens: number }
+  | { ok: false; code: "corrupt" | "incompatible" | "no_room" | "disabled" };
 
 /** Addresses of what a loaded engine holds natively (so a dead Worker's leftovers can be freed by another). */
 export interface NativeHandles {

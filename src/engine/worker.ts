@@ -41,7 +41,9 @@ function load(
   // Host buffers are allocated and freed through the ledger, so a reaper can free them if this Worker dies.
   const tracked = { ...m, native: trackHostBuffers(m.native, new HostLedger(hostLedger)) };
   scheduler = new Scheduler({ ...schedulerDeps(tracked, o, control, CONTROL_FLAGS_OFFSET), checkpoints });
-  post({ type: "loaded", info: m.info, handles: { model: Number(m.model), ctx: Number(m.ctx) } });
+  // Peers compare it before fetching one of this model's checkpoints (hydration).
+  const info = checkpoints?.portable ? { ...m.info, checkpointFingerprint: checkpoints.portable } : m.info;
+  post({ type: "loaded", info, handles: { model: Number(m.model), ctx: Number(m.ctx) } });
 }
 
 // This Worker was started only to free what a dead one left: the context (and its thread pools) and the model.
@@ -147,6 +149,11 @@ function invalidTokens(tokens: unknown): string | null {
   return null;
 }
 
+/** The strings of a message's key list (anything else is ignored). */
+function stringsOf(keys: unknown): string[] {
+  return Array.isArray(keys) ? keys.filter((k): k is string => typeof k === "string") : [];
+}
+
 function badRequest(message: string): EngineErrorValue {
   return { code: "invalid_request", message };
 }
@@ -202,6 +209,25 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
     case "release_checkpoints":
       if (Array.isArray(m.keys)) checkpoints?.release(m.keys.filter((k) => typeof k === "string"));
       return;
+    case "checkpoint_describe":
+      post({ type: "reply", rid: m.rid, value: checkpoints?.describe(stringsOf(m.keys)) ?? [] });
+      return;
+    case "checkpoint_has":
+      post({ type: "reply", rid: m.rid, value: checkpoints?.has(stringsOf(m.keys)) ?? [] });
+      return;
+    case "checkpoint_export":
+      post({ type: "reply", rid: m.rid, value: typeof m.key === "string" ? (checkpoints?.exportBlob(m.key) ?? null) : null });
+      return;
+    case "checkpoint_import": {
+      const ok = m.blob instanceof Uint8Array && typeof m.hash === "string";
+      const value = !checkpoints
+        ? { ok: false, code: "disabled" }
+        : ok
+          ? checkpoints.importBlob(m.blob, m.hash)
+          : { ok: false, code: "corrupt" };
+      post({ type: "reply", rid: m.rid, value });
+      return;
+    }
     case "generate": {
       const p = m.request.prompt;
       const bad = typeof p === "string" ? null : invalidTokens(p);

@@ -2,6 +2,7 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import { hostname } from "node:os";
 import { Elysia, type TSchema } from "elysia";
+import type { CheckpointHydrator } from "../hydration/checkpoints";
 import type { Logger } from "../log";
 import { anthropicMessages, checkCountTokensBody, checkMessagesBody, countTokens } from "./anthropic/messages";
 import { CountTokensBody, MessagesBody } from "./anthropic/schema";
@@ -21,6 +22,7 @@ import {
   routeLabels,
   routeRequest,
 } from "./mesh";
+import { meshCheckpointRoutes } from "./mesh-checkpoints";
 import { renderMeshMetrics } from "./mesh-metrics";
 import { meshRoutes } from "./mesh-routes";
 import type { GaugeValues, Metrics } from "./metrics";
@@ -54,6 +56,8 @@ export interface AppOptions {
   sessions?: SessionService;
   /** The console (GET / and its admin API); default: served, as on a loopback listener. */
   console?: ConsoleOptions;
+  /** Session checkpoints pulled from peers (mesh only): a session routed here fetches its checkpoint first. */
+  hydration?: CheckpointHydrator;
 }
 
 const ROUTES = new Set([
@@ -362,7 +366,8 @@ export function createApp(o: AppOptions) {
       set.headers["content-type"] = "text/plain; version=0.0.4";
       const text = o.metrics.render(await gauges()) + renderDeviceMetrics(o.models);
       const mesh = o.mesh?.figures();
-      return mesh ? `${text}${renderMeshMetrics(mesh)}\n` : text;
+      const hydration = o.hydration ? `${o.hydration.renderMetrics()}\n` : "";
+      return mesh ? `${text}${renderMeshMetrics(mesh)}\n${hydration}` : text;
     })
     .post(
       "/v1/chat/completions",
@@ -381,6 +386,9 @@ export function createApp(o: AppOptions) {
         );
         if (route.kind === "peer") return answered(route.response, request, set);
         const model = findModel(body.model);
+        // A session that runs here but whose checkpoint a peer holds: fetch it first (the priority lane: never
+        // behind the background pass), so the turn restores it instead of prefilling the whole history.
+        if (!held && sessionId !== null && o.hydration) await o.hydration.prepare(sessionId, model.id);
         const turn = sessionId !== null ? sessions.turn(sessionId, model, body) : null;
         const result = await chatCompletion(model, body, o.metrics, request.signal, onStreamError, route.routing, turn);
         if (sessionId !== null) {
@@ -478,7 +486,12 @@ export function createApp(o: AppOptions) {
       bodyOf(CountTokensBody),
     )
     .get("/v1/sessions", () => sessions.list())
-    .get("/v1/sessions/:id", ({ params }) => sessions.get(params.id))
+    .get("/v1/sessions/:id", ({ params }) => {
+      const from = o.hydration?.sourceOf(params.id);
+      const s = sessions.get(params.id);
+      // Where the checkpoint its first turn here restored came from, when a peer's.
+      return from ? { ...s, checkpoint_hydrated_from: { node_id: from.node, node: from.name, tokens: from.tokens } } : s;
+    })
     .delete("/v1/sessions/:id", ({ params }) => sessions.delete(params.id))
     .get("/v1/sessions/:id/trajectories", ({ params, query, request }) => {
       const all = query.all === "1" || query.all === "true";
@@ -493,6 +506,7 @@ export function createApp(o: AppOptions) {
     .post("/detokenize", tokenizerRoute("/detokenize", detokenize), bodyOf(DetokenizeBody, rawJson))
     .post("/apply-template", tokenizerRoute("/apply-template", applyTemplate), bodyOf(ApplyTemplateBody, rawJson))
     .use(con.routes())
+    .use(o.mesh ? meshCheckpointRoutes({ gate: o.mesh.gate, models: o.models }) : new Elysia())
     .use(
       o.mesh
         ? meshRoutes({ gate: o.mesh.gate, service: o.mesh.service, apiKeyRequired: o.mesh.apiKeyRequired, logger: o.logger })

@@ -3,6 +3,7 @@ import type { Logger } from "../log";
 import type { SessionStoreOptions } from "../sessions";
 import { type App, createApp } from "./app";
 import type { ConsoleOptions } from "./console";
+import type { NodeHydration } from "./hydration";
 import type { MeshHooks } from "./mesh";
 import { Metrics } from "./metrics";
 import type { ServedModel } from "./model";
@@ -29,6 +30,8 @@ export interface ServerOptions {
   sessions?: Partial<SessionStoreOptions>;
   /** The web console (default: served, as on a loopback listener). */
   console?: ConsoleOptions;
+  /** Checkpoint hydration (mesh only): announces this node's sessions, pulls those routed here. */
+  hydration?: NodeHydration;
 }
 
 /** A running server. */
@@ -45,6 +48,7 @@ export interface RunningServer {
 /** Listen; throws the listen error (e.g. EADDRINUSE) to the caller. */
 export function startServer(o: ServerOptions): RunningServer {
   const sessions = new SessionService(() => o.models, o.sessions ?? {}, o.logger);
+  o.hydration?.attach(sessions);
   const app = createApp({
     sessions,
     models: o.models,
@@ -54,6 +58,7 @@ export function startServer(o: ServerOptions): RunningServer {
     metrics: new Metrics(),
     mesh: o.mesh,
     ...(o.console ? { console: o.console } : {}),
+    ...(o.hydration ? { hydration: o.hydration.hydrator } : {}),
     ...(o.responseStoreBytes !== undefined ? { responseStore: new ResponseStore(o.responseStoreBytes) } : {}),
   });
   // idleTimeout: a client that sends headers and stalls is dropped after this
@@ -83,6 +88,7 @@ export function startServer(o: ServerOptions): RunningServer {
       void server.stop(false);
     },
     close: async () => {
+      o.hydration?.stop();
       sessions.close();
       await server.stop(true);
     },

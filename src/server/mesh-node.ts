@@ -62,10 +62,12 @@ export class MeshNode {
   private readonly transport: HttpTransport;
   private readonly publishers = new Set<ReturnType<typeof setInterval>>();
   private readonly leaving: Array<() => void> = [];
+  private readonly client: MeshClient;
 
   constructor(private readonly o: MeshNodeOptions) {
     const keys = meshKeys(o.creds.secret);
     const client = new MeshClient({ keys, nodeId: o.identity.id });
+    this.client = client;
     this.transport = new HttpTransport(client, keys);
     this.router = new Router({
       selfId: o.identity.id,
@@ -202,6 +204,27 @@ export class MeshNode {
       return publish();
     });
     this.publishers.add(setInterval(() => void publish(), this.o.statsEveryMs ?? 1000));
+  }
+
+  /**
+   * GET `path` from the peer `nodeId` at `addr` with mesh credentials (addressed to it, so no other node
+   * answers): its body, at most `maxBytes`. Rejects on anything but a 200 within the bound.
+   */
+  async peerBytes(addr: string, nodeId: string, path: string, maxBytes: number, signal: AbortSignal): Promise<Uint8Array> {
+    const { response } = await this.client.send(addr, "GET", path, new Uint8Array(), { signal, to: nodeId });
+    if (response.status !== 200) {
+      await response.body?.cancel();
+      throw new Error(`peer answered ${response.status}`);
+    }
+    const bytes = await readLimited(response.body, maxBytes);
+    if (!bytes) throw new Error(`peer sent more than ${maxBytes} bytes`);
+    return bytes;
+  }
+
+  /** Nodes whose ready workers serve `model` (this one included), each once. */
+  servers(model: string): string[] {
+    const ids = this.liveWorkers().flatMap((e) => (e.info.health === "ready" && e.info.models[0] === model ? [e.info.nodeId] : []));
+    return [...new Set(ids)];
   }
 
   /** The core, once started. */

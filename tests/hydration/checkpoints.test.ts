@@ -1,0 +1,199 @@
+// The checkpoint hydrator with its peers faked (records and blobs in memory) and a real checkpoint
+// store as the engine: which sessions are routed here, what a lying peer's blob does, and the bounds
+// of the announced record.
+import { describe, expect, test } from "bun:test";
+import { CheckpointStore } from "../../src/engine/checkpoints";
+import {
+  type AnnouncedModel,
+  CKPT_PREFIX,
+  encodeRecord,
+  MAX_ANNOUNCED,
+  MAX_RECORD_BYTES,
+  parseRecord,
+  sessionHome,
+} from "../../src/hydration/checkpoint-record";
+import { CheckpointHydrator } from "../../src/hydration/checkpoints";
+
+const FP = "ab".repeat(16);
+const ME = "node-me";
+const PEER = "node-peer";
+
+const storeOf = (portable = FP) =>
+  new CheckpointStore({ ramBytes: 1 << 20, diskBytes: 0, dir: null, fingerprint: "local", portable, maxEntries: 64 });
+
+/** Session ids homed at `who` among [ME, PEER]. */
+function homedAt(who: string, n: number): string[] {
+  const out: string[] = [];
+  for (let i = 0; out.length < n; i++) if (sessionHome(`s${i}`, [ME, PEER]) === who) out.push(`s${i}`);
+  return out;
+}
+
+/** A peer holding one checkpoint per session, announcing them; `lie` corrupts what it sends. */
+function setup(o: { sessions: string[]; lie?: boolean; fingerprint?: string }) {
+  const peer = storeOf(o.fingerprint ?? FP);
+  const here = storeOf();
+  const checkpoints = o.sessions.map((s, i) => {
+    const key = `k${i}`;
+    peer.put(key, [1, 2, 3, i], new Uint8Array(64).fill(i));
+    const [d] = peer.describe([key]);
+    return { session: s, key, hash: d?.hash as string, tokens: 4, bytes: 64, lastUsed: 100 + i };
+  });
+  const record = encodeRecord([{ model: "m", fingerprint: o.fingerprint ?? FP, checkpoints }]);
+  let fetches = 0;
+  const limits: number[] = [];
+  const h = new CheckpointHydrator({
+    selfId: () => ME,
+    records: () => [{ owner: PEER, key: `${CKPT_PREFIX}${PEER}`, value: record }],
+    servers: () => [ME, PEER],
+    addrOf: () => "127.0.0.1:1",
+    nameOf: () => "peer",
+    local: () => ({
+      engine: {
+        hasCheckpoints: async (keys) => here.has(keys),
+        importCheckpoint: async (blob, hash) => here.importBlob(blob, hash),
+      },
+      fingerprint: FP,
+    }),
+    models: () => ["m"],
+    fetchBlob: async (_addr, _id, path, maxBytes) => {
+      fetches++;
+      limits.push(maxBytes);
+      const blob = peer.exportBlob(path.split("/").pop() as string);
+      if (!blob) throw new Error("404");
+      if (o.lie) blob[blob.length - 1] = (blob[blob.length - 1] as number) ^ 1;
+      return blob;
+    },
+    clock: { setTimer: (fn, ms) => setTimeout(fn, ms), clearTimer: (t) => clearTimeout(t as ReturnType<typeof setTimeout>) },
+    parallelism: 2,
+    itemTimeoutMs: 5_000,
+  });
+  return { h, here, fetches: () => fetches, limits };
+}
+
+describe("checkpoint hydrator", () => {
+  test("only_sessions_homed_here_are_wanted_and_a_pass_hydrates_them", async () => {
+    const mine = homedAt(ME, 3);
+    const theirs = homedAt(PEER, 2);
+    const { h, here } = setup({ sessions: [...mine, ...theirs] });
+    expect(
+      h
+        .wanted("m")
+        .map((i) => i.session)
+        .sort(),
+    ).toEqual([...mine].sort());
+    expect(await h.pass("m")).toBe(true);
+    await h.lanes.whenDone("m");
+    expect(h.stats()).toMatchObject({ hydrated: 3, failed: 0, corrupt: 0 });
+    expect(here.stats().checkpoints).toBe(3);
+    // Nothing left to want: the next pass does not start.
+    expect(await h.pass("m")).toBe(false);
+    expect(h.sourceOf(mine[0] as string)).toMatchObject({ node: PEER, name: "peer", tokens: 4 });
+  });
+
+  test("a_lying_peers_blob_is_dropped_and_counted_corrupt_and_the_request_falls_back", async () => {
+    const [s] = homedAt(ME, 1);
+    const { h, here } = setup({ sessions: [s as string], lie: true });
+    expect(await h.prepare(s as string, "m")).toBe(false);
+    expect(h.stats()).toMatchObject({ corrupt: 1, hydrated: 0, failed: 1, priority: 1 });
+    expect(here.stats().checkpoints).toBe(0);
+  });
+
+  test("a_request_for_a_session_homed_elsewhere_that_runs_here_still_fetches_its_checkpoint", async () => {
+    // Routing sent it here (its holder overloaded, or a peer forwarded it): the priority lane brings it over.
+    const [other] = homedAt(PEER, 1);
+    const { h, here } = setup({ sessions: [other as string] });
+    expect(h.wanted("m")).toEqual([]);
+    expect(await h.prepare(other as string, "m")).toBe(true);
+    expect(here.stats().checkpoints).toBe(1);
+    expect(h.stats()).toMatchObject({ priority: 1, hydrated: 1 });
+  });
+
+  test("a_request_for_a_session_already_hydrated_does_not_fetch_again", async () => {
+    const [s] = homedAt(ME, 1);
+    const { h, fetches, limits } = setup({ sessions: [s as string] });
+    expect(await h.prepare(s as string, "m")).toBe(true);
+    // A peer may send no more than the size its holder announced (state, token ids, header room).
+    expect(limits).toEqual([64 + 4 * 4 + 8192]);
+    expect(await h.prepare(s as string, "m")).toBe(true);
+    expect(fetches()).toBe(1);
+    // A session no peer announces: nothing to fetch, the turn prefills in full.
+    expect(await h.prepare("never-announced", "m")).toBe(false);
+    expect(fetches()).toBe(1);
+  });
+
+  test("checkpoints_of_another_model_file_are_never_fetched", async () => {
+    const { h, fetches } = setup({ sessions: homedAt(ME, 2), fingerprint: "cd".repeat(16) });
+    expect(h.wanted("m")).toEqual([]);
+    expect(await h.pass("m")).toBe(false);
+    expect(fetches()).toBe(0);
+  });
+
+  test("metrics_name_every_outcome_and_the_load", async () => {
+    const { h } = setup({ sessions: homedAt(ME, 1) });
+    const text = h.renderMetrics();
+    for (const series of [
+      'mesh_hydration_checkpoints_total{outcome="hydrated"} 0',
+      'mesh_hydration_checkpoints_total{outcome="corrupt"} 0',
+      "mesh_hydration_in_flight 0",
+      "mesh_hydration_queue_depth 0",
+      "mesh_hydration_routed_here 1",
+    ]) {
+      expect(text).toContain(series);
+    }
+  });
+});
+
+describe("announced checkpoint record", () => {
+  const entry = (i: number) => ({ session: `session-${i}`, key: `key${i}`, hash: "f".repeat(64), tokens: 10, bytes: 100, lastUsed: i });
+
+  test("past_its_bound_a_record_keeps_the_most_recently_used_sessions", () => {
+    const models: AnnouncedModel[] = [{ model: "m", fingerprint: FP, checkpoints: Array.from({ length: 200 }, (_, i) => entry(i)) }];
+    const text = encodeRecord(models);
+    expect(Buffer.byteLength(text)).toBeLessThanOrEqual(MAX_RECORD_BYTES);
+    const back = parseRecord(text);
+    const kept = back?.[0]?.checkpoints ?? [];
+    expect(kept.length).toBeGreaterThan(0);
+    expect(kept.length).toBeLessThanOrEqual(MAX_ANNOUNCED);
+    // The newest ones survived the cut.
+    expect(Math.min(...kept.map((c) => c.lastUsed))).toBeGreaterThanOrEqual(200 - kept.length);
+  });
+
+  test("a_record_with_a_bad_field_or_past_the_bounds_is_ignored_whole", () => {
+    const good = encodeRecord([{ model: "m", fingerprint: FP, checkpoints: [entry(1)] }]);
+    expect(parseRecord(good)?.[0]?.checkpoints).toHaveLength(1);
+    const bad = (f: (v: { v: number; models: Array<{ id: string; fp: string; c: unknown[][] }> }) => void) => {
+      const v = JSON.parse(good);
+      f(v);
+      return parseRecord(JSON.stringify(v));
+    };
+    expect(bad((v) => ((v.models[0] as { c: unknown[][] }).c[0] as unknown[]).splice(2, 1, "not-a-hash"))).toBeNull();
+    expect(bad((v) => ((v.models[0] as { c: unknown[][] }).c[0] as unknown[]).splice(1, 1, "../etc/passwd"))).toBeNull();
+    expect(bad((v) => ((v.models[0] as { c: unknown[][] }).c[0] as unknown[]).splice(3, 1, -1))).toBeNull();
+    expect(bad((v) => (v.v = 2))).toBeNull();
+    expect(
+      bad((v) => {
+        const m = v.models[0] as { c: unknown[][] };
+        m.c = Array.from({ length: MAX_ANNOUNCED + 1 }, () => m.c[0] as unknown[]);
+      }),
+    ).toBeNull();
+    expect(parseRecord("not json")).toBeNull();
+    expect(parseRecord(`{"v":1,"models":[],"pad":"${"x".repeat(MAX_RECORD_BYTES)}"}`)).toBeNull();
+  });
+
+  test("a_session_keeps_its_home_when_a_node_that_is_not_its_home_joins", () => {
+    const nodes = ["n1", "n2", "n3"];
+    let moved = 0;
+    for (let i = 0; i < 200; i++) {
+      const before = sessionHome(`s${i}`, nodes);
+      const after = sessionHome(`s${i}`, [...nodes, "n4"]);
+      if (after !== before) {
+        expect(after).toBe("n4");
+        moved++;
+      }
+    }
+    // About a quarter move, all of them to the new node.
+    expect(moved).toBeGreaterThan(20);
+    expect(moved).toBeLessThan(90);
+    expect(sessionHome("s", [])).toBeNull();
+  });
+});
