@@ -359,7 +359,8 @@ export function createApp(o: AppOptions) {
       set.headers["content-type"] = "text/plain; version=0.0.4";
       const text = o.metrics.render(await gauges()) + renderDeviceMetrics(o.models);
       const mesh = o.mesh?.figures();
-      return mesh ? `${text}${renderMeshMetrics(mesh)}\n` : text;
+      const files = o.mesh?.files?.metrics() ?? "";
+      return `${mesh ? `${text}${renderMeshMetrics(mesh)}\n` : text}${files}`;
     })
     .post(
       "/v1/chat/completions",
@@ -492,7 +493,13 @@ export function createApp(o: AppOptions) {
     .use(con.routes())
     .use(
       o.mesh
-        ? meshRoutes({ gate: o.mesh.gate, service: o.mesh.service, apiKeyRequired: o.mesh.apiKeyRequired, logger: o.logger })
+        ? meshRoutes({
+            gate: o.mesh.gate,
+            service: o.mesh.service,
+            apiKeyRequired: o.mesh.apiKeyRequired,
+            logger: o.logger,
+            files: () => o.mesh?.files,
+          })
         : new Elysia(),
     );
 }
