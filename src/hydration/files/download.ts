@@ -97,6 +97,8 @@ export interface PullOptions {
   parallel?: number;
   /** Longest one chunk may take (default 120 s). */
   chunkTimeoutMs?: number;
+  /** First back-off after a holder fails, doubled on each failure in a row (default 200 ms, at most 10 s). */
+  retryBaseMs?: number;
   /** Cache the finished file's digest here, so serving it does not hash it again. */
   stateDir?: string;
   onProgress?: (p: PullProgress) => void;
@@ -142,11 +144,7 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
   refresh();
   const usable = () => [...states.values()].filter((s) => s.fails < MAX_FAILS && s.corrupt < MAX_CORRUPT);
   const progress = (phase: PullProgress["phase"], done: ChunkSet) => {
-    let doneBytes = 0;
-    if (done.size === total) doneBytes = a.size;
-    else
-      for (let i = 0; i < total; i++)
-        if (done.has(i)) doneBytes += chunkRange(a.size, a.chunkSize, i).end - chunkRange(a.size, a.chunkSize, i).start;
+    const doneBytes = bytesHeld(a, done);
     const secs = (performance.now() - started) / 1000;
     o.onProgress?.({
       phase,
@@ -159,7 +157,23 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
     });
   };
 
-  // 1. The chunk list, from any holder, checked against the signed root.
+  // 1. What a previous run left, and room for the rest (the signed record gives the size), before anything is asked or written.
+  const done = loadSidecar(o.dest, a);
+  const need = a.size - bytesHeld(a, done);
+  let free: number;
+  try {
+    free = freeBytes(o.dest);
+  } catch (e) {
+    return fail(o, "io", `cannot check free space for ${o.dest}: ${(e as Error).message}`);
+  }
+  if (free < need + SPACE_MARGIN) {
+    return fail(
+      o,
+      "no_space",
+      `not enough disk space for ${a.file}: it needs ${formatBytes(need)} more and ${dirname(o.dest)} has ${formatBytes(free)} free`,
+    );
+  }
+  // 2. The chunk list, from any holder, checked against the signed root.
   let manifest: FileManifest | null = null;
   for (const s of usable()) {
     if (signal.aborted) return fail(o, "aborted", "the download was stopped");
@@ -174,24 +188,6 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
   }
   if (!manifest) return fail(o, "no_sources", `no holder of ${a.file} gave a chunk list that matches its announcement`);
 
-  // 2. What a previous run left, and room for the rest, before the first byte is written.
-  const done = loadSidecar(o.dest, a);
-  let need = a.size;
-  for (let i = 0; i < total; i++)
-    if (done.has(i)) need -= chunkRange(a.size, a.chunkSize, i).end - chunkRange(a.size, a.chunkSize, i).start;
-  let free: number;
-  try {
-    free = freeBytes(o.dest);
-  } catch (e) {
-    return fail(o, "io", `cannot check free space for ${o.dest}: ${(e as Error).message}`);
-  }
-  if (free < need + SPACE_MARGIN) {
-    return fail(
-      o,
-      "no_space",
-      `not enough disk space for ${a.file}: it needs ${formatBytes(need)} more and ${dirname(o.dest)} has ${formatBytes(free)} free`,
-    );
-  }
   const resumed = done.size;
   let fetched = 0;
   if (resumed > 0) {
@@ -260,6 +256,14 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
   } finally {
     await fh.close().catch(() => {});
   }
+}
+
+/** Bytes of the chunks in `done` (every chunk is whole but the last). */
+function bytesHeld(a: FileAnnounce, done: ChunkSet): number {
+  const total = chunkCount(a.size, a.chunkSize);
+  if (total === 0) return 0;
+  const last = a.size - (total - 1) * a.chunkSize;
+  return done.has(total - 1) ? (done.size - 1) * a.chunkSize + last : done.size * a.chunkSize;
 }
 
 function fail(o: PullOptions, code: PullErrorCode, message: string): PullResult {
@@ -362,7 +366,7 @@ async function fetchAll(
         }
         o.stats.fetchFailures++;
         s.fails++;
-        s.downUntil = performance.now() + Math.min(10_000, 200 * 2 ** s.fails);
+        s.downUntil = performance.now() + Math.min(10_000, (o.retryBaseMs ?? 200) * 2 ** s.fails);
         (failedOn.get(i) ?? failedOn.set(i, new Set()).get(i))?.add(s.src.id);
         o.log?.debug("chunk fetch failed", { file: a.file, chunk: i, from: s.src.name, error: (e as Error)?.message });
         pending.unshift(i);

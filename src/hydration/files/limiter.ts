@@ -34,12 +34,17 @@ export class RateLimiter {
     private readonly now: () => number = () => performance.now(),
   ) {}
 
-  /** Wait until `bytes` more may be sent. */
-  async take(bytes: number): Promise<void> {
-    if (this.bytesPerSec <= 0) return;
+  /** Reserve `bytes` on the shared timeline: milliseconds to wait before sending them (0: at once). */
+  reserve(bytes: number): number {
+    if (this.bytesPerSec <= 0) return 0;
     const now = this.now();
     this.next = Math.max(this.next, now - this.burstMs) + (bytes * 1000) / this.bytesPerSec;
-    const wait = this.next - now - this.burstMs;
+    return Math.max(0, this.next - now - this.burstMs);
+  }
+
+  /** Wait until `bytes` more may be sent. */
+  async take(bytes: number): Promise<void> {
+    const wait = this.reserve(bytes);
     if (wait > 0) await Bun.sleep(wait);
   }
 }
