@@ -93,8 +93,10 @@ export interface PullOptions {
   sources: () => Source[];
   fetcher: ChunkFetcher;
   stats: PullStats;
-  /** Chunk fetches in flight at once (default: 4 per holder, at most 16). */
+  /** Chunk fetches in flight at once, over all holders (default 16). */
   parallel?: number;
+  /** Chunk fetches in flight to one holder at once (default 4). */
+  perHolder?: number;
   /** Longest one chunk may take (default 120 s). */
   chunkTimeoutMs?: number;
   /** First back-off after a holder fails, doubled on each failure in a row (default 200 ms, at most 10 s). */
@@ -118,6 +120,9 @@ interface SourceState {
 const MAX_FAILS = 5;
 const MAX_CORRUPT = 2;
 const SIDECAR_EVERY_MS = 250;
+const REFRESH_MS = 1000;
+const MAX_PARALLEL = 16;
+const PER_HOLDER = 4;
 const MAX_WHOLE_ROUNDS = 3;
 // Free room kept beyond the file itself (filesystems misbehave when completely full).
 const SPACE_MARGIN = 16 * 1024 * 1024;
@@ -218,7 +223,7 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
       const pending: number[] = [];
       for (let i = 0; i < total; i++) if (!done.has(i)) pending.push(i);
       progress("fetching", done);
-      const err = await fetchAll(o, manifest, pending, done, states, usable, refresh, fh, signal, (n) => {
+      const err = await fetchAll(o, manifest, pending, done, usable, refresh, fh, signal, (n) => {
         fetchedBytes += n;
         fetched++;
         save(false);
@@ -276,7 +281,6 @@ async function fetchAll(
   m: FileManifest,
   pending: number[],
   done: ChunkSet,
-  states: Map<string, SourceState>,
   usable: () => SourceState[],
   refresh: () => void,
   fh: Awaited<ReturnType<typeof open>>,
@@ -287,9 +291,11 @@ async function fetchAll(
   const failedOn = new Map<number, Set<string>>();
   let error: { code: PullErrorCode; message: string } | null = null;
   let inflight = 0;
+  const perHolder = o.perHolder ?? PER_HOLDER;
+  let refreshedAt = performance.now();
   const pick = (i: number): SourceState | null => {
     const now = performance.now();
-    let list = usable().filter((s) => s.downUntil <= now);
+    let list = usable().filter((s) => s.downUntil <= now && s.inflight < perHolder);
     const avoid = failedOn.get(i);
     const fresh = list.filter((s) => !avoid?.has(s.src.id));
     if (fresh.length > 0) list = fresh;
@@ -309,15 +315,16 @@ async function fetchAll(
         await Bun.sleep(20);
         continue;
       }
-      let s = pick(i);
-      if (!s) {
+      // Holders that announced the file since the download began join in (at most a check a second).
+      if (performance.now() - refreshedAt > REFRESH_MS || usable().length === 0) {
         refresh();
-        s = pick(i);
+        refreshedAt = performance.now();
       }
+      const s = pick(i);
       if (!s) {
-        const waiting = usable();
-        if (waiting.length === 0) {
-          pending.unshift(i);
+        pending.unshift(i);
+        const live = usable();
+        if (live.length === 0) {
           if (inflight > 0) {
             await Bun.sleep(50);
             continue;
@@ -328,10 +335,9 @@ async function fetchAll(
           };
           return;
         }
-        // All usable holders are backing off: wait for the first to come back.
-        pending.unshift(i);
-        const until = Math.min(...waiting.map((w) => w.downUntil));
-        await Bun.sleep(Math.max(10, until - performance.now()));
+        // Every usable holder is busy or backing off: wait a little for one.
+        const until = Math.min(...live.map((w) => (w.inflight < perHolder ? w.downUntil : performance.now() + 10)));
+        await Bun.sleep(Math.max(5, Math.min(1000, until - performance.now())));
         continue;
       }
       const { start, end } = chunkRange(a.size, a.chunkSize, i);
@@ -376,7 +382,7 @@ async function fetchAll(
       }
     }
   };
-  const n = o.parallel ?? Math.min(16, Math.max(4, 4 * states.size));
+  const n = o.parallel ?? MAX_PARALLEL;
   await Promise.all(Array.from({ length: n }, worker));
   return error;
 }
