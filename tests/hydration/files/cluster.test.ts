@@ -6,10 +6,25 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import OpenAI from "openai";
+import { freeBytes } from "../../../src/hydration/files/download";
+import { fileKey, rootOf, serializeAnnounce } from "../../../src/hydration/files/manifest";
 import type { FilesReport } from "../../../src/hydration/files/service";
 import { meshKeys } from "../../../src/mesh/auth";
 import { MeshClient } from "../../../src/mesh/client";
-import { clusterDir, MAIN, metricOf, type NodeProc, secretOf, spawnNode, tokenOf, waitFor } from "../../helpers/cluster";
+import { signRecord } from "../../../src/mesh/kv-record";
+import {
+  clusterDir,
+  MAIN,
+  meshCli,
+  meshCliAsync,
+  metricOf,
+  type NodeProc,
+  secretOf,
+  spawnNode,
+  TestMember,
+  tokenOf,
+  waitFor,
+} from "../../helpers/cluster";
 import { tinyModel } from "../../helpers/model";
 
 const dir = clusterDir();
@@ -185,6 +200,39 @@ describe("model hydration across processes", () => {
     }
     for (const n of [a, liar, c]) n.proc.kill("SIGKILL");
   }, 300_000);
+
+  test("not_enough_disk_is_a_clear_error_exit_2_and_nothing_is_written", async () => {
+    const a = await holder("da");
+    // A member announces a file larger than this disk's free room (records are all a downloader checks before the first byte).
+    const m = new TestMember(a.stateDir);
+    await m.join(a);
+    const size = freeBytes(dir) + 4 * 1024 ** 3;
+    const chunkSize = 256 * 1024 * 1024;
+    const chunks = Array.from({ length: Math.ceil(size / chunkSize) }, (_, i) => i.toString(16).padStart(64, "0"));
+    const hash = "ab".repeat(32);
+    const value = serializeAnnounce({ name: "huge", aliases: [], file: "huge.gguf", size, hash, chunkSize, root: rootOf(chunks) });
+    const rec = signRecord(m.identity, fileKey(hash), value, { w: Date.now(), l: 0, n: m.identity.id });
+    await m.push(a, [{ owner: m.identity.id, after: null, upTo: null, records: [rec], more: false }]);
+    const out = join(dir, "huge-out");
+    const r = await meshCliAsync(["pull", "huge", "--state-dir", a.stateDir, "--dir", out]);
+    expect(r.code).toBe(2);
+    expect(r.err).toContain("not enough disk space for huge.gguf");
+    expect(r.err.trim().split("\n").at(-1)).toStartWith("mesh: not enough disk space");
+    expect(existsSync(out)).toBe(false);
+    await m.leave([a]);
+    a.proc.kill("SIGKILL");
+  }, 120_000);
+
+  test("bad_hydration_flags_and_unknown_models_exit_2_with_one_line", () => {
+    const state = join(dir, "state-flags");
+    const limit = meshCli(["serve", "--upload-limit", "fast", "--state-dir", state, "--port", "0"]);
+    expect(limit.code).toBe(2);
+    expect(limit.err).toContain("--upload-limit must be bytes per second");
+    const lonely = meshCli(["serve", "--model", "no-such-model", "--state-dir", state, "--port", "0"]);
+    expect(lonely.code).toBe(2);
+    expect(lonely.err).toContain("model file not found: no-such-model (to pull a model by name from the mesh, join it");
+    expect(lonely.err.trim().split("\n").length).toBe(1);
+  });
 });
 
 function nameOf(nodeId: string | null, ns: NodeProc[]): string | undefined {
