@@ -198,6 +198,7 @@ Then:
       .description("fetch a model file from the members that have it (parallel, verified, resumable), without serving it"),
   )
     .option("--dir <dir>", "folder to put the file in (default: <state dir>/models, where 'mesh serve --model <name>' looks)")
+    .option("--from <member>", "ask only this member (name or node id) for the file; repeatable (default: every holder)", collect, [])
     .option("--json", "progress and the result as JSON lines on stdout")
     .addHelpText(
       "after",

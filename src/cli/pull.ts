@@ -22,6 +22,8 @@ export interface PullOptions extends NodeClientFlags {
   /** Folder to put the file in (default: <state dir>/models). */
   dir?: string;
   json?: boolean;
+  /** Only these members (names or node ids) are asked; default: every holder. */
+  from?: string[];
 }
 
 /** Run `mesh pull <name>`; resolves with the exit code. */
@@ -55,7 +57,13 @@ export async function pull(name: string, o: PullOptions): Promise<number> {
     );
     return 0;
   }
-  const holders = row.holders.map((h) => ({ id: h.id, addr: h.addr, name: h.name }));
+  const from = o.from ?? [];
+  const holders = row.holders
+    .filter((h) => from.length === 0 || from.includes(h.name) || from.includes(h.id))
+    .map((h) => ({ id: h.id, addr: h.addr, name: h.name }));
+  if (holders.length === 0) {
+    throw new UsageError(`none of --from ${from.join(", ")} holds ${a.file}; its holders: ${row.holders.map((h) => h.name).join(", ")}`);
+  }
   say(
     { event: "start", model: a.name, file: a.file, size: a.size, hash: a.hash, holders: holders.map((h) => h.name), path: dest },
     `pulling ${a.file} (${a.size} bytes, BLAKE3 ${a.hash.slice(0, 16)}…) from ${holders.map((h) => h.name).join(", ")} into ${dest}`,
