@@ -242,6 +242,11 @@ export async function serve(o: ServeOptions): Promise<number> {
     } catch (e) {
       await mesh.node.leave();
       await server.close();
+      if (stopping.signal.aborted) {
+        // Stopped by the operator: the verified chunks stay for the next start, which resumes from them.
+        logger.info("stopped while pulling the model; the next start resumes the pull", { model: pullName });
+        return 0;
+      }
       throw e;
     } finally {
       process.off("SIGINT", onSignal);

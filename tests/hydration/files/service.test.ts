@@ -1,0 +1,47 @@
+// The node's file service without a mesh: bounded bookkeeping, nothing to find.
+import { describe, expect, test } from "bun:test";
+import { newPullStats } from "../../../src/hydration/files/download";
+import { FileService } from "../../../src/hydration/files/service";
+import { silentLogger } from "../../../src/log";
+
+const unused = {
+  manifest: async () => {
+    throw new Error("not asked");
+  },
+  chunk: async () => {
+    throw new Error("not asked");
+  },
+};
+
+describe("FileService", () => {
+  test("keeps_at_most_64_local_rows", () => {
+    const s = new FileService({
+      selfId: "n",
+      stateDir: "/nonexistent",
+      uploadLimit: 0,
+      chunkSize: 4096,
+      fetcher: unused,
+      log: silentLogger,
+    });
+    for (let i = 0; i < 100; i++) s.waiting(`m${i}`, `/x/m${i}.gguf`);
+    const local = s.report().local;
+    expect(local.length).toBe(64);
+    expect(local.at(-1)?.name).toBe("m99");
+    expect(local[0]?.name).toBe("m36");
+  });
+
+  test("finds_nothing_before_it_joins_and_renders_metrics", () => {
+    const s = new FileService({
+      selfId: "n",
+      stateDir: "/nonexistent",
+      uploadLimit: 0,
+      chunkSize: 4096,
+      fetcher: unused,
+      log: silentLogger,
+    });
+    expect(s.find("anything")).toBeNull();
+    expect(s.meshFiles()).toEqual([]);
+    expect(s.metrics()).toContain("mesh_hydration_chunks_corrupt_total 0");
+    expect(newPullStats().completed).toBe(0);
+  });
+});
