@@ -1,9 +1,10 @@
 // Model hydration throughput: a ~1 GB GGUF pulled between local nodes with
 // `mesh pull`, from one holder and from two, against `curl` of the same file
-// from a local static server (python3 -m http.server) as the ceiling. Rounds
-// are interleaved (curl, one source, two sources, repeat) so that load from
-// whatever else runs on the machine falls on all three alike; the load
-// average is recorded with each round.
+// from a local static server (python3 -m http.server) as the ceiling (plain,
+// and followed by an fsync, as a pull makes its file durable before the
+// rename). Rounds are interleaved, the order rotated each round, so that load
+// from whatever else runs on the machine falls on every method alike; the
+// load average is recorded with each measurement.
 //
 //   bun run src/bench/hydrate.ts [--rounds 3] [--json]
 import { existsSync, mkdirSync, mkdtempSync, rmSync, statSync } from "node:fs";
@@ -132,19 +133,28 @@ async function main(): Promise<void> {
       rows.push({ method, round, seconds, mbPerSec: size / 1e6 / seconds, load1: loadavg()[0] as number });
       rmSync(out, { recursive: true, force: true });
     };
+    const methods: Array<[string, () => Promise<number>]> = [
+      ["curl (static server)", () => timed(["curl", "-sf", "-o", join(out, "curl.gguf"), url])],
+      // The same, made durable: mesh pull fsyncs the file before renaming it into place.
+      ["curl + fsync", () => timed(["sh", "-c", `curl -sf -o '${join(out, "curl.gguf")}' '${url}' && sync '${join(out, "curl.gguf")}'`])],
+      ["mesh pull, 1 source", () => pull(["a"])],
+      ["mesh pull, 2 sources", () => pull(["a", "b"])],
+    ];
     for (let r = 1; r <= rounds; r++) {
-      mkdirSync(out, { recursive: true });
-      record("curl (static server)", r, await timed(["curl", "-sf", "-o", join(out, "curl.gguf"), url]));
-      record("mesh pull, 1 source", r, await pull(["a"]));
-      record("mesh pull, 2 sources", r, await pull(["a", "b"]));
+      // Rotated each round, so writeback left by one method falls on each of them in turn.
+      for (let k = 0; k < methods.length; k++) {
+        const [method, run] = methods[(k + r - 1) % methods.length] as [string, () => Promise<number>];
+        mkdirSync(out, { recursive: true });
+        record(method, r, await run());
+      }
     }
     const by = new Map<string, Row[]>();
     for (const row of rows) by.set(row.method, [...(by.get(row.method) ?? []), row]);
     const median = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)] as number;
-    const ceiling = median((by.get("curl (static server)") ?? []).map((r) => r.mbPerSec));
+    const ceiling = median((by.get("curl + fsync") ?? []).map((r) => r.mbPerSec));
     if (process.argv.includes("--json")) process.stdout.write(`${JSON.stringify({ size, rows })}\n`);
     process.stdout.write(`file: ${HYDRATE_1G.name}.gguf, ${size} bytes; ${rounds} interleaved rounds\n`);
-    process.stdout.write("| method | median MB/s | min..max MB/s | vs curl | load1 during |\n|---|---|---|---|---|\n");
+    process.stdout.write("| method | median MB/s | min..max MB/s | vs curl + fsync | load1 during |\n|---|---|---|---|---|\n");
     for (const [method, rs] of by) {
       const mbs = rs.map((r) => r.mbPerSec);
       process.stdout.write(
