@@ -152,6 +152,8 @@ Examples:
   mesh serve --model ./qwen2.5-7b-q4_k_m.gguf --ctx-size 32768 --parallel 8
   mesh serve -m model.gguf --host 0.0.0.0 --api-key "$KEY" --log-format json
   mesh serve -m other.gguf --host 0.0.0.0 --join <token printed by the first node>
+  mesh serve --model other --join <token>      # a model only a peer has: pulled from the mesh (verified, resumable), then served
+  mesh serve -m big.gguf --upload-limit 50M    # peers pull this node's file at most 50 MiB/s in all
   mesh serve --host 0.0.0.0 --api-key "$KEY" --console public   # the console for anyone with the key
 
 Then:
