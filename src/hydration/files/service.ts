@@ -222,32 +222,32 @@ export class FileService implements FileHooks {
     counter("mesh_files_upload_bytes_total", "Model file bytes sent to peers.", u.bytesServed);
     counter("mesh_files_upload_chunks_total", "Model file chunks sent to peers.", u.chunksServed);
     counter("mesh_files_upload_not_found_total", "Requests for a file or chunk this node does not announce.", u.notFound);
-    counter("mesh_hydration_bytes_fetched_total", "Model file bytes fetched from peers (bad chunks included).", s.bytesFetched);
-    counter("mesh_hydration_chunks_fetched_total", "Model file chunks fetched and verified.", s.chunksFetched);
+    counter("mesh_files_pull_bytes_total", "Model file bytes fetched from peers (bad chunks included).", s.bytesFetched);
+    counter("mesh_files_pull_chunks_total", "Model file chunks fetched and verified.", s.chunksFetched);
     counter(
-      "mesh_hydration_chunks_corrupt_total",
+      "mesh_files_pull_chunks_corrupt_total",
       "Fetched chunks that did not match their BLAKE3 hash (fetched again elsewhere).",
       s.chunksCorrupt,
     );
     counter(
-      "mesh_hydration_chunks_resumed_total",
+      "mesh_files_pull_chunks_resumed_total",
       "Chunks a restarted download found verified on disk and did not fetch again.",
       s.chunksResumed,
     );
     counter(
-      "mesh_hydration_fetch_failures_total",
+      "mesh_files_pull_fetch_failures_total",
       "Chunk or manifest fetches that failed (peer unreachable, timed out, cut short).",
       s.fetchFailures,
     );
-    counter("mesh_hydration_whole_mismatches_total", "Finished downloads whose whole-file hash did not match.", s.wholeMismatches);
-    counter("mesh_hydration_completed_total", "Model file downloads verified and renamed into place.", s.completed);
-    counter("mesh_hydration_failed_total", "Model file downloads that stopped with an error (kept to resume).", s.failed);
+    counter("mesh_files_pull_whole_mismatches_total", "Finished downloads whose whole-file hash did not match.", s.wholeMismatches);
+    counter("mesh_files_pulls_completed_total", "Model file downloads verified and renamed into place.", s.completed);
+    counter("mesh_files_pulls_failed_total", "Model file downloads that stopped with an error (kept to resume).", s.failed);
     const active = [...this.local.values()].filter((r) => r.progress !== null);
     if (active.length > 0) {
-      lines.push("# HELP mesh_hydration_bytes_done Bytes of each model file verified on disk.", "# TYPE mesh_hydration_bytes_done gauge");
-      for (const r of active) lines.push(`mesh_hydration_bytes_done{model="${label(r.name)}"} ${r.progress?.done_bytes ?? 0}`);
-      lines.push("# HELP mesh_hydration_bytes Size of each model file being hydrated.", "# TYPE mesh_hydration_bytes gauge");
-      for (const r of active) lines.push(`mesh_hydration_bytes{model="${label(r.name)}"} ${r.progress?.total_bytes ?? 0}`);
+      lines.push("# HELP mesh_files_pull_bytes_done Bytes of each model file verified on disk.", "# TYPE mesh_files_pull_bytes_done gauge");
+      for (const r of active) lines.push(`mesh_files_pull_bytes_done{model="${label(r.name)}"} ${r.progress?.done_bytes ?? 0}`);
+      lines.push("# HELP mesh_files_pull_bytes_size Size of each model file being pulled.", "# TYPE mesh_files_pull_bytes_size gauge");
+      for (const r of active) lines.push(`mesh_files_pull_bytes_size{model="${label(r.name)}"} ${r.progress?.total_bytes ?? 0}`);
     }
     return `${lines.join("\n")}\n`;
   }

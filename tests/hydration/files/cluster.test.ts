@@ -76,7 +76,7 @@ async function ready(n: NodeProc): Promise<void> {
   });
 }
 
-const doneBytes = (n: NodeProc) => metricOf(n, 'mesh_hydration_bytes_done{model="mesh-tiny"}').catch(() => 0);
+const doneBytes = (n: NodeProc) => metricOf(n, 'mesh_files_pull_bytes_done{model="mesh-tiny"}').catch(() => 0);
 const pulledPath = (n: NodeProc) => join(n.stateDir, "models", "mesh-tiny.gguf");
 
 async function sameAsTiny(path: string): Promise<boolean> {
@@ -103,8 +103,8 @@ describe("model hydration across processes", () => {
     // Both holders sent chunks; every chunk was fetched once and verified.
     expect(await metricOf(a, "mesh_files_upload_chunks_total")).toBeGreaterThan(0);
     expect(await metricOf(b, "mesh_files_upload_chunks_total")).toBeGreaterThan(0);
-    expect(await metricOf(c, "mesh_hydration_chunks_fetched_total")).toBe(CHUNKS);
-    expect(await metricOf(c, "mesh_hydration_completed_total")).toBe(1);
+    expect(await metricOf(c, "mesh_files_pull_chunks_total")).toBe(CHUNKS);
+    expect(await metricOf(c, "mesh_files_pulls_completed_total")).toBe(1);
     // It serves the model now: its own /v1/models entry is ready, and it answers.
     const models = (await (await fetch(`${c.url}/v1/models`)).json()) as { data: Array<{ id: string; status: string }> };
     expect(models.data.find((m) => m.id === "mesh-tiny")?.status).toBe("ready");
@@ -150,8 +150,8 @@ describe("model hydration across processes", () => {
     const c2 = await puller("rc", "mesh-tiny", tokenOf(a), c1.stateDir);
     await ready(c2);
     expect(c2.log()).toContain("resuming a download");
-    const resumed = await metricOf(c2, "mesh_hydration_chunks_resumed_total");
-    const fetched = await metricOf(c2, "mesh_hydration_chunks_fetched_total");
+    const resumed = await metricOf(c2, "mesh_files_pull_chunks_resumed_total");
+    const fetched = await metricOf(c2, "mesh_files_pull_chunks_total");
     expect(resumed).toBeGreaterThan(0);
     expect(resumed + fetched).toBe(CHUNKS);
     expect(await sameAsTiny(pulledPath(c2))).toBe(true);
@@ -170,8 +170,8 @@ describe("model hydration across processes", () => {
     await ready(c);
     expect(await sameAsTiny(pulledPath(c))).toBe(true);
     expect(await metricOf(liar, "mesh_files_upload_chunks_total")).toBeGreaterThan(0);
-    expect(await metricOf(c, "mesh_hydration_chunks_corrupt_total")).toBeGreaterThanOrEqual(1);
-    expect(await metricOf(c, "mesh_hydration_chunks_fetched_total")).toBe(CHUNKS);
+    expect(await metricOf(c, "mesh_files_pull_chunks_corrupt_total")).toBeGreaterThanOrEqual(1);
+    expect(await metricOf(c, "mesh_files_pull_chunks_total")).toBe(CHUNKS);
 
     // Holders serve files to members only, and only the files they announce.
     const report = (await signedGet(a, "/api/files")) as FilesReport;

@@ -45,7 +45,7 @@ describe("FileService", () => {
     });
     expect(s.find("anything")).toBeNull();
     expect(s.meshFiles()).toEqual([]);
-    expect(s.metrics()).toContain("mesh_hydration_chunks_corrupt_total 0");
+    expect(s.metrics()).toContain("mesh_files_pull_chunks_corrupt_total 0");
     expect(newPullStats().completed).toBe(0);
   });
 
