@@ -158,6 +158,18 @@ describe("model hydration across processes", () => {
     for (const n of [a, c2]) n.proc.kill("SIGKILL");
   }, 300_000);
 
+  test("sigterm_during_a_pull_stops_cleanly_and_keeps_the_verified_chunks", async () => {
+    const a = await holder("sa", ["--upload-limit", "256k"]);
+    const c = await puller("sc", "mesh-tiny", tokenOf(a));
+    await waitFor("the pull to start", 60_000, async () => (await doneBytes(c)) > 0);
+    c.proc.kill("SIGTERM");
+    expect(await c.proc.exited).toBe(0);
+    expect(c.log()).toContain("the next start resumes the pull");
+    expect(existsSync(pulledPath(c))).toBe(false);
+    expect(existsSync(`${pulledPath(c)}.part.json`)).toBe(true);
+    a.proc.kill("SIGKILL");
+  }, 300_000);
+
   test("a_lying_holder_is_detected_its_chunks_refetched_elsewhere_and_counted", async () => {
     // The honest holder is slow, so the pull is still running when the puller learns of the liar.
     const a = await holder("la", ["--upload-limit", "512k"]);
