@@ -8,7 +8,7 @@ import type { MeshCore } from "../../mesh/node";
 import type { FileHooks } from "../../server/mesh";
 import { type ChunkFetcher, newPullStats, type PullProgress, type PullResult, type PullStats, pullFile, type Source } from "./download";
 import { cachedDigest, digestOf } from "./hash";
-import { answersTo, FILE_PREFIX, type FileAnnounce, fileKey, parseAnnounce, serializeAnnounce } from "./manifest";
+import { answersTo, FILE_PREFIX, type FileAnnounce, fileKey, isFileName, parseAnnounce, serializeAnnounce } from "./manifest";
 import { Shelf } from "./upload";
 
 /** One file the mesh announces, with its live holders. */
@@ -90,6 +90,13 @@ export class FileService implements FileHooks {
   /** Hash `path` (or take its cached digest), offer it to peers and announce it under `name` and `aliases`. */
   async offer(path: string, name: string, aliases: string[]): Promise<FileAnnounce | null> {
     const row = this.row({ name, file: basename(path), path, state: "hashing", size: null, hash: null, progress: null });
+    if (!isFileName(basename(path))) {
+      // Peers would refuse the record: a file name is all they store the file under, so it must be a safe one.
+      const error = "the file name must be letters, digits, '.', '_', '+' or '-' (rename the file to offer it to peers)";
+      Object.assign(row, { state: "failed", error });
+      this.o.log.warn("model file not announced", { model: name, file: basename(path), error });
+      return null;
+    }
     try {
       const d = await digestOf(this.o.stateDir, path, this.o.chunkSize, { anyChunking: true });
       const announce: FileAnnounce = {

@@ -62,4 +62,18 @@ describe("FileService", () => {
     expect(r.ok).toBe(true);
     expect(s.stats.bytesFetched).toBe(0);
   });
+
+  test("a_file_name_peers_would_refuse_is_not_announced_and_says_why", async () => {
+    const s = new FileService({
+      selfId: "n",
+      stateDir: "/nonexistent",
+      uploadLimit: 0,
+      chunkSize: 4096,
+      fetcher: unused,
+      log: silentLogger,
+    });
+    expect(await s.offer("/models/my model.gguf", "my model", [])).toBeNull();
+    expect(s.report().local[0]).toMatchObject({ state: "failed" });
+    expect(s.shelf.list()).toEqual([]);
+  });
 });
