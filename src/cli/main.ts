@@ -9,7 +9,9 @@ import { SESSION_DEFAULTS } from "../sessions";
 import { registerBench } from "./bench";
 import { buildInfo, formatBuildInfo } from "./build-info";
 import { invite } from "./invite";
+import { models } from "./models";
 import { peers } from "./peers";
+import { pull } from "./pull";
 import { serve } from "./serve";
 import { intOption, UsageError } from "./usage";
 
@@ -27,7 +29,10 @@ export function program(): Command {
 
   p.command("serve")
     .description("serve a GGUF model over an OpenAI-compatible HTTP API")
-    .option("-m, --model <path>", "GGUF model file (default: a built-in demo model with random weights)")
+    .option(
+      "-m, --model <path|name>",
+      "GGUF model file, or the name of a model a member of the mesh serves (pulled from its holders into <state dir>/models; default: a built-in demo model with random weights)",
+    )
     .option("--alias <name>", "another model name requests may use for the model, e.g. gpt-4o (repeatable)", collect, [])
     .option("--host <addr>", "address to listen on (0.0.0.0 for all interfaces)", "127.0.0.1")
     .option("-p, --port <n>", "HTTP port", intOption("--port", 0, 65535), 9337)
@@ -131,6 +136,23 @@ export function program(): Command {
         .default("local"),
     )
     .option("--no-console", "turn the web console and its admin API off (as --console off)")
+    .option(
+      "--upload-limit <rate>",
+      "bandwidth all uploads of model files to peers may use together, e.g. 500k, 20M, 1G bytes/s (default: no cap)",
+    )
+    .option(
+      "--pull-wait <s>",
+      "seconds --model <name> waits for a member of the mesh that has the model",
+      intOption("--pull-wait", 1, 86400),
+      120,
+    )
+    .option(
+      "--file-chunk-size <bytes>",
+      "chunk size this node cuts the model file it announces into (hashed and fetched per chunk)",
+      intOption("--file-chunk-size", 4096, 256 * 1024 * 1024),
+      4 * 1024 * 1024,
+    )
+    .addOption(new Option("--fault-corrupt-uploads", "test fault: flip a byte in every chunk uploaded").hideHelp())
     .option("--shutdown-grace <s>", "seconds to let running requests finish on SIGINT/SIGTERM", intOption("--shutdown-grace", 0, 3600), 10)
     .addOption(
       new Option("--log-format <format>", "log lines as readable text or one JSON object each").choices(["text", "json"]).default("text"),
@@ -143,6 +165,8 @@ Examples:
   mesh serve --model ./qwen2.5-7b-q4_k_m.gguf --ctx-size 32768 --parallel 8
   mesh serve -m model.gguf --host 0.0.0.0 --api-key "$KEY" --log-format json
   mesh serve -m other.gguf --host 0.0.0.0 --join <token printed by the first node>
+  mesh serve --model other --join <token>      # a model only a peer has: pulled from the mesh (verified, resumable), then served
+  mesh serve -m big.gguf --upload-limit 50M    # peers pull this node's file at most 50 MiB/s in all
   mesh serve --host 0.0.0.0 --api-key "$KEY" --console public   # the console for anyone with the key
 
 Then:
@@ -170,6 +194,35 @@ Then:
       process.exitCode = await peers(opts);
     });
 
+  nodeFlags(
+    p
+      .command("models")
+      .description("list the model files of this node and of the mesh: where each lives, size, BLAKE3 hash, pull progress"),
+  )
+    .option("--api-key <key>", "authenticate with an inference API key instead of the state dir's mesh credentials")
+    .option("--json", "one JSON object instead of a table")
+    .addHelpText("after", "\nExamples:\n  mesh models\n  mesh models --json | jq '.mesh[].name'")
+    .action(async (opts) => {
+      process.exitCode = await models(opts);
+    });
+
+  nodeFlags(
+    p
+      .command("pull")
+      .argument("<name>", "the model's name (or alias, or file name) as 'mesh models' lists it")
+      .description("fetch a model file from the members that have it (parallel, verified, resumable), without serving it"),
+  )
+    .option("--dir <dir>", "folder to put the file in (default: <state dir>/models, where 'mesh serve --model <name>' looks)")
+    .option("--from <member>", "ask only this member (name or node id) for the file; repeatable (default: every holder)", collect, [])
+    .option("--json", "progress and the result as JSON lines on stdout")
+    .addHelpText(
+      "after",
+      "\nExamples:\n  mesh pull qwen2.5-7b-q4_k_m        # then: mesh serve --model qwen2.5-7b-q4_k_m\n  mesh pull qwen2.5-7b-q4_k_m --dir ./models --json",
+    )
+    .action(async (name: string, opts) => {
+      process.exitCode = await pull(name, opts);
+    });
+
   p.command("version")
     .description("print the version, llama.cpp release and commit, backend and build flags (as mesh --version)")
     .option("--json", "one JSON object instead of lines")
@@ -192,6 +245,8 @@ Examples:
   mesh serve --model ./model.gguf # serve a real GGUF model
   mesh serve --join <token>       # join the mesh of the node that printed the token
   mesh peers                      # members of the mesh, their models and load
+  mesh models                     # model files in the mesh: where, size, hash, pull progress
+  mesh serve --model <name> --join <token>  # serve a model a peer has: pulled from the peers first
   mesh serve --help               # every serve option
   mesh bench kv-pressure --tiny   # overlapping agent loops against a node it starts`,
   );

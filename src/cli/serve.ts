@@ -13,7 +13,8 @@ import { backendOf } from "../server/devices";
 import { NodeHydration } from "../server/hydration";
 import { checkAliases, modelIdFromPath } from "../server/model";
 import type { MeshFlags } from "./mesh-flags";
-import { prepareMesh, startMesh } from "./serve-mesh";
+import { checkFileFlags, type FileFlags, isModelName, mountFiles, pulledFile, pullForServe } from "./serve-files";
+import { prepareMesh, rememberedPeers, startMesh } from "./serve-mesh";
 import { UsageError } from "./usage";
 
 /** The line that says where the console is, or why it is not served. */
@@ -26,7 +27,7 @@ export function consoleLine(c: { mode: ConsoleMode; loopback: boolean }, keys: b
 }
 
 /** Options of `mesh serve`, as parsed by commander. */
-export interface ServeOptions extends MeshFlags {
+export interface ServeOptions extends MeshFlags, FileFlags {
   model?: string;
   alias: string[];
   host: string;
@@ -151,38 +152,56 @@ export async function serve(o: ServeOptions): Promise<number> {
   const apiKeys = readKeys(o);
   const consoleOptions = { mode: consoleMode(o), loopback: isLoopback(o.host) };
   const mesh = prepareMesh(o, { logger, apiKeyRequired: apiKeys.length > 0, maxBodyBytes: o.maxBodyBytes });
+  checkFileFlags(o);
   let modelPath = o.model;
   let demo = false;
-  if (modelPath) checkGguf(modelPath);
-  else {
-    demo = true;
-    modelPath = await ensureModel(TINY);
+  // `--model <name>` with no such file: a model some member of the mesh announces, pulled into the state dir.
+  let pullName: string | null = null;
+  if (modelPath && !existsSync(modelPath) && isModelName(modelPath)) {
+    const earlier = pulledFile(mesh.plan.stateDir, modelPath);
+    if (earlier) modelPath = earlier;
+    else if (mesh.plan.seeds.length === 0 && rememberedPeers(mesh.plan.stateDir).length === 0) {
+      throw new UsageError(`model file not found: ${modelPath} (to pull a model by name from the mesh, join it: --join <token>)`);
+    } else pullName = modelPath;
   }
-  const aliasError = checkAliases(o.alias, [modelIdFromPath(modelPath)]);
-  if (aliasError) throw new UsageError(aliasError);
+  if (pullName === null) {
+    if (modelPath) checkGguf(modelPath);
+    else {
+      demo = true;
+      modelPath = await ensureModel(TINY);
+    }
+    const aliasError = checkAliases(o.alias, [modelIdFromPath(modelPath)]);
+    if (aliasError) throw new UsageError(aliasError);
+  }
   const threads = o.threads ?? Math.max(1, cpus().length);
-  const model = ServedModel.start({
-    modelPath,
-    aliases: o.alias,
-    nCtx: o.ctxSize,
-    nParallel: o.parallel,
-    nBatch: o.batchSize,
-    nUbatch: Math.min(512, o.batchSize),
-    threads,
-    nGpuLayers: o.nGpuLayers,
-    queueCapacity: o.queueCapacity,
-    queueTimeoutMs: o.queueTimeout * 1000,
-    defaultReserveOutput: o.kvReserveOutput,
-    hostCacheMiB: o.cacheRam,
-    checkpointRamMiB: o.checkpointRam,
-    checkpointDiskMiB: o.checkpointDisk,
-    // Spilled checkpoints live beside the node's identity, one directory per model fingerprint.
-    checkpointDir: join(mesh.plan.stateDir, "checkpoints"),
-    onProgress: progressPrinter(`loading ${modelPath}`),
-  });
+  const startModel = (path: string, aliases: string[]) =>
+    ServedModel.start({
+      modelPath: path,
+      aliases,
+      nCtx: o.ctxSize,
+      nParallel: o.parallel,
+      nBatch: o.batchSize,
+      nUbatch: Math.min(512, o.batchSize),
+      threads,
+      nGpuLayers: o.nGpuLayers,
+      queueCapacity: o.queueCapacity,
+      queueTimeoutMs: o.queueTimeout * 1000,
+      defaultReserveOutput: o.kvReserveOutput,
+      hostCacheMiB: o.cacheRam,
+      checkpointRamMiB: o.checkpointRam,
+      checkpointDiskMiB: o.checkpointDisk,
+      // Spilled checkpoints live beside the node's identity, one directory per model fingerprint.
+      checkpointDir: join(mesh.plan.stateDir, "checkpoints"),
+      onProgress: progressPrinter(`loading ${path}`),
+    });
+  // The server reads this list per request: a model pulled from peers joins it once loaded.
+  const models: ServedModel[] = [];
+  if (modelPath && pullName === null) models.push(startModel(modelPath, o.alias));
+  const files = mountFiles(mesh, o, logger);
+  // Reads `models` per pass: a model pulled from peers takes part once it is loaded.
   const hydration = new NodeHydration(
     mesh.node,
-    [model],
+    models,
     { parallelism: o.hydrateParallel, itemTimeoutMs: o.hydrateTimeout * 1000 },
     logger,
   );
@@ -191,7 +210,7 @@ export async function serve(o: ServeOptions): Promise<number> {
     server = startServer({
       host: o.host,
       port: o.port,
-      models: [model],
+      models,
       apiKeys,
       maxBodyBytes: o.maxBodyBytes,
       responseStoreBytes: o.responsesStore * 1024 * 1024,
@@ -202,18 +221,107 @@ export async function serve(o: ServeOptions): Promise<number> {
       hydration,
     });
   } catch (e) {
-    await model.close();
+    for (const m of models) await m.close();
     const code = (e as { code?: string }).code;
     if (code === "EADDRINUSE") throw new UsageError(`port ${o.port} on ${o.host} is already in use (choose another with --port)`);
     throw new UsageError(`cannot listen on ${o.host}:${o.port}: ${(e as Error).message}`);
   }
+  if (pullName !== null) {
+    process.stderr.write(
+      `mesh listening on ${server.url} — model '${pullName}' is pulled from the mesh; requests for it go to peers meanwhile\n`,
+    );
+    const addr = await startMesh(mesh, o.host, server.port, server.url, logger);
+    const core = mesh.node.meshCore;
+    if (core) files.attach(core);
+    const stopping = new AbortController();
+    const onSignal = () => stopping.abort();
+    process.once("SIGINT", onSignal);
+    process.once("SIGTERM", onSignal);
+    try {
+      const pulled = await pullForServe(files, pullName, {
+        stateDir: mesh.plan.stateDir,
+        waitS: o.pullWait ?? 120,
+        logger,
+        signal: stopping.signal,
+      });
+      modelPath = pulled.path;
+      const id = modelIdFromPath(modelPath);
+      const aliases = [...new Set([...o.alias, ...pulled.announce.aliases])].filter((a) => a !== id);
+      const aliasError = checkAliases(aliases, [id]);
+      if (aliasError) throw new UsageError(aliasError);
+      models.push(startModel(modelPath, aliases));
+    } catch (e) {
+      await mesh.node.leave();
+      await server.close();
+      if (stopping.signal.aborted) {
+        // Stopped by the operator: the verified chunks stay for the next start, which resumes from them.
+        logger.info("stopped while pulling the model; the next start resumes the pull", { model: pullName });
+        return 0;
+      }
+      throw e;
+    } finally {
+      process.off("SIGINT", onSignal);
+      process.off("SIGTERM", onSignal);
+    }
+    return serveLoaded(o, {
+      logger,
+      mesh,
+      server,
+      model: models[0] as ServedModel,
+      files,
+      hydration,
+      addr,
+      modelPath,
+      threads,
+      consoleOptions,
+      apiKeys,
+    });
+  }
+  const model = models[0] as ServedModel;
   const aka = model.aliases.length > 0 ? ` (also answers to ${model.aliases.map((a) => `'${a}'`).join(", ")})` : "";
   process.stderr.write(
     `mesh listening on ${server.url} — model '${model.id}'${aka}${demo ? " (built-in demo model: RANDOM WEIGHTS, its text is meaningless; pass --model to serve a real GGUF)" : ""}\n`,
   );
 
   const addr = await startMesh(mesh, o.host, server.port, server.url, logger);
+  const core = mesh.node.meshCore;
+  if (core) files.attach(core);
+  return serveLoaded(o, {
+    logger,
+    mesh,
+    server,
+    model,
+    files,
+    hydration,
+    addr,
+    modelPath: modelPath as string,
+    threads,
+    consoleOptions,
+    apiKeys,
+  });
+}
+
+/** What serving a loaded (or loading) model needs. */
+interface Loaded {
+  logger: Logger;
+  mesh: ReturnType<typeof prepareMesh>;
+  server: ReturnType<typeof startServer>;
+  model: ServedModel;
+  files: ReturnType<typeof mountFiles>;
+  hydration: NodeHydration;
+  addr: string;
+  modelPath: string;
+  threads: number;
+  consoleOptions: { mode: ConsoleMode; loopback: boolean };
+  apiKeys: string[];
+}
+
+/** Publish the model, wait for it to load, announce its file, then serve until SIGINT/SIGTERM. */
+async function serveLoaded(o: ServeOptions, l: Loaded): Promise<number> {
+  const { logger, mesh, server, model, files, hydration, addr, modelPath, threads, consoleOptions, apiKeys } = l;
   mesh.node.serveModel(model, addr, { ctxSize: o.ctxSize, slotsTotal: o.parallel });
+  // Peers may pull the file from here (hashed once, then cached under the state dir).
+  void files.offer(modelPath, model.id, [...model.aliases]);
 
   await model.ready;
   if (model.status === "failed") {

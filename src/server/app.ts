@@ -367,7 +367,8 @@ export function createApp(o: AppOptions) {
       const text = o.metrics.render(await gauges()) + renderDeviceMetrics(o.models);
       const mesh = o.mesh?.figures();
       const hydration = o.hydration ? `${o.hydration.renderMetrics()}\n` : "";
-      return mesh ? `${text}${renderMeshMetrics(mesh)}\n${hydration}` : text;
+      const files = o.mesh?.files?.metrics() ?? "";
+      return `${mesh ? `${text}${renderMeshMetrics(mesh)}\n` : text}${hydration}${files}`;
     })
     .post(
       "/v1/chat/completions",
@@ -509,7 +510,13 @@ export function createApp(o: AppOptions) {
     .use(o.mesh ? meshCheckpointRoutes({ gate: o.mesh.gate, models: o.models }) : new Elysia())
     .use(
       o.mesh
-        ? meshRoutes({ gate: o.mesh.gate, service: o.mesh.service, apiKeyRequired: o.mesh.apiKeyRequired, logger: o.logger })
+        ? meshRoutes({
+            gate: o.mesh.gate,
+            service: o.mesh.service,
+            apiKeyRequired: o.mesh.apiKeyRequired,
+            logger: o.logger,
+            files: () => o.mesh?.files,
+          })
         : new Elysia(),
     );
 }

@@ -11,6 +11,7 @@ import type { RoutingCounts, RoutingMode } from "../routing";
 import type { RouteSyncStats } from "../routing/sync";
 import { ApiError, errorBody } from "./errors";
 import type { ForwardStats } from "./forward";
+import type { FileHooks } from "./mesh";
 import { type MeshGate, meshUnauthorized } from "./mesh-gate";
 
 /** One member as `mesh peers` shows it. */
@@ -89,6 +90,8 @@ export interface MeshRoutesOptions {
   /** Whether an inference API key is configured (then a request that reached a route already presented one). */
   apiKeyRequired: boolean;
   logger: Logger;
+  /** Model files (uploads to members, GET /api/files); read per request, as they are set after the server starts. */
+  files?: () => FileHooks | undefined;
 }
 
 const enc = new TextEncoder();
@@ -167,6 +170,17 @@ export function meshRoutes(o: MeshRoutesOptions) {
       // With mesh credentials the gate verified them; without, only a configured (and already checked) API key lets one in.
       if (!o.gate.caller(request) && !o.apiKeyRequired) return refused();
       return json(request, 200, o.service.peers());
+    })
+    .get("/mesh/files/*", ({ request }) => {
+      // File bytes only to members: the gate verified the caller's proof, or there is none and nothing is read.
+      if (!o.gate.caller(request)) return refused();
+      const files = o.files?.();
+      if (!files) return error(request, new ApiError(404, "invalid_request_error", "this node announces no files", null, "not_found"));
+      return files.handle(new URL(request.url).pathname);
+    })
+    .get("/api/files", ({ request }) => {
+      if (!o.gate.caller(request) && !o.apiKeyRequired) return refused();
+      return json(request, 200, o.files?.()?.report() ?? { node_id: o.service.nodeId(), local: [], mesh: [] });
     })
     .all("/mesh/*", ({ request }) =>
       o.gate.caller(request)

@@ -31,6 +31,18 @@ export interface MeshHooks {
   peerGet?(addr: string, path: string, timeoutMs: number): Promise<unknown>;
   /** The routing index sync's state per peer (the console's freshness view). */
   syncPeers?(): PeerSyncState[];
+  /** Model files this node uploads and downloads (set once the node knows them; absent: none). */
+  files?: FileHooks;
+}
+
+/** Model files as the routes see them (implemented by hydration/files). */
+export interface FileHooks {
+  /** Answer a GET under /mesh/files/ for a caller already authenticated as a mesh member. */
+  handle(pathname: string): Promise<Response>;
+  /** GET /api/files: this node's model files and those the mesh announces. */
+  report(): unknown;
+  /** Prometheus text of the uploads and downloads. */
+  metrics(): string;
 }
 
 const rawBodies = new WeakMap<Request, Uint8Array>();

@@ -182,3 +182,45 @@ test("compiled_executable_runs_the_kv_pressure_bench_on_the_bench_model_from_an_
   expect(t).toMatchObject({ name: "mesh", model: "mesh-bench", requests: 6, successes: 6, status5xx: 0, transportErrors: 0 });
   expect(await Bun.file(join(out, "summary.json")).exists()).toBe(true);
 }, 600_000);
+
+// Model hydration from the single file: BLAKE3 per chunk (@napi-rs/blake-hash inside the executable), `mesh models`,
+// `mesh pull`, and `mesh serve --model <name>` pulling the model a peer serves into an empty HOME, then serving it.
+test("compiled_executable_pulls_a_model_by_name_from_a_peer_and_serves_it", async () => {
+  const first = isolated("hydrate-a");
+  const second = isolated("hydrate-b");
+  const args = ["serve", "--port", "0", "--ctx-size", "1024", "--parallel", "1"];
+  const a = Bun.spawn([first.exe, ...args, "--node-name", "a", "--file-chunk-size", "65536"], {
+    cwd: first.run,
+    env: first.env,
+    stderr: "pipe",
+    stdout: "pipe",
+  });
+  let b: ReturnType<typeof Bun.spawn> | null = null;
+  try {
+    const logA = await until(a, "model file announced");
+    const token = /mesh serve --join (\S+)/.exec(logA)?.[1] as string;
+    const run = (cmd: string[]) => Bun.spawnSync([first.exe, ...cmd], { cwd: first.run, env: first.env, stdout: "pipe", stderr: "pipe" });
+    const listed = run(["models", "--json"]);
+    expect(listed.exitCode).toBe(0);
+    const report = JSON.parse(listed.stdout.toString()) as { mesh: Array<{ name: string; hash: string; size: number }> };
+    const tiny = report.mesh.find((m) => m.name === "mesh-tiny");
+    expect(tiny?.hash).toMatch(/^[0-9a-f]{64}$/);
+    const pulled = run(["pull", "mesh-tiny", "--dir", join(first.run, "pulled"), "--json"]);
+    expect(pulled.exitCode).toBe(0);
+    expect(pulled.stdout.toString()).toContain('"event":"done"');
+    expect((await Bun.file(join(first.run, "pulled", "mesh-tiny.gguf")).bytes()).length).toBe(tiny?.size as number);
+    b = Bun.spawn([second.exe, ...args, "--node-name", "b", "--model", "mesh-tiny", "--join", token], {
+      cwd: second.run,
+      env: second.env,
+      stderr: "pipe",
+      stdout: "pipe",
+    });
+    const logB = await until(b as { stderr: ReadableStream<Uint8Array> }, "ready: POST");
+    expect(logB).toContain("pulling mesh-tiny.gguf");
+    const file = join(second.home, ".local", "share", "mesh", "models", "mesh-tiny.gguf");
+    expect(Bun.hash(await Bun.file(file).bytes())).toBe(Bun.hash(await Bun.file(join(first.run, "pulled", "mesh-tiny.gguf")).bytes()));
+  } finally {
+    a.kill("SIGKILL");
+    b?.kill("SIGKILL");
+  }
+}, 300_000);
