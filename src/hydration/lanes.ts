@@ -131,13 +131,14 @@ export class HydrationLanes<T> {
       this.emit({ kind: "priority_joined", key });
       return running;
     }
-    for (const p of this.passes.values()) {
-      const i = p.queue.findIndex((x) => this.o.keyOf(x) === key);
-      if (i >= 0) p.queue.splice(i, 1);
-    }
+    // Refused before anything changes: a busy request leaves its item in the pass's queue, so the pass still fetches it.
     if (this.priorityRunning >= this.o.maxPriority) {
       this.counts.dropped++;
       return Promise.resolve("busy");
+    }
+    for (const p of this.passes.values()) {
+      const i = p.queue.findIndex((x) => this.o.keyOf(x) === key);
+      if (i >= 0) p.queue.splice(i, 1);
     }
     this.counts.priority++;
     this.priorityRunning++;

@@ -289,3 +289,28 @@ describe("hydration lanes", () => {
     expect(await p).toBe("hydrated");
   });
 });
+
+describe("hydration lanes: regressions", () => {
+  test("a_busy_priority_request_leaves_its_item_in_the_pass_queue", async () => {
+    // The priority lane is full; a request for an item the pass has queued is answered busy: the pass must still fetch it.
+    const { l, fetches } = lanes({ parallelism: 1, maxPriority: 1 });
+    l.trigger("m", items(3));
+    await settle();
+    expect([...fetches.waiting.keys()]).toEqual(["k0"]);
+    const first = l.priority({ key: "p", peer: "b" });
+    expect(await l.priority({ key: "k2", peer: "b" })).toBe("busy");
+    expect(l.stats().queued).toBe(2);
+    fetches.finish("p");
+    expect(await first).toBe("hydrated");
+    fetches.finish("k0");
+    await settle();
+    fetches.finish("k1");
+    await settle();
+    // k2 is still the pass's to fetch.
+    expect([...fetches.waiting.keys()]).toEqual(["k2"]);
+    fetches.finish("k2");
+    await l.whenDone("m");
+    expect(fetches.stored.has("k2")).toBe(true);
+    expect(l.stats()).toMatchObject({ hydrated: 4, dropped: 1, queued: 0 });
+  });
+});
