@@ -18,7 +18,8 @@ import { HydrationLanes, LANE_DEFAULTS, type LaneClock, type LaneEvent, type Lan
 /** What hydration needs of a model's engine. */
 export interface HydrationEngine {
   hasCheckpoints(keys: string[]): Promise<string[]>;
-  importCheckpoint(blob: Uint8Array, hash: string): Promise<CheckpointImport>;
+  /** Refused as corrupt unless the blob is `key`'s and hashes to `hash`. */
+  importCheckpoint(blob: Uint8Array, hash: string, key: string): Promise<CheckpointImport>;
 }
 
 /** One checkpoint to pull: which model and session, from whom, and what it must hash to. */
@@ -226,7 +227,7 @@ export class CheckpointHydrator {
       this.refusals.unreachable++;
       throw e;
     }
-    const r = await local.engine.importCheckpoint(blob, i.hash);
+    const r = await local.engine.importCheckpoint(blob, i.hash, i.key);
     if (!r.ok) {
       if (r.code === "corrupt") this.refusals.corrupt++;
       else if (r.code === "incompatible") this.refusals.incompatible++;

@@ -50,7 +50,7 @@ function setup(o: { sessions: string[]; lie?: boolean; fingerprint?: string }) {
     local: () => ({
       engine: {
         hasCheckpoints: async (keys) => here.has(keys),
-        importCheckpoint: async (blob, hash) => here.importBlob(blob, hash),
+        importCheckpoint: async (blob, hash, key) => here.importBlob(blob, hash, key),
       },
       fingerprint: FP,
     }),
@@ -140,6 +140,52 @@ describe("checkpoint hydrator", () => {
     ]) {
       expect(text).toContain(series);
     }
+  });
+});
+
+describe("checkpoint hydrator: regressions", () => {
+  test("a_peer_serving_another_keys_blob_under_an_announced_key_cannot_replace_a_local_checkpoint", async () => {
+    // This node holds (and announces) "victim". A lying peer announces a session under key "k0" with the hash of a
+    // blob whose header says "victim": the hash checks out, but storing it would replace this node's own checkpoint.
+    const [s] = homedAt(ME, 1);
+    const peer = storeOf();
+    peer.put("victim", [9, 9, 9], new Uint8Array(32).fill(9));
+    const [d] = peer.describe(["victim"]);
+    const blob = peer.exportBlob("victim") as Uint8Array;
+    const here = storeOf();
+    here.put("victim", [1, 2, 3], new Uint8Array(32).fill(1));
+    const record = encodeRecord([
+      {
+        model: "m",
+        fingerprint: FP,
+        checkpoints: [{ session: s as string, key: "k0", hash: d?.hash as string, tokens: 3, bytes: 32, lastUsed: 1 }],
+      },
+    ]);
+    const h = new CheckpointHydrator({
+      selfId: () => ME,
+      records: () => [{ owner: PEER, key: `${CKPT_PREFIX}${PEER}`, value: record }],
+      servers: () => [ME, PEER],
+      addrOf: () => "127.0.0.1:1",
+      nameOf: () => "peer",
+      local: () => ({
+        engine: {
+          hasCheckpoints: async (keys) => here.has(keys),
+          importCheckpoint: async (b, hash, key) => here.importBlob(b, hash, key),
+        },
+        fingerprint: FP,
+      }),
+      models: () => ["m"],
+      fetchBlob: async () => blob.slice(),
+      clock: { setTimer: (fn, ms) => setTimeout(fn, ms), clearTimer: (t) => clearTimeout(t as ReturnType<typeof setTimeout>) },
+      parallelism: 1,
+      itemTimeoutMs: 5_000,
+    });
+    expect(await h.prepare(s as string, "m")).toBe(false);
+    expect(h.stats()).toMatchObject({ corrupt: 1, hydrated: 0 });
+    expect(here.has(["victim", "k0"])).toEqual(["victim"]);
+    // Still this node's own state and tokens.
+    expect(here.find("victim", [1, 2, 3])?.lcp).toBe(3);
+    expect(here.find("victim", [9, 9, 9])?.lcp ?? 0).toBe(0);
   });
 });
 
