@@ -71,6 +71,12 @@ export interface HydratedFrom {
 const MAX_SOURCES = 1024;
 /** A blob's header and token ids beyond its state: JSON header (at most 4 KiB) and 4 bytes a token. */
 const blobBound = (c: AnnouncedCheckpoint) => c.bytes + c.tokens * 4 + 8192;
+/**
+ * Largest blob fetched, whatever a peer announces (the announced sizes are only the peer's word, up to 2^53):
+ * what a holder serves at most (MAX_CHECKPOINT_BLOB of the /mesh/checkpoints route). A larger announcement is
+ * never wanted, so no peer can make this node buffer more.
+ */
+export const MAX_BLOB_BYTES = 1024 * 1024 * 1024;
 
 /** A refusal of an import, carried as a value through the lane's rejection. */
 class ImportRefused extends Error {
@@ -128,6 +134,7 @@ export class CheckpointHydrator {
       for (const m of models) {
         if (m.model !== model || m.fingerprint !== local.fingerprint) continue;
         for (const c of m.checkpoints) {
+          if (blobBound(c) > MAX_BLOB_BYTES) continue;
           const had = best.get(c.session);
           if (!had || c.lastUsed > had.lastUsed) best.set(c.session, { ...c, model, from: owner });
         }

@@ -4,6 +4,7 @@
 import { describe, expect, test } from "bun:test";
 import { CheckpointStore } from "../../src/engine/checkpoints";
 import {
+  type AnnouncedCheckpoint,
   type AnnouncedModel,
   CKPT_PREFIX,
   encodeRecord,
@@ -12,7 +13,7 @@ import {
   parseRecord,
   sessionHome,
 } from "../../src/hydration/checkpoint-record";
-import { CheckpointHydrator } from "../../src/hydration/checkpoints";
+import { CheckpointHydrator, MAX_BLOB_BYTES } from "../../src/hydration/checkpoints";
 
 const FP = "ab".repeat(16);
 const ME = "node-me";
@@ -29,7 +30,7 @@ function homedAt(who: string, n: number): string[] {
 }
 
 /** A peer holding one checkpoint per session, announcing them; `lie` corrupts what it sends. */
-function setup(o: { sessions: string[]; lie?: boolean; fingerprint?: string }) {
+function setup(o: { sessions: string[]; lie?: boolean; fingerprint?: string; announce?: (c: AnnouncedCheckpoint) => AnnouncedCheckpoint }) {
   const peer = storeOf(o.fingerprint ?? FP);
   const here = storeOf();
   const checkpoints = o.sessions.map((s, i) => {
@@ -38,7 +39,8 @@ function setup(o: { sessions: string[]; lie?: boolean; fingerprint?: string }) {
     const [d] = peer.describe([key]);
     return { session: s, key, hash: d?.hash as string, tokens: 4, bytes: 64, lastUsed: 100 + i };
   });
-  const record = encodeRecord([{ model: "m", fingerprint: o.fingerprint ?? FP, checkpoints }]);
+  const announced = o.announce ? checkpoints.map(o.announce) : checkpoints;
+  const record = encodeRecord([{ model: "m", fingerprint: o.fingerprint ?? FP, checkpoints: announced }]);
   let fetches = 0;
   const limits: number[] = [];
   const h = new CheckpointHydrator({
@@ -186,6 +188,27 @@ describe("checkpoint hydrator: regressions", () => {
     // Still this node's own state and tokens.
     expect(here.find("victim", [1, 2, 3])?.lcp).toBe(3);
     expect(here.find("victim", [9, 9, 9])?.lcp ?? 0).toBe(0);
+  });
+
+  test("a_checkpoint_announced_larger_than_any_holder_serves_is_never_fetched", async () => {
+    // The announced sizes bound what a fetch reads; a peer announcing 2^50 bytes (or 2^45 tokens) must not get such a read.
+    const sessions = homedAt(ME, 2);
+    const { h, fetches } = setup({
+      sessions,
+      announce: (c) => (c.key === "k0" ? { ...c, bytes: 2 ** 50 } : { ...c, tokens: 2 ** 45 }),
+    });
+    expect(h.wanted("m")).toEqual([]);
+    expect(await h.pass("m")).toBe(false);
+    expect(await h.prepare(sessions[0] as string, "m")).toBe(false);
+    expect(await h.prepare(sessions[1] as string, "m")).toBe(false);
+    expect(fetches()).toBe(0);
+  });
+
+  test("a_checkpoint_announced_within_the_bound_is_fetched_with_at_most_the_bound", async () => {
+    const [s] = homedAt(ME, 1);
+    const { h, limits } = setup({ sessions: [s as string] });
+    expect(await h.prepare(s as string, "m")).toBe(true);
+    expect(limits.every((n) => n <= MAX_BLOB_BYTES)).toBe(true);
   });
 });
 
