@@ -195,7 +195,15 @@ export class HydrationLanes<T> {
         resolve("timeout");
       }, this.o.itemTimeoutMs);
     });
-    const fetched = this.o.fetch(item, abort.signal).then(
+    // A fetch that throws instead of rejecting is a failure like any other: the race below (and its finally, which
+    // clears the timer) must still run, or the item's in-flight entry and its pass would never end.
+    let started: Promise<void>;
+    try {
+      started = this.o.fetch(item, abort.signal);
+    } catch (e) {
+      started = Promise.reject(e);
+    }
+    const fetched = started.then(
       (): LaneOutcome => "hydrated",
       (): LaneOutcome => "failed",
     );
@@ -214,6 +222,10 @@ export class HydrationLanes<T> {
   }
 
   private emit(e: LaneEvent): void {
-    this.o.onEvent?.(e);
+    try {
+      this.o.onEvent?.(e);
+    } catch {
+      // An observer that throws must not end a worker or a fetch half-way (its pass would never end).
+    }
   }
 }

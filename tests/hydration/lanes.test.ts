@@ -314,3 +314,62 @@ describe("hydration lanes: regressions", () => {
     expect(l.stats()).toMatchObject({ hydrated: 4, dropped: 1, queued: 0 });
   });
 });
+
+describe("hydration lanes: injected functions that throw", () => {
+  test("a_fetch_that_throws_instead_of_rejecting_fails_its_item_and_the_pass_still_ends", async () => {
+    const clock = new FakeClock();
+    const fetches = new Fetches();
+    const l = new HydrationLanes<Item>({
+      parallelism: 2,
+      itemTimeoutMs: 10_000,
+      maxQueue: 16,
+      maxPriority: 4,
+      maxPasses: 2,
+      clock,
+      keyOf: (i) => i.key,
+      // Not async: a bad item throws synchronously.
+      fetch: (i, signal) => {
+        if (i.peer === "bad") throw new Error("no address for this peer");
+        return fetches.fetch(i, signal);
+      },
+      filled: (i) => fetches.stored.has(i.key),
+    });
+    l.trigger("m", [{ key: "x", peer: "bad" }, ...items(2)]);
+    await settle();
+    fetches.finish("k0");
+    await settle();
+    fetches.finish("k1");
+    await l.whenDone("m");
+    expect(l.running("m")).toBe(false);
+    expect(l.stats()).toMatchObject({ hydrated: 2, failed: 1, inFlight: 0 });
+    expect(clock.pending).toBe(0);
+    // The priority lane answers it as failed (never rejects), and it is not left in flight.
+    expect(await l.priority({ key: "x", peer: "bad" })).toBe("failed");
+    expect(l.stats().inFlight).toBe(0);
+    expect(clock.pending).toBe(0);
+    // And the next pass for the key starts.
+    expect(l.trigger("m", [{ key: "x", peer: "bad" }])).toBe(true);
+    await l.whenDone("m");
+  });
+
+  test("an_event_listener_that_throws_does_not_stop_a_pass_or_a_priority_fetch", async () => {
+    const { l, fetches } = lanes({
+      parallelism: 1,
+      onEvent: (e) => {
+        if (e.kind === "fetch_end" || e.kind === "fetch_start") throw new Error("log sink closed");
+      },
+    });
+    l.trigger("m", items(2));
+    await settle();
+    fetches.finish("k0");
+    await settle();
+    fetches.finish("k1");
+    await l.whenDone("m");
+    expect(l.running("m")).toBe(false);
+    const p = l.priority({ key: "p", peer: "b" });
+    await settle();
+    fetches.finish("p");
+    expect(await p).toBe("hydrated");
+    expect(l.stats()).toMatchObject({ hydrated: 3, inFlight: 0 });
+  });
+});
