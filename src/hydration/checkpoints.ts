@@ -177,6 +177,11 @@ export class CheckpointHydrator {
     return outcome === "hydrated" || outcome === "skipped";
   }
 
+  /** Stop: running fetches are aborted, no pass or request fetches anything any more. */
+  close(): void {
+    this.lanes.close();
+  }
+
   /** Where the checkpoint a session was hydrated with came from, if it was. */
   sourceOf(session: string): HydratedFrom | undefined {
     return this.sources.peek(session);

@@ -212,6 +212,52 @@ describe("checkpoint hydrator: regressions", () => {
   });
 });
 
+describe("checkpoint hydrator: close", () => {
+  test("close_aborts_a_fetch_from_a_peer_that_never_answers", async () => {
+    const [s] = homedAt(ME, 1);
+    const record = encodeRecord([
+      {
+        model: "m",
+        fingerprint: FP,
+        checkpoints: [{ session: s as string, key: "k0", hash: "e".repeat(64), tokens: 4, bytes: 64, lastUsed: 1 }],
+      },
+    ]);
+    const here = storeOf();
+    let seen: AbortSignal | null = null;
+    const h = new CheckpointHydrator({
+      selfId: () => ME,
+      records: () => [{ owner: PEER, key: `${CKPT_PREFIX}${PEER}`, value: record }],
+      servers: () => [ME, PEER],
+      addrOf: () => "127.0.0.1:1",
+      nameOf: () => "peer",
+      local: () => ({
+        engine: { hasCheckpoints: async (keys) => here.has(keys), importCheckpoint: async (b, hash, key) => here.importBlob(b, hash, key) },
+        fingerprint: FP,
+      }),
+      models: () => ["m"],
+      // Answers only by failing once aborted (a black-holed peer).
+      fetchBlob: (_addr, _id, _path, _max, signal) =>
+        new Promise((_resolve, reject) => {
+          seen = signal;
+          signal.addEventListener("abort", () => reject(signal.reason));
+        }),
+      clock: { setTimer: (fn, ms) => setTimeout(fn, ms), clearTimer: (t) => clearTimeout(t as ReturnType<typeof setTimeout>) },
+      parallelism: 1,
+      // An hour: only close() can end it within the test.
+      itemTimeoutMs: 3_600_000,
+    });
+    const asked = h.prepare(s as string, "m");
+    while (!seen) await Bun.sleep(1);
+    h.close();
+    expect(await asked).toBe(false);
+    expect((seen as AbortSignal | null)?.aborted).toBe(true);
+    expect(h.stats()).toMatchObject({ inFlight: 0 });
+    // Nothing starts after it.
+    expect(await h.pass("m")).toBe(false);
+    expect(await h.prepare(s as string, "m")).toBe(false);
+  });
+});
+
 describe("announced checkpoint record", () => {
   const entry = (i: number) => ({ session: `session-${i}`, key: `key${i}`, hash: "f".repeat(64), tokens: 10, bytes: 100, lastUsed: i });
 

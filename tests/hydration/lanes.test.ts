@@ -373,3 +373,44 @@ describe("hydration lanes: injected functions that throw", () => {
     expect(l.stats()).toMatchObject({ hydrated: 3, inFlight: 0 });
   });
 });
+
+describe("hydration lanes: close", () => {
+  test("close_aborts_running_fetches_clears_their_timers_and_starts_nothing_new", async () => {
+    const clock = new FakeClock();
+    const signals: AbortSignal[] = [];
+    const l = new HydrationLanes<Item>({
+      parallelism: 2,
+      itemTimeoutMs: 3_600_000,
+      maxQueue: 16,
+      maxPriority: 4,
+      maxPasses: 2,
+      clock,
+      keyOf: (i) => i.key,
+      // A peer that never answers (and a fetch that ignores its signal).
+      fetch: (_i, signal) => {
+        signals.push(signal);
+        return new Promise(() => {});
+      },
+      filled: () => false,
+    });
+    l.trigger("m", items(5));
+    const p = l.priority({ key: "p", peer: "b" });
+    await settle();
+    expect(signals).toHaveLength(3);
+    expect(clock.pending).toBe(3);
+    l.close();
+    // Everything ends now, not at the (hour-long) timeout: no timer is left to hold the process.
+    expect(await p).toBe("failed");
+    await l.whenDone("m");
+    expect(signals.every((s) => s.aborted)).toBe(true);
+    expect(clock.pending).toBe(0);
+    expect(l.stats()).toMatchObject({ inFlight: 0, queued: 0 });
+    expect(l.running("m")).toBe(false);
+    // Nothing new starts.
+    expect(l.trigger("m", items(2))).toBe(false);
+    expect(await l.priority({ key: "q", peer: "b" })).toBe("busy");
+    await settle();
+    expect(signals).toHaveLength(3);
+    expect(clock.pending).toBe(0);
+  });
+});
