@@ -43,8 +43,8 @@ export interface LanesOptions<T> {
   clock: LaneClock;
   /** The item's identity (in-flight dedupe is by it). */
   keyOf(item: T): string;
-  /** Fetch and store the item; rejects on failure. The signal aborts at the timeout. */
-  fetch(item: T, signal: AbortSignal): Promise<void>;
+  /** Fetch and store the item; rejects on failure. The signal aborts at the timeout. `lane`: which lane asks. */
+  fetch(item: T, signal: AbortSignal, lane: "background" | "priority"): Promise<void>;
   /** Whether the item is already there (re-checked just before its fetch). */
   filled(item: T): boolean | Promise<boolean>;
   onEvent?(e: LaneEvent): void;
@@ -225,7 +225,7 @@ export class HydrationLanes<T> {
     // clears the timer) must still run, or the item's in-flight entry and its pass would never end.
     let started: Promise<void>;
     try {
-      started = this.o.fetch(item, abort.signal);
+      started = this.o.fetch(item, abort.signal, lane);
     } catch (e) {
       started = Promise.reject(e);
     }

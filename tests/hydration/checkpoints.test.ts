@@ -258,6 +258,129 @@ describe("checkpoint hydrator: close", () => {
   });
 });
 
+describe("checkpoint hydrator: the engine's queue", () => {
+  test("a_priority_import_waits_behind_at_most_one_background_import_in_the_engine", async () => {
+    // The engine answers one call at a time, in order (its Worker's message queue): background imports queued
+    // there ahead of a request's calls delay it as surely as a shared worker did in seed 003.
+    const sessions = homedAt(ME, 6);
+    const peer = storeOf();
+    const checkpoints = sessions.map((session, i) => {
+      peer.put(`k${i}`, [1, 2, 3, i], new Uint8Array(64).fill(i));
+      const [d] = peer.describe([`k${i}`]);
+      return { session, key: `k${i}`, hash: d?.hash as string, tokens: 4, bytes: 64, lastUsed: 100 - i };
+    });
+    const record = encodeRecord([{ model: "m", fingerprint: FP, checkpoints }]);
+    const here = storeOf();
+    const queue: Array<{ what: string; run: () => void }> = [];
+    const log: string[] = [];
+    const engineCall = <T>(what: string, f: () => T) => new Promise<T>((resolve) => queue.push({ what, run: () => resolve(f()) }));
+    const h = new CheckpointHydrator({
+      selfId: () => ME,
+      records: () => [{ owner: PEER, key: `${CKPT_PREFIX}${PEER}`, value: record }],
+      servers: () => [ME, PEER],
+      addrOf: () => "127.0.0.1:1",
+      nameOf: () => "peer",
+      local: () => ({
+        engine: {
+          hasCheckpoints: (keys) => engineCall(`has ${keys.join(",")}`, () => here.has(keys)),
+          importCheckpoint: (b, hash, key) => engineCall(`import ${key}`, () => here.importBlob(b, hash, key)),
+        },
+        fingerprint: FP,
+      }),
+      models: () => ["m"],
+      fetchBlob: async (_addr, _id, path) => peer.exportBlob(path.split("/").pop() as string) as Uint8Array,
+      clock: { setTimer: (fn, ms) => setTimeout(fn, ms), clearTimer: (t) => clearTimeout(t as ReturnType<typeof setTimeout>) },
+      parallelism: 4,
+      itemTimeoutMs: 60_000,
+    });
+    /** Let the engine answer one call. */
+    const step = async () => {
+      await Bun.sleep(1);
+      const next = queue.shift();
+      if (!next) return false;
+      log.push(next.what);
+      next.run();
+      return true;
+    };
+    // The pass wants k0..k5 (k5 is the session a request will ask for): answer the engine until 4 background fetches are under way.
+    const started = h.pass("m");
+    while (!(await Promise.race([started.then(() => true), Bun.sleep(1).then(() => false)]))) await step();
+    for (let i = 0; i < 4; i++) await step(); // the four re-checks
+    await Bun.sleep(5);
+    // The blobs are here; what the engine has queued now is what a request's calls would wait behind.
+    const mark = log.length;
+    const asked = h.prepare(sessions[5] as string, "m");
+    while (!here.has(["k5"]).length) if (!(await step())) await Bun.sleep(1);
+    expect(await asked).toBe(true);
+    const before = log.slice(mark, log.indexOf("import k5"));
+    // At most one background import went first (the one the engine may already be running), never the whole pass's.
+    expect(before.filter((w) => w.startsWith("import ")).length).toBeLessThanOrEqual(1);
+    while (await step()) {}
+    await h.lanes.whenDone("m");
+    expect(here.has(checkpoints.map((c) => c.key)).sort()).toEqual(["k0", "k1", "k2", "k3", "k4", "k5"]);
+  });
+});
+
+describe("checkpoint hydrator: the engine's queue, joined", () => {
+  test("a_request_for_a_checkpoint_whose_background_import_waits_its_turn_is_answered_without_a_timeout", async () => {
+    // k1's blob is here and waits for its import turn (k0's import is in the engine); a request for k1's session joins
+    // that very fetch: it must not hold k1's turn back while it waits for it (a stall until the item timeout).
+    const sessions = homedAt(ME, 2);
+    const peer = storeOf();
+    const checkpoints = sessions.map((session, i) => {
+      peer.put(`k${i}`, [1, 2, 3, i], new Uint8Array(64).fill(i));
+      const [d] = peer.describe([`k${i}`]);
+      return { session, key: `k${i}`, hash: d?.hash as string, tokens: 4, bytes: 64, lastUsed: 100 - i };
+    });
+    const record = encodeRecord([{ model: "m", fingerprint: FP, checkpoints }]);
+    const here = storeOf();
+    const queue: Array<{ what: string; run: () => void }> = [];
+    const engineCall = <T>(what: string, f: () => T) => new Promise<T>((resolve) => queue.push({ what, run: () => resolve(f()) }));
+    const h = new CheckpointHydrator({
+      selfId: () => ME,
+      records: () => [{ owner: PEER, key: `${CKPT_PREFIX}${PEER}`, value: record }],
+      servers: () => [ME, PEER],
+      addrOf: () => "127.0.0.1:1",
+      nameOf: () => "peer",
+      local: () => ({
+        engine: {
+          hasCheckpoints: (keys) => engineCall(`has ${keys.join(",")}`, () => here.has(keys)),
+          importCheckpoint: (b, hash, key) => engineCall(`import ${key}`, () => here.importBlob(b, hash, key)),
+        },
+        fingerprint: FP,
+      }),
+      models: () => ["m"],
+      fetchBlob: async (_addr, _id, path) => peer.exportBlob(path.split("/").pop() as string) as Uint8Array,
+      // Far beyond the test's own timeout: only a stall ends there.
+      clock: { setTimer: (fn, ms) => setTimeout(fn, ms), clearTimer: (t) => clearTimeout(t as ReturnType<typeof setTimeout>) },
+      parallelism: 2,
+      itemTimeoutMs: 3_600_000,
+    });
+    const step = async () => {
+      await Bun.sleep(1);
+      const next = queue.shift();
+      next?.run();
+      return next?.what ?? null;
+    };
+    const started = h.pass("m");
+    while (!(await Promise.race([started.then(() => true), Bun.sleep(1).then(() => false)]))) await step();
+    await step();
+    await step(); // the two re-checks
+    await Bun.sleep(5);
+    expect(queue.map((q) => q.what)).toEqual(["import k0"]);
+    let answer: boolean | null = null;
+    void h.prepare(sessions[1] as string, "m").then((x) => {
+      answer = x;
+    });
+    // Let the engine work until it has nothing left: by then the request has its answer.
+    for (let idle = 0; idle < 20 && answer === null; ) idle = (await step()) === null ? idle + 1 : 0;
+    expect(answer as boolean | null).toBe(true);
+    await h.lanes.whenDone("m");
+    expect(here.has(["k0", "k1"])).toEqual(["k0", "k1"]);
+    h.close();
+  });
+});
+
 describe("announced checkpoint record", () => {
   const entry = (i: number) => ({ session: `session-${i}`, key: `key${i}`, hash: "f".repeat(64), tokens: 10, bytes: 100, lastUsed: i });
 
