@@ -356,6 +356,8 @@ async function serveLoaded(o: ServeOptions, l: Loaded): Promise<number> {
       logger.info("shutting down", { signal, grace_s: o.shutdownGrace });
       // Leave first: peers stop sending new requests here while the running ones finish.
       await mesh.node.leave();
+      // Out of the mesh: nothing more to pull from peers (a fetch in flight is aborted, not left to its timeout).
+      hydration.stop();
       server.stopAccepting();
       const deadline = Date.now() + o.shutdownGrace * 1000;
       while ((model.engine?.inFlight ?? 0) > 0 && Date.now() < deadline) await Bun.sleep(50);

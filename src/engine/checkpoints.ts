@@ -256,12 +256,14 @@ export class CheckpointStore {
   }
 
   /**
-   * Store a peer's blob: refused as corrupt when it does not parse or its tokens and state do not hash to
-   * `hash` (what the holder announced), as incompatible when made for another model or context.
+   * Store a peer's blob: refused as corrupt when it does not parse, its header names another key than `key`
+   * (the announced one: the hash does not cover the key, and a blob stored under another key would replace
+   * that checkpoint), or its tokens and state do not hash to `hash` (what the holder announced); as
+   * incompatible when made for another model or context.
    */
-  importBlob(blob: Uint8Array, hash: string): { ok: true; key: string; tokens: number } | { ok: false; code: ImportRefusal } {
+  importBlob(blob: Uint8Array, hash: string, key: string): { ok: true; key: string; tokens: number } | { ok: false; code: ImportRefusal } {
     const read = parseBlob(Buffer.from(blob.buffer, blob.byteOffset, blob.byteLength));
-    if (!read) return { ok: false, code: "corrupt" };
+    if (!read || read.key !== key) return { ok: false, code: "corrupt" };
     if (!this.o.portable || read.fingerprint !== this.o.portable) return { ok: false, code: "incompatible" };
     if (checkpointHash(read.tokens, read.state) !== hash) return { ok: false, code: "corrupt" };
     // A copy: the blob's buffer may be reused by the caller; the store keeps the state.

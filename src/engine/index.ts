@@ -178,8 +178,8 @@ export interface EngineLike {
   hasCheckpoints?(keys: string[]): Promise<string[]>;
   /** A checkpoint as a blob for a peer, or null when not held. */
   exportCheckpoint?(key: string): Promise<Uint8Array | null>;
-  /** Store a peer's checkpoint blob, checked against `hash` and this model. */
-  importCheckpoint?(blob: Uint8Array, hash: string): Promise<CheckpointImport>;
+  /** Store a peer's checkpoint blob, checked against `hash`, the announced `key` and this model. */
+  importCheckpoint?(blob: Uint8Array, hash: string, key: string): Promise<CheckpointImport>;
 }
 
 type WithoutRid<T> = T extends unknown ? Omit<T, "rid"> : never;
@@ -444,8 +444,8 @@ export class Engine implements EngineLike {
   }
 
   /** Store a peer's checkpoint blob (verified in the Worker: hash, model fingerprint). */
-  importCheckpoint(blob: Uint8Array, hash: string): Promise<CheckpointImport> {
-    return this.call({ type: "checkpoint_import", blob, hash }) as Promise<CheckpointImport>;
+  importCheckpoint(blob: Uint8Array, hash: string, key: string): Promise<CheckpointImport> {
+    return this.call({ type: "checkpoint_import", blob, hash, key }) as Promise<CheckpointImport>;
   }
 
   /** Listen for the prefix marks the KV starts or stops holding; a closed engine sends one last delta evicting all. */

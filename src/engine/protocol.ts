@@ -250,8 +250,8 @@ export type ToWorker =
   | { type: "checkpoint_has"; rid: number; keys: string[] }
   /** A checkpoint as a blob a peer can import (replies Uint8Array, or null when not held). */
   | { type: "checkpoint_export"; rid: number; key: string }
-  /** Store a peer's checkpoint blob if it hashes to `hash` and fits this model (replies CheckpointImport). */
-  | { type: "checkpoint_import"; rid: number; blob: Uint8Array; hash: string }
+  /** Store a peer's checkpoint blob if it is `key`'s, hashes to `hash` and fits this model (replies CheckpointImport). */
+  | { type: "checkpoint_import"; rid: number; blob: Uint8Array; hash: string; key: string }
   | { type: "shutdown" }
   /** Sent to a fresh Worker after the engine's own one died: free the model and context it left behind. */
   | { type: "reap"; libPath: string; handles: NativeHandles; hostLedger: SharedArrayBuffer };

@@ -219,11 +219,11 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
       post({ type: "reply", rid: m.rid, value: typeof m.key === "string" ? (checkpoints?.exportBlob(m.key) ?? null) : null });
       return;
     case "checkpoint_import": {
-      const ok = m.blob instanceof Uint8Array && typeof m.hash === "string";
+      const ok = m.blob instanceof Uint8Array && typeof m.hash === "string" && typeof m.key === "string";
       const value = !checkpoints
         ? { ok: false, code: "disabled" }
         : ok
-          ? checkpoints.importBlob(m.blob, m.hash)
+          ? checkpoints.importBlob(m.blob, m.hash, m.key)
           : { ok: false, code: "corrupt" };
       post({ type: "reply", rid: m.rid, value });
       return;

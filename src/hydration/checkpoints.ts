@@ -18,7 +18,8 @@ import { HydrationLanes, LANE_DEFAULTS, type LaneClock, type LaneEvent, type Lan
 /** What hydration needs of a model's engine. */
 export interface HydrationEngine {
   hasCheckpoints(keys: string[]): Promise<string[]>;
-  importCheckpoint(blob: Uint8Array, hash: string): Promise<CheckpointImport>;
+  /** Refused as corrupt unless the blob is `key`'s and hashes to `hash`. */
+  importCheckpoint(blob: Uint8Array, hash: string, key: string): Promise<CheckpointImport>;
 }
 
 /** One checkpoint to pull: which model and session, from whom, and what it must hash to. */
@@ -70,6 +71,15 @@ export interface HydratedFrom {
 const MAX_SOURCES = 1024;
 /** A blob's header and token ids beyond its state: JSON header (at most 4 KiB) and 4 bytes a token. */
 const blobBound = (c: AnnouncedCheckpoint) => c.bytes + c.tokens * 4 + 8192;
+/**
+ * Largest blob fetched, whatever a peer announces (the announced sizes are only the peer's word, up to 2^53):
+ * what a holder serves at most (MAX_CHECKPOINT_BLOB of the /mesh/checkpoints route). A larger announcement is
+ * never wanted, so no peer can make this node buffer more.
+ */
+export const MAX_BLOB_BYTES = 1024 * 1024 * 1024;
+
+/** An item's identity in the lanes (in-flight dedupe is by it). */
+const laneKey = (i: HydrationItem) => `${i.model}\n${i.key}`;
 
 /** A refusal of an import, carried as a value through the lane's rejection. */
 class ImportRefused extends Error {
@@ -86,6 +96,16 @@ export class CheckpointHydrator {
   private readonly sources = new LruMap<string, HydratedFrom>();
   /** Start time of each running pass (at most one per model), for its log line. */
   private readonly passStarted = new Map<string, number>();
+  /**
+   * The engine answers one call at a time in order (its Worker), and an import is the costly one (hash and copy
+   * of the whole state): background imports go one at a time, and none starts while a request is preparing (but
+   * the one of the checkpoint a request waits for: it joined that very fetch), so
+   * a request's own calls wait behind at most the one background import already in the engine.
+   */
+  private backgroundImporting = false;
+  /** Requests preparing, by the lane key of the checkpoint each waits for. */
+  private readonly preparing = new Map<string, number>();
+  private readonly importWaiters: Array<() => void> = [];
 
   constructor(private readonly d: HydratorDeps) {
     this.lanes = new HydrationLanes<HydrationItem>({
@@ -95,8 +115,8 @@ export class CheckpointHydrator {
       maxPriority: LANE_DEFAULTS.maxPriority,
       maxPasses: LANE_DEFAULTS.maxPasses,
       clock: d.clock,
-      keyOf: (i) => `${i.model}\n${i.key}`,
-      fetch: (i, signal) => this.fetch(i, signal),
+      keyOf: laneKey,
+      fetch: (i, signal, lane) => this.fetch(i, signal, lane),
       filled: async (i) => ((await this.d.local(i.model)?.engine.hasCheckpoints([i.key])) ?? []).length > 0,
       onEvent: (e) => this.log(e),
     });
@@ -127,6 +147,7 @@ export class CheckpointHydrator {
       for (const m of models) {
         if (m.model !== model || m.fingerprint !== local.fingerprint) continue;
         for (const c of m.checkpoints) {
+          if (blobBound(c) > MAX_BLOB_BYTES) continue;
           const had = best.get(c.session);
           if (!had || c.lastUsed > had.lastUsed) best.set(c.session, { ...c, model, from: owner });
         }
@@ -163,10 +184,51 @@ export class CheckpointHydrator {
     const item = this.announced(model).get(session);
     const local = this.d.local(model);
     if (!item || !local) return false;
-    const held = await local.engine.hasCheckpoints([item.key]).catch(() => [] as string[]);
-    if (held.length > 0) return true;
-    const outcome: LaneOutcome = await this.lanes.priority(item);
-    return outcome === "hydrated" || outcome === "skipped";
+    const key = laneKey(item);
+    this.preparing.set(key, (this.preparing.get(key) ?? 0) + 1);
+    // A background fetch of this very checkpoint waiting for its import turn may go now (the request joins it).
+    this.wakeImports();
+    try {
+      const held = await local.engine.hasCheckpoints([item.key]).catch(() => [] as string[]);
+      if (held.length > 0) return true;
+      const outcome: LaneOutcome = await this.lanes.priority(item);
+      return outcome === "hydrated" || outcome === "skipped";
+    } finally {
+      const n = (this.preparing.get(key) ?? 1) - 1;
+      if (n > 0) this.preparing.set(key, n);
+      else this.preparing.delete(key);
+      this.wakeImports();
+    }
+  }
+
+  /** Wait for the engine to be free of background imports and of requests preparing; the caller then imports, and releases. */
+  private async backgroundImportTurn(key: string, signal: AbortSignal): Promise<() => void> {
+    while (this.backgroundImporting || (this.preparing.size > 0 && !this.preparing.has(key))) {
+      signal.throwIfAborted();
+      await new Promise<void>((wake) => {
+        const onAbort = () => wake();
+        signal.addEventListener("abort", onAbort, { once: true });
+        this.importWaiters.push(() => {
+          signal.removeEventListener("abort", onAbort);
+          wake();
+        });
+      });
+    }
+    signal.throwIfAborted();
+    this.backgroundImporting = true;
+    return () => {
+      this.backgroundImporting = false;
+      this.wakeImports();
+    };
+  }
+
+  private wakeImports(): void {
+    for (const wake of this.importWaiters.splice(0)) wake();
+  }
+
+  /** Stop: running fetches are aborted, no pass or request fetches anything any more. */
+  close(): void {
+    this.lanes.close();
   }
 
   /** Where the checkpoint a session was hydrated with came from, if it was. */
@@ -211,7 +273,7 @@ export class CheckpointHydrator {
   }
 
   /** Fetch one checkpoint's blob from its holder and import it; rejects (a value with a code) on any failure. */
-  private async fetch(i: HydrationItem, signal: AbortSignal): Promise<void> {
+  private async fetch(i: HydrationItem, signal: AbortSignal, lane: "background" | "priority"): Promise<void> {
     const local = this.d.local(i.model);
     const addr = this.d.addrOf(i.from);
     if (!local || !addr) {
@@ -226,7 +288,13 @@ export class CheckpointHydrator {
       this.refusals.unreachable++;
       throw e;
     }
-    const r = await local.engine.importCheckpoint(blob, i.hash);
+    const release = lane === "background" ? await this.backgroundImportTurn(laneKey(i), signal) : () => {};
+    let r: Awaited<ReturnType<HydrationEngine["importCheckpoint"]>>;
+    try {
+      r = await local.engine.importCheckpoint(blob, i.hash, i.key);
+    } finally {
+      release();
+    }
     if (!r.ok) {
       if (r.code === "corrupt") this.refusals.corrupt++;
       else if (r.code === "incompatible") this.refusals.incompatible++;

@@ -43,8 +43,8 @@ export interface LanesOptions<T> {
   clock: LaneClock;
   /** The item's identity (in-flight dedupe is by it). */
   keyOf(item: T): string;
-  /** Fetch and store the item; rejects on failure. The signal aborts at the timeout. */
-  fetch(item: T, signal: AbortSignal): Promise<void>;
+  /** Fetch and store the item; rejects on failure. The signal aborts at the timeout. `lane`: which lane asks. */
+  fetch(item: T, signal: AbortSignal, lane: "background" | "priority"): Promise<void>;
   /** Whether the item is already there (re-checked just before its fetch). */
   filled(item: T): boolean | Promise<boolean>;
   onEvent?(e: LaneEvent): void;
@@ -79,6 +79,9 @@ export class HydrationLanes<T> {
   /** Every fetch running (either lane), by item key: a second want of the same item joins it. */
   private readonly inflight = new Map<string, Promise<LaneOutcome>>();
   private priorityRunning = 0;
+  /** How to stop each fetch running now (close() aborts them all). */
+  private readonly stops = new Set<() => void>();
+  private closed = false;
   private readonly counts = { hydrated: 0, skipped: 0, failed: 0, timeouts: 0, dropped: 0, priority: 0, passes: 0, passesDeduped: 0 };
 
   constructor(private readonly o: LanesOptions<T>) {}
@@ -88,6 +91,7 @@ export class HydrationLanes<T> {
    * running for it (the caller's next trigger brings whatever this one would have) or too many run.
    */
   trigger(pass: string, items: readonly T[]): boolean {
+    if (this.closed) return false;
     if (this.passes.has(pass)) {
       this.counts.passesDeduped++;
       this.emit({ kind: "pass_deduped", pass });
@@ -124,6 +128,7 @@ export class HydrationLanes<T> {
    * item). Resolves with how it ended; never rejects.
    */
   priority(item: T): Promise<LaneOutcome> {
+    if (this.closed) return Promise.resolve("busy");
     const key = this.o.keyOf(item);
     this.emit({ kind: "priority_request", key });
     const running = this.inflight.get(key);
@@ -131,19 +136,32 @@ export class HydrationLanes<T> {
       this.emit({ kind: "priority_joined", key });
       return running;
     }
-    for (const p of this.passes.values()) {
-      const i = p.queue.findIndex((x) => this.o.keyOf(x) === key);
-      if (i >= 0) p.queue.splice(i, 1);
-    }
+    // Refused before anything changes: a busy request leaves its item in the pass's queue, so the pass still fetches it.
     if (this.priorityRunning >= this.o.maxPriority) {
       this.counts.dropped++;
       return Promise.resolve("busy");
+    }
+    for (const p of this.passes.values()) {
+      const i = p.queue.findIndex((x) => this.o.keyOf(x) === key);
+      if (i >= 0) p.queue.splice(i, 1);
     }
     this.counts.priority++;
     this.priorityRunning++;
     return this.run(item, "priority").finally(() => {
       this.priorityRunning--;
     });
+  }
+
+  /**
+   * Stop for good (the node shuts down): queued items are dropped, every running fetch is aborted and ends as
+   * failed (its timer cleared, so nothing of the lanes keeps the process alive), and nothing new starts:
+   * trigger() answers false, priority() busy. Idempotent.
+   */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const p of this.passes.values()) p.queue.length = 0;
+    for (const stop of [...this.stops]) stop();
   }
 
   /** Resolves when the pass under `pass` (if any) has ended. */
@@ -185,8 +203,17 @@ export class HydrationLanes<T> {
     } catch {
       // Unknown: fetch it (importing twice is harmless, missing it is not).
     }
+    if (this.closed) return "failed";
     this.emit({ kind: "fetch_start", key, lane });
     const abort = new AbortController();
+    let stop = () => {};
+    const stopped = new Promise<LaneOutcome>((resolve) => {
+      stop = () => {
+        abort.abort(new Error("hydration closed"));
+        resolve("failed");
+      };
+    });
+    this.stops.add(stop);
     let timer: unknown = null;
     const timedOut = new Promise<LaneOutcome>((resolve) => {
       timer = this.o.clock.setTimer(() => {
@@ -194,14 +221,23 @@ export class HydrationLanes<T> {
         resolve("timeout");
       }, this.o.itemTimeoutMs);
     });
-    const fetched = this.o.fetch(item, abort.signal).then(
+    // A fetch that throws instead of rejecting is a failure like any other: the race below (and its finally, which
+    // clears the timer) must still run, or the item's in-flight entry and its pass would never end.
+    let started: Promise<void>;
+    try {
+      started = this.o.fetch(item, abort.signal, lane);
+    } catch (e) {
+      started = Promise.reject(e);
+    }
+    const fetched = started.then(
       (): LaneOutcome => "hydrated",
       (): LaneOutcome => "failed",
     );
     try {
-      return await Promise.race([fetched, timedOut]);
+      return await Promise.race([fetched, timedOut, stopped]);
     } finally {
       this.o.clock.clearTimer(timer);
+      this.stops.delete(stop);
     }
   }
 
@@ -213,6 +249,10 @@ export class HydrationLanes<T> {
   }
 
   private emit(e: LaneEvent): void {
-    this.o.onEvent?.(e);
+    try {
+      this.o.onEvent?.(e);
+    } catch {
+      // An observer that throws must not end a worker or a fetch half-way (its pass would never end).
+    }
   }
 }

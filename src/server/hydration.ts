@@ -89,9 +89,10 @@ export class NodeHydration {
     this.timers.push(t);
   }
 
-  /** Stop announcing and passing. */
+  /** Stop announcing and passing, and abort the fetches running (their timers would keep a stopped node alive). */
   stop(): void {
     for (const t of this.timers.splice(0)) clearInterval(t);
+    this.hydrator.close();
   }
 
   /** Write this node's `ckpt:` record: per model, its most recently used sessions' latest checkpoints. */

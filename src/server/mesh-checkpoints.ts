@@ -28,7 +28,8 @@ export function meshCheckpointRoutes(o: { gate: MeshGate; models: readonly Serve
       const e = meshUnauthorized();
       return new Response(JSON.stringify(errorBody(e)), { status: e.status, headers: { "content-type": "application/json" } });
     }
-    const model = o.models.find((m) => m.id === decodeURIComponent(params.model));
+    // The router has decoded the id once already (as the fetcher encoded it once): decoding again threw on a `%`.
+    const model = o.models.find((m) => m.id === params.model);
     if (!model?.engine?.exportCheckpoint) return jsonError(404, "no such model here", "model_not_found");
     if (!KEY.test(params.key)) return jsonError(400, "a checkpoint key is 1 to 128 of [A-Za-z0-9_-]", "invalid_key");
     const blob = await model.engine.exportCheckpoint(params.key).catch(() => null);

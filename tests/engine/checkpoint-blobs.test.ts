@@ -21,7 +21,7 @@ describe("checkpoint blobs", () => {
     const { summary, blob } = exported();
     expect(summary).toEqual({ key: "k1", hash: checkpointHash(Int32Array.from([5, 6, 7, 8]), state(300)), tokens: 4, bytes: 300 });
     const here = store();
-    expect(here.importBlob(blob, summary.hash)).toEqual({ ok: true, key: "k1", tokens: 4 });
+    expect(here.importBlob(blob, summary.hash, "k1")).toEqual({ ok: true, key: "k1", tokens: 4 });
     const found = here.find(undefined, [5, 6, 7, 8, 9]);
     expect(found?.lcp).toBe(4);
     expect(Array.from(here.load(found?.entry as NonNullable<typeof found>["entry"]) ?? [])).toEqual(Array.from(state(300)));
@@ -33,23 +33,23 @@ describe("checkpoint blobs", () => {
     const bad = blob.slice();
     bad[bad.length - 10] = (bad[bad.length - 10] as number) ^ 0xff;
     const here = store();
-    expect(here.importBlob(bad, summary.hash)).toEqual({ ok: false, code: "corrupt" });
+    expect(here.importBlob(bad, summary.hash, "k1")).toEqual({ ok: false, code: "corrupt" });
     expect(here.stats().checkpoints).toBe(0);
   });
 
   test("a_truncated_or_garbage_blob_is_refused_as_corrupt", () => {
     const { summary, blob } = exported();
     const here = store();
-    expect(here.importBlob(blob.slice(0, blob.length - 1), summary.hash)).toEqual({ ok: false, code: "corrupt" });
-    expect(here.importBlob(new Uint8Array(64), summary.hash)).toEqual({ ok: false, code: "corrupt" });
-    expect(here.importBlob(blob, "0".repeat(64))).toEqual({ ok: false, code: "corrupt" });
+    expect(here.importBlob(blob.slice(0, blob.length - 1), summary.hash, "k1")).toEqual({ ok: false, code: "corrupt" });
+    expect(here.importBlob(new Uint8Array(64), summary.hash, "k1")).toEqual({ ok: false, code: "corrupt" });
+    expect(here.importBlob(blob, "0".repeat(64), "k1")).toEqual({ ok: false, code: "corrupt" });
     expect(here.stats().checkpoints).toBe(0);
   });
 
   test("a_blob_made_for_another_model_or_context_is_refused_as_incompatible", () => {
     const { summary, blob } = exported();
     const other = store("model-b");
-    expect(other.importBlob(blob, summary.hash)).toEqual({ ok: false, code: "incompatible" });
+    expect(other.importBlob(blob, summary.hash, "k1")).toEqual({ ok: false, code: "incompatible" });
     expect(other.stats().checkpoints).toBe(0);
   });
 
@@ -62,5 +62,21 @@ describe("checkpoint blobs", () => {
     // Past the RAM budget (no disk): the least recently used goes, and announcing or serving it was no use.
     s.put("third", [3], state(100));
     expect(s.has(["old", "new", "third"])).toEqual(["new", "third"]);
+  });
+});
+
+describe("checkpoint blobs: regressions", () => {
+  test("a_blob_whose_header_names_another_key_than_announced_is_corrupt_and_replaces_nothing", () => {
+    // The hash covers tokens and state, not the key: a blob of key "victim" passed off under "k1" must not land under "victim".
+    const holder = store();
+    holder.put("victim", [1, 2, 3], state(50));
+    const [summary] = holder.describe(["victim"]);
+    const blob = holder.exportBlob("victim");
+    if (!summary || !blob) throw new Error("export failed");
+    const here = store();
+    here.put("victim", [7, 7, 7], state(40));
+    expect(here.importBlob(blob, summary.hash, "k1")).toEqual({ ok: false, code: "corrupt" });
+    expect(here.stats().checkpoints).toBe(1);
+    expect(here.find("victim", [7, 7, 7])?.lcp).toBe(3);
   });
 });

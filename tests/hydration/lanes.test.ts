@@ -289,3 +289,128 @@ describe("hydration lanes", () => {
     expect(await p).toBe("hydrated");
   });
 });
+
+describe("hydration lanes: regressions", () => {
+  test("a_busy_priority_request_leaves_its_item_in_the_pass_queue", async () => {
+    // The priority lane is full; a request for an item the pass has queued is answered busy: the pass must still fetch it.
+    const { l, fetches } = lanes({ parallelism: 1, maxPriority: 1 });
+    l.trigger("m", items(3));
+    await settle();
+    expect([...fetches.waiting.keys()]).toEqual(["k0"]);
+    const first = l.priority({ key: "p", peer: "b" });
+    expect(await l.priority({ key: "k2", peer: "b" })).toBe("busy");
+    expect(l.stats().queued).toBe(2);
+    fetches.finish("p");
+    expect(await first).toBe("hydrated");
+    fetches.finish("k0");
+    await settle();
+    fetches.finish("k1");
+    await settle();
+    // k2 is still the pass's to fetch.
+    expect([...fetches.waiting.keys()]).toEqual(["k2"]);
+    fetches.finish("k2");
+    await l.whenDone("m");
+    expect(fetches.stored.has("k2")).toBe(true);
+    expect(l.stats()).toMatchObject({ hydrated: 4, dropped: 1, queued: 0 });
+  });
+});
+
+describe("hydration lanes: injected functions that throw", () => {
+  test("a_fetch_that_throws_instead_of_rejecting_fails_its_item_and_the_pass_still_ends", async () => {
+    const clock = new FakeClock();
+    const fetches = new Fetches();
+    const l = new HydrationLanes<Item>({
+      parallelism: 2,
+      itemTimeoutMs: 10_000,
+      maxQueue: 16,
+      maxPriority: 4,
+      maxPasses: 2,
+      clock,
+      keyOf: (i) => i.key,
+      // Not async: a bad item throws synchronously.
+      fetch: (i, signal) => {
+        if (i.peer === "bad") throw new Error("no address for this peer");
+        return fetches.fetch(i, signal);
+      },
+      filled: (i) => fetches.stored.has(i.key),
+    });
+    l.trigger("m", [{ key: "x", peer: "bad" }, ...items(2)]);
+    await settle();
+    fetches.finish("k0");
+    await settle();
+    fetches.finish("k1");
+    await l.whenDone("m");
+    expect(l.running("m")).toBe(false);
+    expect(l.stats()).toMatchObject({ hydrated: 2, failed: 1, inFlight: 0 });
+    expect(clock.pending).toBe(0);
+    // The priority lane answers it as failed (never rejects), and it is not left in flight.
+    expect(await l.priority({ key: "x", peer: "bad" })).toBe("failed");
+    expect(l.stats().inFlight).toBe(0);
+    expect(clock.pending).toBe(0);
+    // And the next pass for the key starts.
+    expect(l.trigger("m", [{ key: "x", peer: "bad" }])).toBe(true);
+    await l.whenDone("m");
+  });
+
+  test("an_event_listener_that_throws_does_not_stop_a_pass_or_a_priority_fetch", async () => {
+    const { l, fetches } = lanes({
+      parallelism: 1,
+      onEvent: (e) => {
+        if (e.kind === "fetch_end" || e.kind === "fetch_start") throw new Error("log sink closed");
+      },
+    });
+    l.trigger("m", items(2));
+    await settle();
+    fetches.finish("k0");
+    await settle();
+    fetches.finish("k1");
+    await l.whenDone("m");
+    expect(l.running("m")).toBe(false);
+    const p = l.priority({ key: "p", peer: "b" });
+    await settle();
+    fetches.finish("p");
+    expect(await p).toBe("hydrated");
+    expect(l.stats()).toMatchObject({ hydrated: 3, inFlight: 0 });
+  });
+});
+
+describe("hydration lanes: close", () => {
+  test("close_aborts_running_fetches_clears_their_timers_and_starts_nothing_new", async () => {
+    const clock = new FakeClock();
+    const signals: AbortSignal[] = [];
+    const l = new HydrationLanes<Item>({
+      parallelism: 2,
+      itemTimeoutMs: 3_600_000,
+      maxQueue: 16,
+      maxPriority: 4,
+      maxPasses: 2,
+      clock,
+      keyOf: (i) => i.key,
+      // A peer that never answers (and a fetch that ignores its signal).
+      fetch: (_i, signal) => {
+        signals.push(signal);
+        return new Promise(() => {});
+      },
+      filled: () => false,
+    });
+    l.trigger("m", items(5));
+    const p = l.priority({ key: "p", peer: "b" });
+    await settle();
+    expect(signals).toHaveLength(3);
+    expect(clock.pending).toBe(3);
+    l.close();
+    // Everything ends now, not at the (hour-long) timeout: no timer is left to hold the process.
+    expect(await p).toBe("failed");
+    await l.whenDone("m");
+    expect(signals.every((s) => s.aborted)).toBe(true);
+    expect(clock.pending).toBe(0);
+    expect(l.stats()).toMatchObject({ inFlight: 0, queued: 0 });
+    expect(l.running("m")).toBe(false);
+    // Nothing new starts.
+    expect(l.trigger("m", items(2))).toBe(false);
+    expect(await l.priority({ key: "q", peer: "b" })).toBe("busy");
+    await settle();
+    expect(signals).toHaveLength(3);
+    expect(clock.pending).toBe(0);
+  });
+});
