@@ -114,6 +114,10 @@ interface SourceState {
   fails: number;
   corrupt: number;
   downUntil: number;
+  /** Fetches this holder may have in flight now: halved when fetches fail, grown back by successes (up to perHolder). */
+  window: number;
+  /** When its last counted failure happened: fetches already in flight then fail with it, they count as that one failure. */
+  failedAt: number;
 }
 
 // A holder that failed this many times in a row, or sent this many bad chunks, is not asked again in this run.
@@ -144,7 +148,9 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
   let fetchedBytes = 0;
   const states = new Map<string, SourceState>();
   const refresh = () => {
-    for (const s of o.sources()) if (!states.has(s.id)) states.set(s.id, { src: s, inflight: 0, fails: 0, corrupt: 0, downUntil: 0 });
+    for (const s of o.sources())
+      if (!states.has(s.id))
+        states.set(s.id, { src: s, inflight: 0, fails: 0, corrupt: 0, downUntil: 0, window: o.perHolder ?? PER_HOLDER, failedAt: -1 });
   };
   refresh();
   const usable = () => [...states.values()].filter((s) => s.fails < MAX_FAILS && s.corrupt < MAX_CORRUPT);
@@ -295,7 +301,7 @@ async function fetchAll(
   let refreshedAt = performance.now();
   const pick = (i: number): SourceState | null => {
     const now = performance.now();
-    let list = usable().filter((s) => s.downUntil <= now && s.inflight < perHolder);
+    let list = usable().filter((s) => s.downUntil <= now && s.inflight < Math.floor(s.window));
     const avoid = failedOn.get(i);
     const fresh = list.filter((s) => !avoid?.has(s.src.id));
     if (fresh.length > 0) list = fresh;
@@ -336,13 +342,14 @@ async function fetchAll(
           return;
         }
         // Every usable holder is busy or backing off: wait a little for one.
-        const until = Math.min(...live.map((w) => (w.inflight < perHolder ? w.downUntil : performance.now() + 10)));
+        const until = Math.min(...live.map((w) => (w.inflight < Math.floor(w.window) ? w.downUntil : performance.now() + 10)));
         await Bun.sleep(Math.max(5, Math.min(1000, until - performance.now())));
         continue;
       }
       const { start, end } = chunkRange(a.size, a.chunkSize, i);
       s.inflight++;
       inflight++;
+      const startedAt = performance.now();
       try {
         const bytes = await o.fetcher.chunk(
           s.src,
@@ -363,6 +370,7 @@ async function fetchAll(
         await fh.write(bytes, 0, bytes.byteLength, start);
         done.add(i);
         s.fails = 0;
+        s.window = Math.min(perHolder, s.window + 1 / s.window);
         o.stats.chunksFetched++;
         onChunk(bytes.byteLength);
       } catch (e) {
@@ -371,8 +379,15 @@ async function fetchAll(
           continue; // the loop reports the stop
         }
         o.stats.fetchFailures++;
-        s.fails++;
-        s.downUntil = performance.now() + Math.min(10_000, (o.retryBaseMs ?? 200) * 2 ** s.fails);
+        // Fetches that were in flight together fail together (a holder under --upload-limit times out all of them at
+        // once, a dead one refuses all of them): that is one failure of the holder, not one per fetch, and it halves
+        // how many it is asked for at once, so a slow holder is asked for what it can send within the timeout.
+        if (startedAt >= s.failedAt) {
+          s.failedAt = performance.now();
+          s.fails++;
+          s.window = Math.max(1, Math.floor(s.window / 2));
+          s.downUntil = performance.now() + Math.min(10_000, (o.retryBaseMs ?? 200) * 2 ** s.fails);
+        }
         (failedOn.get(i) ?? failedOn.set(i, new Set()).get(i))?.add(s.src.id);
         o.log?.debug("chunk fetch failed", { file: a.file, chunk: i, from: s.src.name, error: (e as Error)?.message });
         pending.unshift(i);

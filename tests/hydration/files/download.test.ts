@@ -7,6 +7,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type ChunkFetcher, freeBytes, newPullStats, pullFile, type Source } from "../../../src/hydration/files/download";
 import { chunkHash, hashFile } from "../../../src/hydration/files/hash";
+import { RateLimiter } from "../../../src/hydration/files/limiter";
 import { chunkRange, type FileAnnounce, rootOf } from "../../../src/hydration/files/manifest";
 import { loadSidecar, partPaths } from "../../../src/hydration/files/sidecar";
 
@@ -241,5 +242,73 @@ describe("pullFile", () => {
     expect(r.code).toBe("no_sources");
     expect(existsSync(dest)).toBe(false);
     expect(existsSync(partPaths(dest).sidecar)).toBe(true);
+  });
+});
+
+describe("pullFile from a holder under an upload cap", () => {
+  test("fetches_timing_out_together_count_as_one_failure_and_the_holder_is_then_asked_for_fewer_at_once", async () => {
+    // One holder behind a shared byte-rate cap (as --upload-limit does): a chunk takes 50 ms, so four at once fit
+    // inside the chunk timeout and eight at once do not. The holder is alive and sending: the downloader must ask it
+    // for fewer chunks at once rather than keep timing out (each timed-out fetch burns the holder's capped bandwidth).
+    const f = await fixture(32 * CHUNK);
+    const cap = new RateLimiter(CHUNK * 20, 0);
+    let served = 0;
+    const slow: ChunkFetcher = {
+      manifest: async () => ({ hash: f.announce.hash, size: f.bytes.length, chunkSize: CHUNK, chunks: f.chunks }),
+      chunk: async (_s, _h, i, length, signal) => {
+        const { start } = chunkRange(f.bytes.length, CHUNK, i);
+        for (let at = 0; at < length; at += 512) {
+          await cap.take(Math.min(512, length - at));
+          if (signal.aborted) throw new Error("timed out");
+        }
+        served++;
+        return Buffer.from(f.bytes.subarray(start, start + length));
+      },
+    };
+    const dest = join(scratch(), "model.gguf");
+    const stats = newPullStats();
+    const r = await pullFile({
+      announce: f.announce,
+      dest,
+      sources: () => [src("a")],
+      fetcher: slow,
+      stats,
+      chunkTimeoutMs: 300,
+      retryBaseMs: 1,
+    });
+    expect(r.ok ? "ok" : r.message).toBe("ok");
+    expect(readFileSync(dest).equals(f.bytes)).toBe(true);
+    expect(served).toBe(32);
+    expect(stats.fetchFailures).toBeGreaterThan(0); // the first eight did time out together
+    // Not a timeout per chunk: once asked for fewer at once, the holder's chunks arrive within the timeout.
+    expect(stats.fetchFailures).toBeLessThan(16);
+  }, 60_000);
+
+  test("a_burst_of_failures_in_flight_together_does_not_give_up_on_the_holder", async () => {
+    // Eight fetches in flight fail at once (one dropped connection); the next ones succeed: the holder must stay.
+    const f = await fixture(24 * CHUNK);
+    const { fetcher } = holders(f.bytes, f.chunks);
+    let calls = 0;
+    let release: () => void = () => {};
+    const gate = new Promise<void>((r) => {
+      release = r;
+    });
+    const blip: ChunkFetcher = {
+      manifest: fetcher.manifest,
+      chunk: async (s, h, i, n, sig) => {
+        if (++calls <= 8) {
+          if (calls === 8) release();
+          await gate; // all eight in flight, then all fail
+          throw new Error("connection reset");
+        }
+        return fetcher.chunk(s, h, i, n, sig);
+      },
+    };
+    const dest = join(scratch(), "model.gguf");
+    const stats = newPullStats();
+    const r = await pullFile({ announce: f.announce, dest, sources: () => [src("a")], fetcher: blip, stats, retryBaseMs: 1 });
+    expect(r.ok ? "ok" : r.message).toBe("ok");
+    expect(readFileSync(dest).equals(f.bytes)).toBe(true);
+    expect(stats.fetchFailures).toBe(8);
   });
 });
