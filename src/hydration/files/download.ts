@@ -15,7 +15,7 @@ import type { Logger } from "../../log";
 import { chunkHash, type FileDigest, rememberDigest } from "./hash";
 import { formatBytes } from "./limiter";
 import { checkManifest, chunkCount, chunkRange, type FileAnnounce, type FileManifest } from "./manifest";
-import { type ChunkSet, dropPartial, loadSidecar, partPaths, saveSidecar } from "./sidecar";
+import { type ChunkSet, dropPartial, loadSidecar, lockPartial, partPaths, saveSidecar } from "./sidecar";
 
 /** A holder of the file. */
 export interface Source {
@@ -77,7 +77,8 @@ export interface PullProgress {
 }
 
 /** Why a download stopped. */
-export type PullErrorCode = "no_space" | "no_sources" | "aborted" | "io" | "verify_failed";
+/** busy: another download of the same file (another process, or this one) is running. */
+export type PullErrorCode = "no_space" | "no_sources" | "aborted" | "io" | "verify_failed" | "busy";
 
 /** The outcome of a download. */
 export type PullResult =
@@ -169,7 +170,7 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
   };
 
   // 1. What a previous run left, and room for the rest (the signed record gives the size), before anything is asked or written.
-  const done = loadSidecar(o.dest, a);
+  let done = loadSidecar(o.dest, a);
   const need = a.size - bytesHeld(a, done);
   let free: number;
   try {
@@ -199,6 +200,19 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
   }
   if (!manifest) return fail(o, "no_sources", `no holder of ${a.file} gave a chunk list that matches its announcement`);
 
+  const { part } = partPaths(o.dest);
+  let lock: ReturnType<typeof lockPartial>;
+  try {
+    mkdirSync(dirname(o.dest), { recursive: true });
+    lock = lockPartial(o.dest);
+  } catch (e) {
+    return fail(o, "io", `cannot write ${part}.lock: ${(e as Error).message}`);
+  }
+  if ("heldBy" in lock) {
+    return fail(o, "busy", `another download of ${a.file} into ${dirname(o.dest)} is running (process ${lock.heldBy}): ${part}.lock`);
+  }
+  // What is verified now, under the lock (a download that held it before may have added to it).
+  done = loadSidecar(o.dest, a);
   const resumed = done.size;
   let fetched = 0;
   if (resumed > 0) {
@@ -206,13 +220,12 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
     o.log?.info("resuming a download", { file: a.file, chunks_verified: done.size, chunks: total });
   }
 
-  const { part } = partPaths(o.dest);
   let fh: Awaited<ReturnType<typeof open>>;
   try {
-    mkdirSync(dirname(o.dest), { recursive: true });
     fh = await open(part, done.size > 0 ? "r+" : "w+");
     await fh.truncate(a.size);
   } catch (e) {
+    lock.release();
     return fail(o, "io", `cannot write ${part}: ${(e as Error).message}`);
   }
   let lastSave = 0;
@@ -266,6 +279,7 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
     return fail(o, "io", `writing ${part} failed: ${(e as Error).message}`);
   } finally {
     await fh.close().catch(() => {});
+    lock.release();
   }
 }
 

@@ -312,3 +312,54 @@ describe("pullFile from a holder under an upload cap", () => {
     expect(stats.fetchFailures).toBe(8);
   });
 });
+
+describe("pullFile of one file twice at once", () => {
+  test("a_second_download_of_the_same_file_is_refused_as_busy_and_the_first_finishes_whole", async () => {
+    // `mesh pull` beside a `mesh serve --model` pulling the same file: both wrote one part file and sidecar, and the
+    // second to finish failed on the first one's rename, leaving a sidecar with no part file behind.
+    const f = await fixture(40 * CHUNK);
+    const { fetcher } = holders(f.bytes, f.chunks);
+    let release: () => void = () => {};
+    const gate = new Promise<void>((r) => {
+      release = r;
+    });
+    let started = 0;
+    const held: ChunkFetcher = {
+      manifest: fetcher.manifest,
+      chunk: async (s, h, i, n, sig) => {
+        started++;
+        await gate; // the first download holds its chunks until the second has tried
+        return fetcher.chunk(s, h, i, n, sig);
+      },
+    };
+    const dest = join(scratch(), "model.gguf");
+    const first = pullFile({ announce: f.announce, dest, sources: () => [src("a")], fetcher: held, stats: newPullStats(), parallel: 2 });
+    while (started === 0) await Bun.sleep(1);
+    const second = await pullFile({ announce: f.announce, dest, sources: () => [src("a")], fetcher, stats: newPullStats() });
+    expect(second.ok ? "ok" : second.code).toBe("busy");
+    release();
+    const r = await first;
+    expect(r.ok ? "ok" : r.message).toBe("ok");
+    expect(readFileSync(dest).equals(f.bytes)).toBe(true);
+    for (const p of [partPaths(dest).part, partPaths(dest).sidecar, `${partPaths(dest).part}.lock`]) expect(existsSync(p)).toBe(false);
+  });
+
+  test("a_lock_left_by_a_process_killed_mid_pull_is_taken_over", async () => {
+    const f = await fixture(8 * CHUNK);
+    const { fetcher } = holders(f.bytes, f.chunks);
+    const dest = join(scratch(), "model.gguf");
+    const gone = Bun.spawn(["true"]);
+    await gone.exited;
+    writeFileSync(`${partPaths(dest).part}.lock`, `${gone.pid} 0`);
+    const r = await pullFile({ announce: f.announce, dest, sources: () => [src("a")], fetcher, stats: newPullStats() });
+    expect(r.ok ? "ok" : r.message).toBe("ok");
+    expect(readFileSync(dest).equals(f.bytes)).toBe(true);
+    expect(existsSync(`${partPaths(dest).part}.lock`)).toBe(false);
+    // A lock with this very pid that this process does not hold: left by an earlier life under the same pid
+    // (pid 1 in a container restarted on the same volume).
+    rmSync(dest);
+    writeFileSync(`${partPaths(dest).part}.lock`, `${process.pid} 0`);
+    const again = await pullFile({ announce: f.announce, dest, sources: () => [src("a")], fetcher, stats: newPullStats() });
+    expect(again.ok ? "ok" : again.message).toBe("ok");
+  });
+});
