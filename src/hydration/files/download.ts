@@ -127,6 +127,12 @@ const MAX_CORRUPT = 2;
 const SIDECAR_EVERY_MS = 250;
 const REFRESH_MS = 1000;
 const MAX_PARALLEL = 16;
+/**
+ * Most chunk bytes a download holds in memory at once: every fetch in flight buffers its whole chunk (and a copy
+ * while it is assembled), so with a holder's --file-chunk-size of 256 MiB, 16 fetches would hold 4 to 8 GiB.
+ * Fewer fetches run at once when chunks are large (at least one).
+ */
+export const MAX_INFLIGHT_BYTES = 128 * 1024 * 1024;
 const PER_HOLDER = 8;
 const MAX_WHOLE_ROUNDS = 3;
 // Free room kept beyond the file itself (filesystems misbehave when completely full).
@@ -411,7 +417,7 @@ async function fetchAll(
       }
     }
   };
-  const n = o.parallel ?? MAX_PARALLEL;
+  const n = Math.max(1, Math.min(o.parallel ?? MAX_PARALLEL, Math.floor(MAX_INFLIGHT_BYTES / a.chunkSize)));
   await Promise.all(Array.from({ length: n }, worker));
   return error;
 }

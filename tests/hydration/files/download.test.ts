@@ -5,7 +5,14 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { type ChunkFetcher, freeBytes, newPullStats, pullFile, type Source } from "../../../src/hydration/files/download";
+import {
+  type ChunkFetcher,
+  freeBytes,
+  MAX_INFLIGHT_BYTES,
+  newPullStats,
+  pullFile,
+  type Source,
+} from "../../../src/hydration/files/download";
 import { chunkHash, hashFile } from "../../../src/hydration/files/hash";
 import { RateLimiter } from "../../../src/hydration/files/limiter";
 import { chunkRange, type FileAnnounce, rootOf } from "../../../src/hydration/files/manifest";
@@ -361,5 +368,46 @@ describe("pullFile of one file twice at once", () => {
     writeFileSync(`${partPaths(dest).part}.lock`, `${process.pid} 0`);
     const again = await pullFile({ announce: f.announce, dest, sources: () => [src("a")], fetcher, stats: newPullStats() });
     expect(again.ok ? "ok" : again.message).toBe("ok");
+  });
+});
+
+describe("pullFile of large chunks", () => {
+  test("fetches_in_flight_hold_at_most_MAX_INFLIGHT_BYTES_of_chunks_however_large_the_holders_chunks", async () => {
+    // A holder may cut its file into chunks of up to 256 MiB, and each fetch buffers a whole chunk: 16 fetches at
+    // once would hold gigabytes. Count the fetches in flight at once (they fail, so nothing is really buffered).
+    const chunkSize = 64 * 1024 * 1024;
+    const n = 8;
+    const chunks = Array.from({ length: n }, (_, i) => chunkHash(Buffer.from(`chunk ${i}`)));
+    const announce: FileAnnounce = {
+      name: "big",
+      aliases: [],
+      file: "big.gguf",
+      size: n * chunkSize,
+      hash: chunkHash(Buffer.from("big")),
+      chunkSize,
+      root: rootOf(chunks),
+    };
+    let now = 0;
+    let most = 0;
+    const fetcher: ChunkFetcher = {
+      manifest: async () => ({ hash: announce.hash, size: announce.size, chunkSize, chunks }),
+      chunk: async () => {
+        most = Math.max(most, ++now);
+        await Bun.sleep(20);
+        now--;
+        throw new Error("unreachable");
+      },
+    };
+    const r = await pullFile({
+      announce,
+      dest: join(scratch(), "big.gguf"),
+      sources: () => [src("a"), src("b")],
+      fetcher,
+      stats: newPullStats(),
+      retryBaseMs: 1,
+    });
+    expect(r.ok ? "ok" : r.code).toBe("no_sources");
+    expect(most).toBeGreaterThan(0);
+    expect(most * chunkSize).toBeLessThanOrEqual(MAX_INFLIGHT_BYTES);
   });
 });
