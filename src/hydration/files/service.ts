@@ -165,6 +165,8 @@ export class FileService implements FileHooks {
     dest: string,
     o: { signal?: AbortSignal; onProgress?: (p: PullProgress) => void } = {},
   ): Promise<PullResult> {
+    // The row that waited for the file under the name it was asked by (an alias, its file name) is this pull now.
+    for (const [k, r] of [...this.local]) if (r.state === "waiting" && answersTo(a, k)) this.local.delete(k);
     const row = this.row({ name: a.name, file: a.file, path: dest, state: "hydrating", size: a.size, hash: a.hash, progress: null });
     // Pulled before (asked for by another of its names): the digest cached at the end of that pull vouches for it.
     const had = cachedDigest(this.o.stateDir, dest, a.chunkSize);
