@@ -88,6 +88,7 @@ export async function pullForServe(
   files.waiting(name, join(modelsDir(o.stateDir), `${name}.gguf`));
   let deadline = Date.now() + o.waitS * 1000;
   let said = false;
+  let busySaid = false;
   for (;;) {
     if (o.signal.aborted) throw new UsageError(`stopped before ${name} was pulled (what was verified is kept)`);
     const found = files.find(name);
@@ -124,6 +125,14 @@ export async function pullForServe(
     if (r.code === "no_space") throw new UsageError(r.message);
     if (r.code === "aborted") throw new UsageError(`stopped before ${name} was pulled (what was verified is kept)`);
     if (r.code === "verify_failed" || r.code === "io") throw new Error(r.message);
+    if (r.code === "busy") {
+      // Another process (`mesh pull`) pulls the very file: wait for it; its verified file is then taken as is.
+      if (!busySaid) o.logger.warn("another download of the model file is running; waiting for it", { model: name, error: r.message });
+      busySaid = true;
+      deadline = Date.now() + o.waitS * 1000;
+      await Bun.sleep(1000);
+      continue;
+    }
     // Every holder failed or left: the verified chunks stay; wait for a holder again (best effort, the next pass resumes).
     o.logger.warn("pull paused: no holder answers; waiting for one", { model: name, error: r.message });
     deadline = Date.now() + o.waitS * 1000;

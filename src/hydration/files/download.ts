@@ -15,7 +15,7 @@ import type { Logger } from "../../log";
 import { chunkHash, type FileDigest, rememberDigest } from "./hash";
 import { formatBytes } from "./limiter";
 import { checkManifest, chunkCount, chunkRange, type FileAnnounce, type FileManifest } from "./manifest";
-import { type ChunkSet, dropPartial, loadSidecar, partPaths, saveSidecar } from "./sidecar";
+import { type ChunkSet, dropPartial, loadSidecar, lockPartial, partPaths, saveSidecar } from "./sidecar";
 
 /** A holder of the file. */
 export interface Source {
@@ -77,7 +77,8 @@ export interface PullProgress {
 }
 
 /** Why a download stopped. */
-export type PullErrorCode = "no_space" | "no_sources" | "aborted" | "io" | "verify_failed";
+/** busy: another download of the same file (another process, or this one) is running. */
+export type PullErrorCode = "no_space" | "no_sources" | "aborted" | "io" | "verify_failed" | "busy";
 
 /** The outcome of a download. */
 export type PullResult =
@@ -114,6 +115,10 @@ interface SourceState {
   fails: number;
   corrupt: number;
   downUntil: number;
+  /** Fetches this holder may have in flight now: halved when fetches fail, grown back by successes (up to perHolder). */
+  window: number;
+  /** When its last counted failure happened: fetches already in flight then fail with it, they count as that one failure. */
+  failedAt: number;
 }
 
 // A holder that failed this many times in a row, or sent this many bad chunks, is not asked again in this run.
@@ -122,6 +127,12 @@ const MAX_CORRUPT = 2;
 const SIDECAR_EVERY_MS = 250;
 const REFRESH_MS = 1000;
 const MAX_PARALLEL = 16;
+/**
+ * Most chunk bytes a download holds in memory at once: every fetch in flight buffers its whole chunk (and a copy
+ * while it is assembled), so with a holder's --file-chunk-size of 256 MiB, 16 fetches would hold 4 to 8 GiB.
+ * Fewer fetches run at once when chunks are large (at least one).
+ */
+export const MAX_INFLIGHT_BYTES = 128 * 1024 * 1024;
 const PER_HOLDER = 8;
 const MAX_WHOLE_ROUNDS = 3;
 // Free room kept beyond the file itself (filesystems misbehave when completely full).
@@ -144,7 +155,9 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
   let fetchedBytes = 0;
   const states = new Map<string, SourceState>();
   const refresh = () => {
-    for (const s of o.sources()) if (!states.has(s.id)) states.set(s.id, { src: s, inflight: 0, fails: 0, corrupt: 0, downUntil: 0 });
+    for (const s of o.sources())
+      if (!states.has(s.id))
+        states.set(s.id, { src: s, inflight: 0, fails: 0, corrupt: 0, downUntil: 0, window: o.perHolder ?? PER_HOLDER, failedAt: -1 });
   };
   refresh();
   const usable = () => [...states.values()].filter((s) => s.fails < MAX_FAILS && s.corrupt < MAX_CORRUPT);
@@ -163,7 +176,7 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
   };
 
   // 1. What a previous run left, and room for the rest (the signed record gives the size), before anything is asked or written.
-  const done = loadSidecar(o.dest, a);
+  let done = loadSidecar(o.dest, a);
   const need = a.size - bytesHeld(a, done);
   let free: number;
   try {
@@ -193,6 +206,19 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
   }
   if (!manifest) return fail(o, "no_sources", `no holder of ${a.file} gave a chunk list that matches its announcement`);
 
+  const { part } = partPaths(o.dest);
+  let lock: ReturnType<typeof lockPartial>;
+  try {
+    mkdirSync(dirname(o.dest), { recursive: true });
+    lock = lockPartial(o.dest);
+  } catch (e) {
+    return fail(o, "io", `cannot write ${part}.lock: ${(e as Error).message}`);
+  }
+  if ("heldBy" in lock) {
+    return fail(o, "busy", `another download of ${a.file} into ${dirname(o.dest)} is running (process ${lock.heldBy}): ${part}.lock`);
+  }
+  // What is verified now, under the lock (a download that held it before may have added to it).
+  done = loadSidecar(o.dest, a);
   const resumed = done.size;
   let fetched = 0;
   if (resumed > 0) {
@@ -200,13 +226,12 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
     o.log?.info("resuming a download", { file: a.file, chunks_verified: done.size, chunks: total });
   }
 
-  const { part } = partPaths(o.dest);
   let fh: Awaited<ReturnType<typeof open>>;
   try {
-    mkdirSync(dirname(o.dest), { recursive: true });
     fh = await open(part, done.size > 0 ? "r+" : "w+");
     await fh.truncate(a.size);
   } catch (e) {
+    lock.release();
     return fail(o, "io", `cannot write ${part}: ${(e as Error).message}`);
   }
   let lastSave = 0;
@@ -260,6 +285,7 @@ export async function pullFile(o: PullOptions): Promise<PullResult> {
     return fail(o, "io", `writing ${part} failed: ${(e as Error).message}`);
   } finally {
     await fh.close().catch(() => {});
+    lock.release();
   }
 }
 
@@ -295,7 +321,7 @@ async function fetchAll(
   let refreshedAt = performance.now();
   const pick = (i: number): SourceState | null => {
     const now = performance.now();
-    let list = usable().filter((s) => s.downUntil <= now && s.inflight < perHolder);
+    let list = usable().filter((s) => s.downUntil <= now && s.inflight < Math.floor(s.window));
     const avoid = failedOn.get(i);
     const fresh = list.filter((s) => !avoid?.has(s.src.id));
     if (fresh.length > 0) list = fresh;
@@ -336,13 +362,14 @@ async function fetchAll(
           return;
         }
         // Every usable holder is busy or backing off: wait a little for one.
-        const until = Math.min(...live.map((w) => (w.inflight < perHolder ? w.downUntil : performance.now() + 10)));
+        const until = Math.min(...live.map((w) => (w.inflight < Math.floor(w.window) ? w.downUntil : performance.now() + 10)));
         await Bun.sleep(Math.max(5, Math.min(1000, until - performance.now())));
         continue;
       }
       const { start, end } = chunkRange(a.size, a.chunkSize, i);
       s.inflight++;
       inflight++;
+      const startedAt = performance.now();
       try {
         const bytes = await o.fetcher.chunk(
           s.src,
@@ -363,6 +390,7 @@ async function fetchAll(
         await fh.write(bytes, 0, bytes.byteLength, start);
         done.add(i);
         s.fails = 0;
+        s.window = Math.min(perHolder, s.window + 1 / s.window);
         o.stats.chunksFetched++;
         onChunk(bytes.byteLength);
       } catch (e) {
@@ -371,8 +399,15 @@ async function fetchAll(
           continue; // the loop reports the stop
         }
         o.stats.fetchFailures++;
-        s.fails++;
-        s.downUntil = performance.now() + Math.min(10_000, (o.retryBaseMs ?? 200) * 2 ** s.fails);
+        // Fetches that were in flight together fail together (a holder under --upload-limit times out all of them at
+        // once, a dead one refuses all of them): that is one failure of the holder, not one per fetch, and it halves
+        // how many it is asked for at once, so a slow holder is asked for what it can send within the timeout.
+        if (startedAt >= s.failedAt) {
+          s.failedAt = performance.now();
+          s.fails++;
+          s.window = Math.max(1, Math.floor(s.window / 2));
+          s.downUntil = performance.now() + Math.min(10_000, (o.retryBaseMs ?? 200) * 2 ** s.fails);
+        }
         (failedOn.get(i) ?? failedOn.set(i, new Set()).get(i))?.add(s.src.id);
         o.log?.debug("chunk fetch failed", { file: a.file, chunk: i, from: s.src.name, error: (e as Error)?.message });
         pending.unshift(i);
@@ -382,7 +417,7 @@ async function fetchAll(
       }
     }
   };
-  const n = o.parallel ?? MAX_PARALLEL;
+  const n = Math.max(1, Math.min(o.parallel ?? MAX_PARALLEL, Math.floor(MAX_INFLIGHT_BYTES / a.chunkSize)));
   await Promise.all(Array.from({ length: n }, worker));
   return error;
 }

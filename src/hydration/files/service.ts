@@ -85,6 +85,26 @@ export class FileService implements FileHooks {
     this.core = core;
     // Records written before attach (none today) and every announced file go out now.
     for (const f of this.shelf.list()) this.publish(f.announce);
+    // A record of ours from an earlier life of this node (peers keep it over a quick restart) for a file not offered
+    // now is deleted: else pullers keep asking this node for a file it answers 404 to. Those here now, and those to come.
+    core.extend({
+      types: [],
+      handle: () => ({ type: "error", code: "unknown_type", message: "no such message" }),
+      onStoreChange: (owner, key) => {
+        if (owner === core.id && key.startsWith(FILE_PREFIX)) queueMicrotask(() => this.dropStale(key));
+      },
+    });
+    for (const r of [...core.store.live(FILE_PREFIX)]) if (r.owner === core.id) this.dropStale(r.key);
+  }
+
+  /** Delete our record under `key` if it is live and names no file on the shelf. */
+  private dropStale(key: string): void {
+    const core = this.core;
+    const r = core?.store.get(core.id, key);
+    if (!core || !r || r.value === null) return;
+    if (this.shelf.has(key.slice(FILE_PREFIX.length))) return;
+    core.store.delete(key);
+    this.o.log.info("deleted a file record of an earlier run: this node no longer offers that file", { key: key.slice(0, 24) });
   }
 
   /** Hash `path` (or take its cached digest), offer it to peers and announce it under `name` and `aliases`. */
@@ -145,6 +165,8 @@ export class FileService implements FileHooks {
     dest: string,
     o: { signal?: AbortSignal; onProgress?: (p: PullProgress) => void } = {},
   ): Promise<PullResult> {
+    // The row that waited for the file under the name it was asked by (an alias, its file name) is this pull now.
+    for (const [k, r] of [...this.local]) if (r.state === "waiting" && answersTo(a, k)) this.local.delete(k);
     const row = this.row({ name: a.name, file: a.file, path: dest, state: "hydrating", size: a.size, hash: a.hash, progress: null });
     // Pulled before (asked for by another of its names): the digest cached at the end of that pull vouches for it.
     const had = cachedDigest(this.o.stateDir, dest, a.chunkSize);

@@ -4,6 +4,7 @@
 // the .part file is ever listed, and the finished file is checked whole
 // before it is renamed into place, so neither a crash nor a lie makes a
 // partial file pass for a whole one.
+import { randomBytes } from "node:crypto";
 import { existsSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { isObject } from "../../mesh/check";
 import { chunkCount, type FileAnnounce } from "./manifest";
@@ -84,4 +85,57 @@ export function saveSidecar(dest: string, a: FileAnnounce, done: ChunkSet): void
 export function dropPartial(dest: string): void {
   const { part, sidecar } = partPaths(dest);
   for (const p of [part, sidecar, `${sidecar}.tmp`]) rmSync(p, { force: true });
+}
+
+/**
+ * Take `<dest>.part.lock` for this download (the file holds its process id): two downloads of one file at once
+ * (`mesh pull` beside a `mesh serve --model` pulling it) would truncate each other's part file and the second to
+ * finish would fail on the first one's rename. A lock left by a process that no longer runs is taken over.
+ * Returns the release function, or the process id of the download that holds it.
+ */
+export function lockPartial(dest: string): { release: () => void } | { heldBy: number } {
+  const path = `${partPaths(dest).part}.lock`;
+  const ours = heldHere.has(path);
+  const token = `${process.pid} ${randomBytes(8).toString("hex")}`;
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      writeFileSync(path, token, { flag: "wx", mode: 0o600 });
+      heldHere.add(path);
+      return {
+        release: () => {
+          heldHere.delete(path);
+          try {
+            if (readFileSync(path, "utf8") === token) rmSync(path, { force: true });
+          } catch {
+            // already gone
+          }
+        },
+      };
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+    }
+    let pid = 0;
+    try {
+      pid = Number.parseInt(readFileSync(path, "utf8"), 10);
+    } catch {
+      continue; // released meanwhile: try again
+    }
+    // Our own pid on a lock this process does not hold: an earlier life under the same pid (pid 1 in a container).
+    const stale = pid === process.pid ? !ours : !(Number.isSafeInteger(pid) && pid > 0 && alive(pid));
+    if (!stale) return { heldBy: pid };
+    rmSync(path, { force: true }); // its process is gone (killed mid-pull): the lock is stale
+  }
+  return { heldBy: 0 };
+}
+
+/** Locks this process holds now. */
+const heldHere = new Set<string>();
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
 }

@@ -52,6 +52,11 @@ export class Shelf {
     this.files.set(f.announce.hash, f);
   }
 
+  /** Whether a file of this hash is offered. */
+  has(hash: string): boolean {
+    return this.files.has(hash);
+  }
+
   /** The files offered. */
   list(): ShelfFile[] {
     return [...this.files.values()];

@@ -63,6 +63,25 @@ describe("FileService", () => {
     expect(s.stats.bytesFetched).toBe(0);
   });
 
+  test("the_row_that_waited_under_an_alias_is_replaced_by_the_pull_not_left_waiting", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "mesh-svc-"));
+    const dest = join(dir, "models", "qwen.gguf");
+    mkdirSync(join(dir, "models"));
+    writeFileSync(dest, Buffer.alloc(9000, 5));
+    const d = await hashFile(dest, 4096);
+    rememberDigest(dir, dest, d);
+    const s = new FileService({ selfId: "n", stateDir: dir, uploadLimit: 0, chunkSize: 4096, fetcher: unused, log: silentLogger });
+    // `mesh serve --model gpt-4o`: it waits under the name asked for, then pulls the file that answers to it.
+    s.waiting("gpt-4o", join(dir, "models", "gpt-4o.gguf"));
+    s.waiting("other", join(dir, "models", "other.gguf"));
+    const a = { name: "qwen", aliases: ["gpt-4o"], file: "qwen.gguf", size: d.size, hash: d.hash, chunkSize: 4096, root: d.root };
+    expect((await s.hydrate(a, dest)).ok).toBe(true);
+    expect(s.report().local.map((r) => [r.name, r.state])).toEqual([
+      ["other", "waiting"],
+      ["qwen", "announced"],
+    ]);
+  });
+
   test("a_file_name_peers_would_refuse_is_not_announced_and_says_why", async () => {
     const s = new FileService({
       selfId: "n",
