@@ -199,6 +199,8 @@ export function serveTunnel(opts: {
   secret: string;
   rpcPort: number;
   log?: (event: string, f: Record<string, unknown>) => void;
+  /** Called with the number of active sessions (0 or 1) whenever it changes. */
+  onSessions?: (active: number) => void;
 }): Promise<TunnelServer> {
   const keys = tunnelKeys(opts.secret);
   const stats: TunnelServerStats = { accepted: 0, refused: 0, busy: 0, probes: 0, active: 0 };
@@ -235,17 +237,24 @@ export function serveTunnel(opts: {
       }
       stats.active++;
       stats.accepted++;
+      opts.onSessions?.(stats.active);
+      log("stage_session_started", { remote: sock.remoteAddress ?? "" });
       const rpc = connect({ host: "127.0.0.1", port: opts.rpcPort });
       rpc.pause();
+      let piped = false;
       rpc.once("connect", () => {
+        piped = true;
         const k = sessionKeys(keys, sNonce, cNonce);
         pipeSealed(rpc, sock, new Sealer(k.s2c), new Opener(k.c2s), hello.rest, () => {
           stats.active--;
+          opts.onSessions?.(stats.active);
           log("stage_session_ended", {});
         });
       });
       rpc.once("error", () => {
+        if (piped) return; // the pipe ends the session itself
         stats.active--;
+        opts.onSessions?.(stats.active);
         sock.destroy();
       });
     })();

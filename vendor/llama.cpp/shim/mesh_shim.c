@@ -691,7 +691,7 @@ static char g_stage_lost_msg[512];
 // head must instead fail the requests of that one model and re-plan: record
 // why, raise the engine's flag (the main thread watches it), and park the
 // failing thread for good. The Worker that drove the decode is abandoned.
-static void mesh_abort_cb(const char *message) {
+static void mesh_stage_abort_cb(const char *message) {
     int32_t *flag = g_stage_lost_flag;
     if (!flag) {
         fprintf(stderr, "%s\n", message ? message : "ggml abort");
@@ -711,7 +711,7 @@ static void mesh_abort_cb(const char *message) {
 int32_t mesh_stage_abort_flag(int32_t *flag) {
 #if defined(__linux__) || defined(__APPLE__)
     g_stage_lost_flag = flag;
-    ggml_set_abort_callback(mesh_abort_cb);
+    ggml_set_abort_callback(mesh_stage_abort_cb);
     return 0;
 #else
     (void)flag;
