@@ -11,6 +11,10 @@ import { ServedModel, startServer } from "../server";
 import type { ConsoleMode } from "../server/console";
 import { backendOf } from "../server/devices";
 import { checkAliases, modelIdFromPath } from "../server/model";
+import { SplitEngine } from "../split/head";
+import { parseSplitWant } from "../split/plan";
+import { splitReportOf } from "../split/report";
+import { offerStage } from "../split/stage-node";
 import type { MeshFlags } from "./mesh-flags";
 import { prepareMesh, startMesh } from "./serve-mesh";
 import { UsageError } from "./usage";
@@ -52,6 +56,13 @@ export interface ServeOptions extends MeshFlags {
   logFormat: string;
   /** local, public, off; false from --no-console. */
   console?: string | false;
+  /** --split: true (no value: auto) or its value. */
+  split?: string | boolean;
+  splitMaxRtt: number;
+  splitWait: number;
+  offerStage?: boolean;
+  stageMemory?: number;
+  stagePort: number;
 }
 
 /** Whether `host` is a loopback address (the console's default guard serves only those without keys). */
@@ -158,9 +169,12 @@ export async function serve(o: ServeOptions): Promise<number> {
   const aliasError = checkAliases(o.alias, [modelIdFromPath(modelPath)]);
   if (aliasError) throw new UsageError(aliasError);
   const threads = o.threads ?? Math.max(1, cpus().length);
-  const model = ServedModel.start({
+  const want = o.split === undefined ? null : parseSplitWant(o.split === true ? "auto" : String(o.split));
+  if (o.split !== undefined && !want) {
+    throw new UsageError(`--split must be auto, a node count from 2 to 17, or a comma-separated list of peer ids, got '${o.split}'`);
+  }
+  const engineOptions = {
     modelPath,
-    aliases: o.alias,
     nCtx: o.ctxSize,
     nParallel: o.parallel,
     nBatch: o.batchSize,
@@ -176,7 +190,38 @@ export async function serve(o: ServeOptions): Promise<number> {
     // Spilled checkpoints live beside the node's identity, one directory per model fingerprint.
     checkpointDir: join(mesh.plan.stateDir, "checkpoints"),
     onProgress: progressPrinter(`loading ${modelPath}`),
+  };
+  // A split head plans from the stage offers the mesh gossips: it loads once the mesh is up.
+  let meshUp: (ok: boolean) => void = () => {};
+  const meshStarted = new Promise<boolean>((r) => {
+    meshUp = r;
   });
+  const modelId = modelIdFromPath(modelPath);
+  const model = want
+    ? ServedModel.loading(
+        modelId,
+        modelPath,
+        meshStarted.then((up) => {
+          if (!up) throw new Error("the server did not start");
+          return SplitEngine.start({
+            model: modelId,
+            engine: engineOptions,
+            want,
+            headId: mesh.nodeId,
+            secret: mesh.creds.secret,
+            offers: () => mesh.node.stageOffers(),
+            maxRttMs: o.splitMaxRtt,
+            waitMs: o.splitWait * 1000,
+            logger,
+          });
+        }),
+        o.alias,
+      )
+    : ServedModel.start({ ...engineOptions, aliases: o.alias });
+  mesh.node.splitReports = () => {
+    const r = splitReportOf(model.engine);
+    return r ? [r] : [];
+  };
   let server: ReturnType<typeof startServer>;
   try {
     server = startServer({
@@ -192,6 +237,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       console: consoleOptions,
     });
   } catch (e) {
+    meshUp(false);
     await model.close();
     const code = (e as { code?: string }).code;
     if (code === "EADDRINUSE") throw new UsageError(`port ${o.port} on ${o.host} is already in use (choose another with --port)`);
@@ -204,6 +250,7 @@ export async function serve(o: ServeOptions): Promise<number> {
 
   const addr = await startMesh(mesh, o.host, server.port, server.url, logger);
   mesh.node.serveModel(model, addr, { ctxSize: o.ctxSize, slotsTotal: o.parallel });
+  meshUp(true);
 
   await model.ready;
   if (model.status === "failed") {
@@ -213,6 +260,30 @@ export async function serve(o: ServeOptions): Promise<number> {
   }
   const info = model.info;
   if (info) logDevices(logger, info);
+  if (o.offerStage) {
+    // After the engine's Worker started: Workers must not dlopen the library at the same time.
+    const core = mesh.node.meshCore;
+    const offered = core
+      ? await offerStage({
+          nodeId: mesh.nodeId,
+          store: core.store,
+          secret: mesh.creds.secret,
+          listenHost: o.host,
+          advertiseHost: addr.slice(0, addr.lastIndexOf(":")).replace(/^\[|\]$/g, ""),
+          port: o.stagePort,
+          stageMemoryMiB: o.stageMemory ?? null,
+          threads,
+          cacheDir: join(mesh.plan.stateDir, "stage-cache"),
+          logger,
+        })
+      : { code: "stage_offer_failed" as const, message: "the mesh is not running" };
+    if ("code" in offered) {
+      await mesh.node.leave();
+      await model.close();
+      await server.close();
+      throw new UsageError(`cannot offer stages: ${offered.message}`);
+    }
+  }
   logger.info("model ready", {
     model: model.id,
     ctx: info?.nCtx,
