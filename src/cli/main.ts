@@ -6,6 +6,7 @@ import { HOST_CACHE_DEFAULT_MIB } from "../engine/index";
 import { RESPONSE_STORE_DEFAULT_MIB } from "../server/responses/store";
 import { SESSION_DEFAULTS } from "../sessions";
 import { DEFAULT_MAX_RTT_MS } from "../split/plan";
+import { STAGE_CACHE_DEFAULT_MIB } from "../split/stage-node";
 import { registerBench } from "./bench";
 import { buildInfo, formatBuildInfo } from "./build-info";
 import { invite } from "./invite";
@@ -136,8 +137,14 @@ export function program(): Command {
     )
     .option("--stage-memory <MiB>", "most memory --offer-stage lends (default: what is free)", intOption("--stage-memory", 1, 1 << 30))
     .option(
+      "--stage-cache <MiB>",
+      "disk under the state dir for weights heads sent with --offer-stage (oldest dropped first; 0: none)",
+      intOption("--stage-cache", 0, 1 << 30),
+      STAGE_CACHE_DEFAULT_MIB,
+    )
+    .option(
       "--stage-port <n>",
-      "port of the stage tunnel with --offer-stage (default: any free one)",
+      "port of the stage tunnel with --offer-stage (0: any free one)",
       intOption("--stage-port", 0, 65535),
       0,
     )

@@ -63,6 +63,7 @@ export interface ServeOptions extends MeshFlags {
   offerStage?: boolean;
   stageMemory?: number;
   stagePort: number;
+  stageCache: number;
 }
 
 /** Whether `host` is a loopback address (the console's default guard serves only those without keys). */
@@ -274,6 +275,7 @@ export async function serve(o: ServeOptions): Promise<number> {
           stageMemoryMiB: o.stageMemory ?? null,
           threads,
           cacheDir: join(mesh.plan.stateDir, "stage-cache"),
+          cacheMiB: o.stageCache,
           logger,
         })
       : { code: "stage_offer_failed" as const, message: "the mesh is not running" };

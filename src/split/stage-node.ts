@@ -4,10 +4,15 @@
 import { freemem, totalmem } from "node:os";
 import type { Logger } from "../log";
 import { type StageOffer, serializeOffer, stageKey } from "./offer";
+import { pruneCache } from "./stage-cache";
 import { startStageServer } from "./stage-server";
 import { serveTunnel, type TunnelServer } from "./tunnel";
 
 const MiB = 1024 * 1024;
+/** How often the stage cache is trimmed to its budget. */
+export const CACHE_PRUNE_EVERY_MS = 60_000;
+/** Default budget of the stage cache (--stage-cache), MiB. */
+export const STAGE_CACHE_DEFAULT_MIB = 16 * 1024;
 
 /** Where an offer is published: the node's replicated store (only its own keys). */
 export interface OfferStore {
@@ -42,10 +47,22 @@ export async function offerStage(o: {
   port: number;
   stageMemoryMiB: number | null;
   threads: number;
-  cacheDir: string | null;
+  /** Where received tensors are cached, and the most it may hold (0 MiB: no cache). */
+  cacheDir: string;
+  cacheMiB: number;
   logger: Logger;
 }): Promise<StageNode | StageNodeError> {
-  const server = await startStageServer({ cacheDir: o.cacheDir, threads: o.threads });
+  const cacheDir = o.cacheMiB > 0 ? o.cacheDir : null;
+  if (cacheDir) {
+    // ggml writes the cache and never trims it: keep it within the budget from here.
+    const prune = () => {
+      const r = pruneCache(cacheDir, o.cacheMiB * MiB);
+      if (r.files > 0) o.logger.info("stage cache pruned", { files: r.files, mib: Math.round(r.bytes / MiB) });
+    };
+    prune();
+    setInterval(prune, CACHE_PRUNE_EVERY_MS).unref();
+  }
+  const server = await startStageServer({ cacheDir, threads: o.threads });
   if ("code" in server) return { code: "stage_offer_failed", message: server.message };
   const free = freemem();
   const budget = o.stageMemoryMiB === null ? free : Math.min(free, o.stageMemoryMiB * MiB);
