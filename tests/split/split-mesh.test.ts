@@ -3,7 +3,11 @@
 // tokens of a node serving it whole; a stage killed mid-stream fails the
 // stream with an error event, and the head re-plans and serves again.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import OpenAI from "openai";
+import { runKvPressure } from "../../src/bench/kv-pressure";
 import { clusterDir, metricOf, type NodeProc, peersOf, spawnNode, tokenOf, waitFor } from "../helpers/cluster";
 
 const nodes: NodeProc[] = [];
@@ -78,7 +82,8 @@ describe("split model over mesh serve processes", () => {
     expect(await answers(two)).toEqual(want);
     await stop(two);
 
-    const three = await start("head-3", "big", ["--join", token, "--split", "3"]);
+    // A small KV pool, so that the kv-pressure run below queues and evicts on the split model.
+    const three = await start("head-3", "big", ["--join", token, "--split", "3", "--ctx-size", "1024"]);
     expect(await answers(three)).toEqual(want);
     expect(await metricOf(three, 'mesh_split_serving{model="big"}')).toBe(1);
     const report = await waitFor("the split in the head's peers report", 10_000, async () => {
@@ -86,6 +91,18 @@ describe("split model over mesh serve processes", () => {
       return r?.splits?.length === 1 && (r.stages ?? []).filter((s) => s.in_use).length === 2 ? r : null;
     });
     expect(report.splits?.[0]?.stages.map((s) => s.role)).toEqual(["head", "stage", "stage"]);
+  }, 300_000);
+
+  test("runs_the_kv_pressure_bench_on_a_split_model_without_decode_failures_or_5xx", async () => {
+    const head = nodes.find((n) => n.name === "head-3") as NodeProc;
+    const out = mkdtempSync(join(tmpdir(), "mesh-split-kvp-"));
+    const { report } = await runKvPressure({ tiny: true, url: head.url, model: "big", out });
+    const t = report.targets[0];
+    expect(t).toMatchObject({ requests: t?.successes, status5xx: 0, transportErrors: 0 });
+    expect(t?.decodeFailures.client).toBe(0);
+    expect(t?.decodeFailures.server ?? 0).toBe(0);
+    expect(t?.requests).toBeGreaterThan(0);
+    expect(await metricOf(head, 'mesh_split_serving{model="big"}')).toBe(1);
   }, 300_000);
 
   test("fails_a_stream_with_an_error_event_when_a_stage_is_killed_and_serves_again_after_re_planning", async () => {
