@@ -142,12 +142,7 @@ export function program(): Command {
       intOption("--stage-cache", 0, 1 << 30),
       STAGE_CACHE_DEFAULT_MIB,
     )
-    .option(
-      "--stage-port <n>",
-      "port of the stage tunnel with --offer-stage (0: any free one)",
-      intOption("--stage-port", 0, 65535),
-      0,
-    )
+    .option("--stage-port <n>", "port of the stage tunnel with --offer-stage (0: any free one)", intOption("--stage-port", 0, 65535), 0)
     .option("--shutdown-grace <s>", "seconds to let running requests finish on SIGINT/SIGTERM", intOption("--shutdown-grace", 0, 3600), 10)
     .addOption(
       new Option("--log-format <format>", "log lines as readable text or one JSON object each").choices(["text", "json"]).default("text"),
