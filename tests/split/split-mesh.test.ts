@@ -4,6 +4,7 @@
 // stream with an error event, and the head re-plans and serves again.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync } from "node:fs";
+import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import OpenAI from "openai";
@@ -91,6 +92,24 @@ describe("split model over mesh serve processes", () => {
       return r?.splits?.length === 1 && (r.stages ?? []).filter((s) => s.in_use).length === 2 ? r : null;
     });
     expect(report.splits?.[0]?.stages.map((s) => s.role)).toEqual(["head", "stage", "stage"]);
+
+    // A real stage's tunnel port, spoken to as ggml's RPC client would without the mesh secret: closed after the challenge.
+    const tunnel = (report.stages ?? [])[0]?.tunnel as string;
+    const got = await new Promise<number>((resolve) => {
+      let n = 0;
+      const s = connect({ host: "127.0.0.1", port: Number(tunnel.slice(tunnel.lastIndexOf(":") + 1)) }, () =>
+        s.write(Buffer.concat([Buffer.from([14]), Buffer.alloc(8), Buffer.alloc(200, 7)])),
+      );
+      s.on("data", (d: Buffer) => {
+        n += d.length;
+      });
+      s.on("close", () => resolve(n));
+      s.on("error", () => {});
+    });
+    expect(got).toBe(32);
+    await waitFor("the refusal in a stage's log", 10_000, async () =>
+      [stageA, stageB].some((n) => n.log().includes("stage_tunnel_refused")),
+    );
   }, 300_000);
 
   test("runs_the_kv_pressure_bench_on_a_split_model_without_decode_failures_or_5xx", async () => {
