@@ -255,6 +255,8 @@ export class Engine implements EngineLike {
     this.fail(err);
     for (const l of this.failureListeners.splice(0)) l(err);
     this.reap();
+    // A close() under way waits for a "closed" that a dead Worker never sends: it is over now.
+    this.onClosed?.();
   }
 
   /** Start a Worker and load a model in it; rejects with an EngineError on failure. */

@@ -87,6 +87,8 @@ export class SplitEngine implements EngineLike {
   private replanning: Promise<void> | null = null;
   private lastInfo: ModelInfo | null = null;
   private readonly tenancyListeners = new Set<(d: TenancyDelta) => void>();
+  /** Stages of the plan just lost: their offers may still say "in use" (by this head) until gossip catches up. */
+  private formerStages = new Set<string>();
 
   private constructor(
     private readonly o: SplitHeadOptions,
@@ -113,7 +115,7 @@ export class SplitEngine implements EngineLike {
   // One try at planning and loading; null on success, else why not.
   private async attempt(want: SplitWant, soloOk: boolean): Promise<string | null> {
     const o = this.o;
-    const offers = o.offers().filter((x) => x.nodeId !== o.headId && !x.inUse);
+    const offers = o.offers().filter((x) => x.nodeId !== o.headId && (!x.inUse || this.formerStages.has(x.nodeId)));
     const probed = await Promise.all(
       offers.map(async (x) => {
         const sep = x.tunnel.lastIndexOf(":");
@@ -163,6 +165,7 @@ export class SplitEngine implements EngineLike {
       return null;
     }
     this.inner = engine;
+    this.formerStages.clear();
     this.lastInfo = engine.info;
     this.plan = plan;
     this.state = plan ? "split" : "solo";
@@ -191,6 +194,7 @@ export class SplitEngine implements EngineLike {
     this.inner = null;
     this.state = "replanning";
     this.lost++;
+    this.formerStages = new Set((this.plan?.stages ?? []).filter((s) => s.role === "stage").map((s) => s.nodeId));
     this.o.logger.warn("split model lost a stage; failing its requests and re-planning", { model: this.o.model, why });
     this.replanning = (async () => {
       // Closing first: an idle Worker's frees touch the dead stage, and that must land on the old engine's flag.

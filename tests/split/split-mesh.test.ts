@@ -160,8 +160,34 @@ describe("split model over mesh serve processes", () => {
       500,
     );
     expect(r.length).toBeGreaterThan(0);
+    // Over the stage left, not alone: the model fits here too, but a split was asked for and a stage remains.
+    const models = (await (await fetch(`${head.url}/v1/models`)).json()) as {
+      data: Array<{ id: string; split?: { state: string; stages: Array<{ role: string }> } }>;
+    };
+    expect(models.data.find((m) => m.id === "big")?.split).toMatchObject({ state: "split", stages: [{ role: "head" }, { role: "stage" }] });
     expect(await metricOf(head, 'mesh_split_stages_lost_total{model="big"}')).toBeGreaterThanOrEqual(1);
     expect(await metricOf(head, 'mesh_split_replans_total{model="big"}')).toBeGreaterThanOrEqual(1);
     expect(head.log()).toContain("re-planning");
   }, 180_000);
+
+  test("loads_the_model_whole_when_the_last_stage_leaves_while_idle_and_it_fits_here", async () => {
+    const head = nodes.find((n) => n.name === "head-3") as NodeProc;
+    const lostBefore = await metricOf(head, 'mesh_split_stages_lost_total{model="big"}');
+    stageA.proc.kill("SIGKILL");
+    const state = await waitFor(
+      "the head serving whole",
+      90_000,
+      async () => {
+        const models = (await (await fetch(`${head.url}/v1/models`)).json()) as { data: Array<{ id: string; split?: { state: string } }> };
+        const st = models.data.find((m) => m.id === "big")?.split?.state;
+        return st === "solo" ? st : null;
+      },
+      200,
+    );
+    expect(state).toBe("solo");
+    expect(await metricOf(head, 'mesh_split_stages_lost_total{model="big"}')).toBe(lostBefore + 1);
+    const r = await client(head).chat.completions.create(body(PROMPTS[1] as string));
+    expect(r.choices[0]?.message.content?.length).toBeGreaterThan(0);
+    expect(head.log()).toContain("re-planned onto this node alone");
+  }, 120_000);
 });
