@@ -247,6 +247,18 @@ async function run(a: Args): Promise<void> {
       `| ${t.name} | ${p.toFixed(1)} | ${d.toFixed(1)} | ${(p / solo("prefill", llama)).toFixed(2)}x | ${(d / solo("decode", llama)).toFixed(2)}x |`,
     );
   }
+  // mesh against llama.cpp's own on the same split: the median of per-repeat ratios (the pair ran back to back).
+  if (a.llamaServer) {
+    lines.push("", "| split | mesh / llama-server prefill | mesh / llama-server decode |", "|---|---|---|");
+    for (const [label, m, l] of [
+      ["solo", 0, 3],
+      ["2 nodes", 1, 4],
+      ["3 nodes", 2, 5],
+    ] as const) {
+      const pair = (k: keyof Sample) => median((samples[m] ?? []).map((s, r) => s[k] / ((samples[l] ?? [])[r]?.[k] ?? Number.NaN)));
+      lines.push(`| ${label} | ${pair("prefill").toFixed(2)}x | ${pair("decode").toFixed(2)}x |`);
+    }
+  }
   process.stdout.write(`${lines.join("\n")}\n`);
 }
 
