@@ -14,7 +14,7 @@ import { checkAliases, modelIdFromPath } from "../server/model";
 import { SplitEngine } from "../split/head";
 import { parseSplitWant } from "../split/plan";
 import { splitReportOf } from "../split/report";
-import { offerStage } from "../split/stage-node";
+import { offerStage, type StageNode } from "../split/stage-node";
 import type { MeshFlags } from "./mesh-flags";
 import { prepareMesh, startMesh } from "./serve-mesh";
 import { UsageError } from "./usage";
@@ -261,6 +261,7 @@ export async function serve(o: ServeOptions): Promise<number> {
   }
   const info = model.info;
   if (info) logDevices(logger, info);
+  let stage: StageNode | null = null;
   if (o.offerStage) {
     // After the engine's Worker started: Workers must not dlopen the library at the same time.
     const core = mesh.node.meshCore;
@@ -285,6 +286,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       await server.close();
       throw new UsageError(`cannot offer stages: ${offered.message}`);
     }
+    stage = offered;
   }
   logger.info("model ready", {
     model: model.id,
@@ -314,9 +316,12 @@ export async function serve(o: ServeOptions): Promise<number> {
       while ((model.engine?.inFlight ?? 0) > 0 && Date.now() < deadline) await Bun.sleep(50);
       const left = model.engine?.inFlight ?? 0;
       if (left > 0) logger.warn("cancelling requests still running after the grace period", { requests: left });
+      await stage?.close();
       await model.close();
       await server.close();
       logger.info("stopped");
+      // ggml's stage server never returns from native code: its Worker would hold the process open.
+      if (stage) process.exit(0);
       resolve(0);
     };
     process.on("SIGINT", () => void stop("SIGINT"));

@@ -25,6 +25,8 @@ export interface StageNode {
   readonly tunnel: TunnelServer;
   /** Publish the offer again (after a restart of the store's sync, say). */
   publish(): void;
+  /** Stop taking heads and end the session of the one served now (ggml's server itself lives as long as the process). */
+  close(): Promise<void>;
 }
 
 /** Why the offer could not start, as a value. */
@@ -53,6 +55,7 @@ export async function offerStage(o: {
   logger: Logger;
 }): Promise<StageNode | StageNodeError> {
   const cacheDir = o.cacheMiB > 0 ? o.cacheDir : null;
+  let pruner: ReturnType<typeof setInterval> | null = null;
   if (cacheDir) {
     // ggml writes the cache and never trims it: keep it within the budget from here.
     const prune = () => {
@@ -60,7 +63,8 @@ export async function offerStage(o: {
       if (r.files > 0) o.logger.info("stage cache pruned", { files: r.files, mib: Math.round(r.bytes / MiB) });
     };
     prune();
-    setInterval(prune, CACHE_PRUNE_EVERY_MS).unref();
+    pruner = setInterval(prune, CACHE_PRUNE_EVERY_MS);
+    pruner.unref();
   }
   const server = await startStageServer({ cacheDir, threads: o.threads });
   if ("code" in server) return { code: "stage_offer_failed", message: server.message };
@@ -96,5 +100,13 @@ export async function offerStage(o: {
   offer.tunnel = `${o.advertiseHost.includes(":") && !o.advertiseHost.startsWith("[") ? `[${o.advertiseHost}]` : o.advertiseHost}:${tunnel.port}`;
   publish();
   o.logger.info("offering stages", { tunnel: offer.tunnel, budget_mib: Math.round(budget / MiB), rpc: `127.0.0.1:${server.port}` });
-  return { offer, tunnel, publish };
+  return {
+    offer,
+    tunnel,
+    publish,
+    close: async () => {
+      if (pruner) clearInterval(pruner);
+      await tunnel.close();
+    },
+  };
 }

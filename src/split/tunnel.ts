@@ -205,7 +205,13 @@ export function serveTunnel(opts: {
   const keys = tunnelKeys(opts.secret);
   const stats: TunnelServerStats = { accepted: 0, refused: 0, busy: 0, probes: 0, active: 0 };
   const log = opts.log ?? (() => {});
+  const open = new Set<Socket>();
+  const track = (s: Socket) => {
+    open.add(s);
+    s.on("close", () => open.delete(s));
+  };
   const server: Server = createServer({ pauseOnConnect: true }, (sock) => {
+    track(sock);
     void (async () => {
       const sNonce = randomBytes(NONCE);
       sock.write(sNonce);
@@ -240,6 +246,7 @@ export function serveTunnel(opts: {
       opts.onSessions?.(stats.active);
       log("stage_session_started", { remote: sock.remoteAddress ?? "" });
       const rpc = connect({ host: "127.0.0.1", port: opts.rpcPort });
+      track(rpc);
       rpc.pause();
       let piped = false;
       rpc.once("connect", () => {
@@ -264,7 +271,16 @@ export function serveTunnel(opts: {
     server.listen(opts.port, opts.host, () => {
       const addr = server.address();
       const port = typeof addr === "object" && addr ? addr.port : opts.port;
-      resolve({ port, stats, close: () => new Promise<void>((r) => server.close(() => r())) });
+      resolve({
+        port,
+        stats,
+        // Sessions end with the listener: a head holding this stage sees its tunnel close.
+        close: () =>
+          new Promise<void>((r) => {
+            for (const s of open) s.destroy();
+            server.close(() => r());
+          }),
+      });
     });
   });
 }

@@ -190,4 +190,11 @@ describe("split model over mesh serve processes", () => {
     expect(r.choices[0]?.message.content?.length).toBeGreaterThan(0);
     expect(head.log()).toContain("re-planned onto this node alone");
   }, 120_000);
+
+  test("stops_a_stage_node_on_sigterm_though_its_rpc_server_never_returns", async () => {
+    const c = await start("stage-c", "filler-c", ["--join", token, "--offer-stage"]);
+    c.proc.kill("SIGTERM");
+    expect(await c.proc.exited).toBe(0);
+    expect(c.log()).toContain("stopped");
+  }, 120_000);
 });
