@@ -64,7 +64,8 @@ class Sealer {
       head.writeUInt32BE(body.length + TAG);
       out.push(head, body, c.getAuthTag());
     }
-    return out;
+    // One write per chunk read: with Nagle off, separate writes would be separate packets.
+    return [Buffer.concat(out)];
   }
 }
 
@@ -210,7 +211,7 @@ export function serveTunnel(opts: {
     open.add(s);
     s.on("close", () => open.delete(s));
   };
-  const server: Server = createServer({ pauseOnConnect: true }, (sock) => {
+  const server: Server = createServer({ pauseOnConnect: true, noDelay: true }, (sock) => {
     track(sock);
     void (async () => {
       const sNonce = randomBytes(NONCE);
@@ -245,7 +246,7 @@ export function serveTunnel(opts: {
       stats.accepted++;
       opts.onSessions?.(stats.active);
       log("stage_session_started", { remote: sock.remoteAddress ?? "" });
-      const rpc = connect({ host: "127.0.0.1", port: opts.rpcPort });
+      const rpc = connect({ host: "127.0.0.1", port: opts.rpcPort, noDelay: true });
       track(rpc);
       rpc.pause();
       let piped = false;
@@ -299,7 +300,8 @@ async function handshake(
   mode: 0 | 1,
   timeoutMs: number,
 ): Promise<{ sock: Socket; sNonce: Buffer; cNonce: Buffer; rest: Buffer; rttMs: number } | TunnelError> {
-  const sock = connect({ host, port });
+  // Every decode step is a few small request/answer messages: Nagle's delay would stall each.
+  const sock = connect({ host, port, noDelay: true });
   sock.pause();
   const t0 = performance.now();
   let first: { head: Buffer; rest: Buffer };
@@ -368,7 +370,7 @@ export function openTunnel(host: string, port: number, secret: string): Promise<
     for (const l of listeners.splice(0)) l(why);
   };
   const socks = new Set<Socket>();
-  const server = createServer({ pauseOnConnect: true }, (local) => {
+  const server = createServer({ pauseOnConnect: true, noDelay: true }, (local) => {
     socks.add(local);
     local.on("close", () => socks.delete(local));
     void handshake(host, port, keys, 1, HANDSHAKE_TIMEOUT_MS).then((r) => {
