@@ -86,6 +86,20 @@ describe("split model over mesh serve processes", () => {
     // A small KV pool, so that the kv-pressure run below queues and evicts on the split model.
     const three = await start("head-3", "big", ["--join", token, "--split", "3", "--ctx-size", "1024"]);
     expect(await answers(three)).toEqual(want);
+    // Routing: a stage node that does not serve "big" forwards it to the head, which answers it split.
+    const routed = await waitFor(
+      "a stage node routing 'big' to the head",
+      30_000,
+      async () => {
+        try {
+          return (await client(stageA).chat.completions.create(body(PROMPTS[0] as string))).choices[0]?.message.content ?? null;
+        } catch {
+          return null;
+        }
+      },
+      200,
+    );
+    expect(routed).toBe(want.plain[0] as string);
     expect(await metricOf(three, 'mesh_split_serving{model="big"}')).toBe(1);
     const report = await waitFor("the split in the head's peers report", 10_000, async () => {
       const r = await peersOf(three);
