@@ -58,6 +58,9 @@ export function openModel(
   n.mesh_init(logLevel);
   const backends = loadBackends(n, o.backendLibs);
   const devices = listDevices(n);
+  // A whole model after a split one (a head re-planned onto itself): nobody watches a lost-stage
+  // flag for it, so a ggml abort must end the process again rather than park a thread unseen.
+  if (!o.split) n.mesh_stage_abort_flag(null);
   const offload = o.split ? splitOffload(o.split) : fitGpuLayers(o.nGpuLayers, o.modelShape, devices);
   if ("code" in offload) return offload;
   const model = o.split

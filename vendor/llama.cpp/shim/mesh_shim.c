@@ -706,12 +706,13 @@ static void mesh_stage_abort_cb(const char *message) {
 /**
  * From now on a ggml abort (a lost RPC stage) raises *flag (shared memory the
  * engine's owner polls) and parks the aborting thread instead of ending the
- * process. Returns 0, or -1 where that is not supported.
+ * process; NULL restores ggml's own abort. Returns 0, or -1 where that is not
+ * supported.
  */
 int32_t mesh_stage_abort_flag(int32_t *flag) {
 #if defined(__linux__) || defined(__APPLE__)
     g_stage_lost_flag = flag;
-    ggml_set_abort_callback(mesh_stage_abort_cb);
+    ggml_set_abort_callback(flag ? mesh_stage_abort_cb : NULL);
     return 0;
 #else
     (void)flag;
