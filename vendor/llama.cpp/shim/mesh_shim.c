@@ -735,7 +735,7 @@ int32_t mesh_stage_lost_message(char *buf, int32_t cap) {
  * Load a model split by layers: the first layers stay on this process's CPU,
  * the rest go to the RPC servers in endpoints ("host:port" separated by '\n',
  * in pipeline order), weights[i] slots each (the last slot is the output
- * layer). n_gpu_layers is the sum of the weights. NULL on failure (the reason
+ * layer's norm; its matrix stays here). n_gpu_layers is the sum of the weights. NULL on failure (the reason
  * in mesh_last_error).
  */
 struct llama_model *mesh_model_load_split(const char *path, int32_t use_mmap, float *progress_out, const char *endpoints,
@@ -768,7 +768,11 @@ struct llama_model *mesh_model_load_split(const char *path, int32_t use_mmap, fl
         split[i] = weights[i];
     }
     devs[n] = NULL;
+    // The output matrix stays on this node: the last stage then hands back the hidden state
+    // (n_embd floats) each step instead of the logits (n_vocab floats, 32x more on a 32k vocabulary).
+    struct llama_model_tensor_buft_override keep[2] = {{"^output\\.weight$", ggml_backend_cpu_buffer_type()}, {NULL, NULL}};
     struct llama_model_params p = llama_model_default_params();
+    p.tensor_buft_overrides = keep;
     p.devices = devs;
     p.n_gpu_layers = n_gpu_layers;
     p.split_mode = LLAMA_SPLIT_MODE_LAYER;
