@@ -4,7 +4,8 @@
 //
 // llama.cpp's layer split: the head keeps the input embedding and the first
 // layers on its CPU; each stage server then takes a run of layers in order,
-// and the last one also takes the output layer. A decode step crosses every
+// and the last one also takes the output layer's slot (its norm: the shim keeps
+// the output matrix on the head, so logits never cross). A decode step crosses every
 // stage boundary, so stages are chosen lowest round trip first, and a peer
 // slower than the bound is refused outright.
 
@@ -38,7 +39,7 @@ export interface StagePlan {
   nodeId: string;
   /** "head": this node's CPU; "stage": a peer's device through its tunnel. */
   role: "head" | "stage";
-  /** First layer it holds and how many (the last stage's count includes the output layer, index nLayer). */
+  /** First layer it holds and how many (the last stage's count includes the output slot, index nLayer). */
   firstLayer: number;
   layers: number;
   /** Estimated bytes it holds (layers * layerBytes). */

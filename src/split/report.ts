@@ -39,7 +39,7 @@ export function renderSplitMetrics(reports: SplitReport[]): string {
     family(
       "mesh_split_stage_layers",
       "gauge",
-      "Layers of a split model each node holds (the last stage's include the output layer).",
+      "Layers of a split model each node holds (the last stage's include the output slot).",
       stageRows((s) => s.layers),
     ),
     family(
