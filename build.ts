@@ -232,7 +232,8 @@ export function buildNative(o: NativeOptions): string {
   const stampFile = join(dir, "mesh-build.stamp");
   const stamp = stampOf(o);
   const serverBin = join(dir, "bin", "llama-server");
-  const needServer = o.withLlamaServer && !existsSync(serverBin);
+  // ggml-rpc-server too: the split-model benchmark runs llama-server --rpc against it.
+  const needServer = o.withLlamaServer && (!existsSync(serverBin) || !existsSync(join(dir, "bin", "ggml-rpc-server")));
   const cross = o.target && o.target !== hostTarget() ? CROSS[o.target] : undefined;
   if (o.target && o.target !== hostTarget() && !cross)
     usage(`cannot build for ${o.target} on ${hostTarget()} (cross builds: ${crossTargets()})`);
@@ -250,7 +251,7 @@ export function buildNative(o: NativeOptions): string {
   const flags = cmakeFlags(o, dir);
   log(`configuring ${o.variant}${o.portable ? " (portable)" : ""} in ${dir}`);
   run("cmake", flags, ROOT, true);
-  const targets = ["meshllama", ...(o.withLlamaServer ? ["llama-server"] : [])];
+  const targets = ["meshllama", ...(o.withLlamaServer ? ["llama-server", "ggml-rpc-server"] : [])];
   log(`compiling ${targets.join(" + ")} with ${o.jobs} jobs (a CPU build takes 3-4 minutes on 2 cores)`);
   run("cmake", ["--build", dir, "--config", "Release", "-j", String(o.jobs), "--target", ...targets]);
   writeFileSync(stampFile, stamp);

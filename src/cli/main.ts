@@ -6,6 +6,8 @@ import { HOST_CACHE_DEFAULT_MIB } from "../engine/index";
 import { LANE_DEFAULTS } from "../hydration/lanes";
 import { RESPONSE_STORE_DEFAULT_MIB } from "../server/responses/store";
 import { SESSION_DEFAULTS } from "../sessions";
+import { DEFAULT_MAX_RTT_MS } from "../split/plan";
+import { STAGE_CACHE_DEFAULT_MIB } from "../split/stage-node";
 import { registerBench } from "./bench";
 import { buildInfo, formatBuildInfo } from "./build-info";
 import { invite } from "./invite";
@@ -153,6 +155,29 @@ export function program(): Command {
       4 * 1024 * 1024,
     )
     .addOption(new Option("--fault-corrupt-uploads", "test fault: flip a byte in every chunk uploaded").hideHelp())
+    .option(
+      "--split [how]",
+      "split the model by layers over peers that offer stages: auto (the fewest nearest peers that hold it), N (nodes in all, this one included) or node,node (peer ids or id prefixes, in pipeline order)",
+    )
+    .option(
+      "--split-max-rtt <ms>",
+      "refuse stage peers whose tunnel round trip is longer (every token pays it once per stage)",
+      intOption("--split-max-rtt", 1, 60_000),
+      DEFAULT_MAX_RTT_MS,
+    )
+    .option("--split-wait <s>", "seconds --split waits for enough stage offers before giving up", intOption("--split-wait", 0, 3600), 60)
+    .option(
+      "--offer-stage",
+      "lend this node's device (CPU or first GPU) to other nodes' split models, through the mesh's encrypted stage tunnel",
+    )
+    .option("--stage-memory <MiB>", "most memory --offer-stage lends (default: what is free)", intOption("--stage-memory", 1, 1 << 30))
+    .option(
+      "--stage-cache <MiB>",
+      "disk under the state dir for weights heads sent with --offer-stage (oldest dropped first; 0: none)",
+      intOption("--stage-cache", 0, 1 << 30),
+      STAGE_CACHE_DEFAULT_MIB,
+    )
+    .option("--stage-port <n>", "port of the stage tunnel with --offer-stage (0: any free one)", intOption("--stage-port", 0, 65535), 0)
     .option("--shutdown-grace <s>", "seconds to let running requests finish on SIGINT/SIGTERM", intOption("--shutdown-grace", 0, 3600), 10)
     .addOption(
       new Option("--log-format <format>", "log lines as readable text or one JSON object each").choices(["text", "json"]).default("text"),
@@ -168,6 +193,8 @@ Examples:
   mesh serve --model other --join <token>      # a model only a peer has: pulled from the mesh (verified, resumable), then served
   mesh serve -m big.gguf --upload-limit 50M    # peers pull this node's file at most 50 MiB/s in all
   mesh serve --host 0.0.0.0 --api-key "$KEY" --console public   # the console for anyone with the key
+  mesh serve -m small.gguf --host 0.0.0.0 --join <token> --offer-stage --stage-memory 8192   # lend 8 GiB to split models
+  mesh serve -m big.gguf --host 0.0.0.0 --join <token> --split             # run big.gguf over this node and stage peers
 
 Then:
   curl http://127.0.0.1:9337/v1/chat/completions -H 'content-type: application/json' \\

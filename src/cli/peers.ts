@@ -1,5 +1,6 @@
 // `mesh peers`: who is in the mesh, what they serve, how loaded they are.
 import type { PeerRow, PeersReport, RoutingReport } from "../server/mesh-routes";
+import { splitLines } from "../split/report";
 import { type NodeClientFlags, nodeClient } from "./node-client";
 import { UsageError } from "./usage";
 
@@ -55,6 +56,7 @@ export function formatPeers(report: PeersReport): string {
     line(header),
     ...rows.map(line),
     ...(report.routing ? routingLines(report.routing) : []),
+    ...splitLines(report.stages, report.splits),
   ].join("\n");
 }
 

@@ -12,6 +12,10 @@ import type { ConsoleMode } from "../server/console";
 import { backendOf } from "../server/devices";
 import { NodeHydration } from "../server/hydration";
 import { checkAliases, modelIdFromPath } from "../server/model";
+import { SplitEngine } from "../split/head";
+import { parseSplitWant } from "../split/plan";
+import { splitReportOf } from "../split/report";
+import { offerStage, type StageNode } from "../split/stage-node";
 import type { MeshFlags } from "./mesh-flags";
 import { checkFileFlags, type FileFlags, isModelName, mountFiles, pulledFile, pullForServe } from "./serve-files";
 import { prepareMesh, rememberedPeers, startMesh } from "./serve-mesh";
@@ -56,6 +60,14 @@ export interface ServeOptions extends MeshFlags, FileFlags {
   logFormat: string;
   /** local, public, off; false from --no-console. */
   console?: string | false;
+  /** --split: true (no value: auto) or its value. */
+  split?: string | boolean;
+  splitMaxRtt: number;
+  splitWait: number;
+  offerStage?: boolean;
+  stageMemory?: number;
+  stagePort: number;
+  stageCache: number;
 }
 
 /** Whether `host` is a loopback address (the console's default guard serves only those without keys). */
@@ -174,10 +186,18 @@ export async function serve(o: ServeOptions): Promise<number> {
     if (aliasError) throw new UsageError(aliasError);
   }
   const threads = o.threads ?? Math.max(1, cpus().length);
-  const startModel = (path: string, aliases: string[]) =>
-    ServedModel.start({
+  const want = o.split === undefined ? null : parseSplitWant(o.split === true ? "auto" : String(o.split));
+  if (o.split !== undefined && !want) {
+    throw new UsageError(`--split must be auto, a node count from 2 to 17, or a comma-separated list of peer ids, got '${o.split}'`);
+  }
+  // A split head plans from the stage offers the mesh gossips: it loads once the mesh is up.
+  let meshUp: (ok: boolean) => void = () => {};
+  const meshStarted = new Promise<boolean>((r) => {
+    meshUp = r;
+  });
+  const startModel = (path: string, aliases: string[]) => {
+    const engineOptions = {
       modelPath: path,
-      aliases,
       nCtx: o.ctxSize,
       nParallel: o.parallel,
       nBatch: o.batchSize,
@@ -193,10 +213,36 @@ export async function serve(o: ServeOptions): Promise<number> {
       // Spilled checkpoints live beside the node's identity, one directory per model fingerprint.
       checkpointDir: join(mesh.plan.stateDir, "checkpoints"),
       onProgress: progressPrinter(`loading ${path}`),
-    });
+    };
+    if (!want) return ServedModel.start({ ...engineOptions, aliases });
+    const modelId = modelIdFromPath(path);
+    return ServedModel.loading(
+      modelId,
+      path,
+      meshStarted.then((up) => {
+        if (!up) throw new Error("the server did not start");
+        return SplitEngine.start({
+          model: modelId,
+          engine: engineOptions,
+          want,
+          headId: mesh.nodeId,
+          secret: mesh.creds.secret,
+          offers: () => mesh.node.stageOffers(),
+          maxRttMs: o.splitMaxRtt,
+          waitMs: o.splitWait * 1000,
+          logger,
+        });
+      }),
+      aliases,
+    );
+  };
   // The server reads this list per request: a model pulled from peers joins it once loaded.
   const models: ServedModel[] = [];
   if (modelPath && pullName === null) models.push(startModel(modelPath, o.alias));
+  mesh.node.splitReports = () => {
+    const r = models[0] ? splitReportOf(models[0].engine) : null;
+    return r ? [r] : [];
+  };
   const files = mountFiles(mesh, o, logger);
   // Reads `models` per pass: a model pulled from peers takes part once it is loaded.
   const hydration = new NodeHydration(
@@ -221,6 +267,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       hydration,
     });
   } catch (e) {
+    meshUp(false);
     for (const m of models) await m.close();
     const code = (e as { code?: string }).code;
     if (code === "EADDRINUSE") throw new UsageError(`port ${o.port} on ${o.host} is already in use (choose another with --port)`);
@@ -270,6 +317,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       model: models[0] as ServedModel,
       files,
       hydration,
+      meshUp,
       addr,
       modelPath,
       threads,
@@ -293,6 +341,7 @@ export async function serve(o: ServeOptions): Promise<number> {
     model,
     files,
     hydration,
+    meshUp,
     addr,
     modelPath: modelPath as string,
     threads,
@@ -309,6 +358,8 @@ interface Loaded {
   model: ServedModel;
   files: ReturnType<typeof mountFiles>;
   hydration: NodeHydration;
+  /** Lets a split head plan: called once the mesh is up (with false when the server never started). */
+  meshUp: (ok: boolean) => void;
   addr: string;
   modelPath: string;
   threads: number;
@@ -318,10 +369,11 @@ interface Loaded {
 
 /** Publish the model, wait for it to load, announce its file, then serve until SIGINT/SIGTERM. */
 async function serveLoaded(o: ServeOptions, l: Loaded): Promise<number> {
-  const { logger, mesh, server, model, files, hydration, addr, modelPath, threads, consoleOptions, apiKeys } = l;
+  const { logger, mesh, server, model, files, hydration, meshUp, addr, modelPath, threads, consoleOptions, apiKeys } = l;
   mesh.node.serveModel(model, addr, { ctxSize: o.ctxSize, slotsTotal: o.parallel });
   // Peers may pull the file from here (hashed once, then cached under the state dir).
   void files.offer(modelPath, model.id, [...model.aliases]);
+  meshUp(true);
 
   await model.ready;
   if (model.status === "failed") {
@@ -331,6 +383,33 @@ async function serveLoaded(o: ServeOptions, l: Loaded): Promise<number> {
   }
   const info = model.info;
   if (info) logDevices(logger, info);
+  let stage: StageNode | null = null;
+  if (o.offerStage) {
+    // After the engine's Worker started: Workers must not dlopen the library at the same time.
+    const core = mesh.node.meshCore;
+    const offered = core
+      ? await offerStage({
+          nodeId: mesh.nodeId,
+          store: core.store,
+          secret: mesh.creds.secret,
+          listenHost: o.host,
+          advertiseHost: addr.slice(0, addr.lastIndexOf(":")).replace(/^\[|\]$/g, ""),
+          port: o.stagePort,
+          stageMemoryMiB: o.stageMemory ?? null,
+          threads,
+          cacheDir: join(mesh.plan.stateDir, "stage-cache"),
+          cacheMiB: o.stageCache,
+          logger,
+        })
+      : { code: "stage_offer_failed" as const, message: "the mesh is not running" };
+    if ("code" in offered) {
+      await mesh.node.leave();
+      await model.close();
+      await server.close();
+      throw new UsageError(`cannot offer stages: ${offered.message}`);
+    }
+    stage = offered;
+  }
   logger.info("model ready", {
     model: model.id,
     ctx: info?.nCtx,
@@ -363,9 +442,12 @@ async function serveLoaded(o: ServeOptions, l: Loaded): Promise<number> {
       while ((model.engine?.inFlight ?? 0) > 0 && Date.now() < deadline) await Bun.sleep(50);
       const left = model.engine?.inFlight ?? 0;
       if (left > 0) logger.warn("cancelling requests still running after the grace period", { requests: left });
+      await stage?.close();
       await model.close();
       await server.close();
       logger.info("stopped");
+      // ggml's stage server never returns from native code: its Worker would hold the process open.
+      if (stage) process.exit(0);
       resolve(0);
     };
     process.on("SIGINT", () => void stop("SIGINT"));

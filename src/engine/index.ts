@@ -11,6 +11,7 @@ import {
   type CheckpointImport,
   CONTROL_ABORT,
   CONTROL_FLAGS_OFFSET,
+  CONTROL_STAGE_LOST,
   DEFAULT_SAMPLING,
   type EngineStats,
   type FromWorker,
@@ -58,6 +59,9 @@ export interface EngineOptions extends Partial<LoadOptions> {
   /** Output tokens a request without max_tokens reserves KV for (it may grow past it into free room). */
   defaultReserveOutput?: number;
 }
+
+/** How often a split model's owner checks for a lost stage server (the bound on noticing it, beside TCP's own). */
+export const STAGE_WATCH_MS = 100;
 
 /** Defaults of the KV admission budget and queue. */
 export const QUEUE_DEFAULTS = { capacity: 64, timeoutMs: 120_000, reserveOutput: 512 } as const;
@@ -217,6 +221,7 @@ export class Engine implements EngineLike {
     controlBuf: SharedArrayBuffer,
     maxInFlight: number,
     private readonly defaultReserveOutput: number,
+    split = false,
   ) {
     this.control = new Int32Array(controlBuf);
     this.freeFlags = Array.from({ length: maxInFlight }, (_, i) => maxInFlight - 1 - i);
@@ -227,6 +232,21 @@ export class Engine implements EngineLike {
       this.workerGone = true;
       if (!this.closing) this.died("engine worker stopped");
     });
+    if (split) this.watchStages();
+  }
+
+  // A split model's Worker parks for good when a stage server is lost (see
+  // loadSplit in open.ts): poll the flag the native library raises and fail
+  // everything in flight within STAGE_WATCH_MS, instead of hanging.
+  private watchStages(): void {
+    const timer = setInterval(() => {
+      if (this.closed) clearInterval(timer);
+      else if (Atomics.load(this.control, CONTROL_STAGE_LOST) !== 0) {
+        clearInterval(timer);
+        this.died("a stage server of this split model was lost");
+      }
+    }, STAGE_WATCH_MS);
+    timer.unref();
   }
 
   /** Listen for the Worker dying without close() (crash, force-termination); the engine is closed by then. */
@@ -244,6 +264,8 @@ export class Engine implements EngineLike {
     this.fail(err);
     for (const l of this.failureListeners.splice(0)) l(err);
     this.reap();
+    // A close() under way waits for a "closed" that a dead Worker never sends: it is over now.
+    this.onClosed?.();
   }
 
   /** Start a Worker and load a model in it; rejects with an EngineError on failure. */
@@ -287,6 +309,7 @@ export class Engine implements EngineLike {
       checkpointRamMiB: opts.checkpointRamMiB ?? CHECKPOINT_DEFAULTS.ramMiB,
       checkpointDiskMiB: opts.checkpointDiskMiB ?? CHECKPOINT_DEFAULTS.diskMiB,
       checkpointDir: opts.checkpointDir ?? null,
+      split: opts.split ?? null,
     };
     // Cancel flags must outlast the queue: the queue, not this, refuses load.
     const maxInFlight = opts.maxInFlight ?? Math.max(1024, 2 * (options.queueCapacity + nParallel));
@@ -313,11 +336,29 @@ export class Engine implements EngineLike {
           else if (m.type === "load_failed") reject(EngineError.from(m.error));
         };
         worker.onerror = (e) => reject(new EngineError("model_load_failed", `engine worker failed: ${e.message}`));
+        if (options.split) {
+          const view = new Int32Array(control);
+          const watch = setInterval(() => {
+            if (Atomics.load(view, CONTROL_STAGE_LOST) === 0) return;
+            clearInterval(watch);
+            reject(new EngineError("model_load_failed", "a stage server was lost while the split model loaded"));
+          }, STAGE_WATCH_MS);
+          const stop = () => clearInterval(watch);
+          worker.addEventListener("message", stop, { once: true });
+          worker.addEventListener("error", stop, { once: true });
+        }
         const msg: ToWorker = { type: "load", libPath, options, progress, control, hostLedger, logLevel: opts.logLevel ?? 4 };
         worker.postMessage(msg);
       });
       if (last !== 1) opts.onProgress?.(1);
-      const engine = new Engine(worker, info, control, maxInFlight, opts.defaultReserveOutput ?? QUEUE_DEFAULTS.reserveOutput);
+      const engine = new Engine(
+        worker,
+        info,
+        control,
+        maxInFlight,
+        opts.defaultReserveOutput ?? QUEUE_DEFAULTS.reserveOutput,
+        !!options.split,
+      );
       engine.native = { libPath, handles, hostLedger };
       return engine;
     } catch (e) {

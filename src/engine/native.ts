@@ -39,10 +39,14 @@ const symbols = {
   mesh_backend_load: { args: [ptr, ptr, i32], returns: i32 },
   mesh_device_count: { args: [], returns: i32 },
   mesh_device_info: { args: [i32, ptr, i32, ptr], returns: i32 },
+  mesh_rpc_serve: { args: [ptr, ptr, i32], returns: i32 },
+  mesh_stage_abort_flag: { args: [ptr], returns: i32 },
+  mesh_stage_lost_message: { args: [ptr, i32], returns: i32 },
+  mesh_model_load_split: { args: [ptr, i32, ptr, ptr, ptr, i32, i32], returns: ptr },
 } as const;
 
 /** The shim ABI version this TypeScript expects. */
-export const SHIM_VERSION = 7;
+export const SHIM_VERSION = 8;
 
 /** The loaded shim's callable symbols. */
 export type Native = ReturnType<typeof dlopen<typeof symbols>>["symbols"];

@@ -5,7 +5,7 @@ import type { Pointer } from "bun:ffi";
 import { type BackendLoad, type DeviceInfo, fitGpuLayers, listDevices, loadBackends, type Offload } from "./devices";
 import type { EngineErrorValue } from "./errors";
 import { type Native, openNative } from "./native";
-import { CONTROL_ABORT, type LoadOptions, type ModelInfo } from "./protocol";
+import { CONTROL_ABORT, CONTROL_STAGE_LOST, type LoadOptions, type ModelInfo, type SplitLoad } from "./protocol";
 import type { SchedulerDeps } from "./scheduler";
 
 /** A loaded model and its context. */
@@ -58,9 +58,14 @@ export function openModel(
   n.mesh_init(logLevel);
   const backends = loadBackends(n, o.backendLibs);
   const devices = listDevices(n);
-  const offload = fitGpuLayers(o.nGpuLayers, o.modelShape, devices);
+  // A whole model after a split one (a head re-planned onto itself): nobody watches a lost-stage
+  // flag for it, so a ggml abort must end the process again rather than park a thread unseen.
+  if (!o.split) n.mesh_stage_abort_flag(null);
+  const offload = o.split ? splitOffload(o.split) : fitGpuLayers(o.nGpuLayers, o.modelShape, devices);
   if ("code" in offload) return offload;
-  const model = n.mesh_model_load(cstr(o.modelPath), offload.layers, o.useMmap ? 1 : 0, progress) as Pointer | null;
+  const model = o.split
+    ? loadSplit(n, o.modelPath, o.useMmap, progress, control, o.split)
+    : (n.mesh_model_load(cstr(o.modelPath), offload.layers, o.useMmap ? 1 : 0, progress) as Pointer | null);
   if (!model) return { code: "model_load_failed", message: lastError(n, `llama.cpp could not load ${o.modelPath}`) };
   const params = new Int32Array([o.nCtx, o.nBatch, o.nUbatch, o.nParallel, o.threads, o.threadsBatch, 1, o.flashAttn, 1]);
   const ctx = n.mesh_context_new(model, params, control.subarray(CONTROL_ABORT, CONTROL_ABORT + 1)) as Pointer | null;
@@ -70,6 +75,46 @@ export function openModel(
   }
   // Memory as it stands with the weights and KV placed: what the mesh plans with.
   return { native: n, model, ctx, info: modelInfo(n, model, ctx, o.modelPath, { backends, devices: listDevices(n), offload }) };
+}
+
+/** What a split load offloads: every slot the stage servers take (the head's CPU keeps the rest). */
+function splitOffload(split: SplitLoad): Offload | EngineErrorValue {
+  const ok =
+    split.endpoints.length > 0 &&
+    split.endpoints.length === split.weights.length &&
+    split.weights.every((w) => Number.isInteger(w) && w > 0);
+  if (!ok) return { code: "model_load_failed", message: "a split needs one positive whole layer count per stage endpoint" };
+  const layers = split.weights.reduce((a, b) => a + b, 0);
+  return {
+    requested: layers,
+    layers,
+    of: layers,
+    note: `split: ${split.weights.join("+")} layers over ${split.endpoints.length} stage server(s), the rest on this node's CPU`,
+  };
+}
+
+// A lost stage must not end the process (ggml's RPC client aborts): the shim
+// raises CONTROL_STAGE_LOST instead, which the engine's owner watches.
+function loadSplit(
+  n: Native,
+  path: string,
+  useMmap: boolean,
+  progress: Float32Array,
+  control: Int32Array,
+  split: SplitLoad,
+): Pointer | null {
+  n.mesh_stage_abort_flag(control.subarray(CONTROL_STAGE_LOST, CONTROL_STAGE_LOST + 1));
+  const weights = new Float32Array(split.weights);
+  const layers = split.weights.reduce((a, b) => a + b, 0);
+  return n.mesh_model_load_split(
+    cstr(path),
+    useMmap ? 1 : 0,
+    progress,
+    cstr(split.endpoints.join("\n")),
+    weights,
+    split.endpoints.length,
+    layers,
+  ) as Pointer | null;
 }
 
 /** What a Scheduler over an opened model needs; the per-request cancel flags sit in control after flagsOffset. */

@@ -34,6 +34,16 @@ export interface LoadOptions {
   checkpointRamMiB?: number;
   checkpointDiskMiB?: number;
   checkpointDir?: string | null;
+  /** Split by layers over stage servers (ggml RPC endpoints, reached through the mesh's tunnels); absent or null: load whole. */
+  split?: SplitLoad | null;
+}
+
+/** Where the layers of a split model go: the first stay local, then each endpoint's share in order (see src/split/plan.ts). */
+export interface SplitLoad {
+  /** "127.0.0.1:port" of each stage's local tunnel port, in pipeline order. */
+  endpoints: string[];
+  /** Offloaded slots per endpoint (layers, the last endpoint's share includes the output layer). */
+  weights: number[];
 }
 
 /** Sampling settings; undefined fields take the defaults in DEFAULT_SAMPLING. */
@@ -254,7 +264,9 @@ export type ToWorker =
   | { type: "checkpoint_import"; rid: number; blob: Uint8Array; hash: string; key: string }
   | { type: "shutdown" }
   /** Sent to a fresh Worker after the engine's own one died: free the model and context it left behind. */
-  | { type: "reap"; libPath: string; handles: NativeHandles; hostLedger: SharedArrayBuffer };
+  | { type: "reap"; libPath: string; handles: NativeHandles; hostLedger: SharedArrayBuffer }
+  /** Sent to a fresh Worker to serve this node's device to ggml RPC clients on a loopback endpoint; it blocks there for good. */
+  | { type: "stage_serve"; libPath: string; endpoint: string; cacheDir: string | null; threads: number; logLevel: number };
 
 /** What importing a peer's checkpoint blob did. */
 export type CheckpointImport =
@@ -276,7 +288,10 @@ export type FromWorker =
   /** Held marks changed; one per loop iteration at most, never empty. */
   | { type: "tenancy"; delta: TenancyDelta }
   | { type: "closed" }
-  | { type: "reaped"; report: ReapReport };
+  | { type: "reaped"; report: ReapReport }
+  /** A stage_serve Worker is about to serve (sent before it blocks), or could not. */
+  | { type: "stage_serving" }
+  | { type: "stage_failed"; message: string };
 
 /** What a reaper freed of a dead Worker's host-RAM buffers (untracked: never recorded, the ledger was full). */
 export interface ReapReport {
@@ -287,4 +302,6 @@ export interface ReapReport {
 
 /** Layout of the control SharedArrayBuffer: [0] abort-decode flag, then one cancel flag per in-flight request. */
 export const CONTROL_ABORT = 0;
-export const CONTROL_FLAGS_OFFSET = 1;
+/** Raised by the native library when a split model lost a stage server (the Worker is stuck for good then). */
+export const CONTROL_STAGE_LOST = 1;
+export const CONTROL_FLAGS_OFFSET = 2;

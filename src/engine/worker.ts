@@ -60,6 +60,18 @@ function reap(libPath: string, h: NativeHandles, hostLedger: SharedArrayBuffer):
   post({ type: "reaped", report: { hostBuffers: buffers.length, hostBytes, untracked } });
 }
 
+// This Worker serves the node's device to a split model's head (through the
+// mesh's tunnel only: the endpoint is loopback). ggml's server loop never
+// returns, so the Worker lives as long as the process.
+function stageServe(m: Extract<ToWorker, { type: "stage_serve" }>): void {
+  const n = openNative(m.libPath);
+  n.mesh_init(m.logLevel);
+  post({ type: "stage_serving" });
+  const cache = m.cacheDir ? Buffer.from(`${m.cacheDir}\0`, "utf8") : null;
+  n.mesh_rpc_serve(Buffer.from(`${m.endpoint}\0`, "utf8"), cache, m.threads);
+  post({ type: "stage_failed", message: `could not serve stages on ${m.endpoint}` });
+}
+
 function tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): number[] {
   const { native: n, model } = opened as OpenedModel;
   const bytes = Buffer.from(text, "utf8");
@@ -168,6 +180,9 @@ function handle(m: ToWorker, events: TokenEvent[]): void {
       return;
     case "reap":
       reap(m.libPath, m.handles, m.hostLedger);
+      return;
+    case "stage_serve":
+      stageServe(m);
       return;
   }
   if (!scheduler) {

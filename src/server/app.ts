@@ -4,6 +4,7 @@ import { hostname } from "node:os";
 import { Elysia, type TSchema } from "elysia";
 import type { CheckpointHydrator } from "../hydration/checkpoints";
 import type { Logger } from "../log";
+import { renderSplitMetrics, splitReportOf } from "../split/report";
 import { anthropicMessages, checkCountTokensBody, checkMessagesBody, countTokens } from "./anthropic/messages";
 import { CountTokensBody, MessagesBody } from "./anthropic/schema";
 import { Console, type ConsoleOptions } from "./console";
@@ -343,6 +344,7 @@ export function createApp(o: AppOptions) {
           random_weights: m.info?.randomWeights ?? null,
           ...(m.info ? { backend: backendOf(m.info), devices: m.info.devices.map(deviceEntry), gpu_layers: m.info.offload.layers } : {}),
           ...(alias ? { alias_of: m.id } : m.aliases.length > 0 ? { aliases: [...m.aliases] } : {}),
+          ...(splitReportOf(m.engine) ? { split: splitReportOf(m.engine) } : {}),
           ...(o.mesh ? { nodes: nodes.get(id) ?? [] } : {}),
         });
         return [entry(m.id, false), ...m.aliases.map((a) => entry(a, true))];
@@ -364,7 +366,8 @@ export function createApp(o: AppOptions) {
     })
     .get("/metrics", async ({ set }) => {
       set.headers["content-type"] = "text/plain; version=0.0.4";
-      const text = o.metrics.render(await gauges()) + renderDeviceMetrics(o.models);
+      const splits = o.models.flatMap((m) => splitReportOf(m.engine) ?? []);
+      const text = o.metrics.render(await gauges()) + renderDeviceMetrics(o.models) + renderSplitMetrics(splits);
       const mesh = o.mesh?.figures();
       const hydration = o.hydration ? `${o.hydration.renderMetrics()}\n` : "";
       const files = o.mesh?.files?.metrics() ?? "";

@@ -16,6 +16,8 @@ import { MAX_DEVICES } from "../mesh/worker-info";
 import { RouteKeyer, Router, type RoutingMode } from "../routing";
 import { OwnTenancy } from "../routing/own";
 import { RouteSync } from "../routing/sync";
+import { offersOf, STAGE_PREFIX, type StageOffer } from "../split/offer";
+import { offerRows, type SplitReport } from "../split/report";
 import { wireDevice } from "./devices";
 import { Forwarder } from "./forward";
 import type { MeshHooks } from "./mesh";
@@ -63,6 +65,8 @@ export class MeshNode {
   private readonly publishers = new Set<ReturnType<typeof setInterval>>();
   private readonly leaving: Array<() => void> = [];
   private readonly client: MeshClient;
+  /** The split models this node heads, for /api/peers (set by `mesh serve --split`). */
+  splitReports: () => SplitReport[] = () => [];
 
   constructor(private readonly o: MeshNodeOptions) {
     const keys = meshKeys(o.creds.secret);
@@ -227,6 +231,14 @@ export class MeshNode {
     return [...new Set(ids)];
   }
 
+  /** Stage offers of members not known to be gone (--offer-stage nodes), this node's own included. */
+  stageOffers(): StageOffer[] {
+    const core = this.core;
+    if (!core) return [];
+    const alive = new Set(core.members().flatMap((m) => (m.state === "alive" || m.state === "suspect" ? [m.id] : [])));
+    return offersOf(core.store.live(STAGE_PREFIX)).filter((o) => alive.has(o.nodeId));
+  }
+
   /** The core, once started. */
   get meshCore(): MeshCore | null {
     return this.core;
@@ -346,6 +358,8 @@ export class MeshNode {
       members,
       forwarding: this.hooks.forwarder.stats(),
       routing: this.routingReport(),
+      stages: offerRows(this.stageOffers()),
+      splits: this.splitReports(),
     };
   }
 }

@@ -3,12 +3,14 @@
 // credentials; these routes only look up who passed. The plugin also signs
 // every answer to a mesh-authenticated request elsewhere (a forwarded
 // /v1 request), so the forwarding node can tell its peer from an impostor.
+
 import { Elysia } from "elysia";
 import type { Logger } from "../log";
 import { isWireMessage, MAX_MESSAGE_BYTES } from "../mesh/transport-http";
 import type { WireMessage, WorkerDevice } from "../mesh/wire";
 import type { RoutingCounts, RoutingMode } from "../routing";
 import type { RouteSyncStats } from "../routing/sync";
+import type { SplitReport, StageOfferRow } from "../split/report";
 import { ApiError, errorBody } from "./errors";
 import type { ForwardStats } from "./forward";
 import type { FileHooks } from "./mesh";
@@ -62,6 +64,9 @@ export interface PeersReport {
   forwarding: ForwardStats;
   /** Absent in reports of nodes that predate cache-aware routing. */
   routing?: RoutingReport;
+  /** Stage offers the mesh knows (--offer-stage), and the split models this node heads; absent before split models. */
+  stages?: StageOfferRow[];
+  splits?: SplitReport[];
 }
 
 /** Where a node can be reached and which mesh it belongs to. */

@@ -43,6 +43,11 @@ export class ServedModel {
     return new ServedModel(opts.id ?? modelIdFromPath(opts.modelPath), opts.modelPath, Engine.load(opts), opts.aliases ?? []);
   }
 
+  /** Serve the engine `engine` resolves to (a split model's head, which plans once the mesh is up); returns at once. */
+  static loading(id: string, path: string, engine: Promise<EngineLike>, aliases: readonly string[] = []): ServedModel {
+    return new ServedModel(id, path, engine, aliases);
+  }
+
   /** Serve an engine that is already running (a FakeEngine in tests); ready at once. */
   static fromEngine(id: string, engine: EngineLike, aliases: readonly string[] = []): ServedModel {
     return new ServedModel(id, engine.info.path, engine, aliases);

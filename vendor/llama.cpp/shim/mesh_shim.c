@@ -7,6 +7,7 @@
 #include "llama.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#include "ggml-rpc.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -21,9 +22,10 @@
 #if defined(__linux__) || defined(__APPLE__)
 #include <dlfcn.h>
 #include <pthread.h>
+#include <unistd.h>
 #endif
 
-#define MESH_SHIM_VERSION 7
+#define MESH_SHIM_VERSION 8
 
 static int g_log_min_level = GGML_LOG_LEVEL_WARN;
 static _Thread_local char g_last_error[512];
@@ -662,3 +664,121 @@ void mesh_sample_many(struct mesh_ctx *m, struct llama_sampler **samplers, const
 
 /** Identity of the compiled backends, e.g. "CPU : AVX2 = 1 | ..." */
 const char *mesh_system_info(void) { return llama_print_system_info(); }
+
+// ---- Split models: ggml's RPC backend (stage servers and a head's remote devices) ----
+
+#define MESH_SPLIT_MAX 16
+
+/**
+ * Serve this process's first GPU (or, without one, the CPU) to ggml RPC clients
+ * on endpoint ("127.0.0.1:port"), caching received tensors under cache_dir
+ * (NULL: no cache). Blocks for as long as it serves; returns -1 only when the
+ * device or the socket could not be set up. Call it from a thread of its own.
+ */
+int32_t mesh_rpc_serve(const char *endpoint, const char *cache_dir, int32_t n_threads) {
+    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
+    if (!dev) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (!dev) return -1;
+    ggml_backend_rpc_start_server(endpoint, cache_dir && cache_dir[0] ? cache_dir : NULL, (size_t)(n_threads > 0 ? n_threads : 1), 1, &dev);
+    return -1;
+}
+
+#if defined(__linux__) || defined(__APPLE__)
+static int32_t *volatile g_stage_lost_flag = NULL;
+static char g_stage_lost_msg[512];
+
+// ggml's RPC client aborts the process when a server's connection breaks. A
+// head must instead fail the requests of that one model and re-plan: record
+// why, raise the engine's flag (the main thread watches it), and park the
+// failing thread for good. The Worker that drove the decode is abandoned.
+static void mesh_stage_abort_cb(const char *message) {
+    int32_t *flag = g_stage_lost_flag;
+    if (!flag) {
+        fprintf(stderr, "%s\n", message ? message : "ggml abort");
+        abort();
+    }
+    snprintf(g_stage_lost_msg, sizeof g_stage_lost_msg, "%s", message ? message : "ggml abort");
+    __atomic_store_n(flag, 1, __ATOMIC_SEQ_CST);
+    for (;;) pause();
+}
+#endif
+
+/**
+ * From now on a ggml abort (a lost RPC stage) raises *flag (shared memory the
+ * engine's owner polls) and parks the aborting thread instead of ending the
+ * process; NULL restores ggml's own abort. Returns 0, or -1 where that is not
+ * supported.
+ */
+int32_t mesh_stage_abort_flag(int32_t *flag) {
+#if defined(__linux__) || defined(__APPLE__)
+    g_stage_lost_flag = flag;
+    ggml_set_abort_callback(flag ? mesh_stage_abort_cb : NULL);
+    return 0;
+#else
+    (void)flag;
+    return -1;
+#endif
+}
+
+/** Why the last stage was lost (the ggml abort message) copied into buf; returns its length. */
+int32_t mesh_stage_lost_message(char *buf, int32_t cap) {
+    if (cap <= 0) return 0;
+#if defined(__linux__) || defined(__APPLE__)
+    snprintf(buf, (size_t)cap, "%s", g_stage_lost_msg);
+#else
+    buf[0] = 0;
+#endif
+    return (int32_t)strlen(buf);
+}
+
+/**
+ * Load a model split by layers: the first layers stay on this process's CPU,
+ * the rest go to the RPC servers in endpoints ("host:port" separated by '\n',
+ * in pipeline order), weights[i] slots each (the last slot is the output
+ * layer's norm; its matrix stays here). n_gpu_layers is the sum of the weights. NULL on failure (the reason
+ * in mesh_last_error).
+ */
+struct llama_model *mesh_model_load_split(const char *path, int32_t use_mmap, float *progress_out, const char *endpoints,
+                                          const float *weights, int32_t n, int32_t n_gpu_layers) {
+    if (n <= 0 || n > MESH_SPLIT_MAX || (size_t)n > llama_max_devices()) {
+        snprintf(g_last_error, sizeof g_last_error, "a split takes 1 to %d stage servers", MESH_SPLIT_MAX);
+        return NULL;
+    }
+    ggml_backend_dev_t devs[MESH_SPLIT_MAX + 1];
+    float split[128];
+    memset(split, 0, sizeof split);
+    const char *at = endpoints;
+    for (int32_t i = 0; i < n; i++) {
+        char ep[256];
+        const char *end = strchr(at, '\n');
+        size_t len = end ? (size_t)(end - at) : strlen(at);
+        if (len == 0 || len >= sizeof ep) {
+            snprintf(g_last_error, sizeof g_last_error, "stage endpoint %d is empty or too long", i);
+            return NULL;
+        }
+        memcpy(ep, at, len);
+        ep[len] = 0;
+        at = end ? end + 1 : at + len;
+        ggml_backend_reg_t reg = ggml_backend_rpc_add_server(ep);
+        if (!reg || ggml_backend_reg_dev_count(reg) == 0) {
+            snprintf(g_last_error, sizeof g_last_error, "stage server %s offers no device", ep);
+            return NULL;
+        }
+        devs[i] = ggml_backend_reg_dev_get(reg, 0);
+        split[i] = weights[i];
+    }
+    devs[n] = NULL;
+    // The output matrix stays on this node: the last stage then hands back the hidden state
+    // (n_embd floats) each step instead of the logits (n_vocab floats, 32x more on a 32k vocabulary).
+    struct llama_model_tensor_buft_override keep[2] = {{"^output\\.weight$", ggml_backend_cpu_buffer_type()}, {NULL, NULL}};
+    struct llama_model_params p = llama_model_default_params();
+    p.tensor_buft_overrides = keep;
+    p.devices = devs;
+    p.n_gpu_layers = n_gpu_layers;
+    p.split_mode = LLAMA_SPLIT_MODE_LAYER;
+    p.tensor_split = split;
+    p.load_mode = use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    p.progress_callback = mesh_progress_cb;
+    p.progress_callback_user_data = progress_out;
+    return llama_model_load_from_file(path, p);
+}

@@ -1,0 +1,178 @@
+import { afterEach, describe, expect, test } from "bun:test";
+import { randomBytes } from "node:crypto";
+import { connect, createServer, type Server, type Socket } from "node:net";
+import { openTunnel, probeTunnel, serveTunnel, type TunnelClient, type TunnelServer } from "../../src/split/tunnel";
+
+const SECRET = "test-mesh-secret";
+const cleanup: Array<() => Promise<void> | void> = [];
+afterEach(async () => {
+  for (const c of cleanup.splice(0).reverse()) await c();
+});
+
+// A stand-in for ggml's RPC server on loopback: counts connections and bytes, echoes what it gets.
+async function fakeRpc(): Promise<{ port: number; connections: number; bytes: number }> {
+  const state = { port: 0, connections: 0, bytes: 0 };
+  const socks = new Set<Socket>();
+  const server: Server = createServer((s) => {
+    state.connections++;
+    socks.add(s);
+    s.on("data", (d: Buffer) => {
+      state.bytes += d.length;
+      s.write(d);
+    });
+    s.on("error", () => {});
+    s.on("close", () => socks.delete(s));
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", () => r()));
+  state.port = (server.address() as { port: number }).port;
+  cleanup.push(() => {
+    for (const s of socks) s.destroy();
+    return new Promise<void>((r) => server.close(() => r()));
+  });
+  return state;
+}
+
+async function tunnelServer(rpcPort: number, secret = SECRET): Promise<TunnelServer> {
+  const t = await serveTunnel({ host: "127.0.0.1", port: 0, secret, rpcPort });
+  cleanup.push(() => t.close());
+  return t;
+}
+
+async function tunnelClient(port: number, secret = SECRET): Promise<TunnelClient> {
+  const c = await openTunnel("127.0.0.1", port, secret);
+  cleanup.push(() => c.close());
+  return c;
+}
+
+function dial(endpoint: string): Promise<Socket> {
+  const [host, port] = endpoint.split(":");
+  return new Promise((resolve, reject) => {
+    const s = connect({ host: host as string, port: Number(port) }, () => resolve(s));
+    s.once("error", reject);
+  });
+}
+
+// Everything the socket receives until it closes (or `want` bytes arrived).
+function readAll(s: Socket, want = Number.POSITIVE_INFINITY): Promise<Buffer> {
+  return new Promise((resolve) => {
+    const parts: Buffer[] = [];
+    let n = 0;
+    const done = () => resolve(Buffer.concat(parts));
+    s.on("data", (d: Buffer) => {
+      parts.push(d);
+      n += d.length;
+      if (n >= want) done();
+    });
+    s.on("close", done);
+    s.on("error", done);
+  });
+}
+
+describe("stage tunnel", () => {
+  test("refuses_an_unauthenticated_connection_before_a_byte_reaches_the_rpc_server", async () => {
+    const rpc = await fakeRpc();
+    const t = await tunnelServer(rpc.port);
+    // A raw client speaking ggml RPC straight away (HELLO is command 14), as an attacker would.
+    const s = await dial(`127.0.0.1:${t.port}`);
+    const got = readAll(s);
+    const hello = Buffer.alloc(1 + 8);
+    hello[0] = 14;
+    s.write(Buffer.concat([hello, randomBytes(200)]));
+    const reply = await got;
+    expect(reply.length).toBe(32); // the challenge, then the socket is closed
+    expect(s.destroyed || s.readableEnded).toBe(true);
+    expect(t.stats.refused).toBe(1);
+    expect(rpc.connections).toBe(0);
+    expect(rpc.bytes).toBe(0);
+  });
+
+  test("refuses_a_head_with_the_wrong_secret_and_reports_the_stage_lost", async () => {
+    const rpc = await fakeRpc();
+    const t = await tunnelServer(rpc.port);
+    const c = await tunnelClient(t.port, "another-mesh");
+    const lost = new Promise<string>((r) => c.onLost(r));
+    const s = await dial(c.endpoint);
+    s.write("GET / HTTP/1.0\r\n\r\n");
+    expect(await lost).toContain("refused the mesh secret");
+    expect(t.stats.refused).toBe(1);
+    expect(rpc.connections).toBe(0);
+    expect(rpc.bytes).toBe(0);
+  });
+
+  test("pipes_an_authenticated_session_both_ways_encrypted_on_the_wire", async () => {
+    const rpc = await fakeRpc();
+    const t = await tunnelServer(rpc.port);
+    // A recording relay between head and stage: what an observer of the network sees.
+    const wire: Buffer[] = [];
+    const relay = createServer((inner) => {
+      const outer = connect({ host: "127.0.0.1", port: t.port });
+      inner.on("data", (d: Buffer) => {
+        wire.push(d);
+        outer.write(d);
+      });
+      outer.on("data", (d: Buffer) => {
+        wire.push(d);
+        inner.write(d);
+      });
+      inner.on("close", () => outer.destroy());
+      outer.on("close", () => inner.destroy());
+      inner.on("error", () => {});
+      outer.on("error", () => {});
+    });
+    await new Promise<void>((r) => relay.listen(0, "127.0.0.1", () => r()));
+    cleanup.push(() => new Promise<void>((r) => relay.close(() => r())));
+    const c = await tunnelClient((relay.address() as { port: number }).port);
+    const s = await dial(c.endpoint);
+    const marker = Buffer.from("PLAINTEXT-MARKER-".repeat(4));
+    const payload = Buffer.concat([marker, randomBytes(3 * 1024 * 1024), marker]);
+    const echoed = readAll(s, payload.length);
+    s.write(payload);
+    expect((await echoed).equals(payload)).toBe(true);
+    expect(rpc.bytes).toBe(payload.length);
+    expect(Buffer.concat(wire).includes(marker)).toBe(false);
+    expect(t.stats.accepted).toBe(1);
+    s.destroy();
+  });
+
+  test("tells_a_second_head_the_stage_is_busy_instead_of_queueing_it", async () => {
+    const rpc = await fakeRpc();
+    const t = await tunnelServer(rpc.port);
+    const first = await tunnelClient(t.port);
+    const a = await dial(first.endpoint);
+    const echoed = readAll(a, 3);
+    a.write("abc");
+    await echoed;
+    const second = await tunnelClient(t.port);
+    const lost = new Promise<string>((r) => second.onLost(r));
+    const b = await dial(second.endpoint);
+    b.write("x");
+    expect(await lost).toContain("already serves another head");
+    expect(rpc.connections).toBe(1);
+    a.destroy();
+  });
+
+  test("probes_the_round_trip_without_touching_the_rpc_server", async () => {
+    const rpc = await fakeRpc();
+    const t = await tunnelServer(rpc.port);
+    const r = await probeTunnel("127.0.0.1", t.port, SECRET);
+    expect("rttMs" in r && r.rttMs >= 0).toBe(true);
+    expect(await probeTunnel("127.0.0.1", t.port, "wrong")).toMatchObject({ code: "stage_auth_failed" });
+    expect(rpc.connections).toBe(0);
+    expect(t.stats.probes).toBe(1);
+  });
+
+  test("ends_both_sides_when_the_stage_side_goes_away", async () => {
+    const rpc = await fakeRpc();
+    const t = await tunnelServer(rpc.port);
+    const c = await tunnelClient(t.port);
+    const lost = new Promise<string>((r) => c.onLost(r));
+    const s = await dial(c.endpoint);
+    const closed = readAll(s);
+    s.write("hello");
+    await Bun.sleep(50);
+    await cleanup.shift()?.(); // the fake RPC server goes away with its sockets
+    expect(await lost).toContain("closed the tunnel");
+    await closed;
+    expect(s.destroyed || s.readableEnded).toBe(true);
+  });
+});
