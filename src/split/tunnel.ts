@@ -167,6 +167,12 @@ function pipeSealed(plain: Socket, sealed: Socket, send: Sealer, recv: Opener, f
     s.on("error", end);
     s.on("end", end);
   }
+  // A side closed while the handshake ran (the head closed its tunnel, say) already fired its
+  // "close": without this the other side would stay open, and a stage busy, for good.
+  if (plain.destroyed || sealed.destroyed) {
+    end();
+    return;
+  }
   if (firstSealed.length > 0) fromSealed(firstSealed);
   plain.resume();
   sealed.resume();

@@ -175,4 +175,53 @@ describe("stage tunnel", () => {
     await closed;
     expect(s.destroyed || s.readableEnded).toBe(true);
   });
+  test("ends_the_stage_session_when_the_head_closes_its_tunnel_during_the_handshake", async () => {
+    const rpc = await fakeRpc();
+    const t = await tunnelServer(rpc.port);
+    // A relay that holds the stage's handshake answer (what follows its 32-byte challenge) until released.
+    let release: () => void = () => {};
+    const released = new Promise<void>((r) => {
+      release = r;
+    });
+    const sides = new Set<Socket>();
+    const relay = createServer((inner) => {
+      const outer = connect({ host: "127.0.0.1", port: t.port });
+      sides.add(inner).add(outer);
+      let seen = 0;
+      inner.on("data", (d: Buffer) => outer.write(d));
+      outer.on("data", (d: Buffer) => {
+        const head = d.subarray(0, Math.max(0, 32 - seen));
+        const tail = d.subarray(head.length);
+        seen += d.length;
+        if (head.length > 0) inner.write(head);
+        if (tail.length > 0) void released.then(() => inner.write(tail));
+      });
+      inner.on("close", () => outer.destroy());
+      outer.on("close", () => inner.destroy());
+      inner.on("error", () => {});
+      outer.on("error", () => {});
+    });
+    await new Promise<void>((r) => relay.listen(0, "127.0.0.1", () => r()));
+    cleanup.push(() => {
+      for (const s of sides) s.destroy();
+      return new Promise<void>((r) => relay.close(() => r()));
+    });
+    const c = await openTunnel("127.0.0.1", (relay.address() as { port: number }).port, SECRET);
+    const s = await dial(c.endpoint);
+    s.on("error", () => {});
+    // The stage has verified the head and holds a session for it; the head has not read the answer yet.
+    while (t.stats.active === 0) await Bun.sleep(5);
+    await c.close();
+    release();
+    // The head is gone: its stage must not stay "in use" (busy to every other head) for good.
+    for (let i = 0; i < 100 && t.stats.active > 0; i++) await Bun.sleep(10);
+    expect(t.stats.active).toBe(0);
+    expect("rttMs" in (await probeTunnel("127.0.0.1", t.port, SECRET))).toBe(true);
+    const other = await tunnelClient(t.port);
+    const b = await dial(other.endpoint);
+    const echoed = readAll(b, 2);
+    b.write("ok");
+    expect((await echoed).toString()).toBe("ok");
+    b.destroy();
+  });
 });
