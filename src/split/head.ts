@@ -24,6 +24,8 @@ import { openTunnel, probeTunnel, type TunnelClient } from "./tunnel";
 
 /** How long a head waits between attempts to (re-)plan while no plan works. */
 export const REPLAN_EVERY_MS = 1_000;
+/** How often a split head checks that the mesh still counts its stages alive. */
+export const STAGE_MEMBERSHIP_EVERY_MS = 1_000;
 
 /** What /v1/models, /metrics and `mesh peers` show of a split model. */
 export interface SplitReport {
@@ -172,6 +174,7 @@ export class SplitEngine implements EngineLike {
     for (const l of this.tenancyListeners) engine.onTenancy(l);
     engine.onFailure((err) => this.stageLost(engine, err.message));
     for (const t of tunnels) t.onLost((why) => this.stageLost(engine, why));
+    if (plan) this.watchMembership(engine, plan, tunnels);
     if (plan) {
       o.logger.info("split model loaded", {
         model: o.model,
@@ -186,6 +189,27 @@ export class SplitEngine implements EngineLike {
     const ts = this.tunnels;
     this.tunnels = [];
     await Promise.all(ts.map((t) => t.close()));
+  }
+
+  // A stage that stops answering without closing its connection (its machine lost power or the
+  // network, its process was stopped) leaves ggml's RPC client waiting for good: no timeout there,
+  // and no FIN here. Once the mesh's membership no longer counts it alive (its offer is gone from
+  // offers()), close its tunnel: the blocked call then fails at once and the head re-plans.
+  private watchMembership(engine: Engine, plan: SplitPlan, tunnels: TunnelClient[]): void {
+    const stages = plan.stages.filter((s) => s.role === "stage");
+    const timer = setInterval(() => {
+      if (this.inner !== engine || this.closed) {
+        clearInterval(timer);
+        return;
+      }
+      const alive = new Set(this.o.offers().map((x) => x.nodeId));
+      const gone = stages.findIndex((s) => !alive.has(s.nodeId));
+      if (gone < 0) return;
+      clearInterval(timer);
+      this.stageLost(engine, `stage ${stages[gone]?.nodeId.slice(0, 12)} is no longer alive in the mesh`);
+      void tunnels[gone]?.close();
+    }, STAGE_MEMBERSHIP_EVERY_MS);
+    timer.unref();
   }
 
   // A stage died or left (its tunnel closed, or the native client gave up): fail what runs, re-plan.
