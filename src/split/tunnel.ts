@@ -13,7 +13,9 @@
 // impostor. After that, each direction is AES-256-GCM frames
 // (u32 length | ciphertext | 16-byte tag) under a key derived from both
 // nonces, IV = direction's frame counter: a replayed, reordered or altered
-// frame fails authentication and ends the session.
+// frame fails authentication and ends the session. A head also sends an empty
+// frame every HEARTBEAT_MS; a stage ends a session silent for SESSION_IDLE_MS
+// (a head whose machine vanished sends no FIN), so it is free for other heads.
 import { createCipheriv, createDecipheriv, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import { connect, createServer, type Server, type Socket } from "node:net";
 
@@ -21,6 +23,10 @@ import { connect, createServer, type Server, type Socket } from "node:net";
 export const HANDSHAKE_TIMEOUT_MS = 5_000;
 /** Largest plaintext in one frame; a longer announced frame ends the session (bounded buffering). */
 export const MAX_FRAME = 256 * 1024;
+/** A head sends an empty frame this often, so its stage can tell a live head from a vanished one. */
+export const HEARTBEAT_MS = 5_000;
+/** A stage ends a session after this long without a frame from its head (a machine gone without a FIN). */
+export const SESSION_IDLE_MS = 30_000;
 const NONCE = 32;
 const MAC = 32;
 const TAG = 16;
@@ -51,6 +57,17 @@ function sessionKeys(k: TunnelKeys, sNonce: Buffer, cNonce: Buffer): { c2s: Buff
 class Sealer {
   private counter = 0n;
   constructor(private readonly key: Buffer) {}
+
+  /** One frame with no plaintext: a heartbeat (the receiving end forwards nothing). */
+  heartbeat(): Buffer {
+    const iv = Buffer.alloc(12);
+    iv.writeBigUInt64BE(this.counter++, 4);
+    const c = createCipheriv("aes-256-gcm", this.key, iv);
+    const body = c.final();
+    const head = Buffer.alloc(4);
+    head.writeUInt32BE(body.length + TAG);
+    return Buffer.concat([head, body, c.getAuthTag()]);
+  }
 
   seal(plain: Buffer): Buffer[] {
     const out: Buffer[] = [];
@@ -134,12 +151,24 @@ function readExactly(sock: Socket, n: number, timeoutMs: number): Promise<{ head
   });
 }
 
-// Pipe plain <-> sealed with backpressure both ways; either side closing ends both.
-function pipeSealed(plain: Socket, sealed: Socket, send: Sealer, recv: Opener, firstSealed: Buffer, onEnd: () => void): void {
+// Pipe plain <-> sealed with backpressure both ways; either side closing ends both. With
+// heartbeatMs, an empty frame goes out that often; with idleMs, the session ends when no frame
+// came in that long (while the sealed side was not paused by backpressure).
+function pipeSealed(
+  plain: Socket,
+  sealed: Socket,
+  send: Sealer,
+  recv: Opener,
+  firstSealed: Buffer,
+  onEnd: () => void,
+  timing: { heartbeatMs?: number; idleMs?: number } = {},
+): void {
   let ended = false;
+  const timers: Array<ReturnType<typeof setInterval>> = [];
   const end = () => {
     if (ended) return;
     ended = true;
+    for (const t of timers) clearInterval(t);
     plain.destroy();
     sealed.destroy();
     onEnd();
@@ -152,8 +181,10 @@ function pipeSealed(plain: Socket, sealed: Socket, send: Sealer, recv: Opener, f
       end();
       return;
     }
-    for (const p of parts) if (!plain.write(p)) sealed.pause();
+    heard = performance.now();
+    for (const p of parts) if (p.length > 0 && !plain.write(p)) sealed.pause();
   };
+  let heard = performance.now();
   plain.on("drain", () => sealed.resume());
   sealed.on("drain", () => plain.resume());
   plain.on("data", (d: Buffer) => {
@@ -173,6 +204,20 @@ function pipeSealed(plain: Socket, sealed: Socket, send: Sealer, recv: Opener, f
     end();
     return;
   }
+  if (timing.heartbeatMs) timers.push(setInterval(() => sealed.write(send.heartbeat()), timing.heartbeatMs));
+  if (timing.idleMs) {
+    const idleMs = timing.idleMs;
+    timers.push(
+      setInterval(
+        () => {
+          if (sealed.isPaused()) heard = performance.now();
+          else if (performance.now() - heard > idleMs) end();
+        },
+        Math.max(10, idleMs / 4),
+      ),
+    );
+  }
+  for (const t of timers) t.unref();
   if (firstSealed.length > 0) fromSealed(firstSealed);
   plain.resume();
   sealed.resume();
@@ -205,6 +250,8 @@ export function serveTunnel(opts: {
   port: number;
   secret: string;
   rpcPort: number;
+  /** End a session after this long without a frame from its head (default SESSION_IDLE_MS). */
+  idleMs?: number;
   log?: (event: string, f: Record<string, unknown>) => void;
   /** Called with the number of active sessions (0 or 1) whenever it changes. */
   onSessions?: (active: number) => void;
@@ -259,11 +306,19 @@ export function serveTunnel(opts: {
       rpc.once("connect", () => {
         piped = true;
         const k = sessionKeys(keys, sNonce, cNonce);
-        pipeSealed(rpc, sock, new Sealer(k.s2c), new Opener(k.c2s), hello.rest, () => {
-          stats.active--;
-          opts.onSessions?.(stats.active);
-          log("stage_session_ended", {});
-        });
+        pipeSealed(
+          rpc,
+          sock,
+          new Sealer(k.s2c),
+          new Opener(k.c2s),
+          hello.rest,
+          () => {
+            stats.active--;
+            opts.onSessions?.(stats.active);
+            log("stage_session_ended", {});
+          },
+          { idleMs: opts.idleMs ?? SESSION_IDLE_MS },
+        );
       });
       rpc.once("error", () => {
         if (piped) return; // the pipe ends the session itself
@@ -369,7 +424,7 @@ export interface TunnelClient {
  * tunnel at host:port. Connections that fail the handshake are closed (the
  * RPC client then reports the stage lost).
  */
-export function openTunnel(host: string, port: number, secret: string): Promise<TunnelClient> {
+export function openTunnel(host: string, port: number, secret: string, heartbeatMs = HEARTBEAT_MS): Promise<TunnelClient> {
   const keys = tunnelKeys(secret);
   const listeners: Array<(why: string) => void> = [];
   const lost = (why: string) => {
@@ -388,7 +443,9 @@ export function openTunnel(host: string, port: number, secret: string): Promise<
       socks.add(r.sock);
       r.sock.on("close", () => socks.delete(r.sock));
       const k = sessionKeys(keys, r.sNonce, r.cNonce);
-      pipeSealed(local, r.sock, new Sealer(k.c2s), new Opener(k.s2c), r.rest, () => lost(`stage ${host}:${port} closed the tunnel`));
+      pipeSealed(local, r.sock, new Sealer(k.c2s), new Opener(k.s2c), r.rest, () => lost(`stage ${host}:${port} closed the tunnel`), {
+        heartbeatMs,
+      });
     });
   });
   return new Promise((resolve, reject) => {

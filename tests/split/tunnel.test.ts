@@ -224,4 +224,53 @@ describe("stage tunnel", () => {
     expect((await echoed).toString()).toBe("ok");
     b.destroy();
   });
+  test("frees_the_stage_when_its_head_vanishes_without_closing_but_keeps_an_idle_live_head", async () => {
+    const rpc = await fakeRpc();
+    const t = await serveTunnel({ host: "127.0.0.1", port: 0, secret: SECRET, rpcPort: rpc.port, idleMs: 400 });
+    cleanup.push(() => t.close());
+    // A relay that can go silent, as a head's machine that lost power or its network: no FIN ever comes.
+    let silent = false;
+    const sides = new Set<Socket>();
+    const relay = createServer((inner) => {
+      const outer = connect({ host: "127.0.0.1", port: t.port });
+      sides.add(inner).add(outer);
+      inner.on("data", (d: Buffer) => silent || outer.write(d));
+      outer.on("data", (d: Buffer) => silent || inner.write(d));
+      inner.on("error", () => {});
+      outer.on("error", () => {});
+    });
+    await new Promise<void>((r) => relay.listen(0, "127.0.0.1", () => r()));
+    cleanup.push(() => {
+      for (const s of sides) s.destroy();
+      return new Promise<void>((r) => relay.close(() => r()));
+    });
+    // A live head that stays idle well past the stage's idle bound keeps its session: its heartbeats count.
+    const live = await openTunnel("127.0.0.1", t.port, SECRET, 50);
+    cleanup.push(() => live.close());
+    const a = await dial(live.endpoint);
+    const first = readAll(a, 2);
+    a.write("hi");
+    expect((await first).toString()).toBe("hi");
+    await Bun.sleep(1_200);
+    expect(t.stats.active).toBe(1);
+    const again = readAll(a, 5);
+    a.write("again");
+    expect((await again).toString()).toBe("again");
+    a.destroy();
+    for (let i = 0; i < 100 && t.stats.active > 0; i++) await Bun.sleep(10);
+
+    // A head behind the relay goes silent: the stage ends its session instead of staying busy for good.
+    const gone = await openTunnel("127.0.0.1", (relay.address() as { port: number }).port, SECRET, 50);
+    cleanup.push(() => gone.close());
+    const b = await dial(gone.endpoint);
+    const echoed = readAll(b, 2);
+    b.write("yo");
+    expect((await echoed).toString()).toBe("yo");
+    expect(t.stats.active).toBe(1);
+    silent = true;
+    for (let i = 0; i < 300 && t.stats.active > 0; i++) await Bun.sleep(10);
+    expect(t.stats.active).toBe(0);
+    expect(rpc.connections).toBe(2);
+    b.destroy();
+  });
 });
