@@ -159,6 +159,10 @@ describe("split model over mesh serve processes", () => {
     const failedAfterMs = performance.now() - killedAt;
     expect(killedAt).toBeGreaterThan(0);
     expect(error).not.toBeNull(); // an error event, not a clean end and not a hang
+    // The server's own SSE error event: the client's timeout (a hang) is an APIConnectionError, which would pass the line above.
+    expect(error).toBeInstanceOf(OpenAI.APIError);
+    expect(error).not.toBeInstanceOf(OpenAI.APIConnectionError);
+    expect((error as Error).message).toMatch(/stage|engine/);
     console.log(`stream failed ${Math.round(failedAfterMs)} ms after the stage was killed`);
     // The head re-plans over what is left (stage A) and answers again.
     const r = await waitFor(
