@@ -431,21 +431,34 @@ export function openTunnel(host: string, port: number, secret: string, heartbeat
     for (const l of listeners.splice(0)) l(why);
   };
   const socks = new Set<Socket>();
+  let sessions = 0;
   const server = createServer({ pauseOnConnect: true, noDelay: true }, (local) => {
     socks.add(local);
     local.on("close", () => socks.delete(local));
     void handshake(host, port, keys, 1, HANDSHAKE_TIMEOUT_MS).then((r) => {
       if ("code" in r) {
         local.destroy();
-        lost(r.message);
+        // Another local connection (a port scan, say) told "busy" while a session runs here is
+        // no news about the stage: only a failure with no session left means it is lost.
+        if (sessions === 0) lost(r.message);
         return;
       }
+      sessions++;
       socks.add(r.sock);
       r.sock.on("close", () => socks.delete(r.sock));
       const k = sessionKeys(keys, r.sNonce, r.cNonce);
-      pipeSealed(local, r.sock, new Sealer(k.c2s), new Opener(k.s2c), r.rest, () => lost(`stage ${host}:${port} closed the tunnel`), {
-        heartbeatMs,
-      });
+      pipeSealed(
+        local,
+        r.sock,
+        new Sealer(k.c2s),
+        new Opener(k.s2c),
+        r.rest,
+        () => {
+          sessions--;
+          lost(`stage ${host}:${port} closed the tunnel`);
+        },
+        { heartbeatMs },
+      );
     });
   });
   return new Promise((resolve, reject) => {

@@ -273,4 +273,29 @@ describe("stage tunnel", () => {
     expect(rpc.connections).toBe(2);
     b.destroy();
   });
+  test("keeps_a_live_session_when_another_local_connection_to_the_head_port_is_refused_busy", async () => {
+    const rpc = await fakeRpc();
+    const t = await tunnelServer(rpc.port);
+    const c = await tunnelClient(t.port);
+    let lostWhy: string | null = null;
+    c.onLost((why) => {
+      lostWhy = why;
+    });
+    const a = await dial(c.endpoint);
+    const first = readAll(a, 3);
+    a.write("abc");
+    expect((await first).toString()).toBe("abc");
+    // Any other local process (a port scan, a health check) connecting to the head's loopback port
+    // while the RPC client holds the session: the stage answers busy and that connection is closed...
+    const stray = await dial(c.endpoint);
+    stray.on("error", () => {});
+    await readAll(stray);
+    expect(t.stats.busy).toBe(1);
+    // ...but the stage is not lost: the session in use goes on, and nobody is told otherwise.
+    const again = readAll(a, 3);
+    a.write("def");
+    expect((await again).toString()).toBe("def");
+    expect(lostWhy).toBeNull();
+    a.destroy();
+  });
 });
