@@ -225,7 +225,8 @@ export class SplitEngine implements EngineLike {
       await engine.close();
       await this.dropTunnels();
       while (!this.closed) {
-        const r = await this.attempt({ kind: "auto" }, true);
+        // A throw here would end the loop for good: the model would stay "replanning", every request a 503.
+        const r = await this.attempt({ kind: "auto" }, true).catch((e: unknown) => `re-plan failed: ${(e as Error).message}`);
         if (r === null) {
           this.replans++;
           this.o.logger.info("split model re-planned", { model: this.o.model, state: this.state });

@@ -362,7 +362,13 @@ async function handshake(
   timeoutMs: number,
 ): Promise<{ sock: Socket; sNonce: Buffer; cNonce: Buffer; rest: Buffer; rttMs: number } | TunnelError> {
   // Every decode step is a few small request/answer messages: Nagle's delay would stall each.
-  const sock = connect({ host, port, noDelay: true });
+  let sock: Socket;
+  try {
+    sock = connect({ host, port, noDelay: true });
+  } catch (e) {
+    // An address net.connect refuses outright (a port out of range): a value, like any unreachable stage.
+    return { code: "stage_unreachable", message: `stage tunnel ${host}:${port}: ${(e as Error).message}` };
+  }
   sock.pause();
   const t0 = performance.now();
   let first: { head: Buffer; rest: Buffer };
