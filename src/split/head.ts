@@ -146,6 +146,8 @@ export class SplitEngine implements EngineLike {
       tunnels.push(await openTunnel(x.tunnel.slice(0, sep).replace(/^\[|\]$/g, ""), Number(x.tunnel.slice(sep + 1)), o.secret));
     }
     this.tunnels = tunnels;
+    // From here, not only once loaded: a stage gone silent mid-load would hang the load for good.
+    this.watchMembership(plan, tunnels);
     return this.load(plan, tunnels);
   }
 
@@ -174,7 +176,6 @@ export class SplitEngine implements EngineLike {
     for (const l of this.tenancyListeners) engine.onTenancy(l);
     engine.onFailure((err) => this.stageLost(engine, err.message));
     for (const t of tunnels) t.onLost((why) => this.stageLost(engine, why));
-    if (plan) this.watchMembership(engine, plan, tunnels);
     if (plan) {
       o.logger.info("split model loaded", {
         model: o.model,
@@ -194,11 +195,13 @@ export class SplitEngine implements EngineLike {
   // A stage that stops answering without closing its connection (its machine lost power or the
   // network, its process was stopped) leaves ggml's RPC client waiting for good: no timeout there,
   // and no FIN here. Once the mesh's membership no longer counts it alive (its offer is gone from
-  // offers()), close its tunnel: the blocked call then fails at once and the head re-plans.
-  private watchMembership(engine: Engine, plan: SplitPlan, tunnels: TunnelClient[]): void {
+  // offers()), close its tunnel: the blocked call then fails at once (a load in progress fails and
+  // is tried again; a loaded engine is dropped) and the head re-plans.
+  private watchMembership(plan: SplitPlan, tunnels: TunnelClient[]): void {
     const stages = plan.stages.filter((s) => s.role === "stage");
     const timer = setInterval(() => {
-      if (this.inner !== engine || this.closed) {
+      // These tunnels were dropped (a loss, a failed load, close): whoever dropped them re-plans.
+      if (this.tunnels !== tunnels || this.closed) {
         clearInterval(timer);
         return;
       }
@@ -206,7 +209,8 @@ export class SplitEngine implements EngineLike {
       const gone = stages.findIndex((s) => !alive.has(s.nodeId));
       if (gone < 0) return;
       clearInterval(timer);
-      this.stageLost(engine, `stage ${stages[gone]?.nodeId.slice(0, 12)} is no longer alive in the mesh`);
+      // Loaded over these tunnels (they are still this head's): that engine is the one lost.
+      if (this.inner) this.stageLost(this.inner, `stage ${stages[gone]?.nodeId.slice(0, 12)} is no longer alive in the mesh`);
       void tunnels[gone]?.close();
     }, STAGE_MEMBERSHIP_EVERY_MS);
     timer.unref();

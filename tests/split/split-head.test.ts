@@ -18,8 +18,9 @@ afterAll(async () => {
 });
 
 // A relay in front of a stage's tunnel that can go silent: bytes stop flowing both ways, sockets stay open.
-async function silencingRelay(port: number): Promise<{ port: number; silence(): void }> {
+async function silencingRelay(port: number, silentAfterBytes = Number.POSITIVE_INFINITY): Promise<{ port: number; silence(): void }> {
   let silent = false;
+  let forwarded = 0;
   const socks = new Set<Socket>();
   const server: Server = createServer((inner) => {
     const outer = netConnect({ host: "127.0.0.1", port, noDelay: true });
@@ -30,6 +31,8 @@ async function silencingRelay(port: number): Promise<{ port: number; silence(): 
       s.on("close", () => socks.delete(s));
     }
     inner.on("data", (d: Buffer) => {
+      forwarded += d.length;
+      if (forwarded > silentAfterBytes) silent = true;
       if (!silent) outer.write(d);
     });
     outer.on("data", (d: Buffer) => {
@@ -96,5 +99,44 @@ describe("split head", () => {
     await Promise.race([head.whenSettled(), hung]);
     expect(head.report().state).toBe("solo");
     expect((await collect(head.generate(opts))).tokens.length).toBe(8);
+  }, 120_000);
+
+  test("fails_a_load_instead_of_hanging_when_a_stage_goes_silent_mid_load_and_leaves_the_membership", async () => {
+    const modelPath = await tinyModel();
+    const rpc = await startStageServer({ cacheDir: null, threads: 1 });
+    if ("code" in rpc) throw new Error(rpc.message);
+    const t: TunnelServer = await serveTunnel({ host: "127.0.0.1", port: 0, secret: SECRET, rpcPort: rpc.port });
+    closers.push(() => t.close());
+    // Silent once the head has sent a few KiB: the handshake and the first RPC commands pass, the weights never arrive.
+    const relay = await silencingRelay(t.port, 8 * 1024);
+    let alive = true;
+    const offer: StageOffer = {
+      nodeId: "stage-node-b",
+      tunnel: `127.0.0.1:${relay.port}`,
+      budget: 1 << 30,
+      device: { name: "CPU", type: "cpu", free: 1 << 30, total: 1 << 30 },
+      inUse: false,
+    };
+    const started = SplitEngine.start({
+      model: "tiny",
+      engine: { modelPath, nCtx: 1024, nParallel: 1, nBatch: 256, threads: 1 },
+      want: { kind: "count", nodes: 2 },
+      headId: "head-node",
+      secret: SECRET,
+      offers: () => (alive ? [offer] : []),
+      maxRttMs: 10_000,
+      waitMs: 0,
+      logger: silentLogger,
+    }).then(
+      (e) => {
+        closers.push(() => e.close());
+        return "loaded";
+      },
+      (e: unknown) => (e instanceof EngineError ? e.code : String(e)),
+    );
+    await Bun.sleep(300);
+    alive = false;
+    const hung = new Promise<string>((r) => setTimeout(() => r("still loading"), 30_000).unref());
+    expect(await Promise.race([started, hung])).toBe("model_load_failed");
   }, 120_000);
 });
