@@ -135,6 +135,10 @@ describe("split model over mesh serve processes", () => {
     expect(t?.decodeFailures.client).toBe(0);
     expect(t?.decodeFailures.server ?? 0).toBe(0);
     expect(t?.requests).toBeGreaterThan(0);
+    // And under pressure, not only under load (the head's 1024-cell pool): requests waited and idle prefixes were evicted.
+    expect(t?.kvCellsTotal).toBe(1024);
+    expect(t?.admissions.queued as number).toBeGreaterThan(0);
+    expect(t?.evictions.count as number).toBeGreaterThan(0);
     expect(await metricOf(head, 'mesh_split_serving{model="big"}')).toBe(1);
   }, 300_000);
 
