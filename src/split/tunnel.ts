@@ -27,6 +27,8 @@ export const MAX_FRAME = 256 * 1024;
 export const HEARTBEAT_MS = 5_000;
 /** A stage ends a session after this long without a frame from its head (a machine gone without a FIN). */
 export const SESSION_IDLE_MS = 30_000;
+/** Most connections a stage lets sit in the handshake at once; more are closed at once (each holds a socket up to HANDSHAKE_TIMEOUT_MS). */
+export const MAX_PENDING_HANDSHAKES = 64;
 const NONCE = 32;
 const MAC = 32;
 const TAG = 16;
@@ -264,7 +266,15 @@ export function serveTunnel(opts: {
     open.add(s);
     s.on("close", () => open.delete(s));
   };
+  let pending = 0;
   const server: Server = createServer({ pauseOnConnect: true, noDelay: true }, (sock) => {
+    // Unauthenticated connections that never answer cost a socket each until the timeout: bounded.
+    if (pending >= MAX_PENDING_HANDSHAKES) {
+      stats.refused++;
+      sock.destroy();
+      return;
+    }
+    pending++;
     track(sock);
     void (async () => {
       const sNonce = randomBytes(NONCE);
@@ -276,6 +286,8 @@ export function serveTunnel(opts: {
         stats.refused++;
         sock.destroy();
         return;
+      } finally {
+        pending--;
       }
       const mode = hello.head.subarray(0, 1);
       const cNonce = hello.head.subarray(1, 1 + NONCE);

@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { randomBytes } from "node:crypto";
 import { connect, createServer, type Server, type Socket } from "node:net";
-import { openTunnel, probeTunnel, serveTunnel, type TunnelClient, type TunnelServer } from "../../src/split/tunnel";
+import { MAX_PENDING_HANDSHAKES, openTunnel, probeTunnel, serveTunnel, type TunnelClient, type TunnelServer } from "../../src/split/tunnel";
 
 const SECRET = "test-mesh-secret";
 const cleanup: Array<() => Promise<void> | void> = [];
@@ -297,5 +297,29 @@ describe("stage tunnel", () => {
     expect((await again).toString()).toBe("def");
     expect(lostWhy).toBeNull();
     a.destroy();
+  });
+
+  test("closes_connections_past_the_pending_handshake_bound_and_serves_heads_once_they_go", async () => {
+    const rpc = await fakeRpc();
+    const t = await tunnelServer(rpc.port);
+    // Silent unauthenticated connections, each holding its challenge: up to the bound they wait for the timeout.
+    const idle: Socket[] = [];
+    for (let i = 0; i < MAX_PENDING_HANDSHAKES; i++) {
+      const s = await dial(`127.0.0.1:${t.port}`);
+      s.on("error", () => {});
+      await readAll(s, 32);
+      idle.push(s);
+    }
+    // One more is closed at once, before any challenge.
+    const extra = await dial(`127.0.0.1:${t.port}`);
+    extra.on("error", () => {});
+    expect((await readAll(extra)).length).toBe(0);
+    expect(t.stats.refused).toBe(1);
+    expect(idle.every((s) => !s.destroyed)).toBe(true);
+    // Once they are gone, a head gets in again.
+    for (const s of idle) s.destroy();
+    for (let i = 0; i < 100 && t.stats.refused < 1 + MAX_PENDING_HANDSHAKES; i++) await Bun.sleep(10);
+    expect("rttMs" in (await probeTunnel("127.0.0.1", t.port, SECRET))).toBe(true);
+    expect(rpc.connections).toBe(0);
   });
 });
