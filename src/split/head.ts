@@ -24,6 +24,8 @@ import { openTunnel, probeTunnel, type TunnelClient } from "./tunnel";
 
 /** How long a head waits between attempts to (re-)plan while no plan works. */
 export const REPLAN_EVERY_MS = 1_000;
+/** How often a split head checks that the mesh still counts its stages alive. */
+export const STAGE_MEMBERSHIP_EVERY_MS = 1_000;
 
 /** What /v1/models, /metrics and `mesh peers` show of a split model. */
 export interface SplitReport {
@@ -144,6 +146,8 @@ export class SplitEngine implements EngineLike {
       tunnels.push(await openTunnel(x.tunnel.slice(0, sep).replace(/^\[|\]$/g, ""), Number(x.tunnel.slice(sep + 1)), o.secret));
     }
     this.tunnels = tunnels;
+    // From here, not only once loaded: a stage gone silent mid-load would hang the load for good.
+    this.watchMembership(plan, tunnels);
     return this.load(plan, tunnels);
   }
 
@@ -188,6 +192,30 @@ export class SplitEngine implements EngineLike {
     await Promise.all(ts.map((t) => t.close()));
   }
 
+  // A stage that stops answering without closing its connection (its machine lost power or the
+  // network, its process was stopped) leaves ggml's RPC client waiting for good: no timeout there,
+  // and no FIN here. Once the mesh's membership no longer counts it alive (its offer is gone from
+  // offers()), close its tunnel: the blocked call then fails at once (a load in progress fails and
+  // is tried again; a loaded engine is dropped) and the head re-plans.
+  private watchMembership(plan: SplitPlan, tunnels: TunnelClient[]): void {
+    const stages = plan.stages.filter((s) => s.role === "stage");
+    const timer = setInterval(() => {
+      // These tunnels were dropped (a loss, a failed load, close): whoever dropped them re-plans.
+      if (this.tunnels !== tunnels || this.closed) {
+        clearInterval(timer);
+        return;
+      }
+      const alive = new Set(this.o.offers().map((x) => x.nodeId));
+      const gone = stages.findIndex((s) => !alive.has(s.nodeId));
+      if (gone < 0) return;
+      clearInterval(timer);
+      // Loaded over these tunnels (they are still this head's): that engine is the one lost.
+      if (this.inner) this.stageLost(this.inner, `stage ${stages[gone]?.nodeId.slice(0, 12)} is no longer alive in the mesh`);
+      void tunnels[gone]?.close();
+    }, STAGE_MEMBERSHIP_EVERY_MS);
+    timer.unref();
+  }
+
   // A stage died or left (its tunnel closed, or the native client gave up): fail what runs, re-plan.
   private stageLost(engine: Engine, why: string): void {
     if (this.inner !== engine || this.closed) return;
@@ -201,7 +229,8 @@ export class SplitEngine implements EngineLike {
       await engine.close();
       await this.dropTunnels();
       while (!this.closed) {
-        const r = await this.attempt({ kind: "auto" }, true);
+        // A throw here would end the loop for good: the model would stay "replanning", every request a 503.
+        const r = await this.attempt({ kind: "auto" }, true).catch((e: unknown) => `re-plan failed: ${(e as Error).message}`);
         if (r === null) {
           this.replans++;
           this.o.logger.info("split model re-planned", { model: this.o.model, state: this.state });

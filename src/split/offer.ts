@@ -47,6 +47,9 @@ export function parseOffer(key: string, owner: string, value: string): StageOffe
     return null;
   }
   if (!isObject(v) || !isStr(v.tunnel, MAX_ADDR) || !/^[^\s]+:\d{1,5}$/.test(v.tunnel) || !isCount(v.budget)) return null;
+  // A port net.connect refuses (it throws) would break every head's planning.
+  const port = Number(v.tunnel.slice(v.tunnel.lastIndexOf(":") + 1));
+  if (port < 1 || port > 65535) return null;
   const d = v.device;
   if (!isObject(d) || !isStr(d.name, MAX_NAME) || !isStr(d.type, 16) || !isCount(d.free) || !isCount(d.total)) return null;
   if (typeof v.inUse !== "boolean") return null;

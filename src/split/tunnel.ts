@@ -13,7 +13,9 @@
 // impostor. After that, each direction is AES-256-GCM frames
 // (u32 length | ciphertext | 16-byte tag) under a key derived from both
 // nonces, IV = direction's frame counter: a replayed, reordered or altered
-// frame fails authentication and ends the session.
+// frame fails authentication and ends the session. A head also sends an empty
+// frame every HEARTBEAT_MS; a stage ends a session silent for SESSION_IDLE_MS
+// (a head whose machine vanished sends no FIN), so it is free for other heads.
 import { createCipheriv, createDecipheriv, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import { connect, createServer, type Server, type Socket } from "node:net";
 
@@ -21,6 +23,12 @@ import { connect, createServer, type Server, type Socket } from "node:net";
 export const HANDSHAKE_TIMEOUT_MS = 5_000;
 /** Largest plaintext in one frame; a longer announced frame ends the session (bounded buffering). */
 export const MAX_FRAME = 256 * 1024;
+/** A head sends an empty frame this often, so its stage can tell a live head from a vanished one. */
+export const HEARTBEAT_MS = 5_000;
+/** A stage ends a session after this long without a frame from its head (a machine gone without a FIN). */
+export const SESSION_IDLE_MS = 30_000;
+/** Most connections a stage lets sit in the handshake at once; more are closed at once (each holds a socket up to HANDSHAKE_TIMEOUT_MS). */
+export const MAX_PENDING_HANDSHAKES = 64;
 const NONCE = 32;
 const MAC = 32;
 const TAG = 16;
@@ -51,6 +59,17 @@ function sessionKeys(k: TunnelKeys, sNonce: Buffer, cNonce: Buffer): { c2s: Buff
 class Sealer {
   private counter = 0n;
   constructor(private readonly key: Buffer) {}
+
+  /** One frame with no plaintext: a heartbeat (the receiving end forwards nothing). */
+  heartbeat(): Buffer {
+    const iv = Buffer.alloc(12);
+    iv.writeBigUInt64BE(this.counter++, 4);
+    const c = createCipheriv("aes-256-gcm", this.key, iv);
+    const body = c.final();
+    const head = Buffer.alloc(4);
+    head.writeUInt32BE(body.length + TAG);
+    return Buffer.concat([head, body, c.getAuthTag()]);
+  }
 
   seal(plain: Buffer): Buffer[] {
     const out: Buffer[] = [];
@@ -134,12 +153,24 @@ function readExactly(sock: Socket, n: number, timeoutMs: number): Promise<{ head
   });
 }
 
-// Pipe plain <-> sealed with backpressure both ways; either side closing ends both.
-function pipeSealed(plain: Socket, sealed: Socket, send: Sealer, recv: Opener, firstSealed: Buffer, onEnd: () => void): void {
+// Pipe plain <-> sealed with backpressure both ways; either side closing ends both. With
+// heartbeatMs, an empty frame goes out that often; with idleMs, the session ends when no frame
+// came in that long (while the sealed side was not paused by backpressure).
+function pipeSealed(
+  plain: Socket,
+  sealed: Socket,
+  send: Sealer,
+  recv: Opener,
+  firstSealed: Buffer,
+  onEnd: () => void,
+  timing: { heartbeatMs?: number; idleMs?: number } = {},
+): void {
   let ended = false;
+  const timers: Array<ReturnType<typeof setInterval>> = [];
   const end = () => {
     if (ended) return;
     ended = true;
+    for (const t of timers) clearInterval(t);
     plain.destroy();
     sealed.destroy();
     onEnd();
@@ -152,8 +183,10 @@ function pipeSealed(plain: Socket, sealed: Socket, send: Sealer, recv: Opener, f
       end();
       return;
     }
-    for (const p of parts) if (!plain.write(p)) sealed.pause();
+    heard = performance.now();
+    for (const p of parts) if (p.length > 0 && !plain.write(p)) sealed.pause();
   };
+  let heard = performance.now();
   plain.on("drain", () => sealed.resume());
   sealed.on("drain", () => plain.resume());
   plain.on("data", (d: Buffer) => {
@@ -167,6 +200,26 @@ function pipeSealed(plain: Socket, sealed: Socket, send: Sealer, recv: Opener, f
     s.on("error", end);
     s.on("end", end);
   }
+  // A side closed while the handshake ran (the head closed its tunnel, say) already fired its
+  // "close": without this the other side would stay open, and a stage busy, for good.
+  if (plain.destroyed || sealed.destroyed) {
+    end();
+    return;
+  }
+  if (timing.heartbeatMs) timers.push(setInterval(() => sealed.write(send.heartbeat()), timing.heartbeatMs));
+  if (timing.idleMs) {
+    const idleMs = timing.idleMs;
+    timers.push(
+      setInterval(
+        () => {
+          if (sealed.isPaused()) heard = performance.now();
+          else if (performance.now() - heard > idleMs) end();
+        },
+        Math.max(10, idleMs / 4),
+      ),
+    );
+  }
+  for (const t of timers) t.unref();
   if (firstSealed.length > 0) fromSealed(firstSealed);
   plain.resume();
   sealed.resume();
@@ -199,6 +252,8 @@ export function serveTunnel(opts: {
   port: number;
   secret: string;
   rpcPort: number;
+  /** End a session after this long without a frame from its head (default SESSION_IDLE_MS). */
+  idleMs?: number;
   log?: (event: string, f: Record<string, unknown>) => void;
   /** Called with the number of active sessions (0 or 1) whenever it changes. */
   onSessions?: (active: number) => void;
@@ -211,7 +266,15 @@ export function serveTunnel(opts: {
     open.add(s);
     s.on("close", () => open.delete(s));
   };
+  let pending = 0;
   const server: Server = createServer({ pauseOnConnect: true, noDelay: true }, (sock) => {
+    // Unauthenticated connections that never answer cost a socket each until the timeout: bounded.
+    if (pending >= MAX_PENDING_HANDSHAKES) {
+      stats.refused++;
+      sock.destroy();
+      return;
+    }
+    pending++;
     track(sock);
     void (async () => {
       const sNonce = randomBytes(NONCE);
@@ -223,6 +286,8 @@ export function serveTunnel(opts: {
         stats.refused++;
         sock.destroy();
         return;
+      } finally {
+        pending--;
       }
       const mode = hello.head.subarray(0, 1);
       const cNonce = hello.head.subarray(1, 1 + NONCE);
@@ -253,11 +318,19 @@ export function serveTunnel(opts: {
       rpc.once("connect", () => {
         piped = true;
         const k = sessionKeys(keys, sNonce, cNonce);
-        pipeSealed(rpc, sock, new Sealer(k.s2c), new Opener(k.c2s), hello.rest, () => {
-          stats.active--;
-          opts.onSessions?.(stats.active);
-          log("stage_session_ended", {});
-        });
+        pipeSealed(
+          rpc,
+          sock,
+          new Sealer(k.s2c),
+          new Opener(k.c2s),
+          hello.rest,
+          () => {
+            stats.active--;
+            opts.onSessions?.(stats.active);
+            log("stage_session_ended", {});
+          },
+          { idleMs: opts.idleMs ?? SESSION_IDLE_MS },
+        );
       });
       rpc.once("error", () => {
         if (piped) return; // the pipe ends the session itself
@@ -301,7 +374,13 @@ async function handshake(
   timeoutMs: number,
 ): Promise<{ sock: Socket; sNonce: Buffer; cNonce: Buffer; rest: Buffer; rttMs: number } | TunnelError> {
   // Every decode step is a few small request/answer messages: Nagle's delay would stall each.
-  const sock = connect({ host, port, noDelay: true });
+  let sock: Socket;
+  try {
+    sock = connect({ host, port, noDelay: true });
+  } catch (e) {
+    // An address net.connect refuses outright (a port out of range): a value, like any unreachable stage.
+    return { code: "stage_unreachable", message: `stage tunnel ${host}:${port}: ${(e as Error).message}` };
+  }
   sock.pause();
   const t0 = performance.now();
   let first: { head: Buffer; rest: Buffer };
@@ -363,26 +442,41 @@ export interface TunnelClient {
  * tunnel at host:port. Connections that fail the handshake are closed (the
  * RPC client then reports the stage lost).
  */
-export function openTunnel(host: string, port: number, secret: string): Promise<TunnelClient> {
+export function openTunnel(host: string, port: number, secret: string, heartbeatMs = HEARTBEAT_MS): Promise<TunnelClient> {
   const keys = tunnelKeys(secret);
   const listeners: Array<(why: string) => void> = [];
   const lost = (why: string) => {
     for (const l of listeners.splice(0)) l(why);
   };
   const socks = new Set<Socket>();
+  let sessions = 0;
   const server = createServer({ pauseOnConnect: true, noDelay: true }, (local) => {
     socks.add(local);
     local.on("close", () => socks.delete(local));
     void handshake(host, port, keys, 1, HANDSHAKE_TIMEOUT_MS).then((r) => {
       if ("code" in r) {
         local.destroy();
-        lost(r.message);
+        // Another local connection (a port scan, say) told "busy" while a session runs here is
+        // no news about the stage: only a failure with no session left means it is lost.
+        if (sessions === 0) lost(r.message);
         return;
       }
+      sessions++;
       socks.add(r.sock);
       r.sock.on("close", () => socks.delete(r.sock));
       const k = sessionKeys(keys, r.sNonce, r.cNonce);
-      pipeSealed(local, r.sock, new Sealer(k.c2s), new Opener(k.s2c), r.rest, () => lost(`stage ${host}:${port} closed the tunnel`));
+      pipeSealed(
+        local,
+        r.sock,
+        new Sealer(k.c2s),
+        new Opener(k.s2c),
+        r.rest,
+        () => {
+          sessions--;
+          lost(`stage ${host}:${port} closed the tunnel`);
+        },
+        { heartbeatMs },
+      );
     });
   });
   return new Promise((resolve, reject) => {

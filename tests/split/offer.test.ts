@@ -1,6 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import { offersOf, parseOffer, serializeOffer, stageKey } from "../../src/split/offer";
 import { renderSplitMetrics, type SplitReport, splitLines } from "../../src/split/report";
+import { probeTunnel } from "../../src/split/tunnel";
 
 const offer = {
   tunnel: "10.0.0.2:7000",
@@ -30,6 +31,20 @@ describe("stage offers", () => {
       { key: stageKey("cc"), owner: "cc", value: "garbage" },
     ];
     expect(offersOf(records).map((o) => o.nodeId)).toEqual(["aa"]);
+  });
+});
+
+describe("stage offers from a hostile peer", () => {
+  test("refuses_an_offer_whose_tunnel_port_is_out_of_range_so_no_head_plan_throws", async () => {
+    // A peer's offer naming port 99999 passed the check, and net.connect throws on it: the head's
+    // planning threw, so its split model failed to load, or never re-planned after a stage loss.
+    for (const tunnel of ["10.0.0.2:99999", "10.0.0.2:65536", "10.0.0.2:0"]) {
+      expect(parseOffer(stageKey("aa"), "aa", serializeOffer({ ...offer, tunnel }))).toBeNull();
+    }
+    expect(parseOffer(stageKey("aa"), "aa", serializeOffer({ ...offer, tunnel: "[::1]:65535" }))?.tunnel).toBe("[::1]:65535");
+    // And the probe itself answers with a value, never a throw, whatever the address.
+    expect(await probeTunnel("127.0.0.1", 99999, "secret", 1_000)).toMatchObject({ code: "stage_unreachable" });
+    expect(await probeTunnel("127.0.0.1", Number.NaN, "secret", 1_000)).toMatchObject({ code: "stage_unreachable" });
   });
 });
 

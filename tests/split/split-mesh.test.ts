@@ -135,6 +135,10 @@ describe("split model over mesh serve processes", () => {
     expect(t?.decodeFailures.client).toBe(0);
     expect(t?.decodeFailures.server ?? 0).toBe(0);
     expect(t?.requests).toBeGreaterThan(0);
+    // And under pressure, not only under load (the head's 1024-cell pool): requests waited and idle prefixes were evicted.
+    expect(t?.kvCellsTotal).toBe(1024);
+    expect(t?.admissions.queued as number).toBeGreaterThan(0);
+    expect(t?.evictions.count as number).toBeGreaterThan(0);
     expect(await metricOf(head, 'mesh_split_serving{model="big"}')).toBe(1);
   }, 300_000);
 
@@ -159,6 +163,10 @@ describe("split model over mesh serve processes", () => {
     const failedAfterMs = performance.now() - killedAt;
     expect(killedAt).toBeGreaterThan(0);
     expect(error).not.toBeNull(); // an error event, not a clean end and not a hang
+    // The server's own SSE error event: the client's timeout (a hang) is an APIConnectionError, which would pass the line above.
+    expect(error).toBeInstanceOf(OpenAI.APIError);
+    expect(error).not.toBeInstanceOf(OpenAI.APIConnectionError);
+    expect((error as Error).message).toMatch(/stage|engine/);
     console.log(`stream failed ${Math.round(failedAfterMs)} ms after the stage was killed`);
     // The head re-plans over what is left (stage A) and answers again.
     const r = await waitFor(

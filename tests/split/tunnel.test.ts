@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { randomBytes } from "node:crypto";
 import { connect, createServer, type Server, type Socket } from "node:net";
-import { openTunnel, probeTunnel, serveTunnel, type TunnelClient, type TunnelServer } from "../../src/split/tunnel";
+import { MAX_PENDING_HANDSHAKES, openTunnel, probeTunnel, serveTunnel, type TunnelClient, type TunnelServer } from "../../src/split/tunnel";
 
 const SECRET = "test-mesh-secret";
 const cleanup: Array<() => Promise<void> | void> = [];
@@ -174,5 +174,152 @@ describe("stage tunnel", () => {
     expect(await lost).toContain("closed the tunnel");
     await closed;
     expect(s.destroyed || s.readableEnded).toBe(true);
+  });
+  test("ends_the_stage_session_when_the_head_closes_its_tunnel_during_the_handshake", async () => {
+    const rpc = await fakeRpc();
+    const t = await tunnelServer(rpc.port);
+    // A relay that holds the stage's handshake answer (what follows its 32-byte challenge) until released.
+    let release: () => void = () => {};
+    const released = new Promise<void>((r) => {
+      release = r;
+    });
+    const sides = new Set<Socket>();
+    const relay = createServer((inner) => {
+      const outer = connect({ host: "127.0.0.1", port: t.port });
+      sides.add(inner).add(outer);
+      let seen = 0;
+      inner.on("data", (d: Buffer) => outer.write(d));
+      outer.on("data", (d: Buffer) => {
+        const head = d.subarray(0, Math.max(0, 32 - seen));
+        const tail = d.subarray(head.length);
+        seen += d.length;
+        if (head.length > 0) inner.write(head);
+        if (tail.length > 0) void released.then(() => inner.write(tail));
+      });
+      inner.on("close", () => outer.destroy());
+      outer.on("close", () => inner.destroy());
+      inner.on("error", () => {});
+      outer.on("error", () => {});
+    });
+    await new Promise<void>((r) => relay.listen(0, "127.0.0.1", () => r()));
+    cleanup.push(() => {
+      for (const s of sides) s.destroy();
+      return new Promise<void>((r) => relay.close(() => r()));
+    });
+    const c = await openTunnel("127.0.0.1", (relay.address() as { port: number }).port, SECRET);
+    const s = await dial(c.endpoint);
+    s.on("error", () => {});
+    // The stage has verified the head and holds a session for it; the head has not read the answer yet.
+    while (t.stats.active === 0) await Bun.sleep(5);
+    await c.close();
+    release();
+    // The head is gone: its stage must not stay "in use" (busy to every other head) for good.
+    for (let i = 0; i < 100 && t.stats.active > 0; i++) await Bun.sleep(10);
+    expect(t.stats.active).toBe(0);
+    expect("rttMs" in (await probeTunnel("127.0.0.1", t.port, SECRET))).toBe(true);
+    const other = await tunnelClient(t.port);
+    const b = await dial(other.endpoint);
+    const echoed = readAll(b, 2);
+    b.write("ok");
+    expect((await echoed).toString()).toBe("ok");
+    b.destroy();
+  });
+  test("frees_the_stage_when_its_head_vanishes_without_closing_but_keeps_an_idle_live_head", async () => {
+    const rpc = await fakeRpc();
+    const t = await serveTunnel({ host: "127.0.0.1", port: 0, secret: SECRET, rpcPort: rpc.port, idleMs: 400 });
+    cleanup.push(() => t.close());
+    // A relay that can go silent, as a head's machine that lost power or its network: no FIN ever comes.
+    let silent = false;
+    const sides = new Set<Socket>();
+    const relay = createServer((inner) => {
+      const outer = connect({ host: "127.0.0.1", port: t.port });
+      sides.add(inner).add(outer);
+      inner.on("data", (d: Buffer) => silent || outer.write(d));
+      outer.on("data", (d: Buffer) => silent || inner.write(d));
+      inner.on("error", () => {});
+      outer.on("error", () => {});
+    });
+    await new Promise<void>((r) => relay.listen(0, "127.0.0.1", () => r()));
+    cleanup.push(() => {
+      for (const s of sides) s.destroy();
+      return new Promise<void>((r) => relay.close(() => r()));
+    });
+    // A live head that stays idle well past the stage's idle bound keeps its session: its heartbeats count.
+    const live = await openTunnel("127.0.0.1", t.port, SECRET, 50);
+    cleanup.push(() => live.close());
+    const a = await dial(live.endpoint);
+    const first = readAll(a, 2);
+    a.write("hi");
+    expect((await first).toString()).toBe("hi");
+    await Bun.sleep(1_200);
+    expect(t.stats.active).toBe(1);
+    const again = readAll(a, 5);
+    a.write("again");
+    expect((await again).toString()).toBe("again");
+    a.destroy();
+    for (let i = 0; i < 100 && t.stats.active > 0; i++) await Bun.sleep(10);
+
+    // A head behind the relay goes silent: the stage ends its session instead of staying busy for good.
+    const gone = await openTunnel("127.0.0.1", (relay.address() as { port: number }).port, SECRET, 50);
+    cleanup.push(() => gone.close());
+    const b = await dial(gone.endpoint);
+    const echoed = readAll(b, 2);
+    b.write("yo");
+    expect((await echoed).toString()).toBe("yo");
+    expect(t.stats.active).toBe(1);
+    silent = true;
+    for (let i = 0; i < 300 && t.stats.active > 0; i++) await Bun.sleep(10);
+    expect(t.stats.active).toBe(0);
+    expect(rpc.connections).toBe(2);
+    b.destroy();
+  });
+  test("keeps_a_live_session_when_another_local_connection_to_the_head_port_is_refused_busy", async () => {
+    const rpc = await fakeRpc();
+    const t = await tunnelServer(rpc.port);
+    const c = await tunnelClient(t.port);
+    let lostWhy: string | null = null;
+    c.onLost((why) => {
+      lostWhy = why;
+    });
+    const a = await dial(c.endpoint);
+    const first = readAll(a, 3);
+    a.write("abc");
+    expect((await first).toString()).toBe("abc");
+    // Any other local process (a port scan, a health check) connecting to the head's loopback port
+    // while the RPC client holds the session: the stage answers busy and that connection is closed...
+    const stray = await dial(c.endpoint);
+    stray.on("error", () => {});
+    await readAll(stray);
+    expect(t.stats.busy).toBe(1);
+    // ...but the stage is not lost: the session in use goes on, and nobody is told otherwise.
+    const again = readAll(a, 3);
+    a.write("def");
+    expect((await again).toString()).toBe("def");
+    expect(lostWhy).toBeNull();
+    a.destroy();
+  });
+
+  test("closes_connections_past_the_pending_handshake_bound_and_serves_heads_once_they_go", async () => {
+    const rpc = await fakeRpc();
+    const t = await tunnelServer(rpc.port);
+    // Silent unauthenticated connections, each holding its challenge: up to the bound they wait for the timeout.
+    const idle: Socket[] = [];
+    for (let i = 0; i < MAX_PENDING_HANDSHAKES; i++) {
+      const s = await dial(`127.0.0.1:${t.port}`);
+      s.on("error", () => {});
+      await readAll(s, 32);
+      idle.push(s);
+    }
+    // One more is closed at once, before any challenge.
+    const extra = await dial(`127.0.0.1:${t.port}`);
+    extra.on("error", () => {});
+    expect((await readAll(extra)).length).toBe(0);
+    expect(t.stats.refused).toBe(1);
+    expect(idle.every((s) => !s.destroyed)).toBe(true);
+    // Once they are gone, a head gets in again.
+    for (const s of idle) s.destroy();
+    for (let i = 0; i < 100 && t.stats.refused < 1 + MAX_PENDING_HANDSHAKES; i++) await Bun.sleep(10);
+    expect("rttMs" in (await probeTunnel("127.0.0.1", t.port, SECRET))).toBe(true);
+    expect(rpc.connections).toBe(0);
   });
 });
