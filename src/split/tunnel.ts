@@ -29,6 +29,8 @@ export const HEARTBEAT_MS = 5_000;
 export const SESSION_IDLE_MS = 30_000;
 /** Most connections a stage lets sit in the handshake at once; more are closed at once (each holds a socket up to HANDSHAKE_TIMEOUT_MS). */
 export const MAX_PENDING_HANDSHAKES = 64;
+/** At most one "refused" log line per this long: anyone who reaches the port can fail handshakes at will. */
+export const REFUSAL_LOG_EVERY_MS = 10_000;
 const NONCE = 32;
 const MAC = 32;
 const TAG = 16;
@@ -261,6 +263,18 @@ export function serveTunnel(opts: {
   const keys = tunnelKeys(opts.secret);
   const stats: TunnelServerStats = { accepted: 0, refused: 0, busy: 0, probes: 0, active: 0 };
   const log = opts.log ?? (() => {});
+  let lastRefusalLog = Number.NEGATIVE_INFINITY;
+  let unlogged = 0;
+  const logRefusal = (remote: string) => {
+    const now = performance.now();
+    if (now - lastRefusalLog < REFUSAL_LOG_EVERY_MS) {
+      unlogged++;
+      return;
+    }
+    log("stage_tunnel_refused", { remote, ...(unlogged > 0 ? { also_refused_since_last_line: unlogged } : {}) });
+    lastRefusalLog = now;
+    unlogged = 0;
+  };
   const open = new Set<Socket>();
   const track = (s: Socket) => {
     open.add(s);
@@ -295,7 +309,7 @@ export function serveTunnel(opts: {
       const want = mac(keys.auth, Buffer.from("c"), mode, sNonce, cNonce);
       if ((mode[0] !== 0 && mode[0] !== 1) || !timingSafeEqual(proof, want)) {
         stats.refused++;
-        log("stage_tunnel_refused", { remote: sock.remoteAddress ?? "" });
+        logRefusal(sock.remoteAddress ?? "");
         sock.destroy();
         return;
       }

@@ -1,7 +1,15 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { randomBytes } from "node:crypto";
 import { connect, createServer, type Server, type Socket } from "node:net";
-import { MAX_PENDING_HANDSHAKES, openTunnel, probeTunnel, serveTunnel, type TunnelClient, type TunnelServer } from "../../src/split/tunnel";
+import {
+  MAX_PENDING_HANDSHAKES,
+  openTunnel,
+  probeTunnel,
+  REFUSAL_LOG_EVERY_MS,
+  serveTunnel,
+  type TunnelClient,
+  type TunnelServer,
+} from "../../src/split/tunnel";
 
 const SECRET = "test-mesh-secret";
 const cleanup: Array<() => Promise<void> | void> = [];
@@ -84,6 +92,36 @@ describe("stage tunnel", () => {
     expect(t.stats.refused).toBe(1);
     expect(rpc.connections).toBe(0);
     expect(rpc.bytes).toBe(0);
+  });
+
+  test("a_flood_of_failed_handshakes_logs_one_line_not_one_per_connection", async () => {
+    const rpc = await fakeRpc();
+    const lines: Array<Record<string, unknown>> = [];
+    const t = await serveTunnel({
+      host: "127.0.0.1",
+      port: 0,
+      secret: SECRET,
+      rpcPort: rpc.port,
+      log: (event, f) => {
+        if (event === "stage_tunnel_refused") lines.push(f);
+      },
+    });
+    cleanup.push(() => t.close());
+    const tries = 20;
+    const t0 = performance.now();
+    for (let i = 0; i < tries; i++) {
+      // A well-formed hello with a wrong proof: the stage reads it whole, then refuses it.
+      const s = await dial(`127.0.0.1:${t.port}`);
+      const got = readAll(s);
+      s.write(Buffer.concat([Buffer.from([1]), randomBytes(32 + 32)]));
+      await got;
+    }
+    const windows = 1 + Math.ceil((performance.now() - t0) / REFUSAL_LOG_EVERY_MS);
+    expect(t.stats.refused).toBe(tries);
+    // One line per REFUSAL_LOG_EVERY_MS window however slow the machine, and the later ones say how many went unlogged.
+    expect(lines.length).toBeGreaterThanOrEqual(1);
+    expect(lines.length).toBeLessThanOrEqual(Math.min(windows, tries - 1));
+    expect(rpc.connections).toBe(0);
   });
 
   test("refuses_a_head_with_the_wrong_secret_and_reports_the_stage_lost", async () => {
