@@ -24,7 +24,7 @@ export interface FloorOptions {
 }
 
 /** Token ids of a deterministic filler prompt (ids 200..20199, inside any real vocabulary). */
-function filler(seed: number, n: number): number[] {
+export function filler(seed: number, n: number): number[] {
   return Array.from({ length: n }, (_, i) => 200 + ((seed * 7919 + i * 104729) % 20000));
 }
 

@@ -16,21 +16,14 @@ import { closeModel, type OpenedModel, openModel } from "../engine/open";
 import type { LoadOptions } from "../engine/protocol";
 import { type Cell, cellKey } from "./cached-prefix";
 import { resolveModel } from "./engine";
+import { type FloorOptions, filler } from "./floor";
 import { median, pairedRatio } from "./stats";
 
 /** The settings one variant may change. */
 export type KnobKey = "ubatch" | "flash" | "threads";
 
-/** Base settings plus the one knob varied. */
-export interface KnobsOptions {
-  modelPath: string;
-  ctx: number;
-  parallel: number;
-  batch: number;
-  ubatch: number;
-  threads: number;
-  flashAttn: -1 | 0 | 1;
-  repeats: number;
+/** Base settings (the floor's) plus the one knob varied. */
+export interface KnobsOptions extends FloorOptions {
   /** Pause between two measured decodes, so one context's polling threads have gone idle before the next. */
   pauseMs: number;
   vary: KnobKey;
@@ -45,11 +38,6 @@ export interface KnobSamples {
 
 /** Per cell key, per variant value: samples. */
 export type KnobsResult = Map<string, Map<number, KnobSamples>>;
-
-/** Token ids of a deterministic filler prompt (ids 200..20199, inside any real vocabulary). */
-function filler(seed: number, n: number): number[] {
-  return Array.from({ length: n }, (_, i) => 200 + ((seed * 7919 + i * 104729) % 20000));
-}
 
 /** The load options of one variant: the base with the varied knob set. */
 export function variantLoad(o: KnobsOptions, value: number): LoadOptions {
