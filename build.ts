@@ -178,7 +178,8 @@ export function ensureSource(): void {
 /** What a build depends on, hashed: the pin, the CMake wrapper, the shim and the options. */
 export function stampOf(o: NativeOptions, vendor = VENDOR): string {
   const h = createHash("sha256");
-  for (const f of ["pin.json", "CMakeLists.txt", join("shim", "mesh_shim.c")]) h.update(readFileSync(join(vendor, f)));
+  for (const f of ["pin.json", "CMakeLists.txt", join("shim", "mesh_shim.c"), join("shim", "mesh_attn.cpp")])
+    h.update(readFileSync(join(vendor, f)));
   for (const f of [join("shim", "exports.map")]) if (existsSync(join(vendor, f))) h.update(readFileSync(join(vendor, f)));
   const target = o.target && o.target !== hostTarget() ? o.target : null;
   h.update(JSON.stringify({ variant: o.variant, portable: o.portable, cudaArch: o.cudaArch ?? null, ...(target ? { target } : {}) }));

@@ -37,8 +37,11 @@ test("the_build_stamp_changes_with_the_shim_the_pin_and_the_variant_and_only_wit
     writeFileSync(join(vendor, "shim", "mesh_shim.c"), "/* changed */", { flag: "a" });
     const shimChanged = stampOf(cpu, vendor);
     expect(shimChanged).not.toBe(base);
+    writeFileSync(join(vendor, "shim", "mesh_attn.cpp"), "/* changed */", { flag: "a" });
+    const attnChanged = stampOf(cpu, vendor);
+    expect(attnChanged).not.toBe(shimChanged);
     writeFileSync(join(vendor, "pin.json"), " ", { flag: "a" });
-    expect(stampOf(cpu, vendor)).not.toBe(shimChanged);
+    expect(stampOf(cpu, vendor)).not.toBe(attnChanged);
   } finally {
     rmSync(vendor, { recursive: true, force: true });
   }

@@ -14,6 +14,7 @@ import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { availableParallelism, cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
+import { DEFAULT_PLAIN_ATTN, type PlainAttn, parsePlainAttn } from "../engine/attention";
 import { Engine, HOST_CACHE_DEFAULT_MIB } from "../engine/index";
 import type { TtftPhases } from "../engine/protocol";
 import { ensureModel, GENERATED_MODELS } from "../gguf/models";
@@ -57,6 +58,8 @@ export interface EngineBenchOptions {
   ubatch?: number;
   /** Flash attention on both sides. Default auto. */
   flashAttn?: "on" | "off" | "auto";
+  /** mesh's plain-attention window (serve --plain-attn); null: off. Default: mesh's default. llama-server has no such setting. */
+  plainAttn?: PlainAttn | null;
   /** Prompt size of the prefill figure. Default 1024. */
   promptTokens?: number;
   /** Shared prefix of the cached time-to-first-token figure. Default 2048. */
@@ -170,6 +173,7 @@ export function resolveEngineBenchOptions(o: EngineBenchOptions = {}): EngineBen
     batch: o.batch ?? 2048,
     ubatch: o.ubatch ?? 512,
     flashAttn: o.flashAttn ?? "auto",
+    plainAttn: o.plainAttn === undefined ? DEFAULT_PLAIN_ATTN : o.plainAttn,
     promptTokens: o.promptTokens ?? 1024,
     prefixTokens: o.prefixTokens ?? 2048,
     suffixTokens: o.suffixTokens ?? 16,
@@ -598,6 +602,7 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
             ubatch: c.ubatch,
             threads: c.threads,
             flashAttn: FLASH_ATTN[c.flashAttn],
+            plainAttn: c.plainAttn,
             repeats: c.repeats,
           },
           cells,
@@ -615,6 +620,7 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
     threads: c.threads,
     threadsBatch: c.threads,
     flashAttn: FLASH_ATTN[c.flashAttn],
+    plainAttn: c.plainAttn,
     hostCacheMiB: HOST_CACHE_DEFAULT_MIB,
     nGpuLayers: c.gpuLayers,
   });
@@ -722,6 +728,7 @@ async function measureHttpTable(
   const state = mkdtempSync(join(tmpdir(), "mesh-bench-state-"));
   const args = [...pre, "serve", "--model", modelPath, "--ctx-size", String(c.ctx), "--parallel", String(c.parallel)];
   args.push("--threads", String(c.threads), "--shutdown-grace", "1", "--state-dir", state);
+  args.push("--plain-attn", c.plainAttn ? `${c.plainAttn.min}:${c.plainAttn.max}` : "off");
   log(`mesh serve: starting (${args.slice(pre.length).join(" ")})`);
   let node: LlamaServer | null = null;
   try {
@@ -772,7 +779,7 @@ export function formatEngineBenchTable(r: EngineBenchReport): string {
     ...tables,
     "",
     "ratio > 1 means mesh is better (tok/s: mesh / llama-server; ms: llama-server / mesh): of the medians, and the median of " +
-      `the per-repeat ratios (paired); ${c.repeats} run(s) each, alternating targets; threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch}, flash-attn ${c.flashAttn}` +
+      `the per-repeat ratios (paired); ${c.repeats} run(s) each, alternating targets; threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch}, flash-attn ${c.flashAttn}, mesh plain-attn ${c.plainAttn ? `${c.plainAttn.min}:${c.plainAttn.max}` : "off"}` +
       (r.tables.length > 0
         ? `; table: TTFT in ms, clean = right after the prefix, dirty = after ${Math.max(1, c.parallel - 1)} other stream(s) of ${DECODE_PROMPT_TOKENS}+${DIRTY_GEN_TOKENS} tokens, floor = suffix decode + greedy sample through the shim alone`
         : ""),
@@ -791,6 +798,7 @@ Compares mesh's engine with llama-server (same llama.cpp, model, threads, contex
   --batch N            logical batch, -b (default 2048)
   --ubatch N           physical batch, -ub (default 512)
   --flash-attn MODE    on, off or auto (default auto)
+  --plain-attn MIN:MAX mesh only: decodes of MIN..MAX tokens use matrix-product attention (default ${DEFAULT_PLAIN_ATTN.min}:${DEFAULT_PLAIN_ATTN.max}; off)
   --prompt-tokens N    prompt of the prefill figure (default 1024)
   --prefix-tokens N    cached prefix of the TTFT figure (default 2048)
   --suffix-tokens N    new tokens after the cached prefix (default 16)
@@ -830,6 +838,7 @@ export function parseEngineBenchArgs(argv: string[]): { options: EngineBenchOpti
         batch: { type: "string" },
         ubatch: { type: "string" },
         "flash-attn": { type: "string" },
+        "plain-attn": { type: "string" },
         "prompt-tokens": { type: "string" },
         "prefix-tokens": { type: "string" },
         "suffix-tokens": { type: "string" },
@@ -871,8 +880,12 @@ export function parseEngineBenchArgs(argv: string[]): { options: EngineBenchOpti
   if (fa !== undefined && fa !== "on" && fa !== "off" && fa !== "auto") {
     throw new BenchUsageError(`--flash-attn takes on, off or auto (got '${String(fa)}')`);
   }
+  const pa = values["plain-attn"];
+  const plainAttn = typeof pa === "string" ? parsePlainAttn(pa) : undefined;
+  if (typeof plainAttn === "string") throw new BenchUsageError(`--plain-attn: ${plainAttn}`);
   const options: EngineBenchOptions = {
     model: values.model as string | undefined,
+    plainAttn,
     threads: int("threads"),
     ctx: int("ctx"),
     parallel: int("parallel"),

@@ -5,6 +5,7 @@
 // thread and blocks it for the whole measurement: call it only from a bench
 // process before anything else is served.
 import type { Pointer } from "bun:ffi";
+import type { PlainAttn } from "../engine/attention";
 import { findNativeLib } from "../engine/library";
 import { closeModel, openModel } from "../engine/open";
 import type { LoadOptions } from "../engine/protocol";
@@ -20,6 +21,8 @@ export interface FloorOptions {
   ubatch: number;
   threads: number;
   flashAttn: -1 | 0 | 1;
+  /** mesh's plain-attention window, so the floor decodes with the kernels mesh uses. */
+  plainAttn: PlainAttn | null;
   repeats: number;
 }
 
@@ -42,6 +45,7 @@ export function measureFloor(o: FloorOptions, cells: readonly Cell[], log: (s: s
     threadsBatch: o.threads,
     nGpuLayers: 0,
     flashAttn: o.flashAttn,
+    plainAttn: o.plainAttn,
     useMmap: true,
     backendLibs: [],
     modelShape: null,

@@ -11,6 +11,7 @@
 import type { Pointer } from "bun:ffi";
 import { availableParallelism } from "node:os";
 import { parseArgs } from "node:util";
+import { DEFAULT_PLAIN_ATTN } from "../engine/attention";
 import { findNativeLib } from "../engine/library";
 import { closeModel, type OpenedModel, openModel } from "../engine/open";
 import type { LoadOptions } from "../engine/protocol";
@@ -20,7 +21,7 @@ import { type FloorOptions, filler } from "./floor";
 import { median, pairedRatio } from "./stats";
 
 /** The settings one variant may change. */
-export type KnobKey = "ubatch" | "flash" | "threads";
+export type KnobKey = "ubatch" | "flash" | "threads" | "plain";
 
 /** Base settings (the floor's) plus the one knob varied. */
 export interface KnobsOptions extends FloorOptions {
@@ -52,6 +53,8 @@ export function variantLoad(o: KnobsOptions, value: number): LoadOptions {
     threadsBatch: threads,
     nGpuLayers: 0,
     flashAttn: (o.vary === "flash" ? value : o.flashAttn) as -1 | 0 | 1,
+    // plain=MAX: decodes of DEFAULT min..MAX tokens take the plain path; 0 (and every other knob): flash for all.
+    plainAttn: o.vary === "plain" && value > 0 ? { min: DEFAULT_PLAIN_ATTN.min, max: value } : null,
     useMmap: true,
     backendLibs: [],
     modelShape: null,
@@ -198,6 +201,7 @@ const HELP = `Paired A/B of one llama.cpp context setting on the cached-prefix p
   bun run src/bench/knobs.ts --vary KEY=V1,V2[,...] [options]
 
   --vary KEY=VALUES    ubatch=512,1024 | flash=1,0 (1 on, 0 off, -1 auto) | threads=1,2
+                       | plain=0,63 (decodes of ${DEFAULT_PLAIN_ATTN.min}..N tokens with matrix-product attention; 0: flash for all)
   --prefixes LIST      cached prefix sizes (default 2048)
   --suffixes LIST      new tokens per turn (default 16,256,1024)
   --repeats N          samples per cell and variant (default 7)
@@ -252,8 +256,8 @@ export function parseKnobsArgs(argv: string[]): { o: Omit<KnobsOptions, "modelPa
   const v = parsed.values as Record<string, string | boolean | undefined>;
   if (v.help) throw new UsageError(HELP);
   const vary = typeof v.vary === "string" ? v.vary : "";
-  const m = /^(ubatch|flash|threads)=(.+)$/.exec(vary);
-  if (!m) throw new UsageError("--vary KEY=V1,V2 is required (KEY: ubatch, flash, threads)");
+  const m = /^(ubatch|flash|threads|plain)=(.+)$/.exec(vary);
+  if (!m) throw new UsageError("--vary KEY=V1,V2 is required (KEY: ubatch, flash, threads, plain)");
   const key = m[1] as KnobKey;
   const values = list("vary", m[2] as string);
   if (values.length < 2) throw new UsageError("--vary needs at least two values to compare");
@@ -274,6 +278,7 @@ export function parseKnobsArgs(argv: string[]): { o: Omit<KnobsOptions, "modelPa
       ubatch: positive("ubatch", v.ubatch as string | undefined, 512),
       threads: positive("threads", v.threads as string | undefined, availableParallelism()),
       flashAttn,
+      plainAttn: null,
       repeats: positive("repeats", v.repeats as string | undefined, 7),
       pauseMs: positive("pause-ms", v["pause-ms"] as string | undefined, 100),
       vary: key,

@@ -13,7 +13,8 @@ import { formatTable } from "../bench/report";
 import { parsePolicies, type RoutingBenchOptions, runRoutingBench } from "../bench/routing";
 import { formatRoutingTable } from "../bench/routing-report";
 import { formatSoakTable, resolveSoakOptions, runSoak, type SoakOptions } from "../bench/soak";
-import { intOption, UsageError } from "./usage";
+import { DEFAULT_PLAIN_ATTN } from "../engine/attention";
+import { intOption, plainAttnOption, UsageError } from "./usage";
 
 function collect(v: string, prev: string[]): string[] {
   return [...prev, v];
@@ -248,6 +249,11 @@ Examples:
     .option("--batch <n>", "logical batch, -b (default 2048)", intOption("--batch", 1))
     .option("--ubatch <n>", "physical batch, -ub (default 512)", intOption("--ubatch", 1))
     .addOption(new Option("--flash-attn <mode>", "flash attention (default auto)").choices(["on", "off", "auto"]))
+    .option(
+      "--plain-attn <min:max|off>",
+      `mesh only: decodes of MIN..MAX tokens use matrix-product attention (default ${DEFAULT_PLAIN_ATTN.min}:${DEFAULT_PLAIN_ATTN.max}; off)`,
+      plainAttnOption,
+    )
     .option("--prompt-tokens <n>", "prompt of the prefill figure (default 1024)", intOption("--prompt-tokens", 2))
     .option("--prefix-tokens <n>", "cached prefix of the TTFT figure (default 2048)", intOption("--prefix-tokens", 2))
     .option("--suffix-tokens <n>", "new tokens after the cached prefix (default 16)", intOption("--suffix-tokens", 1))
@@ -273,6 +279,7 @@ Examples:
         batch: opts.batch,
         ubatch: opts.ubatch,
         flashAttn: opts.flashAttn,
+        plainAttn: opts.plainAttn,
         promptTokens: opts.promptTokens,
         prefixTokens: opts.prefixTokens,
         suffixTokens: opts.suffixTokens,

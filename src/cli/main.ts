@@ -1,6 +1,7 @@
 #!/usr/bin/env bun
 // The `mesh` command line: parses, runs a command, prints, exits.
 import { Command, CommanderError, Option } from "commander";
+import { DEFAULT_PLAIN_ATTN } from "../engine/attention";
 import { CHECKPOINT_DEFAULTS } from "../engine/checkpoints";
 import { HOST_CACHE_DEFAULT_MIB } from "../engine/index";
 import { LANE_DEFAULTS } from "../hydration/lanes";
@@ -15,7 +16,7 @@ import { models } from "./models";
 import { peers } from "./peers";
 import { pull } from "./pull";
 import { serve } from "./serve";
-import { intOption, UsageError } from "./usage";
+import { intOption, plainAttnOption, UsageError } from "./usage";
 
 function collect(v: string, prev: string[]): string[] {
   return [...prev, v];
@@ -42,6 +43,12 @@ export function program(): Command {
     .option("-n, --parallel <n>", "requests decoded at once (slots)", intOption("--parallel", 1, 256), 4)
     .option("-t, --threads <n>", "CPU threads (default: all cores)", intOption("--threads", 1, 1024))
     .option("-b, --batch-size <n>", "most tokens in one decode step", intOption("--batch-size", 32, 65536), 2048)
+    .option(
+      "--plain-attn <min:max|off>",
+      `decodes of MIN to MAX new tokens (an agent's next turn over a long cached prompt) compute attention as two matrix products instead of flash attention's per-query kernel; CPU-only models, capped so the extra memory stays under half the KV cache's (default ${DEFAULT_PLAIN_ATTN.min}:${DEFAULT_PLAIN_ATTN.max}; off: flash attention for every decode)`,
+      plainAttnOption,
+      DEFAULT_PLAIN_ATTN,
+    )
     .option(
       "--n-gpu-layers <n>",
       "layers to offload to GPUs (-1 = all that fit in free GPU memory, 0 = none; a count that does not fit is refused)",

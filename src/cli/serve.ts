@@ -2,6 +2,7 @@
 import { closeSync, existsSync, openSync, readFileSync, readSync, statSync } from "node:fs";
 import { cpus } from "node:os";
 import { join } from "node:path";
+import type { PlainAttn } from "../engine/attention";
 import type { ModelInfo } from "../engine/protocol";
 import { TINY } from "../gguf/generate";
 import { ensureModel } from "../gguf/models";
@@ -40,6 +41,8 @@ export interface ServeOptions extends MeshFlags, FileFlags {
   parallel: number;
   threads?: number;
   batchSize: number;
+  /** --plain-attn: the window, or null for off. */
+  plainAttn: PlainAttn | null;
   nGpuLayers: number;
   queueCapacity: number;
   queueTimeout: number;
@@ -149,6 +152,12 @@ export function logDevices(logger: Logger, info: ModelInfo): void {
     });
   }
   logger.info("layers placed", { gpu_layers: info.offload.layers, of: info.offload.of, note: info.offload.note });
+  logger.info("attention", {
+    plain_for_tokens: info.plainAttn ? `${info.plainAttn.min}-${info.plainAttn.max}` : "none",
+    note: info.plainAttn
+      ? "decodes of this many new tokens use matrix-product attention, the rest flash attention"
+      : "one kernel for every decode",
+  });
 }
 
 /** "CUDA" for libggml-cuda.so, "Vulkan" for libggml-vulkan.so. */
@@ -203,6 +212,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       nBatch: o.batchSize,
       nUbatch: Math.min(512, o.batchSize),
       threads,
+      plainAttn: o.plainAttn,
       nGpuLayers: o.nGpuLayers,
       queueCapacity: o.queueCapacity,
       queueTimeoutMs: o.queueTimeout * 1000,

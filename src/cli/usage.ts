@@ -1,3 +1,4 @@
+import { type PlainAttn, parsePlainAttn } from "../engine/attention";
 // Bad input on the command line: one line on stderr, exit code 2.
 
 /** A command-line mistake; the entry point prints its message and exits 2. */
@@ -14,4 +15,11 @@ export function intOption(flag: string, min: number, max = Number.MAX_SAFE_INTEG
     }
     return n;
   };
+}
+
+/** Commander parser for --plain-attn: "MIN:MAX" or "off" (null). */
+export function plainAttnOption(v: string): PlainAttn | null {
+  const r = parsePlainAttn(v.trim());
+  if (typeof r === "string") throw new UsageError(`--plain-attn: ${r}`);
+  return r;
 }

@@ -122,6 +122,7 @@ export class FakeEngine implements EngineLike {
       backends: [],
       devices: [],
       offload: { requested: 0, layers: 0, of: 0, note: "fake engine" },
+      plainAttn: null,
       ...o.info,
     };
     const r = o.reply ?? fakeReply;

@@ -23,6 +23,9 @@ const symbols = {
   mesh_context_free: { args: [ptr], returns: v },
   mesh_context_info: { args: [ptr, ptr], returns: v },
   mesh_decode: { args: [ptr, ptr, ptr, ptr, ptr, i32], returns: i32 },
+  mesh_set_plain_attn: { args: [ptr, i32, i32], returns: i32 },
+  mesh_attn_is_flash: { args: [ptr], returns: i32 },
+  mesh_logits_get: { args: [ptr, i32, ptr, i32], returns: i32 },
   mesh_seq_rm: { args: [ptr, i32, i32, i32], returns: i32 },
   mesh_seq_cp: { args: [ptr, i32, i32, i32, i32], returns: v },
   mesh_seq_pos_max: { args: [ptr, i32], returns: i32 },
@@ -46,7 +49,7 @@ const symbols = {
 } as const;
 
 /** The shim ABI version this TypeScript expects. */
-export const SHIM_VERSION = 8;
+export const SHIM_VERSION = 9;
 
 /** The loaded shim's callable symbols. */
 export type Native = ReturnType<typeof dlopen<typeof symbols>>["symbols"];

@@ -2,6 +2,7 @@
 // Worker (and by tests that drive a Scheduler directly): it blocks for as
 // long as llama.cpp takes to load the file.
 import type { Pointer } from "bun:ffi";
+import { DEFAULT_PLAIN_ATTN, type PlainAttn, plainAttnWindow } from "./attention";
 import { type BackendLoad, type DeviceInfo, fitGpuLayers, listDevices, loadBackends, type Offload } from "./devices";
 import type { EngineErrorValue } from "./errors";
 import { type Native, openNative } from "./native";
@@ -74,7 +75,19 @@ export function openModel(
     return { code: "context_create_failed", message: lastError(n, `could not create a context of ${o.nCtx} tokens`) };
   }
   // Memory as it stands with the weights and KV placed: what the mesh plans with.
-  return { native: n, model, ctx, info: modelInfo(n, model, ctx, o.modelPath, { backends, devices: listDevices(n), offload }) };
+  const info = modelInfo(n, model, ctx, o.modelPath, { backends, devices: listDevices(n), offload, plainAttn: null });
+  info.plainAttn = applyPlainAttn(n, ctx, o, info);
+  return { native: n, model, ctx, info };
+}
+
+// Only where every layer and the cache are on the CPU: the window was measured
+// there, and a split's stages or a GPU have kernels of their own.
+function applyPlainAttn(n: Native, ctx: Pointer, o: LoadOptions, info: ModelInfo): PlainAttn | null {
+  const cpuOnly = !o.split && info.offload.layers === 0;
+  const want = o.plainAttn === undefined ? DEFAULT_PLAIN_ATTN : o.plainAttn;
+  const w = plainAttnWindow(want, { ...info, cpuOnly });
+  if (!w) return null;
+  return n.mesh_set_plain_attn(ctx, w.min, w.max) === 1 ? w : null;
 }
 
 /** What a split load offloads: every slot the stage servers take (the head's CPU keeps the rest). */
@@ -126,6 +139,7 @@ export function schedulerDeps(m: OpenedModel, o: LoadOptions, control: Int32Arra
     nCtx: m.info.nCtx,
     nCtxSeq: m.info.nCtxSeq,
     nBatch: m.info.nBatch,
+    plainAttn: m.info.plainAttn,
     nParallel: m.info.nParallel,
     flags: control,
     flagsOffset,
@@ -148,7 +162,7 @@ function modelInfo(
   model: Pointer,
   ctx: Pointer,
   path: string,
-  placed: { backends: BackendLoad[]; devices: DeviceInfo[]; offload: Offload },
+  placed: { backends: BackendLoad[]; devices: DeviceInfo[]; offload: Offload; plainAttn: PlainAttn | null },
 ): ModelInfo {
   const mi = new Int32Array(9);
   n.mesh_model_info(model, mi);

@@ -1,3 +1,4 @@
+import type { PlainAttn } from "./attention";
 // Messages between the main thread and the engine Worker. Plain data only.
 import type { BackendLoad, DeviceInfo, Offload } from "./devices";
 import type { EngineErrorValue } from "./errors";
@@ -21,6 +22,8 @@ export interface LoadOptions {
   modelShape: { nLayer: number; weightBytes: number } | null;
   /** -1 auto, 0 off, 1 on. */
   flashAttn: -1 | 0 | 1;
+  /** Batch sizes that take the plain attention path on a CPU-only flash context (see attention.ts); null: never. Absent: the default. */
+  plainAttn?: PlainAttn | null;
   useMmap: boolean;
   /** Requests that may wait for a slot or KV room before 429 (queue_full). */
   queueCapacity: number;
@@ -156,6 +159,8 @@ export interface ModelInfo {
   devices: DeviceInfo[];
   /** Layers on GPUs and why. */
   offload: Offload;
+  /** Batch sizes that decode with the plain attention path, as applied; null: flash (or plain) attention for all. */
+  plainAttn: PlainAttn | null;
   /** The portable fingerprint session checkpoints of this model carry between nodes; absent without checkpoints. */
   checkpointFingerprint?: string;
 }

@@ -1,6 +1,8 @@
 // Continuous batching over llama.cpp sequences. Runs inside the engine Worker
 // only: every method may call into llama.cpp and block for a decode step.
+
 import type { Pointer } from "bun:ffi";
+import type { PlainAttn } from "./attention";
 import { saveCheckpoint, toRestorable } from "./checkpoint-state";
 import type { Checkpoint, CheckpointStore } from "./checkpoints";
 import { shouldCompact } from "./compaction";
@@ -119,11 +121,15 @@ export interface SchedulerDeps {
   now: () => number;
   /** Session checkpoints (saved at a reply's end, restored before prefill); absent: none. */
   checkpoints?: CheckpointStore | null;
+  /** Batch sizes the shim decodes with plain attention (counted only; the shim switches); absent: none. */
+  plainAttn?: PlainAttn | null;
 }
 
 /** Cumulative counters of the scheduler, reported in stats. */
 export interface SchedulerCounters {
   decodeSteps: number;
+  /** Decode steps whose batch size fell in the plain-attention window (see attention.ts). */
+  plainAttnSteps: number;
   /** Decode steps that failed and failed requests with them. */
   decodeFailures: number;
   /** Decode steps llama.cpp refused for lack of KV room (recovered or not). */
@@ -193,6 +199,7 @@ const MAX_FINISHED = 256;
 export function zeroCounters(): SchedulerCounters {
   return {
     decodeSteps: 0,
+    plainAttnSteps: 0,
     decodeFailures: 0,
     decodeKvFailures: 0,
     prefillTokens: 0,
@@ -1043,6 +1050,8 @@ export class Scheduler {
 
   private decode(n: number): number {
     this.counters.decodeSteps++;
+    const w = this.d.plainAttn;
+    if (w && n >= w.min && n <= w.max) this.counters.plainAttnSteps++;
     const t = this.d.now();
     const rc = this.d.native.mesh_decode(this.d.ctx, this.tokens, this.pos, this.seq, this.logits, n);
     // A refused or failed decode may still have placed cells for its earlier ubatches.

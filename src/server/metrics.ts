@@ -153,6 +153,14 @@ export class Metrics {
         counter("mesh_requests_stopped_at_pool_limit_total", "Requests without max_tokens ended (length) when the pool was full", [
           ["", g.stoppedAtPoolLimit],
         ]),
+        counter(
+          "mesh_decode_steps_total",
+          "Decode steps (one llama_decode each) by attention path: plain (a batch in the --plain-attn window, matrix-product attention) or default (the context's own, flash attention on CPU)",
+          [
+            ['{attention="plain"}', g.plainAttnSteps],
+            ['{attention="default"}', g.decodeSteps - g.plainAttnSteps],
+          ],
+        ),
         counter("mesh_prefill_tokens_total", "Prompt tokens decoded (not served from cache)", [["", g.prefillTokens]]),
         gauge("mesh_host_cache_bytes", "Host RAM held by idle sequences' saved KV state", g.hostCacheBytes),
         gauge("mesh_host_cache_capacity_bytes", "Bound of the host RAM cache (--cache-ram)", g.hostCacheCapacityBytes),

@@ -87,6 +87,7 @@ describe("knobs bench", () => {
       ubatch: 128,
       threads: 2,
       flashAttn: -1,
+      plainAttn: null,
       repeats: 2,
       pauseMs: 1,
       vary: "ubatch",

@@ -25,7 +25,7 @@
 #include <unistd.h>
 #endif
 
-#define MESH_SHIM_VERSION 8
+#define MESH_SHIM_VERSION 9
 
 static int g_log_min_level = GGML_LOG_LEVEL_WARN;
 static _Thread_local char g_last_error[512];
@@ -284,7 +284,15 @@ struct mesh_ctx {
     /** Candidates of one sampling (n_vocab entries), reused across calls. */
     llama_token_data *cur;
     int32_t cur_cap;
+    /** Decodes of plain_attn_min..plain_attn_max tokens use the plain attention path (max 0: never; see mesh_attn.cpp). */
+    int32_t plain_attn_min;
+    int32_t plain_attn_max;
+    /** Whether the context was made with flash attention on (the flag mesh_decode switches back to). */
+    int32_t flash;
 };
+
+int mesh_attn_flash(struct llama_context *ctx);
+int mesh_attn_set_flash(struct llama_context *ctx, int on);
 
 // Persistent CPU thread pools, as llama.cpp's own server attaches: without
 // one, ggml creates and joins its worker threads for every graph, i.e. every
@@ -338,8 +346,34 @@ struct mesh_ctx *mesh_context_new(struct llama_model *model, const int32_t *para
     m->batch_cap = (int32_t)p.n_batch;
     m->batch = llama_batch_init(m->batch_cap, 0, 1);
     mesh_attach_threadpools(m, p.n_threads, p.n_threads_batch);
+    m->flash = mesh_attn_flash(ctx);
     return m;
 }
+
+/**
+ * Let decodes of min_tokens..max_tokens tokens use the plain attention path on
+ * a flash-attention context (max_tokens 0 turns it off). Returns 1 when the
+ * window applies, 0 when the context does not use flash attention (or max 0).
+ */
+int32_t mesh_set_plain_attn(struct mesh_ctx *m, int32_t min_tokens, int32_t max_tokens) {
+    const int on = m->flash && max_tokens > 0 && min_tokens <= max_tokens;
+    m->plain_attn_min = on ? (min_tokens < 1 ? 1 : min_tokens) : 0;
+    m->plain_attn_max = on ? max_tokens : 0;
+    if (m->flash) mesh_attn_set_flash(m->ctx, 1);
+    return on;
+}
+
+/** Copy the logits of batch index i (up to cap floats); returns the vocabulary size, or -1 when there are none. */
+int32_t mesh_logits_get(struct mesh_ctx *m, int32_t i, float *dst, int32_t cap) {
+    const float *l = llama_get_logits_ith(m->ctx, i);
+    if (!l) return -1;
+    const int32_t n = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(m->ctx)));
+    memcpy(dst, l, sizeof(float) * (size_t)(n < cap ? n : cap));
+    return n;
+}
+
+/** 1 when the context's next graph uses flash attention, 0 when the plain path (tests watch the switch). */
+int32_t mesh_attn_is_flash(struct mesh_ctx *m) { return mesh_attn_flash(m->ctx); }
 
 /** Free a context and its batch. */
 void mesh_context_free(struct mesh_ctx *m) {
@@ -376,6 +410,7 @@ int32_t mesh_decode(struct mesh_ctx *m, const int32_t *tokens, const int32_t *po
         b->logits[i] = logits[i];
     }
     b->n_tokens = n;
+    if (m->plain_attn_max > 0) mesh_attn_set_flash(m->ctx, n < m->plain_attn_min || n > m->plain_attn_max);
     return llama_decode(m->ctx, *b);
 }
 

@@ -1,0 +1,59 @@
+// Per-decode choice of the attention kernel on CPU.
+//
+// With flash attention on, ggml's CPU kernel for a ubatch of fewer than
+// GGML_FA_TILE_Q (64) queries walks the cache one key at a time per query row
+// (scalar exp, F16 accumulation): for a short suffix over a long cached prefix
+// (an agent's next turn) that is two thirds of the step. The plain path
+// (KQ = K*Q as one GEMM, a vectorised softmax, V*KQ) does the same work as two
+// matrix products. llama.cpp fixes the choice for a context's life; the KV
+// layout does not depend on it once the context exists (flash on stores V
+// untransposed and the plain path copies it transposed per step), so the shim
+// flips the context's flag between decodes and drops the cached graph so the
+// next ubatch is built for the new choice.
+//
+// The flag and the cached graph are private members of llama_context: the
+// explicit instantiation below is the standard-sanctioned way to name a
+// private member (access checks do not apply to explicit instantiations).
+// This file is built only against the pinned llama.cpp source.
+#include "llama-context.h"
+
+namespace {
+
+template <typename Tag, typename Tag::type M>
+struct mesh_member {
+    friend typename Tag::type mesh_get(Tag) { return M; }
+};
+
+struct mesh_cparams_tag {
+    using type = llama_cparams llama_context::*;
+    friend type mesh_get(mesh_cparams_tag);
+};
+template struct mesh_member<mesh_cparams_tag, &llama_context::cparams>;
+
+struct mesh_prev_graph_tag {
+    using type = llm_graph_result * llama_context::*;
+    friend type mesh_get(mesh_prev_graph_tag);
+};
+template struct mesh_member<mesh_prev_graph_tag, &llama_context::gf_res_prev_active>;
+
+}  // namespace
+
+extern "C" {
+
+/** Whether the context builds its attention with flash attention now (after "auto" was resolved). */
+int mesh_attn_flash(struct llama_context *ctx) {
+    return (ctx->*mesh_get(mesh_cparams_tag{})).flash_attn ? 1 : 0;
+}
+
+/** Switch flash attention for the next decodes; returns 1 when it changed. */
+int mesh_attn_set_flash(struct llama_context *ctx, int on) {
+    llama_cparams &cp = ctx->*mesh_get(mesh_cparams_tag{});
+    const bool want = on != 0;
+    if (cp.flash_attn == want) return 0;
+    cp.flash_attn = want;
+    // A graph kept for reuse was built for the other kernel: never reuse it.
+    ctx->*mesh_get(mesh_prev_graph_tag{}) = nullptr;
+    return 1;
+}
+
+}
