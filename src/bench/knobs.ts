@@ -101,8 +101,17 @@ export function measureKnobs(o: KnobsOptions, cells: readonly Cell[], log: (s: s
     return last;
   };
   const out: KnobsResult = new Map();
+  // The plain-attention window is switched per decode on one context: both variants then decode
+  // over the very same cells, and no second context's thread pool competes for the cores.
+  const shared = o.vary === "plain";
+  // Within the window the context applied (capped by its memory bound, as the engine's).
+  const setWindow = (v: Opened) => {
+    if (!shared) return;
+    const max = Math.min(v.value, v.m.info.plainAttn?.max ?? 0);
+    v.m.native.mesh_set_plain_attn(v.m.ctx, max > 0 ? DEFAULT_PLAIN_ATTN.min : 0, max);
+  };
   try {
-    for (const value of o.values) {
+    for (const value of shared ? [Math.max(...o.values)] : o.values) {
       // The shim keeps a pointer to the abort flag for the context's life: it lives in `opened`.
       const control = new Int32Array(2);
       const m = openModel(lib, variantLoad(o, value), new Float32Array(1), control, 0);
@@ -119,8 +128,12 @@ export function measureKnobs(o: KnobsOptions, cells: readonly Cell[], log: (s: s
       }
       opened.push({ value, m, control, sampler });
     }
+    if (shared) {
+      const one = opened[0] as Opened;
+      opened.splice(0, 1, ...o.values.map((value) => ({ ...one, value })));
+    }
     for (const size of [...new Set(cells.map((c) => c.prefix))]) {
-      for (const v of opened) {
+      for (const v of shared ? opened.slice(0, 1) : opened) {
         v.m.native.mesh_memory_clear(v.m.ctx, 1);
         decode(v, filler(1, size), 0);
       }
@@ -130,6 +143,7 @@ export function measureKnobs(o: KnobsOptions, cells: readonly Cell[], log: (s: s
           const suffix = filler(100 + r, c.suffix);
           for (let k = 0; k < opened.length; k++) {
             const v = opened[(r + k) % opened.length] as Opened;
+            setWindow(v);
             Bun.sleepSync(o.pauseMs);
             const t0 = performance.now();
             const idx = decode(v, suffix, size);
@@ -156,7 +170,7 @@ export function measureKnobs(o: KnobsOptions, cells: readonly Cell[], log: (s: s
       }
     }
   } finally {
-    for (const v of opened) {
+    for (const v of shared ? opened.slice(0, 1) : opened) {
       v.m.native.mesh_sampler_free(v.sampler);
       closeModel(v.m);
       v.control.fill(0);

@@ -105,4 +105,25 @@ describe("knobs bench", () => {
     // The ubatch only splits the same computation differently: greedy picks agree.
     expect(cell?.get(512)?.tokens).toEqual(cell?.get(128)?.tokens as number[]);
   });
+
+  test("plain_attention_variants_run_on_one_context_with_the_same_greedy_token", async () => {
+    const o: KnobsOptions = {
+      modelPath: await ensureModel(TINY),
+      ctx: 1024,
+      parallel: 1,
+      batch: 512,
+      ubatch: 512,
+      threads: 2,
+      flashAttn: 1,
+      plainAttn: null,
+      repeats: 3,
+      pauseMs: 1,
+      vary: "plain",
+      values: [0, 63],
+    };
+    const r = measureKnobs(o, [{ prefix: 300, suffix: 16 }], () => {});
+    const cell = r.get("300+16");
+    for (const v of o.values) expect(cell?.get(v)?.ms).toHaveLength(3);
+    expect(cell?.get(63)?.tokens).toEqual(cell?.get(0)?.tokens as number[]);
+  });
 });

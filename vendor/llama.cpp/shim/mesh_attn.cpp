@@ -11,6 +11,13 @@
 // flips the context's flag between decodes and drops the cached graph so the
 // next ubatch is built for the new choice.
 //
+// What else reads the flag after the context exists: the graph builders (per
+// graph, hence the reset) and the worst-case reserves (sched_reserve, and
+// memory_update after a position shift). mesh never shifts positions and
+// never changes adapters or causality, so those reserves do not run after the
+// context is made; were one to run while the flag says plain, it would size
+// the compute buffer for a 512-token plain step.
+//
 // The flag and the cached graph are private members of llama_context: the
 // explicit instantiation below is the standard-sanctioned way to name a
 // private member (access checks do not apply to explicit instantiations).
