@@ -180,7 +180,9 @@ describe("the switch over the real library", () => {
 
 describe("greedy output with and without plain attention", () => {
   // An agent's turn: a long prompt, then the same prompt plus a 16-token suffix from cache.
-  async function turn(plainAttn: LoadOptions["plainAttn"]): Promise<{ tokens: number[]; cached: number; window: unknown }> {
+  async function turn(
+    plainAttn: LoadOptions["plainAttn"],
+  ): Promise<{ tokens: number[]; cached: number; window: unknown; plainSteps: number }> {
     const engine = await Engine.load({ modelPath: await tinyModel(), nCtx: 4096, nParallel: 2, threads: 2, plainAttn });
     try {
       const prefix = Array.from({ length: 1500 }, (_, i) => 300 + ((i * 104729) % 20000));
@@ -189,7 +191,8 @@ describe("greedy output with and without plain attention", () => {
       const r = await collect(
         engine.generate({ prompt: [...prefix, ...suffix], maxTokens: 24, ignoreEos: true, sampling: { temperature: 0 } }),
       );
-      return { tokens: r.tokens, cached: r.done.cachedTokens, window: engine.info.plainAttn };
+      const plainSteps = (await engine.stats()).plainAttnSteps;
+      return { tokens: r.tokens, cached: r.done.cachedTokens, window: engine.info.plainAttn, plainSteps };
     } finally {
       await engine.close();
     }
@@ -200,6 +203,9 @@ describe("greedy output with and without plain attention", () => {
     const flash = await turn(null);
     expect(plain.window).toEqual(DEFAULT_PLAIN_ATTN);
     expect(flash.window).toBeNull();
+    // The suffix really took the plain path (else the comparison below proves nothing).
+    expect(plain.plainSteps).toBe(1);
+    expect(flash.plainSteps).toBe(0);
     expect(plain.cached).toBe(1500);
     expect(flash.cached).toBe(1500);
     expect(plain.tokens).toEqual(flash.tokens);
