@@ -42,6 +42,12 @@ describe("the plain attention window", () => {
     expect(max).toBeLessThan(DEFAULT_PLAIN_ATTN.max);
   });
 
+  test("an_architecture_whose_graph_needs_flash_attention_gets_no_window", () => {
+    // MiniMax-M3 writes its MSA index keys only in the flash graph: a plain decode would leave them unwritten.
+    expect(plainAttnWindow(DEFAULT_PLAIN_ATTN, { ...BENCH, nCtx: 4096, architecture: "minimax-m3" })).toBeNull();
+    expect(plainAttnWindow(DEFAULT_PLAIN_ATTN, { ...BENCH, nCtx: 4096, architecture: "llama" })).toEqual(DEFAULT_PLAIN_ATTN);
+  });
+
   test("a_context_too_wide_for_the_budget_gets_no_window", () => {
     // 128k cells x 64 heads: one token's KQ alone is 64 MiB, over half of this KV cache.
     const wide: PlainAttnContext = { nCtx: 131072, nLayer: 2, nEmbd: 4096, nHead: 64, nHeadKv: 1, cpuOnly: true };
