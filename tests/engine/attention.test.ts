@@ -184,6 +184,59 @@ describe("the switch over the real library", () => {
   });
 });
 
+describe("the kq budget over the real library", () => {
+  // The window's top comes from the KQ budget: a context wide enough that a 63-token plain step
+  // would pass it must get a lower top from the library too, and a batch one past it flash.
+  test("a_batch_one_past_the_budget_capped_top_decodes_with_flash_attention", async () => {
+    const control = new Int32Array(8);
+    const o: LoadOptions = {
+      modelPath: await tinyModel(),
+      nCtx: 65536,
+      nBatch: 512,
+      nUbatch: 512,
+      nParallel: 1,
+      threads: 2,
+      threadsBatch: 2,
+      nGpuLayers: 0,
+      flashAttn: 1,
+      plainAttn: DEFAULT_PLAIN_ATTN,
+      useMmap: true,
+      backendLibs: [],
+      modelShape: null,
+      queueCapacity: QUEUE_DEFAULTS.capacity,
+      queueTimeoutMs: QUEUE_DEFAULTS.timeoutMs,
+      kvBudget: true,
+      hostCacheMiB: 0,
+    };
+    const m = openModel(findNativeLib() as string, o, new Float32Array(1), control, 0);
+    if (!("ctx" in m)) throw new Error(m.message);
+    try {
+      const { info, native, ctx } = m;
+      const w = plainAttnWindow(DEFAULT_PLAIN_ATTN, { ...info, cpuOnly: true });
+      expect(w).not.toBeNull();
+      const top = (w as { max: number }).max;
+      expect(top).toBeLessThan(DEFAULT_PLAIN_ATTN.max);
+      expect(info.plainAttn).toEqual(w);
+      const step = (n: number, at: number) => {
+        const rc = native.mesh_decode(
+          ctx,
+          new Int32Array(n).map((_, i) => 300 + i),
+          new Int32Array(n).map((_, i) => at + i),
+          new Int32Array(n),
+          new Int8Array(n).fill(1),
+          n,
+        );
+        expect(rc).toBe(0);
+        return native.mesh_attn_is_flash(ctx);
+      };
+      expect(step(top, 0)).toBe(0);
+      expect(step(top + 1, top)).toBe(1);
+    } finally {
+      closeModel(m);
+    }
+  });
+});
+
 describe("greedy output with and without plain attention", () => {
   // An agent's turn: a long prompt, then the same prompt plus a 16-token suffix from cache.
   async function turn(
