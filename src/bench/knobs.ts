@@ -11,7 +11,7 @@
 import type { Pointer } from "bun:ffi";
 import { availableParallelism } from "node:os";
 import { parseArgs } from "node:util";
-import { DEFAULT_PLAIN_ATTN } from "../engine/attention";
+import { DEFAULT_PLAIN_ATTN, FLASH_TILE_QUERIES } from "../engine/attention";
 import { findNativeLib } from "../engine/library";
 import { closeModel, type OpenedModel, openModel } from "../engine/open";
 import type { LoadOptions } from "../engine/protocol";
@@ -275,6 +275,13 @@ export function parseKnobsArgs(argv: string[]): { o: Omit<KnobsOptions, "modelPa
   const key = m[1] as KnobKey;
   const values = list("vary", m[2] as string);
   if (values.length < 2) throw new UsageError("--vary needs at least two values to compare");
+  // plain=N opens the window DEFAULT min..N: N below min would be an empty window (flash for all,
+  // silently labelled as plain), N from 64 past the tiled kernel (clamped, labelled as N).
+  const badPlain = values.find((x) => x !== 0 && (x < DEFAULT_PLAIN_ATTN.min || x >= FLASH_TILE_QUERIES));
+  if (key === "plain" && badPlain !== undefined)
+    throw new UsageError(
+      `--vary plain takes 0 (flash for all) or a window top from ${DEFAULT_PLAIN_ATTN.min} to ${FLASH_TILE_QUERIES - 1}, got ${badPlain}`,
+    );
   const prefixes = list("prefixes", (v.prefixes as string | undefined) ?? "2048");
   const suffixes = list("suffixes", (v.suffixes as string | undefined) ?? "16,256,1024");
   const fa = (v["flash-attn"] as string | undefined) ?? "auto";

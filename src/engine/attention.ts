@@ -25,6 +25,14 @@ export const FLASH_TILE_QUERIES = 64;
 /** Extra compute memory the plain path may take, at least (bytes). */
 export const PLAIN_ATTN_MIN_BUDGET = 32 * 1024 * 1024;
 
+/**
+ * Architectures whose graph does more than pick the kernel by the flash-attention flag. MiniMax-M3
+ * (pinned llama.cpp, models/minimax-m3.cpp) runs its sparse MSA attention only with flash on and
+ * stores each token's index key only then: a plain decode would fall back to dense attention and
+ * leave those tokens' index keys unwritten for every later sparse decode to select blocks with.
+ */
+export const PLAIN_ATTN_EXCLUDED_ARCHITECTURES: ReadonlySet<string> = new Set(["minimax-m3"]);
+
 /** What decides the window for one context. */
 export interface PlainAttnContext {
   nCtx: number;
@@ -34,17 +42,20 @@ export interface PlainAttnContext {
   nHeadKv: number;
   /** Every layer and the KV cache on the CPU (no GPU layers, no split over stage servers). */
   cpuOnly: boolean;
+  /** general.architecture; absent: not known to need flash attention. */
+  architecture?: string;
 }
 
 /**
  * The window a context applies, or null when the plain path is not used: off,
- * not a CPU-only context, or no room. The KQ matrix (and its softmax) of a
+ * not a CPU-only context, an architecture that needs flash attention, or no room. The KQ matrix (and its softmax) of a
  * plain step take tokens x cells x heads x 8 bytes at most; that is held to
  * half the KV cache's own size (at least PLAIN_ATTN_MIN_BUDGET), which caps
  * the window's top.
  */
 export function plainAttnWindow(want: PlainAttn | null, c: PlainAttnContext): PlainAttn | null {
   if (!want || !c.cpuOnly || c.nCtx <= 0 || c.nHead <= 0) return null;
+  if (c.architecture !== undefined && PLAIN_ATTN_EXCLUDED_ARCHITECTURES.has(c.architecture)) return null;
   const headDim = Math.floor(c.nEmbd / c.nHead);
   const kvBytes = c.nCtx * c.nLayer * 2 * c.nHeadKv * headDim * 2;
   const budget = Math.max(PLAIN_ATTN_MIN_BUDGET, kvBytes / 2);

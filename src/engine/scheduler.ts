@@ -121,7 +121,7 @@ export interface SchedulerDeps {
   now: () => number;
   /** Session checkpoints (saved at a reply's end, restored before prefill); absent: none. */
   checkpoints?: CheckpointStore | null;
-  /** Batch sizes the shim decodes with plain attention (counted only; the shim switches); absent: none. */
+  /** Batch sizes the shim may decode with plain attention (as applied at open); the scheduler arms it per step. Absent: none. */
   plainAttn?: PlainAttn | null;
 }
 
@@ -196,6 +196,13 @@ const HOST_MIN_TOKENS = 32;
 const MAX_FINISHED = 256;
 
 /** Every counter at zero. */
+/**
+ * A plain-attention step may attend over at most NUM/DEN times the cells its own sequence holds
+ * (the rest are other sequences' cells, or holes, that flash attention would skip).
+ */
+const PLAIN_SPAN_NUM = 9;
+const PLAIN_SPAN_DEN = 8;
+
 export function zeroCounters(): SchedulerCounters {
   return {
     decodeSteps: 0,
@@ -259,6 +266,8 @@ export class Scheduler {
    * that is). Tightened when a lone compact sequence is trimmed.
    */
   private placed = 0;
+  /** Whether the shim's plain-attention window is armed (openModel arms it wherever one applies). */
+  private plainArmed = true;
   /** Milliseconds spent saving to host RAM since the current admission began. */
   private saveMs = 0;
 
@@ -268,6 +277,8 @@ export class Scheduler {
     this.pos = new Int32Array(d.nBatch);
     this.seq = new Int32Array(d.nBatch);
     this.logits = new Int8Array(d.nBatch);
+    // Start in step with plainArmed, whatever an earlier user of the context left armed.
+    if (d.plainAttn) d.native.mesh_set_plain_attn(d.ctx, d.plainAttn.min, d.plainAttn.max);
     this.host = new HostCache<HostState>(d.hostCacheBytes, undefined, (st) => {
       this.tenancy.release(st);
       if (this.finished.size > 0) this.forgetSaved(st);
@@ -1050,8 +1061,7 @@ export class Scheduler {
 
   private decode(n: number): number {
     this.counters.decodeSteps++;
-    const w = this.d.plainAttn;
-    if (w && n >= w.min && n <= w.max) this.counters.plainAttnSteps++;
+    if (this.plainStep(n)) this.counters.plainAttnSteps++;
     const t = this.d.now();
     const rc = this.d.native.mesh_decode(this.d.ctx, this.tokens, this.pos, this.seq, this.logits, n);
     // A refused or failed decode may still have placed cells for its earlier ubatches.
@@ -1059,6 +1069,29 @@ export class Scheduler {
     const ms = this.d.now() - t;
     for (const s of this.slots) if (s.active && s.active.generated === 0) s.active.phases.decodeMs += ms;
     return rc;
+  }
+
+  // The plain path multiplies every query with every cell up to the highest in use, other
+  // sequences' cells included, where flash attention skips the cells a query may not see: it
+  // wins only for one sequence's batch over a pool that holds little else (an idle prefix or
+  // a dozen streams each decoding a token made it several times slower). Arms the shim's
+  // window for such a step, disarms it for any other; returns whether the step is plain.
+  private plainStep(n: number): boolean {
+    const w = this.d.plainAttn;
+    if (!w) return false;
+    let plain = n >= w.min && n <= w.max;
+    const seq = this.seq[0] as number;
+    for (let i = 1; plain && i < n; i++) plain = this.seq[i] === seq;
+    if (plain) {
+      const own = (this.slots[seq] as Slot).history.length + n;
+      const span = Math.min(this.d.nCtx, this.placed + n);
+      plain = span * PLAIN_SPAN_DEN <= own * PLAIN_SPAN_NUM;
+    }
+    if (plain !== this.plainArmed) {
+      this.d.native.mesh_set_plain_attn(this.d.ctx, plain ? w.min : 0, plain ? w.max : 0);
+      this.plainArmed = plain;
+    }
+    return plain;
   }
 
   // Tokens of the batch are now in KV: extend each slot's history.

@@ -45,6 +45,13 @@ describe("knobs bench", () => {
     expect(() => parseKnobsArgs(["--vary", "flash=1,0", "--flash-attn", "maybe"])).toThrow(/--flash-attn must be on, off or auto/);
   });
 
+  test("a_plain_window_top_that_would_be_empty_or_past_the_tiled_kernel_is_refused", () => {
+    // plain=8 would open 12..8: an empty window, flash for every decode, labelled as a plain variant.
+    expect(() => parseKnobsArgs(["--vary", "plain=0,8"])).toThrow(/--vary plain takes 0/);
+    expect(() => parseKnobsArgs(["--vary", "plain=0,64"])).toThrow(/--vary plain takes 0/);
+    expect(parseKnobsArgs(["--vary", "plain=0,12,63"]).o.values).toEqual([0, 12, 63]);
+  });
+
   test("cli_rejects_a_bad_flag_with_one_line_and_exit_2", () => {
     const r = cli("--vary", "ubatch=512,x");
     expect(r.code).toBe(2);

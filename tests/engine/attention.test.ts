@@ -42,6 +42,12 @@ describe("the plain attention window", () => {
     expect(max).toBeLessThan(DEFAULT_PLAIN_ATTN.max);
   });
 
+  test("an_architecture_whose_graph_needs_flash_attention_gets_no_window", () => {
+    // MiniMax-M3 writes its MSA index keys only in the flash graph: a plain decode would leave them unwritten.
+    expect(plainAttnWindow(DEFAULT_PLAIN_ATTN, { ...BENCH, nCtx: 4096, architecture: "minimax-m3" })).toBeNull();
+    expect(plainAttnWindow(DEFAULT_PLAIN_ATTN, { ...BENCH, nCtx: 4096, architecture: "llama" })).toEqual(DEFAULT_PLAIN_ATTN);
+  });
+
   test("a_context_too_wide_for_the_budget_gets_no_window", () => {
     // 128k cells x 64 heads: one token's KQ alone is 64 MiB, over half of this KV cache.
     const wide: PlainAttnContext = { nCtx: 131072, nLayer: 2, nEmbd: 4096, nHead: 64, nHeadKv: 1, cpuOnly: true };
@@ -178,9 +184,64 @@ describe("the switch over the real library", () => {
   });
 });
 
+describe("the kq budget over the real library", () => {
+  // The window's top comes from the KQ budget: a context wide enough that a 63-token plain step
+  // would pass it must get a lower top from the library too, and a batch one past it flash.
+  test("a_batch_one_past_the_budget_capped_top_decodes_with_flash_attention", async () => {
+    const control = new Int32Array(8);
+    const o: LoadOptions = {
+      modelPath: await tinyModel(),
+      nCtx: 65536,
+      nBatch: 512,
+      nUbatch: 512,
+      nParallel: 1,
+      threads: 2,
+      threadsBatch: 2,
+      nGpuLayers: 0,
+      flashAttn: 1,
+      plainAttn: DEFAULT_PLAIN_ATTN,
+      useMmap: true,
+      backendLibs: [],
+      modelShape: null,
+      queueCapacity: QUEUE_DEFAULTS.capacity,
+      queueTimeoutMs: QUEUE_DEFAULTS.timeoutMs,
+      kvBudget: true,
+      hostCacheMiB: 0,
+    };
+    const m = openModel(findNativeLib() as string, o, new Float32Array(1), control, 0);
+    if (!("ctx" in m)) throw new Error(m.message);
+    try {
+      const { info, native, ctx } = m;
+      const w = plainAttnWindow(DEFAULT_PLAIN_ATTN, { ...info, cpuOnly: true });
+      expect(w).not.toBeNull();
+      const top = (w as { max: number }).max;
+      expect(top).toBeLessThan(DEFAULT_PLAIN_ATTN.max);
+      expect(info.plainAttn).toEqual(w);
+      const step = (n: number, at: number) => {
+        const rc = native.mesh_decode(
+          ctx,
+          new Int32Array(n).map((_, i) => 300 + i),
+          new Int32Array(n).map((_, i) => at + i),
+          new Int32Array(n),
+          new Int8Array(n).fill(1),
+          n,
+        );
+        expect(rc).toBe(0);
+        return native.mesh_attn_is_flash(ctx);
+      };
+      expect(step(top, 0)).toBe(0);
+      expect(step(top + 1, top)).toBe(1);
+    } finally {
+      closeModel(m);
+    }
+  });
+});
+
 describe("greedy output with and without plain attention", () => {
   // An agent's turn: a long prompt, then the same prompt plus a 16-token suffix from cache.
-  async function turn(plainAttn: LoadOptions["plainAttn"]): Promise<{ tokens: number[]; cached: number; window: unknown }> {
+  async function turn(
+    plainAttn: LoadOptions["plainAttn"],
+  ): Promise<{ tokens: number[]; cached: number; window: unknown; plainSteps: number }> {
     const engine = await Engine.load({ modelPath: await tinyModel(), nCtx: 4096, nParallel: 2, threads: 2, plainAttn });
     try {
       const prefix = Array.from({ length: 1500 }, (_, i) => 300 + ((i * 104729) % 20000));
@@ -189,7 +250,8 @@ describe("greedy output with and without plain attention", () => {
       const r = await collect(
         engine.generate({ prompt: [...prefix, ...suffix], maxTokens: 24, ignoreEos: true, sampling: { temperature: 0 } }),
       );
-      return { tokens: r.tokens, cached: r.done.cachedTokens, window: engine.info.plainAttn };
+      const plainSteps = (await engine.stats()).plainAttnSteps;
+      return { tokens: r.tokens, cached: r.done.cachedTokens, window: engine.info.plainAttn, plainSteps };
     } finally {
       await engine.close();
     }
@@ -200,6 +262,9 @@ describe("greedy output with and without plain attention", () => {
     const flash = await turn(null);
     expect(plain.window).toEqual(DEFAULT_PLAIN_ATTN);
     expect(flash.window).toBeNull();
+    // The suffix really took the plain path (else the comparison below proves nothing).
+    expect(plain.plainSteps).toBe(1);
+    expect(flash.plainSteps).toBe(0);
     expect(plain.cached).toBe(1500);
     expect(flash.cached).toBe(1500);
     expect(plain.tokens).toEqual(flash.tokens);
