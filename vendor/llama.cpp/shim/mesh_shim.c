@@ -368,7 +368,7 @@ int32_t mesh_logits_get(struct mesh_ctx *m, int32_t i, float *dst, int32_t cap) 
     const float *l = llama_get_logits_ith(m->ctx, i);
     if (!l) return -1;
     const int32_t n = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(m->ctx)));
-    memcpy(dst, l, sizeof(float) * (size_t)(n < cap ? n : cap));
+    if (cap > 0) memcpy(dst, l, sizeof(float) * (size_t)(n < cap ? n : cap));
     return n;
 }
 
