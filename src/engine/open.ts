@@ -140,6 +140,7 @@ export function schedulerDeps(m: OpenedModel, o: LoadOptions, control: Int32Arra
     nCtxSeq: m.info.nCtxSeq,
     nBatch: m.info.nBatch,
     plainAttn: m.info.plainAttn,
+    kvBytesPerToken: kvBytesPerToken(m.info),
     nParallel: m.info.nParallel,
     flags: control,
     flagsOffset,
@@ -149,6 +150,12 @@ export function schedulerDeps(m: OpenedModel, o: LoadOptions, control: Int32Arra
     hostCacheBytes: Math.max(0, Math.floor(o.hostCacheMiB * 1024 * 1024)),
     now: () => performance.now(),
   };
+}
+
+/** F16 K and V of every layer for one token: what a sequence's saved state costs per token. */
+export function kvBytesPerToken(info: Pick<ModelInfo, "nLayer" | "nEmbd" | "nHead" | "nHeadKv">): number {
+  if (info.nHead <= 0) return 0;
+  return info.nLayer * 2 * info.nHeadKv * Math.floor(info.nEmbd / info.nHead) * 2;
 }
 
 /** Free what openModel allocated (the context, then the model). */

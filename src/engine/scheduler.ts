@@ -8,6 +8,7 @@ import type { Checkpoint, CheckpointStore } from "./checkpoints";
 import { shouldCompact } from "./compaction";
 import type { EngineErrorValue } from "./errors";
 import { HostCache, type HostEntry } from "./host-cache";
+import { idleSaveDelayMs } from "./idle-save";
 import { type KvUsage, kvUsage, planEviction, reservation, type SlotUsage } from "./kv";
 import type { Native } from "./native";
 import {
@@ -84,6 +85,8 @@ interface Slot {
   lastUsed: number;
   /** lastUsed when an idle-time save was last tried, so a save that did not fit is not retried. */
   savedAt: number;
+  /** When (deps.now) its last generation ended: the idle-time copy waits on it (idle-save.ts). */
+  idleAt: number;
 }
 
 interface Waiting {
@@ -121,6 +124,8 @@ export interface SchedulerDeps {
   now: () => number;
   /** Session checkpoints (saved at a reply's end, restored before prefill); absent: none. */
   checkpoints?: CheckpointStore | null;
+  /** KV state bytes per token (F16 K and V of every layer), to plan the idle-time copy by; absent: copies go at the minimum wait. */
+  kvBytesPerToken?: number;
   /** Batch sizes the shim may decode with plain attention (as applied at open); the scheduler arms it per step. Absent: none. */
   plainAttn?: PlainAttn | null;
 }
@@ -272,7 +277,7 @@ export class Scheduler {
   private saveMs = 0;
 
   constructor(private readonly d: SchedulerDeps) {
-    this.slots = Array.from({ length: d.nParallel }, (_, seq) => ({ seq, history: [], active: null, lastUsed: 0, savedAt: -1 }));
+    this.slots = Array.from({ length: d.nParallel }, (_, seq) => ({ seq, history: [], active: null, lastUsed: 0, savedAt: -1, idleAt: 0 }));
     this.tokens = new Int32Array(d.nBatch);
     this.pos = new Int32Array(d.nBatch);
     this.seq = new Int32Array(d.nBatch);
@@ -371,8 +376,9 @@ export class Scheduler {
    */
   saveIdle(): boolean {
     if (!this.host.enabled || this.waiting.length > 0) return false;
+    const now = this.d.now();
     for (const s of this.slots) {
-      if (s.active || s.savedAt === s.lastUsed || s.history.length < HOST_MIN_TOKENS) continue;
+      if (!this.idleSaveCandidate(s) || now < this.idleSaveDue(s)) continue;
       s.savedAt = s.lastUsed;
       if (this.host.covers(s.history)) continue;
       // Ahead of need, only into free room: never push out a conversation that lives only in host RAM.
@@ -380,6 +386,22 @@ export class Scheduler {
       return true;
     }
     return false;
+  }
+
+  /** Milliseconds until saveIdle has a conversation due (0: now), or null when none is waiting for its copy. */
+  nextIdleSaveInMs(): number | null {
+    if (!this.host.enabled || this.waiting.length > 0) return null;
+    let due = Number.POSITIVE_INFINITY;
+    for (const s of this.slots) if (this.idleSaveCandidate(s)) due = Math.min(due, this.idleSaveDue(s));
+    return Number.isFinite(due) ? Math.max(0, due - this.d.now()) : null;
+  }
+
+  private idleSaveCandidate(s: Slot): boolean {
+    return !s.active && s.savedAt !== s.lastUsed && s.history.length >= HOST_MIN_TOKENS;
+  }
+
+  private idleSaveDue(s: Slot): number {
+    return s.idleAt + idleSaveDelayMs(s.history.length * (this.d.kvBytesPerToken ?? 0));
   }
 
   /** Load figures for /metrics and routing. */
@@ -1220,6 +1242,7 @@ export class Scheduler {
     this.d.native.mesh_sampler_free(a.sampler);
     a.slot.active = null;
     a.slot.lastUsed = ++this.clock;
+    a.slot.idleAt = this.d.now();
     this.settle(a.slot);
     this.rememberFinished(a, reason);
     if (ckpt) this.holdCheckpoint(a, ckpt);

@@ -5,6 +5,7 @@ import type { Pointer } from "bun:ffi";
 import { type CheckpointStore, openCheckpoints } from "./checkpoints";
 import type { EngineErrorValue } from "./errors";
 import { HostLedger, readHostLedger, trackHostBuffers } from "./host-ledger";
+import { IDLE_SAVE_MIN_MS } from "./idle-save";
 import { openNative } from "./native";
 import { closeModel, type OpenedModel, openModel, schedulerDeps } from "./open";
 import { CONTROL_FLAGS_OFFSET, type FromWorker, type LoadOptions, type NativeHandles, type TokenEvent, type ToWorker } from "./protocol";
@@ -315,15 +316,19 @@ async function run(): Promise<void> {
 // Once the engine has been idle a while, copy finished conversations' KV to
 // host RAM, one per tick so a new request waits for at most one copy; the
 // next admission then only has to clear them. Not right away: a client's next
-// turn often follows within milliseconds and would wait behind the copy.
-const IDLE_SAVE_AFTER_MS = 100;
+// turn often follows within milliseconds and would wait behind the copy, and
+// a long conversation waits longer still (the scheduler says when each is due,
+// see idle-save.ts).
+const IDLE_SAVE_AFTER_MS = IDLE_SAVE_MIN_MS;
 let idleTimer: ReturnType<typeof setTimeout> | null = null;
 let lastStepAt = 0;
 
 function idleSaveSoon(): void {
   if (idleTimer || closing) return;
   // Counted from the latest decode step; stats and tokenize calls do not count as activity.
-  const wait = Math.max(0, lastStepAt + IDLE_SAVE_AFTER_MS - performance.now());
+  const due = scheduler?.nextIdleSaveInMs();
+  if (due === null) return;
+  const wait = Math.max(0, lastStepAt + IDLE_SAVE_AFTER_MS - performance.now(), due ?? 0);
   idleTimer = setTimeout(() => {
     idleTimer = null;
     if (closing || !scheduler) return;
@@ -333,7 +338,7 @@ function idleSaveSoon(): void {
       // Optional work: a failure here must never take the Worker down.
       let again = false;
       try {
-        again = scheduler.saveIdle();
+        again = scheduler.saveIdle() || scheduler.nextIdleSaveInMs() !== null;
       } catch {}
       flushTenancy();
       if (again) idleSaveSoon();
