@@ -10,11 +10,11 @@ import {
   parsePlainAttn,
   plainAttnWindow,
 } from "../../src/engine/attention";
-import { collect, Engine, QUEUE_DEFAULTS } from "../../src/engine/index";
+import { collect, Engine } from "../../src/engine/index";
 import { findNativeLib } from "../../src/engine/library";
 import { closeModel, type OpenedModel, openModel } from "../../src/engine/open";
 import type { LoadOptions } from "../../src/engine/protocol";
-import { tinyModel } from "../helpers/model";
+import { tinyLoadOptions, tinyModel } from "../helpers/model";
 
 // The bench model's shape at the engine bench's table context.
 const BENCH: PlainAttnContext = { nCtx: 20480, nLayer: 8, nEmbd: 1024, nHead: 16, nHeadKv: 4, cpuOnly: true };
@@ -82,25 +82,7 @@ describe("the switch over the real library", () => {
   const control = new Int32Array(8);
 
   beforeAll(async () => {
-    options = {
-      modelPath: await tinyModel(),
-      nCtx: 4096,
-      nBatch: 1024,
-      nUbatch: 512,
-      nParallel: 2,
-      threads: 2,
-      threadsBatch: 2,
-      nGpuLayers: 0,
-      flashAttn: 1,
-      plainAttn: DEFAULT_PLAIN_ATTN,
-      useMmap: true,
-      backendLibs: [],
-      modelShape: null,
-      queueCapacity: QUEUE_DEFAULTS.capacity,
-      queueTimeoutMs: QUEUE_DEFAULTS.timeoutMs,
-      kvBudget: true,
-      hostCacheMiB: 0,
-    };
+    options = await tinyLoadOptions({ nBatch: 1024, flashAttn: 1, plainAttn: DEFAULT_PLAIN_ATTN });
     const m = openModel(findNativeLib() as string, options, new Float32Array(1), control, 0);
     if (!("ctx" in m)) throw new Error(m.message);
     opened = m;
@@ -189,25 +171,7 @@ describe("the kq budget over the real library", () => {
   // would pass it must get a lower top from the library too, and a batch one past it flash.
   test("a_batch_one_past_the_budget_capped_top_decodes_with_flash_attention", async () => {
     const control = new Int32Array(8);
-    const o: LoadOptions = {
-      modelPath: await tinyModel(),
-      nCtx: 65536,
-      nBatch: 512,
-      nUbatch: 512,
-      nParallel: 1,
-      threads: 2,
-      threadsBatch: 2,
-      nGpuLayers: 0,
-      flashAttn: 1,
-      plainAttn: DEFAULT_PLAIN_ATTN,
-      useMmap: true,
-      backendLibs: [],
-      modelShape: null,
-      queueCapacity: QUEUE_DEFAULTS.capacity,
-      queueTimeoutMs: QUEUE_DEFAULTS.timeoutMs,
-      kvBudget: true,
-      hostCacheMiB: 0,
-    };
+    const o = await tinyLoadOptions({ nCtx: 65536, nParallel: 1, flashAttn: 1, plainAttn: DEFAULT_PLAIN_ATTN });
     const m = openModel(findNativeLib() as string, o, new Float32Array(1), control, 0);
     if (!("ctx" in m)) throw new Error(m.message);
     try {

@@ -3,12 +3,11 @@
 // conversation waits longer, so an agent's next turn does not queue behind its own copy.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { IDLE_COPY_BYTES_PER_MS, IDLE_SAVE_COPY_FACTOR, IDLE_SAVE_MIN_MS, idleSaveDelayMs } from "../../src/engine/idle-save";
-import { QUEUE_DEFAULTS } from "../../src/engine/index";
 import { findNativeLib } from "../../src/engine/library";
 import { closeModel, kvBytesPerToken, type OpenedModel, openModel, schedulerDeps } from "../../src/engine/open";
 import { DEFAULT_SAMPLING, type LoadOptions, type TokenEvent } from "../../src/engine/protocol";
 import { Scheduler } from "../../src/engine/scheduler";
-import { tinyModel } from "../helpers/model";
+import { tinyLoadOptions } from "../helpers/model";
 
 const MiB = 1024 * 1024;
 
@@ -38,24 +37,7 @@ describe("idle-time saves in the scheduler over the real library", () => {
   let clock = 0;
 
   beforeAll(async () => {
-    options = {
-      modelPath: await tinyModel(),
-      nCtx: 2048,
-      nBatch: 512,
-      nUbatch: 512,
-      nParallel: 2,
-      threads: 2,
-      threadsBatch: 2,
-      nGpuLayers: 0,
-      flashAttn: -1,
-      useMmap: true,
-      backendLibs: [],
-      modelShape: null,
-      queueCapacity: QUEUE_DEFAULTS.capacity,
-      queueTimeoutMs: QUEUE_DEFAULTS.timeoutMs,
-      kvBudget: true,
-      hostCacheMiB: 256,
-    };
+    options = await tinyLoadOptions({ nCtx: 2048, hostCacheMiB: 256 });
     control = new Int32Array(FLAGS_OFFSET + 16);
     const m = openModel(findNativeLib() as string, options, new Float32Array(1), control, 0);
     if (!("ctx" in m)) throw new Error(m.message);

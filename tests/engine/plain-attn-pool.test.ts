@@ -4,13 +4,12 @@
 // batch over a pool that holds little else may take it. No test here looks at a time.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { DEFAULT_PLAIN_ATTN } from "../../src/engine/attention";
-import { QUEUE_DEFAULTS } from "../../src/engine/index";
 import { findNativeLib } from "../../src/engine/library";
 import type { Native } from "../../src/engine/native";
 import { closeModel, type OpenedModel, openModel, schedulerDeps } from "../../src/engine/open";
 import { DEFAULT_SAMPLING, type LoadOptions, type TokenEvent } from "../../src/engine/protocol";
 import { Scheduler } from "../../src/engine/scheduler";
-import { tinyModel } from "../helpers/model";
+import { tinyLoadOptions } from "../helpers/model";
 
 const FLAGS_OFFSET = 1;
 const PARALLEL = 16;
@@ -19,25 +18,7 @@ let options: LoadOptions;
 const control = new Int32Array(FLAGS_OFFSET + 64);
 
 beforeAll(async () => {
-  options = {
-    modelPath: await tinyModel(),
-    nCtx: 8192,
-    nBatch: 1024,
-    nUbatch: 512,
-    nParallel: PARALLEL,
-    threads: 2,
-    threadsBatch: 2,
-    nGpuLayers: 0,
-    flashAttn: 1,
-    plainAttn: DEFAULT_PLAIN_ATTN,
-    useMmap: true,
-    backendLibs: [],
-    modelShape: null,
-    queueCapacity: QUEUE_DEFAULTS.capacity,
-    queueTimeoutMs: QUEUE_DEFAULTS.timeoutMs,
-    kvBudget: true,
-    hostCacheMiB: 0,
-  };
+  options = await tinyLoadOptions({ nCtx: 8192, nBatch: 1024, nParallel: PARALLEL, flashAttn: 1, plainAttn: DEFAULT_PLAIN_ATTN });
   const m = openModel(findNativeLib() as string, options, new Float32Array(1), control, 0);
   if (!("ctx" in m)) throw new Error(m.message);
   opened = m;
