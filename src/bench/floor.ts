@@ -7,7 +7,7 @@
 import type { Pointer } from "bun:ffi";
 import type { PlainAttn } from "../engine/attention";
 import { findNativeLib } from "../engine/library";
-import { closeModel, openModel } from "../engine/open";
+import { closeModel, type OpenedModel, openModel } from "../engine/open";
 import type { LoadOptions } from "../engine/protocol";
 import { type Cell, cellKey } from "./cached-prefix";
 import { median } from "./stats";
@@ -29,6 +29,36 @@ export interface FloorOptions {
 /** Token ids of a deterministic filler prompt (ids 200..20199, inside any real vocabulary). */
 export function filler(seed: number, n: number): number[] {
   return Array.from({ length: n }, (_, i) => 200 + ((seed * 7919 + i * 104729) % 20000));
+}
+
+/**
+ * A decoder of token ids into sequence 0 from position `at`, in chunks of `batch` tokens (the
+ * context splits them into ubatches), logits for the last token only. It returns the batch index
+ * of that token in the last chunk; a failed decode throws, named by `label`.
+ */
+export function chunkedDecoder(
+  batch: number,
+): (m: Pick<OpenedModel, "native" | "ctx">, ids: number[], at: number, label: string) => number {
+  const tokens = new Int32Array(batch);
+  const pos = new Int32Array(batch);
+  const seq = new Int32Array(batch);
+  const logits = new Int8Array(batch);
+  return (m, ids, at, label) => {
+    let last = 0;
+    for (let off = 0; off < ids.length; off += batch) {
+      const k = Math.min(batch, ids.length - off);
+      for (let i = 0; i < k; i++) {
+        tokens[i] = ids[off + i] as number;
+        pos[i] = at + off + i;
+        seq[i] = 0;
+        logits[i] = off + i === ids.length - 1 ? 1 : 0;
+      }
+      const rc = m.native.mesh_decode(m.ctx, tokens, pos, seq, logits, k);
+      if (rc !== 0) throw new Error(`${label}: llama_decode failed (${rc})`);
+      last = k - 1;
+    }
+    return last;
+  };
 }
 
 /** Median milliseconds of suffix decode + greedy sample over a resident prefix, by cell key. */
@@ -59,28 +89,7 @@ export function measureFloor(o: FloorOptions, cells: readonly Cell[], log: (s: s
   const m = openModel(lib, load, new Float32Array(1), control, 0);
   if (!("ctx" in m)) throw new Error(`floor: ${m.message}`);
   const { native: n, ctx } = m;
-  const tokens = new Int32Array(o.batch);
-  const pos = new Int32Array(o.batch);
-  const seq = new Int32Array(o.batch);
-  const logits = new Int8Array(o.batch);
-  // Decodes ids at positions from `at` in chunks of the batch size; logits for the last token only.
-  // Returns the batch index of the last token in the last chunk.
-  const decode = (ids: number[], at: number): number => {
-    let last = 0;
-    for (let off = 0; off < ids.length; off += o.batch) {
-      const k = Math.min(o.batch, ids.length - off);
-      for (let i = 0; i < k; i++) {
-        tokens[i] = ids[off + i] as number;
-        pos[i] = at + off + i;
-        seq[i] = 0;
-        logits[i] = off + i === ids.length - 1 ? 1 : 0;
-      }
-      const rc = n.mesh_decode(ctx, tokens, pos, seq, logits, k);
-      if (rc !== 0) throw new Error(`floor: llama_decode failed (${rc})`);
-      last = k - 1;
-    }
-    return last;
-  };
+  const decode = chunkedDecoder(o.batch);
   const sampler = n.mesh_sampler_new(m.model, new Float32Array([0, 1, 0, 1, 0, 0]), new Int32Array([40, 0, 0]), null) as Pointer | null;
   if (!sampler) throw new Error("floor: could not build a sampler");
   const samplers = new BigUint64Array([BigInt(sampler as unknown as number)]);
@@ -89,13 +98,13 @@ export function measureFloor(o: FloorOptions, cells: readonly Cell[], log: (s: s
   try {
     for (const size of [...new Set(cells.map((c) => c.prefix))]) {
       n.mesh_memory_clear(ctx, 1);
-      decode(filler(1, size), 0);
+      decode(m, filler(1, size), 0, "floor");
       for (const c of cells.filter((x) => x.prefix === size)) {
         const times: number[] = [];
         for (let r = 0; r < o.repeats; r++) {
           const suffix = filler(100 + r, c.suffix);
           const t0 = performance.now();
-          const idx = decode(suffix, size);
+          const idx = decode(m, suffix, size, "floor");
           n.mesh_sample_many(ctx, samplers, new Int32Array([idx]), new Int32Array([-1]), picked, new Int32Array(1), new Float32Array(1), 1);
           times.push(performance.now() - t0);
           n.mesh_seq_rm(ctx, 0, size, -1);

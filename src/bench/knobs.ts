@@ -17,7 +17,7 @@ import { closeModel, type OpenedModel, openModel } from "../engine/open";
 import type { LoadOptions } from "../engine/protocol";
 import { type Cell, cellKey } from "./cached-prefix";
 import { resolveModel } from "./engine";
-import { type FloorOptions, filler } from "./floor";
+import { chunkedDecoder, type FloorOptions, filler } from "./floor";
 import { median, pairedRatio } from "./stats";
 
 /** The settings one variant may change. */
@@ -77,29 +77,9 @@ export function measureKnobs(o: KnobsOptions, cells: readonly Cell[], log: (s: s
   const lib = findNativeLib();
   if (!lib) throw new Error("the native library is not built: run 'bun run build.ts native'");
   const opened: Opened[] = [];
-  const tokens = new Int32Array(o.batch);
-  const pos = new Int32Array(o.batch);
-  const seq = new Int32Array(o.batch);
-  const logits = new Int8Array(o.batch);
   const picked = new Int32Array(1);
-  // Decodes ids from position `at` in chunks of the batch (the context splits them into ubatches);
-  // logits for the last token only. Returns the batch index of that token in the last chunk.
-  const decode = (v: Opened, ids: number[], at: number): number => {
-    let last = 0;
-    for (let off = 0; off < ids.length; off += o.batch) {
-      const k = Math.min(o.batch, ids.length - off);
-      for (let i = 0; i < k; i++) {
-        tokens[i] = ids[off + i] as number;
-        pos[i] = at + off + i;
-        seq[i] = 0;
-        logits[i] = off + i === ids.length - 1 ? 1 : 0;
-      }
-      const rc = v.m.native.mesh_decode(v.m.ctx, tokens, pos, seq, logits, k);
-      if (rc !== 0) throw new Error(`knobs: llama_decode failed (${rc}) with ${o.vary}=${v.value}`);
-      last = k - 1;
-    }
-    return last;
-  };
+  const decodeIds = chunkedDecoder(o.batch);
+  const decode = (v: Opened, ids: number[], at: number): number => decodeIds(v.m, ids, at, `knobs: ${o.vary}=${v.value}`);
   const out: KnobsResult = new Map();
   // The plain-attention window is switched per decode on one context: both variants then decode
   // over the very same cells, and no second context's thread pool competes for the cores.

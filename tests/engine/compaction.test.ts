@@ -4,12 +4,11 @@
 // the same turn in a clean pool; no test here looks at how long anything took.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { KV_PAD, shouldCompact } from "../../src/engine/compaction";
-import { QUEUE_DEFAULTS } from "../../src/engine/index";
 import { findNativeLib } from "../../src/engine/library";
 import { closeModel, type OpenedModel, openModel, schedulerDeps } from "../../src/engine/open";
 import { DEFAULT_SAMPLING, type LoadOptions, type TokenEvent } from "../../src/engine/protocol";
 import { Scheduler } from "../../src/engine/scheduler";
-import { tinyModel } from "../helpers/model";
+import { tinyLoadOptions } from "../helpers/model";
 
 describe("the compaction decision", () => {
   test("compacts_when_the_window_shrinks_by_a_padded_block_and_the_saved_attention_outweighs_the_copy", () => {
@@ -37,24 +36,7 @@ let options: LoadOptions;
 let control: Int32Array;
 
 beforeAll(async () => {
-  options = {
-    modelPath: await tinyModel(),
-    nCtx: 4096,
-    nBatch: 512,
-    nUbatch: 512,
-    nParallel: 3,
-    threads: 2,
-    threadsBatch: 2,
-    nGpuLayers: 0,
-    flashAttn: -1,
-    useMmap: true,
-    backendLibs: [],
-    modelShape: null,
-    queueCapacity: QUEUE_DEFAULTS.capacity,
-    queueTimeoutMs: QUEUE_DEFAULTS.timeoutMs,
-    kvBudget: true,
-    hostCacheMiB: 256,
-  };
+  options = await tinyLoadOptions({ nParallel: 3, hostCacheMiB: 256 });
   control = new Int32Array(FLAGS_OFFSET + 64);
   const m = openModel(findNativeLib() as string, options, new Float32Array(1), control, 0);
   if (!("ctx" in m)) throw new Error(m.message);
