@@ -10,6 +10,8 @@
 // 63 (1.07-2.2x, more the longer the prefix), and from 64 the tiled flash
 // kernel is the faster one again.
 
+import { kvBytesPerToken } from "./kv";
+
 /** Inclusive range of batch sizes (tokens per decode) that take the plain path. */
 export interface PlainAttn {
   min: number;
@@ -56,8 +58,7 @@ export interface PlainAttnContext {
 export function plainAttnWindow(want: PlainAttn | null, c: PlainAttnContext): PlainAttn | null {
   if (!want || !c.cpuOnly || c.nCtx <= 0 || c.nHead <= 0) return null;
   if (c.architecture !== undefined && PLAIN_ATTN_EXCLUDED_ARCHITECTURES.has(c.architecture)) return null;
-  const headDim = Math.floor(c.nEmbd / c.nHead);
-  const kvBytes = c.nCtx * c.nLayer * 2 * c.nHeadKv * headDim * 2;
+  const kvBytes = c.nCtx * kvBytesPerToken(c);
   const budget = Math.max(PLAIN_ATTN_MIN_BUDGET, kvBytes / 2);
   const fits = Math.floor(budget / (c.nCtx * c.nHead * 8));
   const max = Math.min(want.max, FLASH_TILE_QUERIES - 1, fits);

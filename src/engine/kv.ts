@@ -95,3 +95,9 @@ export function planEviction(
 export function reservation(promptTokens: number, outputTokens: number, seqCapacity: number): number {
   return Math.min(promptTokens + Math.max(1, outputTokens), seqCapacity);
 }
+
+/** F16 K and V of every layer for one token: what a sequence's KV (and its saved state) costs per token. */
+export function kvBytesPerToken(m: { nLayer: number; nEmbd: number; nHead: number; nHeadKv: number }): number {
+  if (m.nHead <= 0) return 0;
+  return m.nLayer * 2 * m.nHeadKv * Math.floor(m.nEmbd / m.nHead) * 2;
+}

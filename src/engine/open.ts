@@ -5,6 +5,7 @@ import type { Pointer } from "bun:ffi";
 import { DEFAULT_PLAIN_ATTN, type PlainAttn, plainAttnWindow } from "./attention";
 import { type BackendLoad, type DeviceInfo, fitGpuLayers, listDevices, loadBackends, type Offload } from "./devices";
 import type { EngineErrorValue } from "./errors";
+import { kvBytesPerToken } from "./kv";
 import { type Native, openNative } from "./native";
 import { CONTROL_ABORT, CONTROL_STAGE_LOST, type LoadOptions, type ModelInfo, type SplitLoad } from "./protocol";
 import type { SchedulerDeps } from "./scheduler";
@@ -150,12 +151,6 @@ export function schedulerDeps(m: OpenedModel, o: LoadOptions, control: Int32Arra
     hostCacheBytes: Math.max(0, Math.floor(o.hostCacheMiB * 1024 * 1024)),
     now: () => performance.now(),
   };
-}
-
-/** F16 K and V of every layer for one token: what a sequence's saved state costs per token. */
-export function kvBytesPerToken(info: Pick<ModelInfo, "nLayer" | "nEmbd" | "nHead" | "nHeadKv">): number {
-  if (info.nHead <= 0) return 0;
-  return info.nLayer * 2 * info.nHeadKv * Math.floor(info.nEmbd / info.nHead) * 2;
 }
 
 /** Free what openModel allocated (the context, then the model). */

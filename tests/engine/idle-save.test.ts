@@ -3,8 +3,9 @@
 // conversation waits longer, so an agent's next turn does not queue behind its own copy.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { IDLE_COPY_BYTES_PER_MS, IDLE_SAVE_COPY_FACTOR, IDLE_SAVE_MIN_MS, idleSaveDelayMs } from "../../src/engine/idle-save";
+import { kvBytesPerToken } from "../../src/engine/kv";
 import { findNativeLib } from "../../src/engine/library";
-import { closeModel, kvBytesPerToken, type OpenedModel, openModel, schedulerDeps } from "../../src/engine/open";
+import { closeModel, type OpenedModel, openModel, schedulerDeps } from "../../src/engine/open";
 import { DEFAULT_SAMPLING, type LoadOptions, type TokenEvent } from "../../src/engine/protocol";
 import { Scheduler } from "../../src/engine/scheduler";
 import { tinyLoadOptions } from "../helpers/model";
