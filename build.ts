@@ -178,7 +178,7 @@ export function ensureSource(): void {
 /** What a build depends on, hashed: the pin, the CMake wrapper, the shim and the options. */
 export function stampOf(o: NativeOptions, vendor = VENDOR): string {
   const h = createHash("sha256");
-  for (const f of ["pin.json", "CMakeLists.txt", join("shim", "mesh_shim.c"), join("shim", "mesh_attn.cpp")])
+  for (const f of ["pin.json", "CMakeLists.txt", join("shim", "mesh_shim.c"), join("shim", "mesh_attn.cpp"), join("shim", "mesh_fa.cpp")])
     h.update(readFileSync(join(vendor, f)));
   for (const f of [join("shim", "exports.map")]) if (existsSync(join(vendor, f))) h.update(readFileSync(join(vendor, f)));
   const target = o.target && o.target !== hostTarget() ? o.target : null;

@@ -14,7 +14,15 @@ import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { availableParallelism, cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { DEFAULT_PLAIN_ATTN, type PlainAttn, parsePlainAttn } from "../engine/attention";
+import {
+  type AttnKernel,
+  DEFAULT_ATTN_KERNEL,
+  DEFAULT_PLAIN_ATTN,
+  defaultPlainAttn,
+  type PlainAttn,
+  parseAttnKernel,
+  parsePlainAttn,
+} from "../engine/attention";
 import { Engine, HOST_CACHE_DEFAULT_MIB } from "../engine/index";
 import type { TtftPhases } from "../engine/protocol";
 import { ensureModel, GENERATED_MODELS } from "../gguf/models";
@@ -58,8 +66,10 @@ export interface EngineBenchOptions {
   ubatch?: number;
   /** Flash attention on both sides. Default auto. */
   flashAttn?: "on" | "off" | "auto";
-  /** mesh's plain-attention window (serve --plain-attn); null: off. Default: mesh's default. llama-server has no such setting. */
+  /** mesh's plain-attention window (serve --plain-attn); null: off. Default: mesh's default for the kernel. llama-server has no such setting. */
   plainAttn?: PlainAttn | null;
+  /** mesh's CPU flash-attention kernel (serve --attn-kernel). Default mesh. llama-server runs ggml's. */
+  attnKernel?: AttnKernel;
   /** Prompt size of the prefill figure. Default 1024. */
   promptTokens?: number;
   /** Shared prefix of the cached time-to-first-token figure. Default 2048. */
@@ -173,7 +183,8 @@ export function resolveEngineBenchOptions(o: EngineBenchOptions = {}): EngineBen
     batch: o.batch ?? 2048,
     ubatch: o.ubatch ?? 512,
     flashAttn: o.flashAttn ?? "auto",
-    plainAttn: o.plainAttn === undefined ? DEFAULT_PLAIN_ATTN : o.plainAttn,
+    attnKernel: o.attnKernel ?? DEFAULT_ATTN_KERNEL,
+    plainAttn: o.plainAttn === undefined ? defaultPlainAttn(o.attnKernel ?? DEFAULT_ATTN_KERNEL) : o.plainAttn,
     promptTokens: o.promptTokens ?? 1024,
     prefixTokens: o.prefixTokens ?? 2048,
     suffixTokens: o.suffixTokens ?? 16,
@@ -603,6 +614,7 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
             threads: c.threads,
             flashAttn: FLASH_ATTN[c.flashAttn],
             plainAttn: c.plainAttn,
+            attnKernel: c.attnKernel,
             repeats: c.repeats,
           },
           cells,
@@ -621,6 +633,7 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
     threadsBatch: c.threads,
     flashAttn: FLASH_ATTN[c.flashAttn],
     plainAttn: c.plainAttn,
+    attnKernel: c.attnKernel,
     hostCacheMiB: HOST_CACHE_DEFAULT_MIB,
     nGpuLayers: c.gpuLayers,
   });
@@ -728,7 +741,7 @@ async function measureHttpTable(
   const state = mkdtempSync(join(tmpdir(), "mesh-bench-state-"));
   const args = [...pre, "serve", "--model", modelPath, "--ctx-size", String(c.ctx), "--parallel", String(c.parallel)];
   args.push("--threads", String(c.threads), "--shutdown-grace", "1", "--state-dir", state);
-  args.push("--plain-attn", c.plainAttn ? `${c.plainAttn.min}:${c.plainAttn.max}` : "off");
+  args.push("--plain-attn", c.plainAttn ? `${c.plainAttn.min}:${c.plainAttn.max}` : "off", "--attn-kernel", c.attnKernel);
   log(`mesh serve: starting (${args.slice(pre.length).join(" ")})`);
   let node: LlamaServer | null = null;
   try {
@@ -779,7 +792,7 @@ export function formatEngineBenchTable(r: EngineBenchReport): string {
     ...tables,
     "",
     "ratio > 1 means mesh is better (tok/s: mesh / llama-server; ms: llama-server / mesh): of the medians, and the median of " +
-      `the per-repeat ratios (paired); ${c.repeats} run(s) each, alternating targets; threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch}, flash-attn ${c.flashAttn}, mesh plain-attn ${c.plainAttn ? `${c.plainAttn.min}:${c.plainAttn.max}` : "off"}` +
+      `the per-repeat ratios (paired); ${c.repeats} run(s) each, alternating targets; threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch}, flash-attn ${c.flashAttn}, mesh attn-kernel ${c.attnKernel}, mesh plain-attn ${c.plainAttn ? `${c.plainAttn.min}:${c.plainAttn.max}` : "off"}` +
       (r.tables.length > 0
         ? `; table: TTFT in ms, clean = right after the prefix, dirty = after ${Math.max(1, c.parallel - 1)} other stream(s) of ${DECODE_PROMPT_TOKENS}+${DIRTY_GEN_TOKENS} tokens, floor = suffix decode + greedy sample through the shim alone`
         : ""),
@@ -798,7 +811,9 @@ Compares mesh's engine with llama-server (same llama.cpp, model, threads, contex
   --batch N            logical batch, -b (default 2048)
   --ubatch N           physical batch, -ub (default 512)
   --flash-attn MODE    on, off or auto (default auto)
-  --plain-attn MIN:MAX mesh only: decodes of MIN..MAX tokens use matrix-product attention (default ${DEFAULT_PLAIN_ATTN.min}:${DEFAULT_PLAIN_ATTN.max}; off)
+  --attn-kernel K      mesh only: mesh (default) or ggml, the CPU flash-attention kernel
+  --plain-attn MIN:MAX mesh only: decodes of MIN..MAX tokens use matrix-product attention (default off with
+                       the mesh kernel, ${DEFAULT_PLAIN_ATTN.min}:${DEFAULT_PLAIN_ATTN.max} with ggml's; off)
   --prompt-tokens N    prompt of the prefill figure (default 1024)
   --prefix-tokens N    cached prefix of the TTFT figure (default 2048)
   --suffix-tokens N    new tokens after the cached prefix (default 16)
@@ -839,6 +854,7 @@ export function parseEngineBenchArgs(argv: string[]): { options: EngineBenchOpti
         ubatch: { type: "string" },
         "flash-attn": { type: "string" },
         "plain-attn": { type: "string" },
+        "attn-kernel": { type: "string" },
         "prompt-tokens": { type: "string" },
         "prefix-tokens": { type: "string" },
         "suffix-tokens": { type: "string" },
@@ -883,9 +899,13 @@ export function parseEngineBenchArgs(argv: string[]): { options: EngineBenchOpti
   const pa = values["plain-attn"];
   const plainAttn = typeof pa === "string" ? parsePlainAttn(pa) : undefined;
   if (typeof plainAttn === "string") throw new BenchUsageError(`--plain-attn: ${plainAttn}`);
+  const ak = values["attn-kernel"];
+  const attnKernel = typeof ak === "string" ? parseAttnKernel(ak) : undefined;
+  if (typeof attnKernel === "object") throw new BenchUsageError(`--attn-kernel: ${attnKernel.error}`);
   const options: EngineBenchOptions = {
     model: values.model as string | undefined,
     plainAttn,
+    attnKernel,
     threads: int("threads"),
     ctx: int("ctx"),
     parallel: int("parallel"),

@@ -5,7 +5,7 @@
 // thread and blocks it for the whole measurement: call it only from a bench
 // process before anything else is served.
 import type { Pointer } from "bun:ffi";
-import type { PlainAttn } from "../engine/attention";
+import type { AttnKernel, PlainAttn } from "../engine/attention";
 import { findNativeLib } from "../engine/library";
 import { closeModel, type OpenedModel, openModel } from "../engine/open";
 import type { LoadOptions } from "../engine/protocol";
@@ -23,6 +23,8 @@ export interface FloorOptions {
   flashAttn: -1 | 0 | 1;
   /** mesh's plain-attention window, so the floor decodes with the kernels mesh uses. */
   plainAttn: PlainAttn | null;
+  /** mesh's CPU flash-attention kernel, as the engine runs it. */
+  attnKernel: AttnKernel;
   repeats: number;
 }
 
@@ -76,6 +78,7 @@ export function measureFloor(o: FloorOptions, cells: readonly Cell[], log: (s: s
     nGpuLayers: 0,
     flashAttn: o.flashAttn,
     plainAttn: o.plainAttn,
+    attnKernel: o.attnKernel,
     useMmap: true,
     backendLibs: [],
     modelShape: null,

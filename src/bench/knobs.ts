@@ -8,10 +8,11 @@
 //
 //   bun run src/bench/knobs.ts --vary ubatch=512,1024 [--prefixes 2048] [--suffixes 16,256,1024]
 //   bun run src/bench/knobs.ts --vary flash=1,0 --prefixes 2048,8192,16384 --repeats 7
+//   bun run src/bench/knobs.ts --vary kernel=0,2 --prefixes 2048,8192 --suffixes 1,4,16,256,1024
 import type { Pointer } from "bun:ffi";
 import { availableParallelism } from "node:os";
 import { parseArgs } from "node:util";
-import { DEFAULT_PLAIN_ATTN, FLASH_TILE_QUERIES } from "../engine/attention";
+import { DEFAULT_PLAIN_ATTN, FLASH_TILE_QUERIES, parseAttnKernel } from "../engine/attention";
 import { findNativeLib } from "../engine/library";
 import { closeModel, type OpenedModel, openModel } from "../engine/open";
 import type { LoadOptions } from "../engine/protocol";
@@ -21,7 +22,7 @@ import { chunkedDecoder, type FloorOptions, filler } from "./floor";
 import { median, pairedRatio } from "./stats";
 
 /** The settings one variant may change. */
-export type KnobKey = "ubatch" | "flash" | "threads" | "plain";
+export type KnobKey = "ubatch" | "flash" | "threads" | "plain" | "kernel";
 
 /** Base settings (the floor's) plus the one knob varied. */
 export interface KnobsOptions extends FloorOptions {
@@ -55,6 +56,8 @@ export function variantLoad(o: KnobsOptions, value: number): LoadOptions {
     flashAttn: (o.vary === "flash" ? value : o.flashAttn) as -1 | 0 | 1,
     // plain=MAX: decodes of DEFAULT min..MAX tokens take the plain path; 0 (and every other knob): flash for all.
     plainAttn: o.vary === "plain" && value > 0 ? { min: DEFAULT_PLAIN_ATTN.min, max: value } : null,
+    // kernel=N: mesh's kernel for ubatches of N+ queries, switched per decode (setWindow); 0: ggml's.
+    attnKernel: o.vary === "kernel" ? "mesh" : o.attnKernel,
     useMmap: true,
     backendLibs: [],
     modelShape: null,
@@ -81,12 +84,13 @@ export function measureKnobs(o: KnobsOptions, cells: readonly Cell[], log: (s: s
   const decodeIds = chunkedDecoder(o.batch);
   const decode = (v: Opened, ids: number[], at: number): number => decodeIds(v.m, ids, at, `knobs: ${o.vary}=${v.value}`);
   const out: KnobsResult = new Map();
-  // The plain-attention window is switched per decode on one context: both variants then decode
-  // over the very same cells, and no second context's thread pool competes for the cores.
-  const shared = o.vary === "plain";
+  // The plain-attention window and the attention kernel are switched per decode on one context:
+  // the variants then decode over the very same cells, and no second thread pool competes.
+  const shared = o.vary === "plain" || o.vary === "kernel";
   // Within the window the context applied (capped by its memory bound, as the engine's).
   const setWindow = (v: Opened) => {
-    if (!shared) return;
+    if (o.vary === "kernel") v.m.native.mesh_fa_min_queries(v.value);
+    if (o.vary !== "plain") return;
     const max = Math.min(v.value, v.m.info.plainAttn?.max ?? 0);
     v.m.native.mesh_set_plain_attn(v.m.ctx, max > 0 ? DEFAULT_PLAIN_ATTN.min : 0, max);
   };
@@ -196,12 +200,14 @@ const HELP = `Paired A/B of one llama.cpp context setting on the cached-prefix p
 
   --vary KEY=VALUES    ubatch=512,1024 | flash=1,0 (1 on, 0 off, -1 auto) | threads=1,2
                        | plain=0,63 (decodes of ${DEFAULT_PLAIN_ATTN.min}..N tokens with matrix-product attention; 0: flash for all)
+                       | kernel=0,2 (mesh's flash-attention kernel for ubatches of N+ queries; 0: ggml's)
   --prefixes LIST      cached prefix sizes (default 2048)
   --suffixes LIST      new tokens per turn (default 16,256,1024)
   --repeats N          samples per cell and variant (default 7)
   --threads N          threads (default: all cores)
   --ubatch N           base ubatch (default 512); --batch N (default 2048)
   --flash-attn MODE    base: on, off, auto (default auto)
+  --attn-kernel K      base: mesh (default) or ggml, the CPU flash-attention kernel
   --model PATH|bench   GGUF or generated model (default bench)
   --pause-ms N         idle time before each measured decode (default 100)
   --json               the samples as JSON instead of the table`;
@@ -238,6 +244,7 @@ export function parseKnobsArgs(argv: string[]): { o: Omit<KnobsOptions, "modelPa
         ubatch: { type: "string" },
         batch: { type: "string" },
         "flash-attn": { type: "string" },
+        "attn-kernel": { type: "string" },
         model: { type: "string" },
         "pause-ms": { type: "string" },
         json: { type: "boolean" },
@@ -250,8 +257,8 @@ export function parseKnobsArgs(argv: string[]): { o: Omit<KnobsOptions, "modelPa
   const v = parsed.values as Record<string, string | boolean | undefined>;
   if (v.help) throw new UsageError(HELP);
   const vary = typeof v.vary === "string" ? v.vary : "";
-  const m = /^(ubatch|flash|threads|plain)=(.+)$/.exec(vary);
-  if (!m) throw new UsageError("--vary KEY=V1,V2 is required (KEY: ubatch, flash, threads, plain)");
+  const m = /^(ubatch|flash|threads|plain|kernel)=(.+)$/.exec(vary);
+  if (!m) throw new UsageError("--vary KEY=V1,V2 is required (KEY: ubatch, flash, threads, plain, kernel)");
   const key = m[1] as KnobKey;
   const values = list("vary", m[2] as string);
   if (values.length < 2) throw new UsageError("--vary needs at least two values to compare");
@@ -262,6 +269,10 @@ export function parseKnobsArgs(argv: string[]): { o: Omit<KnobsOptions, "modelPa
     throw new UsageError(
       `--vary plain takes 0 (flash for all) or a window top from ${DEFAULT_PLAIN_ATTN.min} to ${FLASH_TILE_QUERIES - 1}, got ${badPlain}`,
     );
+  if (key === "kernel" && values.some((x) => x < 0))
+    throw new UsageError("--vary kernel takes 0 (ggml's kernel) or the smallest ubatch mesh's kernel takes");
+  const ak = parseAttnKernel((v["attn-kernel"] as string | undefined) ?? "mesh");
+  if (typeof ak === "object") throw new UsageError(`--attn-kernel: ${ak.error}`);
   const prefixes = list("prefixes", (v.prefixes as string | undefined) ?? "2048");
   const suffixes = list("suffixes", (v.suffixes as string | undefined) ?? "16,256,1024");
   const fa = (v["flash-attn"] as string | undefined) ?? "auto";
@@ -280,6 +291,7 @@ export function parseKnobsArgs(argv: string[]): { o: Omit<KnobsOptions, "modelPa
       threads: positive("threads", v.threads as string | undefined, availableParallelism()),
       flashAttn,
       plainAttn: null,
+      attnKernel: ak,
       repeats: positive("repeats", v.repeats as string | undefined, 7),
       pauseMs: positive("pause-ms", v["pause-ms"] as string | undefined, 100),
       vary: key,

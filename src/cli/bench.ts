@@ -14,7 +14,7 @@ import { parsePolicies, type RoutingBenchOptions, runRoutingBench } from "../ben
 import { formatRoutingTable } from "../bench/routing-report";
 import { formatSoakTable, resolveSoakOptions, runSoak, type SoakOptions } from "../bench/soak";
 import { DEFAULT_PLAIN_ATTN } from "../engine/attention";
-import { intOption, plainAttnOption, UsageError } from "./usage";
+import { attnKernelOption, intOption, plainAttnOption, UsageError } from "./usage";
 
 function collect(v: string, prev: string[]): string[] {
   return [...prev, v];
@@ -249,9 +249,10 @@ Examples:
     .option("--batch <n>", "logical batch, -b (default 2048)", intOption("--batch", 1))
     .option("--ubatch <n>", "physical batch, -ub (default 512)", intOption("--ubatch", 1))
     .addOption(new Option("--flash-attn <mode>", "flash attention (default auto)").choices(["on", "off", "auto"]))
+    .option("--attn-kernel <mesh|ggml>", "mesh only: the CPU flash-attention kernel (default mesh)", attnKernelOption)
     .option(
       "--plain-attn <min:max|off>",
-      `mesh only: decodes of MIN..MAX tokens use matrix-product attention (default ${DEFAULT_PLAIN_ATTN.min}:${DEFAULT_PLAIN_ATTN.max}; off)`,
+      `mesh only: decodes of MIN..MAX tokens use matrix-product attention (default off with the mesh kernel, ${DEFAULT_PLAIN_ATTN.min}:${DEFAULT_PLAIN_ATTN.max} with ggml's)`,
       plainAttnOption,
     )
     .option("--prompt-tokens <n>", "prompt of the prefill figure (default 1024)", intOption("--prompt-tokens", 2))
@@ -280,6 +281,7 @@ Examples:
         ubatch: opts.ubatch,
         flashAttn: opts.flashAttn,
         plainAttn: opts.plainAttn,
+        attnKernel: opts.attnKernel,
         promptTokens: opts.promptTokens,
         prefixTokens: opts.prefixTokens,
         suffixTokens: opts.suffixTokens,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bun
 // The `mesh` command line: parses, runs a command, prints, exits.
 import { Command, CommanderError, Option } from "commander";
-import { DEFAULT_PLAIN_ATTN } from "../engine/attention";
+import { DEFAULT_ATTN_KERNEL, DEFAULT_PLAIN_ATTN } from "../engine/attention";
 import { CHECKPOINT_DEFAULTS } from "../engine/checkpoints";
 import { HOST_CACHE_DEFAULT_MIB } from "../engine/index";
 import { LANE_DEFAULTS } from "../hydration/lanes";
@@ -16,7 +16,7 @@ import { models } from "./models";
 import { peers } from "./peers";
 import { pull } from "./pull";
 import { serve } from "./serve";
-import { intOption, plainAttnOption, UsageError } from "./usage";
+import { attnKernelOption, intOption, plainAttnOption, UsageError } from "./usage";
 
 function collect(v: string, prev: string[]): string[] {
   return [...prev, v];
@@ -44,10 +44,15 @@ export function program(): Command {
     .option("-t, --threads <n>", "CPU threads (default: all cores)", intOption("--threads", 1, 1024))
     .option("-b, --batch-size <n>", "most tokens in one decode step", intOption("--batch-size", 32, 65536), 2048)
     .option(
+      "--attn-kernel <mesh|ggml>",
+      "CPU flash-attention kernel: mesh (default: one sequence's batch of 2+ new tokens, e.g. an agent's next turn over a long cached prompt, 1.4-3.4x ggml's) or ggml (llama.cpp's own for every decode); GPU layers keep their backend's",
+      attnKernelOption,
+      DEFAULT_ATTN_KERNEL,
+    )
+    .option(
       "--plain-attn <min:max|off>",
-      `decodes of MIN to MAX new tokens (an agent's next turn over a long cached prompt) compute attention as two matrix products instead of flash attention's per-query kernel; CPU-only models, capped so the extra memory stays under half the KV cache's (default ${DEFAULT_PLAIN_ATTN.min}:${DEFAULT_PLAIN_ATTN.max}; off: flash attention for every decode)`,
+      `decodes of MIN to MAX new tokens compute attention as two matrix products instead of flash attention; CPU-only models, capped so the extra memory stays under half the KV cache's (default: off with the mesh kernel, which is faster, ${DEFAULT_PLAIN_ATTN.min}:${DEFAULT_PLAIN_ATTN.max} with ggml's)`,
       plainAttnOption,
-      DEFAULT_PLAIN_ATTN,
     )
     .option(
       "--n-gpu-layers <n>",

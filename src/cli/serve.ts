@@ -2,7 +2,7 @@
 import { closeSync, existsSync, openSync, readFileSync, readSync, statSync } from "node:fs";
 import { cpus } from "node:os";
 import { join } from "node:path";
-import type { PlainAttn } from "../engine/attention";
+import type { AttnKernel, PlainAttn } from "../engine/attention";
 import type { ModelInfo } from "../engine/protocol";
 import { TINY } from "../gguf/generate";
 import { ensureModel } from "../gguf/models";
@@ -41,8 +41,10 @@ export interface ServeOptions extends MeshFlags, FileFlags {
   parallel: number;
   threads?: number;
   batchSize: number;
-  /** --plain-attn: the window, or null for off. */
-  plainAttn: PlainAttn | null;
+  /** --plain-attn: the window, or null for off; absent: the default for the kernel. */
+  plainAttn?: PlainAttn | null;
+  /** --attn-kernel. */
+  attnKernel: AttnKernel;
   nGpuLayers: number;
   queueCapacity: number;
   queueTimeout: number;
@@ -153,10 +155,13 @@ export function logDevices(logger: Logger, info: ModelInfo): void {
   }
   logger.info("layers placed", { gpu_layers: info.offload.layers, of: info.offload.of, note: info.offload.note });
   logger.info("attention", {
+    kernel: info.attnKernel,
     plain_for_tokens: info.plainAttn ? `${info.plainAttn.min}-${info.plainAttn.max}` : "none",
     note: info.plainAttn
       ? "decodes of this many new tokens use matrix-product attention, the rest flash attention"
-      : "one kernel for every decode",
+      : info.attnKernel === "mesh"
+        ? "CPU flash attention: mesh's kernel for one sequence's batch of 2+ tokens, ggml's for the rest"
+        : "CPU flash attention: ggml's kernel for every decode",
   });
 }
 
@@ -213,6 +218,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       nUbatch: Math.min(512, o.batchSize),
       threads,
       plainAttn: o.plainAttn,
+      attnKernel: o.attnKernel,
       nGpuLayers: o.nGpuLayers,
       queueCapacity: o.queueCapacity,
       queueTimeoutMs: o.queueTimeout * 1000,

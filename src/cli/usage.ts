@@ -1,4 +1,4 @@
-import { type PlainAttn, parsePlainAttn } from "../engine/attention";
+import { type AttnKernel, type PlainAttn, parseAttnKernel, parsePlainAttn } from "../engine/attention";
 // Bad input on the command line: one line on stderr, exit code 2.
 
 /** A command-line mistake; the entry point prints its message and exits 2. */
@@ -21,5 +21,12 @@ export function intOption(flag: string, min: number, max = Number.MAX_SAFE_INTEG
 export function plainAttnOption(v: string): PlainAttn | null {
   const r = parsePlainAttn(v.trim());
   if (typeof r === "string") throw new UsageError(`--plain-attn: ${r}`);
+  return r;
+}
+
+/** Commander parser for --attn-kernel: mesh or ggml. */
+export function attnKernelOption(v: string): AttnKernel {
+  const r = parseAttnKernel(v.trim());
+  if (typeof r === "object") throw new UsageError(`--attn-kernel: ${r.error}`);
   return r;
 }

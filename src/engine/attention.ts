@@ -1,4 +1,17 @@
-// Which decodes use the plain attention path instead of flash attention.
+// Which kernel computes a decode's attention on the CPU.
+//
+// mesh's own flash-attention kernel (vendor/llama.cpp/shim/mesh_fa.cpp, linked
+// in front of ggml's) takes every ubatch of at least two queries of one
+// sequence: it widens each K/V tile once per KV head instead of once per query
+// head and runs the softmax down vector columns. Measured through the shim on
+// the bench model (docs/benchmarks.md, "mesh's attention kernel"): 1.4x
+// ggml's kernel at 2048 + 256 and 1.75x at 8192 + 256, 2-3.4x for 4-63 new
+// tokens, and faster than the plain path below at every size; a single query
+// (one stream's next token) stays with ggml's kernel, which splits the cache
+// over the threads.
+//
+// The plain path (below) is what runs where mesh's kernel is not built (no
+// --wrap in the platform's linker) or is turned off:
 //
 // On CPU, ggml's flash-attention kernel for a ubatch of fewer than 64 queries
 // walks the cache one key at a time per query row; for an agent's next turn
@@ -12,14 +25,34 @@
 
 import { kvBytesPerToken } from "./kv";
 
+/** Which CPU flash-attention kernel runs: mesh's, or ggml's own. */
+export type AttnKernel = "mesh" | "ggml";
+
+/** The kernel a context runs unless told otherwise. */
+export const DEFAULT_ATTN_KERNEL: AttnKernel = "mesh";
+
+/** mesh's kernel takes ubatches of at least this many queries; one query goes to ggml's. */
+export const MESH_FA_MIN_QUERIES = 2;
+
+/** Parse an --attn-kernel value; a string names what is wrong. */
+export function parseAttnKernel(v: string): AttnKernel | { error: string } {
+  if (v === "mesh" || v === "ggml") return v;
+  return { error: `expected mesh or ggml, got '${v}'` };
+}
+
 /** Inclusive range of batch sizes (tokens per decode) that take the plain path. */
 export interface PlainAttn {
   min: number;
   max: number;
 }
 
-/** The default window: where the plain path won at every prefix measured (2k, 8k, 16k). */
+/** The default window where ggml's kernel runs: where the plain path beat it at every prefix measured (2k, 8k, 16k). */
 export const DEFAULT_PLAIN_ATTN: PlainAttn = { min: 12, max: 63 };
+
+/** The window a context takes when none was asked for: none beside mesh's kernel (faster at every size), else the default. */
+export function defaultPlainAttn(kernel: AttnKernel): PlainAttn | null {
+  return kernel === "mesh" ? null : DEFAULT_PLAIN_ATTN;
+}
 
 /** ggml's CPU flash attention switches to its tiled kernel at this many queries. */
 export const FLASH_TILE_QUERIES = 64;

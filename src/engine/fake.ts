@@ -123,6 +123,7 @@ export class FakeEngine implements EngineLike {
       devices: [],
       offload: { requested: 0, layers: 0, of: 0, note: "fake engine" },
       plainAttn: null,
+      attnKernel: "ggml",
       ...o.info,
     };
     const r = o.reply ?? fakeReply;
@@ -185,6 +186,8 @@ export class FakeEngine implements EngineLike {
       hostCacheEvictions: 0,
       evictions: 0,
       evictedCells: 0,
+      attnOpsMesh: 0,
+      attnOpsGgml: 0,
       ...zeroCounters(),
       decodeSteps: c.generated,
       prefillTokens: c.prompt - c.cached,

@@ -2,7 +2,6 @@
 // model. Nothing here calls llama.cpp; the Worker does, so the event loop
 // never waits on a decode.
 import { cpus } from "node:os";
-import { DEFAULT_PLAIN_ATTN } from "./attention";
 import { CHECKPOINT_DEFAULTS, type CheckpointSummary } from "./checkpoints";
 import { readModelShape } from "./devices";
 import { EngineError } from "./errors";
@@ -302,7 +301,8 @@ export class Engine implements EngineLike {
       backendLibs: opts.backendLibs ?? findBackendLibs(),
       modelShape: opts.modelShape !== undefined ? opts.modelShape : await readModelShape(opts.modelPath),
       flashAttn: opts.flashAttn ?? -1,
-      plainAttn: opts.plainAttn === undefined ? DEFAULT_PLAIN_ATTN : opts.plainAttn,
+      plainAttn: opts.plainAttn,
+      attnKernel: opts.attnKernel,
       useMmap: opts.useMmap ?? true,
       queueCapacity: opts.queueCapacity ?? QUEUE_DEFAULTS.capacity,
       queueTimeoutMs: opts.queueTimeoutMs ?? QUEUE_DEFAULTS.timeoutMs,

@@ -2,7 +2,7 @@
 // Worker (and by tests that drive a Scheduler directly): it blocks for as
 // long as llama.cpp takes to load the file.
 import type { Pointer } from "bun:ffi";
-import { DEFAULT_PLAIN_ATTN, type PlainAttn, plainAttnWindow } from "./attention";
+import { type AttnKernel, DEFAULT_ATTN_KERNEL, defaultPlainAttn, MESH_FA_MIN_QUERIES, type PlainAttn, plainAttnWindow } from "./attention";
 import { type BackendLoad, type DeviceInfo, fitGpuLayers, listDevices, loadBackends, type Offload } from "./devices";
 import type { EngineErrorValue } from "./errors";
 import { kvBytesPerToken } from "./kv";
@@ -76,16 +76,24 @@ export function openModel(
     return { code: "context_create_failed", message: lastError(n, `could not create a context of ${o.nCtx} tokens`) };
   }
   // Memory as it stands with the weights and KV placed: what the mesh plans with.
-  const info = modelInfo(n, model, ctx, o.modelPath, { backends, devices: listDevices(n), offload, plainAttn: null });
+  const attnKernel = applyAttnKernel(n, o.attnKernel ?? DEFAULT_ATTN_KERNEL);
+  const info = modelInfo(n, model, ctx, o.modelPath, { backends, devices: listDevices(n), offload, plainAttn: null, attnKernel });
   info.plainAttn = applyPlainAttn(n, ctx, o, info);
   return { native: n, model, ctx, info };
+}
+
+// The setting is the shim's, one per process: every context loaded after it runs the same kernel.
+// A build without mesh's kernel (no --wrap in the platform's linker) answers -1: ggml's runs.
+function applyAttnKernel(n: Native, want: AttnKernel): AttnKernel {
+  const prev = n.mesh_fa_min_queries(want === "mesh" ? MESH_FA_MIN_QUERIES : 0);
+  return prev < 0 ? "ggml" : want;
 }
 
 // Only where every layer and the cache are on the CPU: the window was measured
 // there, and a split's stages or a GPU have kernels of their own.
 function applyPlainAttn(n: Native, ctx: Pointer, o: LoadOptions, info: ModelInfo): PlainAttn | null {
   const cpuOnly = !o.split && info.offload.layers === 0;
-  const want = o.plainAttn === undefined ? DEFAULT_PLAIN_ATTN : o.plainAttn;
+  const want = o.plainAttn === undefined ? defaultPlainAttn(info.attnKernel) : o.plainAttn;
   const w = plainAttnWindow(want, { ...info, cpuOnly });
   if (!w) return null;
   return n.mesh_set_plain_attn(ctx, w.min, w.max) === 1 ? w : null;
@@ -164,7 +172,7 @@ function modelInfo(
   model: Pointer,
   ctx: Pointer,
   path: string,
-  placed: { backends: BackendLoad[]; devices: DeviceInfo[]; offload: Offload; plainAttn: PlainAttn | null },
+  placed: { backends: BackendLoad[]; devices: DeviceInfo[]; offload: Offload; plainAttn: PlainAttn | null; attnKernel: AttnKernel },
 ): ModelInfo {
   const mi = new Int32Array(9);
   n.mesh_model_info(model, mi);

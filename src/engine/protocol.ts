@@ -1,4 +1,4 @@
-import type { PlainAttn } from "./attention";
+import type { AttnKernel, PlainAttn } from "./attention";
 // Messages between the main thread and the engine Worker. Plain data only.
 import type { BackendLoad, DeviceInfo, Offload } from "./devices";
 import type { EngineErrorValue } from "./errors";
@@ -22,8 +22,10 @@ export interface LoadOptions {
   modelShape: { nLayer: number; weightBytes: number } | null;
   /** -1 auto, 0 off, 1 on. */
   flashAttn: -1 | 0 | 1;
-  /** Batch sizes that take the plain attention path on a CPU-only flash context (see attention.ts); null: never. Absent: the default. */
+  /** Batch sizes that take the plain attention path on a CPU-only flash context (see attention.ts); null: never. Absent: the default for the kernel that runs. */
   plainAttn?: PlainAttn | null;
+  /** CPU flash-attention kernel (see attention.ts); absent: mesh's. One per process: the last context loaded sets it. */
+  attnKernel?: AttnKernel;
   useMmap: boolean;
   /** Requests that may wait for a slot or KV room before 429 (queue_full). */
   queueCapacity: number;
@@ -161,6 +163,8 @@ export interface ModelInfo {
   offload: Offload;
   /** Batch sizes that decode with the plain attention path, as applied; null: flash (or plain) attention for all. */
   plainAttn: PlainAttn | null;
+  /** The CPU flash-attention kernel that runs (ggml's where mesh's is not built). */
+  attnKernel: AttnKernel;
   /** The portable fingerprint session checkpoints of this model carry between nodes; absent without checkpoints. */
   checkpointFingerprint?: string;
 }
@@ -193,6 +197,9 @@ export interface EngineStats extends SchedulerCounters {
   /** Evictions and evicted cells over every reason. */
   evictions: number;
   evictedCells: number;
+  /** CPU flash-attention ops computed by mesh's kernel and by ggml's, in this process (every context). */
+  attnOpsMesh: number;
+  attnOpsGgml: number;
 }
 
 export type FinishReason = "stop" | "length" | "cancelled";

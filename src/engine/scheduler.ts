@@ -273,6 +273,8 @@ export class Scheduler {
   private placed = 0;
   /** Whether the shim's plain-attention window is armed (openModel arms it wherever one applies). */
   private plainArmed = true;
+  // The shim's attention-op counts (mesh kernel, ggml kernel), read at each stats call.
+  private readonly attnOps = new BigInt64Array(2);
   /** Milliseconds spent saving to host RAM since the current admission began. */
   private saveMs = 0;
 
@@ -408,6 +410,7 @@ export class Scheduler {
   stats(): EngineStats {
     const kv = this.usage();
     const host = this.host.stats();
+    this.d.native.mesh_fa_counts(this.attnOps);
     return {
       slotsTotal: this.slots.length,
       slotsBusy: this.slots.filter((s) => s.active !== null).length,
@@ -433,6 +436,8 @@ export class Scheduler {
       ...this.counters,
       evictions: EVICTION_REASONS.reduce((sum, r) => sum + this.counters[evictionFields(r).count], 0),
       evictedCells: EVICTION_REASONS.reduce((sum, r) => sum + this.counters[evictionFields(r).cells], 0),
+      attnOpsMesh: Number(this.attnOps[0]),
+      attnOpsGgml: Number(this.attnOps[1]),
     };
   }
 

@@ -161,6 +161,14 @@ export class Metrics {
             ['{attention="default"}', g.decodeSteps - g.plainAttnSteps],
           ],
         ),
+        counter(
+          "mesh_attention_ops_total",
+          "CPU flash-attention ops (one per layer per decode step) by kernel: mesh (one sequence's batch of 2 or more tokens) or ggml (the rest, and every op with --attn-kernel ggml); whole process",
+          [
+            ['{kernel="mesh"}', g.attnOpsMesh],
+            ['{kernel="ggml"}', g.attnOpsGgml],
+          ],
+        ),
         counter("mesh_prefill_tokens_total", "Prompt tokens decoded (not served from cache)", [["", g.prefillTokens]]),
         gauge("mesh_host_cache_bytes", "Host RAM held by idle sequences' saved KV state", g.hostCacheBytes),
         gauge("mesh_host_cache_capacity_bytes", "Bound of the host RAM cache (--cache-ram)", g.hostCacheCapacityBytes),

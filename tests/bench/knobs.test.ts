@@ -95,6 +95,7 @@ describe("knobs bench", () => {
       threads: 2,
       flashAttn: -1,
       plainAttn: null,
+      attnKernel: "mesh",
       repeats: 2,
       pauseMs: 1,
       vary: "ubatch",
@@ -123,6 +124,7 @@ describe("knobs bench", () => {
       threads: 2,
       flashAttn: 1,
       plainAttn: null,
+      attnKernel: "mesh",
       repeats: 3,
       pauseMs: 1,
       vary: "plain",
@@ -132,5 +134,27 @@ describe("knobs bench", () => {
     const cell = r.get("300+16");
     for (const v of o.values) expect(cell?.get(v)?.ms).toHaveLength(3);
     expect(cell?.get(63)?.tokens).toEqual(cell?.get(0)?.tokens as number[]);
+  });
+
+  test("kernel_variants_run_on_one_context_and_the_mesh_kernel_takes_the_suffix", async () => {
+    const o: KnobsOptions = {
+      modelPath: await ensureModel(TINY),
+      ctx: 1024,
+      parallel: 1,
+      batch: 512,
+      ubatch: 512,
+      threads: 2,
+      flashAttn: 1,
+      plainAttn: null,
+      attnKernel: "mesh",
+      repeats: 2,
+      pauseMs: 1,
+      vary: "kernel",
+      values: [0, 2],
+    };
+    const r = measureKnobs(o, [{ prefix: 300, suffix: 100 }], () => {});
+    const cell = r.get("300+100");
+    for (const v of o.values) expect(cell?.get(v)?.ms).toHaveLength(2);
+    expect(cell?.get(2)?.tokens).toEqual(cell?.get(0)?.tokens as number[]);
   });
 });

@@ -1,6 +1,6 @@
-// `mesh serve --plain-attn`, run as a user runs it: bad values are one line and exit 2; a node
-// says at start which decodes take the plain attention path, and answers the same greedy text
-// with it on and off.
+// `mesh serve --attn-kernel` and `--plain-attn`, run as a user runs them: bad values are one
+// line and exit 2; a node says at start which kernel and which plain window it runs, counts the
+// ops of each in /metrics, and answers the same greedy text either way.
 import { afterAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -20,7 +20,16 @@ function mesh(args: string[]) {
   return { code: r.exitCode, err: r.stderr.toString() };
 }
 
-describe("mesh serve --plain-attn", () => {
+describe("mesh serve --attn-kernel and --plain-attn", () => {
+  test("bad_attn_kernel_values_are_one_line_on_stderr_and_exit_code_2", () => {
+    for (const v of ["fast", "", "MESH"]) {
+      const r = mesh(["serve", "--attn-kernel", v]);
+      expect({ v, code: r.code }).toEqual({ v, code: 2 });
+      expect(r.err).toContain("--attn-kernel");
+      expect(r.err.trim().split("\n").length).toBe(1);
+    }
+  });
+
   test("bad_plain_attn_values_are_one_line_on_stderr_and_exit_code_2", () => {
     for (const v of ["12", "0:10", "20:10", "12:64", "a:b", "on"]) {
       const r = mesh(["serve", "--plain-attn", v]);
@@ -30,16 +39,17 @@ describe("mesh serve --plain-attn", () => {
     }
   });
 
-  test("a_node_logs_its_window_and_answers_the_same_greedy_text_with_it_off", async () => {
+  test("a_node_logs_its_kernel_and_window_and_answers_the_same_greedy_text_with_each", async () => {
     const prompt = { role: "user", content: "Tool result: ".concat("line of output ".repeat(40)) };
     const answers: string[] = [];
-    for (const [name, args, shown] of [
-      ["on", [], "12-63"],
-      ["off", ["--plain-attn", "off"], "none"],
+    for (const [name, args, kernel, shown] of [
+      ["mesh", [], "mesh", "none"],
+      ["plain", ["--attn-kernel", "ggml"], "ggml", "12-63"],
+      ["ggml", ["--attn-kernel", "ggml", "--plain-attn", "off"], "ggml", "none"],
     ] as const) {
       const n = await spawnNode({ name, dir: nodes, model: "tiny", args: [...args] });
       try {
-        expect(n.log()).toMatch(new RegExp(`attention.*plain_for_tokens[=: "]+${shown}`));
+        expect(n.log()).toMatch(new RegExp(`attention.*kernel[=: "]+${kernel}.*plain_for_tokens[=: "]+${shown}`));
         const models = (await (await fetch(`${n.url}/v1/models`)).json()) as { data: Array<{ id: string }> };
         const model = models.data[0]?.id as string;
         type Reply = { choices: Array<{ message: { content: string } }>; usage: { prompt_tokens_details?: { cached_tokens?: number } } };
@@ -59,14 +69,15 @@ describe("mesh serve --plain-attn", () => {
         expect(next.cached).toBeGreaterThan(100);
         const metrics = await (await fetch(`${n.url}/metrics`)).text();
         const plainSteps = Number(/mesh_decode_steps_total\{attention="plain"\} (\d+)/.exec(metrics)?.[1]);
-        if (name === "on") expect(plainSteps).toBeGreaterThan(0);
-        else expect(plainSteps).toBe(0);
+        const meshOps = Number(/mesh_attention_ops_total\{kernel="mesh"\} (\d+)/.exec(metrics)?.[1]);
+        expect({ name, plain: plainSteps > 0, mesh: meshOps > 0 }).toEqual({ name, plain: name === "plain", mesh: name === "mesh" });
         answers.push(`${first.text}|${next.text}`);
       } finally {
         n.proc.kill("SIGKILL");
         await n.proc.exited;
       }
     }
-    expect(answers[0]).toBe(answers[1] as string);
+    expect(answers[1]).toBe(answers[0] as string);
+    expect(answers[2]).toBe(answers[0] as string);
   });
 });

@@ -25,7 +25,7 @@
 #include <unistd.h>
 #endif
 
-#define MESH_SHIM_VERSION 9
+#define MESH_SHIM_VERSION 10
 
 static int g_log_min_level = GGML_LOG_LEVEL_WARN;
 static _Thread_local char g_last_error[512];
