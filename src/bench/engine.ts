@@ -18,7 +18,6 @@ import {
   type AttnKernel,
   DEFAULT_ATTN_KERNEL,
   DEFAULT_PLAIN_ATTN,
-  defaultPlainAttn,
   type PlainAttn,
   parseAttnKernel,
   parsePlainAttn,
@@ -105,7 +104,11 @@ export interface EngineBenchOptions {
 }
 
 /** The options after defaults, as recorded in the report. */
-export type EngineBenchConfig = Required<Omit<EngineBenchOptions, "onProgress" | "model">> & { model: string };
+export type EngineBenchConfig = Required<Omit<EngineBenchOptions, "onProgress" | "model" | "plainAttn">> & {
+  model: string;
+  /** As given; undefined: the engine's default for the kernel that runs (serve's too). */
+  plainAttn: PlainAttn | null | undefined;
+};
 
 /** Table defaults: the prefixes and suffixes of an agent's turns. */
 export const TABLE_PREFIXES = [2048, 8192, 16384];
@@ -184,7 +187,7 @@ export function resolveEngineBenchOptions(o: EngineBenchOptions = {}): EngineBen
     ubatch: o.ubatch ?? 512,
     flashAttn: o.flashAttn ?? "auto",
     attnKernel: o.attnKernel ?? DEFAULT_ATTN_KERNEL,
-    plainAttn: o.plainAttn === undefined ? defaultPlainAttn(o.attnKernel ?? DEFAULT_ATTN_KERNEL) : o.plainAttn,
+    plainAttn: o.plainAttn,
     promptTokens: o.promptTokens ?? 1024,
     prefixTokens: o.prefixTokens ?? 2048,
     suffixTokens: o.suffixTokens ?? 16,
@@ -638,6 +641,8 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
     nGpuLayers: c.gpuLayers,
   });
   const info = engine.info;
+  const plainFor = info.plainAttn ? `${info.plainAttn.min}-${info.plainAttn.max}` : "none";
+  log(`mesh: attention kernel ${info.attnKernel}, plain attention for ${plainFor} new tokens`);
   const meshSamples = collected();
   const llamaSamples = collected();
   const meshTable = emptySamples(cells);
@@ -741,7 +746,8 @@ async function measureHttpTable(
   const state = mkdtempSync(join(tmpdir(), "mesh-bench-state-"));
   const args = [...pre, "serve", "--model", modelPath, "--ctx-size", String(c.ctx), "--parallel", String(c.parallel)];
   args.push("--threads", String(c.threads), "--shutdown-grace", "1", "--state-dir", state);
-  args.push("--plain-attn", c.plainAttn ? `${c.plainAttn.min}:${c.plainAttn.max}` : "off", "--attn-kernel", c.attnKernel);
+  args.push("--attn-kernel", c.attnKernel);
+  if (c.plainAttn !== undefined) args.push("--plain-attn", c.plainAttn ? `${c.plainAttn.min}:${c.plainAttn.max}` : "off");
   log(`mesh serve: starting (${args.slice(pre.length).join(" ")})`);
   let node: LlamaServer | null = null;
   try {
@@ -792,7 +798,7 @@ export function formatEngineBenchTable(r: EngineBenchReport): string {
     ...tables,
     "",
     "ratio > 1 means mesh is better (tok/s: mesh / llama-server; ms: llama-server / mesh): of the medians, and the median of " +
-      `the per-repeat ratios (paired); ${c.repeats} run(s) each, alternating targets; threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch}, flash-attn ${c.flashAttn}, mesh attn-kernel ${c.attnKernel}, mesh plain-attn ${c.plainAttn ? `${c.plainAttn.min}:${c.plainAttn.max}` : "off"}` +
+      `the per-repeat ratios (paired); ${c.repeats} run(s) each, alternating targets; threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch}, flash-attn ${c.flashAttn}, mesh attn-kernel ${c.attnKernel}, mesh plain-attn ${c.plainAttn === undefined ? "default" : c.plainAttn ? `${c.plainAttn.min}:${c.plainAttn.max}` : "off"}` +
       (r.tables.length > 0
         ? `; table: TTFT in ms, clean = right after the prefix, dirty = after ${Math.max(1, c.parallel - 1)} other stream(s) of ${DECODE_PROMPT_TOKENS}+${DIRTY_GEN_TOKENS} tokens, floor = suffix decode + greedy sample through the shim alone`
         : ""),

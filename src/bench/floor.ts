@@ -22,7 +22,7 @@ export interface FloorOptions {
   threads: number;
   flashAttn: -1 | 0 | 1;
   /** mesh's plain-attention window, so the floor decodes with the kernels mesh uses. */
-  plainAttn: PlainAttn | null;
+  plainAttn?: PlainAttn | null;
   /** mesh's CPU flash-attention kernel, as the engine runs it. */
   attnKernel: AttnKernel;
   repeats: number;

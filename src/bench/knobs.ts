@@ -89,7 +89,8 @@ export function measureKnobs(o: KnobsOptions, cells: readonly Cell[], log: (s: s
   const shared = o.vary === "plain" || o.vary === "kernel";
   // Within the window the context applied (capped by its memory bound, as the engine's).
   const setWindow = (v: Opened) => {
-    if (o.vary === "kernel") v.m.native.mesh_fa_min_queries(v.value);
+    if (o.vary === "kernel" && v.m.native.mesh_set_attn_kernel(v.m.ctx, v.value, 1) !== v.value)
+      throw new Error(`knobs: mesh's attention kernel does not run this model (or is not built): kernel=${v.value} would measure ggml's`);
     if (o.vary !== "plain") return;
     const max = Math.min(v.value, v.m.info.plainAttn?.max ?? 0);
     v.m.native.mesh_set_plain_attn(v.m.ctx, max > 0 ? DEFAULT_PLAIN_ATTN.min : 0, max);

@@ -25,7 +25,7 @@ const symbols = {
   mesh_decode: { args: [ptr, ptr, ptr, ptr, ptr, i32], returns: i32 },
   mesh_set_plain_attn: { args: [ptr, i32, i32], returns: i32 },
   mesh_attn_is_flash: { args: [ptr], returns: i32 },
-  mesh_fa_min_queries: { args: [i32], returns: i32 },
+  mesh_set_attn_kernel: { args: [ptr, i32, i32], returns: i32 },
   mesh_fa_counts: { args: [ptr], returns: v },
   mesh_logits_get: { args: [ptr, i32, ptr, i32], returns: i32 },
   mesh_seq_rm: { args: [ptr, i32, i32, i32], returns: i32 },
@@ -51,7 +51,7 @@ const symbols = {
 } as const;
 
 /** The shim ABI version this TypeScript expects. */
-export const SHIM_VERSION = 10;
+export const SHIM_VERSION = 11;
 
 /** The loaded shim's callable symbols. */
 export type Native = ReturnType<typeof dlopen<typeof symbols>>["symbols"];

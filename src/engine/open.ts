@@ -76,17 +76,18 @@ export function openModel(
     return { code: "context_create_failed", message: lastError(n, `could not create a context of ${o.nCtx} tokens`) };
   }
   // Memory as it stands with the weights and KV placed: what the mesh plans with.
-  const attnKernel = applyAttnKernel(n, o.attnKernel ?? DEFAULT_ATTN_KERNEL);
+  const attnKernel = applyAttnKernel(n, ctx, o.attnKernel ?? DEFAULT_ATTN_KERNEL);
   const info = modelInfo(n, model, ctx, o.modelPath, { backends, devices: listDevices(n), offload, plainAttn: null, attnKernel });
   info.plainAttn = applyPlainAttn(n, ctx, o, info);
   return { native: n, model, ctx, info };
 }
 
-// The setting is the shim's, one per process: every context loaded after it runs the same kernel.
-// A build without mesh's kernel (no --wrap in the platform's linker) answers -1: ggml's runs.
-function applyAttnKernel(n: Native, want: AttnKernel): AttnKernel {
-  const prev = n.mesh_fa_min_queries(want === "mesh" ? MESH_FA_MIN_QUERIES : 0);
-  return prev < 0 ? "ggml" : want;
+// The context's own setting. A build without mesh's kernel (no --wrap in the platform's linker)
+// answers -1, a model whose attention it does not compute (head sizes, ALiBi, soft-capping,
+// sinks) 0: ggml's kernel runs, and the plain-attention default with it.
+function applyAttnKernel(n: Native, ctx: Pointer, want: AttnKernel): AttnKernel {
+  const r = n.mesh_set_attn_kernel(ctx, want === "mesh" ? MESH_FA_MIN_QUERIES : 0, 1);
+  return r > 0 ? "mesh" : "ggml";
 }
 
 // Only where every layer and the cache are on the CPU: the window was measured

@@ -24,7 +24,7 @@ export interface LoadOptions {
   flashAttn: -1 | 0 | 1;
   /** Batch sizes that take the plain attention path on a CPU-only flash context (see attention.ts); null: never. Absent: the default for the kernel that runs. */
   plainAttn?: PlainAttn | null;
-  /** CPU flash-attention kernel (see attention.ts); absent: mesh's. One per process: the last context loaded sets it. */
+  /** CPU flash-attention kernel (see attention.ts), the context's own; absent: mesh's. */
   attnKernel?: AttnKernel;
   useMmap: boolean;
   /** Requests that may wait for a slot or KV room before 429 (queue_full). */

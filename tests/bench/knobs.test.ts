@@ -4,6 +4,8 @@
 import { describe, expect, test } from "bun:test";
 import { join } from "node:path";
 import { type KnobsOptions, type KnobsResult, knobsTable, measureKnobs, parseKnobsArgs } from "../../src/bench/knobs";
+import { findNativeLib } from "../../src/engine/library";
+import { openNative } from "../../src/engine/native";
 import { TINY } from "../../src/gguf/generate";
 import { ensureModel } from "../../src/gguf/models";
 
@@ -152,9 +154,21 @@ describe("knobs bench", () => {
       vary: "kernel",
       values: [0, 2],
     };
+    // The process's op counts (the library is loaded once per process): the kernel=2 decodes ran mesh's.
+    const native = openNative(findNativeLib() as string);
+    const counts = () => {
+      const c = new BigInt64Array(2);
+      native.mesh_fa_counts(c);
+      return { mesh: Number(c[0]), ggml: Number(c[1]) };
+    };
+    const before = counts();
     const r = measureKnobs(o, [{ prefix: 300, suffix: 100 }], () => {});
+    const after = counts();
     const cell = r.get("300+100");
     for (const v of o.values) expect(cell?.get(v)?.ms).toHaveLength(2);
     expect(cell?.get(2)?.tokens).toEqual(cell?.get(0)?.tokens as number[]);
+    // Two measured decodes per kernel over the tiny model's 2 layers, plus the prefix (mesh's too).
+    expect(after.mesh - before.mesh).toBeGreaterThanOrEqual(2 * 2);
+    expect(after.ggml - before.ggml).toBeGreaterThanOrEqual(2 * 2);
   });
 });

@@ -11,6 +11,7 @@ import { DEFAULT_PLAIN_ATTN, MESH_FA_MIN_QUERIES, parseAttnKernel } from "../../
 import { collect, Engine } from "../../src/engine/index";
 import { findNativeLib } from "../../src/engine/library";
 import { closeModel, type OpenedModel, openModel } from "../../src/engine/open";
+import type { LoadOptions } from "../../src/engine/protocol";
 import { generateModel, type ModelSpec, TINY } from "../../src/gguf/generate";
 import { vocabPath } from "../../src/gguf/models";
 import { tinyLoadOptions, tinyModel } from "../helpers/model";
@@ -20,11 +21,11 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 // Head shapes beside the tiny model's (head size 16, two query heads per KV head): the bench
 // model's grouping (64, four per KV head), one KV head per query head (64), and a head size the
-// kernel does not take (24: not a whole number of vectors).
+// kernel does not take (18: not a whole number of vectors of 4, 8 or 16 floats).
 const SHAPES: Record<string, Omit<ModelSpec, "name" | "nLayer" | "nFf" | "nCtxTrain" | "seed" | "tiedOutput">> = {
   grouped: { nEmbd: 256, nHead: 4, nHeadKv: 1 },
   mha: { nEmbd: 128, nHead: 2, nHeadKv: 2 },
-  odd: { nEmbd: 96, nHead: 4, nHeadKv: 2 },
+  odd: { nEmbd: 72, nHead: 4, nHeadKv: 2 },
 };
 
 async function shapedModel(name: string): Promise<string> {
@@ -43,8 +44,8 @@ describe("mesh's attention kernel over the real library", () => {
   const control = new Int32Array(8);
   let opened: OpenedModel;
 
-  function open(path: string): Promise<OpenedModel> {
-    return tinyLoadOptions({ modelPath: path, nBatch: 1024, nCtx: 2048, nParallel: 4, flashAttn: 1 }).then((o) => {
+  function open(path: string, o: Partial<LoadOptions> = {}): Promise<OpenedModel> {
+    return tinyLoadOptions({ modelPath: path, nBatch: 1024, nCtx: 2048, nParallel: 4, flashAttn: 1, ...o }).then((o) => {
       const m = openModel(findNativeLib() as string, o, new Float32Array(1), control, 0);
       if (!("ctx" in m)) throw new Error(m.message);
       return m;
@@ -92,7 +93,7 @@ describe("mesh's attention kernel over the real library", () => {
   // path (matrix products, F32 softmax) as the reference; the suffixes are removed after each.
   function threeWays(m: OpenedModel, groups: Array<{ seq: number; at: number; tokens: number[] }>) {
     const run = (kernel: "ggml" | "mesh" | "plain") => {
-      m.native.mesh_fa_min_queries(kernel === "mesh" ? MESH_FA_MIN_QUERIES : 0);
+      m.native.mesh_set_attn_kernel(m.ctx, kernel === "mesh" ? MESH_FA_MIN_QUERIES : 0, 1);
       m.native.mesh_set_plain_attn(m.ctx, kernel === "plain" ? 1 : 0, kernel === "plain" ? 4096 : 0);
       const before = counts(m);
       const out = decode(m, groups);
@@ -102,7 +103,7 @@ describe("mesh's attention kernel over the real library", () => {
       return { out, took: after.mesh - before.mesh, passed: after.ggml - before.ggml };
     };
     const r = { ggml: run("ggml"), mesh: run("mesh"), plain: run("plain") };
-    m.native.mesh_fa_min_queries(MESH_FA_MIN_QUERIES);
+    m.native.mesh_set_attn_kernel(m.ctx, MESH_FA_MIN_QUERIES, 1);
     return r;
   }
 
@@ -186,16 +187,46 @@ describe("mesh's attention kernel over the real library", () => {
     const m = opened;
     m.native.mesh_memory_clear(m.ctx, 1);
     decode(m, [{ seq: 0, at: 0, tokens: ids(50, 200) }]);
-    const r = threeWays(m, [{ seq: 0, at: 200, tokens: ids(51, 100) }]);
-    expect({ took: r.mesh.took, passed: r.mesh.passed }).toEqual({ took: 0, passed: m.info.nLayer });
+    // Known at open from the model's heads: the context says so (and gets the plain default).
+    expect(m.info.attnKernel).toBe("ggml");
+    expect(m.native.mesh_set_attn_kernel(m.ctx, MESH_FA_MIN_QUERIES, 1)).toBe(0);
+    // The kernel's own per-op check, which guards pools without a setting (an RPC stage server's):
+    // with the model check skipped, every op still goes to ggml's kernel.
+    expect(m.native.mesh_set_attn_kernel(m.ctx, MESH_FA_MIN_QUERIES, 0)).toBe(MESH_FA_MIN_QUERIES);
+    const before = counts(m);
+    decode(m, [{ seq: 0, at: 200, tokens: ids(51, 100) }]);
+    const after = counts(m);
+    m.native.mesh_seq_rm(m.ctx, 0, 200, -1);
+    expect({ took: after.mesh - before.mesh, passed: after.ggml - before.ggml }).toEqual({ took: 0, passed: m.info.nLayer });
   });
 
-  test("the_kernel_setting_is_read_back_and_zero_turns_it_off", async () => {
-    if (!opened) opened = await open(await tinyModel());
-    const n = opened.native;
-    const prev = n.mesh_fa_min_queries(0);
-    expect(n.mesh_fa_min_queries(prev)).toBe(0);
-    expect(n.mesh_fa_min_queries(MESH_FA_MIN_QUERIES)).toBe(prev);
+  // The setting was once the process's: a context loading with another value while one decoded
+  // could split one op's threads between the two kernels (mismatched barriers). It is per
+  // context now, kept per thread pool.
+  test("each_context_keeps_its_own_kernel_setting", async () => {
+    if (opened) closeModel(opened);
+    opened = await open(await tinyModel());
+    // Its own thread pool for batches (threads 1, batch threads 2): the setting covers both pools.
+    const other = await open(await tinyModel(), { threads: 1, threadsBatch: 2 });
+    try {
+      expect(opened.native.mesh_set_attn_kernel(opened.ctx, 0, 1)).toBe(0);
+      expect(other.native.mesh_set_attn_kernel(other.ctx, MESH_FA_MIN_QUERIES, 1)).toBe(MESH_FA_MIN_QUERIES);
+      const step = (m: OpenedModel) => {
+        m.native.mesh_memory_clear(m.ctx, 1);
+        decode(m, [{ seq: 0, at: 0, tokens: ids(70, 100) }]);
+        const before = counts(m);
+        decode(m, [{ seq: 0, at: 100, tokens: ids(71, 100) }]);
+        const after = counts(m);
+        return { mesh: after.mesh - before.mesh, ggml: after.ggml - before.ggml };
+      };
+      const layers = opened.info.nLayer;
+      expect(step(opened)).toEqual({ mesh: 0, ggml: layers });
+      expect(step(other)).toEqual({ mesh: layers, ggml: 0 });
+      expect(step(opened)).toEqual({ mesh: 0, ggml: layers });
+    } finally {
+      closeModel(other);
+    }
+    opened.native.mesh_set_attn_kernel(opened.ctx, MESH_FA_MIN_QUERIES, 1);
   });
 });
 
@@ -231,9 +262,8 @@ describe("the engine with either kernel", () => {
   }
 
   test("a_cached_turn_gives_the_same_tokens_and_cached_tokens_with_either_kernel", async () => {
-    // ggml's first: the setting is the process's, and later tests expect the default back.
-    const ggml = await turn("ggml");
     const mesh = await turn("mesh");
+    const ggml = await turn("ggml");
     expect(mesh.kernel).toBe("mesh");
     expect(ggml.kernel).toBe("ggml");
     // The plain path is the fallback beside ggml's kernel only.
@@ -245,5 +275,15 @@ describe("the engine with either kernel", () => {
     expect(mesh.cached).toBe(1500);
     expect(ggml.cached).toBe(1500);
     expect(mesh.tokens).toEqual(ggml.tokens);
+  });
+
+  test("a_model_whose_heads_the_kernel_does_not_take_runs_ggml_kernel_with_the_plain_default", async () => {
+    const engine = await Engine.load({ modelPath: await shapedModel("odd"), nCtx: 2048, nParallel: 2, threads: 2 });
+    try {
+      expect(engine.info.attnKernel).toBe("ggml");
+      expect(engine.info.plainAttn).toEqual(DEFAULT_PLAIN_ATTN);
+    } finally {
+      await engine.close();
+    }
   });
 });

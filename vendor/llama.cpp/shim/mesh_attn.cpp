@@ -23,6 +23,7 @@
 // private member (access checks do not apply to explicit instantiations).
 // This file is built only against the pinned llama.cpp source.
 #include "llama-context.h"
+#include "llama-model.h"
 
 namespace {
 
@@ -61,6 +62,28 @@ int mesh_attn_set_flash(struct llama_context *ctx, int on) {
     // A graph kept for reuse was built for the other kernel: never reuse it.
     ctx->*mesh_get(mesh_prev_graph_tag{}) = nullptr;
     return 1;
+}
+
+int32_t mesh_fa_shape_ok(int64_t dk, int64_t dv, int64_t group);
+
+/**
+ * Whether mesh's flash-attention kernel (mesh_fa.cpp) computes this model's attention: head
+ * sizes and grouping it takes in every attention layer, and none of what it hands to ggml's
+ * kernel (ALiBi, soft-capped scores, attention sinks). Layers without attention are skipped.
+ */
+int mesh_attn_model_fa_ok(const struct llama_model *model) {
+    const llama_hparams &hp = model->hparams;
+    if (hp.use_alibi || hp.f_max_alibi_bias != 0.0f || hp.attn_soft_cap) return 0;
+    bool any = false;
+    for (uint32_t il = 0; il < hp.n_layer_all; il++) {
+        const uint32_t nkv = hp.n_head_kv(il);
+        if (nkv == 0) continue;
+        const uint32_t nh = hp.n_head(il);
+        if (nh % nkv != 0 || !mesh_fa_shape_ok(hp.n_embd_head_k(il), hp.n_embd_head_v(il), nh / nkv)) return 0;
+        if (il < model->layers.size() && model->layers[il].attn_sinks) return 0;
+        any = true;
+    }
+    return any ? 1 : 0;
 }
 
 }

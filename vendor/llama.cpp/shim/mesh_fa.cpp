@@ -21,6 +21,15 @@
 // (CMakeLists.txt): ggml-cpu.c's call lands here, and every case this kernel
 // does not take (other types, ALiBi, soft-capping, sinks, few queries, the
 // reference mode, too small a work buffer) goes on to ggml's kernel.
+//
+// Every thread of an op must make the same choice: ggml's kernel synchronises
+// its threads (barriers, a shared chunk counter), so threads split between the
+// two kernels would pair their barriers wrongly and hang or compute garbage.
+// So the choice depends only on the op's tensors and on a setting that never
+// changes while the op runs: each context's own, kept per thread pool (the
+// shim owns its contexts' pools) and changed only between that context's
+// decodes, on the thread that decodes; pools the shim does not own (an RPC
+// stage server's) get a constant default.
 #include "ggml-cpu-impl.h"
 #include "ggml-cpu.h"
 #include "ggml.h"
@@ -31,7 +40,10 @@
 #include <cstring>
 
 extern "C" {
-int32_t mesh_fa_min_queries(int32_t min_queries);
+int32_t mesh_fa_pool_set(const void *pool, int32_t min_queries);
+void mesh_fa_pool_clear(const void *pool);
+int32_t mesh_fa_default_min_queries(void);
+int32_t mesh_fa_shape_ok(int64_t dk, int64_t dv, int64_t group);
 void mesh_fa_counts(int64_t *out);
 }
 
@@ -62,9 +74,24 @@ constexpr int COLS = 64;   // query columns (queries x heads of one KV head) per
 constexpr int TK = 64;     // KV rows per tile
 constexpr int MAX_D = 256; // head sizes this kernel takes (multiples of VL)
 
-// Smallest number of queries in a ubatch this kernel takes; 0 = never (ggml's kernel for all).
-// One query goes to ggml's kernel, which splits the cache over the threads.
-std::atomic<int32_t> g_min_queries{2};
+// Smallest number of queries in a ubatch this kernel takes, for pools without a setting of their
+// own; 0 = never. One query goes to ggml's kernel, which splits the cache over the threads.
+constexpr int32_t DEFAULT_MIN_QUERIES = 2;
+
+// Per thread pool settings: a fixed table (one entry per live context's pool), found by pointer.
+constexpr int POOLS = 64;
+struct PoolSetting {
+    std::atomic<const void *> pool{nullptr};
+    std::atomic<int32_t> min_queries{DEFAULT_MIN_QUERIES};
+};
+PoolSetting g_pools[POOLS];
+
+int32_t min_queries_for(const void *pool) {
+    for (PoolSetting &p : g_pools)
+        if (pool && p.pool.load(std::memory_order_acquire) == pool) return p.min_queries.load(std::memory_order_relaxed);
+    return DEFAULT_MIN_QUERIES;
+}
+
 // Flash-attention ops computed here and handed to ggml's kernel (counted once per op, by thread 0).
 std::atomic<int64_t> g_taken{0}, g_passed{0};
 
@@ -151,6 +178,11 @@ inline void pv_cols(float *O, const float *P, const float *V, int c0, int kt, in
     int v0 = 0;
     for (; v0 + RN * VL <= dv; v0 += RN * VL) pv_block<R, RN>(O, P, V, c0, v0, kt, ld, dv);
     for (; v0 < dv; v0 += VL) pv_block<R, 1>(O, P, V, c0, v0, kt, ld, dv);
+}
+
+// Head sizes and grouping this kernel computes.
+bool shape_ok(int64_t dk, int64_t dv, int64_t group) {
+    return dk > 0 && dv > 0 && dk % VL == 0 && dv % VL == 0 && dk <= MAX_D && dv <= MAX_D && group >= 1 && group <= COLS;
 }
 
 struct Shape {
@@ -253,6 +285,9 @@ void run_unit(const Shape &s, float *w, int64_t iq3, int64_t g, int64_t q0, int6
         for (; k0 + RM <= kt; k0 += RM) kq_rows<RM>(S, Kf, QT, k0, ld, (int)dk, ld);
         for (; k0 < kt; k0++) kq_rows<1>(S, Kf, QT, k0, ld, (int)dk, ld);
 
+        // Hidden cells are -inf whatever K holds (an overflowed inf or NaN there must not reach
+        // a column that cannot see it), and a V row no column sees is not read (0 x inf = NaN).
+        bool seen[TK] = {};
         if (tm == MIXED) {
             const ggml_tensor *m = s.mask;
             float row32[TK];
@@ -260,7 +295,11 @@ void run_unit(const Shape &s, float *w, int64_t iq3, int64_t g, int64_t q0, int6
                 for (int64_t hh = 0; hh < group; hh++) {
                     if (hh == 0 || m->ne[2] > 1) ggml_cpu_fp16_to_fp32(mask_row(m, q0 + t, h0 + hh, iq3) + ic, row32, kt);
                     const int64_t c = t * group + hh;
-                    for (int i = 0; i < kt; i++) S[i * ld + c] += row32[i];
+                    for (int i = 0; i < kt; i++) {
+                        const bool hidden = row32[i] == -INFINITY;
+                        S[i * ld + c] = hidden ? -INFINITY : S[i * ld + c] + row32[i];
+                        seen[i] |= !hidden;
+                    }
                 }
             }
         }
@@ -294,7 +333,10 @@ void run_unit(const Shape &s, float *w, int64_t iq3, int64_t g, int64_t q0, int6
         for (int i = 0; i < kt; i++) {
             const ggml_fp16_t *vr = (const ggml_fp16_t *)((const char *)s.v->data + (ic + i) * s.v->nb[1] + g * s.v->nb[2] +
                                                           iv3 * s.v->nb[3]);
-            ggml_cpu_fp16_to_fp32(vr, Vf + i * dv, dv);
+            if (tm == MIXED && !seen[i])
+                memset(Vf + i * dv, 0, sizeof(float) * (size_t)dv);
+            else
+                ggml_cpu_fp16_to_fp32(vr, Vf + i * dv, dv);
         }
         int c0 = 0;
         for (; c0 + RM <= ncols; c0 += RM) pv_cols<RM>(O, S, Vf, c0, kt, ld, (int)dv);
@@ -316,7 +358,7 @@ void run_unit(const Shape &s, float *w, int64_t iq3, int64_t g, int64_t q0, int6
 
 // The shape when this kernel takes the op, else false.
 bool take(const ggml_compute_params *params, ggml_tensor *dst, Shape &s) {
-    const int32_t min_q = g_min_queries.load(std::memory_order_relaxed);
+    const int32_t min_q = min_queries_for(params->threadpool);
     if (min_q <= 0 || params->use_ref) return false;
     const ggml_tensor *q = dst->src[0], *k = dst->src[1], *v = dst->src[2], *mask = dst->src[3];
     if (dst->src[4]) return false;  // attention sinks
@@ -329,12 +371,12 @@ bool take(const ggml_compute_params *params, ggml_tensor *dst, Shape &s) {
     memcpy(&softcap, (const float *)dst->op_params + 2, sizeof(float));
     if (max_bias != 0.0f || softcap != 0.0f) return false;
     const int64_t dk = k->ne[0], dv = v->ne[0];
-    if (q->ne[0] != dk || dk % VL || dv % VL || dk > MAX_D || dv > MAX_D) return false;
+    if (q->ne[0] != dk || !shape_ok(dk, dv, k->ne[2] > 0 ? q->ne[2] / k->ne[2] : 0)) return false;
     if (q->nb[0] != sizeof(float) || k->nb[0] != sizeof(ggml_fp16_t) || v->nb[0] != sizeof(ggml_fp16_t)) return false;
     if (k->ne[1] != v->ne[1] || k->ne[2] != v->ne[2] || k->ne[3] != v->ne[3]) return false;
     if (k->ne[2] <= 0 || q->ne[2] % k->ne[2] || q->ne[3] % k->ne[3]) return false;
     const int64_t group = q->ne[2] / k->ne[2];
-    if (group > COLS || q->ne[1] < min_q) return false;
+    if (q->ne[1] < min_q) return false;
     if (dst->ne[0] != dv || dst->ne[1] != q->ne[2] || dst->ne[2] != q->ne[1]) return false;
     if (mask && (mask->ne[0] < k->ne[1] || mask->ne[1] < q->ne[1])) return false;
     const size_t need = scratch_floats(dk, dv) * sizeof(float) * (size_t)params->nth;
@@ -376,10 +418,50 @@ void __wrap_ggml_compute_forward_flash_attn_ext(const struct ggml_compute_params
     }
 }
 
-/** Smallest ubatch (queries) the mesh flash-attention kernel takes; 0 turns it off. Returns the previous value. */
-int32_t mesh_fa_min_queries(int32_t min_queries) {
-    return g_min_queries.exchange(min_queries < 0 ? 0 : min_queries, std::memory_order_relaxed);
+/**
+ * Set the smallest ubatch (queries) this kernel takes for ops computed on thread pool `pool`
+ * (0: ggml's kernel for all); only while no graph runs on that pool. Returns the setting, or -2
+ * when the table is full (the pool then runs the default, as pools the shim does not own).
+ */
+int32_t mesh_fa_pool_set(const void *pool, int32_t min_queries) {
+    if (!pool) return -2;
+    const int32_t v = min_queries < 0 ? 0 : min_queries;
+    for (PoolSetting &p : g_pools) {
+        if (p.pool.load(std::memory_order_acquire) == pool) {
+            p.min_queries.store(v, std::memory_order_relaxed);
+            return v;
+        }
+    }
+    // A free entry holds the default until its pool is set, so a lookup in between reads the default.
+    for (PoolSetting &p : g_pools) {
+        const void *empty = nullptr;
+        if (p.pool.compare_exchange_strong(empty, pool, std::memory_order_acq_rel)) {
+            p.min_queries.store(v, std::memory_order_relaxed);
+            return v;
+        }
+    }
+    return -2;
 }
+
+/** Forget a pool's setting (before the pool is freed: its address may come back for another). */
+void mesh_fa_pool_clear(const void *pool) {
+    if (!pool) return;
+    for (PoolSetting &p : g_pools) {
+        if (p.pool.load(std::memory_order_acquire) == pool) {
+            // The default goes back before the entry is free: a pool taking it next must not have
+            // its own setting overwritten by this one's late reset.
+            p.min_queries.store(DEFAULT_MIN_QUERIES, std::memory_order_relaxed);
+            p.pool.store(nullptr, std::memory_order_release);
+            return;
+        }
+    }
+}
+
+/** The setting pools the shim does not own (or cannot keep an entry for) run with. */
+int32_t mesh_fa_default_min_queries(void) { return DEFAULT_MIN_QUERIES; }
+
+/** Whether this kernel would compute a model's attention: head sizes K and V, query heads per KV head. */
+int32_t mesh_fa_shape_ok(int64_t dk, int64_t dv, int64_t group) { return shape_ok(dk, dv, group) ? 1 : 0; }
 
 /** Flash-attention ops so far in this process: out[0] computed by this kernel, out[1] by ggml's. */
 void mesh_fa_counts(int64_t *out) {
@@ -392,7 +474,16 @@ void mesh_fa_counts(int64_t *out) {
 #else  // no --wrap on this platform's linker: ggml's kernel only
 
 /** Not built on this platform: always -1. */
-extern "C" int32_t mesh_fa_min_queries(int32_t) { return -1; }
+extern "C" int32_t mesh_fa_pool_set(const void *, int32_t) { return -1; }
+
+/** Not built on this platform: nothing to forget. */
+extern "C" void mesh_fa_pool_clear(const void *) {}
+
+/** Not built on this platform: never. */
+extern "C" int32_t mesh_fa_default_min_queries(void) { return 0; }
+
+/** Not built on this platform: no model's attention. */
+extern "C" int32_t mesh_fa_shape_ok(int64_t, int64_t, int64_t) { return 0; }
 
 /** Not built on this platform: no counts. */
 extern "C" void mesh_fa_counts(int64_t *out) { out[0] = out[1] = 0; }

@@ -25,7 +25,7 @@
 #include <unistd.h>
 #endif
 
-#define MESH_SHIM_VERSION 10
+#define MESH_SHIM_VERSION 11
 
 static int g_log_min_level = GGML_LOG_LEVEL_WARN;
 static _Thread_local char g_last_error[512];
@@ -293,6 +293,10 @@ struct mesh_ctx {
 
 int mesh_attn_flash(struct llama_context *ctx);
 int mesh_attn_set_flash(struct llama_context *ctx, int on);
+int mesh_attn_model_fa_ok(const struct llama_model *model);
+int32_t mesh_fa_pool_set(const void *pool, int32_t min_queries);
+void mesh_fa_pool_clear(const void *pool);
+int32_t mesh_fa_default_min_queries(void);
 
 // Persistent CPU thread pools, as llama.cpp's own server attaches: without
 // one, ggml creates and joins its worker threads for every graph, i.e. every
@@ -372,6 +376,29 @@ int32_t mesh_logits_get(struct mesh_ctx *m, int32_t i, float *dst, int32_t cap) 
     return n;
 }
 
+/**
+ * Let mesh's flash-attention kernel (mesh_fa.cpp) take this context's ubatches of min_queries or
+ * more queries (0: ggml's kernel for every op). Only between this context's decodes. Returns the
+ * setting in effect: -1 where the kernel is not built; 0 where it does not compute this model's
+ * attention (see mesh_attn_model_fa_ok; check_model 0 skips that check, for tests of the kernel's
+ * own per-op checks); the default where the shim keeps no setting for the context's pools (none
+ * attached, or the table full).
+ */
+int32_t mesh_set_attn_kernel(struct mesh_ctx *m, int32_t min_queries, int32_t check_model) {
+    if (mesh_fa_default_min_queries() == 0) return -1;  // the kernel is not built (no --wrap)
+    const int model_ok = !check_model || mesh_attn_model_fa_ok(llama_get_model(m->ctx));
+    if (min_queries > 0 && !model_ok) min_queries = 0;
+    int32_t r = m->tp ? mesh_fa_pool_set(m->tp, min_queries) : -2;
+    if (r != -2 && m->tp_batch) r = mesh_fa_pool_set(m->tp_batch, min_queries);
+    if (r == -2) {
+        // Both pools or neither: a pool without an entry runs the default.
+        mesh_fa_pool_clear(m->tp);
+        mesh_fa_pool_clear(m->tp_batch);
+        r = mesh_fa_default_min_queries();
+    }
+    return model_ok ? r : 0;
+}
+
 /** 1 when the context's next graph uses flash attention, 0 when the plain path (tests watch the switch). */
 int32_t mesh_attn_is_flash(struct mesh_ctx *m) { return mesh_attn_flash(m->ctx); }
 
@@ -381,6 +408,9 @@ void mesh_context_free(struct mesh_ctx *m) {
     llama_batch_free(m->batch);
     free(m->cur);
     llama_free(m->ctx);
+    // The kernel's per-pool setting goes first: a later pool may get the same address.
+    mesh_fa_pool_clear(m->tp);
+    mesh_fa_pool_clear(m->tp_batch);
     if (m->tp) ggml_threadpool_free(m->tp);
     if (m->tp_batch) ggml_threadpool_free(m->tp_batch);
     free(m);
