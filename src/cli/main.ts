@@ -45,7 +45,7 @@ export function program(): Command {
     .option("-b, --batch-size <n>", "most tokens in one decode step", intOption("--batch-size", 32, 65536), 2048)
     .option(
       "--attn-kernel <mesh|ggml>",
-      "CPU flash-attention kernel: mesh (default: one sequence's batch of 2+ new tokens, e.g. an agent's next turn over a long cached prompt, 1.4-3.4x ggml's) or ggml (llama.cpp's own for every decode); a model whose attention mesh's does not compute (head sizes, ALiBi, soft-capping, sinks) runs ggml's; GPU layers keep their backend's",
+      "CPU flash-attention kernel: mesh (default: one sequence's batch of 2+ new tokens, e.g. an agent's next turn over a long cached prompt, 1.3-3.9x ggml's) or ggml (llama.cpp's own for every decode); a model whose attention mesh's does not compute (head sizes, ALiBi, soft-capping, sinks) runs ggml's; GPU layers keep their backend's",
       attnKernelOption,
       DEFAULT_ATTN_KERNEL,
     )

@@ -163,7 +163,7 @@ export interface ModelInfo {
   offload: Offload;
   /** Batch sizes that decode with the plain attention path, as applied; null: flash (or plain) attention for all. */
   plainAttn: PlainAttn | null;
-  /** The CPU flash-attention kernel that runs (ggml's where mesh's is not built). */
+  /** The CPU flash-attention kernel that runs (ggml's where mesh's is not built or does not compute this model's attention). */
   attnKernel: AttnKernel;
   /** The portable fingerprint session checkpoints of this model carry between nodes; absent without checkpoints. */
   checkpointFingerprint?: string;

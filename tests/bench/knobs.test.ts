@@ -116,8 +116,9 @@ describe("knobs bench", () => {
     expect(cell?.get(512)?.tokens).toEqual(cell?.get(128)?.tokens as number[]);
   });
 
-  test("plain_attention_variants_run_on_one_context_with_the_same_greedy_token", async () => {
-    const o: KnobsOptions = {
+  // A one-context variant run (plain, kernel) on the tiny model.
+  async function sharedContextOptions(vary: KnobsOptions["vary"], values: number[], repeats: number): Promise<KnobsOptions> {
+    return {
       modelPath: await ensureModel(TINY),
       ctx: 1024,
       parallel: 1,
@@ -127,11 +128,15 @@ describe("knobs bench", () => {
       flashAttn: 1,
       plainAttn: null,
       attnKernel: "mesh",
-      repeats: 3,
+      repeats,
       pauseMs: 1,
-      vary: "plain",
-      values: [0, 63],
+      vary,
+      values,
     };
+  }
+
+  test("plain_attention_variants_run_on_one_context_with_the_same_greedy_token", async () => {
+    const o = await sharedContextOptions("plain", [0, 63], 3);
     const r = measureKnobs(o, [{ prefix: 300, suffix: 16 }], () => {});
     const cell = r.get("300+16");
     for (const v of o.values) expect(cell?.get(v)?.ms).toHaveLength(3);
@@ -139,21 +144,7 @@ describe("knobs bench", () => {
   });
 
   test("kernel_variants_run_on_one_context_and_the_mesh_kernel_takes_the_suffix", async () => {
-    const o: KnobsOptions = {
-      modelPath: await ensureModel(TINY),
-      ctx: 1024,
-      parallel: 1,
-      batch: 512,
-      ubatch: 512,
-      threads: 2,
-      flashAttn: 1,
-      plainAttn: null,
-      attnKernel: "mesh",
-      repeats: 2,
-      pauseMs: 1,
-      vary: "kernel",
-      values: [0, 2],
-    };
+    const o = await sharedContextOptions("kernel", [0, 2], 2);
     // The process's op counts (the library is loaded once per process): the kernel=2 decodes ran mesh's.
     const native = openNative(findNativeLib() as string);
     const counts = () => {

@@ -370,13 +370,11 @@ bool take(const ggml_compute_params *params, ggml_tensor *dst, Shape &s) {
     memcpy(&max_bias, (const float *)dst->op_params + 1, sizeof(float));
     memcpy(&softcap, (const float *)dst->op_params + 2, sizeof(float));
     if (max_bias != 0.0f || softcap != 0.0f) return false;
-    const int64_t dk = k->ne[0], dv = v->ne[0];
-    if (q->ne[0] != dk || !shape_ok(dk, dv, k->ne[2] > 0 ? q->ne[2] / k->ne[2] : 0)) return false;
     if (q->nb[0] != sizeof(float) || k->nb[0] != sizeof(ggml_fp16_t) || v->nb[0] != sizeof(ggml_fp16_t)) return false;
     if (k->ne[1] != v->ne[1] || k->ne[2] != v->ne[2] || k->ne[3] != v->ne[3]) return false;
     if (k->ne[2] <= 0 || q->ne[2] % k->ne[2] || q->ne[3] % k->ne[3]) return false;
-    const int64_t group = q->ne[2] / k->ne[2];
-    if (q->ne[1] < min_q) return false;
+    const int64_t dk = k->ne[0], dv = v->ne[0], group = q->ne[2] / k->ne[2];
+    if (q->ne[0] != dk || !shape_ok(dk, dv, group) || q->ne[1] < min_q) return false;
     if (dst->ne[0] != dv || dst->ne[1] != q->ne[2] || dst->ne[2] != q->ne[1]) return false;
     if (mask && (mask->ne[0] < k->ne[1] || mask->ne[1] < q->ne[1])) return false;
     const size_t need = scratch_floats(dk, dv) * sizeof(float) * (size_t)params->nth;
