@@ -16,7 +16,7 @@ import { models } from "./models";
 import { peers } from "./peers";
 import { pull } from "./pull";
 import { serve } from "./serve";
-import { attnKernelOption, intOption, plainAttnOption, UsageError } from "./usage";
+import { attnKernelOption, intOption, onOffOption, plainAttnOption, UsageError } from "./usage";
 
 function collect(v: string, prev: string[]): string[] {
   return [...prev, v];
@@ -78,6 +78,12 @@ export function program(): Command {
       "host RAM for idle conversations' KV state: moved out of the KV pool when other requests start, copied back when a prompt continues them (0 keeps them in the pool)",
       intOption("--cache-ram", 0, 1 << 24),
       HOST_CACHE_DEFAULT_MIB,
+    )
+    .option(
+      "--idle-restore <on|off>",
+      "copy the conversation another request moved to host RAM back into the KV pool once the engine has been idle a moment (at least 100 ms, ten times the copy), so its next turn finds it resident; the next request that does not continue it only clears it again",
+      onOffOption("--idle-restore"),
+      true,
     )
     .option(
       "--session-ttl <s>",

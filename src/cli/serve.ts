@@ -50,6 +50,8 @@ export interface ServeOptions extends MeshFlags, FileFlags {
   queueTimeout: number;
   kvReserveOutput: number;
   cacheRam: number;
+  /** --idle-restore. */
+  idleRestore: boolean;
   sessionTtl: number;
   sessionsMax: number;
   sessionsMemory: number;
@@ -224,6 +226,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       queueTimeoutMs: o.queueTimeout * 1000,
       defaultReserveOutput: o.kvReserveOutput,
       hostCacheMiB: o.cacheRam,
+      idleRestore: o.idleRestore,
       checkpointRamMiB: o.checkpointRam,
       checkpointDiskMiB: o.checkpointDisk,
       // Spilled checkpoints live beside the node's identity, one directory per model fingerprint.

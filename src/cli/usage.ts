@@ -30,3 +30,13 @@ export function attnKernelOption(v: string): AttnKernel {
   if (typeof r === "object") throw new UsageError(`--attn-kernel: ${r.error}`);
   return r;
 }
+
+/** Commander parser for an on/off switch such as --idle-restore; anything else names the flag. */
+export function onOffOption(flag: string): (v: string) => boolean {
+  return (v: string) => {
+    const t = v.trim().toLowerCase();
+    if (t === "on") return true;
+    if (t === "off") return false;
+    throw new UsageError(`${flag} must be on or off, got '${v}'`);
+  };
+}

@@ -131,6 +131,11 @@ export class HostCache<S extends SavedState = SavedState> {
     this.bytes += entryBytes(tokens.length, state.bytes);
   }
 
+  /** True while the cache still holds this entry (it was not dropped or replaced by a longer save). */
+  has(entry: HostEntry<S>): boolean {
+    return this.entries.includes(entry);
+  }
+
   /** Keep one entry from being dropped (it is about to be restored); null unpins. */
   pin(entry: HostEntry<S> | null): void {
     this.pinned = entry;

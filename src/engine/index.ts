@@ -308,6 +308,7 @@ export class Engine implements EngineLike {
       queueTimeoutMs: opts.queueTimeoutMs ?? QUEUE_DEFAULTS.timeoutMs,
       kvBudget: opts.kvBudget ?? true,
       hostCacheMiB: opts.hostCacheMiB ?? HOST_CACHE_DEFAULT_MIB,
+      idleRestore: opts.idleRestore ?? true,
       checkpointRamMiB: opts.checkpointRamMiB ?? CHECKPOINT_DEFAULTS.ramMiB,
       checkpointDiskMiB: opts.checkpointDiskMiB ?? CHECKPOINT_DEFAULTS.diskMiB,
       checkpointDir: opts.checkpointDir ?? null,

@@ -158,6 +158,7 @@ export function schedulerDeps(m: OpenedModel, o: LoadOptions, control: Int32Arra
     queueTimeoutMs: o.queueTimeoutMs,
     kvBudget: o.kvBudget,
     hostCacheBytes: Math.max(0, Math.floor(o.hostCacheMiB * 1024 * 1024)),
+    idleRestore: o.idleRestore ?? true,
     now: () => performance.now(),
   };
 }

@@ -35,6 +35,8 @@ export interface LoadOptions {
   kvBudget: boolean;
   /** Host RAM (MiB) for idle sequences' KV state; 0 keeps idle prefixes resident in the pool. */
   hostCacheMiB: number;
+  /** Copy a conversation an admission moved to host RAM back into the pool once the engine is idle; absent: on. */
+  idleRestore?: boolean;
   /** Session checkpoints: RAM (MiB) and disk (MiB) budgets, and the directory spilled ones go to (null: RAM only). */
   checkpointRamMiB?: number;
   checkpointDiskMiB?: number;

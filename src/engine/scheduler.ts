@@ -8,7 +8,7 @@ import type { Checkpoint, CheckpointStore } from "./checkpoints";
 import { shouldCompact } from "./compaction";
 import type { EngineErrorValue } from "./errors";
 import { HostCache, type HostEntry } from "./host-cache";
-import { idleSaveDelayMs } from "./idle-save";
+import { idleRestoreDelayMs, idleSaveDelayMs } from "./idle-save";
 import { type KvUsage, kvUsage, planEviction, reservation, type SlotUsage } from "./kv";
 import type { Native } from "./native";
 import {
@@ -124,6 +124,8 @@ export interface SchedulerDeps {
   now: () => number;
   /** Session checkpoints (saved at a reply's end, restored before prefill); absent: none. */
   checkpoints?: CheckpointStore | null;
+  /** Copy back, once the engine is idle, the conversation an admission moved to host RAM (idle restore); absent: on. */
+  idleRestore?: boolean;
   /** KV state bytes per token (F16 K and V of every layer), to plan the idle-time copy by; absent: copies go at the minimum wait. */
   kvBytesPerToken?: number;
   /** Batch sizes the shim may decode with plain attention (as applied at open); the scheduler arms it per step. Absent: none. */
@@ -166,6 +168,9 @@ export interface SchedulerCounters {
   hostRestores: number;
   hostRestoredTokens: number;
   hostRestoreFailures: number;
+  /** Displaced conversations copied back into the pool while the engine was idle, and their tokens. */
+  hostIdleRestores: number;
+  hostIdleRestoredTokens: number;
   /** Times the pool was emptied and a reused prefix copied back from cell 0, and the cells copied. */
   compactions: number;
   compactedCells: number;
@@ -237,6 +242,8 @@ export function zeroCounters(): SchedulerCounters {
     hostRestores: 0,
     hostRestoredTokens: 0,
     hostRestoreFailures: 0,
+    hostIdleRestores: 0,
+    hostIdleRestoredTokens: 0,
     compactions: 0,
     compactedCells: 0,
     checkpointSaves: 0,
@@ -277,6 +284,13 @@ export class Scheduler {
   private readonly attnOps = new BigInt64Array(2);
   /** Milliseconds spent saving to host RAM since the current admission began. */
   private saveMs = 0;
+  /**
+   * The conversation the latest admission that displaced one moved to host RAM (the most recently
+   * used of those it moved), and that conversation's lastUsed: copied back once the engine is idle.
+   */
+  private displaced: { entry: HostEntry<HostState>; lastUsed: number; admission: number } | null = null;
+  /** Admissions begun, so displacements of the same one can be told from a later one's. */
+  private admissions = 0;
 
   constructor(private readonly d: SchedulerDeps) {
     this.slots = Array.from({ length: d.nParallel }, (_, seq) => ({ seq, history: [], active: null, lastUsed: 0, savedAt: -1, idleAt: 0 }));
@@ -388,6 +402,19 @@ export class Scheduler {
       return true;
     }
     return false;
+  }
+
+  /** Idle-time work, one copy per call: a displaced conversation back first (restoreIdle), else a save ahead of need (saveIdle). */
+  idleWork(): boolean {
+    return this.restoreIdle() || this.saveIdle();
+  }
+
+  /** Milliseconds until idleWork has something due (0: now), or null when nothing is waiting. */
+  nextIdleWorkInMs(): number | null {
+    const back = this.idleRestoreInMs();
+    const save = this.nextIdleSaveInMs();
+    if (back === null) return save;
+    return save === null ? back : Math.min(back, save);
   }
 
   /** Milliseconds until saveIdle has a conversation due (0: now), or null when none is waiting for its copy. */
@@ -580,6 +607,7 @@ export class Scheduler {
       if (free.length === 0) break;
       const w = this.waiting[0] as Waiting;
       const admitStart = this.d.now();
+      this.admissions++;
       this.saveMs = 0;
       let restoreMs = 0;
       const hostBest = this.host.enabled ? this.host.best(w.prompt) : null;
@@ -600,7 +628,7 @@ export class Scheduler {
         }
         target = choice.restoreInto;
       }
-      if (this.host.enabled) for (const s of free) if (s !== target && s !== best) this.offload(s);
+      if (this.host.enabled) for (const s of free) if (s !== target && s !== best) this.displace(s);
       // At least one prompt token must be decoded to get logits to sample from.
       const reserve = this.d.kvBudget ? reservation(w.prompt.length, w.req.reserveOutput, this.d.nCtxSeq) : this.d.nCtxSeq;
       if (this.d.kvBudget) {
@@ -626,7 +654,7 @@ export class Scheduler {
         if (!plan?.fits) break;
         this.evict(plan.evictions);
       }
-      if (this.host.enabled) for (const s of free) if (s !== target) this.offload(s);
+      if (this.host.enabled) for (const s of free) if (s !== target) this.displace(s);
       this.waiting.shift();
       if (restore) {
         const t = this.d.now();
@@ -643,7 +671,7 @@ export class Scheduler {
         } else this.counters.hostRestoredTokens += target.history.length;
       } else {
         // The divergent tail about to be dropped may be another conversation's next turn.
-        if (this.host.enabled && target.history.length - keep >= HOST_MIN_TOKENS) this.offload(target, false);
+        if (this.host.enabled && target.history.length - keep >= HOST_MIN_TOKENS) this.displace(target, false);
         const before = target.history.length;
         this.truncate(target, keep);
         this.countEviction(keep > 0 ? "divergent" : "replaced", before - target.history.length);
@@ -865,15 +893,78 @@ export class Scheduler {
       }
       this.saveMs += this.d.now() - t;
     }
-    if (clear) {
-      const before = s.history.length;
-      this.truncate(s, 0);
-      this.countEviction("offload", before);
-    }
+    if (clear) this.clearOffloaded(s);
   }
 
-  /** Copy a saved sequence back into an idle slot; on failure the slot is left empty and the prompt is prefilled. */
-  private restoreInto(s: Slot, entry: HostEntry<HostState>): void {
+  /** Empty an idle slot whose conversation went to host RAM (or was too short to keep). */
+  private clearOffloaded(s: Slot): void {
+    const before = s.history.length;
+    this.truncate(s, 0);
+    this.countEviction("offload", before);
+  }
+
+  /**
+   * Offload an idle slot at an admission (see offload), remembering its conversation for the
+   * idle-time copy back when it is the most recently used one this admission moved out.
+   */
+  private displace(s: Slot, clear = true): void {
+    const n = s.history.length;
+    const lastUsed = s.lastUsed;
+    this.offload(s, false);
+    if (n >= HOST_MIN_TOKENS && this.d.idleRestore !== false) {
+      const found = this.host.best(s.history);
+      if (found && found.lcp === n) {
+        const d = this.displaced;
+        // A new admission's displacement replaces the last one's; within one, the most recent use wins.
+        if (!d || d.admission !== this.admissions || lastUsed > d.lastUsed)
+          this.displaced = { entry: found.entry, lastUsed, admission: this.admissions };
+      }
+    }
+    if (clear) this.clearOffloaded(s);
+  }
+
+  /**
+   * Idle-time work: copy back into an empty slot the conversation the latest displacing admission
+   * moved to host RAM, once what displaced it has finished and the engine has been idle for
+   * idleRestoreDelayMs, so its next turn finds it resident. Only into free room (nothing is evicted
+   * for it) and only once per displacement; its host copy stays, so the next admission that does
+   * not continue it only clears it again. True when it copied (or tried).
+   */
+  restoreIdle(): boolean {
+    const d = this.displaced;
+    if (!d || this.idleRestoreInMs() !== 0) return false;
+    this.displaced = null;
+    const e = d.entry;
+    if (!this.host.has(e)) return false;
+    const n = e.tokens.length;
+    // Already back (its turn came), or a slot holds nearly all of it: the copy would gain nothing.
+    if (this.slots.some((s) => commonPrefix(s.history, e.tokens) + RESTORE_MIN_GAIN > n)) return false;
+    const slot = this.slots.find((s) => s.history.length === 0 && s.active === null);
+    if (!slot) return false;
+    if (this.d.kvBudget) {
+      const plan = planEviction(this.d.nCtx, this.slotUsage(), n);
+      if (!plan.fits || plan.evictions.length > 0) return false;
+    }
+    if (!this.restoreInto(slot, e, false)) return true;
+    this.counters.hostIdleRestores++;
+    this.counters.hostIdleRestoredTokens += n;
+    // It keeps its place in the LRU order, and its host copy covers it: no idle-time save is due.
+    slot.lastUsed = d.lastUsed;
+    slot.savedAt = slot.lastUsed;
+    slot.idleAt = this.d.now();
+    return true;
+  }
+
+  /** Milliseconds until restoreIdle has a conversation due (0: now), or null when none is waiting to come back. */
+  private idleRestoreInMs(): number | null {
+    const d = this.displaced;
+    if (!d || !this.host.enabled || this.waiting.length > 0 || this.slots.some((s) => s.active !== null)) return null;
+    const idleSince = this.slots.reduce((t, s) => Math.max(t, s.idleAt), 0);
+    return Math.max(0, idleSince + idleRestoreDelayMs(d.entry.state.bytes) - this.d.now());
+  }
+
+  /** Copy a saved sequence back into an idle slot; on failure the slot is left empty (the prompt is prefilled) and false returned. */
+  private restoreInto(s: Slot, entry: HostEntry<HostState>, counted = true): boolean {
     const { native, ctx } = this.d;
     if (s.history.length > 0) this.offload(s);
     // Into an empty pool: from cell 0, so the attention window is the sequence itself.
@@ -885,15 +976,16 @@ export class Scheduler {
     this.cut(s, 0);
     if (got > 0 && native.mesh_seq_pos_max(ctx, s.seq) === entry.tokens.length - 1) {
       s.history = Array.from(entry.tokens);
-      this.counters.hostRestores++;
+      if (counted) this.counters.hostRestores++;
       // The slot now holds what the entry holds (the caller trims it to what the prompt keeps).
       if (this.tenancy.active) this.tenancy.hold(s, s.history.length, this.tenancy.marks(entry.state));
-      return;
+      return true;
     }
     // llama.cpp found no contiguous room (or the blob did not fit this context).
     this.counters.hostRestoreFailures++;
     native.mesh_seq_rm(ctx, s.seq, -1, -1);
     s.history = [];
+    return false;
   }
 
   /** Empty the pool's bookkeeping (every slot must already be empty): placement starts from cell 0 again. */

@@ -31,7 +31,7 @@ export interface SlotChoice<S extends IdleSlot> {
 }
 
 /** Length of the common prefix of two token arrays. */
-export function commonPrefix(a: readonly number[], b: readonly number[]): number {
+export function commonPrefix(a: ArrayLike<number>, b: ArrayLike<number>): number {
   const n = Math.min(a.length, b.length);
   let i = 0;
   while (i < n && a[i] === b[i]) i++;

@@ -318,7 +318,8 @@ async function run(): Promise<void> {
 // next admission then only has to clear them. Not right away: a client's next
 // turn often follows within milliseconds and would wait behind the copy, and
 // a long conversation waits longer still (the scheduler says when each is due,
-// see idle-save.ts).
+// see idle-save.ts). Before those saves, the conversation an admission moved
+// out to make room comes back into the pool (Scheduler.restoreIdle).
 const IDLE_SAVE_AFTER_MS = IDLE_SAVE_MIN_MS;
 let idleTimer: ReturnType<typeof setTimeout> | null = null;
 let lastStepAt = 0;
@@ -326,7 +327,7 @@ let lastStepAt = 0;
 function idleSaveSoon(): void {
   if (idleTimer || closing) return;
   // Counted from the latest decode step; stats and tokenize calls do not count as activity.
-  const due = scheduler?.nextIdleSaveInMs();
+  const due = scheduler?.nextIdleWorkInMs();
   if (due === null) return;
   const wait = Math.max(0, lastStepAt + IDLE_SAVE_AFTER_MS - performance.now(), due ?? 0);
   idleTimer = setTimeout(() => {
@@ -338,7 +339,7 @@ function idleSaveSoon(): void {
       // Optional work: a failure here must never take the Worker down.
       let again = false;
       try {
-        again = scheduler.saveIdle() || scheduler.nextIdleSaveInMs() !== null;
+        again = scheduler.idleWork() || scheduler.nextIdleWorkInMs() !== null;
       } catch {}
       flushTenancy();
       if (again) idleSaveSoon();

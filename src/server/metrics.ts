@@ -175,10 +175,11 @@ export class Metrics {
         gauge("mesh_host_cache_entries", "Idle sequences saved in host RAM", g.hostCacheEntries),
         counter(
           "mesh_host_cache_operations_total",
-          "Idle sequences saved to host RAM, restored into a slot, failed to restore, dropped to stay within the bound",
+          "Idle sequences saved to host RAM, restored into a slot for a request, copied back while the engine was idle, failed to restore, dropped to stay within the bound",
           [
             ['{op="save"}', g.hostSaves],
             ['{op="restore"}', g.hostRestores],
+            ['{op="idle_restore"}', g.hostIdleRestores],
             ['{op="restore_failed"}', g.hostRestoreFailures],
             ['{op="evict"}', g.hostCacheEvictions],
           ],

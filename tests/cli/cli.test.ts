@@ -37,6 +37,7 @@ describe("mesh command line", () => {
       "--queue-timeout",
       "--kv-reserve-output",
       "--cache-ram",
+      "--idle-restore",
       "--api-key",
       "--log-format",
     ]) {
@@ -72,6 +73,8 @@ describe("mesh command line", () => {
       [["serve", "--ctx-size", "2000000000"], "--ctx-size"],
       [["serve", "--cache-ram", "-1"], "--cache-ram"],
       [["serve", "--cache-ram", "abc"], "--cache-ram"],
+      [["serve", "--idle-restore", "maybe"], "--idle-restore"],
+      [["serve", "--idle-restore"], "--idle-restore"],
       [["serve", "--queue-timeout", "0"], "--queue-timeout"],
       [["serve", "--queue-timeout", "abc"], "--queue-timeout"],
       [["serve", "--queue-timeout"], "--queue-timeout"],
