@@ -84,7 +84,17 @@ export class HostCache<S extends SavedState = SavedState> {
 
   /** True when an entry already holds these tokens or more: restoring it serves the same prompts. */
   covers(tokens: readonly number[]): boolean {
-    return this.entries.some((e) => e.tokens.length >= tokens.length && sharedPrefix(e.tokens, tokens) === tokens.length);
+    return this.covering(tokens) !== null;
+  }
+
+  /** The shortest entry holding these tokens or more, or null. */
+  covering(tokens: readonly number[]): HostEntry<S> | null {
+    let found: HostEntry<S> | null = null;
+    for (const e of this.entries) {
+      if (e.tokens.length < tokens.length || (found && e.tokens.length >= found.tokens.length)) continue;
+      if (sharedPrefix(e.tokens, tokens) === tokens.length) found = e;
+    }
+    return found;
   }
 
   /**
@@ -125,10 +135,12 @@ export class HostCache<S extends SavedState = SavedState> {
     return true;
   }
 
-  /** Store a saved sequence in the room a successful reserve() just made for it. */
-  add(tokens: readonly number[], state: S): void {
-    this.entries.push({ tokens: Int32Array.from(tokens), state, lastUsed: ++this.clock });
+  /** Store a saved sequence in the room a successful reserve() just made for it; the new entry. */
+  add(tokens: readonly number[], state: S): HostEntry<S> {
+    const e = { tokens: Int32Array.from(tokens), state, lastUsed: ++this.clock };
+    this.entries.push(e);
     this.bytes += entryBytes(tokens.length, state.bytes);
+    return e;
   }
 
   /** True while the cache still holds this entry (it was not dropped or replaced by a longer save). */

@@ -289,6 +289,12 @@ export class Scheduler {
    * used of those it moved), and that conversation's lastUsed: copied back once the engine is idle.
    */
   private displaced: { entry: HostEntry<HostState>; lastUsed: number; admission: number } | null = null;
+  /**
+   * The slot the last idle restore filled, and the bound of placed cells before and after it: when
+   * that slot is emptied before anything else was placed, the bound goes back (its cells were the
+   * highest), so the conversation below it is not compacted for cells that are gone.
+   */
+  private idleRestored: { slot: Slot; placedBefore: number; placedAfter: number } | null = null;
   /** Admissions begun, so displacements of the same one can be told from a later one's. */
   private admissions = 0;
 
@@ -734,6 +740,8 @@ export class Scheduler {
       a.phases.admitMs = a.startedAt - admitStart;
       target.active = a;
       target.lastUsed = ++this.clock;
+      // Its turn came: it is used now, and its cells grow.
+      if (this.idleRestored?.slot === target) this.idleRestored = null;
       // Held as prefill puts their tokens in the KV; the reused prefix already has.
       if (w.marks) this.tenancy.hold(target, cached, w.marks);
       this.counters.admitted++;
@@ -868,32 +876,46 @@ export class Scheduler {
     return true;
   }
 
-  /** Save an idle slot's KV state to host RAM (when long enough and not already there), then clear it unless told to keep it. */
-  private offload(s: Slot, clear = true, evict = true): void {
-    if (s.history.length >= HOST_MIN_TOKENS && this.host.enabled && !this.host.covers(s.history)) {
-      const { native, ctx } = this.d;
-      const t = this.d.now();
-      const size = Number(native.mesh_state_seq_size(ctx, s.seq));
-      // Room is made before the buffer exists, so the bound holds at every moment.
-      if (size > 0 && this.host.reserve(s.history, size, evict)) {
-        const ptr = native.mesh_state_seq_save(ctx, s.seq, this.savedSize) as Pointer | null;
-        const written = Number(this.savedSize[0]);
-        const bytes = Number(this.savedSize[1]);
-        // reserve() made the room and nothing has touched the cache since: storing cannot fail.
-        if (ptr && written > 0) {
-          const state: HostState = { ptr, bytes, written, tokens: s.history.length };
-          this.host.add(s.history, state);
-          this.counters.hostSaves++;
-          // The copy holds what the slot holds, for as long as the cache keeps it.
-          if (this.tenancy.active) this.tenancy.hold(state, state.tokens, this.tenancy.marks(s));
-          if (this.finished.size > 0) {
-            for (const f of this.finished.values()) if (f.slot === s && f.end <= state.tokens) f.saved.push(state);
-          }
+  /** Copy an idle slot's KV state into a new host-RAM entry (dropping others to make room when `evict`); the entry, or null when it did not fit. */
+  private save(s: Slot, evict: boolean): HostEntry<HostState> | null {
+    let saved: HostEntry<HostState> | null = null;
+    const { native, ctx } = this.d;
+    const t = this.d.now();
+    const size = Number(native.mesh_state_seq_size(ctx, s.seq));
+    // Room is made before the buffer exists, so the bound holds at every moment.
+    if (size > 0 && this.host.reserve(s.history, size, evict)) {
+      const ptr = native.mesh_state_seq_save(ctx, s.seq, this.savedSize) as Pointer | null;
+      const written = Number(this.savedSize[0]);
+      const bytes = Number(this.savedSize[1]);
+      // reserve() made the room and nothing has touched the cache since: storing cannot fail.
+      if (ptr && written > 0) {
+        const state: HostState = { ptr, bytes, written, tokens: s.history.length };
+        saved = this.host.add(s.history, state);
+        this.counters.hostSaves++;
+        // The copy holds what the slot holds, for as long as the cache keeps it.
+        if (this.tenancy.active) this.tenancy.hold(state, state.tokens, this.tenancy.marks(s));
+        if (this.finished.size > 0) {
+          for (const f of this.finished.values()) if (f.slot === s && f.end <= state.tokens) f.saved.push(state);
         }
       }
-      this.saveMs += this.d.now() - t;
+    }
+    this.saveMs += this.d.now() - t;
+    return saved;
+  }
+
+  /**
+   * Save an idle slot's KV state to host RAM (when long enough and not already there), then clear it
+   * unless told to keep it. The entry holding exactly its tokens afterwards (saved now or before), or null.
+   */
+  private offload(s: Slot, clear = true, evict = true): HostEntry<HostState> | null {
+    let held: HostEntry<HostState> | null = null;
+    if (s.history.length >= HOST_MIN_TOKENS && this.host.enabled) {
+      held = this.host.covering(s.history);
+      if (held && held.tokens.length !== s.history.length) held = null;
+      else if (!held) held = this.save(s, evict);
     }
     if (clear) this.clearOffloaded(s);
+    return held;
   }
 
   /** Empty an idle slot whose conversation went to host RAM (or was too short to keep). */
@@ -908,17 +930,14 @@ export class Scheduler {
    * idle-time copy back when it is the most recently used one this admission moved out.
    */
   private displace(s: Slot, clear = true): void {
-    const n = s.history.length;
     const lastUsed = s.lastUsed;
-    this.offload(s, false);
-    if (n >= HOST_MIN_TOKENS && this.d.idleRestore !== false) {
-      const found = this.host.best(s.history);
-      if (found && found.lcp === n) {
-        const d = this.displaced;
-        // A new admission's displacement replaces the last one's; within one, the most recent use wins.
-        if (!d || d.admission !== this.admissions || lastUsed > d.lastUsed)
-          this.displaced = { entry: found.entry, lastUsed, admission: this.admissions };
-      }
+    const held = this.offload(s, false);
+    // A conversation copied back in idle time and displaced again unused is not copied back again.
+    if (held && this.d.idleRestore !== false && this.idleRestored?.slot !== s) {
+      const d = this.displaced;
+      // A new admission's displacement replaces the last one's; within one, the most recent use wins.
+      if (!d || d.admission !== this.admissions || lastUsed > d.lastUsed)
+        this.displaced = { entry: held, lastUsed, admission: this.admissions };
     }
     if (clear) this.clearOffloaded(s);
   }
@@ -940,12 +959,13 @@ export class Scheduler {
     // Already back (its turn came), or a slot holds nearly all of it: the copy would gain nothing.
     if (this.slots.some((s) => commonPrefix(s.history, e.tokens) + RESTORE_MIN_GAIN > n)) return false;
     const slot = this.slots.find((s) => s.history.length === 0 && s.active === null);
-    if (!slot) return false;
-    if (this.d.kvBudget) {
-      const plan = planEviction(this.d.nCtx, this.slotUsage(), n);
-      if (!plan.fits || plan.evictions.length > 0) return false;
-    }
+    // Without the admission budget there is no free room to check against: nothing is guessed.
+    if (!slot || !this.d.kvBudget) return false;
+    const plan = planEviction(this.d.nCtx, this.slotUsage(), n);
+    if (!plan.fits || plan.evictions.length > 0) return false;
+    const placedBefore = this.slots.every((x) => x.history.length === 0) ? 0 : this.placed;
     if (!this.restoreInto(slot, e, false)) return true;
+    this.idleRestored = { slot, placedBefore, placedAfter: this.placed };
     this.counters.hostIdleRestores++;
     this.counters.hostIdleRestoredTokens += n;
     // It keeps its place in the LRU order, and its host copy covers it: no idle-time save is due.
@@ -964,19 +984,19 @@ export class Scheduler {
   }
 
   /** Copy a saved sequence back into an idle slot; on failure the slot is left empty (the prompt is prefilled) and false returned. */
-  private restoreInto(s: Slot, entry: HostEntry<HostState>, counted = true): boolean {
+  private restoreInto(s: Slot, entry: HostEntry<HostState>, forRequest = true): boolean {
     const { native, ctx } = this.d;
-    if (s.history.length > 0) this.offload(s);
+    if (s.history.length > 0) this.displace(s);
     // Into an empty pool: from cell 0, so the attention window is the sequence itself.
     if (this.slots.every((x) => x.history.length === 0)) this.clearPool();
-    // Used now: more recent than the slot's own old conversation just saved.
-    this.host.touch(entry);
+    // Used now: more recent than the slot's own old conversation just saved (an idle-time copy back is a guess, not a use).
+    if (forRequest) this.host.touch(entry);
     const got = Number(native.mesh_state_seq_set(ctx, entry.state.ptr, entry.state.written, s.seq));
     this.place(entry.tokens.length);
     this.cut(s, 0);
     if (got > 0 && native.mesh_seq_pos_max(ctx, s.seq) === entry.tokens.length - 1) {
       s.history = Array.from(entry.tokens);
-      if (counted) this.counters.hostRestores++;
+      if (forRequest) this.counters.hostRestores++;
       // The slot now holds what the entry holds (the caller trims it to what the prompt keeps).
       if (this.tenancy.active) this.tenancy.hold(s, s.history.length, this.tenancy.marks(entry.state));
       return true;
@@ -992,6 +1012,7 @@ export class Scheduler {
   private clearPool(): void {
     this.d.native.mesh_memory_clear(this.d.ctx, 0);
     this.placed = 0;
+    this.idleRestored = null;
   }
 
   /** Cells were placed somewhere in the pool: the bound of the highest one grows. */
@@ -1091,6 +1112,7 @@ export class Scheduler {
     if (this.d.native.mesh_seq_rm(this.d.ctx, s.seq, keep, -1) !== 0) {
       s.history.length = keep;
       if (lone) this.placed = keep;
+      this.unplaceIdleRestored(s, keep);
       // A forced call at the same length only clears stray cells: a running prompt keeps its marks.
       if (keep < before) this.cut(s, keep);
       return true;
@@ -1100,6 +1122,14 @@ export class Scheduler {
     s.history.length = 0;
     this.cut(s, 0);
     return false;
+  }
+
+  /** The slot an idle restore filled was emptied: with nothing placed since, its cells were the highest. */
+  private unplaceIdleRestored(s: Slot, keep: number): void {
+    const r = this.idleRestored;
+    if (!r || r.slot !== s || keep > 0) return;
+    if (this.placed === r.placedAfter) this.placed = r.placedBefore;
+    this.idleRestored = null;
   }
 
   /** A slot's sequence is now at most keep tokens: its marks past keep, and finished sequences longer than that, are gone from it. */

@@ -164,7 +164,8 @@ async function run(e: Engine, prompt: number[], maxTokens = 8) {
 
 describe("engine with the host RAM tier", () => {
   test("idle_prefixes_leave_the_pool_when_another_request_starts", async () => {
-    await withEngine({}, async (e) => {
+    // Without idle restore, which would bring the first back once the engine has been idle 100 ms.
+    await withEngine({ idleRestore: false }, async (e) => {
       await run(e, tokens(1, 400));
       expect((await e.stats()).kvCellsResident).toBeGreaterThan(400);
       await run(e, tokens(2, 300));
@@ -281,7 +282,8 @@ describe("engine with the host RAM tier", () => {
   });
 
   test("finished_conversations_are_copied_to_host_ram_in_idle_time_and_the_next_admission_only_clears_them", async () => {
-    await withEngine({}, async (e) => {
+    // Without idle restore, which would bring the cleared one back once the engine has been idle 100 ms.
+    await withEngine({ idleRestore: false }, async (e) => {
       await run(e, tokens(50, 300));
       // Idle: the engine copies the finished conversation out while it stays resident.
       for (let i = 0; i < 50 && (await e.stats()).hostSaves === 0; i++) await Bun.sleep(10);

@@ -153,6 +153,48 @@ describe("idle restore in the scheduler over the real library", () => {
     s.dispose();
   });
 
+  // Review finding: the copy back lands above the displacing conversation, and the bound of placed
+  // cells kept counting it after it was cleared, so the displacer's next turn was compacted (a copy).
+  test("the_displacers_next_turn_is_not_compacted_for_cells_the_copy_back_left", () => {
+    const big = tokens(7, 400);
+    const bigTurn = [...big, ...tokens(8, 12)];
+    const ref = scheduler({ idleRestore: false });
+    run(ref, agent);
+    run(ref, big);
+    const expected = run(ref, bigTurn, 16);
+    ref.dispose();
+
+    const s = scheduler();
+    run(s, agent);
+    run(s, big);
+    idle(s);
+    expect(s.stats().hostIdleRestores).toBe(1);
+    const r = run(s, bigTurn, 16);
+    expect(s.stats().compactions).toBe(0);
+    expect(r.cached).toBe(expected.cached);
+    expect(r.tokens).toEqual(expected.tokens);
+    s.dispose();
+  });
+
+  // Review finding: every later admission recorded the copied-back conversation as displaced again,
+  // so one that never came back was copied in after every idle gap.
+  test("a_conversation_copied_back_and_displaced_again_unused_is_not_copied_back_again", () => {
+    const s = scheduler();
+    run(s, agent);
+    run(s, other);
+    idle(s);
+    expect(s.stats().hostIdleRestores).toBe(1);
+    // The other conversation's next turn comes first: the agent's is cleared again, unused.
+    const r = run(s, [...other, ...tokens(11, 12)], 4);
+    expect(r.cached).toBe(other.length);
+    idle(s);
+    expect(s.stats().hostIdleRestores).toBe(1);
+    // Its host copy is still there for its own turn.
+    const back = run(s, turn, 4);
+    expect(back.cached).toBe(agent.length);
+    s.dispose();
+  });
+
   test("it_does_not_come_back_without_an_empty_slot_or_without_free_room", () => {
     // One slot: the request that displaced it still holds its conversation there.
     const one = new Scheduler({

@@ -145,6 +145,9 @@ describe("OpenAI API with the official client", () => {
     expect(text).toMatch(/mesh_slots_total 2/);
     expect(text).toMatch(/mesh_kv_cells_total 4096/);
     expect(text).toMatch(/mesh_kv_cells\{state="running"\} \d+/);
+    for (const op of ["save", "restore", "idle_restore", "restore_failed", "evict"]) {
+      expect(text).toMatch(new RegExp(`mesh_host_cache_operations_total\\{op="${op}"\\} \\d+`));
+    }
   });
 });
 
