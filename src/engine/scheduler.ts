@@ -965,7 +965,8 @@ export class Scheduler {
     if (!plan.fits || plan.evictions.length > 0) return false;
     const placedBefore = this.slots.every((x) => x.history.length === 0) ? 0 : this.placed;
     if (!this.restoreInto(slot, e, false)) return true;
-    this.idleRestored = { slot, placedBefore, placedAfter: this.placed };
+    // A bound clamped at the context's end no longer says where the copy's cells went.
+    this.idleRestored = placedBefore + n <= this.d.nCtx ? { slot, placedBefore, placedAfter: this.placed } : null;
     this.counters.hostIdleRestores++;
     this.counters.hostIdleRestoredTokens += n;
     // It keeps its place in the LRU order, and its host copy covers it: no idle-time save is due.
@@ -1112,7 +1113,7 @@ export class Scheduler {
     if (this.d.native.mesh_seq_rm(this.d.ctx, s.seq, keep, -1) !== 0) {
       s.history.length = keep;
       if (lone) this.placed = keep;
-      this.unplaceIdleRestored(s, keep);
+      this.unplaceIdleRestored(s, before, keep);
       // A forced call at the same length only clears stray cells: a running prompt keeps its marks.
       if (keep < before) this.cut(s, keep);
       return true;
@@ -1124,12 +1125,23 @@ export class Scheduler {
     return false;
   }
 
-  /** The slot an idle restore filled was emptied: with nothing placed since, its cells were the highest. */
-  private unplaceIdleRestored(s: Slot, keep: number): void {
+  /**
+   * The slot an idle restore filled lost its last `before - keep` positions: with nothing placed
+   * since the copy, those sat in the highest cells (llama.cpp places a sequence's cells in position
+   * order, into holes and then above the rest), so the bound comes down by as much, never below
+   * where it was before the copy. Without this the turn that reuses only the prefix of the copied
+   * conversation was compacted for cells that were gone.
+   */
+  private unplaceIdleRestored(s: Slot, before: number, keep: number): void {
     const r = this.idleRestored;
-    if (!r || r.slot !== s || keep > 0) return;
-    if (this.placed === r.placedAfter) this.placed = r.placedBefore;
-    this.idleRestored = null;
+    if (!r || r.slot !== s) return;
+    if (this.placed !== r.placedAfter) {
+      this.idleRestored = null;
+      return;
+    }
+    this.placed = Math.max(r.placedBefore, r.placedAfter - Math.max(0, before - keep));
+    r.placedAfter = this.placed;
+    if (keep === 0) this.idleRestored = null;
   }
 
   /** A slot's sequence is now at most keep tokens: its marks past keep, and finished sequences longer than that, are gone from it. */

@@ -176,6 +176,33 @@ describe("idle restore in the scheduler over the real library", () => {
     s.dispose();
   });
 
+  // Found in the engine bench: the copied-back conversation was the agent's last turn (prefix and a
+  // long tail); the next turn kept only the prefix, and the bound of placed cells still counted the
+  // tail, so the turn was compacted (a copy as long as the restore it was meant to save).
+  test("a_turn_that_keeps_only_the_prefix_of_the_copied_back_conversation_is_not_compacted", () => {
+    const long = [...agent, ...tokens(12, 300)];
+    const ref = scheduler({ idleRestore: false });
+    run(ref, agent);
+    run(ref, long);
+    run(ref, other);
+    const expected = run(ref, turn, 16);
+    ref.dispose();
+
+    const s = scheduler();
+    run(s, agent);
+    run(s, long);
+    run(s, other);
+    idle(s);
+    expect(s.stats().hostIdleRestoredTokens).toBe(long.length + 7);
+    const r = run(s, turn, 16);
+    expect(s.stats().compactions).toBe(0);
+    expect(s.stats().hostRestores).toBe(0);
+    expect(r.cached).toBe(agent.length);
+    expect(r.cached).toBe(expected.cached);
+    expect(r.tokens).toEqual(expected.tokens);
+    s.dispose();
+  });
+
   // Review finding: every later admission recorded the copied-back conversation as displaced again,
   // so one that never came back was copied in after every idle gap.
   test("a_conversation_copied_back_and_displaced_again_unused_is_not_copied_back_again", () => {
