@@ -675,6 +675,11 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
       }
     }
     if (c.http && server) await measureHttpTable(c, modelPath, server, cells, prompts.tableHttp, meshHttp, llamaHttp, log);
+    // Where mesh's copies went over the whole run: the phase table shows each turn's, this the rest.
+    const st = await engine.stats();
+    log(
+      `mesh: host tier: ${st.hostSaves} saves, ${st.hostRestores} restores at admission, ${st.hostIdleRestores} idle restores (${st.hostIdleRestoredTokens} tokens), ${st.compactions} compactions`,
+    );
   } catch (e) {
     // The log goes away with the server: keep its end for the error report.
     throw server ? new Error(`${(e as Error).message}\nllama-server log (last lines):\n${server.logTail()}`) : e;
