@@ -11,10 +11,10 @@ import {
   plainAttnWindow,
 } from "../../src/engine/attention";
 import { collect, Engine } from "../../src/engine/index";
-import { findNativeLib } from "../../src/engine/library";
-import { closeModel, type OpenedModel, openModel } from "../../src/engine/open";
+import { closeModel, type OpenedModel } from "../../src/engine/open";
 import type { LoadOptions } from "../../src/engine/protocol";
 import { tinyLoadOptions, tinyModel } from "../helpers/model";
+import { openTinyModel, tokenIds } from "../helpers/native-model";
 
 // The bench model's shape at the engine bench's table context.
 const BENCH: PlainAttnContext = { nCtx: 20480, nLayer: 8, nEmbd: 1024, nHead: 16, nHeadKv: 4, cpuOnly: true };
@@ -83,16 +83,14 @@ describe("the switch over the real library", () => {
 
   beforeAll(async () => {
     options = await tinyLoadOptions({ nBatch: 1024, flashAttn: 1, plainAttn: DEFAULT_PLAIN_ATTN });
-    const m = openModel(findNativeLib() as string, options, new Float32Array(1), control, 0);
-    if (!("ctx" in m)) throw new Error(m.message);
-    opened = m;
+    opened = openTinyModel(options, control);
   });
   afterAll(() => {
     if (opened) closeModel(opened);
     control.fill(0);
   });
 
-  const ids = (seed: number, n: number) => Array.from({ length: n }, (_, i) => 300 + ((seed * 7919 + i * 104729) % 20000));
+  const ids = (seed: number, n: number) => tokenIds(seed, n, 300);
 
   // Decodes tokens at positions from `at` in one call, logits for the last; returns a copy of those logits.
   function decode(tokens: number[], at: number, seq: number): Float32Array {
@@ -172,8 +170,7 @@ describe("the kq budget over the real library", () => {
   test("a_batch_one_past_the_budget_capped_top_decodes_with_flash_attention", async () => {
     const control = new Int32Array(8);
     const o = await tinyLoadOptions({ nCtx: 65536, nParallel: 1, flashAttn: 1, plainAttn: DEFAULT_PLAIN_ATTN });
-    const m = openModel(findNativeLib() as string, o, new Float32Array(1), control, 0);
-    if (!("ctx" in m)) throw new Error(m.message);
+    const m = openTinyModel(o, control);
     try {
       const { info, native, ctx } = m;
       const w = plainAttnWindow(DEFAULT_PLAIN_ATTN, { ...info, cpuOnly: true });

@@ -9,12 +9,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DEFAULT_PLAIN_ATTN, MESH_FA_MIN_QUERIES, parseAttnKernel } from "../../src/engine/attention";
 import { collect, Engine } from "../../src/engine/index";
-import { findNativeLib } from "../../src/engine/library";
-import { closeModel, type OpenedModel, openModel } from "../../src/engine/open";
+import { closeModel, type OpenedModel } from "../../src/engine/open";
 import type { LoadOptions } from "../../src/engine/protocol";
 import { generateModel, type ModelSpec, TINY } from "../../src/gguf/generate";
 import { vocabPath } from "../../src/gguf/models";
 import { tinyLoadOptions, tinyModel } from "../helpers/model";
+import { openTinyModel, tokenIds } from "../helpers/native-model";
 
 const dir = mkdtempSync(join(tmpdir(), "mesh-attn-kernel-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -36,7 +36,7 @@ async function shapedModel(name: string): Promise<string> {
   return path;
 }
 
-const ids = (seed: number, n: number) => Array.from({ length: n }, (_, i) => 300 + ((seed * 7919 + i * 104729) % 20000));
+const ids = (seed: number, n: number) => tokenIds(seed, n, 300);
 const maxDiff = (a: Float32Array, b: Float32Array) => a.reduce((m, x, i) => Math.max(m, Math.abs(x - (b[i] as number))), 0);
 const argmax = (a: Float32Array) => a.reduce((best, x, i) => (x > (a[best] as number) ? i : best), 0);
 
@@ -45,11 +45,9 @@ describe("mesh's attention kernel over the real library", () => {
   let opened: OpenedModel;
 
   function open(path: string, o: Partial<LoadOptions> = {}): Promise<OpenedModel> {
-    return tinyLoadOptions({ modelPath: path, nBatch: 1024, nCtx: 2048, nParallel: 4, flashAttn: 1, ...o }).then((o) => {
-      const m = openModel(findNativeLib() as string, o, new Float32Array(1), control, 0);
-      if (!("ctx" in m)) throw new Error(m.message);
-      return m;
-    });
+    return tinyLoadOptions({ modelPath: path, nBatch: 1024, nCtx: 2048, nParallel: 4, flashAttn: 1, ...o }).then((o) =>
+      openTinyModel(o, control),
+    );
   }
   afterAll(() => {
     if (opened) closeModel(opened);

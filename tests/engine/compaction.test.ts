@@ -4,11 +4,11 @@
 // the same turn in a clean pool; no test here looks at how long anything took.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { KV_PAD, shouldCompact } from "../../src/engine/compaction";
-import { findNativeLib } from "../../src/engine/library";
-import { closeModel, type OpenedModel, openModel, schedulerDeps } from "../../src/engine/open";
-import { DEFAULT_SAMPLING, type LoadOptions, type TokenEvent } from "../../src/engine/protocol";
+import { closeModel, type OpenedModel, schedulerDeps } from "../../src/engine/open";
+import type { LoadOptions, TokenEvent } from "../../src/engine/protocol";
 import { Scheduler } from "../../src/engine/scheduler";
 import { tinyLoadOptions } from "../helpers/model";
+import { greedyRequest, openTinyModel, tokenIds } from "../helpers/native-model";
 
 describe("the compaction decision", () => {
   test("compacts_when_the_window_shrinks_by_a_padded_block_and_the_saved_attention_outweighs_the_copy", () => {
@@ -38,9 +38,7 @@ let control: Int32Array;
 beforeAll(async () => {
   options = await tinyLoadOptions({ nParallel: 3, hostCacheMiB: 256 });
   control = new Int32Array(FLAGS_OFFSET + 64);
-  const m = openModel(findNativeLib() as string, options, new Float32Array(1), control, 0);
-  if (!("ctx" in m)) throw new Error(m.message);
-  opened = m;
+  opened = openTinyModel(options, control);
 });
 afterAll(() => {
   if (opened) closeModel(opened);
@@ -52,16 +50,7 @@ function scheduler(o: Partial<LoadOptions> = {}): Scheduler {
   return new Scheduler(schedulerDeps(opened, { ...options, ...o }, control, FLAGS_OFFSET));
 }
 
-const request = (prompt: number[], maxTokens: number) => ({
-  prompt,
-  maxTokens,
-  reserveOutput: maxTokens,
-  sampling: { ...DEFAULT_SAMPLING, temperature: 0 },
-  stop: [],
-  ignoreEos: true,
-});
-
-const prompt = (seed: number, length: number) => Array.from({ length }, (_, i) => 200 + ((seed * 7919 + i * 104729) % 20000));
+const prompt = (seed: number, length: number) => tokenIds(seed, length);
 
 interface Run {
   tokens: number[];
@@ -74,7 +63,7 @@ function run(s: Scheduler, reqs: Array<[number, number[], number]>): Map<number,
   const out: TokenEvent[] = [];
   for (const [id, p, max] of reqs) {
     got.set(id, { tokens: [] });
-    s.submit(id, FLAGS_OFFSET + id, request(p, max), p, out);
+    s.submit(id, FLAGS_OFFSET + id, greedyRequest(p, max), p, out);
   }
   const take = (events: TokenEvent[]) => {
     for (const e of events) {

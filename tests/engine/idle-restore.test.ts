@@ -5,11 +5,11 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { collect, Engine } from "../../src/engine";
 import { IDLE_RESTORE_BYTES_PER_MS, IDLE_SAVE_COPY_FACTOR, IDLE_SAVE_MIN_MS, idleRestoreDelayMs } from "../../src/engine/idle-save";
-import { findNativeLib } from "../../src/engine/library";
-import { closeModel, type OpenedModel, openModel, schedulerDeps } from "../../src/engine/open";
+import { closeModel, type OpenedModel, schedulerDeps } from "../../src/engine/open";
 import { DEFAULT_SAMPLING, type LoadOptions, type TokenEvent } from "../../src/engine/protocol";
 import { Scheduler } from "../../src/engine/scheduler";
 import { tinyLoadOptions, tinyModel } from "../helpers/model";
+import { greedyRequest, openTinyModel, tokenIds } from "../helpers/native-model";
 
 const MiB = 1024 * 1024;
 
@@ -33,9 +33,7 @@ let clock = 0;
 beforeAll(async () => {
   options = await tinyLoadOptions({ nCtx: 2048, nParallel: 2, hostCacheMiB: 256 });
   control = new Int32Array(FLAGS_OFFSET + 64);
-  const m = openModel(findNativeLib() as string, options, new Float32Array(1), control, 0);
-  if (!("ctx" in m)) throw new Error(m.message);
-  opened = m;
+  opened = openTinyModel(options, control);
 });
 afterAll(() => {
   if (opened) closeModel(opened);
@@ -53,15 +51,14 @@ let nextId = 1;
 function run(s: Scheduler, prompt: number[], maxTokens = 8): { tokens: number[]; cached: number } {
   const id = nextId++ % 60;
   const out: TokenEvent[] = [];
-  const req = { prompt, maxTokens, reserveOutput: maxTokens, sampling: { ...DEFAULT_SAMPLING, temperature: 0 }, stop: [], ignoreEos: true };
-  s.submit(id, FLAGS_OFFSET + id, req, prompt, out);
+  s.submit(id, FLAGS_OFFSET + id, greedyRequest(prompt, maxTokens), prompt, out);
   while (s.hasWork()) s.step(out);
   const done = out.find((e) => e.kind === "done" && e.id === id);
   if (done?.kind !== "done") throw new Error(`request ${id} did not finish: ${JSON.stringify(out.filter((e) => e.kind === "error"))}`);
   return { tokens: out.flatMap((e) => (e.kind === "text" && e.id === id ? e.tokens : [])), cached: done.cachedTokens };
 }
 
-const tokens = (seed: number, n: number) => Array.from({ length: n }, (_, i) => 200 + ((seed * 7919 + i * 104729) % 20000));
+const tokens = (seed: number, n: number) => tokenIds(seed, n);
 const agent = tokens(1, 300);
 const other = tokens(2, 100);
 const turn = [...agent, ...tokens(3, 12)];

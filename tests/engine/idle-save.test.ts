@@ -4,11 +4,11 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { IDLE_COPY_BYTES_PER_MS, IDLE_SAVE_COPY_FACTOR, IDLE_SAVE_MIN_MS, idleSaveDelayMs } from "../../src/engine/idle-save";
 import { kvBytesPerToken } from "../../src/engine/kv";
-import { findNativeLib } from "../../src/engine/library";
-import { closeModel, type OpenedModel, openModel, schedulerDeps } from "../../src/engine/open";
-import { DEFAULT_SAMPLING, type LoadOptions, type TokenEvent } from "../../src/engine/protocol";
+import { closeModel, type OpenedModel, schedulerDeps } from "../../src/engine/open";
+import type { LoadOptions, TokenEvent } from "../../src/engine/protocol";
 import { Scheduler } from "../../src/engine/scheduler";
 import { tinyLoadOptions } from "../helpers/model";
+import { greedyRequest, openTinyModel } from "../helpers/native-model";
 
 const MiB = 1024 * 1024;
 
@@ -40,9 +40,7 @@ describe("idle-time saves in the scheduler over the real library", () => {
   beforeAll(async () => {
     options = await tinyLoadOptions({ nCtx: 2048, hostCacheMiB: 256 });
     control = new Int32Array(FLAGS_OFFSET + 16);
-    const m = openModel(findNativeLib() as string, options, new Float32Array(1), control, 0);
-    if (!("ctx" in m)) throw new Error(m.message);
-    opened = m;
+    opened = openTinyModel(options, control);
   });
   afterAll(() => {
     if (opened) closeModel(opened);
@@ -57,8 +55,7 @@ describe("idle-time saves in the scheduler over the real library", () => {
 
   function finish(s: Scheduler, id: number, prompt: number[]): void {
     const out: TokenEvent[] = [];
-    const req = { prompt, maxTokens: 1, reserveOutput: 1, sampling: { ...DEFAULT_SAMPLING, temperature: 0 }, stop: [], ignoreEos: true };
-    s.submit(id, FLAGS_OFFSET + id, req, prompt, out);
+    s.submit(id, FLAGS_OFFSET + id, greedyRequest(prompt, 1), prompt, out);
     while (s.hasWork()) s.step(out);
     expect(out.some((e) => e.kind === "done" && e.id === id)).toBe(true);
   }

@@ -4,12 +4,12 @@
 // batch over a pool that holds little else may take it. No test here looks at a time.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { DEFAULT_PLAIN_ATTN } from "../../src/engine/attention";
-import { findNativeLib } from "../../src/engine/library";
 import type { Native } from "../../src/engine/native";
-import { closeModel, type OpenedModel, openModel, schedulerDeps } from "../../src/engine/open";
-import { DEFAULT_SAMPLING, type LoadOptions, type TokenEvent } from "../../src/engine/protocol";
+import { closeModel, type OpenedModel, schedulerDeps } from "../../src/engine/open";
+import type { LoadOptions, TokenEvent } from "../../src/engine/protocol";
 import { Scheduler } from "../../src/engine/scheduler";
 import { tinyLoadOptions } from "../helpers/model";
+import { greedyRequest, openTinyModel, tokenIds } from "../helpers/native-model";
 
 const FLAGS_OFFSET = 1;
 const PARALLEL = 16;
@@ -19,9 +19,7 @@ const control = new Int32Array(FLAGS_OFFSET + 64);
 
 beforeAll(async () => {
   options = await tinyLoadOptions({ nCtx: 8192, nBatch: 1024, nParallel: PARALLEL, flashAttn: 1, plainAttn: DEFAULT_PLAIN_ATTN });
-  const m = openModel(findNativeLib() as string, options, new Float32Array(1), control, 0);
-  if (!("ctx" in m)) throw new Error(m.message);
-  opened = m;
+  opened = openTinyModel(options, control);
 });
 afterAll(() => {
   if (opened) closeModel(opened);
@@ -54,18 +52,10 @@ function watched(): { s: Scheduler; steps: Step[] } {
   return { s: new Scheduler({ ...deps, native }), steps };
 }
 
-const request = (prompt: number[], maxTokens: number) => ({
-  prompt,
-  maxTokens,
-  reserveOutput: maxTokens,
-  sampling: { ...DEFAULT_SAMPLING, temperature: 0 },
-  stop: [],
-  ignoreEos: true,
-});
-const prompt = (seed: number, length: number) => Array.from({ length }, (_, i) => 200 + ((seed * 7919 + i * 104729) % 20000));
+const prompt = (seed: number, length: number) => tokenIds(seed, length);
 
 function run(s: Scheduler, id: number, p: number[], maxTokens: number): void {
-  s.submit(id, FLAGS_OFFSET + (id % 32), request(p, maxTokens), p, []);
+  s.submit(id, FLAGS_OFFSET + (id % 32), greedyRequest(p, maxTokens), p, []);
   while (s.hasWork()) s.step([] as TokenEvent[]);
 }
 
@@ -97,7 +87,7 @@ describe("plain attention only where the pool holds little but the step's own se
 
   test("a_step_of_a_dozen_streams_each_decoding_one_token_keeps_flash_attention", () => {
     const { s, steps } = watched();
-    for (let i = 0; i < PARALLEL; i++) s.submit(i, FLAGS_OFFSET + i, request(prompt(10 + i, 100), 4), prompt(10 + i, 100), []);
+    for (let i = 0; i < PARALLEL; i++) s.submit(i, FLAGS_OFFSET + i, greedyRequest(prompt(10 + i, 100), 4), prompt(10 + i, 100), []);
     while (s.hasWork()) s.step([] as TokenEvent[]);
     const generation = steps.filter((x) => x.seqs >= DEFAULT_PLAIN_ATTN.min && x.n === x.seqs);
     expect(generation.length).toBeGreaterThan(0);

@@ -1,15 +1,14 @@
 // The scheduler driven step by step on this thread, over the real library
 // and the tiny model: what a step holds, and what a failed decode takes down.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { QUEUE_DEFAULTS } from "../../src/engine/index";
-import { findNativeLib } from "../../src/engine/library";
 import type { Native } from "../../src/engine/native";
-import { closeModel, type OpenedModel, openModel, schedulerDeps } from "../../src/engine/open";
-import { DEFAULT_SAMPLING, type LoadOptions, type TokenEvent } from "../../src/engine/protocol";
+import { closeModel, type OpenedModel, schedulerDeps } from "../../src/engine/open";
+import type { LoadOptions, TokenEvent } from "../../src/engine/protocol";
 import { Scheduler } from "../../src/engine/scheduler";
 import { commonPrefix } from "../../src/engine/slot-choice";
 import type { TokenMark } from "../../src/engine/tenancy";
-import { tinyModel } from "../helpers/model";
+import { tinyLoadOptions } from "../helpers/model";
+import { greedyRequest, openTinyModel, tokenIds } from "../helpers/native-model";
 
 test("common_prefix_counts_matching_leading_tokens", () => {
   expect(commonPrefix([1, 2, 3], [1, 2, 4])).toBe(2);
@@ -24,28 +23,9 @@ let options: LoadOptions;
 let control: Int32Array;
 
 beforeAll(async () => {
-  options = {
-    modelPath: await tinyModel(),
-    nCtx: 4096,
-    nBatch: 512,
-    nUbatch: 512,
-    nParallel: 3,
-    threads: 2,
-    threadsBatch: 2,
-    nGpuLayers: 0,
-    backendLibs: [],
-    modelShape: null,
-    flashAttn: -1,
-    useMmap: true,
-    queueCapacity: QUEUE_DEFAULTS.capacity,
-    queueTimeoutMs: QUEUE_DEFAULTS.timeoutMs,
-    kvBudget: true,
-    hostCacheMiB: 0,
-  };
+  options = await tinyLoadOptions({ nParallel: 3 });
   control = new Int32Array(FLAGS_OFFSET + 64);
-  const m = openModel(findNativeLib() as string, options, new Float32Array(1), control, 0);
-  if (!("ctx" in m)) throw new Error(m.message);
-  opened = m;
+  opened = openTinyModel(options, control);
 });
 afterAll(() => {
   if (opened) closeModel(opened);
@@ -63,24 +43,15 @@ function scheduler(native: Native = opened.native, o: Partial<LoadOptions> = {})
 /** Run one request of 2 tokens to the end; the cached tokens its start reported. */
 function cachedFor(s: Scheduler, id: number, p: number[]): number {
   const out: TokenEvent[] = [];
-  s.submit(id, FLAGS_OFFSET + id, request(p, 2), p, out);
+  s.submit(id, FLAGS_OFFSET + id, greedyRequest(p, 2), p, out);
   s.step(out);
   const start = out.find((e) => e.kind === "start");
   drain(s);
   return start?.kind === "start" ? start.cachedTokens : -1;
 }
 
-const request = (prompt: number[], maxTokens: number) => ({
-  prompt,
-  maxTokens,
-  reserveOutput: maxTokens,
-  sampling: { ...DEFAULT_SAMPLING, temperature: 0 },
-  stop: [],
-  ignoreEos: true,
-});
-
 /** Deterministic prompts of plain token ids. */
-const prompt = (seed: number, length: number) => Array.from({ length }, (_, i) => 200 + ((seed * 7919 + i * 104729) % 20000));
+const prompt = (seed: number, length: number) => tokenIds(seed, length);
 
 /** Run the scheduler to completion; each request's tokens, end, and error. */
 function drain(s: Scheduler, steps: TokenEvent[][] = []) {
@@ -102,11 +73,11 @@ function drain(s: Scheduler, steps: TokenEvent[][] = []) {
 describe("scheduler steps over the real library", () => {
   test("a_new_prompt_is_prefilled_in_the_same_decode_as_running_streams_next_tokens", () => {
     const s = scheduler();
-    s.submit(1, FLAGS_OFFSET, request(prompt(1, 40), 20), prompt(1, 40), []);
+    s.submit(1, FLAGS_OFFSET, greedyRequest(prompt(1, 40), 20), prompt(1, 40), []);
     for (let i = 0; i < 4; i++) s.step([]);
     const before = s.stats().decodeSteps;
     const out: TokenEvent[] = [];
-    s.submit(2, FLAGS_OFFSET + 1, request(prompt(2, 100), 20), prompt(2, 100), out);
+    s.submit(2, FLAGS_OFFSET + 1, greedyRequest(prompt(2, 100), 20), prompt(2, 100), out);
     s.step(out);
     // One llama_decode gave request 1 its next token and request 2 its whole prompt and first token.
     expect(s.stats().decodeSteps - before).toBe(1);
@@ -150,7 +121,7 @@ describe("scheduler steps over the real library", () => {
       },
     } as unknown as Native;
     const s = scheduler(flaky);
-    for (const i of [0, 1]) s.submit(i, FLAGS_OFFSET + i, request(prompt(20 + i, 40), 4), prompt(20 + i, 40), []);
+    for (const i of [0, 1]) s.submit(i, FLAGS_OFFSET + i, greedyRequest(prompt(20 + i, 40), 4), prompt(20 + i, 40), []);
     s.step([]);
     failNext = true;
     const got = drain(s);
@@ -162,7 +133,7 @@ describe("scheduler steps over the real library", () => {
     const prompts = [prompt(3, 60), prompt(4, 80), prompt(5, 70)];
     const clean = scheduler();
     prompts.forEach((p, i) => {
-      clean.submit(i, FLAGS_OFFSET + i, request(p, 16), p, []);
+      clean.submit(i, FLAGS_OFFSET + i, greedyRequest(p, 16), p, []);
     });
     const expected = drain(clean);
 
@@ -184,7 +155,7 @@ describe("scheduler steps over the real library", () => {
     const s = scheduler(faulty);
     const all = [prompts[0] as number[], poisoned, prompts[2] as number[]];
     all.forEach((p, i) => {
-      s.submit(i, FLAGS_OFFSET + i, request(p, 16), p, []);
+      s.submit(i, FLAGS_OFFSET + i, greedyRequest(p, 16), p, []);
     });
     const got = drain(s);
     expect(failures).toBeGreaterThanOrEqual(2); // the shared step, then the poisoned part alone
@@ -198,7 +169,7 @@ describe("scheduler steps over the real library", () => {
     }
     expect(s.stats().slotsBusy).toBe(0);
     // The scheduler keeps serving.
-    s.submit(9, FLAGS_OFFSET + 9, request(prompt(6, 30), 4), prompt(6, 30), []);
+    s.submit(9, FLAGS_OFFSET + 9, greedyRequest(prompt(6, 30), 4), prompt(6, 30), []);
     const after = drain(s);
     expect(after.get(9)?.end?.kind).toBe("done");
     expect(after.get(9)?.tokens).toHaveLength(4);
@@ -209,7 +180,7 @@ const at = (hash: string, tokenEnd: number, parent: string | null = null): Token
 
 /** Run one request to the end with marks; its generated tokens. */
 function runMarked(s: Scheduler, id: number, p: number[], marks: TokenMark[] | null, maxTokens = 2): number[] {
-  s.submit(id, FLAGS_OFFSET + id, request(p, maxTokens), p, [], marks);
+  s.submit(id, FLAGS_OFFSET + id, greedyRequest(p, maxTokens), p, [], marks);
   return drain(s).get(id)?.tokens ?? [];
 }
 
@@ -251,7 +222,7 @@ describe("KV tenancy over the real library", () => {
     const s = scheduler();
     const p = prompt(40, 700);
     // nBatch is 512: the prefill takes two steps.
-    s.submit(1, FLAGS_OFFSET + 1, request(p, 2), p, [], [at("a", 100), at("b", 600, "a"), at("c", 700, "b")]);
+    s.submit(1, FLAGS_OFFSET + 1, greedyRequest(p, 2), p, [], [at("a", 100), at("b", 600, "a"), at("c", 700, "b")]);
     expect(delta(s)).toEqual(none);
     s.step([]);
     expect(delta(s)).toEqual({ held: ["a"], evicted: [] });
@@ -277,7 +248,7 @@ describe("KV tenancy over the real library", () => {
   test("a_request_cancelled_in_prefill_holds_only_what_reached_the_kv", () => {
     const s = scheduler();
     const p = prompt(43, 700);
-    s.submit(1, FLAGS_OFFSET + 1, request(p, 2), p, [], [at("early", 100), at("late", 650, "early")]);
+    s.submit(1, FLAGS_OFFSET + 1, greedyRequest(p, 2), p, [], [at("early", 100), at("late", 650, "early")]);
     s.step([]);
     s.cancel(1, []);
     expect(delta(s).held).toEqual(["early"]);
@@ -405,7 +376,7 @@ describe("KV tenancy over the real library", () => {
     const s = scheduler(full, { nParallel: 1 });
     const shed = [POISON, ...prompt(80, 59)];
     const out: TokenEvent[] = [];
-    s.submit(1, FLAGS_OFFSET + 1, request(shed, 2), shed, out, [at("shed", 30)]);
+    s.submit(1, FLAGS_OFFSET + 1, greedyRequest(shed, 2), shed, out, [at("shed", 30)]);
     s.step(out);
     expect(out).toContainEqual(expect.objectContaining({ id: 1, kind: "error", error: expect.objectContaining({ code: "kv_exhausted" }) }));
     // An unrelated prompt without marks takes the same (only) slot: nothing of request 1 is in the KV.
@@ -418,7 +389,7 @@ describe("KV tenancy over the real library", () => {
     // held on a sequence that lacks the end of the prompt they extend.
     const s = scheduler();
     const p = prompt(82, 700);
-    s.submit(1, FLAGS_OFFSET + 1, request(p, 4), p, [], [at("p0", 100), at("p1", 700, "p0")]);
+    s.submit(1, FLAGS_OFFSET + 1, greedyRequest(p, 4), p, [], [at("p0", 100), at("p1", 700, "p0")]);
     s.step([]); // 512 of the 700 prompt tokens reach the KV
     const out: TokenEvent[] = [];
     s.cancel(1, out);
@@ -432,7 +403,7 @@ describe("KV tenancy over the real library", () => {
     // The whole prompt is in the KV, but not the reply the server marks (it would have been longer).
     const s = scheduler();
     const p = prompt(83, 60);
-    s.submit(1, FLAGS_OFFSET + 1, request(p, 20), p, [], [at("q", 60)]);
+    s.submit(1, FLAGS_OFFSET + 1, greedyRequest(p, 20), p, [], [at("q", 60)]);
     s.step([]);
     s.step([]);
     s.cancel(1, []);
@@ -467,8 +438,8 @@ describe("KV tenancy over the real library", () => {
       expect(s.stats().hostCacheEntries).toBe(1);
       // A long prompt in prefill with a mark still waiting, and a marked request queued behind it.
       const long = prompt(88, 700);
-      s.submit(3, FLAGS_OFFSET + 3, request(long, 2), long, [], [at("z0", 100), at("z1", 700, "z0")]);
-      s.submit(4, FLAGS_OFFSET + 4, request(prompt(89, 60), 2), prompt(89, 60), [], [at("w", 60)]);
+      s.submit(3, FLAGS_OFFSET + 3, greedyRequest(long, 2), long, [], [at("z0", 100), at("z1", 700, "z0")]);
+      s.submit(4, FLAGS_OFFSET + 4, greedyRequest(prompt(89, 60), 2), prompt(89, 60), [], [at("w", 60)]);
       s.step([]);
       expect(delta(s).held).toEqual(["x", "y", "z0"]);
       s.clearMarks();
@@ -483,7 +454,7 @@ describe("KV tenancy over the real library", () => {
       // The KV itself stays: the first conversation is reused, and marks given now are reported.
       const again = [...first, ...prompt(90, 20)];
       const out: TokenEvent[] = [];
-      s.submit(5, FLAGS_OFFSET + 5, request(again, 2), again, out, [at("x", 60)]);
+      s.submit(5, FLAGS_OFFSET + 5, greedyRequest(again, 2), again, out, [at("x", 60)]);
       s.step(out);
       expect(out).toContainEqual(expect.objectContaining({ id: 5, kind: "start", cachedTokens: 60 }));
       drain(s);
