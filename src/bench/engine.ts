@@ -18,6 +18,7 @@ import {
   type AttnKernel,
   DEFAULT_ATTN_KERNEL,
   DEFAULT_PLAIN_ATTN,
+  describeAttention,
   type PlainAttn,
   parseAttnKernel,
   parsePlainAttn,
@@ -641,8 +642,8 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
     nGpuLayers: c.gpuLayers,
   });
   const info = engine.info;
-  const plainFor = info.plainAttn ? `${info.plainAttn.min}-${info.plainAttn.max}` : "none";
-  log(`mesh: attention kernel ${info.attnKernel}, plain attention for ${plainFor} new tokens`);
+  const a = describeAttention(info);
+  log(`mesh: flash attention ${a.flash}, attention kernel ${a.kernel}, plain attention for ${a.plain_for_tokens} new tokens`);
   const meshSamples = collected();
   const llamaSamples = collected();
   const meshTable = emptySamples(cells);

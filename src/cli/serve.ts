@@ -2,7 +2,7 @@
 import { closeSync, existsSync, openSync, readFileSync, readSync, statSync } from "node:fs";
 import { cpus } from "node:os";
 import { join } from "node:path";
-import type { AttnKernel, PlainAttn } from "../engine/attention";
+import { type AttnKernel, describeAttention, type PlainAttn } from "../engine/attention";
 import type { ModelInfo } from "../engine/protocol";
 import { TINY } from "../gguf/generate";
 import { ensureModel } from "../gguf/models";
@@ -156,15 +156,7 @@ export function logDevices(logger: Logger, info: ModelInfo): void {
     });
   }
   logger.info("layers placed", { gpu_layers: info.offload.layers, of: info.offload.of, note: info.offload.note });
-  logger.info("attention", {
-    kernel: info.attnKernel,
-    plain_for_tokens: info.plainAttn ? `${info.plainAttn.min}-${info.plainAttn.max}` : "none",
-    note: info.plainAttn
-      ? "decodes of this many new tokens use matrix-product attention, the rest flash attention"
-      : info.attnKernel === "mesh"
-        ? "CPU flash attention: mesh's kernel for one sequence's batch of 2+ tokens, ggml's for the rest"
-        : "CPU flash attention: ggml's kernel for every decode",
-  });
+  logger.info("attention", describeAttention(info));
 }
 
 /** "CUDA" for libggml-cuda.so, "Vulkan" for libggml-vulkan.so. */

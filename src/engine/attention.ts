@@ -46,6 +46,36 @@ export interface PlainAttn {
   max: number;
 }
 
+/** A load's attention as its serve log line states it: the kernel that runs, the plain window, flash on or off, and why. */
+export function describeAttention(info: { flashAttn: boolean; attnKernel: AttnKernel; plainAttn: PlainAttn | null }): {
+  kernel: AttnKernel | "none";
+  plain_for_tokens: string;
+  flash: "on" | "off";
+  note: string;
+} {
+  if (!info.flashAttn) {
+    // llama.cpp's "auto" turned flash attention off for this model (its kernels cannot run it):
+    // the kernel setting has nothing to pick between and the plain window nothing to switch from.
+    return {
+      kernel: "none",
+      plain_for_tokens: "none",
+      flash: "off",
+      note: "flash attention is off for this model (llama.cpp's auto): matrix-product attention for every decode; --attn-kernel and --plain-attn do not apply",
+    };
+  }
+  const plain = info.plainAttn;
+  return {
+    kernel: info.attnKernel,
+    plain_for_tokens: plain ? `${plain.min}-${plain.max}` : "none",
+    flash: "on",
+    note: plain
+      ? "decodes of this many new tokens use matrix-product attention, the rest flash attention"
+      : info.attnKernel === "mesh"
+        ? "CPU flash attention: mesh's kernel for one sequence's batch of 2+ tokens, ggml's for the rest"
+        : "CPU flash attention: ggml's kernel for every decode",
+  };
+}
+
 /** The default window where ggml's kernel runs: where the plain path beat it at every prefix measured (2k, 8k, 16k). */
 export const DEFAULT_PLAIN_ATTN: PlainAttn = { min: 12, max: 63 };
 

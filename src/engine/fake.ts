@@ -124,6 +124,7 @@ export class FakeEngine implements EngineLike {
       offload: { requested: 0, layers: 0, of: 0, note: "fake engine" },
       plainAttn: null,
       attnKernel: "ggml",
+      flashAttn: true,
       ...o.info,
     };
     const r = o.reply ?? fakeReply;

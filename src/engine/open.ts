@@ -207,6 +207,7 @@ function modelInfo(
     bosText: tokenText(n, model, mi[1] as number),
     eosText: tokenText(n, model, mi[2] as number),
     systemInfo: String(n.mesh_system_info()),
+    flashAttn: n.mesh_attn_is_flash(ctx) === 1,
     ...placed,
   };
 }

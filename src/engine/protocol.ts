@@ -167,6 +167,8 @@ export interface ModelInfo {
   plainAttn: PlainAttn | null;
   /** The CPU flash-attention kernel that runs (ggml's where mesh's is not built or does not compute this model's attention). */
   attnKernel: AttnKernel;
+  /** Whether the context computes attention with flash attention (llama.cpp's "auto" as resolved at load); off: matrix products for every decode, and neither kernel runs. */
+  flashAttn: boolean;
   /** The portable fingerprint session checkpoints of this model carry between nodes; absent without checkpoints. */
   checkpointFingerprint?: string;
 }

@@ -49,7 +49,7 @@ describe("mesh serve --attn-kernel and --plain-attn", () => {
     ] as const) {
       const n = await spawnNode({ name, dir: nodes, model: "tiny", args: [...args] });
       try {
-        expect(n.log()).toMatch(new RegExp(`attention.*kernel[=: "]+${kernel}.*plain_for_tokens[=: "]+${shown}`));
+        expect(n.log()).toMatch(new RegExp(`attention.*kernel[=: "]+${kernel}.*plain_for_tokens[=: "]+${shown}.*flash[=: "]+on`));
         const models = (await (await fetch(`${n.url}/v1/models`)).json()) as { data: Array<{ id: string }> };
         const model = models.data[0]?.id as string;
         type Reply = { choices: Array<{ message: { content: string } }>; usage: { prompt_tokens_details?: { cached_tokens?: number } } };

@@ -4,6 +4,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import {
   DEFAULT_PLAIN_ATTN,
+  describeAttention,
   FLASH_TILE_QUERIES,
   PLAIN_ATTN_MIN_BUDGET,
   type PlainAttnContext,
@@ -73,6 +74,45 @@ describe("the plain attention window", () => {
     expect(parsePlainAttn("0:10")).toContain("at least 1");
     expect(parsePlainAttn("20:10")).toContain("at least MIN");
     expect(parsePlainAttn("12:64")).toContain("below 64");
+  });
+});
+
+describe("the attention a load states", () => {
+  test("flash_on_names_the_kernel_and_window_that_run", () => {
+    expect(describeAttention({ flashAttn: true, attnKernel: "mesh", plainAttn: null })).toMatchObject({
+      kernel: "mesh",
+      plain_for_tokens: "none",
+      flash: "on",
+    });
+    const plain = describeAttention({ flashAttn: true, attnKernel: "ggml", plainAttn: DEFAULT_PLAIN_ATTN });
+    expect(plain).toMatchObject({ kernel: "ggml", plain_for_tokens: "12-63", flash: "on" });
+    expect(plain.note).toContain("matrix-product");
+  });
+
+  // Regression: serve logged "CPU flash attention: mesh's kernel ..." for a context whose "auto" had
+  // resolved flash attention off, where neither kernel nor the plain window ever runs.
+  test("flash_off_says_so_and_names_no_kernel_or_window", () => {
+    const d = describeAttention({ flashAttn: false, attnKernel: "mesh", plainAttn: null });
+    expect(d).toMatchObject({ kernel: "none", plain_for_tokens: "none", flash: "off" });
+    expect(d.note).toContain("flash attention is off");
+    expect(d.note).not.toContain("mesh's kernel");
+  });
+
+  test("the_library_reports_flash_as_the_context_resolved_it", async () => {
+    const control = new Int32Array(8);
+    for (const [flashAttn, on] of [
+      [-1, true],
+      [1, true],
+      [0, false],
+    ] as const) {
+      const m = openTinyModel(await tinyLoadOptions({ nCtx: 1024, nParallel: 1, flashAttn }), control);
+      try {
+        expect({ flashAttn, on: m.info.flashAttn }).toEqual({ flashAttn, on });
+        expect(describeAttention(m.info).flash).toBe(on ? "on" : "off");
+      } finally {
+        closeModel(m);
+      }
+    }
   });
 });
 
