@@ -317,6 +317,7 @@ export class FakeEngine implements EngineLike {
     let pending = -1;
     let reason: FinishReason = "stop";
     let flush = true;
+    let eog = false;
     for (;;) {
       if (generated > 0) await this.tick();
       if (r.cancelled) {
@@ -327,7 +328,11 @@ export class FakeEngine implements EngineLike {
       // As in the real engine, a sampled token enters the KV only when the next one is decoded.
       if (pending >= 0) seq.tokens.push(pending);
       const token = reply[generated];
-      if (token === undefined) break; // the reply is over: an end-of-generation token
+      if (token === undefined) {
+        // The reply is over: the end-of-generation token, reported as the engine does.
+        eog = true;
+        break;
+      }
       generated++;
       this.counters.generated++;
       const out = stops.push(utf8.push(Uint8Array.of(token)));
@@ -358,6 +363,7 @@ export class FakeEngine implements EngineLike {
       promptTokens: prompt.length,
       cachedTokens: cached,
       completionTokens: generated,
+      ...(eog ? { eog: { token: EOS } } : {}),
     };
     push(reason === "stop" && stops.matched !== null ? { ...done, stopSequence: stops.matched } : done);
   }

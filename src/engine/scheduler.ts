@@ -28,6 +28,9 @@ import { MAX_MARKS, Tenancy, type TokenMark } from "./tenancy";
 import { StopMatcher, Utf8Stream } from "./text";
 
 /** A sequence's state saved by the shim in its own host buffer (freed when the cache drops it). */
+/** The end-of-generation token a reply stopped on (done events carry it). */
+type EogToken = NonNullable<Extract<TokenEvent, { kind: "done" }>["eog"]>;
+
 interface HostState {
   ptr: Pointer;
   /** What the shim allocated: what the cache counts and what freeing must be told. */
@@ -1336,7 +1339,8 @@ export class Scheduler {
     a.generated++;
     this.counters.generatedTokens++;
     if (!a.req.ignoreEos && this.d.native.mesh_token_is_eog(this.d.model, token) !== 0) {
-      this.finish(a, "stop", out);
+      // A session's trajectory counts it as sampled (the model's choice to stop), so it is reported.
+      this.finish(a, "stop", out, true, logprob ? { token, logprob: logprob.logprob } : { token });
       return;
     }
     const r = a.stops.push(a.utf8.push(this.piece(token)));
@@ -1365,7 +1369,7 @@ export class Scheduler {
     return this.pieceBuf.slice(0, n);
   }
 
-  private finish(a: Active, reason: FinishReason, out: TokenEvent[], flush = reason !== "cancelled"): void {
+  private finish(a: Active, reason: FinishReason, out: TokenEvent[], flush = reason !== "cancelled", eog: EogToken | null = null): void {
     if (flush) {
       const r = a.stops.push(a.utf8.flush());
       const tail = r.stopped ? r.text : r.text + a.stops.flush();
@@ -1386,7 +1390,9 @@ export class Scheduler {
     this.rememberFinished(a, reason);
     if (ckpt) this.holdCheckpoint(a, ckpt);
     if (reason !== "cancelled") this.serviceMs = 0.8 * this.serviceMs + 0.2 * (this.d.now() - a.startedAt);
-    out.push(doneEvent(a.id, reason, a.prompt.length, a.cached, a.generated, reason === "stop" ? a.stops.matched : null, a.phases));
+    const done = doneEvent(a.id, reason, a.prompt.length, a.cached, a.generated, reason === "stop" ? a.stops.matched : null, a.phases);
+    if (eog && done.kind === "done") done.eog = eog;
+    out.push(done);
   }
 
   // The decode failed: nothing of this batch is in KV. Drop what llama.cpp may

@@ -14,6 +14,7 @@ import {
   SessionStore,
   type SessionStoreOptions,
   type Trajectory,
+  type TurnInput,
   toJsonl,
   toolsKey,
 } from "../sessions";
@@ -57,8 +58,14 @@ export class SessionTurn {
     this.checkpoint = { save: digest(`${session.id}:${branch.id}:${randomBytes(8).toString("hex")}`), ...(restore ? { restore } : {}) };
   }
 
-  /** The reply ended: store it with its token ids; the replaced turn's checkpoint (an idempotent retry) is released. */
-  commit(reply: SessionMessage, finishReason: string, responseIds: number[], logprobs: number[] | null): void {
+  /** The reply ended: store it with its token ids (and the end-of-generation token it stopped on); the replaced turn's checkpoint (an idempotent retry) is released. */
+  commit(
+    reply: SessionMessage,
+    finishReason: string,
+    responseIds: number[],
+    logprobs: number[] | null,
+    eog: TurnInput["eog"] = null,
+  ): void {
     if (this.finished) return;
     this.finished = true;
     if (!this.promptIds) {
@@ -69,6 +76,7 @@ export class SessionTurn {
       promptIds: this.promptIds,
       responseIds,
       logprobs,
+      eog,
       finishReason,
       toolsKey: this.tools,
       checkpoint: this.checkpoint.save,

@@ -1,8 +1,9 @@
 // Token-level trajectories of a session, for training: one per terminal turn
 // (or per turn with `all`), each the chain of turns its prompt extends token
-// for token. Response tokens the model sampled have mask 1; the prompt's own
-// tokens between turns (tool results, user messages, template markup) have
-// mask 0. One pass to find the turns, then O(tokens) per trajectory.
+// for token. Response tokens the model sampled have mask 1, the end-of-generation
+// token a reply stopped on included; the prompt's own tokens between turns (tool
+// results, user messages, template markup) have mask 0. One pass to find the
+// turns, then O(tokens) per trajectory.
 import type { SessionMessage } from "./key";
 import type { SessionTrie, TrieNode, Turn } from "./trie";
 
@@ -32,29 +33,35 @@ export function trajectoryOf(trie: SessionTrie, node: TrieNode): Trajectory {
   for (let t = node.turn; t; t = t.prev?.turn ?? null) chain.push(t);
   chain.reverse();
   const first = chain[0] as Turn;
+  const last = chain[chain.length - 1] as Turn;
   const withLogprobs = chain.every((t) => t.logprobs !== null);
-  const size = (chain[chain.length - 1] as Turn).length - first.promptTail.length;
+  // The last reply's end-of-generation token closes the trajectory: the model sampled it.
+  const size = last.length - first.promptTail.length + (last.eog >= 0 ? 1 : 0);
   const ids = new Array<number>(size);
   const mask = new Array<number>(size);
   const logprobs = withLogprobs ? new Array<number>(size) : null;
   let at = 0;
+  const push = (id: number, m: number, lp: number) => {
+    ids[at] = id;
+    mask[at] = m;
+    if (logprobs) logprobs[at] = lp;
+    at++;
+  };
   chain.forEach((t, i) => {
     if (i > 0) {
-      for (const id of t.promptTail) {
-        ids[at] = id;
-        mask[at] = 0;
-        if (logprobs) logprobs[at] = 0;
-        at++;
-      }
+      // Where the template ends a reply with the very token the model stopped on, that token of
+      // the next prompt is the sampled one; any other end-of-turn markup is the template's.
+      const before = chain[i - 1] as Turn;
+      t.promptTail.forEach((id, k) => {
+        const sampled = k === 0 && before.eog >= 0 && id === before.eog;
+        push(id, sampled ? 1 : 0, sampled ? before.eogLogprob : 0);
+      });
     }
     t.response.forEach((id, k) => {
-      ids[at] = id;
-      mask[at] = 1;
-      if (logprobs) logprobs[at] = (t.logprobs as Float32Array)[k] as number;
-      at++;
+      push(id, 1, t.logprobs ? (t.logprobs[k] as number) : 0);
     });
   });
-  const last = chain[chain.length - 1] as Turn;
+  if (last.eog >= 0) push(last.eog, 1, last.eogLogprob);
   return {
     node_id: node.id,
     model: last.model,

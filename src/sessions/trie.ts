@@ -36,6 +36,8 @@ export interface TurnInput {
   responseIds: readonly number[];
   /** Log-probability of each sampled token, when the request asked for logprobs. */
   logprobs: readonly number[] | null;
+  /** The end-of-generation token the reply stopped on (sampled, never in responseIds), with its log-probability when logprobs were asked; absent: it ended otherwise. */
+  eog?: { token: number; logprob?: number } | null;
   finishReason: string;
   /** toolsKey() of the request's tools: a checkpoint is reused only under the same tools. */
   toolsKey: string;
@@ -53,6 +55,10 @@ export interface Turn {
   promptTail: Int32Array;
   response: Int32Array;
   logprobs: Float32Array | null;
+  /** The end-of-generation token it stopped on, -1: none; not in response (a later prompt has it only where its template renders that token). */
+  eog: number;
+  /** Its log-probability (0 without logprobs). */
+  eogLogprob: number;
   finishReason: string;
   toolsKey: string;
   checkpoint: string | null;
@@ -302,6 +308,8 @@ export class SessionTrie {
       promptTail,
       response,
       logprobs: t.logprobs ? Float32Array.from(t.logprobs) : null,
+      eog: t.eog ? t.eog.token : -1,
+      eogLogprob: t.eog?.logprob ?? 0,
       finishReason: t.finishReason,
       toolsKey: t.toolsKey,
       checkpoint: t.checkpoint,

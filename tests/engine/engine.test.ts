@@ -210,6 +210,14 @@ describe("engine on the tiny model", () => {
     expect(forced.done.completionTokens).toBe(200);
     // Up to the end-of-generation token, both runs agree.
     expect(forced.tokens.slice(0, natural.tokens.length)).toEqual(natural.tokens);
+    // The token it stopped on is reported (never as text): the one the forced run sampled there.
+    expect(natural.done.eog?.token).toBe(forced.tokens[natural.tokens.length] as number);
+    expect(natural.tokens).not.toContain(natural.done.eog?.token as number);
+    expect(forced.done.eog).toBeUndefined();
+    const withLogprobs = await collect(engine.generate({ ...opts, logprobs: 0 }));
+    expect(withLogprobs.done.eog?.token).toBe(natural.done.eog?.token as number);
+    expect(withLogprobs.done.eog?.logprob).toBeLessThanOrEqual(0);
+    expect(natural.done.eog?.logprob).toBeUndefined();
   });
 
   test("top_k_top_p_and_min_p_narrowed_to_one_token_sample_the_greedy_choice_at_any_temperature", async () => {

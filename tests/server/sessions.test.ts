@@ -1,8 +1,11 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import OpenAI from "openai";
 import type { EngineOptions, EngineStats } from "../../src/engine";
+import { FakeEngine } from "../../src/engine/fake";
 import { silentLogger } from "../../src/log";
 import { type RunningServer, ServedModel, startServer } from "../../src/server";
+import { createApp } from "../../src/server/app";
+import { Metrics } from "../../src/server/metrics";
 import { tinyModel } from "../helpers/model";
 
 type Msg = OpenAI.Chat.Completions.ChatCompletionMessageParam;
@@ -246,5 +249,61 @@ describe("export with checkpoints on and off", () => {
     } finally {
       await off.close();
     }
+  });
+});
+
+describe("the end-of-generation token in trajectories (fake engine)", () => {
+  // The fake stops every reply on its end-of-generation token (257) unless max_tokens cuts it short.
+  const EOG = 257;
+  const engine = new FakeEngine({ reply: "ok" });
+  const model = ServedModel.fromEngine("fake-model", engine);
+  const app = createApp({ models: [model], apiKeys: [], maxBodyBytes: 1 << 20, logger: silentLogger, metrics: new Metrics() });
+  const chat = async (session: string, messages: unknown[], extra: Record<string, unknown> = {}) => {
+    const res = await app.handle(
+      new Request("http://localhost/v1/chat/completions", {
+        method: "POST",
+        headers: { "content-type": "application/json", "X-Session-Id": session },
+        body: JSON.stringify({ model: "fake-model", messages, ...extra }),
+      }),
+    );
+    expect(res.status).toBe(200);
+    return (await res.json()) as { choices: Array<{ message: { content: string }; finish_reason: string }> };
+  };
+  type Exported = { response_ids: number[]; response_mask: number[]; response_logprobs: number[] | null; num_turns: number };
+  const trajectories = async (session: string, all = false) => {
+    const res = await app.handle(new Request(`http://localhost/v1/sessions/${session}/trajectories${all ? "?all=1" : ""}`));
+    return ((await res.json()) as { data: Exported[] }).data;
+  };
+
+  // Regression: the token a reply stopped on was missing from response_ids, so a trainer never saw the model's choice to stop.
+  test("a_reply_that_stopped_on_its_end_of_generation_token_exports_it_as_sampled", async () => {
+    const h = [{ role: "user", content: "hi" }];
+    const a1 = await chat("eog", h, { logprobs: true });
+    expect(a1.choices[0]?.finish_reason).toBe("stop");
+    const a2 = await chat("eog", [...h, a1.choices[0]?.message, { role: "user", content: "and?" }], { logprobs: true });
+    expect(a2.choices[0]?.finish_reason).toBe("stop");
+    const [t] = await trajectories("eog");
+    expect(t?.num_turns).toBe(2);
+    // Each reply is "ok" (bytes 111, 107); the fallback template closes a reply with its own markup, so only the
+    // last reply's end token is in the trajectory, at its end, sampled.
+    const text = (ids: number[]) => ids.filter((id) => id < 256);
+    expect(t?.response_ids.slice(0, 2)).toEqual([111, 107]);
+    expect(t?.response_ids.at(-1)).toBe(EOG);
+    expect(t?.response_mask.at(-1)).toBe(1);
+    expect(t?.response_ids.filter((id) => id === EOG).length).toBe(1);
+    expect(t?.response_logprobs?.length).toBe(t?.response_ids.length);
+    expect(text(t?.response_ids ?? []).length).toBe((t?.response_ids.length ?? 0) - 1);
+    // On its own, the first reply ends with the token it stopped on too.
+    const first = (await trajectories("eog", true)).find((x) => x.num_turns === 1);
+    expect(first?.response_ids).toEqual([111, 107, EOG]);
+    expect(first?.response_mask).toEqual([1, 1, 1]);
+  });
+
+  test("a_reply_cut_short_by_max_tokens_exports_no_end_token", async () => {
+    const a = await chat("cut", [{ role: "user", content: "hi" }], { max_tokens: 1 });
+    expect(a.choices[0]?.finish_reason).toBe("length");
+    const [t] = await trajectories("cut");
+    expect(t?.response_ids).toEqual([111]);
+    expect(t?.response_mask).toEqual([1]);
   });
 });

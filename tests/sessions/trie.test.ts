@@ -270,4 +270,38 @@ describe("export", () => {
     run(trie, [user("u"), asst("a"), user("v")], "b", { ...turn([1, 2, 3], [4]), logprobs: [-1.5] });
     expect(exportTrajectories(trie)[0]?.response_logprobs).toEqual([-0.25, 0, -1.5]);
   });
+
+  // Regression: a reply that stopped on its end-of-generation token lost it from the trajectory, so the
+  // model's choice to stop was never a sampled (mask 1) token.
+  test("the_end_of_generation_token_a_reply_stopped_on_is_sampled_where_the_next_prompt_has_it_and_at_the_end", () => {
+    const EOG = 99;
+    const trie = new SessionTrie();
+    run(trie, [user("u")], "a", { ...turn([1], [2]), logprobs: [-0.25], eog: { token: EOG, logprob: -0.5 } });
+    // The template ends the reply with the very token the model stopped on.
+    run(trie, [user("u"), asst("a"), user("v")], "b", {
+      ...turn([1, 2, EOG, 3], [4]),
+      logprobs: [-1.5],
+      eog: { token: EOG, logprob: -0.125 },
+    });
+    const [t] = exportTrajectories(trie);
+    expect(t?.response_ids).toEqual([2, EOG, 3, 4, EOG]);
+    expect(t?.response_mask).toEqual([1, 1, 0, 1, 1]);
+    expect(t?.response_logprobs).toEqual([-0.25, -0.5, 0, -1.5, -0.125]);
+    expect(t?.num_turns).toBe(2);
+  });
+
+  test("an_end_of_turn_markup_other_than_the_sampled_token_stays_the_templates", () => {
+    const trie = new SessionTrie();
+    run(trie, [user("u")], "a", { ...turn([1], [2]), eog: { token: 99 } });
+    // This template closes the reply with its own markup (7), not the token the model stopped on.
+    run(trie, [user("u"), asst("a"), user("v")], "b", { ...turn([1, 2, 7, 3], [4]), finishReason: "length" });
+    const [t] = exportTrajectories(trie);
+    expect(t?.response_ids).toEqual([2, 7, 3, 4]);
+    expect(t?.response_mask).toEqual([1, 0, 0, 1]);
+    expect(t?.response_logprobs).toBeNull();
+    // Exported on its own (all turns), the first reply ends with the token it stopped on.
+    const first = exportTrajectories(trie, true).find((x) => x.num_turns === 1);
+    expect(first?.response_ids).toEqual([2, 99]);
+    expect(first?.response_mask).toEqual([1, 1]);
+  });
 });

@@ -278,6 +278,7 @@ async function startChat(
               finish,
               ids,
               lps,
+              e.eog ?? null,
             );
           }
           yield {
