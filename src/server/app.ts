@@ -38,7 +38,7 @@ import { ResponsesBody } from "./responses/schema";
 import { RESPONSE_STORE_DEFAULT_MIB, ResponseStore } from "./responses/store";
 import { checkResponsesBody } from "./responses/translate";
 import { checkSentBody } from "./sent";
-import { forwardedChatPath, SESSION_HEADER, SessionService, sessionIdOf } from "./sessions";
+import { forwardedPath, SESSION_HEADER, SessionService, type SessionTurn, sessionIdOf } from "./sessions";
 import { ApplyTemplateBody, applyTemplate, DetokenizeBody, detokenize, TokenizeBody, tokenize } from "./tokenize";
 
 /** What the app needs from the node. */
@@ -169,6 +169,27 @@ export function createApp(o: AppOptions) {
     );
   };
   const sessions = o.sessions ?? new SessionService(() => o.models, {}, o.logger);
+  /** The session a chat-shaped request names (checked before anything moves), and whether this node holds it. */
+  const sessionOf = (request: Request, body: object) => {
+    const id = sessionIdOf(request, body);
+    if (id !== null) sessions.store.check(id);
+    // Affinity: a session this node holds runs here, next to its checkpoints.
+    return { id, held: id !== null && sessions.store.peek(id) !== undefined };
+  };
+  /** The turn of a session request that runs here; none without a session. */
+  const sessionTurn = async (s: { id: string | null; held: boolean }, model: ServedModel, chat: ChatBodyT): Promise<SessionTurn | null> => {
+    if (s.id === null) return null;
+    // A session that runs here but whose checkpoint a peer holds: fetch it first (the priority lane: never
+    // behind the background pass), so the turn restores it instead of prefilling the whole history.
+    if (!s.held && o.hydration) await o.hydration.prepare(s.id, model.id);
+    return sessions.turn(s.id, model, chat);
+  };
+  /** Answers of a session request carry its id back. */
+  const sessionHeader = (id: string | null, result: Response | object, set: { headers: Record<string, unknown> }) => {
+    if (id === null) return;
+    if (result instanceof Response) result.headers.set(SESSION_HEADER, id);
+    else set.headers[SESSION_HEADER] = id;
+  };
   /**
    * A tokenizer endpoint: run `handle` on the model named (default: this node's first), or forward the
    * request to a peer serving it.
@@ -377,28 +398,22 @@ export function createApp(o: AppOptions) {
       "/v1/chat/completions",
       async ({ body, request, set }) => {
         checkChatBody(body);
-        const sessionId = sessionIdOf(request, body);
-        if (sessionId !== null) sessions.store.check(sessionId);
-        // Affinity: a session this node holds runs here, next to its checkpoints.
-        const held = sessionId !== null && sessions.store.peek(sessionId) !== undefined;
+        const session = sessionOf(request, body);
         const route = await traced(
           request,
           "/v1/chat/completions",
           body.model,
           body.stream,
-          routeChat(body, forwardedChatPath(sessionId), request, undefined, undefined, held),
+          routeChat(body, forwardedPath("/v1/chat/completions", session.id), request, undefined, undefined, session.held),
         );
-        if (route.kind === "peer") return answered(route.response, request, set);
-        const model = findModel(body.model);
-        // A session that runs here but whose checkpoint a peer holds: fetch it first (the priority lane: never
-        // behind the background pass), so the turn restores it instead of prefilling the whole history.
-        if (!held && sessionId !== null && o.hydration) await o.hydration.prepare(sessionId, model.id);
-        const turn = sessionId !== null ? sessions.turn(sessionId, model, body) : null;
-        const result = await chatCompletion(model, body, o.metrics, request.signal, onStreamError, route.routing, turn);
-        if (sessionId !== null) {
-          if (result instanceof Response) result.headers.set(SESSION_HEADER, sessionId);
-          else set.headers[SESSION_HEADER] = sessionId;
+        if (route.kind === "peer") {
+          sessionHeader(session.id, route.response, set);
+          return answered(route.response, request, set);
         }
+        const model = findModel(body.model);
+        const turn = await sessionTurn(session, model, body);
+        const result = await chatCompletion(model, body, o.metrics, request.signal, onStreamError, route.routing, turn);
+        sessionHeader(session.id, result, set);
         if (!(result instanceof Response)) set.status = 200;
         return answered(result, request, set);
       },
@@ -423,10 +438,18 @@ export function createApp(o: AppOptions) {
       async ({ body, request, set }) => {
         // Checked and translated before anything moves: routed, keyed and run as the equivalent chat request.
         const chat = checkMessagesBody(body);
-        const routed = routeChat(chat, "/v1/messages", request, forwardShape("anthropic"));
+        const session = sessionOf(request, body);
+        const path = forwardedPath("/v1/messages", session.id);
+        const routed = routeChat(chat, path, request, forwardShape("anthropic"), undefined, session.held);
         const route = await traced(request, "/v1/messages", chat.model, body.stream, routed);
-        if (route.kind === "peer") return answered(route.response, request, set);
-        const result = await anthropicMessages(findModel(chat.model), body, chat, o.metrics, request.signal, onStreamError, route.routing);
+        if (route.kind === "peer") {
+          sessionHeader(session.id, route.response, set);
+          return answered(route.response, request, set);
+        }
+        const model = findModel(chat.model);
+        const turn = await sessionTurn(session, model, chat);
+        const result = await anthropicMessages(model, body, chat, o.metrics, request.signal, onStreamError, route.routing, turn);
+        sessionHeader(session.id, result, set);
         if (!(result instanceof Response)) set.status = 200;
         return answered(result, request, set);
       },
@@ -441,10 +464,15 @@ export function createApp(o: AppOptions) {
         const req = checkResponsesBody(body, responses);
         const { chat } = req;
         const ctx = { body, req, store: responses, onStreamError };
-        const routed = routeChat(chat, "/v1/responses", request, undefined, {
-          path: "/v1/chat/completions",
-          body: () => forwardedChatBody(chat),
-        });
+        const session = sessionOf(request, body);
+        const routed = routeChat(
+          chat,
+          "/v1/responses",
+          request,
+          undefined,
+          { path: forwardedPath("/v1/chat/completions", session.id), body: () => forwardedChatBody(chat) },
+          session.held,
+        );
         const route = await traced(request, "/v1/responses", chat.model, body.stream, routed);
         if (route.kind === "peer") {
           // A refusal (429, 413, a 400 of the peer's) is relayed as it is: OpenAI's error shape, as here.
@@ -455,15 +483,19 @@ export function createApp(o: AppOptions) {
           // The peer's chat stream is read on its way into the answer: its usage and timing go to the request log.
           const upstream = con.answer(request, route.response, started.get(request) ?? performance.now());
           const result = await answerResponse(ctx, start, chatEventsOf(upstream, start.abort.signal), servedHeaders);
+          sessionHeader(session.id, result, set);
           if (!(result instanceof Response)) {
             set.status = 200;
             Object.assign(set.headers, servedHeaders);
           }
           return labelled(result, request, set);
         }
-        const result = await runResponse(ctx, findModel(chat.model), o.metrics, request.signal, route.routing).catch((e: unknown) => {
+        const model = findModel(chat.model);
+        const turn = await sessionTurn(session, model, chat);
+        const result = await runResponse(ctx, model, o.metrics, request.signal, route.routing, turn).catch((e: unknown) => {
           throw inputParam(e);
         });
+        sessionHeader(session.id, result, set);
         if (!(result instanceof Response)) set.status = 200;
         return answered(result, request, set);
       },

@@ -211,7 +211,7 @@ function notFound(id: string): SessionError {
   return new SessionError("session_not_found", `Session with id '${id.slice(0, 128)}' not found.`);
 }
 
-/** The path a peer is sent a session's chat request on: the session rides in the query, which the mesh proof signs. */
-export function forwardedChatPath(sessionId: string | null): string {
-  return sessionId === null ? "/v1/chat/completions" : `/v1/chat/completions?session=${encodeURIComponent(sessionId)}`;
+/** The path a peer is sent a session's request on (`path` for none): the session rides in the query, which the mesh proof signs. */
+export function forwardedPath(path: string, sessionId: string | null): string {
+  return sessionId === null ? path : `${path}?session=${encodeURIComponent(sessionId)}`;
 }

@@ -79,6 +79,42 @@ async function takeSlots(n: NodeProc, fillers: string[], round: number) {
 }
 
 describe("sessions in a mesh", () => {
+  // A node that does not serve the model forwards every turn; the session must open on the node that ran the
+  // turn, whichever API it came in on (the session rides in the forwarded path's query), and never on the forwarder.
+  test("a_turn_forwarded_to_a_peer_opens_its_session_there_on_the_messages_and_responses_apis", async () => {
+    const c = await spawnNode({ name: "c", dir, model: "elsewhere", args: [...ARGS, "--join", tokenOf(a)] });
+    nodes.push(c);
+    await waitFor(
+      "the forwarder to list both workers of the shared model",
+      60_000,
+      async () => (await modelsOf(c)).get("shared")?.length === 2,
+    );
+    const post = (path: string, id: string, body: object) =>
+      fetch(`${c.url}${path}`, {
+        method: "POST",
+        headers: { "content-type": "application/json", "x-session-id": id },
+        body: JSON.stringify(body),
+      });
+    const sent = [
+      [
+        "messages-1",
+        () => post("/v1/messages", "messages-1", { model: "shared", max_tokens: 1, messages: [{ role: "user", content: "hi" }] }),
+      ],
+      ["responses-1", () => post("/v1/responses", "responses-1", { model: "shared", max_output_tokens: 1, input: "hi" })],
+    ] as const;
+    for (const [id, send] of sent) {
+      const r = await send();
+      expect({ id, status: r.status }).toEqual({ id, status: 200 });
+      expect(r.headers.get("x-session-id")).toBe(id);
+      // Run by a peer, not by the forwarder.
+      expect(r.headers.get("x-mesh-route")).not.toBe("local");
+      await r.body?.cancel();
+      const [onA, onB, onC] = await Promise.all([sessionOn(a, id), sessionOn(b, id), sessionOn(c, id)]);
+      expect(onC).toBeNull();
+      expect({ id, held: (onA ? 1 : 0) + (onB ? 1 : 0), turns: (onA ?? onB)?.turns }).toEqual({ id, held: 1, turns: 1 });
+    }
+  }, 240_000);
+
   test("a_session_follows_its_checkpoints_to_the_holder_and_another_node_serves_it_when_the_holder_is_gone", async () => {
     let h: Msg[] = [
       { role: "system", content: SYSTEM },

@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import Anthropic from "@anthropic-ai/sdk";
 import OpenAI from "openai";
 import type { EngineOptions, EngineStats } from "../../src/engine";
 import { FakeEngine } from "../../src/engine/fake";
@@ -249,6 +250,93 @@ describe("export with checkpoints on and off", () => {
     } finally {
       await off.close();
     }
+  });
+});
+
+describe("sessions on the Anthropic and Responses APIs", () => {
+  type Sess = { turns: number; branches: number; pending: number };
+  const session = async (id: string) => (await get(node, `/v1/sessions/${id}`)).body as unknown as Sess;
+
+  test("anthropic_messages_turns_with_a_session_header_extend_one_branch_and_restore_its_checkpoint", async () => {
+    const anthropic = new Anthropic({
+      baseURL: node.url,
+      apiKey: "unused",
+      maxRetries: 0,
+      defaultHeaders: { "X-Session-Id": "claude-run" },
+    });
+    const history: Anthropic.MessageParam[] = [{ role: "user", content: "Step one." }];
+    const first = await anthropic.messages
+      .create({
+        model: "mesh-tiny",
+        max_tokens: 6,
+        system: SYSTEM,
+        messages: history,
+        temperature: 0,
+      } as Anthropic.MessageCreateParamsNonStreaming)
+      .withResponse();
+    expect(first.response.headers.get("x-session-id")).toBe("claude-run");
+    // Other conversations take both slots, so only the session's checkpoint still holds this one.
+    await Promise.all([0, 1].map((i) => ask(node, `other-a-${i}`, [{ role: "user", content: `unrelated ${i} `.repeat(40) }])));
+    const before = await stats(node);
+    const reply = first.data.content.map((b) => (b.type === "text" ? b.text : "")).join("");
+    const second = await anthropic.messages.create({
+      model: "mesh-tiny",
+      max_tokens: 6,
+      system: SYSTEM,
+      messages: [...history, { role: "assistant", content: reply }, { role: "user", content: "Step two." }],
+      temperature: 0,
+    } as Anthropic.MessageCreateParamsNonStreaming);
+    const after = await stats(node);
+    expect(after.checkpointRestores + after.hostRestores).toBeGreaterThan(before.checkpointRestores + before.hostRestores);
+    expect(second.usage.cache_read_input_tokens ?? 0).toBeGreaterThan(first.data.usage.input_tokens);
+    expect(await session("claude-run")).toMatchObject({ turns: 2, branches: 1, pending: 0 });
+    const [t] = (await get(node, "/v1/sessions/claude-run/trajectories")).body.data as Array<{ messages: Array<{ role: string }> }>;
+    expect(t?.messages.map((m) => m.role)).toEqual(["system", "user", "assistant", "user", "assistant"]);
+  });
+
+  test("responses_turns_chained_by_previous_response_id_extend_one_session_branch", async () => {
+    const headers = { "X-Session-Id": "codex-run" };
+    const first = await node.client.responses.create(
+      { model: "mesh-tiny", instructions: "Be brief.", input: "Step one.", max_output_tokens: 6, temperature: 0 },
+      { headers },
+    );
+    await node.client.responses.create(
+      // Instructions are not carried over from the previous response (OpenAI's rule): sent again, the same system message.
+      {
+        model: "mesh-tiny",
+        instructions: "Be brief.",
+        previous_response_id: first.id,
+        input: "Step two.",
+        max_output_tokens: 6,
+        temperature: 0,
+      },
+      { headers },
+    );
+    expect(await session("codex-run")).toMatchObject({ turns: 2, branches: 1, pending: 0 });
+    // Or named in the body, as with chat completions, for clients that cannot set headers.
+    const res = await fetch(`${node.url}/v1/responses`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model: "mesh-tiny", input: "Hi", max_output_tokens: 2, session: "codex-body" }),
+    });
+    expect(res.status).toBe(200);
+    expect(res.headers.get("x-session-id")).toBe("codex-body");
+    expect((await session("codex-body")).turns).toBe(1);
+  });
+
+  test("a_bad_session_id_on_messages_is_an_anthropic_400_naming_session_and_creates_nothing", async () => {
+    const res = await fetch(`${node.url}/v1/messages`, {
+      method: "POST",
+      headers: { "content-type": "application/json", "x-session-id": "bad id!" },
+      body: JSON.stringify({ model: "mesh-tiny", max_tokens: 2, messages: [{ role: "user", content: "Hi" }] }),
+    });
+    expect(res.status).toBe(400);
+    const body = (await res.json()) as { type: string; error: { type: string; message: string } };
+    expect(body.type).toBe("error");
+    expect(body.error.type).toBe("invalid_request_error");
+    expect(body.error.message).toContain("session");
+    const list = await get(node, "/v1/sessions");
+    expect(list.body.data?.map((x) => x.id)).not.toContain("bad id!");
   });
 });
 

@@ -13,6 +13,7 @@ import { type ChatEvent, checkChatBody, renderChatPrompt, runChat } from "../ope
 import { MAX_JSON_DEPTH, tooDeep } from "../openai/depth";
 import { engineOf, SSE_KEEPALIVE_MS, type SseFraming, sseResponse } from "../openai/run";
 import type { ChatBodyT } from "../openai/schema";
+import type { SessionTurn } from "../sessions";
 import { SchemaError, schemaGrammar } from "../structured";
 import type { CountTokensBodyT, MessagesBodyT } from "./schema";
 
@@ -266,8 +267,9 @@ export async function anthropicMessages(
   signal: AbortSignal,
   onStreamError: (e: unknown) => ApiError,
   routing: LocalRouting | null = null,
+  turn: SessionTurn | null = null,
 ): Promise<Response | object> {
-  const run = await runChat(model, chat, metrics, signal, routing, "msg");
+  const run = await runChat(model, chat, metrics, signal, routing, "msg", turn);
   const { abort, events } = run;
   // Anthropic's ids read msg_...
   const id = `msg_${run.id.slice("msg-".length)}`;

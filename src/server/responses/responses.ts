@@ -10,6 +10,7 @@ import type { Metrics } from "../metrics";
 import type { ServedModel } from "../model";
 import { type ChatEvent, runChat } from "../openai/chat";
 import { beginRequest, type RequestStart, type SseFraming, sseResponse } from "../openai/run";
+import type { SessionTurn } from "../sessions";
 import type { ResponsesBodyT } from "./schema";
 import type { ChatMessageT, ResponseStore } from "./store";
 import type { ResponsesRequest } from "./translate";
@@ -277,8 +278,9 @@ export async function runResponse(
   metrics: Metrics,
   signal: AbortSignal,
   routing: LocalRouting | null,
+  turn: SessionTurn | null = null,
 ): Promise<object | Response> {
-  const run = await runChat(model, ctx.req.chat, metrics, signal, routing, "resp");
+  const run = await runChat(model, ctx.req.chat, metrics, signal, routing, "resp", turn);
   return answerResponse(ctx, run, run.events);
 }
 
