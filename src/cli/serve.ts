@@ -184,6 +184,11 @@ export async function serve(o: ServeOptions): Promise<number> {
       throw new UsageError(`model file not found: ${modelPath} (to pull a model by name from the mesh, join it: --join <token>)`);
     } else pullName = modelPath;
   }
+  if (pullName !== null) {
+    // Before the pull, which may take hours: what can be wrong with the aliases without the model's id.
+    const aliasError = checkAliases(o.alias, []);
+    if (aliasError) throw new UsageError(aliasError);
+  }
   if (pullName === null) {
     if (modelPath) checkGguf(modelPath);
     else {

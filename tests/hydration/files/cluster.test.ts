@@ -11,6 +11,7 @@ import { fileKey, rootOf, serializeAnnounce } from "../../../src/hydration/files
 import type { FilesReport } from "../../../src/hydration/files/service";
 import { meshKeys } from "../../../src/mesh/auth";
 import { MeshClient } from "../../../src/mesh/client";
+import { credentialsFor, encodeInvite } from "../../../src/mesh/invite";
 import { signRecord } from "../../../src/mesh/kv-record";
 import {
   clusterDir,
@@ -244,6 +245,35 @@ describe("model hydration across processes", () => {
     expect(lonely.code).toBe(2);
     expect(lonely.err).toContain("model file not found: no-such-model (to pull a model by name from the mesh, join it");
     expect(lonely.err.trim().split("\n").length).toBe(1);
+  });
+
+  // Regression: a bad --alias for a model pulled by name was reported only after the whole pull.
+  test("a_bad_alias_for_a_model_pulled_by_name_exits_2_before_joining_or_pulling", () => {
+    const state = join(dir, "state-alias");
+    const secret = "s".repeat(43);
+    // Nobody listens at this address: a check that came after joining would hang on it, not exit 2 at once.
+    const token = encodeInvite({ ...credentialsFor(secret), addrs: ["127.0.0.1:9"] });
+    for (const [aliases, said] of [
+      [["gpt", "gpt"], "--alias 'gpt' is given twice"],
+      [[" "], "--alias must not be empty"],
+    ] as const) {
+      const r = meshCli([
+        "serve",
+        "--model",
+        "some-model",
+        ...aliases.flatMap((a) => ["--alias", a]),
+        "--join",
+        token,
+        "--state-dir",
+        state,
+        "--port",
+        "0",
+      ]);
+      expect({ aliases, code: r.code }).toEqual({ aliases, code: 2 });
+      expect(r.err).toContain(said);
+      expect(r.err.trim().split("\n").length).toBe(1);
+    }
+    expect(existsSync(join(state, "models"))).toBe(false);
   });
 });
 
