@@ -329,8 +329,9 @@ export class FakeEngine implements EngineLike {
       if (pending >= 0) seq.tokens.push(pending);
       const token = reply[generated];
       if (token === undefined) {
-        // The reply is over: the end-of-generation token, reported as the engine does.
-        eog = true;
+        // The reply is over: the end-of-generation token, reported as the engine does (never under ignoreEos,
+        // where the engine would not stop on it; the fake has nothing more to say and ends anyway).
+        eog = opts.ignoreEos !== true;
         break;
       }
       generated++;

@@ -240,7 +240,7 @@ export type TokenEvent =
       completionTokens: number;
       /** The stop string that ended it (finishReason "stop"); absent when it ended otherwise. */
       stopSequence?: string;
-      /** The end-of-generation token that ended it (finishReason "stop"; not in any text event, never decoded), with its log-probability when the request asked for logprobs; absent when it ended otherwise. */
+      /** The end-of-generation token that ended it (finishReason "stop"; not in any text event, never decoded), with its log-probability when the request asked for logprobs; absent when it ended otherwise (a stop string, length, cancelled, or ignoreEos). */
       eog?: { token: number; logprob?: number };
       /** Where its time to first token went inside the engine Worker; absent when it never got a slot. */
       phases?: TtftPhases;

@@ -27,10 +27,10 @@ import { chooseSlot, commonPrefix, RESTORE_MIN_GAIN } from "./slot-choice";
 import { MAX_MARKS, Tenancy, type TokenMark } from "./tenancy";
 import { StopMatcher, Utf8Stream } from "./text";
 
-/** A sequence's state saved by the shim in its own host buffer (freed when the cache drops it). */
 /** The end-of-generation token a reply stopped on (done events carry it). */
 type EogToken = NonNullable<Extract<TokenEvent, { kind: "done" }>["eog"]>;
 
+/** A sequence's state saved by the shim in its own host buffer (freed when the cache drops it). */
 interface HostState {
   ptr: Pointer;
   /** What the shim allocated: what the cache counts and what freeing must be told. */

@@ -476,7 +476,11 @@ export function createApp(o: AppOptions) {
         const route = await traced(request, "/v1/responses", chat.model, body.stream, routed);
         if (route.kind === "peer") {
           // A refusal (429, 413, a 400 of the peer's) is relayed as it is: OpenAI's error shape, as here.
-          if (route.response.status !== 200) return answered(await inputParamOfRelayed(route.response), request, set);
+          if (route.response.status !== 200) {
+            const relayed = await inputParamOfRelayed(route.response);
+            sessionHeader(session.id, relayed, set);
+            return answered(relayed, request, set);
+          }
           const served = route.response.headers.get(ROUTE_HEADER.servedBy);
           const servedHeaders: Record<string, string> = served ? { [ROUTE_HEADER.servedBy]: served, [ROUTE_HEADER.node]: served } : {};
           const start = remoteStart(request.signal);

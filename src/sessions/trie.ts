@@ -107,6 +107,13 @@ function turnBytes(t: Turn): number {
   return 4 * (t.promptTail.length + t.response.length) + (t.logprobs ? 4 * t.logprobs.length : 0) + 128;
 }
 
+/** Whether `seq` starts with every token of `head`. */
+function startsWith(seq: ArrayLike<number>, head: ArrayLike<number>): boolean {
+  if (head.length > seq.length) return false;
+  for (let i = 0; i < head.length; i++) if (seq[i] !== head[i]) return false;
+  return true;
+}
+
 /** The token sequence (prompt then response) of the turn at `node`, rebuilt along its prev chain. */
 export function turnSequence(node: TrieNode): Int32Array {
   const chain: Turn[] = [];
@@ -211,9 +218,11 @@ export class SessionTrie {
         if (child.turn.checkpoint && child.turn.checkpoint !== input.checkpoint) released.push(child.turn.checkpoint);
       }
     } else child = this.node(key, stored, branch.parent);
+    const before = child.turn ? turnSequence(child) : null;
     // Replaced whole, never merged: nothing of a previous reply's turn survives on the node.
     child.turn = this.turnOf(branch.parent, input);
     this.bytesUsed += turnBytes(child.turn);
+    if (before) this.rebase(child, before);
     for (let n: TrieNode | null = child; n && !n.committed; n = n.parent) n.committed = true;
     return released;
   }
@@ -284,6 +293,33 @@ export class SessionTrie {
     for (const n of branch.held) n.pending--;
   }
 
+  // A retry replaced `node`'s turn, whose tokens were `before`: the turns stored against those tokens are
+  // stored again against the new ones, or, where their prompt no longer starts with them, as the start of a
+  // trajectory of their own. Their whole prompt (and length) is what it was; only where it is cut changes.
+  private rebase(node: TrieNode, before: Int32Array): void {
+    const after = turnSequence(node);
+    if (startsWith(before, after) && before.length === after.length) return;
+    const stack = [...node.children.values()];
+    while (stack.length > 0) {
+      const n = stack.pop() as TrieNode;
+      const t = n.turn;
+      if (!t) {
+        for (const c of n.children.values()) stack.push(c);
+        continue;
+      }
+      // Turns below this one were stored against this one's tokens, which do not change.
+      if (t.prev !== node) continue;
+      const prompt = new Int32Array(before.length + t.promptTail.length);
+      prompt.set(before);
+      prompt.set(t.promptTail, before.length);
+      this.bytesUsed -= turnBytes(t);
+      const still = startsWith(prompt, after);
+      t.prev = still ? node : null;
+      t.promptTail = still ? prompt.slice(after.length) : prompt;
+      this.bytesUsed += turnBytes(t);
+    }
+  }
+
   private turnOf(parent: TrieNode, t: TurnInput): Turn {
     // The nearest generated turn above: this prompt extends it when it starts with its exact tokens.
     let prev: TrieNode | null = null;
@@ -296,9 +332,7 @@ export class SessionTrie {
     let start = 0;
     if (prev?.turn) {
       const seq = turnSequence(prev);
-      let same = seq.length <= t.promptIds.length;
-      for (let i = 0; same && i < seq.length; i++) same = seq[i] === t.promptIds[i];
-      if (same) start = seq.length;
+      if (startsWith(t.promptIds, seq)) start = seq.length;
       else prev = null;
     }
     const promptTail = Int32Array.from(t.promptIds.slice(start));

@@ -366,9 +366,9 @@ describe("the end-of-generation token in trajectories (fake engine)", () => {
   // Regression: the token a reply stopped on was missing from response_ids, so a trainer never saw the model's choice to stop.
   test("a_reply_that_stopped_on_its_end_of_generation_token_exports_it_as_sampled", async () => {
     const h = [{ role: "user", content: "hi" }];
-    const a1 = await chat("eog", h, { logprobs: true });
+    const a1 = await chat("eog", h);
     expect(a1.choices[0]?.finish_reason).toBe("stop");
-    const a2 = await chat("eog", [...h, a1.choices[0]?.message, { role: "user", content: "and?" }], { logprobs: true });
+    const a2 = await chat("eog", [...h, a1.choices[0]?.message, { role: "user", content: "and?" }]);
     expect(a2.choices[0]?.finish_reason).toBe("stop");
     const [t] = await trajectories("eog");
     expect(t?.num_turns).toBe(2);
@@ -379,12 +379,63 @@ describe("the end-of-generation token in trajectories (fake engine)", () => {
     expect(t?.response_ids.at(-1)).toBe(EOG);
     expect(t?.response_mask.at(-1)).toBe(1);
     expect(t?.response_ids.filter((id) => id === EOG).length).toBe(1);
-    expect(t?.response_logprobs?.length).toBe(t?.response_ids.length);
+    // The engine's log-probability of the end token is checked on the real engine (tests/engine/engine.test.ts).
+    expect(t?.response_logprobs).toBeNull();
     expect(text(t?.response_ids ?? []).length).toBe((t?.response_ids.length ?? 0) - 1);
     // On its own, the first reply ends with the token it stopped on too.
     const first = (await trajectories("eog", true)).find((x) => x.num_turns === 1);
     expect(first?.response_ids).toEqual([111, 107, EOG]);
     expect(first?.response_mask).toEqual([1, 1, 1]);
+  });
+
+  test("ignore_eos_replies_export_no_end_token", async () => {
+    await chat("no-eog", [{ role: "user", content: "hi" }], { ignore_eos: true });
+    const [t] = await trajectories("no-eog");
+    expect(t?.response_ids).toEqual([111, 107]);
+  });
+
+  test("a_streamed_messages_turn_and_a_responses_turn_join_their_sessions", async () => {
+    const post = (path: string, session: string, body: object) =>
+      app.handle(
+        new Request(`http://localhost${path}`, {
+          method: "POST",
+          headers: { "content-type": "application/json", "X-Session-Id": session },
+          body: JSON.stringify(body),
+        }),
+      );
+    const streamed = await post("/v1/messages", "m-stream", {
+      model: "fake-model",
+      max_tokens: 8,
+      stream: true,
+      messages: [{ role: "user", content: "hi" }],
+    });
+    expect(streamed.headers.get("x-session-id")).toBe("m-stream");
+    expect(await streamed.text()).toContain("message_stop");
+    const [m] = await trajectories("m-stream");
+    expect(m?.response_ids).toEqual([111, 107, EOG]);
+    const res = await post("/v1/responses", "r-1", { model: "fake-model", input: "hi" });
+    expect(res.status).toBe(200);
+    expect(res.headers.get("x-session-id")).toBe("r-1");
+    expect((await trajectories("r-1"))[0]?.response_ids).toEqual([111, 107, EOG]);
+  });
+
+  test("a_bad_session_on_responses_is_a_400_with_param_session_and_creates_nothing", async () => {
+    for (const [session, body] of [
+      ["bad id!", {}],
+      [null, { session: 42 }],
+    ] as const) {
+      const res = await app.handle(
+        new Request("http://localhost/v1/responses", {
+          method: "POST",
+          headers: { "content-type": "application/json", ...(session ? { "X-Session-Id": session } : {}) },
+          body: JSON.stringify({ model: "fake-model", input: "hi", ...body }),
+        }),
+      );
+      expect(res.status).toBe(400);
+      expect(((await res.json()) as { error: { param: string } }).error.param).toBe("session");
+    }
+    const list = (await (await app.handle(new Request("http://localhost/v1/sessions"))).json()) as { data: Array<{ id: string }> };
+    expect(list.data.map((x) => x.id)).not.toContain("bad id!");
   });
 
   test("a_reply_cut_short_by_max_tokens_exports_no_end_token", async () => {

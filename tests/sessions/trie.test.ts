@@ -92,6 +92,52 @@ describe("fork types", () => {
     expect(exportTrajectories(trie).map((t) => t.response_ids)).toEqual([[10], [11], [99], [13]]);
   });
 
+  // Regression (review): a retry that replaced a turn's tokens left the turns after it cut against the old
+  // tokens, so their trajectories came out with the wrong length and holes (null ids and masks).
+  test("a_retry_with_other_tokens_keeps_every_later_turns_prompt_whole", () => {
+    const trie = new SessionTrie();
+    const h = [user("u")];
+    run(trie, h, "a", turn([1], [2, 3]));
+    run(trie, [...h, asst("a"), user("v")], "b", turn([1, 2, 3, 9, 5], [6]));
+    // The same text again (thinking is not in the key) from other tokens: shorter, then longer.
+    let bytes = trie.stats().bytes;
+    let tail = 2;
+    let replyLength = 2;
+    for (const reply of [[7], [7, 8, 8]]) {
+      run(trie, h, "a", { ...turn([1], reply), finishReason: "length" });
+      // The bound counts what is stored: the later turn's prompt now whole (5 tokens), the new reply's tokens.
+      expect(trie.stats().bytes).toBe(bytes + 4 * (5 - tail) + 4 * (reply.length - replyLength));
+      bytes = trie.stats().bytes;
+      tail = 5;
+      replyLength = reply.length;
+      const all = exportTrajectories(trie, true);
+      for (const t of all) {
+        expect(t.response_ids.length).toBe(t.response_mask.length);
+        expect(t.response_ids.every((id) => typeof id === "number")).toBe(true);
+        expect(t.response_mask.every((m) => m === 0 || m === 1)).toBe(true);
+      }
+      const later = all.find((t) => t.response_ids.at(-1) === 6);
+      // Its prompt no longer starts with the replaced reply: a trajectory of its own, its prompt whole.
+      expect(later?.num_turns).toBe(1);
+      expect([...(later?.prompt_ids ?? []), ...(later?.response_ids ?? [])]).toEqual([1, 2, 3, 9, 5, 6]);
+    }
+  });
+
+  test("a_retry_whose_tokens_the_later_prompt_still_starts_with_keeps_the_chain", () => {
+    const trie = new SessionTrie();
+    const h = [user("u")];
+    run(trie, h, "a", turn([1], [2, 3]));
+    run(trie, [...h, asst("a"), user("v")], "b", turn([1, 2, 3, 9, 5], [6]));
+    run(trie, h, "a", turn([1], [2]));
+    const [t] = exportTrajectories(trie);
+    expect(t?.num_turns).toBe(2);
+    expect(t?.prompt_ids).toEqual([1]);
+    // 3 was sampled by the replaced reply only: now it is prompt between the turns (mask 0).
+    expect(t?.response_ids).toEqual([2, 3, 9, 5, 6]);
+    expect(t?.response_mask).toEqual([1, 0, 0, 0, 1]);
+    expect(trie.stats().bytes).toBeGreaterThan(0);
+  });
+
   test("warm_start_from_a_saved_prefix_reuses_its_checkpoint_for_a_new_question", () => {
     const trie = new SessionTrie();
     const prefix = [sys("long shared context"), user("read the repo"), asst("done reading")];
