@@ -46,7 +46,12 @@ async function ask(n: Node, session: string, messages: Msg[], extra: Partial<Ope
     { headers: { "X-Session-Id": session } },
   );
   const m = r.choices[0]?.message;
-  return { reply: { role: "assistant", content: m?.content ?? null } as Msg, usage: r.usage, id: r.id };
+  return {
+    reply: { role: "assistant", content: m?.content ?? null } as Msg,
+    usage: r.usage,
+    id: r.id,
+    finish: r.choices[0]?.finish_reason,
+  };
 }
 
 const get = async (n: Node, path: string) => {
@@ -124,10 +129,12 @@ describe("sessions over HTTP", () => {
     const sampled = mask.lastIndexOf(0) + 1;
     expect(ids.slice(0, sampled)).toEqual(p2);
     if (last?.num_turns === 2) {
-      // Chained: turn 1's sampled tokens sit where the template put the reply, with mask 1.
+      // Chained: turn 1's sampled tokens sit where the template put the reply, with mask 1 (its end-of-generation
+      // token, when it stopped on one, only where the template closes the reply with that very token).
       const at = first?.prompt_ids.length ?? 0;
-      expect(ids.slice(at, at + (first?.response_ids.length ?? 0))).toEqual(first?.response_ids ?? []);
-      expect(mask.slice(at, at + (first?.response_ids.length ?? 0)).every((m) => m === 1)).toBe(true);
+      const text = (first?.response_ids ?? []).slice(0, t1.finish === "stop" ? -1 : undefined);
+      expect(ids.slice(at, at + text.length)).toEqual(text);
+      expect(mask.slice(at, at + text.length).every((m) => m === 1)).toBe(true);
     }
     const jsonl = await fetch(`${node.url}/v1/sessions/align/trajectories?format=jsonl`);
     expect(jsonl.headers.get("content-type")).toContain("application/x-ndjson");
