@@ -34,7 +34,15 @@ describe("fake engine", () => {
     // One token per byte: "é" is two tokens, and its text comes whole with the second.
     expect(text.map((x) => (x.kind === "text" ? x.tokens.length : -1))).toEqual([1, 1, 1, 1, 1, 1]);
     expect(text.map((x) => (x.kind === "text" ? x.text : "")).join("")).toBe("héllo");
-    expect(got.at(-1)).toEqual({ kind: "done", finishReason: "stop", promptTokens: 2, cachedTokens: 0, completionTokens: 6 });
+    // Ended by its end-of-generation token, which the done event names (as the engine's does).
+    expect(got.at(-1)).toEqual({
+      kind: "done",
+      finishReason: "stop",
+      promptTokens: 2,
+      cachedTokens: 0,
+      completionTokens: 6,
+      eog: { token: 257 },
+    });
   });
 
   test("the_default_reply_is_a_deterministic_function_of_the_prompt", async () => {
