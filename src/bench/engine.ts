@@ -4,7 +4,7 @@
 //
 //   bun run src/bench/engine.ts [--model PATH|bench|tiny] [--threads N] [--ctx N] [--parallel N]
 //     [--prompt-tokens N] [--prefix-tokens N] [--gen-tokens N] [--repeats N] [--no-compare] [--json]
-//     [--table [--prefixes 2048,8192,16384] [--suffixes 16,256,1024] [--no-dirty] [--no-floor] [--http] [--table-only]]
+//     [--table [--prefixes 2048,8192,16384] [--suffixes 16,256,1024] [--no-dirty] [--busy] [--no-floor] [--http] [--table-only]]
 //
 // Both targets stay loaded and take turns repeat by repeat (mesh, llama-server,
 // mesh, ...), never working at the same time: on a small machine they would
@@ -31,6 +31,7 @@ import {
   type CellSamples,
   cellKey,
   emptySamples,
+  formatBusyTable,
   formatCachedPrefixTable,
   formatPhaseBreakdown,
   httpTarget,
@@ -38,6 +39,7 @@ import {
   type TablePrompt,
   type TableRepeatPrompts,
   type TableTarget,
+  type TableVariants,
   type TurnResult,
   tableCells,
   tableFigures,
@@ -94,6 +96,8 @@ export interface EngineBenchOptions {
   suffixes?: number[];
   /** The table's dirty variant (other streams decode between the prefix and the request). Default true. */
   dirty?: boolean;
+  /** The table's busy variant (the request arrives while other streams decode). Default false. */
+  busy?: boolean;
   /** The table's floor: the suffix decoded over the prefix through the shim alone. Default true. */
   floor?: boolean;
   /** The table again through HTTP: `mesh serve` against llama-server, /v1/completions, same client. Default false. */
@@ -116,6 +120,8 @@ export const TABLE_PREFIXES = [2048, 8192, 16384];
 export const TABLE_SUFFIXES = [16, 256, 1024];
 /** Generated tokens of each stream that dirties the pool in the dirty variant. */
 const DIRTY_GEN_TOKENS = 32;
+/** Generated tokens of each stream that decodes while the busy variant's request arrives (enough to outlast the turn's prefill). */
+const BUSY_GEN_TOKENS = 64;
 
 /** One figure over its repeats. */
 export interface Samples {
@@ -201,13 +207,17 @@ export function resolveEngineBenchOptions(o: EngineBenchOptions = {}): EngineBen
     prefixes: o.prefixes ?? TABLE_PREFIXES,
     suffixes: o.suffixes ?? TABLE_SUFFIXES,
     dirty: o.dirty ?? true,
+    busy: o.busy ?? false,
     floor: o.floor ?? true,
     http: o.http ?? false,
     figures: o.figures ?? true,
   };
   // The table's longest prompt, and the dirty streams beside it, must fit; an unset --ctx grows to it.
   const tableNeed = c.table
-    ? Math.max(...c.prefixes) + Math.max(...c.suffixes) + 1 + c.parallel * (DECODE_PROMPT_TOKENS + DIRTY_GEN_TOKENS)
+    ? Math.max(...c.prefixes) +
+      Math.max(...c.suffixes) +
+      1 +
+      c.parallel * (DECODE_PROMPT_TOKENS + (c.busy ? BUSY_GEN_TOKENS : DIRTY_GEN_TOKENS))
     : 0;
   if (o.ctx === undefined && tableNeed > c.ctx) c.ctx = Math.ceil(tableNeed / 1024) * 1024;
   const ints: Array<[string, number, number]> = [
@@ -267,12 +277,13 @@ interface Timing {
 
 /** A thing that generates from token ids, greedily, ignoring end-of-generation tokens. */
 interface Target {
-  generate(prompt: number[], maxTokens: number): Promise<Timing>;
+  /** `onFirst` runs when the first token arrives. */
+  generate(prompt: number[], maxTokens: number, onFirst?: () => void): Promise<Timing>;
 }
 
 function meshTarget(engine: Engine): Target {
   return {
-    async generate(prompt, maxTokens) {
+    async generate(prompt, maxTokens, onFirst) {
       const start = performance.now();
       let first = -1;
       let firstIndex = 0;
@@ -283,6 +294,7 @@ function meshTarget(engine: Engine): Target {
           if (first < 0) {
             first = performance.now();
             firstIndex = count;
+            onFirst?.();
           }
         } else if (e.kind === "done") {
           const end = performance.now();
@@ -314,7 +326,7 @@ interface ServerChunk {
 
 function llamaTarget(url: string): Target {
   return {
-    async generate(prompt, maxTokens) {
+    async generate(prompt, maxTokens, onFirst) {
       const body = JSON.stringify({
         prompt,
         n_predict: maxTokens,
@@ -349,6 +361,7 @@ function llamaTarget(url: string): Target {
         if (first < 0 && ((chunk.tokens?.length ?? 0) > 0 || (chunk.content ?? "") !== "")) {
           first = at;
           firstIndex = chunk.tokens_predicted ?? 1;
+          onFirst?.();
         }
         if (chunk.stop === true) {
           final = chunk;
@@ -422,10 +435,10 @@ async function buildPrompts(engine: Engine, c: EngineBenchConfig): Promise<Promp
   // Text for the HTTP table: what the token ids spell (a server tokenizes it back to about as many).
   const asText = async (ids: number[]): Promise<TablePrompt> => ({ ids, text: await engine.detokenize(ids) });
   const tableRepeat = async (): Promise<TableRepeatPrompts> => {
-    const t: TableRepeatPrompts = { prefix: new Map(), clean: new Map(), dirty: new Map(), streams: [] };
+    const t: TableRepeatPrompts = { prefix: new Map(), clean: new Map(), dirty: new Map(), busy: new Map(), streams: [] };
     for (const size of c.prefixes) t.prefix.set(size, await asText(await prompt(size)));
     for (const cell of tableCells(c.prefixes, c.suffixes)) {
-      for (const m of [t.clean, t.dirty]) {
+      for (const m of c.busy ? [t.clean, t.dirty, t.busy] : [t.clean, t.dirty]) {
         const ids = (await engine.tokenize(` then ${++serial} ${words(cell.suffix)}`, { addSpecial: false })).slice(0, cell.suffix);
         // Detokenizing drops the leading space of the first piece; the suffix follows the prefix after one.
         m.set(cellKey(cell), { ids, text: ` ${await engine.detokenize(ids)}` });
@@ -664,14 +677,14 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
       sides.push({ name: "llama-server", target: llamaTarget(server.url), into: llamaSamples, table: llamaTable });
     }
     for (const s of sides) await warmUp(s.name, s.target, prompts, c, log);
-    const dirty = c.dirty ? { genTokens: DIRTY_GEN_TOKENS } : null;
+    const variants = tableVariants(c);
     // Alternate the targets repeat by repeat, so drift of the machine lands on both.
     for (let i = 0; i < c.repeats; i++) {
       for (const s of sides) {
         if (c.figures) await measureRepeat(s.name, s.target, prompts, c, i, s.into, log);
         if (c.table) {
           const t = tableTarget(s.name, s.target);
-          await measureTableRepeat(t, cells, prompts.table[i] as TableRepeatPrompts, s.table, dirty, settle, log);
+          await measureTableRepeat(t, cells, prompts.table[i] as TableRepeatPrompts, s.table, variants, settle, log);
         }
       }
     }
@@ -723,12 +736,17 @@ export async function runEngineBench(opts: EngineBenchOptions = {}): Promise<Eng
   };
 }
 
+/** The table's variants beside clean, as configured. */
+function tableVariants(c: EngineBenchConfig): TableVariants {
+  return { dirty: c.dirty ? { genTokens: DIRTY_GEN_TOKENS } : null, busy: c.busy ? { genTokens: BUSY_GEN_TOKENS } : null };
+}
+
 // The engine-level targets seen as table targets (prompts as token ids).
 function tableTarget(name: string, t: Target): TableTarget {
   return {
     name,
-    async turn(p, maxTokens) {
-      const r = await t.generate(p.ids, maxTokens);
+    async turn(p, maxTokens, onFirst) {
+      const r = await t.generate(p.ids, maxTokens, onFirst);
       const out: TurnResult = { ttftMs: r.firstToken - r.start, cachedTokens: r.cachedTokens };
       if (r.phases) out.phases = r.phases;
       return out;
@@ -763,11 +781,11 @@ async function measureHttpTable(
       { t: httpTarget("mesh serve", node.url, model), into: meshInto },
       { t: httpTarget("llama-server (http)", llama.url, model), into: llamaInto },
     ];
-    const dirty = c.dirty ? { genTokens: DIRTY_GEN_TOKENS } : null;
+    const variants = tableVariants(c);
     const warm = prompts[0]?.streams[0];
     if (warm) for (const s of sides) await s.t.turn(warm, 4);
     for (let i = 0; i < c.repeats; i++) {
-      for (const s of sides) await measureTableRepeat(s.t, cells, prompts[i] as TableRepeatPrompts, s.into, dirty, settle, log);
+      for (const s of sides) await measureTableRepeat(s.t, cells, prompts[i] as TableRepeatPrompts, s.into, variants, settle, log);
     }
   } catch (e) {
     throw node ? new Error(`${(e as Error).message}\nmesh serve log (last lines):\n${node.logTail()}`) : e;
@@ -798,7 +816,9 @@ export function formatEngineBenchTable(r: EngineBenchReport): string {
     ),
   ];
   const c = r.config;
-  const tables = r.tables.flatMap((t) => ["", formatCachedPrefixTable(t), formatPhaseBreakdown(t)].filter((x) => x !== ""));
+  const tables = r.tables.flatMap((t) =>
+    ["", formatCachedPrefixTable(t), formatBusyTable(t), formatPhaseBreakdown(t)].filter((x) => x !== ""),
+  );
   return [
     ...(r.figures.length > 0 ? rows : []),
     ...tables,
@@ -806,7 +826,7 @@ export function formatEngineBenchTable(r: EngineBenchReport): string {
     "ratio > 1 means mesh is better (tok/s: mesh / llama-server; ms: llama-server / mesh): of the medians, and the median of " +
       `the per-repeat ratios (paired); ${c.repeats} run(s) each, alternating targets; threads ${c.threads}, ctx ${c.ctx}, parallel ${c.parallel}, batch ${c.batch}/${c.ubatch}, flash-attn ${c.flashAttn}, mesh attn-kernel ${c.attnKernel}, mesh plain-attn ${c.plainAttn === undefined ? "default" : c.plainAttn ? `${c.plainAttn.min}:${c.plainAttn.max}` : "off"}` +
       (r.tables.length > 0
-        ? `; table: TTFT in ms, clean = right after the prefix, dirty = after ${Math.max(1, c.parallel - 1)} other stream(s) of ${DECODE_PROMPT_TOKENS}+${DIRTY_GEN_TOKENS} tokens, floor = suffix decode + greedy sample through the shim alone`
+        ? `; table: TTFT in ms, clean = right after the prefix, dirty = after ${Math.max(1, c.parallel - 1)} other stream(s) of ${DECODE_PROMPT_TOKENS}+${DIRTY_GEN_TOKENS} tokens${c.busy ? `, busy = while as many of ${DECODE_PROMPT_TOKENS}+${BUSY_GEN_TOKENS} tokens decode (each past its first token)` : ""}, floor = suffix decode + greedy sample through the shim alone`
         : ""),
     "",
   ].join("\n");
@@ -841,6 +861,7 @@ Cached-prefix table (an agent's turn: long prefix in KV + new suffix; time to fi
   --prefixes LIST      prefix sizes, comma-separated (default 2048,8192,16384)
   --suffixes LIST      suffix sizes, comma-separated (default 16,256,1024)
   --no-dirty           skip the dirty variant (other streams decode between prefix and turn)
+  --busy               also the busy variant (the turn arrives while other streams decode)
   --no-floor           skip the floor (suffix decode over the prefix through the shim alone)
   --http               the table again through HTTP: mesh serve vs llama-server, /v1/completions
   --table-only         skip the prefill, decode and single cached-TTFT figures
@@ -880,6 +901,7 @@ export function parseEngineBenchArgs(argv: string[]): { options: EngineBenchOpti
         prefixes: { type: "string" },
         suffixes: { type: "string" },
         "no-dirty": { type: "boolean" },
+        busy: { type: "boolean" },
         "no-floor": { type: "boolean" },
         http: { type: "boolean" },
         "table-only": { type: "boolean" },
@@ -936,6 +958,7 @@ export function parseEngineBenchArgs(argv: string[]): { options: EngineBenchOpti
     prefixes: list("prefixes"),
     suffixes: list("suffixes"),
     dirty: values["no-dirty"] === true ? false : undefined,
+    busy: values.busy === true ? true : undefined,
     floor: values["no-floor"] === true ? false : undefined,
     http: values.http === true ? true : undefined,
     figures: values["table-only"] === true ? false : undefined,

@@ -267,6 +267,7 @@ Examples:
     .option("--prefixes <list>", "table prefix sizes, comma-separated (default 2048,8192,16384)", intList("--prefixes"))
     .option("--suffixes <list>", "table suffix sizes, comma-separated (default 16,256,1024)", intList("--suffixes"))
     .option("--no-dirty", "skip the table's dirty variant")
+    .option("--busy", "also the table's busy variant: each turn arrives while other streams decode")
     .option("--no-floor", "skip the table's floor")
     .option("--http", "the table again over HTTP: mesh serve vs llama-server, /v1/completions")
     .option("--table-only", "skip the prefill, decode and single cached-TTFT figures")
@@ -293,6 +294,7 @@ Examples:
         prefixes: opts.prefixes,
         suffixes: opts.suffixes,
         dirty: opts.dirty === false ? false : undefined,
+        busy: opts.busy === true ? true : undefined,
         floor: opts.floor === false ? false : undefined,
         http: opts.http === true ? true : undefined,
         figures: opts.tableOnly === true ? false : undefined,
