@@ -159,6 +159,8 @@ export function schedulerDeps(m: OpenedModel, o: LoadOptions, control: Int32Arra
     kvBudget: o.kvBudget,
     hostCacheBytes: Math.max(0, Math.floor(o.hostCacheMiB * 1024 * 1024)),
     idleRestore: o.idleRestore ?? true,
+    // Only where mesh's kernel computes every layer's attention: elsewhere a step of its own gains nothing.
+    separatePrefill: m.info.flashAttn && m.info.attnKernel === "mesh" && m.info.offload.layers === 0 && !o.split,
     now: () => performance.now(),
   };
 }

@@ -2,7 +2,7 @@
 // only: every method may call into llama.cpp and block for a decode step.
 
 import type { Pointer } from "bun:ffi";
-import type { PlainAttn } from "./attention";
+import { MESH_FA_MIN_QUERIES, type PlainAttn } from "./attention";
 import { saveCheckpoint, toRestorable } from "./checkpoint-state";
 import type { Checkpoint, CheckpointStore } from "./checkpoints";
 import { shouldCompact } from "./compaction";
@@ -133,6 +133,12 @@ export interface SchedulerDeps {
   kvBytesPerToken?: number;
   /** Batch sizes the shim may decode with plain attention (as applied at open); the scheduler arms it per step. Absent: none. */
   plainAttn?: PlainAttn | null;
+  /**
+   * Decode a prompt chunk in a step of its own, not beside other sequences' next tokens, taking turns with them
+   * (mesh's attention kernel takes only a batch of one sequence's queries; a mixed one goes to ggml's, 2x slower
+   * for a 256-token turn over 8k cached). Absent: off.
+   */
+  separatePrefill?: boolean;
 }
 
 /** Cumulative counters of the scheduler, reported in stats. */
@@ -283,6 +289,8 @@ export class Scheduler {
   private placed = 0;
   /** Whether the shim's plain-attention window is armed (openModel arms it wherever one applies). */
   private plainArmed = true;
+  /** With separatePrefill, whether the last step that had both prompt chunks and next tokens to decode took the chunk. */
+  private prefillTurn = false;
   // The shim's attention-op counts (mesh kernel, ggml kernel), read at each stats call.
   private readonly attnOps = new BigInt64Array(2);
   /** Milliseconds spent saving to host RAM since the current admission began. */
@@ -1188,22 +1196,30 @@ export class Scheduler {
   }
 
   // One token per decoding sequence first (decode latency), then prefill
-  // chunks in admission order until the batch is full.
+  // chunks in admission order until the batch is full. With separatePrefill,
+  // a step that would have both takes one of them, in turn: the oldest
+  // prompt's chunk alone, then the next tokens.
   private buildBatch(): number {
     let n = 0;
     const cap = this.d.nBatch;
     const actives: Active[] = [];
     for (const s of this.slots) if (s.active) actives.push(s.active);
+    const split = this.d.separatePrefill === true && splitStep(actives);
+    if (split) this.prefillTurn = !this.prefillTurn;
     for (const a of actives) {
       a.logitIndex = -1;
+      if (split && this.prefillTurn) continue;
       if (a.pendingToken >= 0 && n < cap) {
         this.put(n, a.pendingToken, a.slot.history.length, a.slot.seq, 1);
         a.logitIndex = n++;
       }
     }
+    if (split && !this.prefillTurn) return n;
     actives.sort((x, y) => x.slot.lastUsed - y.slot.lastUsed);
     for (const a of actives) {
       if (a.pendingToken >= 0 || n >= cap) continue;
+      // A step of its own holds one sequence's chunk only.
+      if (split && n > 0) break;
       const take = Math.min(a.prompt.length - a.fed, cap - n);
       const start = a.slot.history.length;
       for (let k = 0; k < take; k++) {
@@ -1465,6 +1481,17 @@ function decodeError(rc: number): EngineErrorValue {
   if (rc === 1) return { code: "kv_exhausted", message: "no KV cache space left for this request" };
   if (rc === 2) return { code: "engine_closed", message: "the engine is shutting down" };
   return { code: "decode_failed", message: `llama_decode failed (code ${rc})` };
+}
+
+/** Whether a step would put a prompt chunk of 2+ tokens beside other sequences' next tokens. */
+export function splitStep(actives: ReadonlyArray<{ pendingToken: number; fed: number; prompt: ArrayLike<number> }>): boolean {
+  let decoding = false;
+  let chunk = false;
+  for (const a of actives) {
+    if (a.pendingToken >= 0) decoding = true;
+    else if (a.prompt.length - a.fed >= MESH_FA_MIN_QUERIES) chunk = true;
+  }
+  return decoding && chunk;
 }
 
 function doneEvent(

@@ -4,11 +4,23 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import type { Native } from "../../src/engine/native";
 import { closeModel, type OpenedModel, schedulerDeps } from "../../src/engine/open";
 import type { LoadOptions, TokenEvent } from "../../src/engine/protocol";
-import { Scheduler } from "../../src/engine/scheduler";
+import { Scheduler, type SchedulerDeps, splitStep } from "../../src/engine/scheduler";
 import { commonPrefix } from "../../src/engine/slot-choice";
 import type { TokenMark } from "../../src/engine/tenancy";
 import { tinyLoadOptions } from "../helpers/model";
 import { greedyRequest, openTinyModel, tokenIds } from "../helpers/native-model";
+
+test("a_step_is_split_only_when_a_prompt_chunk_of_2_or_more_tokens_meets_other_sequences_next_tokens", () => {
+  const decoding = { pendingToken: 5, fed: 10, prompt: new Array(10) };
+  const chunk = (left: number) => ({ pendingToken: -1, fed: 10, prompt: new Array(10 + left) });
+  expect(splitStep([decoding, chunk(16)])).toBe(true);
+  expect(splitStep([chunk(16), decoding])).toBe(true);
+  // A single new token decodes beside the others as before; so do prompts with nobody decoding, or streams alone.
+  expect(splitStep([decoding, chunk(1)])).toBe(false);
+  expect(splitStep([chunk(16), chunk(32)])).toBe(false);
+  expect(splitStep([decoding, decoding])).toBe(false);
+  expect(splitStep([])).toBe(false);
+});
 
 test("common_prefix_counts_matching_leading_tokens", () => {
   expect(commonPrefix([1, 2, 3], [1, 2, 4])).toBe(2);
@@ -34,10 +46,10 @@ afterAll(() => {
 // Each test starts from an empty pool, so KV placement (and greedy output) is the same every time.
 // The context has options.nParallel sequences; a scheduler may use fewer of them (schedulerDeps
 // takes the slot count from the context, so it is set here).
-function scheduler(native: Native = opened.native, o: Partial<LoadOptions> = {}): Scheduler {
+function scheduler(native: Native = opened.native, o: Partial<LoadOptions> = {}, extra: Partial<SchedulerDeps> = {}): Scheduler {
   opened.native.mesh_memory_clear(opened.ctx, 1);
   const deps = schedulerDeps(opened, { ...options, ...o }, control, FLAGS_OFFSET);
-  return new Scheduler({ ...deps, native, nParallel: Math.min(deps.nParallel, o.nParallel ?? deps.nParallel) });
+  return new Scheduler({ ...deps, native, nParallel: Math.min(deps.nParallel, o.nParallel ?? deps.nParallel), ...extra });
 }
 
 /** Run one request of 2 tokens to the end; the cached tokens its start reported. */
@@ -71,8 +83,8 @@ function drain(s: Scheduler, steps: TokenEvent[][] = []) {
 }
 
 describe("scheduler steps over the real library", () => {
-  test("a_new_prompt_is_prefilled_in_the_same_decode_as_running_streams_next_tokens", () => {
-    const s = scheduler();
+  test("a_new_prompt_is_prefilled_in_the_same_decode_as_running_streams_next_tokens_without_separate_prefill", () => {
+    const s = scheduler(opened.native, {}, { separatePrefill: false });
     s.submit(1, FLAGS_OFFSET, greedyRequest(prompt(1, 40), 20), prompt(1, 40), []);
     for (let i = 0; i < 4; i++) s.step([]);
     const before = s.stats().decodeSteps;
@@ -83,6 +95,72 @@ describe("scheduler steps over the real library", () => {
     expect(s.stats().decodeSteps - before).toBe(1);
     expect(out.filter((e) => e.kind === "text" && e.id === 1)).toHaveLength(1);
     expect(out.filter((e) => e.kind === "text" && e.id === 2)).toHaveLength(1);
+    drain(s);
+  });
+
+  test("separate_prefill_is_on_where_mesh_kernel_computes_the_tiny_models_attention", () => {
+    // The tests below rely on it: the tiny model's attention is one mesh's kernel computes.
+    expect(opened.info.attnKernel).toBe("mesh");
+    expect(schedulerDeps(opened, options, control, FLAGS_OFFSET).separatePrefill).toBe(true);
+  });
+
+  test("with_separate_prefill_a_new_prompt_takes_a_step_of_its_own_then_the_streams_next_tokens_and_greedy_output_is_the_same", () => {
+    const run = (separatePrefill: boolean) => {
+      const s = scheduler(opened.native, {}, { separatePrefill });
+      s.submit(1, FLAGS_OFFSET, greedyRequest(prompt(1, 40), 20), prompt(1, 40), []);
+      for (let i = 0; i < 4; i++) s.step([]);
+      const before = s.stats();
+      const first: TokenEvent[] = [];
+      s.submit(2, FLAGS_OFFSET + 1, greedyRequest(prompt(2, 100), 20), prompt(2, 100), first);
+      s.step(first);
+      const after = s.stats();
+      const second: TokenEvent[] = [];
+      s.step(second);
+      const rest = drain(s);
+      const texts = (out: TokenEvent[], id: number) => out.filter((e) => e.kind === "text" && e.id === id).length;
+      return {
+        firstStep: { one: texts(first, 1), two: texts(first, 2) },
+        secondStep: { one: texts(second, 1), two: texts(second, 2) },
+        meshOps: after.attnOpsMesh - before.attnOpsMesh,
+        tokens: [1, 2].map((id) => [
+          ...[...first, ...second].flatMap((e) => (e.kind === "text" && e.id === id ? e.tokens : [])),
+          ...(rest.get(id)?.tokens ?? []),
+        ]),
+      };
+    };
+    const split = run(true);
+    const mixed = run(false);
+    // The prompt's chunk alone (mesh's kernel computes it: one sequence's queries), the stream's token a step later.
+    expect(split.firstStep).toEqual({ one: 0, two: 1 });
+    expect(split.secondStep).toEqual({ one: 1, two: 1 });
+    expect(split.meshOps).toBeGreaterThan(0);
+    // Mixed in one batch, the same step goes to ggml's kernel.
+    expect(mixed.firstStep).toEqual({ one: 1, two: 1 });
+    expect(mixed.meshOps).toBe(0);
+    expect(split.tokens).toEqual(mixed.tokens);
+    // Request 2's whole reply (request 1's first tokens came before it was submitted).
+    expect(split.tokens[1]).toHaveLength(20);
+  });
+
+  test("with_separate_prefill_a_long_prompt_takes_turns_with_the_running_stream", () => {
+    const s = scheduler(opened.native, {}, { separatePrefill: true });
+    s.submit(1, FLAGS_OFFSET, greedyRequest(prompt(3, 40), 60), prompt(3, 40), []);
+    for (let i = 0; i < 2; i++) s.step([]);
+    // 1200 tokens at 512 a step: three chunks, with the stream's next token between them.
+    s.submit(2, FLAGS_OFFSET + 1, greedyRequest(prompt(4, 1200), 4), prompt(4, 1200), []);
+    const seen: number[][] = [];
+    for (let i = 0; i < 5; i++) {
+      const out: TokenEvent[] = [];
+      s.step(out);
+      seen.push([1, 2].map((id) => out.filter((e) => e.kind === "text" && e.id === id).length));
+    }
+    expect(seen).toEqual([
+      [0, 0],
+      [1, 0],
+      [0, 0],
+      [1, 0],
+      [0, 1],
+    ]);
     drain(s);
   });
 
