@@ -384,7 +384,8 @@ export class Scheduler {
       while (rc === 1) {
         this.clearFailedPlacement(n);
         if (!this.shedNewest(n, out)) break;
-        n = this.buildBatch();
+        // The same turn again (chunk or next tokens), less what was shed: the retry must not swap the batch.
+        n = this.buildBatch(false);
         if (n === 0) return;
         rc = this.decode(n);
       }
@@ -1197,29 +1198,33 @@ export class Scheduler {
 
   // One token per decoding sequence first (decode latency), then prefill
   // chunks in admission order until the batch is full. With separatePrefill,
-  // a step that would have both takes one of them, in turn: the oldest
-  // prompt's chunk alone, then the next tokens.
-  private buildBatch(): number {
+  // a step that would have both takes one of them, in turn (`flip`: this is
+  // a new step, not a retry of this one): the oldest chunk of 2+ tokens
+  // alone, then the next tokens (with any prompt's last single token).
+  private buildBatch(flip = true): number {
     let n = 0;
     const cap = this.d.nBatch;
     const actives: Active[] = [];
     for (const s of this.slots) if (s.active) actives.push(s.active);
     const split = this.d.separatePrefill === true && splitStep(actives);
-    if (split) this.prefillTurn = !this.prefillTurn;
+    if (split && flip) this.prefillTurn = !this.prefillTurn;
+    const chunkTurn = split && this.prefillTurn;
     for (const a of actives) {
       a.logitIndex = -1;
-      if (split && this.prefillTurn) continue;
+      if (chunkTurn) continue;
       if (a.pendingToken >= 0 && n < cap) {
         this.put(n, a.pendingToken, a.slot.history.length, a.slot.seq, 1);
         a.logitIndex = n++;
       }
     }
-    if (split && !this.prefillTurn) return n;
     actives.sort((x, y) => x.slot.lastUsed - y.slot.lastUsed);
     for (const a of actives) {
       if (a.pendingToken >= 0 || n >= cap) continue;
-      // A step of its own holds one sequence's chunk only.
-      if (split && n > 0) break;
+      const left = a.prompt.length - a.fed;
+      // The chunk's step holds one sequence's chunk of 2+ tokens only (the kernel's case); the next tokens' step
+      // takes prompts' last single tokens, which are next tokens in all but name.
+      if (chunkTurn && (n > 0 || left < MESH_FA_MIN_QUERIES)) continue;
+      if (split && !chunkTurn && left >= MESH_FA_MIN_QUERIES) continue;
       const take = Math.min(a.prompt.length - a.fed, cap - n);
       const start = a.slot.history.length;
       for (let k = 0; k < take; k++) {

@@ -124,6 +124,25 @@ describe("KV pressure on a small pool", () => {
   });
 });
 
+describe("the last line of defence with prompts arriving while a stream decodes", () => {
+  // Review finding: the retry after shedding rebuilt the batch with the other turn of a split step (the chunk
+  // instead of the next tokens, or back), so it could shed a request the retried turn did not need to.
+  test("a_stream_decoding_while_prompts_arrive_keeps_going_and_only_newer_requests_are_shed", async () => {
+    await withEngine({ nCtx: 512, nParallel: 4, nBatch: 512, kvBudget: false }, async (e) => {
+      const first = e.generate({ prompt: tokens(40, 150), maxTokens: 64, sampling: greedy, ignoreEos: true });
+      const firstDone = collect(first);
+      // Once it decodes, the others arrive: their chunks and its next tokens take turns.
+      for (let i = 0; i < 200 && (await e.stats()).generatedTokens < 4; i++) await Bun.sleep(5);
+      const later = await Promise.all(Array.from({ length: 3 }, (_, i) => outcome(e, tokens(i + 41, 150), 64)));
+      const r = await firstDone;
+      expect({ finish: r.done.finishReason, generated: r.done.completionTokens }).toEqual({ finish: "length", generated: 64 });
+      for (const x of later) if (!x.ok) expect(x).toMatchObject({ ok: false, code: "kv_exhausted" });
+      expect((await e.stats()).decodeKvFailures).toBeGreaterThan(0);
+      expect(await outcome(e, tokens(98, 20), 4)).toMatchObject({ ok: true, generated: 4 });
+    });
+  });
+});
+
 describe("admission queue", () => {
   test("a_full_queue_refuses_with_queue_full_and_a_retry_after", async () => {
     await withEngine({ nCtx: 1024, nParallel: 1, queueCapacity: 1 }, async (e) => {

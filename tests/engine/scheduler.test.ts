@@ -134,7 +134,7 @@ describe("scheduler steps over the real library", () => {
     expect(split.firstStep).toEqual({ one: 0, two: 1 });
     expect(split.secondStep).toEqual({ one: 1, two: 1 });
     expect(split.meshOps).toBeGreaterThan(0);
-    // Mixed in one batch, the same step goes to ggml's kernel.
+    // Mixed in one batch (one ubatch: the tiny options' 512 holds all 101 tokens), the same step goes to ggml's kernel.
     expect(mixed.firstStep).toEqual({ one: 1, two: 1 });
     expect(mixed.meshOps).toBe(0);
     expect(split.tokens).toEqual(mixed.tokens);
