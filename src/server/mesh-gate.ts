@@ -63,7 +63,11 @@ export class MeshGate {
       this.logger.debug("mesh auth refused", { reason: early, path: url.pathname });
       return meshUnauthorized();
     }
-    const body = await readLimited(request.clone().body, this.maxBodyBytes);
+    // A declared length over the limit is refused before the body is touched. Reading part of a clone and
+    // answering left the rest of a large body unread behind the clone's tee: the sender blocked writing it and
+    // never read the 413, and the connection hung until the idle timeout (a forwarding node then saw a 502).
+    const declared = Number(request.headers.get("content-length") ?? Number.NaN);
+    const body = declared > this.maxBodyBytes ? null : await readLimited(request.clone().body, this.maxBodyBytes);
     if (body === null) {
       return new ApiError(413, "invalid_request_error", `the request body is over ${this.maxBodyBytes} bytes`, null, "request_too_large");
     }

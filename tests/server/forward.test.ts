@@ -620,6 +620,37 @@ describe("a forwarded request is meant for one node and one answer", () => {
     }
   });
 
+  // Regression: the gate read 64 KiB of a clone of the body and answered 413 with the rest unread behind the
+  // clone's tee; the sender blocked writing it and never saw the answer (a 60 s hang, then a 502 upstream).
+  test("a_gate_answers_413_at_once_to_signed_bodies_far_over_its_limit_again_and_again", async () => {
+    const small = 64 * 1024;
+    const base = testMeshHooks({ nodeId: "b4b4", apiKeyRequired: true });
+    const gate = new MeshGate(new MeshAuthority(meshKeys(TEST_SECRET), { ...DEFAULT_AUTHORITY, now: Date.now }), small, silentLogger);
+    const b4 = startServer({
+      host: "127.0.0.1",
+      port: 0,
+      models: [],
+      apiKeys: ["kb"],
+      maxBodyBytes: small,
+      logger: silentLogger,
+      mesh: { ...base, gate },
+    });
+    closeAfter.push(() => b4.close());
+    const client = new MeshClient({ keys: meshKeys(TEST_SECRET), nodeId: "a1a1" });
+    for (const size of [100_000, 150_000, 300_000, 1_000_000, 150_000]) {
+      const body = new TextEncoder().encode(
+        JSON.stringify({ model: "mesh-tiny", messages: [{ role: "user", content: "x".repeat(size) }] }),
+      );
+      const { response } = await client.send(`127.0.0.1:${b4.port}`, "POST", "/v1/chat/completions", body, {
+        headers: { "content-type": "application/json" },
+        to: "b4b4",
+        signal: AbortSignal.timeout(20_000),
+      });
+      expect({ size, status: response.status }).toEqual({ size, status: 413 });
+      await response.body?.cancel();
+    }
+  });
+
   test("this_nodes_own_413_for_a_forwarded_messages_request_is_in_anthropics_shape", async () => {
     const fake = impostor(() => null, 413);
     workers = [workerRecord({ id: "w-fake413-messages", nodeId: "b3b3", addr: fake.addr })];
