@@ -70,6 +70,24 @@ afterAll(async () => {
 const enc = new TextEncoder();
 
 /** A plain server on a worker's address that answers like an OpenAI server, with `proof` (if any) as its forward proof. */
+/** A peer node `nodeId` whose body limit (64 KiB) is far below this mesh's: its gate refuses large bodies with 413. */
+function smallPeer(nodeId: string): RunningServer {
+  const small = 64 * 1024;
+  const base = testMeshHooks({ nodeId, apiKeyRequired: true });
+  const gate = new MeshGate(new MeshAuthority(meshKeys(TEST_SECRET), { ...DEFAULT_AUTHORITY, now: Date.now }), small, silentLogger);
+  const server = startServer({
+    host: "127.0.0.1",
+    port: 0,
+    models: [],
+    apiKeys: ["kb"],
+    maxBodyBytes: small,
+    logger: silentLogger,
+    mesh: { ...base, gate },
+  });
+  closeAfter.push(() => server.close());
+  return server;
+}
+
 function impostor(proof: (x: Exchange, status: number) => string | null = () => null, status = 200) {
   const seen: string[] = [];
   const server = Bun.serve({
@@ -585,19 +603,7 @@ describe("a forwarded request is meant for one node and one answer", () => {
 
   test("a_peers_413_for_an_oversized_body_is_this_nodes_413_and_the_peer_is_not_blamed", async () => {
     // An honest peer with a smaller body limit: its gate answers 413 before it can verify A, so without a proof.
-    const small = 64 * 1024;
-    const base = testMeshHooks({ nodeId: "b2b2", apiKeyRequired: true });
-    const gate = new MeshGate(new MeshAuthority(meshKeys(TEST_SECRET), { ...DEFAULT_AUTHORITY, now: Date.now }), small, silentLogger);
-    const b2 = startServer({
-      host: "127.0.0.1",
-      port: 0,
-      models: [],
-      apiKeys: ["kb"],
-      maxBodyBytes: small,
-      logger: silentLogger,
-      mesh: { ...base, gate },
-    });
-    closeAfter.push(() => b2.close());
+    const b2 = smallPeer("b2b2");
     // Something without the secret answering 413 gets its refusal through, but none of its words.
     const fake = impostor(() => null, 413);
     for (const [id, addr] of [
@@ -623,19 +629,7 @@ describe("a forwarded request is meant for one node and one answer", () => {
   // Regression: the gate read 64 KiB of a clone of the body and answered 413 with the rest unread behind the
   // clone's tee; the sender blocked writing it and never saw the answer (a 60 s hang, then a 502 upstream).
   test("a_gate_answers_413_at_once_to_signed_bodies_far_over_its_limit_again_and_again", async () => {
-    const small = 64 * 1024;
-    const base = testMeshHooks({ nodeId: "b4b4", apiKeyRequired: true });
-    const gate = new MeshGate(new MeshAuthority(meshKeys(TEST_SECRET), { ...DEFAULT_AUTHORITY, now: Date.now }), small, silentLogger);
-    const b4 = startServer({
-      host: "127.0.0.1",
-      port: 0,
-      models: [],
-      apiKeys: ["kb"],
-      maxBodyBytes: small,
-      logger: silentLogger,
-      mesh: { ...base, gate },
-    });
-    closeAfter.push(() => b4.close());
+    const b4 = smallPeer("b4b4");
     const client = new MeshClient({ keys: meshKeys(TEST_SECRET), nodeId: "a1a1" });
     for (const size of [100_000, 150_000, 300_000, 1_000_000, 150_000]) {
       const body = new TextEncoder().encode(

@@ -353,14 +353,17 @@ describe("the end-of-generation token in trajectories (fake engine)", () => {
   const engine = new FakeEngine({ reply: "ok" });
   const model = ServedModel.fromEngine("fake-model", engine);
   const app = createApp({ models: [model], apiKeys: [], maxBodyBytes: 1 << 20, logger: silentLogger, metrics: new Metrics() });
-  const chat = async (session: string, messages: unknown[], extra: Record<string, unknown> = {}) => {
-    const res = await app.handle(
-      new Request("http://localhost/v1/chat/completions", {
+  /** POST `body` to `path` as a turn of `session`. */
+  const post = (path: string, session: string, body: object) =>
+    app.handle(
+      new Request(`http://localhost${path}`, {
         method: "POST",
         headers: { "content-type": "application/json", "X-Session-Id": session },
-        body: JSON.stringify({ model: "fake-model", messages, ...extra }),
+        body: JSON.stringify(body),
       }),
     );
+  const chat = async (session: string, messages: unknown[], extra: Record<string, unknown> = {}) => {
+    const res = await post("/v1/chat/completions", session, { model: "fake-model", messages, ...extra });
     expect(res.status).toBe(200);
     return (await res.json()) as { choices: Array<{ message: { content: string }; finish_reason: string }> };
   };
@@ -402,14 +405,6 @@ describe("the end-of-generation token in trajectories (fake engine)", () => {
   });
 
   test("a_streamed_messages_turn_and_a_responses_turn_join_their_sessions", async () => {
-    const post = (path: string, session: string, body: object) =>
-      app.handle(
-        new Request(`http://localhost${path}`, {
-          method: "POST",
-          headers: { "content-type": "application/json", "X-Session-Id": session },
-          body: JSON.stringify(body),
-        }),
-      );
     const streamed = await post("/v1/messages", "m-stream", {
       model: "fake-model",
       max_tokens: 8,
